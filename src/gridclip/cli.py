@@ -1,0 +1,66 @@
+"""``gridclip <command> ...``: one entry point, commands imported lazily.
+
+Each command is a function ``cli(argv: list[str]) -> int`` in the module named below; it builds its
+own ``argparse`` parser. Bad input raises ``ValueError`` / ``FileNotFoundError`` / ``OSError`` with a
+message naming the file or field; here it becomes one line on stderr and exit code 2 (the traceback
+only with ``--debug``).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module:function, one-line help)
+    "info": ("gridclip.model.summary:cli", "architecture summary and inference parameter count"),
+    "demo": ("gridclip.demo:cli", "the embedded open-vocabulary world, end to end"),
+    "make-world": ("gridclip.data.shapes:cli", "generate the embedded shape world (LVIS-format JSON + PNGs)"),
+    "pretrain-clip": ("gridclip.clip.pretrain:cli", "pretrain the tiny CLIP and ViT teacher on world captions"),
+    "train": ("gridclip.engine.train:cli", "train GridCLIP from a YAML config"),
+    "eval": ("gridclip.engine.evaluate:cli", "evaluate a checkpoint, or score a COCO-format results file"),
+    "cache-teacher": ("gridclip.engine.teacher_cache:cli", "precompute teacher image embeddings"),
+    "detect": ("gridclip.engine.predict:cli", "detect objects in images with any vocabulary"),
+    "export": ("gridclip.export:cli", "export to ONNX"),
+    "serve": ("gridclip.serve:cli", "web demo (Gradio)"),
+    "bench": ("gridclip.bench:cli", "speed and memory benchmarks"),
+    "analyze": ("gridclip.analysis.cli:cli", "AP-vs-frequency and CLIP recall@k analyses"),
+}
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, OSError)
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: gridclip [--debug] <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"gridclip: error: unknown command '{name}' (expected one of: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(rest) or 0)
+    except KeyboardInterrupt:
+        print("gridclip: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        print(f"gridclip {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
