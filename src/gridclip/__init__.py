@@ -4,3 +4,9 @@ Heavy optional imports (lvis, gradio, onnx) stay out of this module: ``import gr
 """
 
 __version__ = "0.1.0"
+
+from gridclip.clip import Vocabulary, load_clip  # noqa: E402
+from gridclip.config import Config, GridCLIPConfig, load_config  # noqa: E402
+from gridclip.model import GridCLIP, build_model  # noqa: E402
+
+__all__ = ["Config", "GridCLIP", "GridCLIPConfig", "Vocabulary", "build_model", "load_clip", "load_config"]

@@ -1,0 +1,153 @@
+"""Load CLIP models through open_clip: by model name + pretrained source, or from a local directory.
+
+Sources, all through the same function:
+  * ``load_clip("RN50-quickgelu", "openai")``        an open_clip pretrained tag (downloads once, cached)
+  * ``load_clip("RN50-quickgelu", "/path/ckpt.pt")`` a checkpoint file (open_clip or OpenAI format,
+                                                       OpenAI TorchScript archives included)
+  * ``load_clip("/path/to/dir")``                     an open_clip local model directory
+                                                       (``open_clip_config.json`` + weights file)
+  * ``load_clip("RN50-quickgelu", None)``             random init (seeded), for tests
+Model configs shipped with gridclip (``clip/model_configs/*.json``) are registered with open_clip.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+@functools.lru_cache(maxsize=None)
+def register_model_configs() -> None:
+    """Make gridclip's own model configs (tiny CLIPs for the embedded world) known to open_clip."""
+    import open_clip
+
+    if _CONFIG_DIR.is_dir() and any(_CONFIG_DIR.glob("*.json")):
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+def is_local_dir(model: str) -> bool:
+    return model.startswith("local-dir:") or Path(model).is_dir()
+
+
+def _local_dir_path(model: str) -> Path:
+    return Path(model[len("local-dir:"):] if model.startswith("local-dir:") else model)
+
+
+def model_config(model: str) -> dict:
+    """The open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) without building weights."""
+    import open_clip
+
+    register_model_configs()
+    if is_local_dir(model):
+        path = _local_dir_path(model) / "open_clip_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"CLIP model directory {path.parent} has no open_clip_config.json")
+        try:
+            return json.loads(path.read_text())["model_cfg"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"{path}: not an open_clip config (expected a 'model_cfg' entry)") from exc
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(
+            f"unknown CLIP model '{model}': not an open_clip model name nor a local model directory "
+            f"(ResNet names: {', '.join(n for n in open_clip.list_models() if n.startswith('RN'))})"
+        )
+    return cfg
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in zf.namelist())
+
+
+def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.device = "cpu", seed: int = 0):
+    """Build an open_clip CLIP model in eval mode (see module docstring for the sources).
+
+    Random init (``pretrained=None`` and no local directory) is seeded without touching the global RNG.
+    """
+    import open_clip
+
+    register_model_configs()
+    if is_local_dir(model):
+        directory = _local_dir_path(model)
+        if not (directory / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"CLIP model directory {directory} has no open_clip_config.json")
+        clip = open_clip.create_model(f"local-dir:{directory}", device=device)
+    elif pretrained is None:
+        model_config(model)  # clear error for unknown names
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            clip = open_clip.create_model(model, pretrained=None, device=device)
+    elif os.path.sep in pretrained or os.path.exists(pretrained) or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"CLIP checkpoint not found: {pretrained}")
+        if _is_torchscript_archive(pretrained):
+            # OpenAI's released .pt files are TorchScript archives; open_clip rebuilds them.
+            clip = open_clip.load_openai_model(pretrained, device=device)
+            clip = clip.float()
+        else:
+            try:
+                clip = open_clip.create_model(model, pretrained=pretrained, device=device)
+            except RuntimeError as exc:
+                raise ValueError(f"CLIP checkpoint {pretrained} does not fit model '{model}': {str(exc).splitlines()[0]}") from exc
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        if pretrained not in tags:
+            raise ValueError(
+                f"unknown pretrained tag '{pretrained}' for CLIP model '{model}' (known: {', '.join(tags) or 'none'}; "
+                "or give a checkpoint file path)"
+            )
+        clip = open_clip.create_model(model, pretrained=pretrained, device=device)
+    clip.eval()
+    return clip
+
+
+def get_tokenizer(model: str):
+    import open_clip
+
+    register_model_configs()
+    if is_local_dir(model):
+        return open_clip.get_tokenizer(f"local-dir:{_local_dir_path(model)}")
+    return open_clip.get_tokenizer(model)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def clip_identity(model: str, pretrained: str | None, seed: int = 0) -> str:
+    """A string that changes whenever the text encoder's weights can: name + source + weights checksum.
+
+    Files are hashed (memoised by path, size and mtime); open_clip tags are immutable releases, so the tag
+    itself identifies them; random init is identified by its seed and the open_clip version.
+    """
+    import open_clip
+
+    if is_local_dir(model):
+        directory = _local_dir_path(model)
+        files = sorted(p for p in directory.iterdir() if p.is_file())
+        digest = hashlib.sha256()
+        for p in files:
+            st = p.stat()
+            digest.update(p.name.encode() + _file_sha256(str(p), st.st_size, st.st_mtime_ns).encode())
+        return f"local-dir:{directory.resolve()}@{digest.hexdigest()[:16]}"
+    if pretrained is None:
+        return f"{model}:random(seed={seed},open_clip={open_clip.__version__})"
+    if os.path.isfile(pretrained):
+        st = os.stat(pretrained)
+        return f"{model}:file@{_file_sha256(os.path.abspath(pretrained), st.st_size, st.st_mtime_ns)[:16]}"
+    return f"{model}:{pretrained}"

@@ -1,0 +1,258 @@
+"""Configuration: dataclasses for model / data / train / eval, loaded from YAML with CLI overrides.
+
+Config objects stop at the builders (``build_model``, ``build_datasets``, ...); modules take explicit
+keyword arguments. Defaults are the paper's settings (GridCLIP, LVIS, RN50).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class GridCLIPConfig:
+    """The detector. Defaults follow the paper (Sec. 3-4) and torchvision's FCOS."""
+
+    # CLIP image encoder: an open_clip model name (or local model directory) and its weights source:
+    # an open_clip pretrained tag (e.g. "openai"), a checkpoint file, or None for random init.
+    # Every pretrained RN tag expects QuickGELU: use the "-quickgelu" names.
+    clip_model: str = "RN50-quickgelu"
+    clip_pretrained: str | None = "openai"
+    # Ablation switches (paper Tables 4-5).
+    use_mhsa: bool = True  # run the attnpool MHSA over the grid (z); off: adapter reads C5 directly
+    grid_align: bool = True  # cosine scoring against text embeddings; off: plain FCOS classifier
+    image_align: bool = True  # L1 between projected z-bar and the teacher's image embedding
+    num_classes: int = 0  # classifier outputs when grid_align is off (closed set)
+    # Architecture.
+    adapter_channels: int = 256
+    adapter_layers: int = 3
+    fpn_channels: int = 256
+    head_convs: int = 4
+    projector_hidden: int = 1024
+    # Image-level alignment teacher (frozen; training only). teacher_dim None: read from its config.
+    teacher_model: str = "ViT-B-32-quickgelu"
+    teacher_pretrained: str | None = "openai"
+    teacher_dim: int | None = None
+    # Loss weights (paper Sec. 3.4): L = 1 L_grid + 10 L_image + L_box + L_ctr.
+    loss_grid: float = 1.0
+    loss_image: float = 10.0
+    loss_box: float = 1.0
+    loss_ctr: float = 1.0
+    # Cosine scoring: logit = scale * cos + bias; scale starts at CLIP's 1/0.07, bias at the focal prior.
+    logit_scale_init: float = 1 / 0.07
+    prior_prob: float = 0.01
+    freeze_bn: bool = True
+    # Pre/post-processing (paper: score 0.05, NMS 0.5, 300 detections).
+    min_size: int = 800
+    max_size: int = 1333
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 300
+    topk_candidates: int = 1000
+    center_sampling_radius: float = 1.5
+    # Inference scores locations x classes in chunks of at most this many logits (bounded memory for
+    # very large vocabularies; results identical to unchunked scoring).
+    score_chunk_elements: int = 1 << 24
+
+
+@dataclass
+class DataConfig:
+    format: str = "lvis"  # lvis | coco | voc
+    train_json: str | None = None
+    train_images: str | None = None
+    val_json: str | None = None
+    val_images: str | None = None
+    # Open-vocabulary split: default base = LVIS frequent + common, novel = rare (the JSON's `frequency`).
+    base_list: str | None = None
+    novel_list: str | None = None
+    # Training augmentation (paper: multi-scale + random crop, flip).
+    train_min_sizes: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
+    train_max_size: int = 1333
+    random_crop: bool = True
+    hflip_prob: float = 0.5
+    repeat_factor_threshold: float | None = None  # e.g. 0.001 for LVIS repeat-factor sampling
+    num_workers: int = 4
+    strict: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 24  # "2x" schedule
+    batch_size: int = 16  # global batch (per step, after accumulation, over all processes)
+    accumulate: int = 1
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    backbone_lr_mult: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    lr_steps: tuple[float, ...] = (16 / 24, 22 / 24)  # fractions of the schedule
+    lr_gamma: float = 0.1
+    grad_clip: float | None = 35.0
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    seed: int = 0
+    max_iters: int | None = None
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 20
+    eval_every_epochs: int = 0
+    teacher_cache: str | None = None
+    aspect_ratio_grouping: bool = True
+
+
+@dataclass
+class EvalConfig:
+    style: str = "lvis"  # lvis | coco
+    batch_size: int = 4
+    max_dets: int = 300
+    vocabulary: str | None = None  # transfer: another dataset's vocabulary (built-in name or file)
+    nms_thresh: float | None = None  # override (paper: 0.6 for VOC/COCO transfer)
+
+
+@dataclass
+class Config:
+    model: GridCLIPConfig = field(default_factory=GridCLIPConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = "runs/default"
+
+
+def _coerce(value: Any, type_hint: Any, where: str) -> Any:
+    """Check/convert a YAML value against a dataclass field type (the few types used here)."""
+    origin = typing.get_origin(type_hint)
+    args = typing.get_args(type_hint)
+    if type_hint is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if type_hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if type_hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if type_hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if type_hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ValueError(f"{where}: unsupported type {type_hint}")
+
+
+def _update(obj: Any, values: dict, where: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"{where}: unknown key '{key}' (expected one of: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.{key}: expected a mapping, got {value!r}")
+            _update(current, value, f"{where}.{key}")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain-dict form (tuples become lists), suitable for YAML and checkpoints."""
+    def convert(v):
+        if isinstance(v, tuple):
+            return [convert(x) for x in v]
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        return v
+    return convert(dataclasses.asdict(cfg))
+
+
+def config_from_dict(values: dict, cls: type = Config, where: str = "config") -> Any:
+    cfg = cls()
+    _update(cfg, values or {}, where)
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=0.02", "model.use_mhsa=false"]`` -> nested dict (values parsed as YAML scalars)."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}': expected key=value, e.g. train.lr=0.02")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"override '{item}': empty key component")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (``_base_: other.yaml`` chains, relative to the file) and apply overrides."""
+    values: dict = {}
+    if path is not None:
+        values = _read_yaml_chain(Path(path), seen=())
+    if overrides:
+        values = _deep_merge(values, parse_overrides(overrides))
+    where = str(path) if path is not None else "overrides"
+    return config_from_dict(values, Config, where)
+
+
+def _read_yaml_chain(path: Path, seen: tuple) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ValueError(f"{path}: _base_ cycle")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    base = values.pop("_base_", None)
+    if base is not None:
+        parent = _read_yaml_chain(path.parent / base, seen + (path.resolve(),))
+        values = _deep_merge(parent, values)
+    return values
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    from gridclip.utils.atomic import atomic_open
+
+    with atomic_open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,156 @@
+"""CLIP ModifiedResNet trunk -> C3, C4, C5, and grid tokens from the attention pool (paper Sec. 3.2).
+
+The attnpool MHSA of CLIP's ResNet is re-run over [mean token, all C5 grid tokens] with CLIP's own
+weights, so that the first output token (z-bar) is exactly CLIP's image embedding and the others (z) are
+CLIP-space embeddings of every grid cell. open_clip's ``AttentionPool2d`` only returns the pooled token
+and has a fixed 7x7 positional embedding; here the same parameters are used at any grid size, with the
+grid part of the positional embedding resized bicubically, and padded cells masked out.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def valid_cells(image_sizes: list[tuple[int, int]] | None, shape: tuple[int, int], stride: int) -> list[tuple[int, int]] | None:
+    """Per image, the (rows, cols) of feature cells that cover real pixels; None when nothing is padded."""
+    if image_sizes is None:
+        return None
+    H, W = shape
+    cells = [(min(H, math.ceil(h / stride)), min(W, math.ceil(w / stride))) for h, w in image_sizes]
+    return None if all(c == (H, W) for c in cells) else cells
+
+
+def cells_mask(cells: list[tuple[int, int]], shape: tuple[int, int], device) -> Tensor:
+    """[B, H, W] bool mask, True on the top-left (rows, cols) cells of each image."""
+    H, W = shape
+    rows = torch.arange(H, device=device)
+    cols = torch.arange(W, device=device)
+    hs = torch.tensor([c[0] for c in cells], device=device)
+    ws = torch.tensor([c[1] for c in cells], device=device)
+    return (rows[None, :, None] < hs[:, None, None]) & (cols[None, None, :] < ws[:, None, None])
+
+
+class GridAttentionPool(nn.Module):
+    """CLIP's attention pool applied to every grid token.
+
+    Holds the parameters of open_clip's ``AttentionPool2d`` under the same names (``positional_embedding``,
+    ``q_proj``, ``k_proj``, ``v_proj``, ``c_proj``), so CLIP state dicts load into it unchanged.
+    """
+
+    def __init__(self, spatial_dim: int, embed_dim: int, num_heads: int, output_dim: int):
+        super().__init__()
+        self.spatial_dim = spatial_dim
+        self.num_heads = num_heads
+        self.positional_embedding = nn.Parameter(torch.randn(spatial_dim**2 + 1, embed_dim) / embed_dim**0.5)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self._pos_cache: dict = {}
+
+    @classmethod
+    def from_attnpool(cls, attnpool: nn.Module) -> "GridAttentionPool":
+        """Take over the parameters of an open_clip ``AttentionPool2d`` (shared, not copied)."""
+        num_pos, embed_dim = attnpool.positional_embedding.shape
+        spatial = int(round(math.sqrt(num_pos - 1)))
+        pool = cls(spatial, embed_dim, attnpool.num_heads, attnpool.c_proj.out_features)
+        pool.load_state_dict(attnpool.state_dict())
+        return pool
+
+    @property
+    def output_dim(self) -> int:
+        return self.c_proj.out_features
+
+    def grid_positional_embedding(self, h: int, w: int) -> Tensor:
+        """[h*w, C]: the 7x7 (S x S) grid part resized bicubically to h x w; cached per size in eval."""
+        pos = self.positional_embedding
+        if (h, w) == (self.spatial_dim, self.spatial_dim):
+            return pos[1:]
+        caching = not torch.is_grad_enabled() or not pos.requires_grad
+        key = (h, w, pos.device, pos.dtype, pos._version)
+        if caching and key in self._pos_cache:
+            return self._pos_cache[key]
+        S, C = self.spatial_dim, pos.shape[1]
+        grid = pos[1:].reshape(1, S, S, C).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
+        out = grid.permute(0, 2, 3, 1).reshape(h * w, C)
+        if caching:
+            if len(self._pos_cache) > 32:
+                self._pos_cache.clear()
+            self._pos_cache[key] = out.detach()
+        return out
+
+    def _positional(self, B: int, H: int, W: int, cells: list[tuple[int, int]] | None) -> Tensor:
+        """[B, H*W, C] positional embeddings; per image, resized to its valid cells, zero in the padding."""
+        if cells is None or all(c == (H, W) for c in cells):
+            return self.grid_positional_embedding(H, W).unsqueeze(0).expand(B, -1, -1)
+        C = self.positional_embedding.shape[1]
+        out = self.positional_embedding.new_zeros(B, H, W, C)
+        for i, (h, w) in enumerate(cells):
+            out[i, :h, :w] = self.grid_positional_embedding(h, w).view(h, w, C)
+        return out.view(B, H * W, C)
+
+    def forward(self, x: Tensor, cells: list[tuple[int, int]] | None = None) -> tuple[Tensor, Tensor]:
+        """x: C5 [B, C, H, W]; cells: per image the (rows, cols) of real, unpadded cells (None: all real).
+
+        Returns (z_global [B, D], z_grid [B, D, H, W]); padded cells of z_grid are zero.
+        """
+        B, C, H, W = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        mask = None if cells is None else cells_mask(cells, (H, W), x.device)
+        if mask is None:
+            mean = tokens.mean(dim=1, keepdim=True)
+        else:
+            flat = mask.flatten(1).unsqueeze(-1).to(tokens.dtype)  # [B, HW, 1]
+            mean = (tokens * flat).sum(dim=1, keepdim=True) / flat.sum(dim=1, keepdim=True).clamp(min=1)
+        pos = self._positional(B, H, W, cells).to(tokens.dtype)
+        tokens = torch.cat([mean + self.positional_embedding[:1].to(tokens.dtype), tokens + pos], dim=1)
+
+        heads, L = self.num_heads, H * W + 1
+        q = self.q_proj(tokens).view(B, L, heads, -1).transpose(1, 2)
+        k = self.k_proj(tokens).view(B, L, heads, -1).transpose(1, 2)
+        v = self.v_proj(tokens).view(B, L, heads, -1).transpose(1, 2)
+        attn_mask = None
+        if mask is not None:  # keys: the mean token and the real cells
+            keep = torch.cat([mask.new_ones(B, 1), mask.flatten(1)], dim=1)
+            attn_mask = keep[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = self.c_proj(out.transpose(1, 2).reshape(B, L, C))
+        z_global = out[:, 0]
+        z_grid = out[:, 1:].transpose(1, 2).reshape(B, -1, H, W)
+        if mask is not None:
+            z_grid = z_grid * mask.unsqueeze(1).to(z_grid.dtype)
+        return z_global, z_grid
+
+
+class CLIPResNetTrunk(nn.Module):
+    """The convolutional part of open_clip's ``ModifiedResNet``: stem + layer1..4 -> C3, C4, C5.
+
+    Parameter names follow open_clip's (``conv1``, ``bn1``, ..., ``layer4``), so CLIP checkpoints load.
+    """
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        for name in ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3", "avgpool",
+                     "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, getattr(visual, name))
+        self.out_channels = [self._width(self.layer2), self._width(self.layer3), self._width(self.layer4)]
+
+    @staticmethod
+    def _width(layer: nn.Sequential) -> int:
+        return layer[-1].conv3.out_channels
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        x = self.act3(self.bn3(self.conv3(x)))
+        x = self.avgpool(x)
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c3, c4, c5]

@@ -1,0 +1,321 @@
+"""GridCLIP: FCOS on the CLIP ResNet encoder with grid- and image-level alignment (paper Sec. 3).
+
+    image -> CLIP trunk -> C3, C4, C5
+    C5 -> attnpool MHSA over [mean, grid] -> z-bar (global), z (grid, CLIP space)
+    z -> 3 x (conv3x3 + ReLU) -> z';  FPN(C3, C4, [z', C5]) -> P3..P7 (P6/P7 from the [z', C5] level)
+    FCOS head: cosine scores against text embeddings (grid-level alignment, focal loss), GIoU, centerness
+    z-bar -> Linear-ReLU-Linear-ReLU-Linear -> L1 to the teacher's image embedding (image-level alignment)
+
+Subclasses torchvision's ``FCOS`` to reuse its transform, anchor generator, target assignment, losses and
+post-processing; ``forward`` is overridden to carry z-bar to the image-alignment loss and to score large
+vocabularies in chunks.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.fcos import FCOS, FCOSHead
+from torchvision.ops import boxes as box_ops
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
+
+from gridclip.clip.loader import load_clip, model_config
+from gridclip.clip.vocabulary import Vocabulary
+from gridclip.config import GridCLIPConfig
+from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, valid_cells
+from gridclip.model.head import CLIPClassificationHead
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def build_clip_visual(clip_model: str, clip_pretrained: str | None, load_weights: bool = True) -> nn.Module:
+    """The open_clip ``ModifiedResNet`` image tower, pretrained or randomly initialised."""
+    cfg = model_config(clip_model)
+    if not isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)):
+        raise ValueError(f"CLIP model '{clip_model}' has no ResNet image tower: GridCLIP needs a ModifiedResNet (RN50, RN101, RN50x4, ...)")
+    if load_weights:
+        return load_clip(clip_model, clip_pretrained).visual
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    return _build_vision_tower(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), cfg.get("quick_gelu", False))
+
+
+class GridCLIPBackbone(nn.Module):
+    """CLIP trunk + grid pooling + adapter + FPN. Returns the pyramid (P3..P7) and z-bar."""
+
+    def __init__(self, trunk: CLIPResNetTrunk, grid_pool: GridAttentionPool | None, adapter_channels: int,
+                 adapter_layers: int, fpn_channels: int):
+        super().__init__()
+        self.trunk = trunk
+        self.grid_pool = grid_pool
+        c3, c4, c5 = trunk.out_channels
+        z_dim = grid_pool.output_dim if grid_pool is not None else c5
+        layers: list[nn.Module] = []
+        for i in range(adapter_layers):
+            layers += [nn.Conv2d(z_dim if i == 0 else adapter_channels, adapter_channels, 3, padding=1), nn.ReLU(inplace=True)]
+        self.adapter = nn.Sequential(*layers)
+        top = c5 + adapter_channels
+        # LastLevelP6P7 builds P6 from its input level when in != out channels: here [z', C5], as the paper.
+        self.fpn = FeaturePyramidNetwork([c3, c4, top], fpn_channels, extra_blocks=LastLevelP6P7(top, fpn_channels))
+        self.out_channels = fpn_channels
+        self.global_dim = z_dim
+
+    def forward(self, x: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> tuple[list[Tensor], Tensor]:
+        c3, c4, c5 = self.trunk(x)
+        stride = x.shape[-1] // c5.shape[-1]
+        cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), stride)
+        if cells is not None:  # zero the padded cells, as convolution padding would see them
+            c3, c4, c5 = (self._mask(f, image_sizes, x.shape[-1] // f.shape[-1]) for f in (c3, c4, c5))
+        if self.grid_pool is not None:
+            z_global, z = self.grid_pool(c5, cells)
+        else:  # "w/o MHSA" ablation: the adapter reads C5, z-bar is its (masked) mean
+            z = c5
+            if cells is None:
+                z_global = c5.mean(dim=(2, 3))
+            else:
+                m = cells_mask(cells, tuple(c5.shape[-2:]), c5.device).unsqueeze(1).to(c5.dtype)
+                z_global = (c5 * m).sum(dim=(2, 3)) / m.sum(dim=(2, 3))
+        z_adapted = self.adapter(z)
+        if cells is not None:
+            z_adapted = self._mask(z_adapted, image_sizes, stride)
+        levels = OrderedDict([("c3", c3), ("c4", c4), ("c5", torch.cat([z_adapted, c5], dim=1))])
+        return list(self.fpn(levels).values()), z_global
+
+    @staticmethod
+    def _mask(f: Tensor, image_sizes, stride: int) -> Tensor:
+        cells = valid_cells(image_sizes, tuple(f.shape[-2:]), stride)
+        if cells is None:
+            return f
+        return f * cells_mask(cells, tuple(f.shape[-2:]), f.device).unsqueeze(1).to(f.dtype)
+
+
+def image_projector(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """z-bar -> teacher space (paper Sec. 3.4): Linear-ReLU-Linear-ReLU-Linear."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
+                         nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+class GridCLIP(FCOS):
+    """The detector. ``GridCLIP(cfg)``; torchvision contract in train and eval mode.
+
+    Train: ``model(images, targets) -> {"loss_grid", "loss_box", "loss_ctr"[, "loss_image"]}`` (weighted by
+    the config; the total is their sum). Targets: ``boxes`` [N, 4] xyxy pixels, ``labels`` [N] in 0..K-1
+    (indices into the current vocabulary) and, with image alignment, ``teacher_embedding`` [D_t].
+    Eval: ``model(images) -> [{"boxes", "scores", "labels"}]`` with boxes in input-image pixels.
+    Images are CHW float tensors in [0, 1]; CLIP's mean/std normalisation happens inside.
+    """
+
+    def __init__(self, cfg: GridCLIPConfig | None = None, *, load_clip_weights: bool = True):
+        cfg = cfg or GridCLIPConfig()
+        if not cfg.grid_align and cfg.num_classes < 1:
+            raise ValueError("model.num_classes must be >= 1 when model.grid_align is false (closed-set classifier)")
+        visual = build_clip_visual(cfg.clip_model, cfg.clip_pretrained, load_clip_weights)
+        clip_dim = visual.attnpool.c_proj.out_features
+        trunk = CLIPResNetTrunk(visual)
+        grid_pool = GridAttentionPool.from_attnpool(visual.attnpool) if cfg.use_mhsa else None
+        backbone = GridCLIPBackbone(trunk, grid_pool, cfg.adapter_channels, cfg.adapter_layers, cfg.fpn_channels)
+        num_classes = 1 if cfg.grid_align else cfg.num_classes
+        head = FCOSHead(cfg.fpn_channels, num_anchors=1, num_classes=num_classes, num_convs=cfg.head_convs)
+        if cfg.grid_align:
+            head.classification_head = CLIPClassificationHead(
+                cfg.fpn_channels, clip_dim, cfg.head_convs, cfg.logit_scale_init, cfg.prior_prob)
+        super().__init__(
+            backbone, num_classes, min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(CLIP_MEAN),
+            image_std=list(CLIP_STD), head=head, center_sampling_radius=cfg.center_sampling_radius,
+            score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
+            topk_candidates=cfg.topk_candidates,
+        )
+        if cfg.freeze_bn:
+            from open_clip.utils import freeze_batch_norm_2d
+
+            freeze_batch_norm_2d(self.backbone.trunk)
+        self.projector = None
+        if cfg.image_align:
+            teacher_dim = cfg.teacher_dim or model_config(cfg.teacher_model)["embed_dim"]
+            self.projector = image_projector(backbone.global_dim, cfg.projector_hidden, teacher_dim)
+        self.cfg = cfg
+        self.clip_dim = clip_dim
+        self.vocabulary: Vocabulary | None = None
+        self.class_names: tuple[str, ...] = ()
+
+    # ----------------------------------------------------------------------------------------- vocabulary
+    def set_vocabulary(self, vocabulary: Sequence[str] | Vocabulary | Tensor | str, *, cache_dir=None) -> "GridCLIP":
+        """Swap the classes the detector scores: names (embedded with this model's CLIP text encoder and
+        ViLD prompts, cached on disk), a :class:`Vocabulary`, or a tensor ``[K, D]`` of text embeddings.
+        A string is a built-in vocabulary name (``lvis``, ``coco``, ``voc``) or a text file (one per line).
+        """
+        if isinstance(vocabulary, (str, os.PathLike)):
+            vocabulary = _names_from_spec(str(vocabulary))
+        if not self.cfg.grid_align:
+            names = list(vocabulary.names if isinstance(vocabulary, Vocabulary) else vocabulary)
+            if len(names) != self.cfg.num_classes:
+                raise ValueError(f"closed-set model (grid_align off) has {self.cfg.num_classes} classes; got a vocabulary of {len(names)}")
+            self.class_names = tuple(names)
+            return self
+        if isinstance(vocabulary, Tensor):
+            vocabulary = Vocabulary.from_tensor(vocabulary)
+        elif not isinstance(vocabulary, Vocabulary):
+            vocabulary = Vocabulary.from_names(vocabulary, self.cfg.clip_model, self.cfg.clip_pretrained, cache_dir=cache_dir)
+        if vocabulary.dim != self.clip_dim:
+            raise ValueError(
+                f"vocabulary embedding dimension {vocabulary.dim} does not match the model's CLIP embedding "
+                f"dimension {self.clip_dim} ({self.cfg.clip_model})")
+        self.head.classification_head.set_text_embeddings(vocabulary.embeddings)
+        self.vocabulary = vocabulary
+        self.class_names = vocabulary.names
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) if self.cfg.grid_align else self.cfg.num_classes
+
+    # ------------------------------------------------------------------------------------------- features
+    def encode_grid(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> tuple[Tensor, Tensor]:
+        """CLIP-space embeddings of CLIP-normalised images ``[B, 3, H, W]`` (as open_clip's ``visual`` takes).
+
+        Returns ``(z_global [B, D], z_grid [B, D, H/32, W/32])``; at 224x224, z_global equals open_clip's
+        ``visual(images)``. ``image_sizes`` (real size of each padded image) masks padded cells.
+        """
+        if self.backbone.grid_pool is None:
+            raise ValueError("encode_grid needs the attnpool MHSA (model.use_mhsa is false)")
+        c5 = self.backbone.trunk(images)[-1]
+        cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), images.shape[-1] // c5.shape[-1])
+        return self.backbone.grid_pool(c5, cells)
+
+    def clip_parameter_names(self) -> set[str]:
+        """Parameters initialised from CLIP (trunk and attnpool): the ones with the backbone lr multiplier."""
+        return {n for n, _ in self.named_parameters() if n.startswith(("backbone.trunk.", "backbone.grid_pool."))}
+
+    def inference_parameter_count(self) -> int:
+        """Parameters used at inference: everything but the image-alignment projector."""
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("projector."))
+
+    # -------------------------------------------------------------------------------------------- forward
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        if self.training:
+            self._check_targets(targets)
+        elif self.cfg.grid_align and self.num_classes == 0:
+            raise ValueError("no vocabulary set: call model.set_vocabulary(names) first")
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        image_list, targets = self.transform(images, targets)
+        features, z_global = self.backbone(image_list.tensors, image_list.image_sizes)
+        anchors = self.anchor_generator(image_list, features)
+        num_per_level = [f.shape[2] * f.shape[3] for f in features]
+
+        if self.training:
+            head_outputs = self.head(features)
+            fcos = self.compute_loss(targets, head_outputs, anchors, num_per_level)
+            c = self.cfg
+            losses = {
+                "loss_grid": c.loss_grid * fcos["classification"],
+                "loss_box": c.loss_box * fcos["bbox_regression"],
+                "loss_ctr": c.loss_ctr * fcos["bbox_ctrness"],
+            }
+            if self.projector is not None:
+                losses["loss_image"] = c.loss_image * self.image_alignment_loss(z_global, targets)
+            return losses
+
+        detections = self._detect(features, anchors, num_per_level, image_list.image_sizes)
+        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+    def image_alignment_loss(self, z_global: Tensor, targets: list[dict[str, Tensor]]) -> Tensor:
+        """L1 between the projected z-bar and the teacher's embedding, both L2-normalised (Sec. 3.4)."""
+        teacher = torch.stack([t["teacher_embedding"] for t in targets]).to(z_global.device, torch.float32)
+        student = self.projector(z_global.float())
+        return F.l1_loss(F.normalize(student, dim=-1), F.normalize(teacher, dim=-1))
+
+    def _check_targets(self, targets) -> None:
+        if targets is None:
+            raise ValueError("training mode needs targets (list of dicts with 'boxes' and 'labels')")
+        k = self.num_classes
+        if k == 0:
+            raise ValueError("no vocabulary set: call model.set_vocabulary(base class names) before training")
+        for i, t in enumerate(targets):
+            boxes, labels = t.get("boxes"), t.get("labels")
+            if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[-1] != 4:
+                raise ValueError(f"targets[{i}]['boxes']: expected a tensor [N, 4] (xyxy pixels)")
+            if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1]:
+                raise ValueError(f"targets[{i}]['labels']: expected a tensor [N] matching the boxes")
+            if labels.numel() and (labels.min() < 0 or labels.max() >= k):
+                raise ValueError(f"targets[{i}]['labels']: values must be in 0..{k - 1} (the vocabulary), got {labels.tolist()}")
+            if boxes.numel() and ((boxes[:, 2:] <= boxes[:, :2]).any() or not torch.isfinite(boxes).all()):
+                raise ValueError(f"targets[{i}]['boxes']: every box needs x2 > x1 and y2 > y1 and finite values")
+            if self.projector is not None and "teacher_embedding" not in t:
+                raise ValueError(f"targets[{i}]: image alignment is on but 'teacher_embedding' is missing "
+                                 "(compute it with gridclip.model.CLIPTeacher or set model.image_align false)")
+
+    # ---------------------------------------------------------------------------------------- inference
+    def _detect(self, features: list[Tensor], anchors: list[Tensor], num_per_level: list[int],
+                image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        regression = self.head.regression_head(features)
+        if not self.cfg.grid_align:
+            head_outputs = {"cls_logits": self.head.classification_head(features)}
+            head_outputs["bbox_regression"], head_outputs["bbox_ctrness"] = regression
+            split = {k: list(v.split(num_per_level, dim=1)) for k, v in head_outputs.items()}
+            return self.postprocess_detections(split, [list(a.split(num_per_level)) for a in anchors], image_sizes)
+        cls_head = self.head.classification_head
+        embeddings = cls_head.embeddings(features)
+        box_regression, box_ctrness = regression
+        return [
+            self._detect_image(embeddings[i].split(num_per_level), box_regression[i].split(num_per_level),
+                               box_ctrness[i].split(num_per_level), anchors[i].split(num_per_level), image_sizes[i])
+            for i in range(len(image_sizes))
+        ]
+
+    def _detect_image(self, embeddings, regressions, ctrnesses, anchors, image_size) -> dict[str, Tensor]:
+        """torchvision FCOS post-processing (per level: score = sqrt(p_cls * p_ctr) > thresh, top-k
+        candidates; then box decoding, NMS per class, top detections), with classes scored in chunks so
+        that memory stays bounded for any vocabulary size. Identical results to unchunked scoring."""
+        cls_head = self.head.classification_head
+        text = cls_head.text_embeddings
+        K = text.shape[0]
+        thresh_sq = self.score_thresh ** 2
+        all_boxes, all_scores, all_labels = [], [], []
+        for emb, reg, ctr, anc in zip(embeddings, regressions, ctrnesses, anchors):
+            ctr_prob = torch.sigmoid(ctr.float()).flatten()  # [HW]
+            chunk = max(1, self.cfg.score_chunk_elements // max(1, emb.shape[0]))
+            scores = emb.new_zeros(0, dtype=torch.float32)
+            flat_idx = torch.zeros(0, dtype=torch.long, device=emb.device)
+            for start in range(0, K, chunk):
+                prob = torch.sigmoid(cls_head.logits(emb, text[start:start + chunk]).float()) * ctr_prob[:, None]
+                keep = prob > thresh_sq  # == sqrt(prob) > thresh, without a sqrt over every logit
+                loc, cls = keep.nonzero(as_tuple=True)
+                s = prob[loc, cls].sqrt()
+                scores = torch.cat([scores, s])
+                flat_idx = torch.cat([flat_idx, loc * K + cls + start])
+                if scores.numel() > self.topk_candidates:
+                    scores, top = scores.topk(self.topk_candidates)
+                    flat_idx = flat_idx[top]
+            scores, order = scores.topk(min(self.topk_candidates, scores.numel()))
+            flat_idx = flat_idx[order]
+            anchor_idx = torch.div(flat_idx, K, rounding_mode="floor")
+            boxes = self.box_coder.decode(reg[anchor_idx].float(), anc[anchor_idx])
+            all_boxes.append(box_ops.clip_boxes_to_image(boxes, image_size))
+            all_scores.append(scores)
+            all_labels.append(flat_idx % K)
+        boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
+        keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
+def _names_from_spec(spec: str) -> list[str]:
+    """A built-in vocabulary name or a text file of names (one per line)."""
+    from pathlib import Path
+
+    try:
+        from gridclip.data import vocabularies
+    except ImportError:  # pragma: no cover - the data module ships with the package
+        vocabularies = None
+    if Path(spec).is_file():
+        if vocabularies is not None:
+            return vocabularies.read_vocabulary_file(spec)
+        return [line.strip() for line in Path(spec).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if vocabularies is not None and spec.lower() in ("lvis", "coco", "voc"):
+        return vocabularies.builtin_vocabulary(spec.lower())
+    raise ValueError(f"vocabulary '{spec}': not a file and not a built-in vocabulary (lvis, coco, voc); "
+                     "pass a list of names for a custom vocabulary")

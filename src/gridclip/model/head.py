@@ -1,0 +1,79 @@
+"""Grid-level alignment head (paper Sec. 3.3): FCOS's classification tower ending in a D-dim embedding.
+
+score(location, class k) = sigmoid(scale * cos(g, T_k) + bias), with T the normalised text embeddings of
+the vocabulary. The head replaces torchvision's ``FCOSClassificationHead`` and keeps its output contract
+(logits ``[N, HWA, K]``), so torchvision's FCOS losses and post-processing apply unchanged.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class CLIPClassificationHead(nn.Module):
+    """Conv tower (conv3x3 + GroupNorm + ReLU) x num_convs, then conv3x3 to ``embed_dim``; cosine scoring.
+
+    The vocabulary (``[K, D]`` normalised text embeddings) is data, not a parameter: a non-persistent
+    buffer swapped by :meth:`set_text_embeddings`, so checkpoints load whatever the vocabulary.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        embed_dim: int,
+        num_convs: int = 4,
+        logit_scale_init: float = 1 / 0.07,
+        prior_prob: float = 0.01,
+    ):
+        super().__init__()
+        self.embed_dim = embed_dim
+        norm = partial(nn.GroupNorm, 32)
+        layers: list[nn.Module] = []
+        for _ in range(num_convs):
+            layers += [nn.Conv2d(in_channels, in_channels, 3, padding=1), norm(in_channels), nn.ReLU()]
+        self.conv = nn.Sequential(*layers)
+        self.embed = nn.Conv2d(in_channels, embed_dim, 3, padding=1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        # Learnable temperature and bias (paper Eq. 2): scale from CLIP's 1/0.07, bias from the focal prior.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+        self.logit_bias = nn.Parameter(torch.tensor(-math.log((1 - prior_prob) / prior_prob)))
+        self.register_buffer("text_embeddings", torch.zeros(0, embed_dim), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.text_embeddings.shape[0]
+
+    def set_text_embeddings(self, embeddings: Tensor) -> None:
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim:
+            raise ValueError(
+                f"vocabulary embedding dimension {embeddings.shape[-1]} does not match the head's "
+                f"CLIP embedding dimension {self.embed_dim}"
+            )
+        ref = self.embed.weight
+        self.text_embeddings = F.normalize(embeddings.detach().to(ref.device, torch.float32), dim=-1)
+
+    def embeddings(self, x: list[Tensor]) -> Tensor:
+        """Normalised per-location embeddings ``[N, sum(HW), D]`` over all pyramid levels."""
+        out = []
+        for feature in x:
+            e = self.embed(self.conv(feature))  # [N, D, H, W]
+            out.append(e.flatten(2).transpose(1, 2))
+        return F.normalize(torch.cat(out, dim=1), dim=-1)
+
+    def logits(self, embeddings: Tensor, text: Tensor | None = None) -> Tensor:
+        """``[..., D]`` normalised embeddings -> ``[..., K]`` logits against ``text`` (default: the vocabulary)."""
+        text = self.text_embeddings if text is None else text
+        scale = self.logit_scale.exp()
+        return torch.matmul(embeddings, text.t().to(embeddings.dtype)) * scale + self.logit_bias
+
+    def forward(self, x: list[Tensor]) -> Tensor:
+        if self.num_classes == 0:
+            raise ValueError("no vocabulary set: call model.set_vocabulary(names) first")
+        return self.logits(self.embeddings(x))
