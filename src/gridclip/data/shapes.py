@@ -1,0 +1,552 @@
+"""The embedded open-vocabulary shape world (``gridclip make-world``).
+
+No real CLIP weights or LVIS can be downloaded here, so the project ships a generator for a small
+world that exercises the same code paths as LVIS + CLIP:
+
+* 48 categories "<colour> <shape>" (6 colours x 8 shapes; chance top-1 is 2.1 %). Every object also
+  gets a fill texture (solid / striped / shaded) and a size as nuisance attributes that are not part
+  of the category.
+* 10 categories are rare = novel. Each is a new composition of known words: every colour and every
+  shape occurs in at least 4 base categories, so colour does not predict shape.
+* Detector-training image counts follow a long tail; LVIS frequency tags f/c/r come from the image
+  counts with thresholds scaled to the world's size (see ``Thresholds``).
+* Three splits, LVIS-v1-format JSON + PNGs: ``det_train`` (novel boxes removed, objects still drawn),
+  ``val`` (exhaustive, every category in many images) and ``captions`` (64x64 images, a caption naming
+  every object, novel ones included, for CLIP pretraining).
+
+Layout of ``OUT``::
+
+    world.json                     categories, thresholds, seed, size, generator version
+    det_train.json  val.json       LVIS v1 format; image file_name is relative to <split>/images
+    captions.json                  [{"file_name", "caption", "category_ids"}], relative to captions/images
+    {det_train,val,captions}/images/*.png
+    .complete                      written last; holds the generation arguments (the cache key)
+
+Same seed and size give byte-identical files. Images are drawn with numpy + PIL, in worker processes
+seeded per image, so the result does not depend on the number of workers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from gridclip.utils.atomic import atomic_write_json
+
+GENERATOR_VERSION = "shapes-1"
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (40, 80, 225),
+    "yellow": (235, 215, 35),
+    "purple": (140, 50, 190),
+    "orange": (245, 135, 25),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon")
+SHAPE_DEFS: dict[str, str] = {
+    "circle": "a filled round disc",
+    "square": "a filled square with four equal sides",
+    "triangle": "a filled triangle with three corners",
+    "star": "a filled five-pointed star",
+    "ring": "a round band with a hole in the middle",
+    "cross": "a plus-shaped cross with four equal arms",
+    "diamond": "a rhombus standing on one corner, taller than wide",
+    "hexagon": "a filled six-sided polygon",
+}
+# Rare (novel) categories: each colour and each shape at most twice, so every colour keeps >= 6 base
+# shapes and every shape >= 4 base colours (colour and shape stay decorrelated in the base set).
+NOVEL: tuple[str, ...] = (
+    "green star", "red star", "blue triangle", "purple triangle", "red hexagon",
+    "yellow ring", "purple cross", "orange square", "blue diamond", "yellow circle",
+)
+TEXTURES: tuple[str, ...] = ("solid", "striped", "shaded")
+CAPTION_TEMPLATES_1 = ("a photo of a {}.", "a {}.", "a picture of a {}.", "there is a {}.")
+CAPTION_TEMPLATES_N = ("a photo of {}.", "{}.", "a picture of {}.", "there are {}.")
+
+_SPLIT_CODES = {"det_train": 1, "val": 2, "captions": 3}
+
+
+@dataclass(frozen=True)
+class WorldSize:
+    """How big each split is. ``det_scale`` multiplies the long-tail image counts of ``det_train``."""
+
+    det_scale: float
+    val_per_category: int      # images per category in val (uniform over categories)
+    caption_images: int
+    det_image_size: int = 128  # square detection / val images, pixels
+    caption_image_size: int = 64
+    min_object: int = 14       # object side range in pixels (same in every split: CLIP is scale-sensitive)
+    max_object: int = 48
+
+
+SIZES: dict[str, WorldSize] = {
+    "small": WorldSize(det_scale=0.15, val_per_category=4, caption_images=480),
+    "default": WorldSize(det_scale=1.0, val_per_category=25, caption_images=20000),
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """LVIS frequency tags from det_train image counts: r <= rare_max < c <= common_max < f.
+
+    LVIS v1 uses r: 1-10, c: 11-100, f: > 100 training images for ~100k images and 1203 categories.
+    This world has ~1k detection images and 48 categories (~100 images per category on average vs ~80
+    in LVIS), so the rare bound is kept at 10 and the common bound lowered to 50 for the default
+    size; both scale linearly with ``det_scale``.
+    """
+
+    rare_max: int
+    common_max: int
+
+    @classmethod
+    def for_scale(cls, det_scale: float) -> "Thresholds":
+        return cls(rare_max=max(1, round(10 * det_scale)), common_max=max(3, round(50 * det_scale)))
+
+    def tag(self, image_count: int) -> str:
+        return "r" if image_count <= self.rare_max else "c" if image_count <= self.common_max else "f"
+
+
+@dataclass
+class WorldInfo:
+    """A generated world: where its files are and what its categories are."""
+
+    root: Path
+    seed: int
+    size: str
+    categories: list[dict]          # LVIS category dicts (id, name, frequency, image_count, ...)
+    thresholds: Thresholds
+    version: str = GENERATOR_VERSION
+    counts: dict = field(default_factory=dict)  # images / annotations per split
+
+    @property
+    def names(self) -> list[str]:
+        return [c["name"] for c in self.categories]
+
+    @property
+    def novel_names(self) -> list[str]:
+        return [c["name"] for c in self.categories if c["frequency"] == "r"]
+
+    @property
+    def base_names(self) -> list[str]:
+        return [c["name"] for c in self.categories if c["frequency"] != "r"]
+
+    def json_path(self, split: str) -> Path:
+        """``det_train`` / ``val`` -> LVIS JSON; ``captions`` -> the caption list."""
+        return self.root / f"{split}.json"
+
+    def image_dir(self, split: str) -> Path:
+        return self.root / split / "images"
+
+
+def category_names() -> list[str]:
+    """All 48 category names in id order (id = index + 1): colour-major."""
+    return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+# --------------------------------------------------------------------------------------------------
+# Scene planning: which categories go into which image (main process, deterministic)
+# --------------------------------------------------------------------------------------------------
+
+def _det_image_counts(det_scale: float, thr: Thresholds) -> dict[str, int]:
+    """Long-tail target image counts per category for det_train (exact: objects are never dropped)."""
+    names = category_names()
+    base = [n for n in names if n not in NOVEL]
+    order = np.random.default_rng(12345).permutation(len(base))  # fixed design, independent of seed
+    base = [base[i] for i in order]
+    frequent, common = base[:24], base[24:]
+
+    def geometric(hi: float, lo: float, n: int) -> np.ndarray:
+        return np.geomspace(hi, lo, n) if n > 1 else np.array([hi])
+
+    counts: dict[str, int] = {}
+    f = np.maximum(np.round(geometric(400 * det_scale, 60 * det_scale, len(frequent))), thr.common_max + 1)
+    c = np.clip(np.round(geometric(thr.common_max, 1.4 * thr.rare_max + 1, len(common))),
+                thr.rare_max + 1, thr.common_max)
+    r = np.clip(np.round(geometric(0.8 * thr.rare_max, 0.3 * thr.rare_max, len(NOVEL))), 1, thr.rare_max)
+    for group, values in ((frequent, f), (common, c), (list(NOVEL), r)):
+        counts.update({name: int(v) for name, v in zip(group, values)})
+    return counts
+
+
+def _deal(counts: dict[str, int], n_range: tuple[int, int], rng: np.random.Generator) -> list[list[str]]:
+    """Deal ``counts[name]`` copies of each name into images of n_range objects, one per name per image."""
+    pool = [name for name, k in counts.items() for _ in range(k)]
+    pool = [pool[i] for i in rng.permutation(len(pool))]
+    images: list[list[str]] = []
+    while pool:
+        n = int(rng.integers(n_range[0], n_range[1] + 1))
+        image: list[str] = []
+        rest: list[str] = []
+        for i, name in enumerate(pool):
+            if len(image) == n:
+                rest.extend(pool[i:])
+                break
+            (rest if name in image else image).append(name)
+        pool = rest
+        images.append(image)
+    return images
+
+
+def _plan(split: str, size: WorldSize, thr: Thresholds, seed: int) -> list[list[str]]:
+    """Category names per image for one split."""
+    rng = np.random.default_rng([seed, _SPLIT_CODES[split], 0])
+    names = category_names()
+    if split == "det_train":
+        images = _deal(_det_image_counts(size.det_scale, thr), (1, 8), rng)
+        # LVIS has more instances than images: sometimes repeat a frequent/common category in an image.
+        det_counts = _det_image_counts(size.det_scale, thr)
+        for image in images:
+            for name in list(image):
+                if len(image) < 8 and det_counts[name] > thr.rare_max and rng.random() < 0.08:
+                    image.append(name)
+        return images
+    if split == "val":
+        return _deal({n: size.val_per_category for n in names}, (1, 8), rng)
+    # captions: milder long tail (Zipf 0.4 over the det ranking), every category mentioned many times,
+    # novel ones included -- as web captions mention rare LVIS words.
+    det_counts = _det_image_counts(1.0, Thresholds.for_scale(1.0))
+    ranked = sorted(names, key=lambda n: (-det_counts[n], n))
+    weights = np.array([(r + 1) ** -0.4 for r in range(len(ranked))])
+    weights /= weights.sum()
+    n_objects = rng.choice([1, 2, 3, 4], p=[0.2, 0.3, 0.3, 0.2], size=size.caption_images)
+    return [[ranked[i] for i in rng.choice(len(ranked), size=int(k), replace=False, p=weights)]
+            for k in n_objects]
+
+
+# --------------------------------------------------------------------------------------------------
+# Drawing (worker processes; every image has its own seeded generator)
+# --------------------------------------------------------------------------------------------------
+
+def _unit_polygon(shape: str) -> list[tuple[float, float]] | None:
+    """Vertices in [-0.5, 0.5]^2 (y down), or None for round shapes."""
+    if shape == "square":
+        h = 0.42
+        return [(-h, -h), (h, -h), (h, h), (-h, h)]
+    if shape == "triangle":
+        return [(0.0, -0.5), (0.5, 0.4), (-0.5, 0.4)]
+    if shape == "diamond":
+        return [(0.0, -0.5), (0.34, 0.0), (0.0, 0.5), (-0.34, 0.0)]
+    if shape == "hexagon":
+        return [(0.5 * math.cos(a), 0.5 * math.sin(a)) for a in np.arange(6) * math.pi / 3]
+    if shape == "star":
+        return [((0.5 if i % 2 == 0 else 0.21) * math.sin(i * math.pi / 5),
+                 -(0.5 if i % 2 == 0 else 0.21) * math.cos(i * math.pi / 5)) for i in range(10)]
+    if shape == "cross":
+        a, b = 0.17, 0.5
+        return [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+    return None
+
+
+def _shape_mask(shape: str, side: int, angle: float) -> np.ndarray:
+    """Boolean mask [side, side] of one shape filling a side x side square, rotated by ``angle`` rad."""
+    img = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(img)
+    c = (side - 1) / 2
+    if shape in ("circle", "ring"):
+        draw.ellipse([0, 0, side - 1, side - 1], fill=255)
+        if shape == "ring":
+            inner = 0.28 * side
+            draw.ellipse([c - inner, c - inner, c + inner, c + inner], fill=0)
+    else:
+        cos, sin = math.cos(angle), math.sin(angle)
+        pts = [(c + side * (x * cos - y * sin), c + side * (x * sin + y * cos)) for x, y in _unit_polygon(shape)]
+        draw.polygon(pts, fill=255)
+    return np.asarray(img) > 127
+
+
+def _background(rng: np.random.Generator, hw: int) -> np.ndarray:
+    """Low-saturation textured background, float32 [hw, hw, 3] in 0..255."""
+    base = rng.uniform(55, 200) + rng.normal(0, 12, size=3)
+    yy, xx = np.mgrid[0:hw, 0:hw].astype(np.float32)
+    kind = rng.integers(5)
+    if kind == 0:    # stripes at a random angle
+        a = rng.uniform(0, math.pi)
+        tex = rng.uniform(8, 25) * np.sin((xx * math.cos(a) + yy * math.sin(a)) * 2 * math.pi / rng.uniform(5, 20))
+    elif kind == 1:  # checker
+        b = int(rng.integers(4, 17))
+        tex = rng.uniform(8, 22) * (((xx // b + yy // b) % 2) * 2 - 1)
+    elif kind == 2:  # linear gradient
+        a = rng.uniform(0, 2 * math.pi)
+        tex = rng.uniform(20, 50) * ((xx * math.cos(a) + yy * math.sin(a)) / hw)
+    elif kind == 3:  # soft blobs
+        lo = rng.normal(0, 1, size=(4, 4)).astype(np.float32)
+        tex = rng.uniform(15, 35) * np.asarray(Image.fromarray(lo).resize((hw, hw), Image.BILINEAR))
+    else:
+        tex = np.zeros((hw, hw), np.float32)
+    tint = rng.normal(0, 0.15, size=3) + 1.0
+    img = base[None, None, :] + tex[..., None] * tint[None, None, :]
+    return img + rng.normal(0, rng.uniform(2, 9), size=(hw, hw, 3))
+
+
+def _clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, hw: int) -> None:
+    """Distractor marks that are not categories: lines, dots, arcs and grey shapes."""
+    for _ in range(int(rng.integers(1, 6))):
+        g = int(rng.integers(20, 235))
+        grey = (g, g, g) if rng.random() < 0.7 else (int(rng.integers(70, 140)), int(rng.integers(50, 100)), 30)
+        x, y = rng.uniform(0, hw, size=2)
+        kind = rng.integers(4)
+        if kind == 0:
+            x2, y2 = x + rng.normal(0, hw / 5), y + rng.normal(0, hw / 5)
+            draw.line([x, y, x2, y2], fill=grey, width=int(rng.integers(1, 3)))
+        elif kind == 1:
+            r = rng.uniform(1, 3)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=grey)
+        elif kind == 2:
+            r = rng.uniform(4, hw / 6)
+            a = rng.uniform(0, 360)
+            draw.arc([x - r, y - r, x + r, y + r], a, a + rng.uniform(60, 200), fill=grey, width=1)
+        else:  # grey shape: teaches that colour is part of the category
+            s = int(rng.integers(8, 24))
+            m = Image.fromarray(_shape_mask(SHAPES[int(rng.integers(len(SHAPES)))], s, rng.uniform(-0.3, 0.3)))
+            draw.bitmap((int(x) - s // 2, int(y) - s // 2), m.convert("1"), fill=grey)
+
+
+def _fill(rng: np.random.Generator, rgb: tuple[int, int, int], side: int) -> np.ndarray:
+    """Object colour with a texture attribute, float32 [side, side, 3]."""
+    colour = np.clip(np.array(rgb, np.float32) + rng.normal(0, 12, size=3), 0, 255)
+    colour = colour * rng.uniform(0.85, 1.1)
+    texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+    if texture == "striped":
+        a = rng.uniform(0, math.pi)
+        period = rng.uniform(4, 8)
+        on = (np.floor((xx * math.cos(a) + yy * math.sin(a)) / (period / 2)) % 2)[..., None]
+        shade = 1.0 - 0.35 * on
+    elif texture == "shaded":
+        a = rng.uniform(0, 2 * math.pi)
+        shade = (1.0 - 0.35 * (0.5 + (xx * math.cos(a) + yy * math.sin(a)) / (side * 1.5)))[..., None]
+    else:
+        shade = np.ones((side, side, 1), np.float32)
+    return colour[None, None, :] * shade + rng.normal(0, 5, size=(side, side, 3))
+
+
+def _place(rng: np.random.Generator, hw: int, side: int, boxes: list[tuple[int, int, int, int]]) -> tuple[int, int]:
+    """Top-left corner for a side x side object overlapping earlier ones by at most 30 % of either box."""
+    best, best_overlap = (0, 0), float("inf")
+    for _ in range(60):
+        x, y = int(rng.integers(0, hw - side + 1)), int(rng.integers(0, hw - side + 1))
+        overlap = 0.0
+        for bx, by, bs, _ in boxes:
+            iw = max(0, min(x + side, bx + bs) - max(x, bx))
+            ih = max(0, min(y + side, by + bs) - max(y, by))
+            overlap = max(overlap, iw * ih / min(side * side, bs * bs))
+        if overlap <= 0.3:
+            return x, y
+        if overlap < best_overlap:
+            best, best_overlap = (x, y), overlap
+    return best  # crowded: accept the least-overlapping spot (objects are never dropped)
+
+
+def render_image(names: list[str], hw: int, min_obj: int, max_obj: int, key: tuple[int, ...]) -> tuple[np.ndarray, list[list[int]]]:
+    """Draw one scene. Returns (uint8 [hw, hw, 3], visible xyxy boxes, exclusive end, in ``names`` order).
+
+    Later objects occlude earlier ones; a box covers the object's visible pixels only, as in LVIS.
+    """
+    rng = np.random.default_rng(key)
+    canvas = Image.fromarray(np.clip(_background(rng, hw), 0, 255).astype(np.uint8))
+    _clutter(rng, ImageDraw.Draw(canvas), hw)
+    img = np.asarray(canvas).astype(np.float32)
+    owner = np.full((hw, hw), -1, np.int16)
+    # crowded scenes get smaller objects so that 8 of them fit in the image
+    hi = min(max_obj, max(min_obj, int(0.95 * hw / math.sqrt(max(1, len(names))))))
+    placed: list[tuple[int, int, int, int]] = []
+    for i, name in enumerate(names):
+        colour, shape = name.split(" ")
+        side = int(round(math.exp(rng.uniform(math.log(min_obj), math.log(hi + 1)))))
+        side = min(max(side, min_obj), hi)
+        mask = _shape_mask(shape, side, rng.uniform(-0.35, 0.35))
+        x, y = _place(rng, hw, side, placed)
+        placed.append((x, y, side, i))
+        region = img[y:y + side, x:x + side]
+        region[mask] = _fill(rng, COLOURS[colour], side)[mask]
+        owner[y:y + side, x:x + side][mask] = i
+    boxes = []
+    for i in range(len(names)):
+        ys, xs = np.nonzero(owner == i)
+        if len(xs) == 0:  # fully hidden (cannot happen with the 30 % overlap limit, kept as a guard)
+            raise RuntimeError(f"object {i} of scene {key} is fully occluded")
+        boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1])
+    return np.clip(img, 0, 255).astype(np.uint8), boxes
+
+
+def _render_chunk(args: tuple) -> list[list[list[int]]]:
+    """Worker: render and save a chunk of images; returns their boxes."""
+    out_dir, items, hw, min_obj, max_obj = args
+    results = []
+    for key, file_name, names in items:
+        pixels, boxes = render_image(names, hw, min_obj, max_obj, key)
+        Image.fromarray(pixels).save(os.path.join(out_dir, file_name), format="PNG", compress_level=6)
+        results.append(boxes)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing the splits
+# --------------------------------------------------------------------------------------------------
+
+def _render_split(root: Path, split: str, plan: list[list[str]], hw: int, size: WorldSize,
+                  seed: int, workers: int) -> list[tuple[str, list[str], list[list[int]]]]:
+    image_dir = root / split / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    items = [((seed, _SPLIT_CODES[split], 1, i), f"{i:06d}.png", names) for i, names in enumerate(plan)]
+    max_obj = min(size.max_object, hw * 5 // 8)
+    chunk = max(1, math.ceil(len(items) / (4 * max(1, workers))))
+    jobs = [(str(image_dir), items[i:i + chunk], hw, size.min_object, max_obj) for i in range(0, len(items), chunk)]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            chunks = list(pool.map(_render_chunk, jobs))
+    else:
+        chunks = [_render_chunk(job) for job in jobs]
+    boxes = [b for c in chunks for b in c]
+    return [(file_name, names, b) for (_, file_name, names), b in zip(items, boxes)]
+
+
+def _lvis_categories(det_counts: dict[str, tuple[int, int]], thr: Thresholds) -> list[dict]:
+    cats = []
+    for i, name in enumerate(category_names()):
+        colour, shape = name.split(" ")
+        image_count, instance_count = det_counts.get(name, (0, 0))
+        cats.append({
+            "id": i + 1, "name": name, "synset": f"{colour}_{shape}.n.01", "synonyms": [name],
+            "def": f"{SHAPE_DEFS[shape]}, coloured {colour}",
+            "frequency": thr.tag(image_count), "image_count": image_count, "instance_count": instance_count,
+        })
+    return cats
+
+
+def _lvis_json(rendered, hw: int, categories: list[dict], keep_novel: bool) -> dict:
+    ids = {c["name"]: c["id"] for c in categories}
+    novel = {c["id"] for c in categories if c["frequency"] == "r"}
+    images, annotations = [], []
+    for image_id, (file_name, names, boxes) in enumerate(rendered, start=1):
+        present = {ids[n] for n in names}
+        images.append({
+            "id": image_id, "file_name": file_name, "width": hw, "height": hw,
+            # exhaustive world: every absent category is verified absent
+            "neg_category_ids": sorted(set(ids.values()) - present), "not_exhaustive_category_ids": [],
+        })
+        for name, (x0, y0, x1, y1) in zip(names, boxes):
+            if not keep_novel and ids[name] in novel:
+                continue  # as in open-vocabulary LVIS: rare boxes never reach detector training
+            w, h = x1 - x0, y1 - y0
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": ids[name],
+                "bbox": [float(x0), float(y0), float(w), float(h)], "area": float(w * h), "iscrowd": 0,
+                "segmentation": [[float(x0), float(y0), float(x1), float(y0), float(x1), float(y1), float(x0), float(y1)]],
+            })
+    return {"info": {"description": f"gridclip shape world ({GENERATOR_VERSION})"}, "licenses": [],
+            "images": images, "annotations": annotations, "categories": categories}
+
+
+def _caption(names: list[str], rng: np.random.Generator) -> str:
+    if len(names) == 1:
+        return CAPTION_TEMPLATES_1[int(rng.integers(len(CAPTION_TEMPLATES_1)))].format(names[0])
+    phrases = [f"a {n}" for n in names]
+    listed = ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return CAPTION_TEMPLATES_N[int(rng.integers(len(CAPTION_TEMPLATES_N)))].format(listed)
+
+
+def _cache_key(seed: int, size: str) -> dict:
+    return {"version": GENERATOR_VERSION, "seed": seed, "size": size}
+
+
+def load_world(root: str | os.PathLike) -> WorldInfo:
+    """Read a complete world written by ``make_world``."""
+    root = Path(root)
+    if not (root / ".complete").is_file():
+        raise FileNotFoundError(f"{root}: not a complete shape world (no .complete marker); run `gridclip make-world --out {root}`")
+    meta = json.loads((root / "world.json").read_text())
+    return WorldInfo(root=root, seed=meta["seed"], size=meta["size"], categories=meta["categories"],
+                     thresholds=Thresholds(**meta["thresholds"]), version=meta["version"], counts=meta["counts"])
+
+
+def make_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "default", workers: int | None = None,
+               force: bool = False) -> WorldInfo:
+    """Generate the shape world into ``out_dir`` (cached: a complete world with the same args is reused).
+
+    Args:
+        out_dir: output directory; created if missing.
+        seed: image content seed (the category design is fixed and does not depend on it).
+        size: ``"small"`` (tests, ~1 s) or ``"default"`` (the demo world).
+        workers: drawing processes (default: min(2, cpu count)); does not change the output.
+        force: regenerate even if a complete world with the same arguments exists.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")
+    root = Path(out_dir)
+    marker = root / ".complete"
+    key = _cache_key(seed, size)
+    if not force and marker.is_file() and json.loads(marker.read_text()) == key:
+        return load_world(root)
+    if root.exists() and any(root.iterdir()) and not (root / "world.json").exists() and not marker.exists():
+        raise ValueError(f"{root}: exists, is not empty and is not a shape world; choose another --out")
+    if marker.exists():
+        marker.unlink()  # invalidate first: an interrupted run must not look complete
+    for split in _SPLIT_CODES:  # stale images of an earlier world of another size
+        shutil.rmtree(root / split, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    workers = workers or min(2, os.cpu_count() or 1)
+    cfg = SIZES[size]
+    thr = Thresholds.for_scale(cfg.det_scale)
+
+    det_plan = _plan("det_train", cfg, thr, seed)
+    det_counts: dict[str, tuple[int, int]] = {}
+    for names in det_plan:
+        for n in set(names):
+            im, inst = det_counts.get(n, (0, 0))
+            det_counts[n] = (im + 1, inst + names.count(n))
+    categories = _lvis_categories(det_counts, thr)
+    rare = {c["name"] for c in categories if c["frequency"] == "r"}
+    if rare != set(NOVEL):  # the plan's counts are exact, so this is a design error, not bad luck
+        raise RuntimeError(f"frequency design broken: rare={sorted(rare)} expected {sorted(NOVEL)}")
+
+    counts = {}
+    for split, keep_novel in (("det_train", False), ("val", True)):
+        plan = det_plan if split == "det_train" else _plan("val", cfg, thr, seed)
+        rendered = _render_split(root, split, plan, cfg.det_image_size, cfg, seed, workers)
+        data = _lvis_json(rendered, cfg.det_image_size, categories, keep_novel)
+        atomic_write_json(root / f"{split}.json", data, indent=None)
+        counts[split] = {"images": len(data["images"]), "annotations": len(data["annotations"])}
+
+    rendered = _render_split(root, "captions", _plan("captions", cfg, thr, seed), cfg.caption_image_size, cfg, seed, workers)
+    ids = {n: i + 1 for i, n in enumerate(category_names())}
+    rng = np.random.default_rng([seed, _SPLIT_CODES["captions"], 2])
+    captions = [{"file_name": f, "caption": _caption(names, rng), "category_ids": [ids[n] for n in names]}
+                for f, names, _ in rendered]
+    atomic_write_json(root / "captions.json", captions, indent=None)
+    counts["captions"] = {"images": len(captions), "mentions": sum(len(c["category_ids"]) for c in captions)}
+
+    meta = {**key, "thresholds": asdict(thr), "world_size": asdict(cfg), "counts": counts,
+            "novel": sorted(NOVEL), "categories": categories}
+    atomic_write_json(root / "world.json", meta)
+    atomic_write_json(marker, key)
+    return load_world(root)
+
+
+def cli(argv: list[str]) -> int:
+    """``gridclip make-world --out DIR [--seed S] [--size small|default]``."""
+    p = argparse.ArgumentParser(prog="gridclip make-world", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=sorted(SIZES), default="default")
+    p.add_argument("--workers", type=int, default=None, help="drawing processes (output does not depend on it)")
+    p.add_argument("--force", action="store_true", help="regenerate even if a complete world exists")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    world = make_world(a.out, seed=a.seed, size=a.size, workers=a.workers, force=a.force)
+    freq = {t: sum(c["frequency"] == t for c in world.categories) for t in "fcr"}
+    print(f"world {world.root}: seed {world.seed}, size {world.size}, {len(world.categories)} categories "
+          f"(f {freq['f']} / c {freq['c']} / r {freq['r']} = novel), "
+          + ", ".join(f"{s}: {c['images']} images" for s, c in world.counts.items())
+          + f" [{time.perf_counter() - t0:.1f} s]")
+    return 0
