@@ -33,9 +33,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build_clip_visual(clip_model: str, clip_pretrained: str | None, load_weights: bool = True) -> nn.Module:
-    """The open_clip ``ModifiedResNet`` image tower, pretrained or randomly initialised."""
-    cfg = model_config(clip_model)
+def build_clip_visual(clip_model: str, clip_pretrained: str | None, load_weights: bool = True,
+                      clip_config: dict | None = None) -> nn.Module:
+    """The open_clip ``ModifiedResNet`` image tower, pretrained or randomly initialised.
+
+    ``clip_config`` (the open_clip model config) avoids looking the model up, e.g. when a checkpoint
+    built on a local CLIP directory is loaded on a machine without that directory.
+    """
+    cfg = clip_config if clip_config is not None else model_config(clip_model)
     if not isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)):
         raise ValueError(f"CLIP model '{clip_model}' has no ResNet image tower: GridCLIP needs a ModifiedResNet (RN50, RN101, RN50x4, ...)")
     if load_weights:
@@ -110,11 +115,13 @@ class GridCLIP(FCOS):
     Images are CHW float tensors in [0, 1]; CLIP's mean/std normalisation happens inside.
     """
 
-    def __init__(self, cfg: GridCLIPConfig | None = None, *, load_clip_weights: bool = True):
+    def __init__(self, cfg: GridCLIPConfig | None = None, *, load_clip_weights: bool = True,
+                 clip_config: dict | None = None):
         cfg = cfg or GridCLIPConfig()
         if not cfg.grid_align and cfg.num_classes < 1:
             raise ValueError("model.num_classes must be >= 1 when model.grid_align is false (closed-set classifier)")
-        visual = build_clip_visual(cfg.clip_model, cfg.clip_pretrained, load_clip_weights)
+        self_clip_config = clip_config if clip_config is not None else model_config(cfg.clip_model)
+        visual = build_clip_visual(cfg.clip_model, cfg.clip_pretrained, load_clip_weights, self_clip_config)
         clip_dim = visual.attnpool.c_proj.out_features
         trunk = CLIPResNetTrunk(visual)
         grid_pool = GridAttentionPool.from_attnpool(visual.attnpool) if cfg.use_mhsa else None
@@ -139,6 +146,7 @@ class GridCLIP(FCOS):
             teacher_dim = cfg.teacher_dim or model_config(cfg.teacher_model)["embed_dim"]
             self.projector = image_projector(backbone.global_dim, cfg.projector_hidden, teacher_dim)
         self.cfg = cfg
+        self.clip_config = self_clip_config
         self.clip_dim = clip_dim
         self.vocabulary: Vocabulary | None = None
         self.class_names: tuple[str, ...] = ()
