@@ -1,0 +1,346 @@
+"""Evaluation: run a detector over a dataset, score COCO-format detections (LVIS / COCO / VOC).
+
+Scoring uses faster-coco-eval:
+- LVIS style (federated): ``COCOeval_faster(gt, dt, "bbox", lvis_style=True)`` with ``maxDets = [300]``
+  after keeping each image's 300 best detections, as ``lvis.LVISResults`` does. This reproduces
+  ``lvis.LVISEval(gt, dt, "bbox")`` (tests compare all metrics to 1e-6).
+- COCO style (also VOC, converted with ``gridclip.data.datasets.to_coco_dict``): pycocotools' protocol,
+  ``maxDets = [1, 10, 100]``; the paper's Table 3 reports AP50 / AP75 for VOC and COCO transfer.
+
+Metrics are a flat dict ``AP, AP50, AP75, APs, APm, APl`` (+ ``APr, APc, APf`` for LVIS), values in
+[0, 1]; -1.0 means "no ground truth in that group" (the evaluators' own convention, kept so numbers
+match them). Per-category AP (``Evaluation.per_category_ap``) is read from the evaluator's precision
+array: mean over IoU thresholds and recall points, all areas, the largest maxDets; categories without
+ground truth are left out.
+
+CLI::
+
+    gridclip eval --gt GT.json --results DT.json [--out DIR] [--style lvis|coco] [--max-dets N]
+    gridclip eval --checkpoint C [--config F] [--out DIR] [--batch-size B] [--device D] [--strict]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("gridclip.eval")
+
+LVIS_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+COCO_KEYS = LVIS_KEYS[:6]
+# faster-coco-eval's stats_as_dict labels -> our flat keys
+_FCE_KEYS = {
+    "AP_all": "AP", "AP_50": "AP50", "AP_75": "AP75", "AP_small": "APs", "AP_medium": "APm",
+    "AP_large": "APl", "APr": "APr", "APc": "APc", "APf": "APf",
+}
+DEFAULT_MAX_DETS = {"lvis": 300, "coco": 100}
+
+
+@dataclass
+class Evaluation:
+    """Scores of one results set: flat ``metrics``, ``per_category_ap`` {category id: AP}."""
+
+    style: str
+    metrics: dict[str, float]
+    per_category_ap: dict[int, float] = field(default_factory=dict)
+    num_detections: int = 0
+
+
+def _load_json(path: str | os.PathLike, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def load_results(results: str | os.PathLike | Iterable[dict], image_ids: set[int], category_ids: set[int]) -> list[dict]:
+    """Checked copies of COCO-format detections ``{image_id, category_id, bbox [x, y, w, h], score}``.
+
+    Raises ``ValueError`` naming the entry when a field is missing or not finite, or when an image or
+    category id is not in the ground truth (a label -> category mapping bug would otherwise score 0).
+    """
+    name = str(results) if isinstance(results, (str, os.PathLike)) else "results"
+    raw = _load_json(results, "results file") if isinstance(results, (str, os.PathLike)) else list(results)
+    if not isinstance(raw, list):
+        raise ValueError(f"{name}: expected a JSON list of detections")
+    out = []
+    for k, det in enumerate(raw):
+        try:
+            image_id, category_id = int(det["image_id"]), int(det["category_id"])
+            bbox = [float(v) for v in det["bbox"]]
+            score = float(det["score"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{name}: detection {k}: expected image_id, category_id, bbox [x, y, w, h], score") from None
+        if len(bbox) != 4 or not all(math.isfinite(v) for v in (*bbox, score)):
+            raise ValueError(f"{name}: detection {k}: bbox must be 4 finite numbers and score finite, got {det['bbox']}, {det['score']}")
+        if image_id not in image_ids:
+            raise ValueError(f"{name}: detection {k}: image_id {image_id} is not in the ground truth")
+        if category_id not in category_ids:
+            raise ValueError(f"{name}: detection {k}: category_id {category_id} is not in the ground truth")
+        out.append({"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score})
+    return out
+
+
+def limit_detections_per_image(dets: list[dict], max_dets: int) -> list[dict]:
+    """Keep each image's ``max_dets`` highest-scoring detections (stable: ties keep input order),
+    the LVIS rule (``LVISResults``): the cap is per image, across categories."""
+    by_image: dict[int, list[dict]] = {}
+    for d in dets:
+        by_image.setdefault(d["image_id"], []).append(d)
+    out = []
+    for anns in by_image.values():
+        out += sorted(anns, key=lambda d: d["score"], reverse=True)[:max_dets] if len(anns) > max_dets else anns
+    return out
+
+
+def evaluate(
+    gt: str | os.PathLike | dict,
+    results: str | os.PathLike | Iterable[dict],
+    style: Literal["lvis", "coco"] | None = None,
+    max_dets: int | None = None,
+) -> Evaluation:
+    """Score ``results`` against ground truth ``gt`` (a COCO/LVIS JSON path or dict).
+
+    ``style`` None: "lvis" when every category has a ``frequency`` tag, else "coco". ``max_dets``
+    defaults to 300 (LVIS, per image) or 100 (COCO, per image and category).
+    """
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    gt_dict = _load_json(gt, "ground-truth file") if isinstance(gt, (str, os.PathLike)) else gt
+    gt_name = str(gt) if isinstance(gt, (str, os.PathLike)) else "ground truth"
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt_dict, dict) or not isinstance(gt_dict.get(key), list):
+            raise ValueError(f"{gt_name}: expected a COCO/LVIS object with a '{key}' list")
+    if style is None:
+        style = "lvis" if gt_dict["categories"] and all("frequency" in c for c in gt_dict["categories"]) else "coco"
+    if style not in DEFAULT_MAX_DETS:
+        raise ValueError(f"style: expected 'lvis' or 'coco', got {style!r}")
+    if style == "lvis":
+        bad = [c.get("id") for c in gt_dict["categories"] if c.get("frequency") not in ("f", "c", "r")]
+        if bad:
+            raise ValueError(f"{gt_name}: LVIS-style evaluation needs a 'frequency' f/c/r on every category (not on {bad[:5]})")
+    max_dets = DEFAULT_MAX_DETS[style] if max_dets is None else int(max_dets)
+    if max_dets <= 0:
+        raise ValueError(f"max_dets: expected a positive number, got {max_dets}")
+
+    dets = load_results(results, {int(i["id"]) for i in gt_dict["images"]}, {int(c["id"]) for c in gt_dict["categories"]})
+    if style == "lvis":
+        dets = limit_detections_per_image(dets, max_dets)
+
+    coco_gt = COCO(gt_dict, use_deepcopy=True)
+    coco_dt = coco_gt.loadRes(dets)
+    ev = COCOeval_faster(coco_gt, coco_dt, "bbox", lvis_style=(style == "lvis"), print_function=logger.debug)
+    ev.params.maxDets = [max_dets] if style == "lvis" else sorted({1, 10, max_dets})
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    stats = ev.stats_as_dict
+    keys = LVIS_KEYS if style == "lvis" else COCO_KEYS
+    metrics = {_FCE_KEYS[k]: float(v) for k, v in stats.items() if k in _FCE_KEYS and _FCE_KEYS[k] in keys}
+
+    precision = np.asarray(ev.eval["precision"])  # [T iou, R recall, K categories, A areas, M maxDets]
+    per_cat = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        if (p > -1).any():
+            per_cat[int(cat_id)] = float(p[p > -1].mean())
+    return Evaluation(style=style, metrics={k: metrics[k] for k in keys}, per_category_ap=per_cat, num_detections=len(dets))
+
+
+def evaluate_results(
+    gt_json_path: str | os.PathLike | dict,
+    results: str | os.PathLike | Iterable[dict],
+    style: Literal["lvis", "coco"] | None = "lvis",
+    max_dets: int | None = None,
+) -> dict[str, float]:
+    """Flat metrics ``{AP, AP50, AP75, APs, APm, APl[, APr, APc, APf]}`` of ``results``."""
+    return evaluate(gt_json_path, results, style=style, max_dets=max_dets).metrics
+
+
+def per_category_ap(
+    gt_json_path: str | os.PathLike | dict,
+    results: str | os.PathLike | Iterable[dict],
+    style: Literal["lvis", "coco"] | None = "lvis",
+    max_dets: int | None = None,
+) -> dict[int, float]:
+    """``{category id: AP}`` for every category with ground truth (AP@[.5:.95], all areas)."""
+    return evaluate(gt_json_path, results, style=style, max_dets=max_dets).per_category_ap
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def run_inference(
+    model: torch.nn.Module,
+    dataset,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = False,
+) -> list[dict]:
+    """COCO-format detections ``{image_id, category_id, bbox [x, y, w, h], score}`` of ``model`` on
+    ``dataset`` (a ``DetectionDataset``; its eval transform must produce float images in [0, 1]).
+
+    ``model(images)`` in eval mode follows the torchvision contract: per image ``boxes`` (xyxy, pixels
+    of the image it was given), ``scores``, ``labels`` (0..K-1 into ``dataset.category_ids``). Boxes
+    are mapped back to original-image pixels when the dataset transform resized the image.
+    Under torch.distributed, rank r scores images r, r + world, ...; the results of all ranks are
+    gathered (``all_gather_object``) and every rank returns the same list, sorted by image id.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from gridclip.data.collate import collate_detection
+
+    rank, world = _dist_info()
+    indices = list(range(rank, len(dataset), world))
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=collate_detection)
+    category_ids = list(dataset.category_ids)
+    was_training = model.training
+    model.eval()
+    local: list[dict] = []
+    try:
+        iterator = loader
+        if progress and rank == 0:
+            from tqdm import tqdm
+
+            iterator = tqdm(loader, desc="eval", unit="batch")
+        for images, targets in iterator:
+            outputs = model([im.to(device) for im in images])
+            for image, target, out in zip(images, targets, outputs):
+                h, w = image.shape[-2:]
+                h0, w0 = target["orig_size"]
+                boxes = out["boxes"].detach().float().cpu()
+                boxes = boxes * torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h])
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w0)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h0)
+                labels = out["labels"].detach().cpu().tolist()
+                if labels and (min(labels) < 0 or max(labels) >= len(category_ids)):
+                    raise ValueError(
+                        f"model returned label {max(labels)} but the dataset vocabulary has {len(category_ids)} "
+                        "categories (set the model's vocabulary to the dataset's category names)"
+                    )
+                for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), out["scores"].detach().cpu().tolist(), labels):
+                    local.append({"image_id": int(target["image_id"]), "category_id": int(category_ids[label]),
+                                  "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+    finally:
+        model.train(was_training)
+    if world > 1:
+        gathered: list[list[dict] | None] = [None] * world
+        torch.distributed.all_gather_object(gathered, local)
+        local = [d for part in gathered for d in (part or [])]
+    local.sort(key=lambda d: d["image_id"])  # stable: each image keeps the model's order
+    return local
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """Two-row text table of the metrics (AP x100, "n/a" for -1)."""
+    keys = list(metrics)
+    cells = ["n/a" if metrics[k] < 0 else f"{100 * metrics[k]:.2f}" for k in keys]
+    widths = [max(len(k), len(c)) for k, c in zip(keys, cells)]
+    return "\n".join(" | ".join(s.rjust(w) for s, w in zip(row, widths)) for row in (keys, cells))
+
+
+def write_outputs(out_dir: str | os.PathLike, evaluation: Evaluation, results: list[dict] | None = None) -> None:
+    """DIR/metrics.json (flat keys), DIR/per_category_ap.json, and DIR/results.json if given; atomic."""
+    from gridclip.utils.atomic import atomic_write_json
+
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "metrics.json", evaluation.metrics)
+    atomic_write_json(out_dir / "per_category_ap.json", {str(k): v for k, v in evaluation.per_category_ap.items()})
+    if results is not None:
+        atomic_write_json(out_dir / "results.json", results, indent=None)
+
+
+def _eval_dataset_from_config(cfg: Any, strict: bool):
+    """The evaluation dataset named by ``cfg.data`` (fields ``kind``, ``val_ann``, ``val_images``,
+    ``val_split`` for VOC), with the identity eval transform."""
+    from gridclip.data.datasets import build_dataset
+    from gridclip.data.transforms import eval_transforms
+
+    data = getattr(cfg, "data", None)
+    kind, ann = getattr(data, "kind", None), getattr(data, "val_ann", None)
+    if data is None or kind is None or ann is None:
+        raise ValueError("config: expected data.kind ('lvis'/'coco'/'voc') and data.val_ann for evaluation")
+    return build_dataset(kind, ann, getattr(data, "val_images", None), split=getattr(data, "val_split", "test"),
+                         transforms=eval_transforms(), strict=strict)
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dict]]:
+    try:
+        from gridclip.checkpoint import load_checkpoint
+    except ImportError:
+        raise ValueError("gridclip eval --checkpoint: gridclip.checkpoint.load_checkpoint is not available in this build") from None
+    from gridclip.data.datasets import to_coco_dict
+
+    model, cfg = load_checkpoint(args.checkpoint)
+    if args.config:
+        try:
+            from gridclip.config import load_config
+        except ImportError:
+            raise ValueError("gridclip eval --config: gridclip.config.load_config is not available in this build") from None
+        cfg = load_config(args.config)
+    dataset = _eval_dataset_from_config(cfg, args.strict)
+    if hasattr(model, "set_vocabulary"):
+        # transfer / open-vocabulary evaluation: the eval dataset's names are the vocabulary
+        model.set_vocabulary(dataset.category_names)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    results = run_inference(model, dataset, batch_size=args.batch_size, device=device, progress=True)
+    data = cfg.data
+    if getattr(data, "kind", None) == "voc":
+        from gridclip.data.datasets import load_voc
+
+        gt: Any = to_coco_dict(load_voc(data.val_ann, getattr(data, "val_split", "test"), strict=args.strict))
+    else:
+        gt = data.val_ann
+    return evaluate(gt, results, style=args.style, max_dets=args.max_dets), results
+
+
+def cli(argv: Sequence[str]) -> int:
+    """``gridclip eval``: score a results file, or run a checkpoint on its evaluation dataset."""
+    p = argparse.ArgumentParser(prog="gridclip eval", description=cli.__doc__)
+    p.add_argument("--gt", help="ground-truth COCO/LVIS JSON (with --results)")
+    p.add_argument("--results", help="COCO-format detections JSON (with --gt)")
+    p.add_argument("--checkpoint", help="model checkpoint to run on the config's evaluation dataset")
+    p.add_argument("--config", help="YAML config overriding the checkpoint's (with --checkpoint)")
+    p.add_argument("--out", help="output folder for metrics.json, per_category_ap.json (and results.json)")
+    p.add_argument("--style", choices=("lvis", "coco"), help="default: lvis if categories carry 'frequency'")
+    p.add_argument("--max-dets", type=int, help="detections per image (LVIS: 300) or per image and class (COCO: 100)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--strict", action="store_true", help="bad annotations raise instead of being skipped")
+    args = p.parse_args(list(argv))
+
+    results = None
+    if args.gt or args.results:
+        if not (args.gt and args.results) or args.checkpoint:
+            raise ValueError("gridclip eval: give --gt and --results together, or --checkpoint (without them)")
+        evaluation = evaluate(args.gt, args.results, style=args.style, max_dets=args.max_dets)
+    elif args.checkpoint:
+        evaluation, results = _evaluate_checkpoint(args)
+    else:
+        raise ValueError("gridclip eval: give --gt GT.json --results DT.json, or --checkpoint C [--config F]")
+
+    print(f"{evaluation.style} bbox, {evaluation.num_detections} detections")
+    print(format_table(evaluation.metrics))
+    if args.out:
+        write_outputs(args.out, evaluation, results)
+        print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
