@@ -5,6 +5,7 @@ the EXIF specification, or the documented formulas, never from the code under te
 """
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -102,6 +103,15 @@ def test_directory(tmp_path):
     with pytest.raises(ImageLoadError) as e:
         load_image(folder)
     _assert_error(e, folder, "is a directory")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageLoadError) as e:
+        load_image(fifo)
+    _assert_error(e, fifo, "not a regular file")
 
 
 def test_missing_file(tmp_path):

@@ -141,6 +141,8 @@ def _load_path(path: Path, name: str, max_pixels: int | None) -> torch.Tensor:
         raise ImageLoadError(f"{name}: cannot access file ({_one_line(exc)})") from exc
     if path.is_dir():
         raise ImageLoadError(f"{name}: is a directory, expected an image file")
+    if not path.is_file():  # FIFO, socket, device: reading could block or never end
+        raise ImageLoadError(f"{name}: not a regular file, expected an image file")
     if size == 0:
         raise ImageLoadError(f"{name}: empty file (0 bytes), expected an image")
     try:
