@@ -293,3 +293,67 @@ def test_run_inference_sharded_over_gloo_ranks_equals_single_process(tmp_path):
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path), str(out)), nprocs=2, join=True)
     per_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert per_rank[0] == per_rank[1] == json.loads(json.dumps(single))
+
+
+def _tiny_checkpoint(tiny_cfg, path: Path) -> None:
+    from gridclip import GridCLIP
+    from gridclip.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = type(tiny_cfg)(**{**tiny_cfg.__dict__, "image_align": False, "score_thresh": 0.0, "min_size": 64, "max_size": 96})
+    save_checkpoint(path, GridCLIP(cfg, load_clip_weights=False))
+
+
+def test_eval_cli_checkpoint_path_lvis(tmp_path, tiny_cfg, capsys):
+    """--config/--checkpoint: the model gets the eval dataset's vocabulary, results.json equals
+    run_inference of the same checkpoint, metrics.json equals scoring it."""
+    from gridclip.checkpoint import load_checkpoint
+
+    gt_path, anns = make_constant_colour_dataset(tmp_path, n_images=2)
+    ckpt = tmp_path / "model.pt"
+    _tiny_checkpoint(tiny_cfg, ckpt)
+    cfg_path = tmp_path / "eval.yaml"
+    cfg_path.write_text(f"data:\n  format: lvis\n  val_json: {gt_path}\n  val_images: {tmp_path / 'coco'}\n"
+                        "eval:\n  batch_size: 2\n")
+    out = tmp_path / "out"
+    rc = gridclip_main(["eval", "--config", str(cfg_path), "--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    dataset = DetectionDataset(anns, transforms=eval_transforms())
+    model = load_checkpoint(ckpt)
+    model.set_vocabulary(dataset.category_names)
+    want = run_inference(model, dataset, batch_size=2)
+    assert want and len(results) == len(want)
+    for a, b in zip(results, want):
+        assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
+        assert np.allclose(a["bbox"], b["bbox"], atol=1e-4) and a["score"] == pytest.approx(b["score"], abs=1e-6)
+    assert metrics == pytest.approx(evaluate(gt_path, want, style="lvis").metrics, abs=1e-9)
+
+
+def test_eval_cli_checkpoint_needs_a_data_config(tmp_path, tiny_cfg, capsys):
+    ckpt = tmp_path / "model.pt"
+    _tiny_checkpoint(tiny_cfg, ckpt)
+    assert gridclip_main(["eval", "--checkpoint", str(ckpt)]) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+def test_voc_scored_in_coco_form_with_difficult_ignored(tmp_path):
+    from gridclip.data.datasets import load_voc, to_coco_dict
+    from gridclip.data.datasets import VOC_CLASSES
+    from test_datasets import make_voc
+
+    root = make_voc(tmp_path, {
+        "000005": [("dog", (1, 1, 20, 30), 0), ("person", (10, 5, 40, 40), 1)],
+        "000007": [("tvmonitor", (3, 4, 60, 44), 0), ("dog", (30, 2, 50, 20), 0)],
+    })
+    gt = to_coco_dict(load_voc(root, "test"))
+    exact = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+             for a in gt["annotations"] if not a["iscrowd"]]
+    on_difficult = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.95}
+                    for a in gt["annotations"] if a["iscrowd"]]
+    assert evaluate(gt, exact, style="coco").metrics["AP50"] == pytest.approx(1.0)
+    assert evaluate(gt, exact + on_difficult, style="coco").metrics["AP50"] == pytest.approx(1.0)
+    fp_dog = [{"image_id": 5, "category_id": VOC_CLASSES.index("dog") + 1, "bbox": [40.0, 30.0, 10.0, 10.0], "score": 0.99}]
+    assert evaluate(gt, exact + fp_dog, style="coco").metrics["AP50"] < 1.0

@@ -463,6 +463,14 @@ class DetectionDataset(Dataset):
         return image, target
 
 
+def voc_root_and_split(path: str | os.PathLike, split: str = "test") -> tuple[Path, str]:
+    """A VOC year folder (with ``split``), or its ``ImageSets/Main/<split>.txt`` -> (folder, split)."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        return path.parents[2], path.stem
+    return path, split
+
+
 def build_dataset(
     kind: str,
     ann_file: str | os.PathLike,
@@ -475,13 +483,14 @@ def build_dataset(
     drop_empty: bool = False,
 ) -> DetectionDataset:
     """One-call construction: ``kind`` is "coco" / "lvis" (``ann_file`` a JSON, images under
-    ``image_root``) or "voc" (``ann_file`` the VOC year folder, ``split`` the ImageSets/Main list)."""
+    ``image_root``) or "voc" (``ann_file`` the VOC year folder with ``split``, or the split's
+    ``ImageSets/Main/<split>.txt``)."""
     if kind == "coco":
         anns = load_coco_json(ann_file, image_root or Path(ann_file).parent, strict, check_images)
     elif kind == "lvis":
         anns = load_lvis_json(ann_file, image_root or Path(ann_file).parent, strict, check_images)
     elif kind == "voc":
-        anns = load_voc(ann_file, split, strict, check_images)
+        anns = load_voc(*voc_root_and_split(ann_file, split), strict=strict, check_images=check_images)
     else:
         raise ValueError(f"dataset kind: expected 'coco', 'lvis' or 'voc', got {kind!r}")
     return DetectionDataset(anns, transforms=transforms, drop_empty=drop_empty, strict=strict)

@@ -17,6 +17,9 @@ CLI::
 
     gridclip eval --gt GT.json --results DT.json [--out DIR] [--style lvis|coco] [--max-dets N]
     gridclip eval --checkpoint C [--config F] [--out DIR] [--batch-size B] [--device D] [--strict]
+
+The checkpoint path takes the data and eval settings from ``--config`` (or a config the trainer
+stored in the checkpoint's ``extra["config"]``) and writes DIR/results.json as well.
 """
 from __future__ import annotations
 
@@ -268,49 +271,59 @@ def write_outputs(out_dir: str | os.PathLike, evaluation: Evaluation, results: l
         atomic_write_json(out_dir / "results.json", results, indent=None)
 
 
-def _eval_dataset_from_config(cfg: Any, strict: bool):
-    """The evaluation dataset named by ``cfg.data`` (fields ``kind``, ``val_ann``, ``val_images``,
-    ``val_split`` for VOC), with the identity eval transform."""
+def build_eval_dataset(data_cfg: Any, strict: bool = False):
+    """The evaluation dataset of a ``DataConfig``: ``format`` lvis / coco (``val_json`` + ``val_images``)
+    or voc (``val_json`` the VOC year folder or its ``ImageSets/Main/<split>.txt``), identity eval
+    transform (the model's transform resizes)."""
     from gridclip.data.datasets import build_dataset
     from gridclip.data.transforms import eval_transforms
 
-    data = getattr(cfg, "data", None)
-    kind, ann = getattr(data, "kind", None), getattr(data, "val_ann", None)
-    if data is None or kind is None or ann is None:
-        raise ValueError("config: expected data.kind ('lvis'/'coco'/'voc') and data.val_ann for evaluation")
-    return build_dataset(kind, ann, getattr(data, "val_images", None), split=getattr(data, "val_split", "test"),
-                         transforms=eval_transforms(), strict=strict)
+    if not getattr(data_cfg, "val_json", None):
+        raise ValueError("config: data.val_json is required for evaluation")
+    return build_dataset(data_cfg.format, data_cfg.val_json, data_cfg.val_images, transforms=eval_transforms(),
+                         strict=strict or bool(getattr(data_cfg, "strict", False)))
+
+
+def _ground_truth_for(dataset_format: str, data_cfg: Any, dataset) -> str | dict:
+    """LVIS / COCO: the JSON itself (its ``area`` fields and federated lists are what the official
+    evaluators use). VOC: the records the dataset serves, in COCO form (difficult = ignore)."""
+    from gridclip.data.datasets import DetectionAnnotations, LoadReport, to_coco_dict
+
+    if dataset_format == "voc":
+        return to_coco_dict(DetectionAnnotations(dataset.source, dataset.categories, dataset.records, LoadReport(dataset.source)))
+    return str(data_cfg.val_json)
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dict]]:
-    try:
-        from gridclip.checkpoint import load_checkpoint
-    except ImportError:
-        raise ValueError("gridclip eval --checkpoint: gridclip.checkpoint.load_checkpoint is not available in this build") from None
-    from gridclip.data.datasets import to_coco_dict
+    from gridclip.checkpoint import checkpoint_extra, load_checkpoint
+    from gridclip.config import Config, config_from_dict, load_config
 
-    model, cfg = load_checkpoint(args.checkpoint)
     if args.config:
-        try:
-            from gridclip.config import load_config
-        except ImportError:
-            raise ValueError("gridclip eval --config: gridclip.config.load_config is not available in this build") from None
         cfg = load_config(args.config)
-    dataset = _eval_dataset_from_config(cfg, args.strict)
-    if hasattr(model, "set_vocabulary"):
-        # transfer / open-vocabulary evaluation: the eval dataset's names are the vocabulary
-        model.set_vocabulary(dataset.category_names)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    results = run_inference(model, dataset, batch_size=args.batch_size, device=device, progress=True)
-    data = cfg.data
-    if getattr(data, "kind", None) == "voc":
-        from gridclip.data.datasets import load_voc
-
-        gt: Any = to_coco_dict(load_voc(data.val_ann, getattr(data, "val_split", "test"), strict=args.strict))
+    elif isinstance(checkpoint_extra(args.checkpoint).get("config"), dict):
+        cfg = config_from_dict(checkpoint_extra(args.checkpoint)["config"], Config, f"{args.checkpoint}:extra.config")
     else:
-        gt = data.val_ann
-    return evaluate(gt, results, style=args.style, max_dets=args.max_dets), results
+        raise ValueError(f"{args.checkpoint}: holds no data config; give --config F naming data.val_json")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_checkpoint(args.checkpoint, device=device)
+    dataset = build_eval_dataset(cfg.data, strict=args.strict)
+    # Open-vocabulary / transfer evaluation: the vocabulary is the evaluation dataset's categories, by
+    # default their names; eval.vocabulary (built-in name or file) gives better prompt names in the
+    # same order (e.g. VOC's "diningtable" -> "dining table").
+    model.set_vocabulary(cfg.eval.vocabulary or dataset.category_names)
+    if model.num_classes != len(dataset.category_ids):
+        raise ValueError(
+            f"eval.vocabulary has {model.num_classes} names but the dataset {cfg.data.val_json} has "
+            f"{len(dataset.category_ids)} categories"
+        )
+    if cfg.eval.nms_thresh is not None:
+        model.nms_thresh = float(cfg.eval.nms_thresh)  # paper: 0.6 for COCO / VOC transfer
+    results = run_inference(model, dataset, batch_size=args.batch_size or cfg.eval.batch_size, device=device,
+                            progress=True)
+    style = args.style or ("lvis" if cfg.data.format == "lvis" else "coco")
+    max_dets = args.max_dets or (cfg.eval.max_dets if style == "lvis" else None)
+    gt = _ground_truth_for(cfg.data.format, cfg.data, dataset)
+    return evaluate(gt, results, style=style, max_dets=max_dets), results
 
 
 def cli(argv: Sequence[str]) -> int:
@@ -323,7 +336,7 @@ def cli(argv: Sequence[str]) -> int:
     p.add_argument("--out", help="output folder for metrics.json, per_category_ap.json (and results.json)")
     p.add_argument("--style", choices=("lvis", "coco"), help="default: lvis if categories carry 'frequency'")
     p.add_argument("--max-dets", type=int, help="detections per image (LVIS: 300) or per image and class (COCO: 100)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, help="default: the config's eval.batch_size")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--strict", action="store_true", help="bad annotations raise instead of being skipped")
     args = p.parse_args(list(argv))
