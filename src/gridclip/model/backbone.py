@@ -81,7 +81,7 @@ class GridAttentionPool(nn.Module):
         if caching:
             if len(self._pos_cache) > 32:
                 self._pos_cache.clear()
-            self._pos_cache[key] = out.detach()
+            out = self._pos_cache[key] = out.detach()
         return out
 
     def _positional(self, B: int, H: int, W: int, cells: list[tuple[int, int]] | None) -> Tensor:

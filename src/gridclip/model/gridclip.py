@@ -27,7 +27,7 @@ from gridclip.clip.loader import load_clip, model_config
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import GridCLIPConfig
 from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, valid_cells
-from gridclip.model.head import CLIPClassificationHead
+from gridclip.model.head import CLIPClassificationHead, use_masked_group_norms
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -89,7 +89,10 @@ class GridCLIPBackbone(nn.Module):
         if cells is not None:
             z_adapted = self._mask(z_adapted, image_sizes, stride)
         levels = OrderedDict([("c3", c3), ("c4", c4), ("c5", torch.cat([z_adapted, c5], dim=1))])
-        return list(self.fpn(levels).values()), z_global
+        pyramid = list(self.fpn(levels).values())
+        if cells is not None:
+            pyramid = [self._mask(p, image_sizes, x.shape[-1] // p.shape[-1]) for p in pyramid]
+        return pyramid, z_global
 
     @staticmethod
     def _mask(f: Tensor, image_sizes, stride: int) -> Tensor:
@@ -141,6 +144,7 @@ class GridCLIP(FCOS):
             from open_clip.utils import freeze_batch_norm_2d
 
             freeze_batch_norm_2d(self.backbone.trunk)
+        self._masked_norms = use_masked_group_norms(self.head)
         self.projector = None
         if cfg.image_align:
             teacher_dim = cfg.teacher_dim or model_config(cfg.teacher_model)["embed_dim"]
@@ -214,6 +218,7 @@ class GridCLIP(FCOS):
         features, z_global = self.backbone(image_list.tensors, image_list.image_sizes)
         anchors = self.anchor_generator(image_list, features)
         num_per_level = [f.shape[2] * f.shape[3] for f in features]
+        self.set_head_padding(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]))
 
         if self.training:
             head_outputs = self.head(features)
@@ -230,6 +235,11 @@ class GridCLIP(FCOS):
 
         detections = self._detect(features, anchors, num_per_level, image_list.image_sizes)
         return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+    def set_head_padding(self, image_sizes: list[tuple[int, int]], padded_hw: tuple[int, int]) -> None:
+        """Tell the head's group norms which cells of the padded batch are real (see MaskedGroupNorm)."""
+        for norm in self._masked_norms:
+            norm.padding = (image_sizes, padded_hw)
 
     def image_alignment_loss(self, z_global: Tensor, targets: list[dict[str, Tensor]]) -> Tensor:
         """L1 between the projected z-bar and the teacher's embedding, both L2-normalised (Sec. 3.4)."""

@@ -77,3 +77,53 @@ class CLIPClassificationHead(nn.Module):
         if self.num_classes == 0:
             raise ValueError("no vocabulary set: call model.set_vocabulary(names) first")
         return self.logits(self.embeddings(x))
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics cover only the real (unpadded) cells of each image.
+
+    torchvision's FCOS head normalises over the whole padded feature map, so an image's detections depend
+    on what it is batched with. Before the head runs, the model sets ``padding`` to ``(image_sizes,
+    padded_hw)``; the level's stride follows from the feature size. Padded cells come out as zero, as
+    convolution padding would see them. With no padding this is exactly ``nn.GroupNorm``.
+    """
+
+    padding: tuple | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        cells = self._cells(x)
+        if cells is None:
+            return super().forward(x)
+        from gridclip.model.backbone import cells_mask
+
+        B, C, H, W = x.shape
+        G = self.num_groups
+        mask = cells_mask(cells, (H, W), x.device).to(x.dtype)[:, None, None]  # [B, 1, 1, H, W]
+        xg = x.view(B, G, C // G, H, W)
+        count = mask.sum(dim=(2, 3, 4), keepdim=True) * (C // G)
+        mean = (xg * mask).sum(dim=(2, 3, 4), keepdim=True) / count
+        var = (((xg - mean) * mask) ** 2).sum(dim=(2, 3, 4), keepdim=True) / count
+        y = ((xg - mean) / torch.sqrt(var + self.eps)).view(B, C, H, W)
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y * mask.view(B, 1, H, W)
+
+    def _cells(self, x: Tensor):
+        if self.padding is None:
+            return None
+        from gridclip.model.backbone import valid_cells
+
+        image_sizes, (_, padded_w) = self.padding
+        return valid_cells(image_sizes, tuple(x.shape[-2:]), padded_w // x.shape[-1])
+
+
+def use_masked_group_norms(module: nn.Module) -> list[MaskedGroupNorm]:
+    """Turn every ``nn.GroupNorm`` below ``module`` into a :class:`MaskedGroupNorm` (same parameters)."""
+    converted = []
+    for m in module.modules():
+        if type(m) is nn.GroupNorm:
+            m.__class__ = MaskedGroupNorm
+            converted.append(m)
+        elif isinstance(m, MaskedGroupNorm):
+            converted.append(m)
+    return converted
