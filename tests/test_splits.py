@@ -95,3 +95,22 @@ def test_split_from_list_file_names_or_ids(tmp_path):
     everything.write_text("\n".join(c.name for c in cats))
     with pytest.raises(ValueError, match="no base categories"):
         split_from_file(everything, cats, kind="novel")
+
+
+def test_build_train_dataset_from_config_applies_split(tmp_path):
+    from gridclip.config import DataConfig
+    from gridclip.data.datasets import build_train_dataset
+
+    gt, root = make_lvis(tmp_path, n_images=8, seed=4)
+    data, freq = _all_annotations_by_frequency(gt)
+    cfg = DataConfig(format="lvis", train_json=str(gt), train_images=str(root), train_min_sizes=(48,), train_max_size=80)
+    ds = build_train_dataset(cfg)
+    assert ds.category_ids == sorted(c for c, f in freq.items() if f != "r")
+    image, target = ds[0]
+    assert image.dtype == torch.float32 and max(image.shape[-2:]) <= 80
+    novel_file = tmp_path / "novel.txt"
+    novel_file.write_text("apple\n")
+    ds = build_train_dataset(DataConfig(format="lvis", train_json=str(gt), train_images=str(root), novel_list=str(novel_file)))
+    assert ds.category_ids == sorted(c for c in freq if c != 3)
+    with pytest.raises(ValueError, match="not both"):
+        build_train_dataset(DataConfig(format="lvis", train_json=str(gt), novel_list=str(novel_file), base_list=str(novel_file)))

@@ -494,3 +494,37 @@ def build_dataset(
     else:
         raise ValueError(f"dataset kind: expected 'coco', 'lvis' or 'voc', got {kind!r}")
     return DetectionDataset(anns, transforms=transforms, drop_empty=drop_empty, strict=strict)
+
+
+def build_train_dataset(data_cfg: Any, strict: bool = False) -> DetectionDataset:
+    """The training dataset of a ``gridclip.config.DataConfig``: read ``train_json`` / ``train_images``
+    (``format`` lvis / coco / voc), apply the open-vocabulary split (``novel_list`` or ``base_list``
+    file if given, else LVIS frequency when every category has one, else no split), and the training
+    transforms (``train_min_sizes``, ``train_max_size``, ``random_crop``, ``hflip_prob``).
+    ``dataset.category_names`` is then the training vocabulary (base categories only)."""
+    from gridclip.data.splits import apply_split, split_by_frequency, split_from_file
+    from gridclip.data.transforms import train_transforms
+
+    if not getattr(data_cfg, "train_json", None):
+        raise ValueError("config: data.train_json is required for training")
+    strict = strict or bool(getattr(data_cfg, "strict", False))
+    fmt = data_cfg.format
+    if fmt in ("lvis", "coco"):
+        root = data_cfg.train_images or Path(data_cfg.train_json).parent
+        anns = (load_lvis_json if fmt == "lvis" else load_coco_json)(data_cfg.train_json, root, strict=strict)
+    elif fmt == "voc":
+        anns = load_voc(*voc_root_and_split(data_cfg.train_json, "trainval"), strict=strict)
+    else:
+        raise ValueError(f"data.format: expected 'lvis', 'coco' or 'voc', got {fmt!r}")
+    if data_cfg.novel_list and data_cfg.base_list:
+        raise ValueError("config: give data.novel_list or data.base_list, not both")
+    if data_cfg.novel_list or data_cfg.base_list:
+        kind = "novel" if data_cfg.novel_list else "base"
+        anns = apply_split(anns, split_from_file(data_cfg.novel_list or data_cfg.base_list, anns.categories, kind))
+    elif all(c.frequency in ("f", "c", "r") for c in anns.categories):
+        anns = apply_split(anns, split_by_frequency(anns.categories))
+    transforms = train_transforms(
+        scales=data_cfg.train_min_sizes, max_size=data_cfg.train_max_size,
+        crop_prob=0.5 if data_cfg.random_crop else 0.0, flip_prob=data_cfg.hflip_prob,
+    )
+    return DetectionDataset(anns, transforms=transforms, strict=strict)
