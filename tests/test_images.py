@@ -330,6 +330,8 @@ def test_float_and_uint8_tensors():
     (torch.full((3, 2, 2), float("nan")), "NaN"),
     (torch.zeros(5, 2, 2), "channels"),
     (torch.zeros(1, 3, 2, 2), "dimensions"),
+    (np.zeros((1, 2, 2, 3), np.uint8), "dimensions"),
+    (np.zeros((2, 2, 5), np.uint8), "channels"),
     (torch.zeros(3, 2, 2, dtype=torch.int64), "dtype"),
     (np.zeros((2, 2, 3), dtype=object), "unsupported"),
     ("", "empty path"),
@@ -339,3 +341,14 @@ def test_bad_in_memory_inputs(bad, match):
     with pytest.raises(ImageLoadError, match=match) as e:
         load_image(bad)
     assert "\n" not in str(e.value)
+
+
+def test_results_are_writable_copies_without_warnings(tmp_path, recwarn):
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(tmp_path / "dot.png")
+    readonly = np.zeros((2, 3), np.uint8)
+    readonly.flags.writeable = False
+    for src in (tmp_path / "dot.png", readonly, readonly[None].repeat(3, 0).transpose(1, 2, 0)):
+        out = load_image(src)
+        out += 1  # writable, and not aliasing the source
+    assert not readonly.any()
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
