@@ -24,6 +24,7 @@ stored in the checkpoint's ``extra["config"]``) and writes DIR/results.json as w
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -142,7 +143,9 @@ def evaluate(
     if style == "lvis":
         dets = limit_detections_per_image(dets, max_dets)
 
-    coco_gt = COCO(gt_dict, use_deepcopy=True)
+    # evaluation writes into the annotation dicts: work on a copy of a caller's dict; a file we
+    # parsed ourselves and the checked detections are ours already (no deep copies of 10^6 dets)
+    coco_gt = COCO(copy.deepcopy(gt_dict) if gt_dict is gt else gt_dict, use_deepcopy=False)
     coco_dt = coco_gt.loadRes(dets)
     ev = COCOeval_faster(coco_gt, coco_dt, "bbox", lvis_style=(style == "lvis"), print_function=logger.debug)
     ev.params.maxDets = [max_dets] if style == "lvis" else sorted({1, 10, max_dets})
