@@ -197,6 +197,7 @@ def test_image_size_mismatch_is_an_error(tmp_path):
     write_image(anns.images[0].path, anns.images[0].width + 3, anns.images[0].height, seed=5)
     with pytest.raises(ValueError, match="decoded size"):
         DetectionDataset(anns, strict=True)[0]
+    assert DetectionDataset(anns)[0][1]["image_id"] == anns.images[1].image_id  # logged, next image served
 
 
 def test_bad_files_raise_clear_errors(tmp_path):
