@@ -287,7 +287,7 @@ def build_eval_dataset(data_cfg: Any, strict: bool = False):
                          strict=strict or bool(getattr(data_cfg, "strict", False)))
 
 
-def _ground_truth_for(dataset_format: str, data_cfg: Any, dataset) -> str | dict:
+def ground_truth_for(dataset_format: str, data_cfg: Any, dataset) -> str | dict:
     """LVIS / COCO: the JSON itself (its ``area`` fields and federated lists are what the official
     evaluators use). VOC: the records the dataset serves, in COCO form (difficult = ignore)."""
     from gridclip.data.datasets import DetectionAnnotations, LoadReport, to_coco_dict
@@ -295,6 +295,9 @@ def _ground_truth_for(dataset_format: str, data_cfg: Any, dataset) -> str | dict
     if dataset_format == "voc":
         return to_coco_dict(DetectionAnnotations(dataset.source, dataset.categories, dataset.records, LoadReport(dataset.source)))
     return str(data_cfg.val_json)
+
+
+_ground_truth_for = ground_truth_for  # earlier private name, used by engine.train
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dict]]:
@@ -325,7 +328,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dic
                             progress=True)
     style = args.style or ("lvis" if cfg.data.format == "lvis" else "coco")
     max_dets = args.max_dets or (cfg.eval.max_dets if style == "lvis" else None)
-    gt = _ground_truth_for(cfg.data.format, cfg.data, dataset)
+    gt = ground_truth_for(cfg.data.format, cfg.data, dataset)
     return evaluate(gt, results, style=style, max_dets=max_dets), results
 
 
