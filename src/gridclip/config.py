@@ -105,6 +105,7 @@ class TrainConfig:
     eval_every_epochs: int = 0
     teacher_cache: str | None = None
     aspect_ratio_grouping: bool = True
+    device: str = "auto"  # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
 
 
 @dataclass

@@ -1,0 +1,575 @@
+"""Training loop: ``gridclip train --config F [--out DIR] [--resume] [--max-iters N] [key=value ...]``.
+
+Everything comes from the config: the detector (``gridclip.model.build_model``), the training set
+with the open-vocabulary split (training vocabulary = base categories; labels index the base list),
+the teacher (run on each augmented batch, or read from a ``gridclip cache-teacher`` file).
+
+Schedule (paper: FCOS 2x on LVIS): ``train.epochs`` epochs of ``train.batch_size`` images per step
+(global, over all processes and accumulation steps), linear warmup over ``warmup_iters`` from
+``warmup_factor``, LR x ``lr_gamma`` at each fraction in ``lr_steps`` of the schedule, gradient-norm
+clipping at ``grad_clip``. SGD (momentum) or AdamW. CLIP-initialised parameters (trunk + attnpool,
+``model.clip_parameter_names()``) get ``lr * backbone_lr_mult``. No weight decay on biases, norm
+weights and the head's logit scale / bias (every parameter with at most one dimension): decaying them
+only pulls the cosine temperature and the focal prior towards zero.
+
+Multi-scale training: the model's own transform draws the short side from ``data.train_min_sizes``
+(long side <= ``data.train_max_size``), as torchvision's detection references do; the dataset side
+only crops and flips, so each image is interpolated once.
+
+Determinism and faults: see ``gridclip.engine.distributed`` (sample order and augmentation seeds are
+functions of seed, epoch and position) and ``gridclip.engine.state`` (atomic training checkpoints
+with RNG states). On CPU, a run killed at any point and resumed from its last checkpoint ends with
+bit-identical weights to an uninterrupted run. A non-finite loss or gradient stops training with
+:class:`NonFiniteError` naming the iteration; checkpoints are only written from finite weights.
+
+Outputs in ``OUT``: ``config.yaml``, ``checkpoints/iter_*.pt`` (training state, last
+``keep_checkpoints``), ``tensorboard/`` (losses, lr, AP), ``model.pt`` (final model checkpoint for
+``gridclip eval`` / ``detect``, vocabulary = base categories).
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from gridclip.config import Config, config_to_dict, load_config, save_config
+from gridclip.engine import state as train_state
+from gridclip.engine.distributed import (DistInfo, TrainBatchSampler, all_gather_object, any_rank, barrier,
+                                         cleanup_distributed, init_distributed, repeat_factors)
+
+logger = logging.getLogger("gridclip.train")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN / inf (loss, gradient or weights); the message names the iteration."""
+
+
+# ----------------------------------------------------------------------------------------------- data
+def load_train_annotations(cfg: Config):
+    """The training annotations of ``cfg.data`` after the open-vocabulary split.
+
+    Split: ``data.base_list`` or ``data.novel_list`` (one name or id per line) if given; else LVIS
+    frequency tags (base = f + c, novel = r) for ``format: lvis``; else every category is base.
+    """
+    from gridclip.data import datasets, splits
+
+    d = cfg.data
+    if not d.train_json:
+        raise ValueError("config: data.train_json is required for training (annotation JSON, or the VOC year folder)")
+    if d.format in ("lvis", "coco"):
+        root = d.train_images or Path(d.train_json).parent
+        load = datasets.load_lvis_json if d.format == "lvis" else datasets.load_coco_json
+        anns = load(d.train_json, root, strict=d.strict)
+    elif d.format == "voc":
+        anns = datasets.load_voc(d.train_json, "trainval", strict=d.strict)
+    else:
+        raise ValueError(f"data.format: expected lvis, coco or voc, got {d.format!r}")
+    if d.base_list and d.novel_list:
+        raise ValueError("config: give data.base_list or data.novel_list, not both")
+    if d.base_list:
+        split = splits.split_from_file(d.base_list, anns.categories, kind="base")
+    elif d.novel_list:
+        split = splits.split_from_file(d.novel_list, anns.categories, kind="novel")
+    elif d.format == "lvis":
+        split = splits.split_by_frequency(anns.categories)
+    else:
+        split = None
+    return splits.apply_split(anns, split) if split is not None else anns
+
+
+def build_train_dataset(cfg: Config):
+    """``DetectionDataset`` of base-category training samples with crop / flip augmentation."""
+    from gridclip.data.datasets import DetectionDataset
+    from gridclip.data.transforms import train_transforms
+
+    d = cfg.data
+    transforms = train_transforms(scales=None, max_size=None, crop_prob=0.5 if d.random_crop else 0.0,
+                                  flip_prob=d.hflip_prob)
+    return DetectionDataset(load_train_annotations(cfg), transforms=transforms, strict=d.strict)
+
+
+class SeededSamples(Dataset):
+    """``dataset[(index, seed)]``: sample ``index`` with its augmentation drawn from ``seed`` alone, so
+    it does not depend on the worker, the process or what was loaded before (resume, DDP)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class _MicroBatches:
+    def __init__(self, sampler: TrainBatchSampler, start: int, total: int):
+        self.sampler, self.start, self.total = sampler, start, total
+
+    def __iter__(self):
+        return self.sampler.micro_batches(self.start, self.total)
+
+    def __len__(self) -> int:
+        return (self.total - self.start) * self.sampler.accumulate
+
+
+def aspect_groups(dataset) -> list[int]:
+    """0 for landscape / square images, 1 for portrait (from the annotation sizes, no decoding)."""
+    return [int(r.height > r.width) for r in dataset.records]
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float) -> list[dict]:
+    """Four groups: {CLIP-initialised, new} x {decay, no decay}. No decay on parameters with <= 1 dim
+    (biases, GroupNorm weights, the logit scale and bias)."""
+    clip = model.clip_parameter_names() if hasattr(model, "clip_parameter_names") else set()
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name in clip, p.ndim <= 1), []).append(p)
+    out = []
+    for (is_clip, no_decay), params in sorted(groups.items()):
+        out.append({"params": params, "lr": lr * (backbone_lr_mult if is_clip else 1.0),
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                    "name": f"{'clip' if is_clip else 'new'}{'_no_decay' if no_decay else ''}"})
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = param_groups(model, t.lr, t.weight_decay, t.backbone_lr_mult)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    raise ValueError(f"train.optimizer: expected sgd or adamw, got {t.optimizer!r}")
+
+
+@dataclass
+class WarmupMultiStep:
+    """LR factor at iteration ``it``: linear warmup from ``warmup_factor`` to 1 over ``warmup_iters``,
+    times ``gamma`` per milestone passed (milestones in iterations)."""
+
+    warmup_iters: int
+    warmup_factor: float
+    milestones: tuple[int, ...]
+    gamma: float
+
+    def __call__(self, it: int) -> float:
+        factor = self.gamma ** bisect.bisect_right(self.milestones, it)
+        if it < self.warmup_iters:
+            alpha = it / self.warmup_iters
+            factor *= self.warmup_factor * (1 - alpha) + alpha
+        return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_iters: int):
+    t = cfg.train
+    if any(not 0 < f <= 1 for f in t.lr_steps):
+        raise ValueError(f"train.lr_steps: expected fractions of the schedule in (0, 1], got {list(t.lr_steps)}")
+    milestones = tuple(sorted(round(f * total_iters) for f in t.lr_steps))
+    schedule = WarmupMultiStep(t.warmup_iters, t.warmup_factor, milestones, t.lr_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+# ------------------------------------------------------------------------------------------- trainer
+def _check_train_config(cfg: Config) -> None:
+    t = cfg.train
+    if t.amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"train.amp: expected none, bf16 or fp16, got {t.amp!r}")
+    for name in ("epochs", "batch_size", "accumulate", "checkpoint_every", "keep_checkpoints", "log_every"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name}: expected a positive integer, got {getattr(t, name)}")
+    if t.max_iters is not None and t.max_iters < 1:
+        raise ValueError(f"train.max_iters: expected a positive integer, got {t.max_iters}")
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        raise ValueError(f"train.grad_clip: expected a positive norm or null, got {t.grad_clip}")
+
+
+class Trainer:
+    """One training run. ``Trainer(cfg, out_dir, ...).run() -> summary dict``; :func:`train` wraps it.
+
+    ``step_callback(trainer, iteration)`` (optional) is called on every rank after the backward pass of
+    step ``iteration`` (1-based), once gradients are accumulated and all-reduced, before clipping and
+    the optimizer step: for tests and instrumentation (``trainer.model`` is the unwrapped model).
+    """
+
+    def __init__(self, cfg: Config, out_dir: str | os.PathLike | None = None, *, resume: bool = False,
+                 max_iters: int | None = None, progress: bool = True,
+                 step_callback: Callable[["Trainer", int], None] | None = None):
+        _check_train_config(cfg)
+        self.cfg = cfg
+        self.out_dir = Path(out_dir or cfg.out_dir)
+        self.resume = resume
+        self.max_iters = max_iters if max_iters is not None else cfg.train.max_iters
+        if self.max_iters is not None and self.max_iters < 1:
+            raise ValueError(f"--max-iters: expected a positive number of iterations, got {self.max_iters}")
+        self.progress = progress
+        self.step_callback = step_callback
+        self.dist = DistInfo()
+        self.iteration = 0
+        self.last_checkpoint: Path | None = None
+        self._owns_process_group = False
+
+    # ----------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        from torch.distributed import is_initialized
+
+        cfg, t = self.cfg, self.cfg.train
+        had_group = is_initialized()
+        self.dist = init_distributed(t.device)
+        self._owns_process_group = self.dist.distributed and not had_group
+        dev = self.dist.device
+        if t.amp != "none" and dev.type != "cuda":
+            raise ValueError(f"train.amp={t.amp} needs CUDA (this run is on {dev.type}); use train.amp=none")
+
+        existing = train_state.list_checkpoints(self.out_dir)
+        if existing and not self.resume:
+            raise ValueError(f"{self.out_dir} already holds training checkpoints (last: {existing[-1][1].name}); "
+                             "pass --resume to continue that run or choose another --out")
+
+        _seed_everything(t.seed)  # same initial weights on every rank
+        self.dataset = build_train_dataset(cfg)
+        from gridclip.model import build_model
+
+        model = build_model(cfg)
+        model.set_vocabulary(self.dataset.category_names)
+        self.vocabulary = model.vocabulary
+        # multi-scale training through the model's transform (see module docstring)
+        model.transform.min_size = tuple(int(s) for s in cfg.data.train_min_sizes)
+        model.transform.max_size = int(cfg.data.train_max_size)
+        self.model = model.to(dev).train()
+        self.teacher = None
+        self.teacher_cache = None
+        if model.projector is not None:
+            from gridclip.engine import teacher_cache
+
+            if t.teacher_cache:
+                self.teacher_cache = teacher_cache.TeacherCache.load(t.teacher_cache, cfg)
+            else:
+                self.teacher = teacher_cache.build_teacher(cfg).to(dev)
+
+        repeat = None
+        if cfg.data.repeat_factor_threshold is not None:
+            repeat = repeat_factors([r.category_ids[~r.ignore] for r in self.dataset.records],
+                                    cfg.data.repeat_factor_threshold)
+        self.sampler = TrainBatchSampler(aspect_groups(self.dataset), t.batch_size, seed=t.seed, repeat=repeat,
+                                         grouping=t.aspect_ratio_grouping, rank=self.dist.rank,
+                                         world_size=self.dist.world_size, accumulate=t.accumulate)
+        self.iters_per_epoch = self.sampler.iters_per_epoch
+        self.total_iters = self.max_iters or t.epochs * self.iters_per_epoch
+
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_iters)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=t.amp == "fp16")
+        self.ddp_model: nn.Module = self.model
+        if self.dist.distributed:
+            # broadcast_buffers off: the only buffers (frozen BN statistics, the vocabulary) never change
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+
+        rng_state = None
+        if self.resume:
+            rng_state = self._load_state()
+        if self.dist.is_main:
+            save_config(cfg, self.out_dir / "config.yaml")
+        # every rank continues from its own RNG stream (the checkpoint's, or seed + rank)
+        if rng_state is not None:
+            train_state.restore_rng_state(rng_state)
+        else:
+            _seed_everything(t.seed + self.dist.rank)
+
+    def _load_state(self) -> dict | None:
+        found = train_state.latest_training_state(self.out_dir)
+        if found is None:
+            logger.info("--resume: no training checkpoint in %s, starting from scratch", self.out_dir)
+            return None
+        data, path = found
+        saved = data.get("config", {})
+        if saved.get("model") != config_to_dict(self.cfg.model):
+            raise ValueError(f"{path}: its model config differs from the current config's; resume with the same "
+                             "model settings (or start a new run in another --out)")
+        diffs = _diff(saved.get("train", {}), config_to_dict(self.cfg.train), "train") + \
+            _diff(saved.get("data", {}), config_to_dict(self.cfg.data), "data")
+        if diffs:
+            logger.warning("resuming %s with changed settings: %s", path, ", ".join(diffs))
+        self.model.load_state_dict(data["model"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.scheduler.load_state_dict(data["scheduler"])
+        self.scaler.load_state_dict(data["scaler"])
+        self.iteration = int(data["iteration"])
+        self.last_checkpoint = path
+        logger.info("resumed from %s (iteration %d)", path, self.iteration)
+        states = data.get("rng", [])
+        if len(states) == self.dist.world_size:
+            return states[self.dist.rank]
+        logger.warning("%s was written by %d processes, this run has %d: RNG streams restart from the seed",
+                       path, len(states), self.dist.world_size)
+        return None
+
+    # ------------------------------------------------------------------------------------------- loop
+    def run(self) -> dict[str, Any]:
+        try:
+            self.setup()
+            return self._loop()
+        finally:
+            if self._owns_process_group:
+                cleanup_distributed()
+
+    def _loop(self) -> dict[str, Any]:
+        cfg, t, dev = self.cfg, self.cfg.train, self.dist.device
+        start = self.iteration
+        loader = DataLoader(
+            SeededSamples(self.dataset), batch_sampler=_MicroBatches(self.sampler, start, self.total_iters),
+            num_workers=cfg.data.num_workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
+            generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
+        )
+        batches = iter(loader)
+        writer = _summary_writer(self.out_dir / "tensorboard", start) if self.dist.is_main else None
+        bar = None
+        if self.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
+        window: dict[str, list[float]] = {}
+        timer_start, timed_iters = None, 0
+        last_losses: dict[str, float] = {}
+        try:
+            for it in range(start, self.total_iters):
+                step = it + 1
+                if step == start + 2:  # images/s from the second step on (the first pays warm-up costs)
+                    timer_start = time.perf_counter()
+                self.optimizer.zero_grad(set_to_none=True)
+                step_losses: dict[str, float] = {}
+                for a in range(t.accumulate):
+                    images, targets = next(batches)
+                    images, targets = self._to_device(images, targets)
+                    sync = a == t.accumulate - 1 or not self.dist.distributed
+                    with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+                        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                            losses = self.ddp_model(images, targets)
+                        total = sum(losses.values())
+                        values = self._reduce_losses(losses)
+                        if not all(math.isfinite(v) for v in values.values()):
+                            raise NonFiniteError(self._non_finite_message(step, "loss", values))
+                        self.scaler.scale(total / t.accumulate).backward()
+                    for k, v in values.items():
+                        step_losses[k] = step_losses.get(k, 0.0) + v / t.accumulate
+                if self.step_callback is not None:
+                    self.step_callback(self, step)
+                self.scaler.unscale_(self.optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip else float("inf"))
+                if not torch.isfinite(norm) and not self.scaler.is_enabled():
+                    raise NonFiniteError(self._non_finite_message(step, "gradient norm", {"grad_norm": float(norm)}))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.iteration = step
+                if timer_start is not None:
+                    timed_iters += 1
+
+                step_losses["loss"] = sum(step_losses.values())
+                last_losses = step_losses
+                for k, v in step_losses.items():
+                    window.setdefault(k, []).append(v)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{np.mean(v[-t.log_every:]):.3f}" for k, v in window.items()}, refresh=False)
+                if step % t.log_every == 0 or step == self.total_iters:
+                    self._log(writer, step, window, float(norm))
+                    window = {}
+                if t.eval_every_epochs and step % (t.eval_every_epochs * self.iters_per_epoch) == 0:
+                    self._evaluate(writer, step)
+                if step % t.checkpoint_every == 0 or step == self.total_iters:
+                    self._save_state(step)
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+            del batches
+        elapsed = time.perf_counter() - timer_start if timer_start is not None else 0.0
+        images_per_s = timed_iters * t.batch_size / elapsed if elapsed > 0 else float("nan")
+
+        model_path = self.out_dir / "model.pt"
+        if self.dist.is_main:
+            from gridclip.checkpoint import save_checkpoint
+
+            save_checkpoint(model_path, self.model, extra={"config": config_to_dict(cfg), "iteration": self.iteration,
+                                                           "vocabulary": "base categories of the training set"})
+        barrier(self.dist)
+        return {"out_dir": str(self.out_dir), "iterations": self.iteration, "total_iters": self.total_iters,
+                "iters_per_epoch": self.iters_per_epoch, "model": str(model_path),
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "losses": last_losses, "images_per_second": images_per_s}
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def _to_device(self, images: list[Tensor], targets: list[dict]) -> tuple[list[Tensor], list[dict]]:
+        dev = self.dist.device
+        images = [im.to(dev, non_blocking=True) for im in images]
+        targets = [{k: (v.to(dev, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in tg.items()}
+                   for tg in targets]
+        if self.teacher is not None:
+            embeddings = self.teacher(images)
+            for tg, e in zip(targets, embeddings):
+                tg["teacher_embedding"] = e
+        elif self.teacher_cache is not None:
+            embeddings = self.teacher_cache.lookup([int(tg["image_id"]) for tg in targets]).to(dev)
+            for tg, e in zip(targets, embeddings):
+                tg["teacher_embedding"] = e
+        return images, targets
+
+    def _reduce_losses(self, losses: dict[str, Tensor]) -> dict[str, float]:
+        """Mean of each loss over ranks (one small all-reduce; NaN on any rank reaches every rank)."""
+        keys = sorted(losses)
+        vec = torch.stack([losses[k].detach().float() for k in keys])
+        if self.dist.distributed:
+            torch.distributed.all_reduce(vec)
+            vec = vec / self.dist.world_size
+        return dict(zip(keys, vec.tolist()))
+
+    def _non_finite_message(self, step: int, what: str, values: dict[str, float]) -> str:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        last = self.last_checkpoint or "none written yet"
+        return (f"non-finite {what} at iteration {step} ({shown}); training stopped. Last good checkpoint: {last} "
+                "(continue with --resume, e.g. with a lower train.lr or train.grad_clip)")
+
+    def _save_state(self, step: int) -> None:
+        bad = train_state.first_non_finite(self.model)
+        if any_rank(bad is not None, self.dist):
+            raise NonFiniteError(
+                f"non-finite weights ({bad or 'on another rank'}) at iteration {step}; not writing a checkpoint. "
+                f"Last good checkpoint: {self.last_checkpoint or 'none written yet'}")
+        rng = all_gather_object(train_state.capture_rng_state(), self.dist)
+        path = train_state.checkpoint_path(self.out_dir, step)
+        if self.dist.is_main:
+            payload = {
+                "epoch": (step - 1) // self.iters_per_epoch, "iters_per_epoch": self.iters_per_epoch,
+                "total_iters": self.total_iters, "world_size": self.dist.world_size,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": rng, "config": config_to_dict(self.cfg),
+            }
+            path = train_state.save_training_state(self.out_dir, step, payload, self.cfg.train.keep_checkpoints)
+        barrier(self.dist)
+        self.last_checkpoint = path
+
+    def _log(self, writer, step: int, window: dict[str, list[float]], grad_norm: float) -> None:
+        means = {k: float(np.mean(v)) for k, v in window.items()}
+        lr = self.optimizer.param_groups[-1]["lr"]
+        if self.dist.is_main:
+            logger.info("iter %d/%d  lr %.3g  %s", step, self.total_iters, lr,
+                        "  ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        if writer is not None:
+            for k, v in means.items():
+                writer.add_scalar(f"train/{k}", v, step)
+            for g in self.optimizer.param_groups:
+                writer.add_scalar(f"lr/{g.get('name', 'group')}", g["lr"], step)
+            writer.add_scalar("train/grad_norm", grad_norm, step)
+
+    def _evaluate(self, writer, step: int) -> None:
+        """AP on ``data.val_json`` with the full vocabulary (every rank takes part; rank 0 logs)."""
+        from gridclip.engine import evaluate as ev
+
+        cfg, model = self.cfg, self.model
+        train_sizes = (model.transform.min_size, model.transform.max_size)
+        dataset = ev.build_eval_dataset(cfg.data)
+        with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
+            try:
+                model.transform.min_size, model.transform.max_size = (cfg.model.min_size,), cfg.model.max_size
+                model.set_vocabulary(cfg.eval.vocabulary or dataset.category_names)
+                results = ev.run_inference(model, dataset, batch_size=cfg.eval.batch_size, device=self.dist.device)
+            finally:
+                model.set_vocabulary(self.vocabulary)
+                model.transform.min_size, model.transform.max_size = train_sizes
+                model.train()
+        if self.dist.is_main:
+            style = "lvis" if cfg.data.format == "lvis" else "coco"
+            gt = ev._ground_truth_for(cfg.data.format, cfg.data, dataset)
+            metrics = ev.evaluate(gt, results, style=style,
+                                  max_dets=cfg.eval.max_dets if style == "lvis" else None).metrics
+            logger.info("iter %d eval: %s", step, "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
+            if writer is not None:
+                for k, v in metrics.items():
+                    writer.add_scalar(f"eval/{k}", v, step)
+
+
+def _collate(batch):
+    from gridclip.data.collate import collate_detection
+
+    return collate_detection(batch)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _diff(old: dict, new: dict, prefix: str) -> list[str]:
+    return [f"{prefix}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _summary_writer(path: Path, purge_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # pragma: no cover - tensorboard is a dependency, but keep training without it
+        logger.warning("tensorboard is not installed: no TensorBoard logs")
+        return None
+    return SummaryWriter(str(path), purge_step=purge_step or None)
+
+
+def train(cfg: Config, out_dir: str | os.PathLike | None = None, resume: bool = False, max_iters: int | None = None,
+          *, progress: bool = True, step_callback: Callable[[Trainer, int], None] | None = None) -> dict[str, Any]:
+    """Train GridCLIP as ``cfg`` says; returns a summary (iterations, paths, last losses, images/s).
+
+    ``out_dir`` defaults to ``cfg.out_dir``. ``resume``: continue from the newest training checkpoint in
+    ``out_dir`` (start from scratch if there is none). ``max_iters`` overrides the schedule length
+    (``train.max_iters``, else ``epochs x iterations per epoch``); ``lr_steps`` are fractions of it.
+    """
+    return Trainer(cfg, out_dir, resume=resume, max_iters=max_iters, progress=progress,
+                   step_callback=step_callback).run()
+
+
+def cli(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gridclip train", description="Train GridCLIP from a YAML config (also under torchrun for DDP).",
+        epilog="example: gridclip train --config configs/lvis_r50.yaml --out runs/r50 train.batch_size=8 train.accumulate=2")
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--out", help="output directory (default: the config's out_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output directory")
+    parser.add_argument("--max-iters", type=int, help="schedule length in iterations (overrides epochs)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.02")
+    args = parser.parse_args(list(argv))
+    cfg = load_config(args.config, args.overrides)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        summary = train(cfg, args.out, resume=args.resume, max_iters=args.max_iters, progress=not args.no_progress)
+    except NonFiniteError as exc:
+        print(f"gridclip train: error: {exc}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {summary['iterations']} iterations; model: {summary['model']}; "
+              f"{summary['images_per_second']:.1f} images/s")
+    return 0
