@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 
 from gridclip.utils.atomic import atomic_write_json
 
-GENERATOR_VERSION = "shapes-1"
+GENERATOR_VERSION = "shapes-2"
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -70,8 +70,14 @@ NOVEL: tuple[str, ...] = (
     "yellow ring", "purple cross", "orange square", "blue diamond", "yellow circle",
 )
 TEXTURES: tuple[str, ...] = ("solid", "striped", "shaded")
-CAPTION_TEMPLATES_1 = ("a photo of a {}.", "a {}.", "a picture of a {}.", "there is a {}.")
-CAPTION_TEMPLATES_N = ("a photo of {}.", "{}.", "a picture of {}.", "there are {}.")
+# Caption templates cover the ViLD detection prompts (clip/prompts.py), so that the tiny CLIP's text
+# encoder has seen every word of the prompts the detector's vocabulary is built from. "{}" is a list
+# of object phrases ("a red star, a small blue ring and a green cross").
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a photo of {}.", "{}.", "a picture of {}.", "This is a photo of {}", "There is {} in the scene",
+    "There is {} in the scene.", "a photo of {} in the scene",
+)
+SIZE_WORDS = ((21, "small"), (32, "medium"), (10**9, "large"))  # visible box side (px) <= bound -> word
 
 _SPLIT_CODES = {"det_train": 1, "val": 2, "captions": 3}
 
@@ -448,12 +454,16 @@ def _lvis_json(rendered, hw: int, categories: list[dict], keep_novel: bool) -> d
             "images": images, "annotations": annotations, "categories": categories}
 
 
-def _caption(names: list[str], rng: np.random.Generator) -> str:
-    if len(names) == 1:
-        return CAPTION_TEMPLATES_1[int(rng.integers(len(CAPTION_TEMPLATES_1)))].format(names[0])
-    phrases = [f"a {n}" for n in names]
-    listed = ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return CAPTION_TEMPLATES_N[int(rng.integers(len(CAPTION_TEMPLATES_N)))].format(listed)
+def _caption(names: list[str], boxes: list[list[int]], rng: np.random.Generator) -> str:
+    """A caption naming every object; sometimes with its size word (as in the ViLD prompts)."""
+    phrases = []
+    for name, (x0, y0, x1, y1) in zip(names, boxes):
+        words = ["a" if rng.random() < 0.85 else "the"]
+        if rng.random() < 0.3:
+            words.append(next(w for bound, w in SIZE_WORDS if max(x1 - x0, y1 - y0) <= bound))
+        phrases.append(" ".join(words + [name]))
+    listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(listed)
 
 
 def _cache_key(seed: int, size: str) -> dict:
@@ -521,8 +531,8 @@ def make_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
     rendered = _render_split(root, "captions", _plan("captions", cfg, thr, seed), cfg.caption_image_size, cfg, seed, workers)
     ids = {n: i + 1 for i, n in enumerate(category_names())}
     rng = np.random.default_rng([seed, _SPLIT_CODES["captions"], 2])
-    captions = [{"file_name": f, "caption": _caption(names, rng), "category_ids": [ids[n] for n in names]}
-                for f, names, _ in rendered]
+    captions = [{"file_name": f, "caption": _caption(names, boxes, rng), "category_ids": [ids[n] for n in names]}
+                for f, names, boxes in rendered]
     atomic_write_json(root / "captions.json", captions, indent=None)
     counts["captions"] = {"images": len(captions), "mentions": sum(len(c["category_ids"]) for c in captions)}
 

@@ -1,0 +1,117 @@
+"""Tiny CLIP pretraining on the shape world: runs, saves open_clip local dirs, shipped weights are good."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from gridclip.clip.pretrain import PretrainConfig, object_crops, train_clip, zero_shot_accuracy
+from gridclip.data.shapes import make_world
+
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "gridclip" / "assets" / "shapes"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world") / "w", seed=0, size="small")
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip") / "rn"
+    record = train_clip(world.root, out, PretrainConfig(model="shapes-RN-tiny", steps=3, batch_size=32, warmup_steps=2))
+    return out, record
+
+
+def test_pretraining_writes_a_loadable_open_clip_local_dir(world, trained):
+    import open_clip
+    from safetensors.torch import load_file
+
+    out, record = trained
+    assert record["steps_run"] == 3 and record["final_loss"] == record["final_loss"]  # not NaN
+    cfg = json.loads((out / "open_clip_config.json").read_text())
+    assert cfg["model_cfg"]["vision_cfg"]["layers"] == [1, 1, 1, 1]  # ModifiedResNet with attnpool
+    assert cfg["preprocess_cfg"]["size"] == 64
+    model = open_clip.create_model(f"local-dir:{out}")
+    model.eval()
+    assert type(model.visual).__name__ == "ModifiedResNet" and hasattr(model.visual, "attnpool")
+    saved = load_file(str(out / "open_clip_model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in saved.values())
+    for name, tensor in model.state_dict().items():  # loaded weights are the saved (fp16) ones
+        if name in saved:
+            assert torch.equal(tensor, saved[name].float()), name
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    with torch.no_grad():
+        img = model.encode_image(torch.randn(2, 3, 64, 64))
+        txt = model.encode_text(tokenizer(["a photo of a red star.", "a blue ring."]))
+    assert img.shape == txt.shape == (2, 128)
+    assert torch.isfinite(img).all() and torch.isfinite(txt).all()
+
+
+def test_pretraining_with_steps_is_reproducible(world, trained, tmp_path):
+    out, _ = trained
+    again = tmp_path / "again"
+    train_clip(world.root, again, PretrainConfig(model="shapes-RN-tiny", steps=3, batch_size=32, warmup_steps=2))
+    assert (again / "open_clip_model.safetensors").read_bytes() == (out / "open_clip_model.safetensors").read_bytes()
+
+
+def test_vit_teacher_trains_and_loads(world, tmp_path):
+    from gridclip.clip.loader import load_clip
+
+    out = tmp_path / "vit"
+    train_clip(world.root, out, PretrainConfig(model="shapes-ViT-tiny", steps=1, batch_size=32))
+    model = load_clip(str(out))
+    assert type(model.visual).__name__ == "VisionTransformer"
+    with torch.no_grad():
+        assert torch.isfinite(model.encode_image(torch.randn(1, 3, 64, 64))).all()
+
+
+def test_zero_shot_accuracy_matches_a_direct_computation(world, trained):
+    import open_clip
+
+    out, _ = trained
+    acc = zero_shot_accuracy(out, world.root, templates=("a photo of a {}.",))
+    assert set(acc) == {"base", "novel"} and all(0.0 <= v <= 1.0 for v in acc.values())
+    # reference: plain open_clip calls, one prompt per class
+    model = open_clip.create_model(f"local-dir:{out}").eval()
+    tok = open_clip.get_tokenizer(f"local-dir:{out}")
+    names = [c["name"] for c in world.categories]
+    crops, labels = object_crops(world.root, "val")
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        t = torch.nn.functional.normalize(model.encode_text(tok([f"a photo of a {n}." for n in names])), dim=-1)
+        i = torch.nn.functional.normalize(model.encode_image((crops.float() / 255 - mean) / std), dim=-1)
+    pred = [world.categories[k]["id"] for k in (i @ t.T).argmax(1).tolist()]
+    novel = {c["id"] for c in world.categories if c["frequency"] == "r"}
+    hits = [p == y for p, y in zip(pred, labels) if y in novel]
+    assert acc["novel"] == pytest.approx(sum(hits) / len(hits), abs=1e-6)
+
+
+def test_object_crops_are_centred_on_the_boxes(world):
+    crops, labels = object_crops(world.root, "val", crop=64)
+    val = json.loads(world.json_path("val").read_text())
+    assert crops.shape == (len(val["annotations"]), 3, 64, 64) and crops.dtype == torch.uint8
+    assert labels == [a["category_id"] for a in val["annotations"]]
+
+
+def test_bad_input(world, tmp_path):
+    with pytest.raises(ValueError, match="--steps"):
+        train_clip(world.root, tmp_path / "x", PretrainConfig())
+    with pytest.raises(FileNotFoundError, match="captions.json"):
+        train_clip(tmp_path, tmp_path / "x", PretrainConfig(steps=1))
+    from gridclip.cli import main
+
+    assert main(["pretrain-clip", "--world", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
+    assert main(["pretrain-clip", "--world", str(world.root), "--out", str(tmp_path / "o"), "--models", "cnn", "--steps", "1"]) == 2
+
+
+@pytest.mark.slow
+def test_shipped_tiny_clip_zero_shot_on_the_default_world(tmp_path):
+    world = make_world(tmp_path / "world", seed=0, size="default")
+    acc = zero_shot_accuracy(ASSETS / "shapes-RN-tiny", world.root)
+    assert acc["novel"] >= 0.45 and acc["base"] >= 0.6, acc

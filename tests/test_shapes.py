@@ -1,0 +1,190 @@
+"""The embedded shape world: determinism, LVIS format, open-vocabulary split, caching."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gridclip.data import shapes
+from gridclip.data.shapes import COLOURS, NOVEL, SHAPES, load_world, make_world, render_image
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world") / "w", seed=0, size="small")
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_files_whatever_the_worker_count(world, tmp_path):
+    again = make_world(tmp_path / "again", seed=0, size="small", workers=1)
+    a, b = _files(world.root), _files(again.root)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_other_seed_gives_other_images_same_categories(world, tmp_path):
+    other = make_world(tmp_path / "other", seed=1, size="small")
+    # category design (names, image counts, frequency tags) is fixed; instance duplicates vary
+    key = lambda w: [(c["id"], c["name"], c["frequency"], c["image_count"]) for c in w.categories]
+    assert key(other) == key(world)
+    a = (world.image_dir("val") / "000000.png").read_bytes()
+    b = (other.image_dir("val") / "000000.png").read_bytes()
+    assert a != b
+
+
+def test_lvis_and_faster_coco_eval_load_the_json(world):
+    from faster_coco_eval import COCO
+    from lvis import LVIS
+
+    for split in ("det_train", "val"):
+        gt = LVIS(str(world.json_path(split)))
+        data = json.loads(world.json_path(split).read_text())
+        assert len(gt.get_img_ids()) == len(data["images"])
+        assert len(gt.get_ann_ids()) == len(data["annotations"])
+        coco = COCO(str(world.json_path(split)))
+        assert len(coco.getAnnIds()) == len(data["annotations"])
+        for img in data["images"]:
+            assert {"id", "file_name", "width", "height", "neg_category_ids", "not_exhaustive_category_ids"} <= img.keys()
+            assert (world.image_dir(split) / img["file_name"]).is_file()
+        for cat in data["categories"]:
+            assert {"id", "name", "frequency", "image_count", "instance_count", "synonyms", "def"} <= cat.keys()
+
+
+def test_boxes_are_valid_and_match_their_polygon(world):
+    for split in ("det_train", "val"):
+        data = json.loads(world.json_path(split).read_text())
+        sizes = {im["id"]: (im["width"], im["height"]) for im in data["images"]}
+        for ann in data["annotations"]:
+            x, y, w, h = ann["bbox"]
+            W, H = sizes[ann["image_id"]]
+            assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= W and y + h <= H
+            assert ann["area"] == pytest.approx(w * h) and ann["iscrowd"] == 0
+            xs, ys = ann["segmentation"][0][0::2], ann["segmentation"][0][1::2]
+            assert (min(xs), min(ys), max(xs), max(ys)) == pytest.approx((x, y, x + w, y + h))
+
+
+def test_open_vocabulary_split(world):
+    det = json.loads(world.json_path("det_train").read_text())
+    val = json.loads(world.json_path("val").read_text())
+    captions = json.loads(world.json_path("captions").read_text())
+    novel_ids = {c["id"] for c in world.categories if c["frequency"] == "r"}
+    assert set(world.novel_names) == set(NOVEL) and len(novel_ids) == len(NOVEL)
+    # no novel box reaches detector training, but novel objects were drawn there (image_count > 0)
+    assert not any(a["category_id"] in novel_ids for a in det["annotations"])
+    assert all(c["image_count"] >= 1 for c in world.categories if c["id"] in novel_ids)
+    # every novel category is mentioned in captions (ids and text) and annotated in val
+    mentioned = Counter(i for c in captions for i in c["category_ids"])
+    names = {c["id"]: c["name"] for c in world.categories}
+    for cid in novel_ids:
+        assert mentioned[cid] >= 5
+        assert any(names[cid] in c["caption"] for c in captions if cid in c["category_ids"])
+    val_counts = Counter(a["category_id"] for a in val["annotations"])
+    assert all(val_counts[c["id"]] >= shapes.SIZES["small"].val_per_category for c in world.categories)
+    # captions name every object and only those
+    for c in captions[:50]:
+        for cid in c["category_ids"]:
+            assert names[cid] in c["caption"]
+
+
+def test_frequency_tags_follow_det_train_image_counts(world):
+    det = json.loads(world.json_path("det_train").read_text())
+    images_per_cat = Counter()
+    for img_id, cats in _cats_per_image(det).items():
+        images_per_cat.update(cats)
+    thr = world.thresholds
+    for c in world.categories:
+        if c["frequency"] != "r":  # base categories: counts recomputed from the JSON itself
+            assert c["image_count"] == images_per_cat[c["id"]]
+            assert c["instance_count"] >= c["image_count"]
+        assert c["frequency"] == thr.tag(c["image_count"])
+    tags = Counter(c["frequency"] for c in world.categories)
+    assert tags["f"] > 0 and tags["c"] > 0 and tags["r"] == len(NOVEL)
+
+
+def _cats_per_image(data: dict) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {im["id"]: set() for im in data["images"]}
+    for a in data["annotations"]:
+        out[a["image_id"]].add(a["category_id"])
+    return out
+
+
+def test_val_is_exhaustive_and_negatives_are_consistent(world):
+    val = json.loads(world.json_path("val").read_text())
+    all_ids = {c["id"] for c in world.categories}
+    present = _cats_per_image(val)
+    for img in val["images"]:
+        assert img["not_exhaustive_category_ids"] == []
+        assert set(img["neg_category_ids"]) == all_ids - present[img["id"]]
+
+
+def test_base_set_decorrelates_colour_and_shape():
+    base = [n for n in shapes.category_names() if n not in NOVEL]
+    per_colour = Counter(n.split()[0] for n in base)
+    per_shape = Counter(n.split()[1] for n in base)
+    assert all(per_colour[c] >= 6 for c in COLOURS) and all(per_shape[s] >= 4 for s in SHAPES)
+    for name in NOVEL:  # novel names are new compositions of known words
+        colour, shape = name.split()
+        assert per_colour[colour] > 0 and per_shape[shape] > 0
+
+
+def test_render_box_is_tight_around_the_object():
+    pixels, boxes = render_image(["red square"], 128, 30, 30, key=(5, 5))
+    (x0, y0, x1, y1), = boxes
+    assert 20 <= x1 - x0 <= 30 and 20 <= y1 - y0 <= 30
+    red = (pixels[..., 0].astype(int) - pixels[..., 1:].astype(int).max(-1)) > 80
+    inside = red[y0:y1, x0:x1].mean()
+    outside = (red.sum() - red[y0:y1, x0:x1].sum()) / (red.size - (x1 - x0) * (y1 - y0))
+    assert inside > 0.5 and outside < 0.01
+
+
+def test_images_have_the_declared_sizes(world):
+    val = json.loads(world.json_path("val").read_text())
+    im = val["images"][0]
+    assert Image.open(world.image_dir("val") / im["file_name"]).size == (im["width"], im["height"])
+    cap = json.loads(world.json_path("captions").read_text())[0]
+    arr = np.asarray(Image.open(world.image_dir("captions") / cap["file_name"]))
+    assert arr.shape == (64, 64, 3)
+
+
+def test_cached_rerun_is_a_no_op_and_incomplete_world_is_rejected(world, tmp_path):
+    marker = world.root / ".complete"
+    before = {p: p.stat().st_mtime_ns for p in (marker, world.json_path("val"))}
+    again = make_world(world.root, seed=0, size="small")
+    assert again.categories == world.categories
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    # a world without its completion marker (interrupted run) is not loadable
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "world.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="not a complete shape world"):
+        load_world(partial)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="size"):
+        make_world(tmp_path / "x", size="huge")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a shape world"):
+        make_world(foreign, size="small")
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_cli_make_world(tmp_path, capsys):
+    from gridclip.cli import main
+
+    assert main(["make-world", "--out", str(tmp_path / "w"), "--size", "small", "--seed", "3"]) == 0
+    assert "r 10 = novel" in capsys.readouterr().out
+    assert load_world(tmp_path / "w").seed == 3
+    with pytest.raises(SystemExit) as exc:  # argparse rejects the choice
+        main(["make-world", "--out", str(tmp_path / "w"), "--size", "nope"])
+    assert exc.value.code == 2
+    assert main(["make-world", "--out", str(tmp_path / "missing-parent" / "x" / "w"), "--size", "small"]) == 0
