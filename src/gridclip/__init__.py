@@ -1,21 +1,41 @@
 """GridCLIP: one-stage open-vocabulary object detection on the CLIP ResNet image encoder.
 
-Heavy optional imports (lvis, gradio, onnx) stay out of this module: ``import gridclip`` is light.
+``import gridclip`` is light: the public names below are imported on first use.
 """
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from gridclip.clip import Vocabulary, load_clip  # noqa: E402
-from gridclip.config import Config, GridCLIPConfig, load_config  # noqa: E402
-from gridclip.model import GridCLIP, build_model  # noqa: E402
+_LAZY = {
+    "GridCLIP": "gridclip.model",
+    "build_model": "gridclip.model",
+    "GridCLIPConfig": "gridclip.config",
+    "Config": "gridclip.config",
+    "load_config": "gridclip.config",
+    "Vocabulary": "gridclip.clip",
+    "load_clip": "gridclip.clip",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gridclip.clip import Vocabulary, load_clip
+    from gridclip.config import Config, GridCLIPConfig, load_config
+    from gridclip.model import GridCLIP, build_model
 
 
-
-def load(path, device="cpu") -> "GridCLIP":
+def load(path, device="cpu"):
     """Load a GridCLIP checkpoint (config + weights + vocabulary) in eval mode."""
     from gridclip.checkpoint import load_checkpoint
 
     return load_checkpoint(path, device)
 
 
-__all__ = ["load", "Config", "GridCLIP", "GridCLIPConfig", "Vocabulary", "build_model", "load_clip", "load_config"]
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'gridclip' has no attribute '{name}'")
+
+
+__all__ = ["load", *_LAZY]

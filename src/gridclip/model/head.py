@@ -92,11 +92,13 @@ class MaskedGroupNorm(nn.GroupNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         cells = self._cells(x)
+        B, C, H, W = x.shape
         if cells is None:
-            return super().forward(x)
+            if B * (C // self.num_groups) * H * W != 1:
+                return super().forward(x)
+            cells = [(H, W)] * B  # torch refuses one-value groups (a 1x1 P7 of a tiny image, batch 1)
         from gridclip.model.backbone import cells_mask
 
-        B, C, H, W = x.shape
         G = self.num_groups
         mask = cells_mask(cells, (H, W), x.device).to(x.dtype)[:, None, None]  # [B, 1, 1, H, W]
         xg = x.view(B, G, C // G, H, W)
