@@ -504,7 +504,7 @@ class Trainer:
                 model.train()
         if self.dist.is_main:
             style = "lvis" if cfg.data.format == "lvis" else "coco"
-            gt = ev._ground_truth_for(cfg.data.format, cfg.data, dataset)
+            gt = ev.ground_truth_for(cfg.data.format, cfg.data, dataset)
             metrics = ev.evaluate(gt, results, style=style,
                                   max_dets=cfg.eval.max_dets if style == "lvis" else None).metrics
             logger.info("iter %d eval: %s", step, "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
