@@ -16,8 +16,9 @@ Batches: every epoch's order is a pure function of ``(seed, epoch)``, identical 
 
 Global batch ``g`` is split into ``world_size * accumulate`` equal micro-batches; rank ``r`` takes
 micro-batch ``a * world_size + r`` at accumulation step ``a``. So the images of each optimizer step,
-and their augmentation seeds (a function of seed, epoch, step and slot in the batch), do not depend
-on the number of processes: 2 GPUs x accumulate 1 sees exactly what 1 GPU x accumulate 2 sees.
+their augmentation seeds (a function of seed, epoch, step and slot in the batch) and the seed of each
+micro-batch's forward pass do not depend on the number of processes: 2 GPUs x accumulate 1 sees
+exactly what 1 GPU x accumulate 2 sees.
 """
 from __future__ import annotations
 
@@ -196,6 +197,14 @@ class TrainBatchSampler:
         # leftovers (fewer than a batch per group) in the order they were drawn
         out.extend(i for _, i in sorted(p for b in buckets.values() for p in b))
         return np.asarray(out, dtype=np.int64)
+
+    def forward_seed(self, iteration: int, accum_step: int) -> int:
+        """Seed for the global RNG before this rank's forward pass of micro-batch ``accum_step`` of
+        global step ``iteration`` (0-based): randomness inside the model (e.g. the multi-scale size
+        choice of its transform) then depends on the position only, not on the rank or on history."""
+        epoch, step = divmod(iteration, self.iters_per_epoch)
+        chunk = accum_step * self.world_size + self.rank
+        return sample_seed(self.seed, epoch, step, self.batch_size + chunk)
 
     def micro_batches(self, start_iter: int, total_iters: int) -> Iterator[list[tuple[int, int]]]:
         """This rank's micro-batches for global steps ``start_iter .. total_iters - 1``, in order

@@ -363,6 +363,7 @@ class Trainer:
                 for a in range(t.accumulate):
                     images, targets = next(batches)
                     images, targets = self._to_device(images, targets)
+                    torch.manual_seed(self.sampler.forward_seed(it, a))
                     sync = a == t.accumulate - 1 or not self.dist.distributed
                     with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
                         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):

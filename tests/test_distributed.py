@@ -1,0 +1,71 @@
+"""DDP: ``torchrun --nproc_per_node 2`` on CPU (gloo) trains, writes checkpoints from rank 0, and its
+first-step all-reduced gradients equal one process's with the same global batch (accumulate 2)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from test_train import one_thread, subprocess_env, tiny_config, tiny_root, write_config  # noqa: F401
+
+from gridclip.engine import state as train_state
+
+SCRIPT = '''
+import sys
+import torch
+from gridclip.config import load_config
+from gridclip.engine.train import train
+
+config, out, dump = sys.argv[1:4]
+
+def dump_grads(trainer, step):
+    if step == 1 and trainer.dist.is_main:
+        assert trainer.dist.world_size == 2 and trainer.ddp_model is not trainer.model
+        torch.save({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}, dump)
+
+train(load_config(config), out, max_iters=3, progress=False, step_callback=dump_grads)
+'''
+
+
+def test_torchrun_two_processes_match_one_process(tiny_root, tmp_path, monkeypatch):
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.engine.train import train
+
+    monkeypatch.setenv("GRIDCLIP_CACHE", str(tmp_path / "cache"))
+    settings = dict(batch_size=4, checkpoint_every=2, keep_checkpoints=3)
+    config = write_config(tiny_root, **settings)  # accumulate 1 x 2 processes: micro-batches of 2
+    script = tmp_path / "ddp_train.py"
+    script.write_text(SCRIPT)
+    out, dump = tmp_path / "ddp", tmp_path / "grads.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(config), str(out), str(dump)]
+    proc = subprocess.run(cmd, env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # rank 0 wrote the checkpoints, with both ranks' RNG states, and the final model
+    assert [i for i, _ in train_state.list_checkpoints(out)] == [2, 3]
+    state = train_state.read_training_state(train_state.checkpoint_path(out, 3))
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+    # one process, same global batch of 4 as 2 accumulation steps of 2
+    grads = {}
+
+    def capture(trainer, step):
+        if step == 1:
+            grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()})
+
+    single = train(tiny_config(tiny_root, accumulate=2, **settings), tmp_path / "single", max_iters=3,
+                   progress=False, step_callback=capture)
+    ddp_grads = torch.load(dump, weights_only=True)
+    assert ddp_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(ddp_grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    # after 3 steps the weights still agree to float noise
+    a = load_checkpoint(out / "model.pt").state_dict()
+    b = load_checkpoint(single["model"]).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
