@@ -1,0 +1,197 @@
+"""``gridclip demo``: the whole GridCLIP idea on the embedded shape world, on a CPU, in minutes.
+
+generate the world (cached) -> tiny CLIP (shipped, or pretrained with --from-scratch) -> train GridCLIP
+(grid + image alignment) and the baselines on *base* boxes only -> evaluate LVIS-style on val (all
+categories; AP_r = novel) -> table, ``metrics.json``, ``model.pt`` and drawn examples.
+Every step reuses the library: ``make_world``, ``pretrain``, ``engine.train``, ``engine.evaluate``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets" / "shapes"
+CLIP_NAME, TEACHER_NAME = "shapes-RN-tiny", "shapes-ViT-tiny"
+
+# name -> model overrides (paper Tables 4-5 on the shape world)
+VARIANTS: dict[str, dict] = {
+    "GridCLIP": {},
+    "grid only": {"image_align": False},
+    "FCOS w/o align": {"grid_align": False, "image_align": False},
+    "w/o MHSA": {"use_mhsa": False},
+    "image only": {"grid_align": False},
+}
+DEMO_VARIANTS = ("GridCLIP", "grid only", "FCOS w/o align")
+
+
+def demo_config(world: Path, clip_dir: Path, teacher_dir: Path, out_dir: Path, iters: int):
+    """The shape-world training config (also written to OUT/config.yaml): tiny CLIP, 128 px images."""
+    from gridclip.config import load_config
+
+    cfg = load_config(Path(__file__).parent / "configs" / "shapes_demo.yaml")
+    cfg.model.clip_model, cfg.model.clip_pretrained = str(clip_dir), None
+    cfg.model.teacher_model, cfg.model.teacher_pretrained = str(teacher_dir), None
+    cfg.data.train_json, cfg.data.train_images = str(world / "det_train.json"), str(world / "det_train" / "images")
+    cfg.data.val_json, cfg.data.val_images = str(world / "val.json"), str(world / "val" / "images")
+    cfg.train.max_iters = iters
+    cfg.out_dir = str(out_dir)
+    return cfg
+
+
+def _clip_dirs(out: Path, world: Path, from_scratch: bool, steps: int | None) -> tuple[Path, Path]:
+    shipped = ASSETS / CLIP_NAME, ASSETS / TEACHER_NAME
+    if not from_scratch and all((d / "open_clip_config.json").is_file() for d in shipped):
+        return shipped
+    from gridclip.clip.pretrain import PretrainConfig, train_clip
+
+    target = out / "clip"
+    for name in (CLIP_NAME, TEACHER_NAME):
+        if not (target / name / "open_clip_config.json").is_file():
+            print(f"[demo] pretraining {name} on the world's captions ({steps} steps)", flush=True)
+            train_clip(world, target / name, PretrainConfig(model=name, steps=steps))
+    return target / CLIP_NAME, target / TEACHER_NAME
+
+
+def _evaluate_variant(model, cfg, base_category_ids: list[int]) -> dict:
+    from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
+
+    val = build_eval_dataset(cfg.data)
+    if model.cfg.grid_align:
+        model.set_vocabulary(val.category_names)  # open vocabulary: all categories, novel included
+        results = run_inference(model, val, batch_size=cfg.eval.batch_size)
+    else:  # closed set: the classifier only knows the base classes it was trained on
+        results = run_inference(model, _WithCategories(val, base_category_ids), batch_size=cfg.eval.batch_size)
+    evaluation = evaluate(cfg.data.val_json, results, style="lvis", max_dets=cfg.eval.max_dets)
+    return {k: evaluation.metrics[k] for k in ("AP", "AP50", "APr", "APc", "APf")}, results
+
+
+class _WithCategories:
+    """A dataset view whose label indices mean ``category_ids`` (a closed-set model's classes)."""
+
+    def __init__(self, dataset, category_ids):
+        self.dataset, self.category_ids = dataset, list(category_ids)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+
+def _draw_examples(model, cfg, out_dir: Path, novel_ids: set[int], count: int = 6) -> list[str]:
+    """Drawn detections of val images that hold novel objects."""
+    import torch
+    from torchvision.io import write_png
+    from torchvision.utils import draw_bounding_boxes
+
+    from gridclip.data.images import load_image
+
+    data = json.loads(Path(cfg.data.val_json).read_text())
+    with_novel = sorted({a["image_id"] for a in data["annotations"] if a["category_id"] in novel_ids})
+    images = {im["id"]: im for im in data["images"]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    model.eval()
+    for image_id in with_novel[:count]:
+        path = Path(cfg.data.val_images) / images[image_id]["file_name"]
+        image = load_image(path)
+        with torch.no_grad():
+            det = model([image.float() / 255])[0]
+        keep = det["scores"] > 0.3
+        labels = [f"{model.class_names[int(k)]} {float(s):.2f}" for k, s in zip(det["labels"][keep], det["scores"][keep])]
+        big = torch.nn.functional.interpolate(image[None].float(), scale_factor=3, mode="nearest")[0].to(torch.uint8)
+        drawn = draw_bounding_boxes(big, det["boxes"][keep] * 3, labels=labels, colors="yellow", width=2)
+        target = out_dir / f"val_{image_id}.png"
+        write_png(drawn, str(target))
+        written.append(str(target))
+    return written
+
+
+def run_demo(out: str | os.PathLike = "runs/demo", *, from_scratch: bool = False, iters: int = 1500,
+             variants: tuple[str, ...] = DEMO_VARIANTS, world_size: str = "default", clip_steps: int = 2400,
+             examples: int = 6) -> dict:
+    """Run the demo; returns ``{variant: {AP, AP50, APr, APc, APf}}`` (also in OUT/metrics.json)."""
+    import torch
+
+    from gridclip.checkpoint import load_checkpoint, save_checkpoint
+    from gridclip.config import save_config
+    from gridclip.data.shapes import make_world
+    from gridclip.engine.train import train
+    from gridclip.utils.atomic import atomic_write_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    print(f"[demo] world ({world_size}) -> {out / 'world'}", flush=True)
+    info = make_world(out / "world", seed=0, size=world_size)
+    world = info.root
+    clip_dir, teacher_dir = _clip_dirs(out, world, from_scratch, clip_steps)
+    print(f"[demo] CLIP: {clip_dir}\n[demo] teacher: {teacher_dir}", flush=True)
+    novel_ids = {c["id"] for c in info.categories if c["frequency"] == "r"}
+
+    metrics: dict[str, dict] = {}
+    metrics_path = out / "metrics.json"
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+    for name in variants:
+        run_dir = out / "runs" / name.replace(" ", "_").replace("/", "")
+        cfg = demo_config(world, clip_dir, teacher_dir, run_dir, iters)
+        for key, value in VARIANTS[name].items():
+            setattr(cfg.model, key, value)
+        from gridclip.data.datasets import build_train_dataset
+
+        base_ids = build_train_dataset(cfg.data).category_ids
+        if not cfg.model.grid_align:
+            cfg.model.num_classes = len(base_ids)
+        key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+        stamp = run_dir / "demo_key.json"
+        model_path = run_dir / "model.pt"
+        if name in metrics and model_path.is_file() and stamp.is_file() and stamp.read_text() == key:
+            print(f"[demo] {name}: cached", flush=True)
+            continue
+        print(f"[demo] training {name} ({iters} iterations)", flush=True)
+        save_config(cfg, run_dir / "config.yaml")
+        summary = train(cfg, run_dir)
+        model = load_checkpoint(summary["model"])
+        print(f"[demo] evaluating {name}", flush=True)
+        metrics[name], results = _evaluate_variant(model, cfg, base_ids)
+        metrics[name]["train_images_per_second"] = summary.get("images_per_second")
+        atomic_write_json(run_dir / "results.json", results, indent=None)
+        if name == "GridCLIP":
+            save_checkpoint(out / "model.pt", model, extra={"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=list))})
+            _draw_examples(model, cfg, out / "examples", novel_ids, examples)
+        atomic_write_json(metrics_path, metrics)
+        stamp.write_text(key)
+    print(format_demo_table(metrics))
+    print(f"[demo] wrote {metrics_path}, {out / 'model.pt'}, {out / 'examples'}/  ({time.time() - t0:.0f} s)")
+    return metrics
+
+
+def format_demo_table(metrics: dict[str, dict]) -> str:
+    keys = ("AP", "APr", "APc", "APf")
+    width = max(len(n) for n in metrics) if metrics else 8
+    lines = [f"{'variant':<{width}}  " + "  ".join(f"{k:>6}" for k in keys) + "   (AP_r = novel categories, never seen as boxes)"]
+    for name, m in metrics.items():
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * m[k]:6.1f}" if m.get(k, -1) >= 0 else "   n/a" for k in keys))
+    return "\n".join(lines)
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gridclip demo", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--from-scratch", action="store_true", help="pretrain the tiny CLIP and teacher instead of using the shipped weights")
+    p.add_argument("--iters", type=int, default=1500, help="training iterations per variant")
+    p.add_argument("--ablations", action="store_true", help="also the paper's Table 4/5 variants (w/o MHSA, image only)")
+    p.add_argument("--mini", action="store_true", help="tiny world and few iterations: checks the pipeline in a minute")
+    a = p.parse_args(argv)
+    variants = tuple(VARIANTS) if a.ablations else DEMO_VARIANTS
+    if a.mini:
+        run_demo(a.out, from_scratch=a.from_scratch, iters=min(a.iters, 20), variants=variants, world_size="small",
+                 clip_steps=20, examples=2)
+    else:
+        run_demo(a.out, from_scratch=a.from_scratch, iters=a.iters, variants=variants)
+    return 0

@@ -1,0 +1,50 @@
+"""``gridclip info``: architecture summary and inference parameter count of a config."""
+from __future__ import annotations
+
+import argparse
+
+PAPER_RN50_PARAMS = 56.4e6  # paper Table 2
+
+
+def summarize(model) -> list[str]:
+    """Lines: each part's parameter count, the inference total (projector excluded; the teacher is
+    never part of the model), and the paper's figure for reference."""
+    parts = {
+        "CLIP trunk (C3-C5)": "backbone.trunk.",
+        "attnpool MHSA (grid tokens)": "backbone.grid_pool.",
+        "adapter (z -> z')": "backbone.adapter.",
+        "FPN (P3-P7)": "backbone.fpn.",
+        "FCOS head": "head.",
+        "image-alignment projector (training only)": "projector.",
+    }
+    counts = {name: sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
+              for name, prefix in parts.items()}
+    c = model.cfg
+    lines = [
+        f"GridCLIP on {c.clip_model} (CLIP embedding dim {model.clip_dim}); "
+        f"use_mhsa={c.use_mhsa} grid_align={c.grid_align} image_align={c.image_align}",
+        f"input: shorter side {c.min_size}, longer side <= {c.max_size}; score {c.score_thresh}, "
+        f"NMS {c.nms_thresh}, {c.detections_per_img} detections",
+    ]
+    width = max(map(len, counts))
+    lines += [f"  {name:<{width}}  {n / 1e6:8.2f}M" for name, n in counts.items()]
+    total = model.inference_parameter_count()
+    lines.append(f"inference parameters: {total / 1e6:.1f}M")
+    if c.clip_model.startswith("RN50") and not c.clip_model.startswith("RN50x"):
+        lines.append(f"paper (Table 2, RN50): {PAPER_RN50_PARAMS / 1e6:.1f}M ({100 * (total / PAPER_RN50_PARAMS - 1):+.1f}%)")
+    return lines
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gridclip info", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="YAML config (default: the paper's RN50 settings)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    a = p.parse_args(argv)
+    from gridclip.config import load_config
+    from gridclip.model import GridCLIP
+
+    cfg = load_config(a.config, a.overrides)
+    # Parameter shapes do not depend on the weights: build without loading (no download needed).
+    model = GridCLIP(cfg.model, load_clip_weights=False)
+    print("\n".join(summarize(model)))
+    return 0
