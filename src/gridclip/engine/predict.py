@@ -1,0 +1,367 @@
+"""Inference as a product: ``predict(model, inputs)`` and the ``gridclip detect`` command.
+
+``predict`` takes anything :func:`gridclip.data.images.load_image` takes (paths, PIL images, numpy HWC
+arrays, tensors, or a list of them) and returns, per image, ``{"boxes" [N, 4] xyxy in original-image
+pixels of the upright (EXIF-rotated) view, "scores" [N], "labels" [N] int64, "names" list[str]}``.
+
+``gridclip detect`` streams files, folders and globs through the model in batches: memory holds one batch
+of images and its detections, whatever the number of files. Results go to a COCO-format results JSON
+written incrementally to a temporary file and renamed at the end (an interrupted run leaves no file);
+drawn images are written one by one, each atomically. A bad image is reported on one stderr line and
+skipped; the exit code is then 1.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gridclip.data.images import load_image, to_float_image
+
+__all__ = ["predict", "override_thresholds", "resolve_device", "load_vocabulary_embeddings",
+           "detections_to_coco", "draw_detections", "cli"]
+
+
+# --------------------------------------------------------------------------------------- Python API
+@contextlib.contextmanager
+def override_thresholds(model: nn.Module, score_thresh: float | None = None, nms_thresh: float | None = None,
+                        max_detections: int | None = None) -> Iterator[nn.Module]:
+    """Temporarily set the detector's score threshold, NMS IoU threshold and detections per image
+    (torchvision FCOS attribute names); the previous values are restored on exit, also after an error."""
+    new = {"score_thresh": score_thresh, "nms_thresh": nms_thresh, "detections_per_img": max_detections}
+    for name, value in new.items():
+        if value is None:
+            continue
+        if name == "detections_per_img":
+            if int(value) != value or value < 1:
+                raise ValueError(f"max_detections: expected an integer >= 1, got {value!r}")
+        elif not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+    saved = {name: getattr(model, name) for name, value in new.items() if value is not None}
+    try:
+        for name, value in new.items():
+            if value is not None:
+                setattr(model, name, int(value) if name == "detections_per_img" else float(value))
+        yield model
+    finally:
+        for name, value in saved.items():
+            setattr(model, name, value)
+
+
+def _as_list(inputs: Any) -> list:
+    if isinstance(inputs, (list, tuple)):
+        return list(inputs)
+    if isinstance(inputs, Tensor) and inputs.ndim == 4:  # a batch [B, C, H, W]
+        return list(inputs.unbind(0))
+    return [inputs]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def class_names_of(model: nn.Module) -> tuple[str, ...] | None:
+    """The vocabulary of a GridCLIP model (``model.class_names``); None for a model without names."""
+    names = getattr(model, "class_names", None)
+    return tuple(names) if names else None
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs: Any, score_thresh: float | None = None, nms_thresh: float | None = None,
+            max_detections: int | None = None, batch_size: int = 1,
+            device: str | torch.device | None = None) -> list[dict[str, Any]]:
+    """Detect objects in one image or a list of images.
+
+    Args:
+        model: a GridCLIP (or any torchvision-contract detector) with its vocabulary set.
+        inputs: a path, PIL image, numpy HWC uint8 array, tensor (CHW uint8 or float in [0, 1]; a 4-D
+            tensor is a batch), or a list of these.
+        score_thresh, nms_thresh, max_detections: override the model's values for this call only.
+        batch_size: images per forward pass (results do not depend on it: padding is masked).
+        device: where to run; default: where the model is. The model is moved there for the call and
+            back afterwards.
+
+    Returns:
+        One dict per input, on the CPU: ``boxes`` float [N, 4] xyxy in pixels of the original image
+        (upright view), ``scores`` [N], ``labels`` int64 [N] (index into the vocabulary), ``names``
+        list of N class names (``str(label)`` for a model without ``class_names``).
+    """
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    items = _as_list(inputs)
+    names = class_names_of(model)
+    home = _model_device(model)
+    target = resolve_device(device) if device is not None else home
+    was_training = model.training
+    model.eval()
+    if target != home:
+        model.to(target)
+    results: list[dict[str, Any]] = []
+    try:
+        with override_thresholds(model, score_thresh, nms_thresh, max_detections):
+            for start in range(0, len(items), int(batch_size)):
+                batch = [to_float_image(load_image(x)).to(target) for x in items[start:start + int(batch_size)]]
+                for det in model(batch):
+                    results.append(_to_result(det, names))
+    finally:
+        if target != home:
+            model.to(home)
+        model.train(was_training)
+    return results
+
+
+def _to_result(det: dict[str, Tensor], names: Sequence[str] | None) -> dict[str, Any]:
+    labels = det["labels"].detach().cpu().to(torch.int64)
+    return {
+        "boxes": det["boxes"].detach().cpu().float(),
+        "scores": det["scores"].detach().cpu().float(),
+        "labels": labels,
+        "names": [names[i] if names else str(i) for i in labels.tolist()],
+    }
+
+
+# ------------------------------------------------------------------------------------- CLI helpers
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` (or ``mps``); default: cuda if available, else cpu.
+
+    Raises ValueError for an unknown device or one this machine does not have."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(spec, torch.device):
+        dev = spec
+    else:
+        try:
+            dev = torch.device(str(spec))
+        except (RuntimeError, ValueError):
+            raise ValueError(f"--device {spec!r}: unknown device; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {spec}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {spec!r}: unsupported device; expected cpu, cuda or cuda:N")
+    return dev
+
+
+def load_vocabulary_embeddings(path: str | os.PathLike):
+    """A ``.pt`` file of text embeddings: a tensor ``[K, D]`` or a dict ``{"embeddings": [K, D],
+    "names": [K]}`` (e.g. a saved vocabulary cache). Returns a :class:`gridclip.clip.Vocabulary`."""
+    from gridclip.clip.vocabulary import Vocabulary
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: vocabulary embeddings file not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot read vocabulary embeddings ({type(exc).__name__})") from None
+    names = None
+    if isinstance(data, dict):
+        names = data.get("names")
+        data = data.get("embeddings")
+    if not isinstance(data, Tensor) or data.ndim != 2 or data.shape[0] == 0:
+        raise ValueError(f"{path}: expected a tensor [K, D] (K >= 1) or a dict with 'embeddings' [K, D]")
+    if names is not None and len(names) != data.shape[0]:
+        raise ValueError(f"{path}: {len(names)} names for {data.shape[0]} embeddings")
+    try:
+        return Vocabulary.from_tensor(data, names)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _check_writable_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".gridclip-write-test."):
+            pass
+    except OSError as exc:
+        raise OSError(f"--out {out}: not a writable folder ({exc.strerror or type(exc).__name__})") from None
+
+
+def detections_to_coco(result: dict[str, Any], image_id: int, file_name: str) -> list[dict]:
+    """COCO results entries of one image: bbox ``[x, y, w, h]`` pixels, ``category_id`` = label + 1
+    (LVIS ids for the ``lvis`` vocabulary), ``category_name`` the class name."""
+    entries = []
+    for box, score, label, name in zip(result["boxes"].tolist(), result["scores"].tolist(),
+                                       result["labels"].tolist(), result["names"]):
+        x1, y1, x2, y2 = box
+        entries.append({
+            "image_id": image_id, "file_name": file_name,
+            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+            "score": round(score, 5), "category_id": label + 1, "category_name": name,
+        })
+    return entries
+
+
+def draw_detections(image: Tensor, result: dict[str, Any]) -> Tensor:
+    """uint8 (3, H, W) image with boxes and ``name score`` labels drawn (torchvision)."""
+    from torchvision.utils import draw_bounding_boxes
+
+    if result["boxes"].numel() == 0:
+        return image
+    labels = [f"{n} {s:.2f}" for n, s in zip(result["names"], result["scores"].tolist())]
+    width = max(1, min(image.shape[1:]) // 300 + 1)
+    return draw_bounding_boxes(image, result["boxes"], labels=labels, width=width, colors="red")
+
+
+def _save_image(path: Path, image: Tensor) -> None:
+    from PIL import Image
+
+    from gridclip.utils.atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=90)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class _DrawnNames:
+    """Output file names for drawn images: ``<stem>.jpg``, ``<stem>_1.jpg`` ... on a clash."""
+
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def __call__(self, path: Path) -> str:
+        stem, n = path.stem, 0
+        name = f"{stem}.jpg"
+        while name.lower() in self.used:
+            n += 1
+            name = f"{stem}_{n}.jpg"
+        self.used.add(name.lower())
+        return name
+
+
+def _batched(iterable: Iterable, n: int) -> Iterator[list]:
+    batch: list = []
+    for item in iterable:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _set_cli_vocabulary(model: nn.Module, args: argparse.Namespace) -> None:
+    from gridclip.data.vocabularies import parse_vocabulary, read_vocabulary_file
+
+    given = [a for a in ("vocab", "vocab_file", "vocab_embeddings") if getattr(args, a) is not None]
+    if len(given) > 1:
+        raise ValueError("give only one of --vocab, --vocab-file, --vocab-embeddings")
+    if args.vocab is not None:
+        vocabulary: Any = parse_vocabulary(args.vocab)
+    elif args.vocab_file is not None:
+        vocabulary = read_vocabulary_file(args.vocab_file)
+    elif args.vocab_embeddings is not None:
+        vocabulary = load_vocabulary_embeddings(args.vocab_embeddings)
+        try:
+            model.set_vocabulary(vocabulary)
+        except ValueError as exc:
+            raise ValueError(f"{args.vocab_embeddings}: {exc}") from None
+        return
+    else:
+        if not class_names_of(model):
+            raise ValueError(f"checkpoint {args.checkpoint} holds no vocabulary: give --vocab, --vocab-file "
+                             "or --vocab-embeddings")
+        return
+    model.set_vocabulary(vocabulary)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gridclip detect", description="Detect objects in images with any vocabulary.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
+    p.add_argument("--checkpoint", required=True, help="GridCLIP checkpoint (.pt)")
+    p.add_argument("--vocab", help="'lvis', 'coco', 'voc', a .txt file, or comma-separated names "
+                   "(default: the checkpoint's vocabulary)")
+    p.add_argument("--vocab-file", help="text file with one class name per line")
+    p.add_argument("--vocab-embeddings", help=".pt file with text embeddings [K, D] (or {'names', 'embeddings'})")
+    p.add_argument("--out", default="detections", help="output folder (default: ./detections)")
+    p.add_argument("--results-name", default="detections.json", help="results file name inside --out")
+    p.add_argument("--score", type=float, help="score threshold (default: the model's, 0.05)")
+    p.add_argument("--nms", type=float, help="NMS IoU threshold (default: the model's, 0.5)")
+    p.add_argument("--max-det", type=int, help="detections per image (default: the model's, 300)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
+    p.add_argument("--no-draw", action="store_true", help="do not write drawn images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def cli(argv: Sequence[str]) -> int:
+    """``gridclip detect``: see :func:`build_parser`. Exit 0, 1 if some images failed, 2 on bad usage."""
+    from tqdm import tqdm
+
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.data.inputs import expand_inputs, iter_images
+    from gridclip.utils.atomic import atomic_open
+
+    args = build_parser().parse_args(list(argv))
+    if args.batch < 1:
+        raise ValueError(f"--batch: expected an integer >= 1, got {args.batch}")
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    _check_writable_dir(out)
+    model = load_checkpoint(args.checkpoint, device="cpu")
+    _set_cli_vocabulary(model, args)
+    model.to(device)
+    _check_inputs(args.inputs)
+    paths = expand_inputs(args.inputs)
+
+    failed = done = n_dets = 0
+    draw_names = _DrawnNames()
+    bar = tqdm(desc="detect", unit="img", disable=True if args.no_progress else None, file=sys.stderr)
+    results_path = out / args.results_name
+    with atomic_open(results_path, "w") as f, override_thresholds(model, args.score, args.nms, args.max_det):
+        f.write("[")
+        sep = "\n"
+        for batch in _batched(iter_images(paths, on_error="report"), args.batch):
+            good = []
+            for path, image, err in batch:
+                if err is not None:
+                    failed += 1
+                    bar.write(f"gridclip detect: skipped {err}", file=sys.stderr)
+                else:
+                    good.append((path, image))
+            if good:
+                with torch.no_grad():
+                    dets = model([to_float_image(img).to(device) for _, img in good])
+                names = class_names_of(model)
+                for (path, image), det in zip(good, dets):
+                    done += 1
+                    result = _to_result(det, names)
+                    for entry in detections_to_coco(result, done, str(path)):
+                        f.write(sep + json.dumps(entry, ensure_ascii=False))
+                        sep = ",\n"
+                        n_dets += 1
+                    if not args.no_draw:
+                        _save_image(out / draw_names(path), draw_detections(image, result))
+            bar.update(len(batch))
+        f.write("\n]\n")
+    bar.close()
+    print(f"{done} image(s), {n_dets} detection(s) -> {results_path}"
+          + (f"; {failed} failed" if failed else ""), file=sys.stdout)
+    return 1 if failed else 0
+
+
+def _check_inputs(inputs: Sequence[str]) -> None:
+    """Fail before any output is written when an input is neither a file, a folder nor a glob."""
+    import glob
+
+    for text in inputs:
+        if not text:
+            raise FileNotFoundError("empty input path")
+        if not os.path.exists(text) and not (glob.has_magic(text) and next(glob.iglob(text, recursive=True), None)):
+            raise FileNotFoundError(f"{text}: no such file or folder")
