@@ -377,3 +377,37 @@ def test_cli_trains_with_overrides_and_adamw(tiny_root, tmp_path, capsys):
     assert saved.train.optimizer == "adamw" and saved.train.lr == pytest.approx(1e-4)
     assert main(["train", "--config", str(config), "train.nonsense=1"]) == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_evaluation_during_training_logs_ap(tiny_root, tmp_path, caplog):
+    """train.eval_every_epochs=1: AP on data.val_json with every category (novel included) after each
+    epoch, written to TensorBoard; training continues with the base vocabulary afterwards."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gridclip.engine.train import train
+
+    vocab_after = []
+    cfg = tiny_config(tiny_root, eval_every_epochs=1)
+    with caplog.at_level("INFO", logger="gridclip.train"):
+        out = train(cfg, tmp_path / "run", max_iters=4, progress=False,
+                    step_callback=lambda t, s: vocab_after.append(t.model.num_classes))
+    assert out["iters_per_epoch"] == 3
+    assert "iter 3 eval: AP" in caplog.text
+    assert vocab_after == [3, 3, 3, 3]  # base vocabulary restored after evaluating with all 4 categories
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"eval/AP", "eval/APr", "train/loss", "train/loss_grid", "lr/new"} <= set(tags)
+    assert [e.step for e in events.Scalars("eval/AP")] == [3]
+
+
+@pytest.mark.parametrize("name", ["lvis_r50_1gpu", "lvis_r50_cached_teacher", "lvis_r50_no_image_align",
+                                  "lvis_r50_no_mhsa"])
+def test_shipped_training_configs_load(name):
+    path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
+    cfg = load_config(path)
+    base = load_config(path.parent / "lvis_r50.yaml")
+    assert cfg.out_dir != base.out_dir
+    assert cfg.train.batch_size % cfg.train.accumulate == 0
+    assert (cfg.train.accumulate, cfg.train.teacher_cache, cfg.model.image_align, cfg.model.use_mhsa) != \
+        (base.train.accumulate, base.train.teacher_cache, base.model.image_align, base.model.use_mhsa)
