@@ -1,0 +1,49 @@
+"""The benchmark runs end to end in --quick mode and reports every field (no timing assertions)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gridclip.bench import cli
+
+
+def test_quick_bench_reports_every_field(tmp_path):
+    out, doc = tmp_path / "bench", tmp_path / "bench.md"
+    rc = cli(["--quick", "--quiet", "--out", str(out), "--doc", str(doc), "--sizes", "64x96", "--classes", "3", "40",
+              "--baselines", "fcos", "crops", "--train-size", "64x64", "--train-batch", "1"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {"environment", "settings", "parameters", "latency", "memory", "training", "goals"} <= set(results)
+    cases = {(r["size"], r["case"]) for r in results["latency"]}
+    assert cases == {("64x96", "gridclip_K3"), ("64x96", "gridclip_K40"), ("64x96", "fcos"), ("64x96", "crops")}
+    for row in results["latency"]:
+        assert row["median_s"] > 0 and len(row["samples_s"]) == results["settings"]["rounds"]
+    assert [r["case"] for r in results["memory"]] == ["gridclip_K3"]
+    assert results["memory"][0]["peak_delta_mib"] >= 0 and results["memory"][0]["rss_model_mib"] > 0
+    assert {r["case"] for r in results["training"]} == {"gridclip", "fcos"}
+    assert all(r["images_per_s"] > 0 for r in results["training"])
+    # The inference parameter count is the model's own count, not a copied number.
+    from benchmarks.cases import ModelSpec, build_gridclip
+
+    model = build_gridclip(ModelSpec(clip_model=results["spec"]["clip_model"]), 1)
+    assert results["parameters"]["inference_params_m"] == pytest.approx(model.inference_parameter_count() / 1e6)
+    goals = {g["goal"]: g for g in results["goals"]}
+    assert any("FCOS" in g for g in goals) and any("crops" in g for g in goals)
+    assert all(g["holds"] in (True, False, None) for g in goals.values())
+    # Ratios are computed from the measured medians.
+    med = {r["case"]: r["median_s"] for r in results["latency"]}
+    fcos_goal = next(g for g in results["goals"] if "FCOS" in g["goal"])
+    assert fcos_goal["measured"] == pytest.approx(med["gridclip_K3"] / med["fcos"])
+    text = doc.read_text()
+    for heading in ("## Machine", "## Goals", "## Inference latency", "## Peak memory", "## Training throughput",
+                    "## Parameters"):
+        assert heading in text
+    assert "torch " in text and "threads" in text
+
+
+def test_bad_arguments_are_user_errors(tmp_path):
+    with pytest.raises(ValueError, match="--sizes"):
+        cli(["--quick", "--out", str(tmp_path), "--sizes", "big"])
+    with pytest.raises(ValueError, match="CUDA|fp16"):
+        cli(["--quick", "--out", str(tmp_path), "--amp", "fp16"])
