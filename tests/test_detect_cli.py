@@ -1,0 +1,134 @@
+"""`gridclip detect`: results JSON against predict(), drawn images, folders/globs, streaming, Ctrl-C."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gridclip.cli import main
+
+NAMES = ["red star", "blue ring", "green box"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_clip_names, tmp_path_factory):
+    """A tiny random GridCLIP checkpoint whose vocabulary (NAMES) was embedded by the tiny text encoder."""
+    from gridclip import GridCLIP
+    from gridclip.checkpoint import save_checkpoint
+    from gridclip.config import GridCLIPConfig
+
+    rn, vit = tiny_clip_names
+    cfg = GridCLIPConfig(clip_model=rn, clip_pretrained=None, teacher_model=vit, teacher_pretrained=None,
+                         adapter_channels=32, fpn_channels=32, head_convs=2, projector_hidden=64,
+                         min_size=128, max_size=192, detections_per_img=20)
+    torch.manual_seed(0)
+    model = GridCLIP(cfg, load_clip_weights=False)
+    torch.nn.init.normal_(model.head.regression_head.bbox_reg.weight, std=0.05)
+    torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
+    d = tmp_path_factory.mktemp("detect_ckpt")
+    model.set_vocabulary(NAMES, cache_dir=d / "cache")
+    save_checkpoint(d / "tiny.pt", model)
+    return d / "tiny.pt"
+
+
+def write_image(path, h, w, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def run(args, capsys):
+    rc = main(["detect", *map(str, args)])
+    captured = capsys.readouterr()
+    return rc, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+
+def test_results_match_predict_and_images_are_drawn(checkpoint, tmp_path, capsys):
+    import gridclip
+    from gridclip.engine.predict import predict
+
+    a = write_image(tmp_path / "in" / "a.png", 90, 130, 1)
+    b = write_image(tmp_path / "in" / "sub" / "b.png", 120, 100, 2)
+    out = tmp_path / "out"
+    rc, stdout, err = run(["--checkpoint", checkpoint, tmp_path / "in", "--out", out, "--device", "cpu"], capsys)
+    assert rc == 0 and err == []
+    results = json.loads((out / "detections.json").read_text(encoding="utf-8"))
+    model = gridclip.load(checkpoint)
+    for image_id, path in enumerate([a, b], start=1):  # folder order: files, then sub-folders
+        mine = [r for r in results if r["file_name"] == str(path)]
+        (ref,) = predict(model, path)
+        assert len(mine) == len(ref["scores"]) > 0
+        assert {r["image_id"] for r in mine} == {image_id}
+        for r, box, score, label in zip(mine, ref["boxes"].tolist(), ref["scores"].tolist(), ref["labels"].tolist()):
+            x, y, w, h = r["bbox"]
+            np.testing.assert_allclose([x, y, x + w, y + h], box, atol=0.02)
+            assert r["score"] == pytest.approx(score, abs=1e-5)
+            assert r["category_id"] == label + 1 and r["category_name"] == NAMES[label]
+        drawn = np.asarray(Image.open(out / f"{path.stem}.jpg"))
+        original = np.asarray(Image.open(path))
+        assert drawn.shape == original.shape
+        assert np.abs(drawn.astype(int) - original).mean() > 1  # boxes were drawn on it
+    assert "2 image(s)" in stdout
+
+
+def test_vocab_override_score_and_no_draw(checkpoint, tmp_path, capsys):
+    img = write_image(tmp_path / "x.jpg", 100, 100)
+    out = tmp_path / "out"
+    rc, _, err = run([img, "--checkpoint", checkpoint, "--vocab", "cat, dog", "--score", "0.08", "--no-draw",
+                      "--out", out], capsys)
+    assert rc == 0 and err == []
+    results = json.loads((out / "detections.json").read_text())
+    assert results and {r["category_name"] for r in results} <= {"cat", "dog"}
+    assert min(r["score"] for r in results) > 0.08
+    assert sorted(p.name for p in out.iterdir()) == ["detections.json"]
+
+
+def test_glob_batches_and_name_clashes(checkpoint, tmp_path, capsys):
+    for i in range(3):
+        write_image(tmp_path / f"d{i}" / "same.png", 64 + 16 * i, 80, i)
+    out = tmp_path / "out"
+    rc, _, err = run([tmp_path / "d*" / "*.png", "--checkpoint", checkpoint, "--batch", "2", "--out", out], capsys)
+    assert rc == 0 and err == []
+    assert sorted(p.name for p in out.glob("*.jpg")) == ["same.jpg", "same_1.jpg", "same_2.jpg"]
+    assert len({r["image_id"] for r in json.loads((out / "detections.json").read_text())}) == 3
+
+
+def test_streams_in_batches(checkpoint, tmp_path, capsys, monkeypatch):
+    """At most one batch of decoded images is alive: images are loaded only as batches are processed."""
+    import gridclip.data.inputs as inputs
+    import gridclip.engine.predict as predict_mod
+
+    for i in range(7):
+        write_image(tmp_path / "in" / f"{i}.png", 48, 48, i)
+    loaded, drawn_at = [], []
+    real_load, real_save = inputs.load_image, predict_mod._save_image
+    monkeypatch.setattr(inputs, "load_image", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(predict_mod, "_save_image", lambda *a: drawn_at.append(len(loaded)) or real_save(*a))
+    rc, _, _ = run([tmp_path / "in", "--checkpoint", checkpoint, "--batch", "2", "--out", tmp_path / "out"], capsys)
+    assert rc == 0
+    assert drawn_at == [2, 2, 4, 4, 6, 6, 7]
+
+
+def test_interrupt_leaves_previous_results_intact(checkpoint, tmp_path, capsys, monkeypatch):
+    import gridclip.engine.predict as predict_mod
+
+    for i in range(3):
+        write_image(tmp_path / "in" / f"{i}.png", 48, 48, i)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "detections.json").write_text("previous")
+    calls = []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict_mod, "_save_image", interrupted)
+    rc, _, err = run([tmp_path / "in", "--checkpoint", checkpoint, "--out", out], capsys)
+    assert rc == 130 and err == ["gridclip: interrupted"]
+    assert (out / "detections.json").read_text() == "previous"
+    assert [p.name for p in out.iterdir()] == ["detections.json"]  # no temporary files left
