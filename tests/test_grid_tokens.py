@@ -156,3 +156,24 @@ def _without_masking(model, fn):
         return fn()
     finally:
         gc.valid_cells, head.MaskedGroupNorm._cells = orig
+
+
+@pytest.mark.parametrize("name", [
+    "RN101-quickgelu", "RN50x4-quickgelu",
+    pytest.param("RN50x16-quickgelu", marks=pytest.mark.slow), pytest.param("RN50x64-quickgelu", marks=pytest.mark.slow),
+])
+def test_every_clip_resnet_works(name):
+    """Every open_clip ModifiedResNet: z-bar equals open_clip at its native size, and detection runs at
+    another size (positional embedding resized)."""
+    reference = load_clip(name, None, seed=0)
+    cfg = GridCLIPConfig(clip_model=name, clip_pretrained=None, image_align=False, adapter_channels=32,
+                         fpn_channels=32, head_convs=1, min_size=160, max_size=224)
+    model = GridCLIP(cfg).eval()  # random init with the same seed: the same CLIP weights
+    size = reference.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_grid(images)[0], reference.visual(images), rtol=1e-4, atol=1e-5)
+        model.set_vocabulary(torch.randn(4, model.clip_dim))
+        out = model([torch.rand(3, 160, 200)])
+    assert out[0]["boxes"].shape[1] == 4
