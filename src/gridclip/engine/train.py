@@ -308,6 +308,8 @@ class Trainer:
                              "model settings (or start a new run in another --out)")
         diffs = _diff(saved.get("train", {}), config_to_dict(self.cfg.train), "train") + \
             _diff(saved.get("data", {}), config_to_dict(self.cfg.data), "data")
+        if data.get("total_iters") != self.total_iters:
+            diffs.append(f"schedule length: {data.get('total_iters')} -> {self.total_iters} iterations")
         if diffs:
             logger.warning("resuming %s with changed settings: %s", path, ", ".join(diffs))
         self.model.load_state_dict(data["model"])
