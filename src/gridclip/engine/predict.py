@@ -311,13 +311,18 @@ def cli(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     if args.batch < 1:
         raise ValueError(f"--batch: expected an integer >= 1, got {args.batch}")
+    for flag, value in (("--score", args.score), ("--nms", args.nms)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{flag}: expected a number in [0, 1], got {value}")
+    if args.max_det is not None and args.max_det < 1:
+        raise ValueError(f"--max-det: expected an integer >= 1, got {args.max_det}")
     device = resolve_device(args.device)
+    _check_inputs(args.inputs)
     out = Path(args.out)
     _check_writable_dir(out)
     model = load_checkpoint(args.checkpoint, device="cpu")
     _set_cli_vocabulary(model, args)
     model.to(device)
-    _check_inputs(args.inputs)
     paths = expand_inputs(args.inputs)
 
     failed = done = n_dets = 0
