@@ -1,0 +1,277 @@
+"""gridclip analyze: per-category AP vs lvis.LVISEval, recall@k on cases with a known answer, plots and
+tables, the transfer world and its evaluation, the results document."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gridclip.analysis.frequency import category_table, moving_average, train_image_counts
+from gridclip.analysis.recall import clamp_ks, parse_model_spec, recall_at_k
+from gridclip.cli import main as gridclip_main
+
+FREQS = ["f", "f", "c", "c", "c", "r", "r", "f"]
+
+
+def made_up_pair(seed: int = 0, n_images: int = 12) -> tuple[dict, list[dict], dict]:
+    """LVIS-format GT (frequency, image_count, neg / not-exhaustive lists), jittered-GT and false-positive
+    detections with distinct scores, and a training JSON with a long-tailed count per category."""
+    rng = np.random.default_rng(seed)
+    cats = [{"id": 3 + 2 * k, "name": f"thing_{k}", "frequency": f, "image_count": int(c)}
+            for k, (f, c) in enumerate(zip(FREQS, [300, 120, 40, 25, 12, 3, 1, 200]))]
+    cat_ids = [c["id"] for c in cats]
+    images, anns, dets = [], [], []
+    for i in range(n_images):
+        image_id = 100 + i
+        present = [int(c) for c in rng.choice(cat_ids, size=int(rng.integers(1, 4)), replace=False)]
+        absent = [c for c in cat_ids if c not in present]
+        images.append({"id": image_id, "width": 320, "height": 240,
+                       "neg_category_ids": [int(c) for c in rng.choice(absent, size=3, replace=False)],
+                       "not_exhaustive_category_ids": [present[0]] if i % 4 == 0 else []})
+        for c in present:
+            for _ in range(int(rng.integers(1, 3))):
+                w, h = float(rng.uniform(20, 120)), float(rng.uniform(20, 100))
+                x, y = float(rng.uniform(0, 320 - w)), float(rng.uniform(0, 240 - h))
+                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": c, "bbox": [x, y, w, h],
+                             "area": w * h})
+                if rng.random() < 0.8:
+                    j = rng.normal(0, 0.1 * w, size=4)
+                    dets.append({"image_id": image_id, "category_id": c,
+                                 "bbox": [x + j[0], y + j[1], max(w + j[2], 2.0), max(h + j[3], 2.0)]})
+        for _ in range(int(rng.integers(2, 8))):
+            w, h = float(rng.uniform(10, 100)), float(rng.uniform(10, 100))
+            dets.append({"image_id": image_id, "category_id": int(rng.choice(cat_ids)),
+                         "bbox": [float(rng.uniform(0, 320 - w)), float(rng.uniform(0, 240 - h)), w, h]})
+    for d, s in zip(dets, rng.permutation(len(dets)) / len(dets) * 0.9 + 0.05):
+        d["score"] = float(s)
+    train_anns = []
+    for k, cid in enumerate(cat_ids):
+        for im in range(k * 2 + 1):  # category k in 2k+1 distinct images, twice in some
+            for _ in range(1 + im % 2):
+                train_anns.append({"id": len(train_anns) + 1, "image_id": im, "category_id": cid, "bbox": [0, 0, 5, 5], "area": 25})
+    train = {"images": [{"id": i, "width": 10, "height": 10} for i in range(2 * len(cat_ids))],
+             "annotations": train_anns, "categories": copy.deepcopy(cats)}
+    return {"images": images, "annotations": anns, "categories": cats}, dets, train
+
+
+def lvis_per_category_ap(gt_path: Path, dets: list[dict]) -> dict[int, float]:
+    pytest.importorskip("lvis")
+    if not hasattr(np, "float"):
+        np.float = float  # lvis 0.5.3 uses np.float, removed in numpy 1.24; shim inside the test only
+    from lvis import LVIS, LVISEval
+
+    ev = LVISEval(LVIS(str(gt_path)), copy.deepcopy(dets), "bbox")
+    ev.run()
+    prec = ev.eval["precision"]  # [T, R, K, A] in lvis 0.5.3
+    out = {}
+    for k, cid in enumerate(ev.params.cat_ids):
+        p = prec[:, :, k, 0]
+        if (p > -1).any():
+            out[int(cid)] = float(p[p > -1].mean())
+    return out
+
+
+# ------------------------------------------------------------------------------------------- frequency
+
+def test_per_category_ap_equals_lvis_evaluator(tmp_path):
+    gt, dets, train = made_up_pair()
+    gt_path, dt_path = tmp_path / "gt.json", tmp_path / "dt.json"
+    gt_path.write_text(json.dumps(gt))
+    dt_path.write_text(json.dumps(dets))
+    rows = category_table(gt_path, [dt_path, dets[::2]])
+    want = lvis_per_category_ap(gt_path, dets)
+    assert len(want) >= 6 and len({round(v, 3) for v in want.values()}) > 3  # a non-degenerate case
+    assert [r.category_id for r in rows] == sorted(c["id"] for c in gt["categories"])
+    for r in rows:
+        if r.category_id in want:
+            assert r.ap[0] == pytest.approx(want[r.category_id], abs=1e-6), r
+        else:
+            assert r.ap[0] is None
+    # the second run (half the detections) is scored on its own
+    want_half = lvis_per_category_ap(gt_path, dets[::2])
+    assert {r.category_id: r.ap[1] for r in rows if r.ap[1] is not None} == pytest.approx(want_half, abs=1e-6)
+    # counts from the GT's image_count field, or from the training file's annotations
+    assert [r.train_image_count for r in rows] == [c["image_count"] for c in gt["categories"]]
+    rows_t = category_table(gt_path, [dt_path], train=train)
+    assert [r.train_image_count for r in rows_t] == [2 * k + 1 for k in range(len(FREQS))]
+    assert [r.novel for r in rows] == [f == "r" for f in FREQS]
+
+
+def test_train_image_counts_and_moving_average():
+    _, _, train = made_up_pair()
+    train["categories"].append({"id": 999, "name": "never_annotated", "frequency": "r"})
+    counts = train_image_counts(train)
+    assert counts[999] == 0 and counts[3] == 1 and counts[5] == 3  # distinct images, not boxes
+    values = [float(v) for v in range(30)]
+    ma = moving_average(values, 10)
+    assert ma[15] == pytest.approx(np.mean(values[5:26]))
+    assert ma[0] == pytest.approx(np.mean(values[:11])) and ma[-1] == pytest.approx(np.mean(values[19:]))
+
+
+def test_frequency_cli_plot_and_csv(tmp_path, capsys):
+    gt, dets, train = made_up_pair(seed=1)
+    for c in gt["categories"]:
+        del c["image_count"]
+    gt_path, a, b, tr = tmp_path / "gt.json", tmp_path / "a.json", tmp_path / "b.json", tmp_path / "train.json"
+    gt_path.write_text(json.dumps(gt))
+    a.write_text(json.dumps(dets))
+    b.write_text(json.dumps(dets[1::2]))
+    train["annotations"] = [x for x in train["annotations"] if x["category_id"] != 13]  # a novel class without boxes
+    tr.write_text(json.dumps(train))
+    out = tmp_path / "fig" / "freq.png"
+    # without --train and without image_count: a clear error
+    assert gridclip_main(["analyze", "frequency", "--gt", str(gt_path), "--results", str(a), "--out", str(out)]) == 2
+    assert "image_count" in capsys.readouterr().err
+    rc = gridclip_main(["analyze", "frequency", "--gt", str(gt_path), "--results", str(a), str(b), "--labels", "A", "B",
+                        "--train", str(tr), "--out", str(out), "--size", "640", "360"])
+    assert rc == 0
+    assert "novel AP" in capsys.readouterr().out
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (640, 360)
+    with open(out.with_suffix(".csv"), newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(gt["categories"])
+    assert list(table[0]) == ["category_id", "name", "frequency", "train_image_count", "AP_A", "AP_B"]
+    row13 = next(r for r in table if r["category_id"] == "13")
+    assert row13["train_image_count"] == "0" and row13["frequency"] == "r"
+    ref = category_table(gt_path, [a], train=tr)
+    for r, t in zip(ref, table):
+        assert (t["AP_A"] == "") == (r.ap[0] is None)
+        if r.ap[0] is not None:
+            assert float(t["AP_A"]) == pytest.approx(r.ap[0], abs=1e-6)
+    # mismatched labels are refused
+    assert gridclip_main(["analyze", "frequency", "--gt", str(gt_path), "--results", str(a), "--labels", "A", "B",
+                          "--train", str(tr), "--out", str(out)]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- recall
+
+def orthonormal(k: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=g))
+    return q.T.contiguous()  # [k, d], rows orthonormal
+
+
+def known_image_embeddings(text: torch.Tensor, gt: list[list[int]]) -> torch.Tensor:
+    """Image i = weighted sum of its categories' text embeddings (weights 1, 0.9, 0.8, ... > 0): its GT
+    categories rank first, every other category has similarity 0."""
+    return torch.stack([sum((1 - 0.1 * j) * text[c] for j, c in enumerate(labels)) for labels in gt])
+
+
+def expected_recall(gt: list[list[int]], k: int) -> float:
+    return float(np.mean([min(k, len(g)) / len(g) for g in gt]))
+
+
+def test_recall_at_k_known_answer_and_clamp():
+    text = orthonormal(12, 16)
+    gt = [[0], [1, 2], [3, 4, 5], [6, 7, 8, 9, 10], [11, 0, 5, 2]]
+    emb = known_image_embeddings(text, gt)
+    got = recall_at_k(emb, text, gt, [1, 2, 3, 5])
+    assert got == pytest.approx({k: expected_recall(gt, k) for k in (1, 2, 3, 5)})
+    # a permuted image order with permuted labels gives the same answer; wrong labels a lower one
+    perm = [4, 2, 0, 3, 1]
+    assert recall_at_k(emb[perm], text, [gt[i] for i in perm], [2]) == pytest.approx({2: expected_recall(gt, 2)})
+    assert recall_at_k(emb, text, [[(c + 1) % 12 for c in g] for g in gt], [2])[2] < expected_recall(gt, 2)
+    with pytest.warns(UserWarning, match="only 12 categories"):
+        clamped = recall_at_k(emb, text, gt, [3, 300])
+    assert set(clamped) == {3, 12} and clamped[12] == pytest.approx(1.0)
+    with pytest.warns(UserWarning):
+        assert clamp_ks([10, 100, 300], 48) == [10, 48]
+    with pytest.raises(ValueError, match="positive"):
+        clamp_ks([0], 5)
+    # images without ground truth are skipped, not counted as 0
+    assert recall_at_k(torch.cat([emb, emb[:1]]), text, gt + [[]], [1]) == pytest.approx({1: expected_recall(gt, 1)})
+
+
+def test_parse_model_spec(tmp_path):
+    assert parse_model_spec("RN50-quickgelu:openai") == ("RN50-quickgelu", "openai")
+    assert parse_model_spec("RN50-quickgelu") == ("RN50-quickgelu", None)
+    assert parse_model_spec("RN50:/x/y:z.pt") == ("RN50", "/x/y:z.pt")
+    assert parse_model_spec(str(tmp_path)) == (str(tmp_path), None)
+
+
+def write_colour_images(root: Path, gt_labels: list[list[int]], names: list[str]) -> Path:
+    """One flat-colour image per entry (image i has value i+1 in the red channel) and a COCO JSON whose
+    image i holds one box per category of ``gt_labels[i]``."""
+    (root / "imgs").mkdir(parents=True)
+    images, anns = [], []
+    for i, labels in enumerate(gt_labels):
+        w, h = 40 + 8 * i, 32  # different sizes: the letterbox path is exercised
+        arr = np.zeros((h, w, 3), np.uint8)
+        arr[..., 0] = i + 1
+        Image.fromarray(arr).save(root / "imgs" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        for c in labels:
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c + 1, "bbox": [1, 1, 10, 10],
+                         "area": 100, "iscrowd": 0})
+    gt = {"images": images, "annotations": anns, "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)]}
+    (root / "gt.json").write_text(json.dumps(gt))
+    return root / "gt.json"
+
+
+def test_clip_recall_cli_with_stub_clip(tmp_path, monkeypatch, capsys):
+    """End to end through the CLI: a stub CLIP whose embedding of image i is built from the text
+    embeddings of image i's categories gives the known recall."""
+    from gridclip.clip import Vocabulary
+    from gridclip.model.teacher import CLIPTeacher
+
+    names = [f"word {k}" for k in range(12)]
+    text = orthonormal(12, 16, seed=3)
+    gt_labels = [[0], [1, 2], [3, 4, 5], [6, 7, 8, 9, 10], [11, 0, 5, 2], [7, 3]]
+    target = known_image_embeddings(text, gt_labels)
+    seen_names = []
+
+    class StubTower(torch.nn.Module):
+        output_dim = 16
+
+        def forward(self, images):
+            assert all(im.dtype == torch.float32 and 0 <= im.min() and im.max() <= 1 for im in images)
+            idx = [int(round(float(im[0].max()) * 255)) - 1 for im in images]
+            return torch.nn.functional.normalize(target[idx], dim=-1)
+
+    def from_names(cls, names_, model, pretrained, **kw):
+        seen_names.append((tuple(names_), model, pretrained))
+        return Vocabulary.from_tensor(text, names_)
+
+    monkeypatch.setattr(Vocabulary, "from_names", classmethod(from_names))
+    monkeypatch.setattr(CLIPTeacher, "from_pretrained", classmethod(lambda cls, m, p, seed=0: StubTower()))
+    gt_path = write_colour_images(tmp_path, gt_labels, names)
+    out = tmp_path / "recall"
+    with pytest.warns(UserWarning, match="only 12 categories"):
+        rc = gridclip_main(["analyze", "clip-recall", "--gt", str(gt_path), "--images", str(tmp_path / "imgs"),
+                            "--clip", "stub-model:tag", "--k", "1", "3", "300", "--batch-size", "4", "--out", str(out)])
+    assert rc == 0
+    assert seen_names == [(tuple(names), "stub-model", "tag")]
+    saved = json.loads((out / "recall.json").read_text())
+    want = {1: expected_recall(gt_labels, 1), 3: expected_recall(gt_labels, 3), 12: 1.0}
+    assert {int(k): v for k, v in saved[0]["recall"].items()} == pytest.approx(want)
+    assert saved[0]["num_images"] == len(gt_labels) and saved[0]["num_categories"] == 12
+    with open(out / "recall.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    with Image.open(out / "recall.png") as im:
+        assert im.format == "PNG" and im.size == (800, 450)
+    assert "R@3" in capsys.readouterr().out
+
+
+def test_clip_recall_real_tiny_clip(tmp_path, tiny_clip_names):
+    """Real open_clip towers (random tiny RN and ViT): the pipeline runs, recall grows with k and is 1 at k = K,
+    and the image embeddings are CLIPTeacher's."""
+    from gridclip.analysis.recall import clip_recall, embed_images, _gt_images
+    from gridclip.model.teacher import CLIPTeacher
+
+    rn, vit = tiny_clip_names
+    gt_path = write_colour_images(tmp_path, [[0, 1], [2], [3, 1, 0]], ["red", "blue", "green", "yellow"])
+    res = clip_recall(gt_path, tmp_path / "imgs", [rn, vit], ks=[1, 2, 4], batch_size=2, progress=False)
+    assert [r.model for r in res] == [rn, vit]
+    for r in res:
+        assert r.recall[1] <= r.recall[2] <= r.recall[4] == pytest.approx(1.0)
+    dataset, indices, _ = _gt_images(gt_path, tmp_path / "imgs", None)
+    teacher = CLIPTeacher.from_pretrained(rn, None)
+    one_by_one = torch.cat([teacher([dataset.load(i)[0].float() / 255]) for i in indices])
+    assert torch.allclose(embed_images(teacher, dataset, indices, batch_size=2, progress=False), one_by_one, atol=1e-5)
