@@ -2,10 +2,8 @@
 first-step all-reduced gradients equal one process's with the same global batch (accumulate 2)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -14,10 +12,12 @@ from test_train import one_thread, subprocess_env, tiny_config, tiny_root, write
 from gridclip.engine import state as train_state
 
 SCRIPT = '''
+# `gridclip train` exactly as a user runs it under torchrun, plus a step callback that saves rank 0's
+# first-step gradients (after DDP's all-reduce)
 import sys
 import torch
-from gridclip.config import load_config
-from gridclip.engine.train import train
+import gridclip.engine.train as engine
+from gridclip.cli import main
 
 config, out, dump = sys.argv[1:4]
 
@@ -26,7 +26,9 @@ def dump_grads(trainer, step):
         assert trainer.dist.world_size == 2 and trainer.ddp_model is not trainer.model
         torch.save({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}, dump)
 
-train(load_config(config), out, max_iters=3, progress=False, step_callback=dump_grads)
+init = engine.Trainer.__init__
+engine.Trainer.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "step_callback": dump_grads})
+sys.exit(main(["train", "--config", config, "--out", out, "--max-iters", "3", "--no-progress"]))
 '''
 
 
@@ -44,6 +46,7 @@ def test_torchrun_two_processes_match_one_process(tiny_root, tmp_path, monkeypat
            str(script), str(config), str(out), str(dump)]
     proc = subprocess.run(cmd, env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("trained 3 iterations") == 1  # rank 0 reports, rank 1 stays quiet
 
     # rank 0 wrote the checkpoints, with both ranks' RNG states, and the final model
     assert [i for i, _ in train_state.list_checkpoints(out)] == [2, 3]
