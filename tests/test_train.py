@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -347,7 +345,7 @@ def test_teacher_cache_roundtrip_and_training(tiny_root, tmp_path, capsys):
 
 
 def test_existing_run_needs_resume_and_config_errors(tiny_root, tmp_path):
-    from gridclip.engine.train import cli, train
+    from gridclip.engine.train import train
 
     cfg = tiny_config(tiny_root)
     train(cfg, tmp_path / "run", max_iters=2, progress=False)
