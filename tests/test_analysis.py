@@ -275,3 +275,94 @@ def test_clip_recall_real_tiny_clip(tmp_path, tiny_clip_names):
     teacher = CLIPTeacher.from_pretrained(rn, None)
     one_by_one = torch.cat([teacher([dataset.load(i)[0].float() / 255]) for i in indices])
     assert torch.allclose(embed_images(teacher, dataset, indices, batch_size=2, progress=False), one_by_one, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------- transfer
+
+class OracleDetector(torch.nn.Module):
+    """Returns the ground truth of whichever transfer image it is given (looked up by pixel content),
+    with label ``(label + shift) % K``; records the vocabulary and NMS it was set to."""
+
+    def __init__(self, gt_path: Path, shift: int = 0):
+        super().__init__()
+        from gridclip.data.datasets import build_dataset
+
+        ds = build_dataset("coco", gt_path, gt_path.parent / "images")
+        self.truth = {}
+        for i in range(len(ds)):
+            image, target = ds.load(i)
+            self.truth[image.as_subclass(torch.Tensor).numpy().tobytes()] = (target["boxes"].as_subclass(torch.Tensor), target["labels"])
+        self.shift, self.names, self.nms_thresh = shift, None, 0.5
+
+    def set_vocabulary(self, names):
+        self.names = list(names)
+        return self
+
+    def forward(self, images):
+        out = []
+        for im in images:
+            boxes, labels = self.truth[(im * 255).round().to(torch.uint8).numpy().tobytes()]
+            out.append({"boxes": boxes.float(), "labels": (labels + self.shift) % len(self.names),
+                        "scores": torch.linspace(0.9, 0.5, len(labels))})
+        return out
+
+
+def test_transfer_world_is_a_new_vocabulary_and_cached(tmp_path):
+    from gridclip.analysis.transfer import make_transfer_world
+    from gridclip.data.shapes import SHAPES, category_names
+
+    gt_path = make_transfer_world(tmp_path / "t", seed=3, num_images=30)
+    data = json.loads(gt_path.read_text())
+    names = [c["name"] for c in data["categories"]]
+    assert names == list(SHAPES) and not set(names) & set(category_names())
+    assert len(data["images"]) == 30 and {a["category_id"] for a in data["annotations"]} == set(range(1, 9))
+    per_image: dict[int, set[int]] = {}
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 128 and y + h <= 128
+        per_image.setdefault(a["image_id"], set()).add(a["category_id"])
+    for im in data["images"]:  # exhaustive: every absent shape is a verified negative
+        assert set(im["neg_category_ids"]) == set(range(1, 9)) - per_image[im["id"]]
+        with Image.open(gt_path.parent / "images" / im["file_name"]) as pil:
+            assert pil.size == (128, 128)
+    before = gt_path.stat().st_mtime_ns
+    assert make_transfer_world(tmp_path / "t", seed=3, num_images=30) == gt_path and gt_path.stat().st_mtime_ns == before
+    again = make_transfer_world(tmp_path / "u", seed=3, num_images=30)
+    assert again.read_bytes() == gt_path.read_bytes()
+    assert (again.parent / "images" / "000007.png").read_bytes() == (gt_path.parent / "images" / "000007.png").read_bytes()
+    assert make_transfer_world(tmp_path / "v", seed=4, num_images=30).read_bytes() != gt_path.read_bytes()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a transfer world"):
+        make_transfer_world(tmp_path / "junk")
+
+
+def test_evaluate_transfer_swaps_vocabulary_and_nms(tmp_path):
+    from gridclip.analysis.transfer import evaluate_transfer, make_transfer_world
+    from gridclip.data.shapes import SHAPES
+
+    gt_path = make_transfer_world(tmp_path / "t", seed=0, num_images=6)
+    oracle = OracleDetector(gt_path)
+    report = evaluate_transfer(oracle, tmp_path / "t")
+    assert oracle.names == list(SHAPES) and oracle.nms_thresh == 0.6
+    assert list(report["metrics"]) == ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    assert report["metrics"]["AP50"] == pytest.approx(1.0) and report["metrics"]["AP75"] == pytest.approx(1.0)
+    wrong = evaluate_transfer(OracleDetector(gt_path, shift=1), tmp_path / "t", nms_thresh=0.7)
+    assert wrong["metrics"]["AP50"] == pytest.approx(0.0) and wrong["nms_thresh"] == 0.7
+    with pytest.raises(FileNotFoundError, match="transfer world"):
+        evaluate_transfer(oracle, tmp_path / "missing")
+
+
+def test_transfer_cli_with_tiny_gridclip(tmp_path, tiny_cfg, capsys):
+    from gridclip.checkpoint import save_checkpoint
+    from gridclip.model import build_model
+
+    model = build_model(tiny_cfg).eval()
+    save_checkpoint(tmp_path / "m.pt", model)
+    rc = gridclip_main(["analyze", "transfer", "--checkpoint", str(tmp_path / "m.pt"), "--world", str(tmp_path / "w"),
+                        "--num-images", "3", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    assert "AP50" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert saved["nms_thresh"] == 0.6 and saved["num_images"] == 3 and len(saved["categories"]) == 8
+    assert all(v == -1 or 0 <= v <= 1 for v in saved["metrics"].values())
