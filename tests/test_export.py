@@ -1,0 +1,122 @@
+"""ONNX export: onnxruntime + the Python post-processing against the PyTorch model on several image sizes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+NAMES = ["red star", "blue ring", "green box"]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_clip_names, tmp_path_factory):
+    """A tiny random model (min_size 96, max_size 160) with a checkpoint, exported by the CLI both ways."""
+    from gridclip import GridCLIP
+    from gridclip.checkpoint import save_checkpoint
+    from gridclip.cli import main
+    from gridclip.config import GridCLIPConfig
+
+    rn, vit = tiny_clip_names
+    cfg = GridCLIPConfig(clip_model=rn, clip_pretrained=None, teacher_model=vit, teacher_pretrained=None,
+                         adapter_channels=32, fpn_channels=32, head_convs=2, projector_hidden=64,
+                         min_size=96, max_size=160, detections_per_img=50)
+    torch.manual_seed(0)
+    model = GridCLIP(cfg, load_clip_weights=False)
+    torch.nn.init.normal_(model.head.regression_head.bbox_reg.weight, std=0.05)
+    torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
+    d = tmp_path_factory.mktemp("export")
+    model.set_vocabulary(NAMES, cache_dir=d / "cache")
+    save_checkpoint(d / "tiny.pt", model)
+    assert main(["export", "--checkpoint", str(d / "tiny.pt"), "--out", str(d / "baked.onnx")]) == 0
+    assert main(["export", "--checkpoint", str(d / "tiny.pt"), "--out", str(d / "input.onnx"), "--vocab-input",
+                 "--opset", "17"]) == 0
+    return model.eval(), d
+
+
+def rand_image(h, w, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def assert_same_detections(a, b, atol_box=1e-3, atol_score=1e-5):
+    assert len(a["scores"]) == len(b["scores"]) > 0
+    assert a["labels"].tolist() == b["labels"].tolist()
+    torch.testing.assert_close(a["scores"], b["scores"], atol=atol_score, rtol=0)
+    torch.testing.assert_close(a["boxes"], b["boxes"], atol=atol_box, rtol=0)
+
+
+def test_files_and_sidecar(exported):
+    import onnx
+
+    model, d = exported
+    graph = onnx.load(str(d / "baked.onnx"))
+    onnx.checker.check_model(graph)
+    assert [i.name for i in graph.graph.input] == ["images"]
+    assert [o.name for o in graph.graph.output] == ["boxes", "cls_scores", "centerness"]
+    assert [i.name for i in onnx.load(str(d / "input.onnx")).graph.input] == ["images", "text"]
+    meta = json.loads((d / "baked.onnx.json").read_text())
+    assert meta["class_names"] == NAMES and meta["min_size"] == 96 and meta["max_size"] == 160
+    assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("h,w", [(128, 128), (96, 160), (160, 96), (64, 64), (200, 120)])
+def test_onnxruntime_matches_pytorch(exported, h, w):
+    """Sizes whose resized shape is a multiple of 32 (no padding): boxes and scores agree to float noise."""
+    from gridclip.engine.predict import predict
+    from gridclip.export import OnnxDetector
+
+    model, d = exported
+    img = rand_image(h, w, seed=h + w)
+    (ref,) = predict(model, img)
+    (got,) = OnnxDetector(d / "baked.onnx")(img)
+    assert_same_detections(got, ref)
+    assert got["names"] == ref["names"]
+
+
+def test_batched_dense_outputs_match_pytorch(exported):
+    """A batch of 2 at another size: the dense outputs of onnxruntime equal the PyTorch dense module's."""
+    from gridclip.export import DenseGridCLIP
+
+    model, d = exported
+    x = torch.rand(2, 3, 96, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = DenseGridCLIP(model)(x)
+    out = ort.InferenceSession(str(d / "baked.onnx"), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})
+    for o, r in zip(out, ref):
+        np.testing.assert_allclose(o, r.numpy(), atol=2e-4, rtol=0)
+
+
+def test_vocabulary_as_input(exported):
+    """--vocab-input: any K at run time; with the model's own vocabulary, the same detections as PyTorch."""
+    from gridclip.engine.predict import predict
+    from gridclip.export import OnnxDetector
+
+    model, d = exported
+    det = OnnxDetector(d / "input.onnx")
+    img = rand_image(96, 160, 7)
+    text = model.head.classification_head.text_embeddings.clone()
+    (got,) = det(img, text=text, names=NAMES)
+    (ref,) = predict(model, img)
+    assert_same_detections(got, ref)
+    other = torch.randn(7, model.clip_dim, generator=torch.Generator().manual_seed(3))
+    (got7,) = det(img, text=other)
+    assert got7["labels"].max() < 7
+    with pytest.raises(ValueError, match="text="):
+        det(img)
+
+
+def test_export_errors_are_one_line(exported, tmp_path, capsys):
+    from gridclip.cli import main
+
+    _, d = exported
+    assert main(["export", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert main(["export", "--checkpoint", str(d / "tiny.pt"), "--out", str(tmp_path), "--vocab", "a,b"]) == 2
+    assert main(["export", "--checkpoint", str(d / "tiny.pt"), "--out", str(tmp_path / "m.onnx"), "--vocab", "a,a"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(e.startswith("gridclip export: error:") for e in err)
+    assert "none.pt" in err[0] and "is a folder" in err[1] and "duplicate" in err[2]
+    assert not (tmp_path / "m.onnx").exists()
