@@ -366,3 +366,82 @@ def test_transfer_cli_with_tiny_gridclip(tmp_path, tiny_cfg, capsys):
     saved = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert saved["nms_thresh"] == 0.6 and saved["num_images"] == 3 and len(saved["categories"]) == 8
     assert all(v == -1 or 0 <= v <= 1 for v in saved["metrics"].values())
+
+
+# ------------------------------------------------------------------------------------------ results doc
+
+def fake_demo(root: Path, with_clip: bool = False) -> dict:
+    """A demo folder as `gridclip demo` leaves it: metrics.json, world/{world,val}.json, per-variant results."""
+    gt, dets, _ = made_up_pair(seed=4)
+    (root / "world").mkdir(parents=True)
+    (root / "world" / "val.json").write_text(json.dumps(gt))
+    (root / "world" / "world.json").write_text(json.dumps({"size": "small", "seed": 0, "categories": gt["categories"]}))
+    metrics = {"GridCLIP": {"AP": 0.4123, "AP50": 0.6, "APr": 0.1337, "APc": 0.3999, "APf": 0.5, "train_images_per_second": 7.25},
+               "grid only": {"AP": 0.3, "AP50": 0.5, "APr": 0.05, "APc": 0.25, "APf": 0.45},
+               "FCOS w/o align": {"AP": 0.2, "AP50": 0.4, "APr": 0.0, "APc": 0.2, "APf": 0.35}}
+    (root / "metrics.json").write_text(json.dumps(metrics))
+    for name, part in (("GridCLIP", dets), ("grid_only", dets[::2])):
+        (root / "runs" / name).mkdir(parents=True)
+        (root / "runs" / name / "results.json").write_text(json.dumps(part))
+    if with_clip:
+        from gridclip.config import Config, save_config
+
+        cfg = Config()
+        cfg.model.clip_model, cfg.model.teacher_model = str(root / "clip_rn"), str(root / "clip_vit")
+        (root / "clip_rn").mkdir()
+        (root / "clip_vit").mkdir()
+        save_config(cfg, root / "runs" / "GridCLIP" / "config.yaml")
+    return metrics
+
+
+def test_results_doc_from_demo_metrics(tmp_path, monkeypatch):
+    import re
+
+    from gridclip.analysis import recall as recall_mod
+    from gridclip.analysis.recall import RecallResult
+    from gridclip.analysis.results_doc import write_results_doc
+
+    metrics = fake_demo(tmp_path / "demo", with_clip=True)
+    calls = []
+
+    def fake_clip_recall(gt, images, models, ks, **kw):
+        calls.append((Path(gt).name, list(models), tuple(ks)))
+        return [RecallResult(m, {k: min(1.0, 0.1 * k) for k in ks}, 12, 8) for m in models]
+
+    monkeypatch.setattr(recall_mod, "clip_recall", fake_clip_recall)
+    out = tmp_path / "docs" / "results.md"
+    written = write_results_doc(tmp_path / "demo", out, figures_dir=tmp_path / "docs" / "figures", transfer=False,
+                                count_rn50=False)
+    text = out.read_text()
+    assert calls and calls[0][0] == "val.json" and [Path(m).name for m in calls[0][1]] == ["clip_rn", "clip_vit"]
+    for n in range(1, 6):
+        assert f"## Table {n}:" in text
+    # demo numbers appear as measured (AP in %), missing variants say so, paper cells are never filled in
+    grid_row = next(line for line in text.splitlines() if line.startswith("| GridCLIP, embedded world |"))
+    assert "| 41.2 | 13.4 | 40.0 | 50.0 |" in grid_row
+    assert "7.2 images/s" in text or "7.3 images/s" in text
+    assert re.search(r"image-level alignment only .*\| not run \|", text)
+    for line in text.splitlines():
+        if ", paper |" in line and "inference" not in line:
+            cells = [c.strip() for c in line.split("|")[2:-2]]
+            assert all(c in ("see paper", "56.4 M", "paper Table 2") for c in cells), line
+    assert "| shape words, embedded world | not run |" in text  # no model.pt: transfer not run
+    # figures linked relative to the document, files exist with one CSV row per category
+    for link in re.findall(r"\]\(([^)]+\.png)\)", text):
+        assert (out.parent / link).is_file()
+    assert {p.name for p in written} >= {"results.md", "fig3_ap_vs_frequency.png", "fig4_clip_recall.png"}
+    with open(tmp_path / "docs" / "figures" / "fig3_ap_vs_frequency.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(FREQS) and "AP_GridCLIP" in table[0] and "AP_grid only" in table[0]
+    assert "| clip_rn | 10.0 | 30.0 | 50.0 | 100.0 |" in text
+    with Image.open(tmp_path / "docs" / "figures" / "fig3_ap_vs_frequency.png") as im:
+        assert im.size == (900, 500)
+    assert metrics["GridCLIP"]["AP"] == 0.4123
+
+
+def test_results_cli_errors(tmp_path, capsys):
+    assert gridclip_main(["analyze", "results", "--demo", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.md")]) == 2
+    assert "gridclip demo" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
+    assert gridclip_main(["analyze", "bogus"]) == 2
+    assert "frequency" in capsys.readouterr().err

@@ -167,8 +167,9 @@ def format_recall_table(results: Sequence[RecallResult]) -> str:
 
 
 def write_recall_outputs(results: Sequence[RecallResult], out_dir: str | os.PathLike,
-                         size: tuple[int, int] = (800, 450), dpi: int = 100) -> dict[str, Path]:
-    """OUT/recall.json, OUT/recall.csv (model, k, recall, images, categories) and OUT/recall.png (bar
+                         size: tuple[int, int] = (800, 450), dpi: int = 100, stem: str = "recall",
+                         title: str | None = None) -> dict[str, Path]:
+    """OUT/<stem>.json, OUT/<stem>.csv (model, k, recall, images, categories) and OUT/<stem>.png (bar
     chart: one group per k, one bar per model, recall in %); all atomic."""
     import csv
     import io
@@ -176,7 +177,7 @@ def write_recall_outputs(results: Sequence[RecallResult], out_dir: str | os.Path
     from gridclip.utils.atomic import atomic_open, atomic_write_json
 
     out_dir = Path(out_dir)
-    paths = {"json": out_dir / "recall.json", "csv": out_dir / "recall.csv", "png": out_dir / "recall.png"}
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "png")}
     atomic_write_json(paths["json"], [{"model": r.model, "recall": {str(k): v for k, v in r.recall.items()},
                                        "num_images": r.num_images, "num_categories": r.num_categories} for r in results])
     buf = io.StringIO()
@@ -187,7 +188,7 @@ def write_recall_outputs(results: Sequence[RecallResult], out_dir: str | os.Path
             w.writerow([r.model, k, f"{v:.6f}", r.num_images, r.num_categories])
     with atomic_open(paths["csv"], "w") as f:
         f.write(buf.getvalue())
-    plot_recall(results, paths["png"], size=size, dpi=dpi)
+    plot_recall(results, paths["png"], size=size, dpi=dpi, title=title)
     return paths
 
 
