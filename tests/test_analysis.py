@@ -426,6 +426,7 @@ def test_results_doc_from_demo_metrics(tmp_path, monkeypatch):
             cells = [c.strip() for c in line.split("|")[2:-2]]
             assert all(c in ("see paper", "56.4 M", "paper Table 2") for c in cells), line
     assert "| shape words, embedded world | not run |" in text  # no model.pt: transfer not run
+    assert "Pipeline check only" in text  # a "small" world is flagged as such
     # figures linked relative to the document, files exist with one CSV row per category
     for link in re.findall(r"\]\(([^)]+\.png)\)", text):
         assert (out.parent / link).is_file()

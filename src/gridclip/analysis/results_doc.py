@@ -170,6 +170,15 @@ def render(run: DemoRun, transfer: dict | None, figures: dict[str, Path], out: P
         f"seed {w.get('seed', '?')}; {iters if iters is not None else '?'} training iterations per variant. "
         "AP in %, LVIS protocol (300 detections per image, federated).",
         "",
+    ]
+    if w.get("size") != "default":
+        lines += [
+            f"> **Pipeline check only.** This run used the `{w.get('size', '?')}` world (e.g. `gridclip demo --mini`):",
+            "> its numbers show that every step runs, not what the method achieves. Regenerate from a full",
+            "> `gridclip demo` run: `gridclip analyze results --demo runs/demo --out docs/results.md`.",
+            "",
+        ]
+    lines += [
         "## Table 1: open-vocabulary LVIS v1 (base = frequent + common, novel = rare)",
         "",
         "| model | AP | AP_r | AP_c | AP_f | reproduce on LVIS |",
