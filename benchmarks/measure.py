@@ -43,18 +43,21 @@ def autocast(device: str, amp: str):
 
 
 def time_rounds(calls: dict[str, Callable[[], object]], rounds: int, warmup: int, device: str = "cpu",
-                setup: dict[str, Callable[[], None]] | None = None, log=None) -> dict[str, list[float]]:
+                setup: dict[str, Callable[[], None]] | None = None, log=None,
+                warm_names: list[str] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each case, ``rounds`` samples each (interleaved, rotated order).
 
     ``setup[name]`` (optional) runs untimed right before each call of that case (e.g. swapping the
-    vocabulary of a model shared by several cases).
+    vocabulary of a model shared by several cases). Warm-up rounds run only ``warm_names`` (default all),
+    e.g. one case per distinct model and input shape.
     """
     setup = setup or {}
     names = list(calls)
     times: dict[str, list[float]] = {n: [] for n in names}
+    warm = list(warm_names) if warm_names is not None else names
     for r in range(warmup + rounds):
         shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in (warm if r < warmup else names[shift:] + names[:shift]):
             if name in setup:
                 setup[name]()
             sync(device)

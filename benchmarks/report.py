@@ -81,7 +81,7 @@ def markdown(results: dict) -> str:
               f"- load average (1, 5, 15 min) at start {_loads(env['load_average_start'])}, at end "
               f"{_loads(env.get('load_average_end'))}. The machine was shared with other jobs while this ran: "
               "absolute times are noisy; the ratios are the result.",
-              f"- settings: sizes {', '.join(st['sizes'])}; K {', '.join(map(str, st['classes']))}; rounds {st['rounds']} "
+              f"- settings: sizes {', '.join(st['sizes'])}; K {', '.join(map(str, st['classes']))}; rounds {st['rounds'] or '3 up to 640x640, 2 above'} "
               f"(+{st['warmup']} warm-up); crops baseline {st['crops']} boxes ({st['crops_measured']} encoded per "
               f"call, time scaled linearly); batch {', '.join(map(str, st['batch']))}; amp {', '.join(st['amp'])}"
               + ("; QUICK MODE (tiny CLIP, tiny images: not the goal setting)" if st["quick"] else ""), ""]

@@ -48,12 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", nargs="+", type=int, default=None, help="vocabulary sizes K (default 80 1203 21000)")
     p.add_argument("--main-classes", type=int, default=1203, help="K of the baseline comparisons and goals")
     p.add_argument("--baselines", nargs="*", default=None, choices=CASES[1:], help="default: all three")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per size (default 3, quick 1)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed rounds per size (default 3, 2 above 640x640 pixels; quick 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 1, quick 0)")
     p.add_argument("--crops", type=int, default=300, help="boxes classified by the crops baseline")
     p.add_argument("--crops-measured", type=int, default=None,
                    help="crops actually encoded per timed call; time is scaled by crops/crops-measured "
-                        "(encoding is batched, so linear). Default: 100 on CPU, all on CUDA")
+                        "(encoding is batched, so linear). Default: one batch (50) on CPU, all on CUDA")
     p.add_argument("--clip-model", default=None, help="open_clip model of GridCLIP and the crops baseline (default RN50-quickgelu)")
     p.add_argument("--memory", choices=["none", "main", "all"], default=None,
                    help="CPU peak-memory cases at the largest size: main = GridCLIP (every K) + FCOS; all adds "
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-rounds", type=int, default=None, help="timed training steps per model (default 2)")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--stages", action="store_true", help="add the per-stage time breakdown and measured optimisations")
+    p.add_argument("--stage-rounds", type=int, default=2, help="timed calls per stage breakdown and variant")
+    p.add_argument("--stage-size", default=None, help="HxW of the stage study (default: the largest --sizes)")
+    p.add_argument("--stages-from", default=None,
+                   help="take the stage study from an earlier results.json instead of running it")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--amp", nargs="+", default=["none"], choices=["none", "fp16", "bf16"], help="autocast dtypes")
     p.add_argument("--batch", nargs="+", type=int, default=None, help="images per call (default 1; GPU: 1 8)")
@@ -95,18 +100,21 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if any(k < 1 for k in args.classes):
         raise ValueError("--classes: vocabulary sizes must be >= 1")
     args.baselines = list(CASES[1:]) if args.baselines is None else args.baselines
-    args.rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
+    args.rounds = args.rounds if args.rounds is not None else (1 if quick else 0)  # 0: by size
     args.warmup = args.warmup if args.warmup is not None else (0 if quick else 1)
-    if args.rounds < 1 or args.warmup < 0:
+    if args.rounds < 0 or args.warmup < 0:
         raise ValueError("--rounds must be >= 1 and --warmup >= 0")
     if quick:
         args.crops = min(args.crops, 8)
-    args.crops_measured = min(args.crops, args.crops_measured or (args.crops if (cuda or quick) else 100))
+    args.crops_measured = min(args.crops, args.crops_measured or (args.crops if (cuda or quick) else 50))
     args.clip_model = args.clip_model or ("shapes-RN-tiny" if quick else "RN50-quickgelu")
     args.memory = args.memory or ("none" if cuda else "main")
     args.train_size = parse_size(args.train_size or ("96x96" if quick else "512x512"))
     args.train_rounds = args.train_rounds if args.train_rounds is not None else (1 if quick else 2)
     args.batch = args.batch or ([1, 8] if cuda and not quick else [1])
+    args.stage_size = parse_size(args.stage_size) if args.stage_size else max(args.sizes, key=lambda s: s[0] * s[1])
+    if args.stage_rounds < 1:
+        raise ValueError("--stage-rounds must be >= 1")
     args.out = Path(args.out or ("runs/bench-quick" if quick else "runs/bench"))
     args.doc = Path(args.doc) if args.doc else (args.out / "benchmarks.md" if quick else Path("docs/benchmarks.md"))
     return args
@@ -128,6 +136,11 @@ def environment(args) -> dict:
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(args.device)
     return env
+
+
+def rounds_for(args, height: int, width: int) -> int:
+    """--rounds, or by size: 3 up to 640x640 pixels, 2 above (a 800x1333 GridCLIP call is ~10-40 s on 2 cores)."""
+    return args.rounds or (3 if height * width <= 640 * 640 else 2)
 
 
 def run_latency(args, spec, log) -> list[dict]:
@@ -155,7 +168,9 @@ def run_latency(args, spec, log) -> list[dict]:
             for amp in args.amp:
                 log(f"latency {h}x{w}, batch {batch}, amp {amp}")
                 with torch.inference_mode(), measure.autocast(args.device, amp):
-                    times = measure.time_rounds(calls, args.rounds, args.warmup, args.device, setup, log)
+                    warm = [f"gridclip_K{args.main_classes}"] + args.baselines  # other K: same network
+                    times = measure.time_rounds(calls, rounds_for(args, h, w), args.warmup, args.device, setup, log,
+                                                warm)
                 for name, ts in times.items():
                     s = scale.get(name, 1.0)
                     row = {"size": f"{h}x{w}", "batch": batch, "amp": amp, "case": name,
@@ -197,7 +212,7 @@ def run_training(args, spec, log) -> list[dict]:
     for name in ("gridclip", "fcos"):
         _, steps[name] = cases.training_step(name, spec, args.train_batch, h, w, k, args.seed)
     log(f"training step, batch {args.train_batch} at {h}x{w}")
-    times = measure.time_rounds(steps, args.train_rounds, 1, args.device, log=log)
+    times = measure.time_rounds(steps, args.train_rounds, min(args.warmup, 1), args.device, log=log)
     return [{"size": f"{h}x{w}", "batch": args.train_batch, "classes": k, "case": name,
              "median_step_s": measure.median(ts), "images_per_s": args.train_batch / measure.median(ts),
              "samples_s": ts} for name, ts in times.items()]
@@ -225,7 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     results["latency"] = run_latency(args, spec, log)
     results["memory"] = run_memory(args, spec, log)
     results["training"] = run_training(args, spec, log)
-    if args.stages:
+    if args.stages_from:
+        path = Path(args.stages_from)
+        if not path.is_file():
+            raise FileNotFoundError(f"--stages-from: {path} does not exist")
+        results["stages"] = json.loads(path.read_text()).get("stages")
+        if not results["stages"]:
+            raise ValueError(f"--stages-from: {path} has no 'stages' entry (run with --stages)")
+    elif args.stages:
         from benchmarks import stages
 
         results["stages"] = stages.run(args, spec, log)
