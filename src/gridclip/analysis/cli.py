@@ -59,11 +59,13 @@ def _clip_recall(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-images", type=int, help="only the first N images with ground truth")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--size", nargs=2, type=int, default=(800, 450), metavar=("W", "H"), help="PNG size in pixels")
     a = p.parse_args(argv)
     if a.batch_size < 1:
         raise ValueError(f"--batch-size: expected a positive integer, got {a.batch_size}")
-    results = clip_recall(a.gt, a.images, a.clip, a.k, batch_size=a.batch_size, max_images=a.max_images, device=a.device)
+    results = clip_recall(a.gt, a.images, a.clip, a.k, batch_size=a.batch_size, max_images=a.max_images,
+                          device=a.device, num_workers=max(0, a.workers))
     print(f"{results[0].num_images} images, {results[0].num_categories} categories")
     print(format_recall_table(results))
     paths = write_recall_outputs(results, a.out, size=_size(a.size))

@@ -109,17 +109,34 @@ def _gt_images(gt: str | os.PathLike, images: str | os.PathLike | None, max_imag
     return dataset, indices, labels
 
 
+class _ImageList(torch.utils.data.Dataset):
+    """uint8 CHW images ``dataset.load(i)`` for ``i`` in ``indices`` (decoded in DataLoader workers)."""
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> Tensor:
+        return self.dataset.load(self.indices[j])[0].as_subclass(Tensor)
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
 @torch.no_grad()
 def embed_images(encode: Callable[[list[Tensor]], Tensor], dataset, indices: Sequence[int], batch_size: int = 32,
-                 progress: bool = True, desc: str = "images") -> Tensor:
-    """[N, D] embeddings of ``dataset`` images ``indices`` (float in [0, 1]) through ``encode``, in batches."""
+                 progress: bool = True, desc: str = "images", num_workers: int = 0) -> Tensor:
+    """[N, D] embeddings of ``dataset`` images ``indices`` (given to ``encode`` as float CHW in [0, 1],
+    a list per batch), in order."""
     from tqdm import tqdm
 
-    chunks = []
-    starts = range(0, len(indices), batch_size)
-    for s in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-        batch = [dataset.load(i)[0].as_subclass(Tensor).float() / 255 for i in indices[s:s + batch_size]]
-        chunks.append(encode(batch).float().cpu())
+    loader = torch.utils.data.DataLoader(_ImageList(dataset, indices), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_as_list)
+    chunks = [encode([im.float() / 255 for im in batch]).float().cpu()
+              for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress)]
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
@@ -132,6 +149,7 @@ def clip_recall(
     max_images: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    num_workers: int = 0,
 ) -> list[RecallResult]:
     """Recall@k of every CLIP model spec in ``models`` (``MODEL[:PRETRAINED]``) on ``gt``'s images."""
     from gridclip.clip import Vocabulary
@@ -151,7 +169,8 @@ def clip_recall(
         teacher = CLIPTeacher.from_pretrained(model, pretrained).to(device)
         if teacher.output_dim != vocab.dim:
             raise ValueError(f"{spec}: image embedding size {teacher.output_dim} differs from text embedding size {vocab.dim}")
-        emb = embed_images(teacher, dataset, indices, batch_size, progress, desc=Path(model).name or model)
+        emb = embed_images(teacher, dataset, indices, batch_size, progress, desc=Path(model).name or model,
+                           num_workers=num_workers)
         out.append(RecallResult(spec, recall_at_k(emb, vocab.embeddings, labels, ks), len(indices), len(names)))
         del teacher
     return out
