@@ -145,6 +145,11 @@ def test_frequency_cli_plot_and_csv(tmp_path, capsys):
         assert (t["AP_A"] == "") == (r.ap[0] is None)
         if r.ap[0] is not None:
             assert float(t["AP_A"]) == pytest.approx(r.ap[0], abs=1e-6)
+    # default labels: file stems, or folder/stem when stems repeat
+    from gridclip.analysis.frequency import default_labels
+
+    assert default_labels([a, b]) == ["a", "b"]
+    assert default_labels(["runs/x/results.json", "runs/y/results.json"]) == ["x/results", "y/results"]
     # mismatched labels are refused
     assert gridclip_main(["analyze", "frequency", "--gt", str(gt_path), "--results", str(a), "--labels", "A", "B",
                           "--train", str(tr), "--out", str(out)]) == 2

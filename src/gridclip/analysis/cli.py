@@ -24,7 +24,7 @@ def _size(values: Sequence[int]) -> tuple[int, int]:
 
 
 def _frequency(argv: list[str]) -> int:
-    from gridclip.analysis.frequency import run_frequency, summarize
+    from gridclip.analysis.frequency import default_labels, run_frequency, summarize
 
     p = argparse.ArgumentParser(prog="gridclip analyze frequency",
                                 description="per-category AP vs training image count (paper Fig. 3) + CSV table")
@@ -39,7 +39,7 @@ def _frequency(argv: list[str]) -> int:
     a = p.parse_args(argv)
     rows = run_frequency(a.gt, a.results, a.out, labels=a.labels, train=a.train, csv_path=a.csv,
                          size=_size(a.size), style=a.style)
-    labels = a.labels or [Path(r).stem for r in a.results]
+    labels = a.labels or default_labels(a.results)
     print(summarize(rows, labels))
     print(f"wrote {a.out} and {a.csv or Path(a.out).with_suffix('.csv')} ({len(rows)} categories)")
     return 0

@@ -198,6 +198,14 @@ def summarize(rows: Sequence[CategoryRow], labels: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def default_labels(results: Sequence[str | os.PathLike]) -> list[str]:
+    """Run labels from file names: the stem, or "folder/stem" when stems repeat (runs/a/results.json)."""
+    stems = [Path(r).stem for r in results]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [f"{Path(r).parent.name}/{Path(r).stem}" for r in results]
+
+
 def run_frequency(
     gt: str | os.PathLike,
     results: Sequence[str | os.PathLike],
@@ -209,7 +217,7 @@ def run_frequency(
     style: str | None = None,
 ) -> list[CategoryRow]:
     """Score, plot to ``out`` (PNG) and write the table to ``csv_path`` (default: ``out`` with .csv)."""
-    labels = list(labels) if labels else [Path(r).stem for r in results]
+    labels = list(labels) if labels else default_labels(results)
     if len(labels) != len(results):
         raise ValueError(f"--labels: expected one per results file ({len(results)}), got {len(labels)}")
     if len(set(labels)) != len(labels):
