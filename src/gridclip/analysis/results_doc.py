@@ -255,8 +255,9 @@ def render(run: DemoRun, transfer: dict | None, figures: dict[str, Path], out: P
     lines += ["", "## Figure 3: AP vs training frequency", ""]
     if "fig3" in rel:
         lines += [f"![AP vs training frequency, embedded world]({rel['fig3']})", "",
-                  f"Per-category AP of each demo variant against the category's detector-training image count (dots: base,",
-                  f"crosses: novel; lines: moving average over ±10 categories). Table: [{Path(rel['fig3_csv']).name}]({rel['fig3_csv']})."]
+                  "Per-category AP of each demo variant against the category's `det_train` image count (the val JSON's",
+                  "`image_count`; novel categories appear in those images but their boxes were removed). Dots: base,",
+                  f"crosses: novel; lines: moving average over ±10 categories. Table: [{Path(rel['fig3_csv']).name}]({rel['fig3_csv']})."]
     else:
         lines.append("Not generated (no demo results).")
     lines += ["", "On LVIS: " + _code("gridclip analyze frequency --gt lvis_v1_val.json --results runs/lvis_r50/eval/results.json "
