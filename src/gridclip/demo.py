@@ -115,8 +115,6 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, from_scratch: bool = False
              variants: tuple[str, ...] = DEMO_VARIANTS, world_size: str = "default", clip_steps: int = 2400,
              examples: int = 6) -> dict:
     """Run the demo; returns ``{variant: {AP, AP50, APr, APc, APf}}`` (also in OUT/metrics.json)."""
-    import torch
-
     from gridclip.checkpoint import load_checkpoint, save_checkpoint
     from gridclip.config import save_config
     from gridclip.data.shapes import make_world

@@ -496,14 +496,11 @@ def build_dataset(
     return DetectionDataset(anns, transforms=transforms, drop_empty=drop_empty, strict=strict)
 
 
-def build_train_dataset(data_cfg: Any, strict: bool = False) -> DetectionDataset:
-    """The training dataset of a ``gridclip.config.DataConfig``: read ``train_json`` / ``train_images``
-    (``format`` lvis / coco / voc), apply the open-vocabulary split (``novel_list`` or ``base_list``
-    file if given, else LVIS frequency when every category has one, else no split), and the training
-    transforms (``train_min_sizes``, ``train_max_size``, ``random_crop``, ``hflip_prob``).
-    ``dataset.category_names`` is then the training vocabulary (base categories only)."""
+def load_train_annotations(data_cfg: Any, strict: bool = False) -> DetectionAnnotations:
+    """The training annotations of a ``gridclip.config.DataConfig`` (``format`` lvis / coco / voc), after
+    the open-vocabulary split: ``novel_list`` or ``base_list`` file if given, else LVIS frequency (base =
+    f + c) when every category has one, else no split. Their categories are the training vocabulary."""
     from gridclip.data.splits import apply_split, split_by_frequency, split_from_file
-    from gridclip.data.transforms import train_transforms
 
     if not getattr(data_cfg, "train_json", None):
         raise ValueError("config: data.train_json is required for training")
@@ -523,8 +520,19 @@ def build_train_dataset(data_cfg: Any, strict: bool = False) -> DetectionDataset
         anns = apply_split(anns, split_from_file(data_cfg.novel_list or data_cfg.base_list, anns.categories, kind))
     elif all(c.frequency in ("f", "c", "r") for c in anns.categories):
         anns = apply_split(anns, split_by_frequency(anns.categories))
-    transforms = train_transforms(
-        scales=data_cfg.train_min_sizes, max_size=data_cfg.train_max_size,
-        crop_prob=0.5 if data_cfg.random_crop else 0.0, flip_prob=data_cfg.hflip_prob,
-    )
-    return DetectionDataset(anns, transforms=transforms, strict=strict)
+    return anns
+
+
+def build_train_dataset(data_cfg: Any, strict: bool = False) -> DetectionDataset:
+    """The training dataset of a ``DataConfig``: :func:`load_train_annotations` + random crop and flip.
+
+    Multi-scale resizing is the model's: the trainer sets the model transform's ``min_size`` to
+    ``data.train_min_sizes`` (torchvision's detection transform draws one per batch), since a resize
+    here would be undone by the model's own resize to its fixed ``min_size``.
+    ``dataset.category_names`` is the training vocabulary (base categories only)."""
+    from gridclip.data.transforms import train_transforms
+
+    strict = strict or bool(getattr(data_cfg, "strict", False))
+    transforms = train_transforms(scales=None, max_size=None, crop_prob=0.5 if data_cfg.random_crop else 0.0,
+                                  flip_prob=data_cfg.hflip_prob)
+    return DetectionDataset(load_train_annotations(data_cfg, strict), transforms=transforms, strict=strict)

@@ -60,46 +60,18 @@ class NonFiniteError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------- data
 def load_train_annotations(cfg: Config):
-    """The training annotations of ``cfg.data`` after the open-vocabulary split.
+    """The training annotations of ``cfg.data`` after the open-vocabulary split (see
+    :func:`gridclip.data.datasets.load_train_annotations`)."""
+    from gridclip.data import datasets
 
-    Split: ``data.base_list`` or ``data.novel_list`` (one name or id per line) if given; else LVIS
-    frequency tags (base = f + c, novel = r) for ``format: lvis``; else every category is base.
-    """
-    from gridclip.data import datasets, splits
-
-    d = cfg.data
-    if not d.train_json:
-        raise ValueError("config: data.train_json is required for training (annotation JSON, or the VOC year folder)")
-    if d.format in ("lvis", "coco"):
-        root = d.train_images or Path(d.train_json).parent
-        load = datasets.load_lvis_json if d.format == "lvis" else datasets.load_coco_json
-        anns = load(d.train_json, root, strict=d.strict)
-    elif d.format == "voc":
-        anns = datasets.load_voc(d.train_json, "trainval", strict=d.strict)
-    else:
-        raise ValueError(f"data.format: expected lvis, coco or voc, got {d.format!r}")
-    if d.base_list and d.novel_list:
-        raise ValueError("config: give data.base_list or data.novel_list, not both")
-    if d.base_list:
-        split = splits.split_from_file(d.base_list, anns.categories, kind="base")
-    elif d.novel_list:
-        split = splits.split_from_file(d.novel_list, anns.categories, kind="novel")
-    elif d.format == "lvis":
-        split = splits.split_by_frequency(anns.categories)
-    else:
-        split = None
-    return splits.apply_split(anns, split) if split is not None else anns
+    return datasets.load_train_annotations(cfg.data)
 
 
 def build_train_dataset(cfg: Config):
     """``DetectionDataset`` of base-category training samples with crop / flip augmentation."""
-    from gridclip.data.datasets import DetectionDataset
-    from gridclip.data.transforms import train_transforms
+    from gridclip.data import datasets
 
-    d = cfg.data
-    transforms = train_transforms(scales=None, max_size=None, crop_prob=0.5 if d.random_crop else 0.0,
-                                  flip_prob=d.hflip_prob)
-    return DetectionDataset(load_train_annotations(cfg), transforms=transforms, strict=d.strict)
+    return datasets.build_train_dataset(cfg.data)
 
 
 class SeededSamples(Dataset):
