@@ -205,8 +205,8 @@ def render(run: DemoRun, transfer: dict | None, figures: dict[str, Path], out: P
         + (f"{demo_params / 1e6:.2f} M" if demo_params else "–") + " | "
         + (f"{speed:.1f} images/s (CPU)" if speed else "–") + " | `gridclip demo` |"
     )
-    voc_cmd = _code("gridclip eval --checkpoint runs/lvis_r50/model.pt --config configs/voc_transfer.yaml") + _config_note("voc_transfer.yaml")
-    coco_cmd = _code("gridclip eval --checkpoint runs/lvis_r50/model.pt --config configs/coco_transfer.yaml") + _config_note("coco_transfer.yaml")
+    voc_cmd = _code("gridclip eval --checkpoint runs/lvis_r50/model.pt --config configs/transfer_voc.yaml") + _config_note("transfer_voc.yaml")
+    coco_cmd = _code("gridclip eval --checkpoint runs/lvis_r50/model.pt --config configs/transfer_coco.yaml") + _config_note("transfer_coco.yaml")
     tm = (transfer or {}).get("metrics")
     transfer_cmd = _code(f"gridclip analyze transfer --checkpoint {run.root}/model.pt --world {run.root}/transfer_world "
                          f"--out {run.root}/transfer")
