@@ -44,12 +44,13 @@ def autocast(device: str, amp: str):
 
 def time_rounds(calls: dict[str, Callable[[], object]], rounds: int, warmup: int, device: str = "cpu",
                 setup: dict[str, Callable[[], None]] | None = None, log=None,
-                warm_names: list[str] | None = None) -> dict[str, list[float]]:
+                warm_names: list[str] | None = None, outputs: dict | None = None) -> dict[str, list[float]]:
     """Seconds per call of each case, ``rounds`` samples each (interleaved, rotated order).
 
     ``setup[name]`` (optional) runs untimed right before each call of that case (e.g. swapping the
     vocabulary of a model shared by several cases). Warm-up rounds run only ``warm_names`` (default all),
-    e.g. one case per distinct model and input shape.
+    e.g. one case per distinct model and input shape. ``outputs`` (optional dict) receives each case's
+    first timed output.
     """
     setup = setup or {}
     names = list(calls)
@@ -62,11 +63,13 @@ def time_rounds(calls: dict[str, Callable[[], object]], rounds: int, warmup: int
                 setup[name]()
             sync(device)
             t0 = time.perf_counter()
-            calls[name]()
+            out = calls[name]()
             sync(device)
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[name].append(dt)
+                if outputs is not None:
+                    outputs.setdefault(name, out)
             if log:
                 log(f"  {'warm-up' if r < warmup else f'round {r - warmup + 1}'}: {name} {dt:.3f} s")
     return times

@@ -92,15 +92,15 @@ def markdown(results: dict) -> str:
     lines += ["", "## Inference latency", "",
               "Full pipeline per call (resize/normalise, network, decoding, NMS, rescaling). Ratios are "
               "GridCLIP / baseline (below 1: GridCLIP is faster).", "",
-              "| size | batch | amp | case | median s | / FCOS | / Mask R-CNN | / crops | samples s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| size | batch | amp | case | median s | / FCOS | / Mask R-CNN | / crops | samples s | boxes out |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["latency"]:
         key = (row["size"], row["batch"], row["amp"])
         ref = {b: _latency(results, row["size"], b, row["batch"], row["amp"]) for b in ("fcos", "maskrcnn", "crops")}
         cuda = f", {row['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in row else ""
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {row['case']}{cuda} | {row['median_s']:.3f} | "
                      + " | ".join(_fmt(_ratio(row["median_s"], ref[b]), "{:.2f}") for b in ref)
-                     + f" | {', '.join(f'{t:.2f}' for t in row['samples_s'])} |")
+                     + f" | {', '.join(f'{t:.2f}' for t in row['samples_s'])} | {row.get('detections', '-')} |")
     if results["memory"]:
         lines += ["", "## Peak memory (CPU)", "", f"Method: {results['memory'][0]['method']}. `model+input` is the "
                   "resident size before the inference; `peak extra` what one inference added on top.", "",

@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import torch
 
 from benchmarks import cases, measure, report
+from gridclip.utils.atomic import atomic_write_json
 
 CASES = ("gridclip", "fcos", "maskrcnn", "crops")
 PAPER_PARAMS_M = 56.4
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", action="store_true", help="add the per-stage time breakdown and measured optimisations")
     p.add_argument("--stage-rounds", type=int, default=2, help="timed calls per stage breakdown and variant")
     p.add_argument("--stage-size", default=None, help="HxW of the stage study (default: the largest --sizes)")
+    p.add_argument("--only-stages", action="store_true", help="run the stage study alone (implies --stages)")
     p.add_argument("--stages-from", default=None,
                    help="take the stage study from an earlier results.json instead of running it")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -169,12 +171,14 @@ def run_latency(args, spec, log) -> list[dict]:
                 log(f"latency {h}x{w}, batch {batch}, amp {amp}")
                 with torch.inference_mode(), measure.autocast(args.device, amp):
                     warm = [f"gridclip_K{args.main_classes}"] + args.baselines  # other K: same network
+                    outputs: dict = {}
                     times = measure.time_rounds(calls, rounds_for(args, h, w), args.warmup, args.device, setup, log,
-                                                warm)
+                                                warm, outputs)
                 for name, ts in times.items():
                     s = scale.get(name, 1.0)
                     row = {"size": f"{h}x{w}", "batch": batch, "amp": amp, "case": name,
-                           "median_s": measure.median(ts) * s, "samples_s": [t * s for t in ts]}
+                           "median_s": measure.median(ts) * s, "samples_s": [t * s for t in ts],
+                           "detections": len(outputs[name][0]["scores"])}
                     if name == "crops":
                         row["note"] = f"{args.crops_measured} of {args.crops} crops encoded, time x{s:g}"
                     if args.device.startswith("cuda"):
@@ -236,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     spec = cases.ModelSpec(clip_model=args.clip_model)
     results = {"environment": environment(args), "settings": _settings(args), "spec": asdict(spec)}
+    if args.only_stages:
+        from benchmarks import stages
+
+        results["stages"] = stages.run(args, spec, log)
+        atomic_write_json(args.out / "results.json", results)
+        log(f"wrote {args.out / 'results.json'}")
+        return 0
     results["parameters"] = parameter_count(spec)
     results["latency"] = run_latency(args, spec, log)
     results["memory"] = run_memory(args, spec, log)
