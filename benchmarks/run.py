@@ -45,7 +45,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gridclip bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny CLIP and images, one round: a smoke run in seconds")
-    p.add_argument("--sizes", nargs="+", default=None, help="HxW inference sizes (default 640x640 800x1333)")
+    p.add_argument("--sizes", nargs="+", default=None, help="HxW inference sizes (default 800x1333 640x640)")
     p.add_argument("--classes", nargs="+", type=int, default=None, help="vocabulary sizes K (default 80 1203 21000)")
     p.add_argument("--main-classes", type=int, default=1203, help="K of the baseline comparisons and goals")
     p.add_argument("--baselines", nargs="*", default=None, choices=CASES[1:], help="default: all three")
@@ -93,7 +93,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.amp = ["none", "fp16", "bf16"]
     if not cuda and "fp16" in args.amp:
         raise ValueError("--amp fp16 needs CUDA (CPU autocast supports bf16)")
-    args.sizes = [parse_size(s) for s in (args.sizes or (["128x128"] if quick else ["640x640", "800x1333"]))]
+    args.sizes = [parse_size(s) for s in (args.sizes or (["128x128"] if quick else ["800x1333", "640x640"]))]
     args.classes = args.classes or ([5, 50] if quick else [80, 1203, 21000])
     if quick and args.main_classes not in args.classes:
         args.main_classes = args.classes[0]
@@ -247,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.out / "results.json", results)
         log(f"wrote {args.out / 'results.json'}")
         return 0
+    results.update(latency=[], memory=[], training=[])
     results["parameters"] = parameter_count(spec)
-    results["latency"] = run_latency(args, spec, log)
-    results["memory"] = run_memory(args, spec, log)
-    results["training"] = run_training(args, spec, log)
+    for key, section in (("latency", run_latency), ("memory", run_memory), ("training", run_training)):
+        results[key] = section(args, spec, log)
+        results["goals"] = report.goals(results, args.main_classes)
+        report.write(results, args.out / "results.json", args.doc)  # partial results survive an interruption
     if args.stages_from:
         path = Path(args.stages_from)
         if not path.is_file():
