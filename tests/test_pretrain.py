@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gridclip.clip.pretrain import PretrainConfig, object_crops, train_clip, zero_shot_accuracy
+from gridclip.clip.prompts import VILD_TEMPLATES
 from gridclip.data.shapes import make_world
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "gridclip" / "assets" / "shapes"
@@ -70,17 +71,24 @@ def test_vit_teacher_trains_and_loads(world, tmp_path):
         assert torch.isfinite(model.encode_image(torch.randn(1, 3, 64, 64))).all()
 
 
-def test_zero_shot_accuracy_matches_a_direct_computation(world, trained):
+@pytest.mark.parametrize("source", ["single", "val"])
+def test_zero_shot_accuracy_matches_a_direct_computation(world, trained, source):
     import open_clip
 
+    from gridclip.data.shapes import single_object_images
+
     out, _ = trained
-    acc = zero_shot_accuracy(out, world.root, templates=("a photo of a {}.",))
+    acc = zero_shot_accuracy(out, world.root, templates=("a photo of a {}.",), source=source)
     assert set(acc) == {"base", "novel"} and all(0.0 <= v <= 1.0 for v in acc.values())
     # reference: plain open_clip calls, one prompt per class
     model = open_clip.create_model(f"local-dir:{out}").eval()
     tok = open_clip.get_tokenizer(f"local-dir:{out}")
     names = [c["name"] for c in world.categories]
-    crops, labels = object_crops(world.root, "val")
+    if source == "val":
+        crops, labels = object_crops(world.root, "val")
+    else:
+        pixels, labels = single_object_images(seed=world.seed, world_size=world.size)
+        crops = torch.from_numpy(pixels).permute(0, 3, 1, 2)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -88,8 +96,9 @@ def test_zero_shot_accuracy_matches_a_direct_computation(world, trained):
         i = torch.nn.functional.normalize(model.encode_image((crops.float() / 255 - mean) / std), dim=-1)
     pred = [world.categories[k]["id"] for k in (i @ t.T).argmax(1).tolist()]
     novel = {c["id"] for c in world.categories if c["frequency"] == "r"}
-    hits = [p == y for p, y in zip(pred, labels) if y in novel]
-    assert acc["novel"] == pytest.approx(sum(hits) / len(hits), abs=1e-6)
+    for subset, key in ((novel, "novel"), (set(range(1, 49)) - novel, "base")):
+        hits = [p == y for p, y in zip(pred, labels) if y in subset]
+        assert acc[key] == pytest.approx(sum(hits) / len(hits), abs=1e-6)
 
 
 def test_object_crops_are_centred_on_the_boxes(world):
@@ -110,8 +119,24 @@ def test_bad_input(world, tmp_path):
     assert main(["pretrain-clip", "--world", str(world.root), "--out", str(tmp_path / "o"), "--models", "cnn", "--steps", "1"]) == 2
 
 
+def test_shipped_weights_match_the_readme_checksums():
+    readme = (ASSETS / "README.md").read_text()
+    listed = dict((path, digest) for digest, path in re.findall(r"([0-9a-f]{64})\s+(\S+\.safetensors)", readme))
+    assert listed, "README lists no sha256 checksums"
+    files = sorted(p.relative_to(ASSETS).as_posix() for p in ASSETS.rglob("*.safetensors"))
+    assert sorted(listed) == files
+    total = 0
+    for rel, digest in listed.items():
+        data = (ASSETS / rel).read_bytes()
+        total += len(data)
+        assert hashlib.sha256(data).hexdigest() == digest, rel
+    assert total <= 20 * 2**20
+
+
 @pytest.mark.slow
 def test_shipped_tiny_clip_zero_shot_on_the_default_world(tmp_path):
     world = make_world(tmp_path / "world", seed=0, size="default")
     acc = zero_shot_accuracy(ASSETS / "shapes-RN-tiny", world.root)
     assert acc["novel"] >= 0.45 and acc["base"] >= 0.6, acc
+    vild = zero_shot_accuracy(ASSETS / "shapes-RN-tiny", world.root, templates=VILD_TEMPLATES)
+    assert vild["novel"] >= 0.45, vild  # the detector's vocabulary uses the ViLD prompts

@@ -188,3 +188,12 @@ def test_cli_make_world(tmp_path, capsys):
         main(["make-world", "--out", str(tmp_path / "w"), "--size", "nope"])
     assert exc.value.code == 2
     assert main(["make-world", "--out", str(tmp_path / "missing-parent" / "x" / "w"), "--size", "small"]) == 0
+
+
+def test_single_object_evaluation_set():
+    a, labels = shapes.single_object_images(seed=0, per_category=2)
+    b, _ = shapes.single_object_images(seed=0, per_category=2)
+    assert a.shape == (96, 64, 64, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert labels == [cid for cid in range(1, 49) for _ in range(2)]
+    c, _ = shapes.single_object_images(seed=1, per_category=2)
+    assert not np.array_equal(a, c)
