@@ -197,3 +197,12 @@ def test_single_object_evaluation_set():
     assert labels == [cid for cid in range(1, 49) for _ in range(2)]
     c, _ = shapes.single_object_images(seed=1, per_category=2)
     assert not np.array_equal(a, c)
+
+
+def test_other_arguments_regenerate_in_place(tmp_path):
+    first = make_world(tmp_path / "w", seed=0, size="small")
+    png = first.image_dir("val") / "000000.png"
+    old = png.read_bytes()
+    second = make_world(tmp_path / "w", seed=2, size="small")
+    assert second.seed == 2 and json.loads((tmp_path / "w" / ".complete").read_text())["seed"] == 2
+    assert png.read_bytes() != old
