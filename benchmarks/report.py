@@ -126,6 +126,10 @@ def markdown(results: dict) -> str:
         from benchmarks.stages import markdown as stages_markdown
 
         lines += ["", *stages_markdown(results["stages"])]
+    if results.get("flops"):
+        from benchmarks.flops import markdown as flops_markdown
+
+        lines += ["", *flops_markdown(results["flops"])]
     if not st["device"].startswith("cuda"):
         lines += ["", "## GPU", "", "Not run: no CUDA on this machine. Run `python benchmarks/run.py --device cuda` "
                   "(fp32, fp16 and bf16 autocast; batch 1 and 8; CUDA peak memory per case)."]

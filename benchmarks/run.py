@@ -67,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", action="store_true", help="add the per-stage time breakdown and measured optimisations")
     p.add_argument("--stage-rounds", type=int, default=2, help="timed calls per stage breakdown and variant")
     p.add_argument("--stage-size", default=None, help="HxW of the stage study (default: the largest --sizes)")
-    p.add_argument("--only-stages", action="store_true", help="run the stage study alone (implies --stages)")
-    p.add_argument("--stages-from", default=None,
-                   help="take the stage study from an earlier results.json instead of running it")
+    p.add_argument("--flops", action="store_true", help="add FLOPs per model and per stage (load-independent)")
+    p.add_argument("--only", choices=["stages", "flops"], default=None, help="run only this study")
+    p.add_argument("--report-from", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="measure nothing: merge these results.json files (earlier ones win) and write the report")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--amp", nargs="+", default=["none"], choices=["none", "fp16", "bf16"], help="autocast dtypes")
     p.add_argument("--batch", nargs="+", type=int, default=None, help="images per call (default 1; GPU: 1 8)")
@@ -240,10 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     spec = cases.ModelSpec(clip_model=args.clip_model)
     results = {"environment": environment(args), "settings": _settings(args), "spec": asdict(spec)}
-    if args.only_stages:
-        from benchmarks import stages
-
-        results["stages"] = stages.run(args, spec, log)
+    if args.report_from:
+        results = merge_results(args.report_from)
+        results["goals"] = report.goals(results, results["settings"]["main_classes"])
+        report.write(results, args.out / "results.json", args.doc)
+        log(report.summary(results))
+        log(f"wrote {args.out / 'results.json'} and {args.doc}")
+        return 0
+    if args.only:
+        results[args.only] = study(args.only, args, spec, log)
         atomic_write_json(args.out / "results.json", results)
         log(f"wrote {args.out / 'results.json'}")
         return 0
@@ -253,23 +259,47 @@ def main(argv: list[str] | None = None) -> int:
         results[key] = section(args, spec, log)
         results["goals"] = report.goals(results, args.main_classes)
         report.write(results, args.out / "results.json", args.doc)  # partial results survive an interruption
-    if args.stages_from:
-        path = Path(args.stages_from)
-        if not path.is_file():
-            raise FileNotFoundError(f"--stages-from: {path} does not exist")
-        results["stages"] = json.loads(path.read_text()).get("stages")
-        if not results["stages"]:
-            raise ValueError(f"--stages-from: {path} has no 'stages' entry (run with --stages)")
-    elif args.stages:
-        from benchmarks import stages
-
-        results["stages"] = stages.run(args, spec, log)
+    for name in ("stages", "flops"):
+        if getattr(args, name):
+            results[name] = study(name, args, spec, log)
     results["environment"]["load_average_end"] = list(os.getloadavg())
     results["goals"] = report.goals(results, args.main_classes)
     report.write(results, args.out / "results.json", args.doc)
     log(report.summary(results))
     log(f"wrote {args.out / 'results.json'} and {args.doc}")
     return 0
+
+
+def study(name: str, args, spec, log) -> dict:
+    if name == "stages":
+        from benchmarks import stages
+
+        return stages.run(args, spec, log)
+    from benchmarks import flops
+
+    return flops.run(args, spec, log)
+
+
+def merge_results(paths: list[str]) -> dict:
+    """One results dict from several runs' results.json: for each section, the first file that has it."""
+    merged: dict = {}
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"--report-from: {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--report-from: {path} is not JSON ({exc.msg})") from None
+        for key, value in data.items():
+            if value and not merged.get(key):
+                merged[key] = value
+    for key in ("environment", "settings", "latency"):
+        if not merged.get(key):
+            raise ValueError(f"--report-from: none of the files has a '{key}' section (a full benchmark run's results)")
+    merged.setdefault("memory", [])
+    merged.setdefault("training", [])
+    return merged
 
 
 def _settings(args) -> dict:
