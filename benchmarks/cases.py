@@ -7,7 +7,8 @@ Models (random weights, nothing downloaded):
   * ``crops``     "CLIP on cropped regions": boxes cropped with ``roi_align`` to CLIP's input size,
                   encoded by CLIP's image tower, scored against K text embeddings (ViLD-image style).
 Baselines get comparable post-processing (FCOS: the paper's score 0.05, NMS 0.5, 300 detections;
-Mask R-CNN: LVIS's score 1e-4 so that its mask head runs, torchvision's 100 detections) and frozen batch norms, as torchvision builds them with pretrained weights.
+Mask R-CNN: LVIS's score 1e-4 so that its mask head runs, torchvision's 100 detections) and frozen
+batch norms, as torchvision builds them with pretrained weights.
 Every detector's transform is set so that the benchmark input size is the size the network sees.
 """
 from __future__ import annotations

@@ -8,17 +8,24 @@ import pytest
 from gridclip.bench import cli
 
 
-def test_quick_bench_reports_every_field(tmp_path):
-    out, doc = tmp_path / "bench", tmp_path / "bench.md"
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out, doc = tmp / "bench", tmp / "bench.md"
     rc = cli(["--quick", "--quiet", "--out", str(out), "--doc", str(doc), "--sizes", "64x96", "--classes", "3", "40",
               "--baselines", "fcos", "crops", "--train-size", "64x64", "--train-batch", "1"])
     assert rc == 0
-    results = json.loads((out / "results.json").read_text())
+    return json.loads((out / "results.json").read_text()), doc.read_text(), out / "results.json"
+
+
+def test_quick_bench_reports_every_field(quick_run):
+    results, text, _ = quick_run
     assert {"environment", "settings", "parameters", "latency", "memory", "training", "goals"} <= set(results)
     cases = {(r["size"], r["case"]) for r in results["latency"]}
     assert cases == {("64x96", "gridclip_K3"), ("64x96", "gridclip_K40"), ("64x96", "fcos"), ("64x96", "crops")}
     for row in results["latency"]:
         assert row["median_s"] > 0 and len(row["samples_s"]) == results["settings"]["rounds"]
+        assert row["detections"] >= 0
     assert [r["case"] for r in results["memory"]] == ["gridclip_K3"]
     assert results["memory"][0]["peak_delta_mib"] >= 0 and results["memory"][0]["rss_model_mib"] > 0
     assert {r["case"] for r in results["training"]} == {"gridclip", "fcos"}
@@ -35,11 +42,26 @@ def test_quick_bench_reports_every_field(tmp_path):
     med = {r["case"]: r["median_s"] for r in results["latency"]}
     fcos_goal = next(g for g in results["goals"] if "FCOS" in g["goal"])
     assert fcos_goal["measured"] == pytest.approx(med["gridclip_K3"] / med["fcos"])
-    text = doc.read_text()
     for heading in ("## Machine", "## Goals", "## Inference latency", "## Peak memory", "## Training throughput",
                     "## Parameters"):
         assert heading in text
     assert "torch " in text and "threads" in text
+
+
+def test_report_from_merges_runs(quick_run, tmp_path):
+    results, _, path = quick_run
+    extra = tmp_path / "flops.json"
+    flops = {"size": "64x96", "models": {"gridclip_K3": {"total": 2.0, "CLIP trunk (C3-C5)": 1.5,
+                                                            "rest (scoring matmul vs K texts, etc.)": 0.5},
+                                         "fcos": {"total": 3.0}}}
+    extra.write_text(json.dumps({"flops": flops}))
+    doc = tmp_path / "merged.md"
+    assert cli(["--report-from", str(path), str(extra), "--out", str(tmp_path / "m"), "--doc", str(doc), "--quiet"]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["latency"] == results["latency"] and merged["flops"] == flops
+    assert "## FLOPs" in doc.read_text() and "| fcos | 3.0 | 1.50 |" in doc.read_text()
+    with pytest.raises(ValueError, match="none of the files has"):
+        cli(["--report-from", str(extra), "--out", str(tmp_path / "n"), "--quiet"])
 
 
 def test_bad_arguments_are_user_errors(tmp_path):
@@ -47,3 +69,5 @@ def test_bad_arguments_are_user_errors(tmp_path):
         cli(["--quick", "--out", str(tmp_path), "--sizes", "big"])
     with pytest.raises(ValueError, match="CUDA|fp16"):
         cli(["--quick", "--out", str(tmp_path), "--amp", "fp16"])
+    with pytest.raises(FileNotFoundError):
+        cli(["--report-from", str(tmp_path / "missing.json"), "--out", str(tmp_path)])
