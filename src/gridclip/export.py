@@ -79,14 +79,12 @@ class DenseGridCLIP(nn.Module):
         return boxes, scores, torch.sigmoid(ctrness.squeeze(-1))
 
     def _centers(self, images: Tensor, feature: Tensor, size: int) -> Tensor:
-        """Anchor centres of one level as torchvision's AnchorGenerator places them: cell (i, j) at
-        (j * stride_w, i * stride_h) with stride = input size // level size (integer division)."""
+        """Anchor centres of one level as the model's ``PyramidAnchorGenerator`` places them: cell (i, j) at
+        (j * stride, i * stride), the level's power-of-two stride, which equals FCOS's anchor size."""
         ones = torch.ones_like(feature[0, 0])  # [h, w]; index grids derived from it stay shape-dynamic
         ys = ones.cumsum(0) - 1
         xs = ones.cumsum(1) - 1
-        stride_h = images.shape[-2] // feature.shape[-2]
-        stride_w = images.shape[-1] // feature.shape[-1]
-        return torch.stack([xs * stride_w, ys * stride_h, ones * size], dim=-1).reshape(-1, 3)
+        return torch.stack([xs * size, ys * size, ones * size], dim=-1).reshape(-1, 3)
 
 
 # ----------------------------------------------------------------------------------------------- export

@@ -11,8 +11,10 @@ Model configs shipped with gridclip (``clip/model_configs/*.json``) are register
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import logging
 import json
 import os
 import zipfile
@@ -62,6 +64,17 @@ def model_config(model: str) -> dict:
     return cfg
 
 
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """Random init is asked for here: open_clip's "no pretrained weights loaded" warning is noise."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def _is_torchscript_archive(path: str) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -84,7 +97,7 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
         clip = open_clip.create_model(f"local-dir:{directory}", device=device)
     elif pretrained is None:
         model_config(model)  # clear error for unknown names
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip():
             torch.manual_seed(seed)
             clip = open_clip.create_model(model, pretrained=None, device=device)
     elif os.path.sep in pretrained or os.path.exists(pretrained) or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):

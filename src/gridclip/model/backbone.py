@@ -15,6 +15,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def nominal_stride(padded: int, size: int) -> int:
+    """The power-of-two stride of a pyramid level: the smallest s with ceil(padded / s) == size.
+    ``padded // size`` is wrong for levels whose size is a ceil of the previous one (P6/P7 of a 192-px
+    map: 3 and 2 cells, strides 64 and 128, not 64 and 96). A 1-cell level is ambiguous and harmless:
+    its only cell sits at 0 and is always real."""
+    stride = 1
+    while -(-padded // stride) > size:
+        stride *= 2
+    return stride
+
+
 def valid_cells(image_sizes: list[tuple[int, int]] | None, shape: tuple[int, int], stride: int) -> list[tuple[int, int]] | None:
     """Per image, the (rows, cols) of feature cells that cover real pixels; None when nothing is padded."""
     if image_sizes is None:

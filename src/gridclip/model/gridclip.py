@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
@@ -26,7 +27,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from gridclip.clip.loader import load_clip, model_config
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import GridCLIPConfig
-from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, valid_cells
+from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, nominal_stride, valid_cells
 from gridclip.model.head import CLIPClassificationHead, use_masked_group_norms
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -72,10 +73,10 @@ class GridCLIPBackbone(nn.Module):
 
     def forward(self, x: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> tuple[list[Tensor], Tensor]:
         c3, c4, c5 = self.trunk(x)
-        stride = x.shape[-1] // c5.shape[-1]
+        stride = nominal_stride(x.shape[-1], c5.shape[-1])
         cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), stride)
         if cells is not None:  # zero the padded cells, as convolution padding would see them
-            c3, c4, c5 = (self._mask(f, image_sizes, x.shape[-1] // f.shape[-1]) for f in (c3, c4, c5))
+            c3, c4, c5 = (self._mask(f, image_sizes, nominal_stride(x.shape[-1], f.shape[-1])) for f in (c3, c4, c5))
         if self.grid_pool is not None:
             z_global, z = self.grid_pool(c5, cells)
         else:  # "w/o MHSA" ablation: the adapter reads C5, z-bar is its (masked) mean
@@ -91,7 +92,7 @@ class GridCLIPBackbone(nn.Module):
         levels = OrderedDict([("c3", c3), ("c4", c4), ("c5", torch.cat([z_adapted, c5], dim=1))])
         pyramid = list(self.fpn(levels).values())
         if cells is not None:
-            pyramid = [self._mask(p, image_sizes, x.shape[-1] // p.shape[-1]) for p in pyramid]
+            pyramid = [self._mask(p, image_sizes, nominal_stride(x.shape[-1], p.shape[-1])) for p in pyramid]
         return pyramid, z_global
 
     @staticmethod
@@ -106,6 +107,25 @@ def image_projector(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """z-bar -> teacher space (paper Sec. 3.4): Linear-ReLU-Linear-ReLU-Linear."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
                          nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+class PyramidAnchorGenerator(AnchorGenerator):
+    """torchvision's ``AnchorGenerator`` with each level's power-of-two stride.
+
+    torchvision derives strides as ``padded size // level size``, which is off for P6/P7 whenever the
+    padded size is not a multiple of 128 (their sizes are ceils), so an image's anchors would depend on
+    the batch it is padded in. FCOS's anchor sizes equal the level strides (8 ... 128).
+    """
+
+    def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
+        grid_sizes = [f.shape[-2:] for f in feature_maps]
+        H, W = image_list.tensors.shape[-2:]
+        device = feature_maps[0].device
+        strides = [[torch.tensor(nominal_stride(H, g[0]), device=device), torch.tensor(nominal_stride(W, g[1]), device=device)]
+                   for g in grid_sizes]
+        self.set_cell_anchors(feature_maps[0].dtype, device)
+        per_level = self.grid_anchors(grid_sizes, strides)
+        return [torch.cat(per_level) for _ in image_list.image_sizes]
 
 
 class GridCLIP(FCOS):
@@ -137,6 +157,7 @@ class GridCLIP(FCOS):
         super().__init__(
             backbone, num_classes, min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(CLIP_MEAN),
             image_std=list(CLIP_STD), head=head, center_sampling_radius=cfg.center_sampling_radius,
+            anchor_generator=PyramidAnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5),
             score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
             topk_candidates=cfg.topk_candidates,
         )
@@ -196,8 +217,15 @@ class GridCLIP(FCOS):
         if self.backbone.grid_pool is None:
             raise ValueError("encode_grid needs the attnpool MHSA (model.use_mhsa is false)")
         c5 = self.backbone.trunk(images)[-1]
-        cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), images.shape[-1] // c5.shape[-1])
+        cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), nominal_stride(images.shape[-1], c5.shape[-1]))
         return self.backbone.grid_pool(c5, cells)
+
+    def predict(self, inputs, **kwargs) -> list[dict]:
+        """Detect in paths / PIL images / arrays / tensors (one or a list); boxes in original-image pixels
+        (EXIF-rotated view), with class ``names``. See :func:`gridclip.engine.predict.predict`."""
+        from gridclip.engine.predict import predict
+
+        return predict(self, inputs, **kwargs)
 
     def clip_parameter_names(self) -> set[str]:
         """Parameters initialised from CLIP (trunk and attnpool): the ones with the backbone lr multiplier."""

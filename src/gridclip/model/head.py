@@ -113,10 +113,10 @@ class MaskedGroupNorm(nn.GroupNorm):
     def _cells(self, x: Tensor):
         if self.padding is None:
             return None
-        from gridclip.model.backbone import valid_cells
+        from gridclip.model.backbone import nominal_stride, valid_cells
 
         image_sizes, (_, padded_w) = self.padding
-        return valid_cells(image_sizes, tuple(x.shape[-2:]), padded_w // x.shape[-1])
+        return valid_cells(image_sizes, tuple(x.shape[-2:]), nominal_stride(padded_w, x.shape[-1]))
 
 
 def use_masked_group_norms(module: nn.Module) -> list[MaskedGroupNorm]:
