@@ -85,6 +85,18 @@ def markdown(results: dict) -> str:
               f"(+{st['warmup']} warm-up); crops baseline {st['crops']} boxes ({st['crops_measured']} encoded per "
               f"call, time scaled linearly); batch {', '.join(map(str, st['batch']))}; amp {', '.join(st['amp'])}"
               + ("; QUICK MODE (tiny CLIP, tiny images: not the goal setting)" if st["quick"] else ""), ""]
+    lines += ["## What is compared", "",
+              "- GridCLIP RN50 (`GridCLIPConfig(clip_pretrained=None, teacher_pretrained=None)`, random weights), "
+              "vocabulary `randn(K, 1024)`; torchvision `fcos_resnet50_fpn` (score 0.05, NMS 0.5, 300 detections, "
+              "as GridCLIP); torchvision `maskrcnn_resnet50_fpn` (score 1e-4 so that a random box head keeps "
+              "boxes and the mask head runs, 100 detections); CLIP RN50's image tower on 300 boxes cropped with "
+              "`roi_align` to 224x224, scored against K texts. Frozen batch norms everywhere; no resizing "
+              "(the network sees the stated size); one image per call.",
+              "- Random weights are a worst case for post-processing: an untrained cosine head scores every "
+              "(location, class) pair near the focal prior (~0.01 x centerness), above the 0.05^2 threshold, "
+              "so every pair is a candidate. A trained model keeps far fewer, so the large-K costs here are "
+              "upper bounds. FCOS' random head is in the same regime (both output 300 boxes).",
+              "- Peak memory: each case in a fresh process (see `benchmarks/measure.py`).", ""]
     lines += ["## Goals", "", "| goal | at | measured | holds |", "|---|---|---|---|"]
     for goal in results["goals"]:
         holds = {True: "yes", False: "**no**", None: "not measured"}[goal["holds"]]
