@@ -55,12 +55,14 @@ def run(args, spec, log) -> dict:
         gridclip.set_vocabulary(cases.random_vocabulary(k, gridclip.clip_dim, args.seed))
         log(f"flops: GridCLIP K={k} at {h}x{w}")
         res["models"][f"gridclip_K{k}"] = count(gridclip, gcall, GRIDCLIP)
-    gridclip.set_vocabulary(cases.random_vocabulary(args.main_classes, gridclip.clip_dim, args.seed))
-    variant = make_variant(gridclip, "embed_1x1")
     image = cases.random_image(h, w, args.seed)
-    log("flops: GridCLIP with a 1x1 embedding conv")
-    res["models"][f"gridclip_K{args.main_classes}_embed_1x1"] = count(variant, lambda: variant([image]), GRIDCLIP)
-    del variant
+    for k in ks:
+        gridclip.set_vocabulary(cases.random_vocabulary(k, gridclip.clip_dim, args.seed))
+        for name in ("embed_1x1", "embed_1x1_folded"):
+            variant = make_variant(gridclip, name)
+            log(f"flops: GridCLIP K={k} {name}")
+            res["models"][f"gridclip_K{k}_{name}"] = count(variant, lambda: variant([image]), GRIDCLIP)
+            del variant
     for name in args.baselines:
         log(f"flops: {name} at {h}x{w}")
         model, call = cases.inference_case(name, spec, h, w, args.main_classes, args.crops_measured, args.seed)
@@ -74,7 +76,7 @@ def markdown(res: dict) -> list[str]:
     lines = ["## FLOPs (load-independent)", "",
              f"GFLOPs of one inference at {res['size']} (`torch.utils.flop_counter`: convolutions and matmuls only). "
              "Ratio = model / GridCLIP at the main K.", ""]
-    main = next(k for k in models if k.startswith("gridclip_K") and not k.endswith("embed_1x1"))
+    main = next(k for k in models if k.startswith("gridclip_K") and "embed" not in k)
     lines += ["| model | GFLOPs | vs GridCLIP |", "|---|---|---|"]
     for name, c in models.items():
         lines.append(f"| {name} | {c['total']:.1f} | {c['total'] / models[main]['total']:.2f} |")
