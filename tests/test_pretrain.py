@@ -71,6 +71,29 @@ def test_vit_teacher_trains_and_loads(world, tmp_path):
         assert torch.isfinite(model.encode_image(torch.randn(1, 3, 64, 64))).all()
 
 
+def test_teacher_with_locked_text_tower_keeps_the_source_text_weights(world, trained, tmp_path):
+    from gridclip.clip.loader import load_clip
+
+    rn_dir, _ = trained
+    out = tmp_path / "vit_lit"
+    train_clip(world.root, out, PretrainConfig(model="shapes-ViT-tiny", steps=2, batch_size=32, warmup_steps=1,
+                                               text_from=str(rn_dir)))
+    vit, rn = load_clip(str(out)).state_dict(), load_clip(str(rn_dir)).state_dict()
+    text_keys = [k for k in rn if not k.startswith("visual.") and k not in ("logit_scale", "attn_mask")]
+    assert text_keys and all(torch.equal(vit[k], rn[k]) for k in text_keys)
+    import open_clip
+
+    from gridclip.clip.loader import register_model_configs
+    from gridclip.clip.pretrain import _copy_and_lock_text_tower
+
+    register_model_configs()
+    torch.manual_seed(0)  # train_clip's init
+    fresh = open_clip.create_model("shapes-ViT-tiny").state_dict()
+    assert not torch.equal(vit["visual.conv1.weight"], fresh["visual.conv1.weight"].half().float())  # image side trained
+    with pytest.raises(ValueError, match="does not fit"):
+        _copy_and_lock_text_tower(open_clip.create_model("RN50"), str(rn_dir))
+
+
 @pytest.mark.parametrize("source", ["single", "val"])
 def test_zero_shot_accuracy_matches_a_direct_computation(world, trained, source):
     import open_clip

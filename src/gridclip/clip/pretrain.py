@@ -62,6 +62,9 @@ class PretrainConfig:
     # torch intra-op threads. 1 by default: on a shared 2-core machine two OpenMP threads ran 3.7x
     # slower than one (159 vs 43 img/s), and the thread count is part of bit-reproducibility.
     threads: int | None = 1
+    # LiT-style option for the teacher: copy the text tower of this trained CLIP dir and freeze it, so
+    # only the image tower learns (into an already well-separated text space).
+    text_from: str | None = None
 
 
 def _images_and_texts(world_dir: Path, model_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +126,8 @@ def train_clip(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pr
 
     torch.manual_seed(cfg.seed)
     model = open_clip.create_model(cfg.model, pretrained=None)
+    if cfg.text_from:
+        _copy_and_lock_text_tower(model, cfg.text_from)
     model.train()
     model_cfg = open_clip.get_model_config(cfg.model)
     size = model_cfg["vision_cfg"]["image_size"]
@@ -176,6 +181,20 @@ def train_clip(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pr
               "torch_threads": torch.get_num_threads()}
     save_local_dir(model, model_cfg, out_dir, size)
     return record
+
+
+def _copy_and_lock_text_tower(model: torch.nn.Module, source_dir: str) -> None:
+    """Load every non-visual weight (text tower, temperature) from a CLIP local dir; freeze the text tower."""
+    from gridclip.clip.loader import load_clip
+
+    source = load_clip(source_dir).state_dict()
+    own = model.state_dict()
+    text = {k: v for k, v in source.items() if not k.startswith("visual.") and k != "attn_mask"}
+    bad = [k for k, v in text.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{source_dir}: text tower does not fit this model (mismatched: {', '.join(bad[:3])})")
+    model.load_state_dict(text, strict=False)
+    model.lock_text_tower()
 
 
 def save_local_dir(model: torch.nn.Module, model_cfg: dict, out_dir: str | os.PathLike, image_size: int) -> None:
@@ -287,6 +306,8 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--minutes", type=float, default=None, help="CLIP ResNet wall-clock budget (not reproducible)")
     p.add_argument("--teacher-steps", type=int, default=None, help="ViT teacher steps (default: --steps)")
     p.add_argument("--teacher-minutes", type=float, default=None, help="ViT teacher budget (default: --minutes)")
+    p.add_argument("--teacher-text-from", default=None,
+                   help="CLIP dir whose text tower the ViT teacher copies and keeps frozen (LiT-style)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -308,7 +329,7 @@ def cli(argv: list[str]) -> int:
             a.teacher_steps if a.teacher_steps is not None else a.steps,
             a.teacher_minutes if a.teacher_minutes is not None else a.minutes)
         cfg = PretrainConfig(model=MODELS[key], steps=steps, minutes=minutes, batch_size=a.batch_size, lr=a.lr,
-                             seed=a.seed, threads=a.threads)
+                             seed=a.seed, threads=a.threads, text_from=a.teacher_text_from if key == "vit" else None)
         record = train_clip(world.root, out / MODELS[key], cfg)
         record["zero_shot_top1"] = evaluate_all(out / MODELS[key], world.root)
         print(json.dumps(record), flush=True)
