@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# Passive OpenMP waiting: spinning threads make torch 4-12x slower when anything else shares the cores.
+export OMP_WAIT_POLICY ?= PASSIVE
+
 .PHONY: setup demo test test-slow bench clean
 
 $(BIN)/python:

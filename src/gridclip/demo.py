@@ -111,7 +111,7 @@ def _draw_examples(model, cfg, out_dir: Path, novel_ids: set[int], count: int = 
     return written
 
 
-def run_demo(out: str | os.PathLike = "runs/demo", *, from_scratch: bool = False, iters: int = 1500,
+def run_demo(out: str | os.PathLike = "runs/demo", *, from_scratch: bool = False, iters: int = 400,
              variants: tuple[str, ...] = DEMO_VARIANTS, world_size: str = "default", clip_steps: int = 2400,
              examples: int = 6) -> dict:
     """Run the demo; returns ``{variant: {AP, AP50, APr, APc, APf}}`` (also in OUT/metrics.json)."""
@@ -182,7 +182,7 @@ def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="gridclip demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--from-scratch", action="store_true", help="pretrain the tiny CLIP and teacher instead of using the shipped weights")
-    p.add_argument("--iters", type=int, default=1500, help="training iterations per variant")
+    p.add_argument("--iters", type=int, default=400, help="training iterations per variant (batch 16)")
     p.add_argument("--ablations", action="store_true", help="also the paper's Table 4/5 variants (w/o MHSA, image only)")
     p.add_argument("--mini", action="store_true", help="tiny world and few iterations: checks the pipeline in a minute")
     a = p.parse_args(argv)
