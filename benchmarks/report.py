@@ -13,6 +13,18 @@ def _latency(results: dict, size: str, case: str, batch: int = 1, amp: str = "no
     return None
 
 
+def _samples(results: dict, size: str, case: str) -> list[float]:
+    for row in results["latency"]:
+        if (row["size"], row["case"], row["batch"], row["amp"]) == (size, case, 1, "none"):
+            return row["samples_s"]
+    return []
+
+
+def _flops(results: dict, case: str) -> float | None:
+    models = (results.get("flops") or {}).get("models", {})
+    return models[case]["total"] if case in models else None
+
+
 def _memory(results: dict, case: str) -> float | None:
     return next((r["peak_delta_mib"] for r in results["memory"] if r["case"] == case), None)
 
@@ -35,18 +47,27 @@ def goals(results: dict, main_classes: int) -> list[dict]:
     big = f"gridclip_K{ks[-1]}" if ks else None
     out = []
 
-    def add(text: str, value: float | None, holds, fmt: str = "{:.2f}x") -> None:
-        out.append({"goal": text, "size": size, "measured": value, "measured_text": "-" if value is None else fmt.format(value),
-                    "holds": None if value is None else bool(holds(value))})
+    flops_size = (results.get("flops") or {}).get("size")
+
+    def add(text: str, value: float | None, holds, fmt: str = "{:.2f}x", pair: tuple[str, str] | None = None) -> None:
+        row = {"goal": text, "size": size, "measured": value, "measured_text": "-" if value is None else fmt.format(value),
+               "holds": None if value is None else bool(holds(value))}
+        if pair:  # per-round ratios (cases of a round run back to back) and the load-independent FLOP ratio
+            a, b = _samples(results, size, pair[0]), _samples(results, size, pair[1])
+            row["round_ratios"] = [x / y for x, y in zip(a, b)]
+            if flops_size == size:
+                row["flops_ratio"] = _ratio(_flops(results, pair[0]), _flops(results, pair[1]))
+        out.append(row)
 
     add(f"GridCLIP K={main_classes} latency <= 1.25x torchvision FCOS-R50", _ratio(g, _latency(results, size, "fcos")),
-        lambda r: r <= 1.25)
+        lambda r: r <= 1.25, pair=(main, "fcos"))
     add(f"GridCLIP K={main_classes} faster than Mask R-CNN R50-FPN (ratio < 1)",
-        _ratio(g, _latency(results, size, "maskrcnn")), lambda r: r < 1)
+        _ratio(g, _latency(results, size, "maskrcnn")), lambda r: r < 1, pair=(main, "maskrcnn"))
     add(f"GridCLIP K={main_classes} >= 6x faster than CLIP on crops (crops / GridCLIP)",
-        _ratio(_latency(results, size, "crops"), g), lambda r: r >= 6)
+        _ratio(_latency(results, size, "crops"), g), lambda r: r >= 6, pair=("crops", main))
     if big and big != main:
-        add(f"K={ks[-1]} latency <= 2x K={main_classes}", _ratio(_latency(results, size, big), g), lambda r: r <= 2)
+        add(f"K={ks[-1]} latency <= 2x K={main_classes}", _ratio(_latency(results, size, big), g), lambda r: r <= 2,
+            pair=(big, main))
         add(f"K={ks[-1]} peak extra memory bounded (<= 1.5x K={main_classes}'s)",
             _ratio(_memory(results, big), _memory(results, main)), lambda r: r <= 1.5)
     p = results.get("parameters")
@@ -97,10 +118,15 @@ def markdown(results: dict) -> str:
               "so every pair is a candidate. A trained model keeps far fewer, so the large-K costs here are "
               "upper bounds. FCOS' random head is in the same regime (both output 300 boxes).",
               "- Peak memory: each case in a fresh process (see `benchmarks/measure.py`).", ""]
-    lines += ["## Goals", "", "| goal | at | measured | holds |", "|---|---|---|---|"]
+    lines += ["## Goals", "", "`measured`: ratio of the medians (the goal's test). `per round`: the same ratio within "
+              "each round of interleaved calls (its spread shows how much the shared machine's load moved). "
+              "`FLOPs`: the load-independent ratio of floating-point operations (section below), when counted.", "",
+              "| goal | at | measured | per round | FLOPs | holds |", "|---|---|---|---|---|---|"]
     for goal in results["goals"]:
         holds = {True: "yes", False: "**no**", None: "not measured"}[goal["holds"]]
-        lines.append(f"| {goal['goal']} | {goal['size']} | {goal['measured_text']} | {holds} |")
+        rounds = ", ".join(f"{r:.2f}" for r in goal.get("round_ratios", [])) or "-"
+        lines.append(f"| {goal['goal']} | {goal['size']} | {goal['measured_text']} | {rounds} | "
+                     f"{_fmt(goal.get('flops_ratio'), '{:.2f}x')} | {holds} |")
     lines += ["", "## Inference latency", "",
               "Full pipeline per call (resize/normalise, network, decoding, NMS, rescaling). Ratios are "
               "GridCLIP / baseline (below 1: GridCLIP is faster).", "",
