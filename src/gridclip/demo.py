@@ -83,14 +83,16 @@ class _WithCategories:
 
 
 def _draw_examples(model, cfg, out_dir: Path, novel_ids: set[int], count: int = 6) -> list[str]:
-    """Drawn detections of val images that hold novel objects."""
+    """Drawn detections (scaled x3; red = a novel category) of val images that hold novel objects."""
     import torch
     from torchvision.io import write_png
+    from torchvision.ops import nms
     from torchvision.utils import draw_bounding_boxes
 
     from gridclip.data.images import load_image
 
     data = json.loads(Path(cfg.data.val_json).read_text())
+    novel_names = {c["name"] for c in data["categories"] if c["id"] in novel_ids}
     with_novel = sorted({a["image_id"] for a in data["annotations"] if a["category_id"] in novel_ids})
     images = {im["id"]: im for im in data["images"]}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,10 +103,14 @@ def _draw_examples(model, cfg, out_dir: Path, novel_ids: set[int], count: int = 
         image = load_image(path)
         with torch.no_grad():
             det = model([image.float() / 255])[0]
-        keep = det["scores"] > 0.3
-        labels = [f"{model.class_names[int(k)]} {float(s):.2f}" for k, s in zip(det["labels"][keep], det["scores"][keep])]
+        # one label per object for a readable picture: class-agnostic NMS over the confident detections
+        confident = (det["scores"] > 0.3).nonzero().flatten()
+        keep = confident[nms(det["boxes"][confident], det["scores"][confident], 0.5)]
+        names = [model.class_names[int(k)] for k in det["labels"][keep]]
+        labels = [f"{n} {float(s):.2f}" for n, s in zip(names, det["scores"][keep])]
+        colors = ["red" if n in novel_names else "yellow" for n in names]  # red: a novel category
         big = torch.nn.functional.interpolate(image[None].float(), scale_factor=3, mode="nearest")[0].to(torch.uint8)
-        drawn = draw_bounding_boxes(big, det["boxes"][keep] * 3, labels=labels, colors="yellow", width=2)
+        drawn = draw_bounding_boxes(big, det["boxes"][keep] * 3, labels=labels, colors=colors, width=2)
         target = out_dir / f"val_{image_id}.png"
         write_png(drawn, str(target))
         written.append(str(target))
