@@ -95,6 +95,9 @@ def markdown(results: dict) -> str:
              "number is a ratio against baselines run in the same process on the same input, interleaved round "
              "by round (rotated order), median over rounds after warm-up. Random weights throughout (speed does "
              "not depend on the values, except how many boxes reach NMS).", ""]
+    if results.get("sources"):
+        lines += [f"Merged with `--report-from` from: {', '.join(f'`{p}`' for p in results['sources'])} "
+                  "(each section from the first file that has it).", ""]
     lines += ["## Machine", "",
               f"- date: {env['date']}; device: {env['device']}" + (f" ({env['gpu']})" if "gpu" in env else ""),
               f"- CPU: {env['cpu']}, {env['cores']} cores; torch threads: {env['threads']}",
@@ -120,7 +123,9 @@ def markdown(results: dict) -> str:
               "- Peak memory: each case in a fresh process (see `benchmarks/measure.py`).", ""]
     lines += ["## Goals", "", "`measured`: ratio of the medians (the goal's test). `per round`: the same ratio within "
               "each round of interleaved calls (its spread shows how much the shared machine's load moved). "
-              "`FLOPs`: the load-independent ratio of floating-point operations (section below), when counted.", "",
+              "`FLOPs`: the load-independent ratio of floating-point operations (section below), when counted. "
+              "Where the rounds straddle the goal, or the FLOP ratio sits on the other side of it, the verdict "
+              "is not robust on this machine: rerun on a quiet one (`make bench`).", "",
               "| goal | at | measured | per round | FLOPs | holds |", "|---|---|---|---|---|---|"]
     for goal in results["goals"]:
         holds = {True: "yes", False: "**no**", None: "not measured"}[goal["holds"]]

@@ -297,6 +297,7 @@ def merge_results(paths: list[str]) -> dict:
     for key in ("environment", "settings", "latency"):
         if not merged.get(key):
             raise ValueError(f"--report-from: none of the files has a '{key}' section (a full benchmark run's results)")
+    merged["sources"] = [str(p) for p in paths]
     merged.setdefault("memory", [])
     merged.setdefault("training", [])
     return merged

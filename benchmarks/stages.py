@@ -359,12 +359,13 @@ def markdown(res: dict) -> list[str]:
               "Each variant is a modified copy of the model timed interleaved with the unmodified model and FCOS on "
               "the same input; `speedup` = unmodified / variant; detections compared with the unmodified model's "
               "(first n detections, both sorted by score).", "",
-              "| K | variant | median s | speedup | / FCOS | detections (ref, variant) | max score diff | same labels | max box diff px |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| K | variant | median s | samples s | speedup | / FCOS | detections (ref, variant) | max score diff | same labels | max box diff px |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for v in res["variants"]:
         same = f"{v['count']} | {v['max_score_diff']:.1e} | {100 * v['same_labels']:.0f}% | {v['max_box_diff']:.1e}" \
             if "count" in v else "- | - | - | -"
-        lines.append(f"| {v['classes']} | {v['variant']} | {v['median_s']:.3f} | {v['speedup']:.2f}x | "
+        samples = ", ".join(f"{t:.1f}" for t in v.get("samples_s", []))
+        lines.append(f"| {v['classes']} | {v['variant']} | {v['median_s']:.3f} | {samples} | {v['speedup']:.2f}x | "
                      f"{v['vs_fcos']:.2f} | {same} |")
     lines += ["", "`embed_1x1*` change the architecture (retraining needed): `embed_1x1`'s detections differ by design; "
               "`embed_1x1_folded` is compared with `embed_1x1` (same weights)."]
