@@ -173,7 +173,7 @@ def inference_case(name: str, spec: ModelSpec, height: int, width: int, num_clas
 
 
 def training_step(name: str, spec: ModelSpec, batch: int, height: int, width: int, num_classes: int,
-                  seed: int = 0) -> tuple[nn.Module, Callable[[], float]]:
+                  seed: int = 0, device: str = "cpu") -> tuple[nn.Module, Callable[[], float]]:
     """One SGD step (forward, backward, update) on ``batch`` HxW images with 3 boxes each.
 
     GridCLIP trains with both alignments (grid + image; the teacher embedding is precomputed, as with
@@ -181,7 +181,7 @@ def training_step(name: str, spec: ModelSpec, batch: int, height: int, width: in
     """
     model = build_gridclip(spec, num_classes, seed) if name == "gridclip" else build_fcos(num_classes, seed)
     set_input_size(model, height, width)
-    model.train()
+    model.train().to(device)
     g = torch.Generator().manual_seed(seed + 3)
     images = [random_image(height, width, seed + i) for i in range(batch)]
     targets = []
@@ -190,7 +190,8 @@ def training_step(name: str, spec: ModelSpec, batch: int, height: int, width: in
              "labels": torch.randint(0, num_classes, (3,), generator=g)}
         if name == "gridclip":
             t["teacher_embedding"] = F.normalize(torch.randn(spec.teacher_dim, generator=g), dim=0)
-        targets.append(t)
+        targets.append({k: v.to(device) for k, v in t.items()})
+    images = [image.to(device) for image in images]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
 

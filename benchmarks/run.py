@@ -1,9 +1,12 @@
 """Benchmark GridCLIP against baselines run in the same process on the same input (issue 7).
 
-    python benchmarks/run.py                 # CPU, the default set (~10 min on an idle 2-core machine)
+    python benchmarks/run.py                 # CPU, the default set (~15 min on 2 idle cores; 48 min shared)
     python benchmarks/run.py --quick         # seconds: tiny CLIP, tiny images (the regression test)
     python benchmarks/run.py --device cuda --amp fp16 bf16 --batch 1 8   # GPU variant (needs CUDA)
     gridclip bench ...                       # the same
+    python benchmarks/run.py --stages --flops   # + per-stage times, optimisation variants, FLOPs
+    python benchmarks/run.py --only stages --sizes 640x640 --classes 1203 21000 --out runs/s   # one study
+    python benchmarks/run.py --report-from A/results.json B/results.json   # merge runs into one report
 
 Writes ``<out>/results.json`` and a Markdown report (``--doc``, default ``docs/benchmarks.md`` for full
 runs, ``<out>/benchmarks.md`` for ``--quick``), both atomically. See benchmarks/measure.py for how time
@@ -215,7 +218,7 @@ def run_training(args, spec, log) -> list[dict]:
     k = min(866, args.main_classes)  # LVIS base vocabulary (frequent + common) when training
     steps = {}
     for name in ("gridclip", "fcos"):
-        _, steps[name] = cases.training_step(name, spec, args.train_batch, h, w, k, args.seed)
+        _, steps[name] = cases.training_step(name, spec, args.train_batch, h, w, k, args.seed, args.device)
     log(f"training step, batch {args.train_batch} at {h}x{w}")
     times = measure.time_rounds(steps, args.train_rounds, min(args.warmup, 1), args.device, log=log)
     return [{"size": f"{h}x{w}", "batch": args.train_batch, "classes": k, "case": name,
