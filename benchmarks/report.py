@@ -132,6 +132,20 @@ def markdown(results: dict) -> str:
         rounds = ", ".join(f"{r:.2f}" for r in goal.get("round_ratios", [])) or "-"
         lines.append(f"| {goal['goal']} | {goal['size']} | {goal['measured_text']} | {rounds} | "
                      f"{_fmt(goal.get('flops_ratio'), '{:.2f}x')} | {holds} |")
+    for rerun in results.get("reruns", []):
+        env2 = rerun["environment"]
+        lines += ["", f"Rerun of some cases (`{rerun['source']}`, {env2['date']}, load average at start "
+                  f"{_loads(env2['load_average_start'])}):", "", "| goal | at | measured | per round | holds |",
+                  "|---|---|---|---|---|"]
+        for goal in rerun["goals"]:
+            if goal["holds"] is None or goal["size"] == "-":
+                continue
+            holds = {True: "yes", False: "**no**"}[goal["holds"]]
+            rounds = ", ".join(f"{r:.2f}" for r in goal.get("round_ratios", [])) or "-"
+            lines.append(f"| {goal['goal']} | {goal['size']} | {goal['measured_text']} | {rounds} | {holds} |")
+        lines += ["", "| size | case | median s | samples s |", "|---|---|---|---|"]
+        lines += [f"| {r['size']} | {r['case']} | {r['median_s']:.3f} | {', '.join(f'{t:.2f}' for t in r['samples_s'])} |"
+                  for r in rerun["latency"]]
     lines += ["", "## Inference latency", "",
               "Full pipeline per call (resize/normalise, network, decoding, NMS, rescaling). Ratios are "
               "GridCLIP / baseline (below 1: GridCLIP is faster).", "",

@@ -294,6 +294,9 @@ def merge_results(paths: list[str]) -> dict:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"--report-from: {path} is not JSON ({exc.msg})") from None
+        if data.get("latency") and merged.get("latency"):  # a further timing run: kept as a rerun
+            merged.setdefault("reruns", []).append({"source": str(path), "environment": data["environment"],
+                                                    "goals": data.get("goals", []), "latency": data["latency"]})
         for key, value in data.items():
             if value and not merged.get(key):
                 merged[key] = value
