@@ -82,7 +82,11 @@ class GridAttentionPool(nn.Module):
         if (h, w) == (self.spatial_dim, self.spatial_dim):
             return pos[1:]
         caching = not torch.is_grad_enabled() or not pos.requires_grad
-        key = (h, w, pos.device, pos.dtype, pos._version)
+        try:
+            version = pos._version  # bumps on every in-place update (optimizer step, load_state_dict)
+        except RuntimeError:  # an inference tensor (model built under inference_mode) never changes
+            version = -1
+        key = (h, w, pos.device, pos.dtype, version)
         if caching and key in self._pos_cache:
             return self._pos_cache[key]
         S, C = self.spatial_dim, pos.shape[1]
