@@ -50,3 +50,24 @@ def tiny_cfg(tiny_clip_names):
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GRIDCLIP_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def make_tiny_detector(tiny_clip_names):
+    """Factory: a tiny random GridCLIP whose box regression starts with visible boxes (random CLIP, no
+    vocabulary yet), for the inference / export / serve / bad-input tests."""
+    def make(min_size: int = 128, max_size: int = 192, detections_per_img: int = 20):
+        from gridclip import GridCLIP
+        from gridclip.config import GridCLIPConfig
+
+        rn, vit = tiny_clip_names
+        cfg = GridCLIPConfig(clip_model=rn, clip_pretrained=None, teacher_model=vit, teacher_pretrained=None,
+                             adapter_channels=32, fpn_channels=32, head_convs=2, projector_hidden=64,
+                             min_size=min_size, max_size=max_size, detections_per_img=detections_per_img)
+        torch.manual_seed(0)
+        model = GridCLIP(cfg, load_clip_weights=False)
+        torch.nn.init.normal_(model.head.regression_head.bbox_reg.weight, std=0.05)
+        torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
+        return model
+
+    return make

@@ -19,20 +19,10 @@ NAMES = ["red star", "blue ring", "green box"]
 
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tiny_clip_names, tmp_path_factory):
+def ckpt_dir(make_tiny_detector, tmp_path_factory):
     """One tiny random checkpoint (vocabulary NAMES embedded by the tiny text encoder) for the battery."""
-    from gridclip import GridCLIP
     from gridclip.checkpoint import save_checkpoint
-    from gridclip.config import GridCLIPConfig
-
-    rn, vit = tiny_clip_names
-    cfg = GridCLIPConfig(clip_model=rn, clip_pretrained=None, teacher_model=vit, teacher_pretrained=None,
-                         adapter_channels=32, fpn_channels=32, head_convs=2, projector_hidden=64,
-                         min_size=128, max_size=192, detections_per_img=20)
-    torch.manual_seed(0)
-    model = GridCLIP(cfg, load_clip_weights=False)
-    torch.nn.init.normal_(model.head.regression_head.bbox_reg.weight, std=0.05)
-    torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
+    model = make_tiny_detector(128, 192, 20)
     d = tmp_path_factory.mktemp("battery")
     save_checkpoint(d / "novocab.pt", model)
     model.set_vocabulary(NAMES, cache_dir=d / "cache")

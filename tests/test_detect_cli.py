@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from gridclip.cli import main
@@ -14,20 +13,10 @@ NAMES = ["red star", "blue ring", "green box"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_clip_names, tmp_path_factory):
+def checkpoint(make_tiny_detector, tmp_path_factory):
     """A tiny random GridCLIP checkpoint whose vocabulary (NAMES) was embedded by the tiny text encoder."""
-    from gridclip import GridCLIP
     from gridclip.checkpoint import save_checkpoint
-    from gridclip.config import GridCLIPConfig
-
-    rn, vit = tiny_clip_names
-    cfg = GridCLIPConfig(clip_model=rn, clip_pretrained=None, teacher_model=vit, teacher_pretrained=None,
-                         adapter_channels=32, fpn_channels=32, head_convs=2, projector_hidden=64,
-                         min_size=128, max_size=192, detections_per_img=20)
-    torch.manual_seed(0)
-    model = GridCLIP(cfg, load_clip_weights=False)
-    torch.nn.init.normal_(model.head.regression_head.bbox_reg.weight, std=0.05)
-    torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
+    model = make_tiny_detector(128, 192, 20)
     d = tmp_path_factory.mktemp("detect_ckpt")
     model.set_vocabulary(NAMES, cache_dir=d / "cache")
     save_checkpoint(d / "tiny.pt", model)

@@ -14,21 +14,12 @@ NAMES = ["red star", "blue ring", "green box"]
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_clip_names, tmp_path_factory):
+def exported(make_tiny_detector, tmp_path_factory):
     """A tiny random model (min_size 96, max_size 160) with a checkpoint, exported by the CLI both ways."""
-    from gridclip import GridCLIP
     from gridclip.checkpoint import save_checkpoint
     from gridclip.cli import main
-    from gridclip.config import GridCLIPConfig
 
-    rn, vit = tiny_clip_names
-    cfg = GridCLIPConfig(clip_model=rn, clip_pretrained=None, teacher_model=vit, teacher_pretrained=None,
-                         adapter_channels=32, fpn_channels=32, head_convs=2, projector_hidden=64,
-                         min_size=96, max_size=160, detections_per_img=50)
-    torch.manual_seed(0)
-    model = GridCLIP(cfg, load_clip_weights=False)
-    torch.nn.init.normal_(model.head.regression_head.bbox_reg.weight, std=0.05)
-    torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
+    model = make_tiny_detector(96, 160, 50)
     d = tmp_path_factory.mktemp("export")
     model.set_vocabulary(NAMES, cache_dir=d / "cache")
     save_checkpoint(d / "tiny.pt", model)

@@ -15,18 +15,8 @@ NAMES = ["red star", "blue ring", "green box"]
 
 
 @pytest.fixture(scope="module")
-def model(tiny_clip_names, tmp_path_factory):
-    from gridclip import GridCLIP
-    from gridclip.config import GridCLIPConfig
-
-    rn, vit = tiny_clip_names
-    cfg = GridCLIPConfig(clip_model=rn, clip_pretrained=None, teacher_model=vit, teacher_pretrained=None,
-                         adapter_channels=32, fpn_channels=32, head_convs=2, projector_hidden=64,
-                         min_size=128, max_size=192, detections_per_img=10)
-    torch.manual_seed(0)
-    m = GridCLIP(cfg, load_clip_weights=False)
-    torch.nn.init.normal_(m.head.regression_head.bbox_reg.weight, std=0.05)
-    torch.nn.init.constant_(m.head.regression_head.bbox_reg.bias, 1.0)
+def model(make_tiny_detector, tmp_path_factory):
+    m = make_tiny_detector(128, 192, 10)
     return m.set_vocabulary(NAMES, cache_dir=tmp_path_factory.mktemp("serve_cache")).eval()
 
 
