@@ -353,15 +353,11 @@ def _names_from_spec(spec: str) -> list[str]:
     """A built-in vocabulary name or a text file of names (one per line)."""
     from pathlib import Path
 
-    try:
-        from gridclip.data import vocabularies
-    except ImportError:  # pragma: no cover - the data module ships with the package
-        vocabularies = None
+    from gridclip.data import vocabularies
+
     if Path(spec).is_file():
-        if vocabularies is not None:
-            return vocabularies.read_vocabulary_file(spec)
-        return [line.strip() for line in Path(spec).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if vocabularies is not None and spec.lower() in ("lvis", "coco", "voc"):
+        return vocabularies.read_vocabulary_file(spec)
+    if spec.lower() in ("lvis", "coco", "voc"):
         return vocabularies.builtin_vocabulary(spec.lower())
     raise ValueError(f"vocabulary '{spec}': not a file and not a built-in vocabulary (lvis, coco, voc); "
                      "pass a list of names for a custom vocabulary")
