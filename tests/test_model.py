@@ -114,10 +114,13 @@ def test_bad_targets_are_clear_errors(tiny_cfg):
 
 @pytest.mark.parametrize("chunk", [1 << 24, 300])
 def test_chunked_scoring_equals_torchvision_postprocess(tiny_cfg, chunk):
-    """Our post-processing (chunked over classes) == torchvision FCOS.postprocess_detections on full logits."""
+    """Our post-processing (chunked over classes) == torchvision FCOS.postprocess_detections on full logits.
+    3x3 embedding conv: scoring runs on the D-dim embeddings themselves (the 1x1 head's subspace scoring
+    is compared with D-dim scoring in test_scoring.py)."""
     torch.manual_seed(0)
     # no top-k cut: near-equal scores at the cut could swap with another BLAS blocking of the matmul
-    cfg = dataclasses.replace(tiny_cfg, score_chunk_elements=chunk, score_thresh=0.2, topk_candidates=10**6)
+    cfg = dataclasses.replace(tiny_cfg, score_chunk_elements=chunk, score_thresh=0.2, topk_candidates=10**6,
+                              embed_kernel_size=3)
     model = GridCLIP(cfg).eval()
     model.set_vocabulary(torch.randn(40, model.clip_dim))
     images = [torch.rand(3, 128, 160), torch.rand(3, 128, 128)]

@@ -34,6 +34,10 @@ class GridCLIPConfig:
     adapter_layers: int = 3
     fpn_channels: int = 256
     head_convs: int = 4
+    # Kernel of the head's last conv (class tower -> D-dim embedding). 1: a linear map to CLIP space, as
+    # ViLD-style detectors project regions; inference then scores in 257 dims instead of D (see
+    # CLIPClassificationHead.scoring_vectors). 3: torchvision FCOS's classifier kernel.
+    embed_kernel_size: int = 1
     projector_hidden: int = 1024
     # Image-level alignment teacher (frozen; training only). teacher_dim None: read from its config.
     teacher_model: str = "ViT-B-32-quickgelu"

@@ -29,6 +29,7 @@ from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import GridCLIPConfig
 from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, nominal_stride, valid_cells
 from gridclip.model.head import CLIPClassificationHead, use_masked_group_norms
+from gridclip.model.scoring import fast_pass_dtype, level_candidates
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -153,7 +154,7 @@ class GridCLIP(FCOS):
         head = FCOSHead(cfg.fpn_channels, num_anchors=1, num_classes=num_classes, num_convs=cfg.head_convs)
         if cfg.grid_align:
             head.classification_head = CLIPClassificationHead(
-                cfg.fpn_channels, clip_dim, cfg.head_convs, cfg.logit_scale_init, cfg.prior_prob)
+                cfg.fpn_channels, clip_dim, cfg.head_convs, cfg.logit_scale_init, cfg.prior_prob, cfg.embed_kernel_size)
         super().__init__(
             backbone, num_classes, min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(CLIP_MEAN),
             image_std=list(CLIP_STD), head=head, center_sampling_radius=cfg.center_sampling_radius,
@@ -173,6 +174,9 @@ class GridCLIP(FCOS):
         self.cfg = cfg
         self.clip_config = self_clip_config
         self.clip_dim = clip_dim
+        # bf16 pass/fail matmul for large levels x vocabularies on CPUs with native bf16 (see scoring.py);
+        # detections are unchanged: the passing pairs are re-scored in fp32.
+        self.fast_scoring_pass = True
         self.vocabulary: Vocabulary | None = None
         self.class_names: tuple[str, ...] = ()
 
@@ -226,6 +230,20 @@ class GridCLIP(FCOS):
         from gridclip.engine.predict import predict
 
         return predict(self, inputs, **kwargs)
+
+    def optimize_for_inference(self, *, channels_last: bool = True) -> "GridCLIP":
+        """Fold the trunk's frozen batch norms into its convolutions and switch to channels-last, in place
+        (same detections up to float rounding; see :mod:`gridclip.model.inference`). The optimised model
+        cannot train or be saved as a checkpoint. Returns ``self`` in eval mode."""
+        from gridclip.model.inference import optimize_for_inference
+
+        return optimize_for_inference(self, channels_last=channels_last)
+
+    def train(self, mode: bool = True) -> "GridCLIP":
+        if mode and getattr(self, "inference_optimized", False):
+            raise ValueError("this model was optimised for inference (batch norms folded): load the checkpoint "
+                             "again to train it")
+        return super().train(mode)
 
     def clip_parameter_names(self) -> set[str]:
         """Parameters initialised from CLIP (trunk and attnpool): the ones with the backbone lr multiplier."""
@@ -304,46 +322,32 @@ class GridCLIP(FCOS):
             head_outputs["bbox_regression"], head_outputs["bbox_ctrness"] = regression
             split = {k: list(v.split(num_per_level, dim=1)) for k, v in head_outputs.items()}
             return self.postprocess_detections(split, [list(a.split(num_per_level)) for a in anchors], image_sizes)
-        cls_head = self.head.classification_head
-        embeddings = cls_head.embeddings(features)
+        vectors, text = self.head.classification_head.scoring_vectors(features)
         box_regression, box_ctrness = regression
         return [
-            self._detect_image(embeddings[i].split(num_per_level), box_regression[i].split(num_per_level),
+            self._detect_image(vectors[i].split(num_per_level), text, box_regression[i].split(num_per_level),
                                box_ctrness[i].split(num_per_level), anchors[i].split(num_per_level), image_sizes[i])
             for i in range(len(image_sizes))
         ]
 
-    def _detect_image(self, embeddings, regressions, ctrnesses, anchors, image_size) -> dict[str, Tensor]:
+    def _detect_image(self, vectors, text, regressions, ctrnesses, anchors, image_size) -> dict[str, Tensor]:
         """torchvision FCOS post-processing (per level: score = sqrt(p_cls * p_ctr) > thresh, top-k
-        candidates; then box decoding, NMS per class, top detections), with classes scored in chunks so
-        that memory stays bounded for any vocabulary size. Identical results to unchunked scoring."""
+        candidates; then box decoding, NMS per class, top detections), with the vocabulary scored by
+        :func:`gridclip.model.scoring.level_candidates`: the same candidates as scoring every pair, in bounded
+        memory for any vocabulary size, skipping pairs that cannot reach a level's top-k."""
         cls_head = self.head.classification_head
-        text = cls_head.text_embeddings
+        scale, bias = cls_head.logit_scale.exp(), cls_head.logit_bias
         K = text.shape[0]
-        thresh_sq = self.score_thresh ** 2
         all_boxes, all_scores, all_labels = [], [], []
-        for emb, reg, ctr, anc in zip(embeddings, regressions, ctrnesses, anchors):
+        for vec, reg, ctr, anc in zip(vectors, regressions, ctrnesses, anchors):
             ctr_prob = torch.sigmoid(ctr.float()).flatten()  # [HW]
-            chunk = max(1, self.cfg.score_chunk_elements // max(1, emb.shape[0]))
-            scores = emb.new_zeros(0, dtype=torch.float32)
-            flat_idx = torch.zeros(0, dtype=torch.long, device=emb.device)
-            for start in range(0, K, chunk):
-                prob = torch.sigmoid(cls_head.logits(emb, text[start:start + chunk]).float()) * ctr_prob[:, None]
-                keep = prob > thresh_sq  # == sqrt(prob) > thresh, without a sqrt over every logit
-                loc, cls = keep.nonzero(as_tuple=True)
-                s = prob[loc, cls].sqrt()
-                scores = torch.cat([scores, s])
-                flat_idx = torch.cat([flat_idx, loc * K + cls + start])
-                if scores.numel() > self.topk_candidates:
-                    scores, top = scores.topk(self.topk_candidates)
-                    flat_idx = flat_idx[top]
-            scores, order = scores.topk(min(self.topk_candidates, scores.numel()))
-            flat_idx = flat_idx[order]
-            anchor_idx = torch.div(flat_idx, K, rounding_mode="floor")
-            boxes = self.box_coder.decode(reg[anchor_idx].float(), anc[anchor_idx])
+            pass_dtype = fast_pass_dtype(vec.device, vec.shape[0] * K) if self.fast_scoring_pass else None
+            probs, loc, cls = level_candidates(vec, text, scale, bias, ctr_prob, self.score_thresh ** 2,
+                                               self.topk_candidates, self.cfg.score_chunk_elements, pass_dtype)
+            boxes = self.box_coder.decode(reg[loc].float(), anc[loc])
             all_boxes.append(box_ops.clip_boxes_to_image(boxes, image_size))
-            all_scores.append(scores)
-            all_labels.append(flat_idx % K)
+            all_scores.append(probs.sqrt())
+            all_labels.append(cls)
         boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
         keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 
 class CLIPClassificationHead(nn.Module):
-    """Conv tower (conv3x3 + GroupNorm + ReLU) x num_convs, then conv3x3 to ``embed_dim``; cosine scoring.
+    """Conv tower (conv3x3 + GroupNorm + ReLU) x num_convs, then a conv (``embed_kernel_size``: 1 or 3) to
+    ``embed_dim``; cosine scoring.
 
     The vocabulary (``[K, D]`` normalised text embeddings) is data, not a parameter: a non-persistent
     buffer swapped by :meth:`set_text_embeddings`, so checkpoints load whatever the vocabulary.
@@ -28,15 +29,18 @@ class CLIPClassificationHead(nn.Module):
         num_convs: int = 4,
         logit_scale_init: float = 1 / 0.07,
         prior_prob: float = 0.01,
+        embed_kernel_size: int = 3,
     ):
         super().__init__()
+        if embed_kernel_size not in (1, 3):
+            raise ValueError(f"model.embed_kernel_size: expected 1 or 3, got {embed_kernel_size!r}")
         self.embed_dim = embed_dim
         norm = partial(nn.GroupNorm, 32)
         layers: list[nn.Module] = []
         for _ in range(num_convs):
             layers += [nn.Conv2d(in_channels, in_channels, 3, padding=1), norm(in_channels), nn.ReLU()]
         self.conv = nn.Sequential(*layers)
-        self.embed = nn.Conv2d(in_channels, embed_dim, 3, padding=1)
+        self.embed = nn.Conv2d(in_channels, embed_dim, embed_kernel_size, padding=embed_kernel_size // 2)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
@@ -45,6 +49,7 @@ class CLIPClassificationHead(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
         self.logit_bias = nn.Parameter(torch.tensor(-math.log((1 - prior_prob) / prior_prob)))
         self.register_buffer("text_embeddings", torch.zeros(0, embed_dim), persistent=False)
+        self._subspace_cache: dict = {}
 
     @property
     def num_classes(self) -> int:
@@ -67,6 +72,40 @@ class CLIPClassificationHead(nn.Module):
             out.append(e.flatten(2).transpose(1, 2))
         return F.normalize(torch.cat(out, dim=1), dim=-1)
 
+    def scoring_vectors(self, x: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(vectors [N, sum(HW), d], text [K, d])`` with ``vectors @ text.T`` = the cosine of every
+        (location, class) pair: what inference scores.
+
+        With a 1x1 embedding conv, e = W h + b (W: D x C) lies in the span of [W, b], at most C + 1
+        dimensions. With [W, b] = Q R (Q: D x (C+1) orthonormal columns), e = Q u for u = R [h; 1], so
+        |e| = |u| and cos(e, t) = u . (Q^T t) / |u|: a 1x1 conv to C + 1 channels replaces the one to D, and
+        the vocabulary is scored in C + 1 dimensions (257 instead of 1024 for RN50). Otherwise (3x3 conv,
+        or C + 1 >= D) these are the normalised embeddings and the vocabulary.
+        """
+        W = self.embed.weight
+        if W.shape[-1] != 1 or W.shape[1] + 1 >= self.embed_dim:
+            return self.embeddings(x), self.text_embeddings
+        weight, bias, text = self._subspace()
+        out = [F.conv2d(self.conv(f), weight, bias).flatten(2).transpose(1, 2) for f in x]
+        return F.normalize(torch.cat(out, dim=1), dim=-1), text
+
+    def _subspace(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(R's conv weight [C+1, C, 1, 1], R's bias column [C+1], vocabulary in Q's basis [K, C+1]),
+        cached per weights and vocabulary (recomputed after an optimizer step, a device move or a vocabulary swap)."""
+        W, b, text = self.embed.weight, self.embed.bias, self.text_embeddings
+        versions = (_version(W), _version(b), _version(text), W.data_ptr(), W.dtype, W.device, text.device)
+        cached = self._subspace_cache
+        if not (cached and cached["of"][0] is W and cached["of"][1] is b and cached["of"][2] is text
+                and cached["versions"] == versions):
+            with torch.no_grad():
+                M = torch.cat([W.flatten(1), b[:, None]], dim=1).double()  # [D, C+1]
+                Q, R = torch.linalg.qr(M)  # reduced: Q [D, C+1], R [C+1, C+1]
+                C = W.shape[1]
+                entry = (R[:, :C].to(W.dtype).reshape(C + 1, C, 1, 1).contiguous(), R[:, C].to(W.dtype).contiguous(),
+                         (text.double() @ Q).to(text.dtype))
+            self._subspace_cache = cached = {"of": (W, b, text), "versions": versions, "entry": entry}
+        return cached["entry"]
+
     def logits(self, embeddings: Tensor, text: Tensor | None = None) -> Tensor:
         """``[..., D]`` normalised embeddings -> ``[..., K]`` logits against ``text`` (default: the vocabulary)."""
         text = self.text_embeddings if text is None else text
@@ -77,6 +116,14 @@ class CLIPClassificationHead(nn.Module):
         if self.num_classes == 0:
             raise ValueError("no vocabulary set: call model.set_vocabulary(names) first")
         return self.logits(self.embeddings(x))
+
+
+def _version(t: Tensor) -> int:
+    """A tensor's in-place update counter (-1 for inference tensors, which never change)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 class MaskedGroupNorm(nn.GroupNorm):
