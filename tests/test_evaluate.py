@@ -322,7 +322,7 @@ def test_eval_cli_checkpoint_path_lvis(tmp_path, tiny_cfg, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
 
     dataset = DetectionDataset(anns, transforms=eval_transforms())
-    model = load_checkpoint(ckpt)
+    model = load_checkpoint(ckpt).optimize_for_inference()  # as the CLI runs it (== the plain model: test_inference_opt)
     model.set_vocabulary(dataset.category_names)
     want = run_inference(model, dataset, batch_size=2)
     assert want and len(results) == len(want)

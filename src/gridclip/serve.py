@@ -108,7 +108,7 @@ def cli(argv: Sequence[str]) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise ValueError("gridclip serve needs gradio: pip install 'gridclip[serve]'") from None
-    model = load_checkpoint(args.checkpoint, device=device)
+    model = load_checkpoint(args.checkpoint, device=device).optimize_for_inference()
     if args.vocab:
         model.set_vocabulary(parse_vocabulary(args.vocab))
     build_demo(model, args.vocab or "", args.score).launch(server_name=args.host, server_port=args.port)

@@ -311,7 +311,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dic
     else:
         raise ValueError(f"{args.checkpoint}: holds no data config; give --config F naming data.val_json")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_checkpoint(args.checkpoint, device=device)
+    model = load_checkpoint(args.checkpoint, device=device).optimize_for_inference()
     dataset = build_eval_dataset(cfg.data, strict=args.strict)
     # Open-vocabulary / transfer evaluation: the vocabulary is the evaluation dataset's categories, by
     # default their names; eval.vocabulary (built-in name or file) gives better prompt names in the

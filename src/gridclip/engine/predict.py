@@ -322,7 +322,7 @@ def cli(argv: Sequence[str]) -> int:
     _check_writable_dir(out)
     model = load_checkpoint(args.checkpoint, device="cpu")
     _set_cli_vocabulary(model, args)
-    model.to(device)
+    model.to(device).optimize_for_inference()
     paths = expand_inputs(args.inputs)
 
     failed = done = n_dets = 0
