@@ -1,7 +1,8 @@
 """What is benchmarked: GridCLIP and the three baselines, their inputs, and one training step.
 
 Models (random weights, nothing downloaded):
-  * ``gridclip``  GridCLIP RN50 (or a tiny CLIP config in quick mode), vocabulary ``randn(K, D)``.
+  * ``gridclip``  GridCLIP RN50 (or a tiny CLIP config in quick mode), vocabulary ``randn(K, D)``, optimised
+                  for inference as the CLIs run it (``GridCLIP.optimize_for_inference``).
   * ``fcos``      torchvision ``fcos_resnet50_fpn`` (one-stage baseline; the same detector family).
   * ``maskrcnn``  torchvision ``maskrcnn_resnet50_fpn`` (two-stage, ViLD's architecture), masks included.
   * ``crops``     "CLIP on cropped regions": boxes cropped with ``roi_align`` to CLIP's input size,
@@ -44,15 +45,23 @@ def set_input_size(detector: nn.Module, height: int, width: int) -> None:
     detector.transform.max_size = max(height, width)
 
 
-def build_gridclip(spec: ModelSpec, num_classes: int, seed: int = 0) -> nn.Module:
+def build_gridclip(spec: ModelSpec, num_classes: int, seed: int = 0, optimize: bool = True, **overrides) -> nn.Module:
+    """GridCLIP with random weights; ``optimize``: as ``gridclip detect/eval/serve`` run it
+    (``optimize_for_inference``: trunk batch norms folded, channels-last). ``overrides``: config fields."""
     from gridclip import GridCLIP, GridCLIPConfig
 
     torch.manual_seed(seed)
     cfg = GridCLIPConfig(clip_model=spec.clip_model, clip_pretrained=None, teacher_pretrained=None,
-                         teacher_dim=spec.teacher_dim)
+                         teacher_dim=spec.teacher_dim, **overrides)
     model = GridCLIP(cfg, load_clip_weights=False)
     model.set_vocabulary(random_vocabulary(num_classes, model.clip_dim, seed))
-    return model
+    return model.optimize_for_inference() if optimize else model
+
+
+def native_bf16() -> bool:
+    from gridclip.model.scoring import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def random_vocabulary(num_classes: int, dim: int, seed: int = 0) -> Tensor:
@@ -179,7 +188,7 @@ def training_step(name: str, spec: ModelSpec, batch: int, height: int, width: in
     GridCLIP trains with both alignments (grid + image; the teacher embedding is precomputed, as with
     ``gridclip cache-teacher``); torchvision FCOS is the baseline. The call returns the total loss.
     """
-    model = build_gridclip(spec, num_classes, seed) if name == "gridclip" else build_fcos(num_classes, seed)
+    model = build_gridclip(spec, num_classes, seed, optimize=False) if name == "gridclip" else build_fcos(num_classes, seed)
     set_input_size(model, height, width)
     model.train().to(device)
     g = torch.Generator().manual_seed(seed + 3)

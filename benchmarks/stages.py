@@ -1,29 +1,26 @@
-"""Where GridCLIP's inference time goes, stage by stage, and measured candidate optimisations.
+"""Where GridCLIP's inference time goes, stage by stage, and what each optimisation of issue 7 gained.
 
 Stage times come from wrapping each stage's callable on the instance (CPU execution is synchronous, so
-wall time per call is the stage's cost). Optimisations are tried on copies of the model, outside
-``src/gridclip/model`` (owned elsewhere): each variant is timed interleaved with the unmodified model
-and torchvision FCOS, and its detections are compared with the unmodified model's on the same input.
+wall time per call is the stage's cost).
 
-Variants:
-  * ``fold_bn``      fold the trunk's frozen batch norms into the preceding convolutions (exact up to
-                     float rounding; torchvision's ``fuse_conv_bn_eval``).
-  * ``channels_last`` the whole detector in channels-last memory format (exact up to rounding).
-  * ``fast_scoring`` per-level scoring with in-place ops and a per-chunk top-k instead of materialising
-                     every above-threshold (location, class) pair (exact: same candidates, same order).
-  * ``pruned_scoring`` skip (location, class) pairs that cannot reach a level's top-k (exact; see
-                     ``pruned_detect_image``); ``pruned_bf16`` the same with a bf16 pass/fail matmul.
-  * ``exact_all``    fold_bn + channels_last + fast_scoring together.
-  * ``embed_1x1``    architecture change (needs retraining): the head's last conv 256->D as 1x1 instead
-                     of 3x3 (9x fewer FLOPs on the most expensive head layer); timed for information only.
-  * ``embed_1x1_folded`` the same architecture computed without ever forming the D-dim embeddings: the
-                     text side is folded through the 1x1 conv, scoring runs in 257 dims (``folded_embeddings``);
-                     its detections are compared with ``embed_1x1``'s (same weights).
+The ladder starts from GridCLIP as it was before the optimisations and adds one change per rung, ending
+at the model ``gridclip detect / eval / serve`` run. Every rung is timed interleaved with torchvision
+FCOS on the same input, stock and with the same generic trunk rewrites (folded batch norms,
+channels-last: a like-for-like ratio). Each rung's detections are compared with the previous rung's.
+
+  before          3x3 embedding conv; every (location, class) pair scored (``score_every_pair``, the
+                  post-processing before this work, kept here as the reference)
+  + pruned        pairs that cannot reach a level's top-k are skipped (``gridclip.model.scoring``; fp32)
+  + bf16 pass     the pass/fail matmul in bfloat16 where the CPU has native bf16 (kept pairs re-scored
+                  in fp32); a no-op elsewhere
+  + 1x1 embed     ``embed_kernel_size: 1`` (the default): scoring in 257 dims instead of 1024. An
+                  architecture change: other weights, so detections are not compared
+  + fold BN       trunk batch norms folded into the convolutions
+  + channels-last = ``GridCLIP.optimize_for_inference()``, the shipped inference model
 """
 from __future__ import annotations
 
 import copy
-import functools
 import time
 import types
 from collections import defaultdict
@@ -41,7 +38,7 @@ GRIDCLIP_STAGES = [
     ("adapter (3x conv3x3)", "backbone.adapter", "forward"),
     ("FPN + P6/P7", "backbone.fpn", "forward"),
     ("head: box/centerness tower", "head.regression_head", "forward"),
-    ("head: class tower + D-dim embedding", "head.classification_head", "embeddings"),
+    ("head: class tower + embedding", "head.classification_head", "scoring_vectors"),
     ("scoring vs K texts + decode + NMS", "", "_detect_image"),
     ("post-process (rescale boxes)", "transform", "postprocess"),
 ]
@@ -54,6 +51,8 @@ FCOS_STAGES = [
     ("scoring + decode + NMS", "", "postprocess_detections"),
     ("post-process (rescale boxes)", "transform", "postprocess"),
 ]
+RUNGS = ("before", "+ pruned", "+ bf16 pass", "+ 1x1 embed", "+ fold BN", "+ channels-last")
+ARCHITECTURE_RUNGS = {"+ 1x1 embed"}  # other weights: detections not comparable with the previous rung
 
 
 def _resolve(model: nn.Module, path: str):
@@ -97,276 +96,177 @@ def stage_times(model: nn.Module, call, stages, rounds: int) -> dict[str, float]
     return {k: measure.median(v) for k, v in acc.items()}
 
 
-# ---------------------------------------------------------------------------------------- variants
-def fold_frozen_bn(module: nn.Module) -> nn.Module:
-    """Fold every (Conv2d, FrozenBatchNorm2d/BatchNorm2d) pair of the CLIP ModifiedResNet into the conv."""
-    from torch.nn.utils.fusion import fuse_conv_bn_weights
-
-    def fold(parent: nn.Module, conv_name: str, bn_name: str) -> None:
-        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
-                                    bn.bias)
-        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          conv.dilation, conv.groups, bias=True)
-        fused.weight, fused.bias = w, b
-        setattr(parent, conv_name, fused)
-        setattr(parent, bn_name, nn.Identity())
-
-    for m in list(module.modules()):
-        for i in (1, 2, 3):
-            if hasattr(m, f"conv{i}") and hasattr(m, f"bn{i}"):
-                fold(m, f"conv{i}", f"bn{i}")
-        ds = getattr(m, "downsample", None)
-        if isinstance(ds, nn.Sequential) and "0" in ds._modules and "1" in ds._modules:
-            fold(ds, "0", "1")
-    return module
-
-
-def fast_detect_image(self, embeddings, regressions, ctrnesses, anchors, image_size) -> dict[str, Tensor]:
-    """Same result as ``GridCLIP._detect_image`` with less memory traffic: each chunk's logits become
-    scores in place (scale, bias, sigmoid, x centerness), and only the chunk's top-k candidates are
-    kept, instead of gathering every (location, class) pair above the threshold (with untrained or
-    uncertain heads that is almost all of them)."""
+# ------------------------------------------------------------------------------------------ the ladder
+def score_every_pair(self, vectors, text, regressions, ctrnesses, anchors, image_size) -> dict[str, Tensor]:
+    """The post-processing before the optimisations: every (location, class) pair of a level gets its
+    sigmoid score in chunks of classes, all pairs above the threshold are gathered, then the top-k."""
     head = self.head.classification_head
-    text = head.text_embeddings
-    K = text.shape[0]
     scale, bias = head.logit_scale.exp(), head.logit_bias
+    K = text.shape[0]
     thresh_sq = self.score_thresh ** 2
-    topk = self.topk_candidates
     all_boxes, all_scores, all_labels = [], [], []
-    for emb, reg, ctr, anc in zip(embeddings, regressions, ctrnesses, anchors):
-        ctr_prob = torch.sigmoid(ctr.float()).flatten()[:, None]
-        chunk = max(1, self.cfg.score_chunk_elements // max(1, emb.shape[0]))
-        best = torch.empty(0, dtype=torch.float32, device=emb.device)
-        best_idx = torch.empty(0, dtype=torch.long, device=emb.device)
-        for start in range(0, K, chunk):
-            t = text[start:start + chunk]
-            prob = torch.matmul(emb.float(), t.t())
-            prob.mul_(scale).add_(bias).sigmoid_().mul_(ctr_prob)  # sigmoid(logit) * p_ctr, in place
-            n = t.shape[0]
-            vals, idx = prob.flatten().topk(min(topk, prob.numel()))
-            keep = vals > thresh_sq
-            vals, idx = vals[keep], idx[keep]
-            flat = torch.div(idx, n, rounding_mode="floor") * K + idx % n + start
-            best, best_idx = torch.cat([best, vals]), torch.cat([best_idx, flat])
-            if best.numel() > topk:
-                best, order = best.topk(topk)
-                best_idx = best_idx[order]
-        best, order = best.topk(min(topk, best.numel()))
-        best_idx = best_idx[order]
-        anchor_idx = torch.div(best_idx, K, rounding_mode="floor")
-        boxes = self.box_coder.decode(reg[anchor_idx].float(), anc[anchor_idx])
-        all_boxes.append(box_ops.clip_boxes_to_image(boxes, image_size))
-        all_scores.append(best.sqrt())
-        all_labels.append(best_idx % K)
-    boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
-    keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
-
-
-def pruned_detect_image(self, embeddings, regressions, ctrnesses, anchors, image_size, *,
-                        bf16: bool = False) -> dict[str, Tensor]:
-    """Same detections as ``GridCLIP._detect_image`` with far less work per (location, class) pair.
-
-    Only a level's ``topk_candidates`` best pairs can survive, so every pair whose score is below a lower
-    bound of that k-th best score can be skipped. The bound starts as the k-th best score of a subset of
-    the level's pairs (every 16th location x the first chunk of classes: a subset's k-th best never
-    exceeds the whole set's) and rises to the running k-th best while chunks are scored. The test
-    ``sigmoid(scale*cos + bias) * p_ctr > q`` is done in cosine space, ``cos > (logit(q / p_ctr) - bias)
-    / scale``, one comparison per pair; the score itself is computed only for the pairs that pass.
-    fp32: the kept pairs' scores come from the very matmul the reference does (bit-identical scores).
-    ``bf16``: the pass/fail matmul runs in bfloat16 with a margin of 2^-7 on the cosine (bf16 rounding of
-    unit vectors and of the result moves a cosine by < 2^-8 + 2^-9), then kept pairs are re-scored in fp32.
-    """
-    head = self.head.classification_head
-    text = head.text_embeddings
-    K = text.shape[0]
-    scale, bias = head.logit_scale.exp(), head.logit_bias
-    thresh_sq, topk = self.score_thresh ** 2, self.topk_candidates
-    margin = 2.0 ** -7 if bf16 else 0.0
-    text_lo = text.to(torch.bfloat16) if bf16 else text
-    all_boxes, all_scores, all_labels = [], [], []
-    for emb, reg, ctr, anc in zip(embeddings, regressions, ctrnesses, anchors):
-        emb = emb.float()
+    for vec, reg, ctr, anc in zip(vectors, regressions, ctrnesses, anchors):
         ctr_prob = torch.sigmoid(ctr.float()).flatten()
-        chunk = max(1, self.cfg.score_chunk_elements // max(1, emb.shape[0]))
-        floor = thresh_sq
-        sub = emb[::16]
-        if sub.shape[0] * min(K, chunk) >= topk:
-            sample = torch.sigmoid((torch.matmul(sub, text[:chunk].t()) * scale + bias).float()) * ctr_prob[::16, None]
-            floor = max(floor, float(sample.flatten().topk(topk).values[-1]))
-        emb_lo = emb.to(torch.bfloat16) if bf16 else emb
-        best = emb.new_zeros(0)
-        best_idx = torch.zeros(0, dtype=torch.long, device=emb.device)
+        chunk = max(1, self.cfg.score_chunk_elements // max(1, vec.shape[0]))
+        scores = vec.new_zeros(0, dtype=torch.float32)
+        flat_idx = torch.zeros(0, dtype=torch.long, device=vec.device)
         for start in range(0, K, chunk):
-            q = max(floor, float(best[-1])) if best.numel() >= topk else floor
-            cos_thr = (torch.logit((q / ctr_prob).clamp(max=1.0)) - bias) / scale - margin  # +inf: nothing passes
-            cos = torch.matmul(emb_lo, text_lo[start:start + chunk].t())
-            loc, cls = (cos > cos_thr[:, None]).nonzero(as_tuple=True)
-            if bf16:
-                exact = torch.cat([(emb[l] * text[c + start]).sum(-1) for l, c in
-                                   zip(loc.split(16384), cls.split(16384))]) if loc.numel() else emb.new_zeros(0)
-            else:
-                exact = cos[loc, cls]
-            prob = torch.sigmoid((exact * scale + bias).float()) * ctr_prob[loc]
-            keep = prob > thresh_sq
-            best = torch.cat([best, prob[keep]])
-            best_idx = torch.cat([best_idx, loc[keep] * K + cls[keep] + start])
-            if best.numel() > topk:
-                best, order = best.topk(topk)
-                best_idx = best_idx[order]
-            elif best.numel() == topk:
-                best, order = best.sort(descending=True)
-                best_idx = best_idx[order]
-        best, order = best.topk(min(topk, best.numel()))
-        best_idx = best_idx[order]
-        anchor_idx = torch.div(best_idx, K, rounding_mode="floor")
-        boxes = self.box_coder.decode(reg[anchor_idx].float(), anc[anchor_idx])
+            prob = torch.sigmoid((vec @ text[start:start + chunk].t()) * scale + bias) * ctr_prob[:, None]
+            loc, cls = (prob > thresh_sq).nonzero(as_tuple=True)
+            scores = torch.cat([scores, prob[loc, cls]])
+            flat_idx = torch.cat([flat_idx, loc * K + cls + start])
+            if scores.numel() > self.topk_candidates:
+                scores, top = scores.topk(self.topk_candidates)
+                flat_idx = flat_idx[top]
+        scores, order = scores.topk(min(self.topk_candidates, scores.numel()))
+        flat_idx = flat_idx[order]
+        loc = torch.div(flat_idx, K, rounding_mode="floor")
+        boxes = self.box_coder.decode(reg[loc].float(), anc[loc])
         all_boxes.append(box_ops.clip_boxes_to_image(boxes, image_size))
-        all_scores.append(best.sqrt())
-        all_labels.append(best_idx % K)
+        all_scores.append(scores.sqrt())
+        all_labels.append(flat_idx % K)
     boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
     keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
-def folded_embeddings(self, x: list[Tensor]) -> Tensor:
-    """For a 1x1 embedding conv e = W h + b (h: the 256-d class-tower output): ``[N, L, 257]`` vectors
-    u = [h, 1] / |W h + b|, so that u . [W^T t, b . t] = cos(e, t). |W h + b|^2 = h^T (W^T W) h + 2 (W^T b) . h
-    + |b|^2 costs 256x256 per location instead of the 256x1024 conv, and scoring runs in 257 dimensions
-    instead of D = 1024 (text side folded once per vocabulary: ``fold_text``)."""
-    W, b = self.embed.weight[:, :, 0, 0], self.embed.bias
-    h = torch.cat([self.conv(f).flatten(2).transpose(1, 2) for f in x], dim=1)  # [N, L, 256]
-    norm2 = ((h @ (W.t() @ W)) * h).sum(-1) + 2 * (h @ (W.t() @ b)) + b @ b
-    return torch.cat([h, torch.ones_like(h[..., :1])], dim=-1) / norm2.clamp_min(1e-24).sqrt()[..., None]
+def build_before(spec, num_classes: int, seed: int) -> nn.Module:
+    """GridCLIP as it was before the optimisations: 3x3 embedding conv, every pair scored."""
+    before = cases.build_gridclip(spec, num_classes, seed, optimize=False, embed_kernel_size=3)
+    before.fast_scoring_pass = False
+    before._detect_image = types.MethodType(score_every_pair, before)
+    return before.eval()
 
 
-def fold_text(head: nn.Module, text: Tensor) -> Tensor:
-    """``[K, 257]`` = [T W, T b] for normalised text embeddings T ``[K, D]`` and the 1x1 conv (W, b)."""
-    W, b = head.embed.weight[:, :, 0, 0], head.embed.bias
-    return torch.cat([text @ W, (text @ b)[:, None]], dim=1)
+def build_ladder(spec, num_classes: int, seed: int) -> dict[str, nn.Module]:
+    """The rungs (RUNGS), each a separate model; rungs of one architecture share weights."""
+    before = build_before(spec, num_classes, seed)
+    pruned = cases.build_gridclip(spec, num_classes, seed, optimize=False, embed_kernel_size=3)
+    pruned.fast_scoring_pass = False
+    bf16 = copy.deepcopy(pruned)
+    bf16.fast_scoring_pass = True
+    one = cases.build_gridclip(spec, num_classes, seed, optimize=False, embed_kernel_size=1)
+    folded = copy.deepcopy(one).optimize_for_inference(channels_last=False)
+    shipped = copy.deepcopy(one).optimize_for_inference()
+    models = dict(zip(RUNGS, (before, pruned, bf16, one, folded, shipped)))
+    return {k: m.eval() for k, m in models.items()}
 
 
-def make_variant(model: nn.Module, name: str) -> nn.Module:
-    m = copy.deepcopy(model)
-    if name in ("fold_bn", "exact_all"):
-        fold_frozen_bn(m.backbone.trunk)
-    if name in ("channels_last", "exact_all"):
-        m = m.to(memory_format=torch.channels_last)
-    if name in ("fast_scoring", "exact_all"):
-        m._detect_image = types.MethodType(fast_detect_image, m)
-    if name == "pruned_scoring":
-        m._detect_image = types.MethodType(pruned_detect_image, m)
-    if name == "pruned_bf16":
-        m._detect_image = types.MethodType(functools.partial(pruned_detect_image, bf16=True), m)
-    if name.startswith("embed_1x1"):
-        head = m.head.classification_head
-        torch.manual_seed(0)  # the same 1x1 weights in both embed_1x1 variants
-        head.embed = nn.Conv2d(head.embed.in_channels, head.embed.out_channels, 1)
-        if name == "embed_1x1_folded":
-            with torch.no_grad():
-                head.text_embeddings = fold_text(head, head.text_embeddings)
-            head.embeddings = types.MethodType(folded_embeddings, head)
-    return m.eval()
+def fcos_with_trunk_rewrites(fcos: nn.Module) -> nn.Module:
+    """torchvision FCOS with the same generic rewrites as GridCLIP's inference model."""
+    from gridclip.model.inference import fold_batch_norms
 
-
-VARIANTS = ("fold_bn", "channels_last", "fast_scoring", "pruned_scoring", "pruned_bf16", "exact_all", "embed_1x1",
-            "embed_1x1_folded")
-VARIANT_REFERENCE = {"embed_1x1_folded": "embed_1x1"}  # compared with; default: the unmodified model
-K_VARIANTS = ("fast_scoring", "pruned_scoring", "pruned_bf16", "embed_1x1", "embed_1x1_folded")
+    m = copy.deepcopy(fcos).eval()
+    fold_batch_norms(m.backbone.body)
+    return m.to(memory_format=torch.channels_last)
 
 
 def compare(ref: dict[str, Tensor], out: dict[str, Tensor]) -> dict:
-    """How close a variant's detections are to the reference's (same input)."""
+    """How close a rung's detections are to the previous rung's (same input, both sorted by score)."""
     n = min(len(ref["scores"]), len(out["scores"]))
     if n == 0:
-        return {"count": [len(ref["scores"]), len(out["scores"])], "max_score_diff": 0.0, "same_labels": 1.0,
-                "max_box_diff": 0.0}
+        return {"count": [len(ref["scores"]), len(out["scores"])], "max_score_diff": 0.0, "same_labels": 1.0}
     return {"count": [len(ref["scores"]), len(out["scores"])],
             "max_score_diff": float((ref["scores"][:n] - out["scores"][:n]).abs().max()),
-            "same_labels": float((ref["labels"][:n] == out["labels"][:n]).float().mean()),
-            "max_box_diff": float((ref["boxes"][:n] - out["boxes"][:n]).abs().max())}
+            "same_labels": float((ref["labels"][:n] == out["labels"][:n]).float().mean())}
 
 
 def timed_rounds_with_outputs(calls: dict, rounds: int, log) -> tuple[dict[str, list[float]], dict]:
-    """Like ``measure.time_rounds`` (rotated order, no warm-up: the callers' models share shapes with an
-    already warm model) but also keeps each case's first output, for the equality check."""
+    """Like ``measure.time_rounds`` (rotated order) but also keeps each case's first output; one untimed
+    warm-up call each."""
     names = list(calls)
+    outputs = {name: calls[name]() for name in names}
     times: dict[str, list[float]] = {n: [] for n in names}
-    outputs: dict = {}
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             t0 = time.perf_counter()
-            out = calls[name]()
+            calls[name]()
             times[name].append(time.perf_counter() - t0)
-            outputs.setdefault(name, out)
             log(f"  round {r + 1}: {name} {times[name][-1]:.3f} s")
     return times, outputs
 
 
 def run(args, spec, log) -> dict:
-    """Stage breakdown (GridCLIP at each K, FCOS) and variants at the largest size, main K and max K."""
+    """Stage breakdown (shipped GridCLIP at the main and the largest K; FCOS) and the ladder at each."""
     h, w = args.stage_size
     rounds = args.stage_rounds
-    breakdown_rounds = max(1, rounds - 1)
-    result: dict = {"size": f"{h}x{w}", "rounds": rounds, "breakdown": {}, "variants": []}
+    result: dict = {"size": f"{h}x{w}", "rounds": rounds, "breakdown": {}, "ladder": [],
+                    "bf16_native": cases.native_bf16()}
     gridclip, gcall = cases.inference_case("gridclip", spec, h, w, args.main_classes, 0, args.seed)
     fcos, fcall = cases.inference_case("fcos", spec, h, w, args.main_classes, 0, args.seed)
+    image = cases.random_image(h, w, args.seed)
     with torch.inference_mode():
         log(f"stages: warm-up at {h}x{w}")
         gcall(), fcall()
         for k in sorted({args.main_classes, max(args.classes)}):
             gridclip.set_vocabulary(cases.random_vocabulary(k, gridclip.clip_dim, args.seed))
             log(f"stages: GridCLIP K={k} at {h}x{w}")
-            result["breakdown"][f"gridclip_K{k}"] = stage_times(gridclip, gcall, GRIDCLIP_STAGES, breakdown_rounds)
+            result["breakdown"][f"gridclip_K{k}"] = stage_times(gridclip, gcall, GRIDCLIP_STAGES, max(1, rounds - 1))
         log(f"stages: FCOS at {h}x{w}")
-        result["breakdown"]["fcos"] = stage_times(fcos, fcall, FCOS_STAGES, breakdown_rounds)
-
+        result["breakdown"]["fcos"] = stage_times(fcos, fcall, FCOS_STAGES, max(1, rounds - 1))
+    del gridclip
+    fcos_rewritten = fcos_with_trunk_rewrites(fcos)
     for k in sorted({args.main_classes, max(args.classes)}):
-        gridclip.set_vocabulary(cases.random_vocabulary(k, gridclip.clip_dim, args.seed))
-        # copies made outside inference mode: inference tensors as parameters break the pos-embedding cache
-        names = VARIANTS if k == args.main_classes else K_VARIANTS  # trunk changes do not depend on K
-        variants = {name: make_variant(gridclip, name) for name in names}
+        rungs = build_ladder(spec, k, args.seed)  # built outside inference mode (cached positional embeddings)
+        for m in rungs.values():
+            cases.set_input_size(m, h, w)
+        calls = {"fcos": fcall, "fcos (fold BN + channels-last)": lambda: fcos_rewritten([image])}
+        calls.update({name: (lambda m=m: m([image])) for name, m in rungs.items()})
+        log(f"ladder K={k} at {h}x{w}")
         with torch.inference_mode():
-            image = cases.random_image(h, w, args.seed)
-            calls = {"gridclip": gcall, "fcos": fcall}
-            calls.update({name: (lambda m=m: m([image])) for name, m in variants.items()})
-            log(f"variants K={k} at {h}x{w}")
             times, outputs = timed_rounds_with_outputs(calls, rounds, log)
-            base, fcos_t = measure.median(times["gridclip"]), measure.median(times["fcos"])
-            for name in names:
-                t = measure.median(times[name])
-                result["variants"].append({"classes": k, "variant": name, "median_s": t, "speedup": base / t,
-                                           "vs_fcos": t / fcos_t, "samples_s": times[name],
-                                           **compare(outputs[VARIANT_REFERENCE.get(name, "gridclip")][0],
-                                                     outputs[name][0])})
-            result["variants"].append({"classes": k, "variant": "unmodified", "median_s": base, "speedup": 1.0,
-                                       "vs_fcos": base / fcos_t, "samples_s": times["gridclip"]})
-        del variants
+        fcos_t, fcos_rw_t = measure.median(times["fcos"]), measure.median(times["fcos (fold BN + channels-last)"])
+        first = measure.median(times[RUNGS[0]])
+        previous = None
+        for name in RUNGS:
+            t = measure.median(times[name])
+            row = {"classes": k, "rung": name, "median_s": t, "samples_s": times[name], "vs_before": first / t,
+                   "vs_fcos": t / fcos_t, "vs_fcos_rewritten": t / fcos_rw_t,
+                   "round_vs_fcos": [a / b for a, b in zip(times[name], times["fcos"])]}
+            if previous is not None:
+                row["speedup_vs_previous"] = measure.median(times[previous]) / t
+                if name not in ARCHITECTURE_RUNGS:
+                    row.update(compare(outputs[previous][0], outputs[name][0]))
+            result["ladder"].append(row)
+            previous = name
+        for name in ("fcos", "fcos (fold BN + channels-last)"):
+            result["ladder"].append({"classes": k, "rung": name, "median_s": measure.median(times[name]),
+                                     "samples_s": times[name], "vs_fcos": measure.median(times[name]) / fcos_t})
+        del rungs
     return result
 
 
 def markdown(res: dict) -> list[str]:
-    lines = ["## Where the time goes", "", f"Median seconds per stage at {res['size']} ({max(1, res['rounds'] - 1)} call(s) each, "
-             "after a warm-up call).", ""]
+    lines = ["## Where the time goes", "", f"Median seconds per stage at {res['size']} ({max(1, res['rounds'] - 1)} "
+             "call(s) each, after a warm-up call), GridCLIP as shipped for inference.", ""]
     for name, stages in res["breakdown"].items():
         total = stages["total"]
         lines += [f"**{name}** (total {total:.2f} s)", "", "| stage | s | share |", "|---|---|---|"]
         lines += [f"| {label} | {t:.3f} | {100 * t / total:.0f}% |" for label, t in stages.items() if label != "total"]
         lines.append("")
-    lines += ["## Candidate optimisations (measured, not applied)", "",
-              "Each variant is a modified copy of the model timed interleaved with the unmodified model and FCOS on "
-              "the same input; `speedup` = unmodified / variant; detections compared with the unmodified model's "
-              "(first n detections, both sorted by score).", "",
-              "| K | variant | median s | samples s | speedup | / FCOS | detections (ref, variant) | max score diff | same labels | max box diff px |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for v in res["variants"]:
-        same = f"{v['count']} | {v['max_score_diff']:.1e} | {100 * v['same_labels']:.0f}% | {v['max_box_diff']:.1e}" \
-            if "count" in v else "- | - | - | -"
-        samples = ", ".join(f"{t:.1f}" for t in v.get("samples_s", []))
-        lines.append(f"| {v['classes']} | {v['variant']} | {v['median_s']:.3f} | {samples} | {v['speedup']:.2f}x | "
-                     f"{v['vs_fcos']:.2f} | {same} |")
-    lines += ["", "`embed_1x1*` change the architecture (retraining needed): `embed_1x1`'s detections differ by design; "
-              "`embed_1x1_folded` is compared with `embed_1x1` (same weights)."]
+    if not res.get("ladder"):
+        return lines
+    lines += ["## What each optimisation gained", "",
+              "Each rung adds one change to the one above it (see `benchmarks/stages.py`); every rung is a model "
+              "timed interleaved with torchvision FCOS on the same input. `/ FCOS`: ratio to stock FCOS (the "
+              "goal's baseline); `/ FCOS rewritten`: to FCOS given the same generic trunk rewrites (folded batch "
+              "norms, channels-last). Detections are compared with the previous rung's (first n, sorted by score); "
+              "`+ 1x1 embed` changes the architecture, so its detections differ by design. "
+              f"Native bf16 on this CPU: {'yes' if res.get('bf16_native') else 'no (the bf16 rung is a no-op)'}.", "",
+              "| K | rung | median s | samples s | x faster than previous | x faster than before | / FCOS | "
+              "/ FCOS per round | / FCOS rewritten | detections (prev, this) | max score diff | same labels |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["ladder"]:
+        samples = ", ".join(f"{t:.2f}" for t in r["samples_s"])
+        if r["rung"].startswith("fcos"):
+            lines.append(f"| {r['classes']} | {r['rung']} | {r['median_s']:.3f} | {samples} | - | - | "
+                         f"{r['vs_fcos']:.2f} | - | - | - | - | - |")
+            continue
+        same = (f"{r['count']} | {r['max_score_diff']:.1e} | {100 * r['same_labels']:.0f}%" if "count" in r
+                else "- | - | -")
+        per_round = ", ".join(f"{x:.2f}" for x in r["round_vs_fcos"])
+        prev = f"{r['speedup_vs_previous']:.2f}" if "speedup_vs_previous" in r else "-"
+        lines.append(f"| {r['classes']} | {r['rung']} | {r['median_s']:.3f} | {samples} | {prev} | "
+                     f"{r['vs_before']:.2f} | {r['vs_fcos']:.2f} | {per_round} | {r['vs_fcos_rewritten']:.2f} | {same} |")
     return lines

@@ -33,7 +33,7 @@ def test_quick_bench_reports_every_field(quick_run):
     # The inference parameter count is the model's own count, not a copied number.
     from benchmarks.cases import ModelSpec, build_gridclip
 
-    model = build_gridclip(ModelSpec(clip_model=results["spec"]["clip_model"]), 1)
+    model = build_gridclip(ModelSpec(clip_model=results["spec"]["clip_model"]), 1, optimize=False)
     assert results["parameters"]["inference_params_m"] == pytest.approx(model.inference_parameter_count() / 1e6)
     goals = {g["goal"]: g for g in results["goals"]}
     assert any("FCOS" in g for g in goals) and any("crops" in g for g in goals)
