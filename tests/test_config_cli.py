@@ -64,5 +64,12 @@ def test_every_command_module_exists():
 
 
 def test_info_prints_the_parameter_count():
+    from gridclip import GridCLIP, GridCLIPConfig
+
     out = subprocess.run([sys.executable, "-m", "gridclip.cli", "info"], capture_output=True, text=True, check=True).stdout
-    assert "inference parameters: 57.6M" in out and "56.4M" in out
+    n = GridCLIP(GridCLIPConfig(clip_pretrained=None, teacher_pretrained=None), load_clip_weights=False).inference_parameter_count()
+    assert f"inference parameters: {n / 1e6:.1f}M" in out and "56.4M" in out
+    out3 = subprocess.run([sys.executable, "-m", "gridclip.cli", "info", "model.embed_kernel_size=3"],
+                          capture_output=True, text=True, check=True).stdout
+    # the 3x3 embedding conv has 8 x 256 x 1024 more weights than the 1x1
+    assert f"inference parameters: {(n + 8 * 256 * 1024) / 1e6:.1f}M" in out3

@@ -138,8 +138,11 @@ def test_padding_does_not_change_detections(tiny_cfg):
         batched = _dense_detections(model, [small, big])
         unmasked = _without_masking(model, lambda: _dense_detections(model, [small, big]))
     err, interior = _errors(alone, batched)
-    err_unmasked, _ = _errors(alone, unmasked)
-    assert interior.max() < 0.06, float(interior.max())
+    err_unmasked, interior_unmasked = _errors(alone, unmasked)
+    # Bounds hold over seeds and both embedding kernels (the random trunk's border effect has a heavy tail:
+    # interior maxima 0.04-0.2 masked vs 0.2-0.7 unmasked).
+    assert interior.quantile(0.99) < 0.1, float(interior.quantile(0.99))
+    assert interior.max() < 0.5 * interior_unmasked.max(), (float(interior.max()), float(interior_unmasked.max()))
     assert err.median() < 0.02, float(err.median())
     assert err.median() < 0.25 * err_unmasked.median(), (float(err.median()), float(err_unmasked.median()))
 
