@@ -71,3 +71,18 @@ def test_bad_arguments_are_user_errors(tmp_path):
         cli(["--quick", "--out", str(tmp_path), "--amp", "fp16"])
     with pytest.raises(FileNotFoundError):
         cli(["--report-from", str(tmp_path / "missing.json"), "--out", str(tmp_path)])
+
+
+def test_gpu_fps_goal_is_read_from_fp16_rows():
+    """The GPU goal (>= 40 FPS at 800x1333, fp16) is computed from the fp16 rows of a CUDA run."""
+    from benchmarks import report
+
+    rows = [{"size": "800x1333", "case": c, "batch": b, "amp": a, "median_s": t, "samples_s": [t]}
+            for c, b, a, t in [("gridclip_K1203", 1, "fp16", 0.02), ("gridclip_K1203", 8, "fp16", 0.1),
+                               ("gridclip_K1203", 1, "none", 0.05), ("fcos", 1, "none", 0.04)]]
+    results = {"latency": rows, "memory": [], "environment": {"device": "cuda", "gpu": "NVIDIA H100"}}
+    gpu = [g for g in report.goals(results, 1203) if g["goal"].startswith("GPU")]
+    assert [round(g["measured"], 6) for g in gpu] == [50.0, 80.0] and all(g["holds"] for g in gpu)
+    assert "H100" in gpu[0]["measured_text"]
+    results["environment"]["device"] = "cpu"
+    assert not [g for g in report.goals(results, 1203) if g["goal"].startswith("GPU")]

@@ -24,6 +24,7 @@ VARIANTS: dict[str, dict] = {
     "FCOS w/o align": {"grid_align": False, "image_align": False},
     "w/o MHSA": {"use_mhsa": False},
     "image only": {"grid_align": False},
+    "3x3 embed": {"embed_kernel_size": 3},  # design choice: torchvision FCOS's classifier kernel
 }
 DEMO_VARIANTS = ("GridCLIP", "grid only", "FCOS w/o align")
 
@@ -189,7 +190,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--from-scratch", action="store_true", help="pretrain the tiny CLIP and teacher instead of using the shipped weights")
     p.add_argument("--iters", type=int, default=400, help="training iterations per variant (batch 16)")
-    p.add_argument("--ablations", action="store_true", help="also the paper's Table 4/5 variants (w/o MHSA, image only)")
+    p.add_argument("--ablations", action="store_true", help="also the paper's Table 4/5 variants (w/o MHSA, image only) and the 3x3 embedding conv")
     p.add_argument("--mini", action="store_true", help="tiny world and few iterations: checks the pipeline in a minute")
     a = p.parse_args(argv)
     variants = tuple(VARIANTS) if a.ablations else DEMO_VARIANTS

@@ -52,12 +52,11 @@ class DenseGridCLIP(nn.Module):
         self.vocab_input = vocab_input
         self.register_buffer("mean", torch.tensor(model.transform.image_mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(model.transform.image_std).view(1, 3, 1, 1))
-        if not vocab_input:
-            text = model.head.classification_head.text_embeddings
-            if text.shape[0] == 0:
-                raise ValueError("no vocabulary set: give one to bake into the graph (or use vocab_input)")
-            self.register_buffer("text", text.detach().clone())
+        if not vocab_input and model.head.classification_head.text_embeddings.shape[0] == 0:
+            raise ValueError("no vocabulary set: give one to bake into the graph (or use vocab_input)")
         self._masked_norms = list(getattr(model, "_masked_norms", []))
+        with torch.no_grad():  # fill the head's subspace cache now: its QR must not be traced (no ONNX op)
+            model.head.classification_head.project_text(model.head.classification_head.text_embeddings)
 
     def forward(self, images: Tensor, text: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         for norm in self._masked_norms:  # no padding inside the graph: plain group norms
@@ -65,11 +64,10 @@ class DenseGridCLIP(nn.Module):
         x = (images - self.mean) / self.std
         features, _ = self.backbone(x)
         cls_head = self.head.classification_head
-        if text is None:
-            text = self.text
-        else:
-            text = F.normalize(text, dim=-1)
-        scores = torch.sigmoid(cls_head.logits(cls_head.embeddings(features), text))
+        # Cosines as inference computes them: in the 1x1 embedding's subspace (C + 1 dims) when it has one.
+        vectors, baked = cls_head.scoring_vectors(features)
+        text = baked if text is None else cls_head.project_text(F.normalize(text, dim=-1))
+        scores = torch.sigmoid(torch.matmul(vectors, text.t()) * cls_head.logit_scale.exp() + cls_head.logit_bias)
         regression, ctrness = self.head.regression_head(features)
         anchors = torch.cat([self._centers(x, f, ANCHOR_SIZES[i]) for i, f in enumerate(features)], dim=0)  # [N, 3]: cx, cy, anchor size
         cx, cy, size = anchors[:, 0], anchors[:, 1], anchors[:, 2]

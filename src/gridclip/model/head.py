@@ -82,16 +82,26 @@ class CLIPClassificationHead(nn.Module):
         the vocabulary is scored in C + 1 dimensions (257 instead of 1024 for RN50). Otherwise (3x3 conv,
         or C + 1 >= D) these are the normalised embeddings and the vocabulary.
         """
-        W = self.embed.weight
-        if W.shape[-1] != 1 or W.shape[1] + 1 >= self.embed_dim:
+        if not self.scores_in_subspace:
             return self.embeddings(x), self.text_embeddings
-        weight, bias, text = self._subspace()
+        weight, bias, _, text = self._subspace()
         out = [F.conv2d(self.conv(f), weight, bias).flatten(2).transpose(1, 2) for f in x]
         return F.normalize(torch.cat(out, dim=1), dim=-1), text
 
-    def _subspace(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(R's conv weight [C+1, C, 1, 1], R's bias column [C+1], vocabulary in Q's basis [K, C+1]),
-        cached per weights and vocabulary (recomputed after an optimizer step, a device move or a vocabulary swap)."""
+    @property
+    def scores_in_subspace(self) -> bool:
+        """True when :meth:`scoring_vectors` works in C + 1 < D dimensions (1x1 embedding conv)."""
+        W = self.embed.weight
+        return W.shape[-1] == 1 and W.shape[1] + 1 < self.embed_dim
+
+    def project_text(self, text: Tensor) -> Tensor:
+        """Normalised text embeddings ``[K, D]`` -> the vectors :meth:`scoring_vectors` scores against."""
+        return text @ self._subspace()[2].to(text.dtype) if self.scores_in_subspace else text
+
+    def _subspace(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(R's conv weight [C+1, C, 1, 1], R's bias column [C+1], Q [D, C+1], vocabulary in Q's basis
+        [K, C+1]), cached per weights and vocabulary (recomputed after an optimizer step, a device move or a
+        vocabulary swap)."""
         W, b, text = self.embed.weight, self.embed.bias, self.text_embeddings
         versions = (_version(W), _version(b), _version(text), W.data_ptr(), W.dtype, W.device, text.device)
         cached = self._subspace_cache
@@ -101,8 +111,9 @@ class CLIPClassificationHead(nn.Module):
                 M = torch.cat([W.flatten(1), b[:, None]], dim=1).double()  # [D, C+1]
                 Q, R = torch.linalg.qr(M)  # reduced: Q [D, C+1], R [C+1, C+1]
                 C = W.shape[1]
+                Q = Q.to(W.dtype)  # the vocabulary is projected in its own precision (no float64 copy of K x D)
                 entry = (R[:, :C].to(W.dtype).reshape(C + 1, C, 1, 1).contiguous(), R[:, C].to(W.dtype).contiguous(),
-                         (text.double() @ Q).to(text.dtype))
+                         Q, text @ Q.to(text.dtype))
             self._subspace_cache = cached = {"of": (W, b, text), "versions": versions, "entry": entry}
         return cached["entry"]
 

@@ -26,6 +26,7 @@ from torch import Tensor
 BF16_COSINE_MARGIN = 2.0 ** -6
 FP32_COSINE_MARGIN = 1e-5  # rounding of the threshold itself; the kept pairs are re-checked exactly
 SUBSET_STEP = 16  # every 16th location seeds the bound
+RESCORE_BLOCK = 1 << 12  # pairs re-scored in fp32 per gather after a bf16 pass
 
 
 def fast_pass_dtype(device: torch.device, num_pairs: int) -> torch.dtype | None:
@@ -75,7 +76,7 @@ def level_candidates(vectors: Tensor, text: Tensor, scale: Tensor, bias: Tensor,
         cos = cosines(vectors_lo[rows] if rows.numel() < L else vectors_lo, t.to(vectors_lo.dtype))
         r, c = (cos > cos_thr[:, None]).nonzero(as_tuple=True)
         loc = rows[r]
-        exact = cos[r, c] if pass_dtype is None else (vectors[loc] * t[c]).sum(-1)
+        exact = cos[r, c] if pass_dtype is None else _pair_cosines(vectors, t, loc, c)
         p = _probs(exact, scale, bias, ctr_prob[loc])
         keep = p > thresh_sq
         best = torch.cat([best, p[keep]])
@@ -90,6 +91,12 @@ def level_candidates(vectors: Tensor, text: Tensor, scale: Tensor, bias: Tensor,
 def cosines(vectors: Tensor, text: Tensor) -> Tensor:
     """``[L, k]`` cosines of one class chunk: the only ``locations x classes`` matrix inference forms."""
     return vectors @ text.t()
+
+
+def _pair_cosines(vectors: Tensor, text: Tensor, loc: Tensor, cls: Tensor, block: int = RESCORE_BLOCK) -> Tensor:
+    """fp32 cosines of the given (location, class) pairs, gathered ``block`` pairs at a time (a few MB)."""
+    return torch.cat([(vectors[lb] * text[cb]).sum(-1) for lb, cb in zip(loc.split(block), cls.split(block))]) \
+        if loc.numel() else vectors.new_zeros(0)
 
 
 def _probs(cos: Tensor, scale: Tensor, bias: Tensor, ctr_prob: Tensor) -> Tensor:
