@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("gridclip.serve:cli", "web demo (Gradio)"),
     "bench": ("gridclip.bench:cli", "speed and memory benchmarks"),
     "analyze": ("gridclip.analysis.cli:cli", "AP-vs-frequency and CLIP recall@k analyses"),
+    "study": ("gridclip.commands.study:main", "ablation study: variants x seeds x schedule lengths, with CIs"),
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, OSError)

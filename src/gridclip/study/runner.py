@@ -1,0 +1,175 @@
+"""Run a study: train and evaluate every (variant, seed, schedule length), each in its own folder keyed
+by the hash of its config, then aggregate (``gridclip.study.aggregate``) into one JSON.
+
+A run's ``result.json`` is written atomically after its evaluation, and only then does the run count as
+done: a killed study, started again with the same spec and output folder, skips the finished runs and
+restarts an interrupted one from scratch (its half-written folder is removed first, so the result does
+not depend on where it was killed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from gridclip.checkpoint import load_checkpoint
+from gridclip.config import save_config
+from gridclip.data.datasets import build_train_dataset
+from gridclip.data.shapes import load_world, make_world
+from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
+from gridclip.engine.train import train
+from gridclip.study.aggregate import aggregate
+from gridclip.study.spec import METRICS, RunSpec, StudySpec, run_config, run_key
+from gridclip.utils.atomic import atomic_write_json
+
+TrainFn = Callable[..., dict]
+EvaluateFn = Callable[[str, Any, list], dict]
+
+
+class _BaseCategories:
+    """A dataset view whose label indices mean ``category_ids`` (a closed-set model's base classes)."""
+
+    def __init__(self, dataset, category_ids: list[int]):
+        self.dataset, self.category_ids = dataset, list(category_ids)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+
+def evaluate_run(model_path: str, cfg, base_category_ids: list[int]) -> dict[str, float]:
+    """LVIS-style metrics of a trained run on the world's val split, as ``gridclip demo`` evaluates:
+    open vocabulary (every category, novel included) when grid alignment is on, else the closed set
+    of base categories the classifier was trained on."""
+    model = load_checkpoint(model_path)
+    val = build_eval_dataset(cfg.data)
+    if model.cfg.grid_align:
+        model.set_vocabulary(val.category_names)
+        results = run_inference(model, val, batch_size=cfg.eval.batch_size)
+    else:
+        results = run_inference(model, _BaseCategories(val, base_category_ids), batch_size=cfg.eval.batch_size)
+    evaluation = evaluate(cfg.data.val_json, results, style="lvis", max_dets=cfg.eval.max_dets)
+    return {k: evaluation.metrics[k] for k in METRICS}
+
+
+def plan_runs(spec: StudySpec, world_dir: str | os.PathLike) -> list[RunSpec]:
+    """Every run of the study, shortest schedules first, then seed by seed (all variants of a seed
+    together, so that an unfinished study already has complete pairs)."""
+    data_cfg = run_config(spec, world_dir, spec.variants[0], spec.seeds[0], spec.iters[0], 0).data
+    base_ids = list(build_train_dataset(data_cfg).category_ids)
+    digests: dict[str, str] = {}
+    runs = []
+    for iters in sorted(spec.iters):
+        for seed in spec.seeds:
+            for variant in spec.variants:
+                cfg = run_config(spec, world_dir, variant, seed, iters, len(base_ids))
+                runs.append(RunSpec(variant, seed, iters, cfg, run_key(cfg, world_dir, digests)))
+    return runs
+
+
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return os.path.relpath(path, start)
+    except ValueError:  # another drive (Windows)
+        return str(path)
+
+
+def _read_result(path: Path, key: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return result if result.get("key") == key else None
+
+
+def run_study(spec: StudySpec, out_dir: str | os.PathLike, *, world_dir: str | os.PathLike | None = None,
+              train_fn: TrainFn = train, evaluate_fn: EvaluateFn = evaluate_run, progress: bool = True,
+              keep_models: bool = False, log: Callable[[str], None] | None = print) -> dict:
+    """Run (or resume) ``spec`` in ``out_dir``; returns the study dict, also written to OUT/study.json.
+
+    ``world_dir``: an existing world (default: generate ``spec``'s into OUT/world, cached). Runs live
+    in OUT/runs/<key[:16]>/ (config.yaml, result.json; model.pt only with ``keep_models``).
+    ``train_fn(cfg, out_dir, progress=False) -> summary with "model"`` and ``evaluate_fn(model_path,
+    cfg, base_category_ids) -> metrics`` default to the library's trainer and :func:`evaluate_run`.
+    """
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if world_dir is None:
+        world = make_world(out / "world", seed=spec.world_seed, size=spec.world_size).root
+    else:
+        world = load_world(world_dir).root
+    runs = plan_runs(spec, world)
+    base_ids = list(build_train_dataset(runs[0].config.data).category_ids)
+    results: list[dict | None] = []
+    for run in runs:
+        results.append(_read_result(out / "runs" / run.key[:16] / "result.json", run.key))
+    total = sum(r.iters for r in runs)
+    done = sum(r.iters for r, res in zip(runs, results) if res is not None)
+    if log:
+        log(f"[study] {len(runs)} runs, {sum(r is not None for r in results)} cached; {out / 'study.json'}")
+    bar = tqdm(total=total, initial=done, desc="study", unit="it", dynamic_ncols=True, disable=not progress)
+    try:
+        for i, run in enumerate(runs):
+            if results[i] is not None:
+                continue
+            bar.set_postfix_str(f"{run.variant} seed {run.seed} x{run.iters}")
+            results[i] = _run_one(run, out, base_ids, train_fn, evaluate_fn, keep_models)
+            bar.update(run.iters)
+            _write_study(out, spec, world, runs, results)
+    finally:
+        bar.close()
+    return _write_study(out, spec, world, runs, results)
+
+
+def _run_one(run: RunSpec, out: Path, base_ids: list[int], train_fn: TrainFn, evaluate_fn: EvaluateFn,
+             keep_models: bool) -> dict:
+    run_dir = out / "runs" / run.key[:16]
+    if run_dir.exists():  # an interrupted run: start it again from scratch
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cfg = run.config
+    cfg.out_dir = str(run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    t0 = time.perf_counter()
+    summary = train_fn(cfg, run_dir, progress=False)
+    train_seconds = time.perf_counter() - t0
+    metrics = evaluate_fn(summary["model"], cfg, base_ids)
+    seconds = time.perf_counter() - t0
+    result = {"key": run.key, "variant": run.variant, "seed": run.seed, "iters": run.iters,
+              "metrics": {k: float(v) for k, v in metrics.items()},
+              "train_seconds": round(train_seconds, 1), "seconds": round(seconds, 1),
+              "train_images_per_second": summary.get("images_per_second")}
+    if not keep_models:
+        for path in run_dir.rglob("*.pt"):
+            path.unlink()
+    atomic_write_json(run_dir / "result.json", result)
+    return result
+
+
+def _write_study(out: Path, spec: StudySpec, world: Path, runs: list[RunSpec], results: list[dict | None]) -> dict:
+    finished = [r for r in results if r is not None]
+    rows = [{"variant": r["variant"], "seed": r["seed"], "iters": r["iters"], "key": r["key"],
+             "run_dir": _relative(out / "runs" / r["key"][:16], out), "metrics": r["metrics"],
+             "seconds": r["seconds"]} for r in finished]
+    study = {
+        "version": 1,
+        "spec": spec.to_dict(),
+        "world": _relative(world, out),
+        "complete": len(finished) == len(runs),
+        "runs_total": len(runs),
+        "runs_done": len(finished),
+        "seconds_of_runs": round(sum(r["seconds"] for r in finished), 1),
+        "runs": rows,
+        **aggregate(rows, spec.variants, spec.pairs, spec.metrics),
+    }
+    atomic_write_json(out / "study.json", study)
+    return study

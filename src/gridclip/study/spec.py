@@ -1,0 +1,168 @@
+"""What a study runs: variants x seeds x schedule lengths on the embedded shape world, and the exact
+training config of each run (the demo's config, ``configs/shapes_demo.yaml``, plus the variant's
+switches), identified by a hash of that config and of the files it reads."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gridclip.clip.pretrain import shipped_model_dir
+from gridclip.config import Config, config_to_dict, load_config
+
+STUDY_VERSION = 1  # bump when a change to the runner changes what a cached result means
+CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "shapes_demo.yaml"
+
+# name -> model overrides (paper Tables 4-5), the same switches as ``gridclip.demo.VARIANTS`` (tested),
+# plus the teacher choice: ``teacher: "student"`` aligns to the student's own CLIP image tower (frozen).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "GridCLIP": {},
+    "grid only": {"image_align": False},
+    "FCOS w/o align": {"grid_align": False, "image_align": False},
+    "w/o MHSA": {"use_mhsa": False},
+    "image only": {"grid_align": False},
+    "3x3 embed": {"embed_kernel_size": 3},
+    "GridCLIP, RN teacher": {"teacher": "student"},
+}
+METRICS = ("AP", "AP50", "APr", "APc", "APf")
+
+
+@dataclass
+class StudySpec:
+    """A study. ``clip_model`` / ``teacher_model``: open_clip names or local dirs (None: the shipped tiny
+    RN / ViT teacher). ``overrides``: ``key=value`` config overrides applied to every run (e.g. a
+    smaller model for tests); ``custom_variants``: extra {name: model overrides} beside ``VARIANTS``."""
+
+    variants: tuple[str, ...] = ("GridCLIP", "grid only")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    iters: tuple[int, ...] = (400,)
+    pairs: tuple[tuple[str, str], ...] = (("GridCLIP", "grid only"),)
+    metrics: tuple[str, ...] = ("AP", "APr", "APc", "APf")
+    world_seed: int = 0
+    world_size: str = "default"
+    clip_model: str | None = None
+    teacher_model: str | None = None
+    overrides: tuple[str, ...] = ()
+    custom_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.variants = tuple(self.variants)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        self.iters = tuple(int(i) for i in self.iters)
+        self.pairs = tuple(tuple(p) for p in self.pairs)
+        self.metrics = tuple(self.metrics)
+        self.overrides = tuple(self.overrides)
+        table = self.variant_table()
+        unknown = [v for v in self.variants if v not in table]
+        if unknown:
+            raise ValueError(f"study variants: unknown {unknown} (expected names from {sorted(table)})")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"study variants: listed twice in {list(self.variants)}")
+        if not self.variants or not self.seeds or not self.iters:
+            raise ValueError("study: expected at least one variant, one seed and one schedule length")
+        if len(set(self.seeds)) != len(self.seeds) or len(set(self.iters)) != len(self.iters):
+            raise ValueError(f"study: seeds {list(self.seeds)} and iters {list(self.iters)} must not repeat")
+        if any(i < 1 for i in self.iters):
+            raise ValueError(f"study iters: expected positive iteration counts, got {list(self.iters)}")
+        for pair in self.pairs:
+            if len(pair) != 2 or any(p not in self.variants for p in pair) or pair[0] == pair[1]:
+                raise ValueError(f"study pairs: {list(pair)} must be two different variants of the study "
+                                 f"({list(self.variants)})")
+        bad = [m for m in self.metrics if m not in METRICS]
+        if bad or not self.metrics:
+            raise ValueError(f"study metrics: expected some of {list(METRICS)}, got {list(self.metrics)}")
+
+    def variant_table(self) -> dict[str, dict[str, Any]]:
+        return {**VARIANTS, **self.custom_variants}
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: list(map(list, v)) if k == "pairs" else (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "study spec") -> "StudySpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown} (expected some of {sorted(names)})")
+        return cls(**values)
+
+
+@dataclass
+class RunSpec:
+    """One run of a study: its place in the study and its full training config."""
+
+    variant: str
+    seed: int
+    iters: int
+    config: Config
+    key: str = ""
+
+
+def run_config(spec: StudySpec, world_dir: str | Path, variant: str, seed: int, iters: int,
+               num_base_classes: int) -> Config:
+    """The training config of one run: ``configs/shapes_demo.yaml`` as ``gridclip demo`` fills it
+    (world paths, tiny CLIP and teacher), the spec's overrides, the variant's switches, seed, length."""
+    world = Path(world_dir)
+    cfg = load_config(CONFIG_PATH, list(spec.overrides))
+    clip = spec.clip_model or str(shipped_model_dir("rn"))
+    teacher = spec.teacher_model or str(shipped_model_dir("vit"))
+    cfg.model.clip_model, cfg.model.clip_pretrained = clip, None
+    cfg.model.teacher_model, cfg.model.teacher_pretrained = teacher, None
+    cfg.data.train_json, cfg.data.train_images = str(world / "det_train.json"), str(world / "det_train" / "images")
+    cfg.data.val_json, cfg.data.val_images = str(world / "val.json"), str(world / "val" / "images")
+    for key, value in spec.variant_table()[variant].items():
+        if key == "teacher":
+            if value != "student":
+                raise ValueError(f"study variant {variant!r}: teacher must be 'student', got {value!r}")
+            cfg.model.teacher_model, cfg.model.teacher_pretrained = cfg.model.clip_model, cfg.model.clip_pretrained
+        elif not hasattr(cfg.model, key):
+            raise ValueError(f"study variant {variant!r}: unknown model setting {key!r}")
+        else:
+            setattr(cfg.model, key, value)
+    if not cfg.model.grid_align:
+        cfg.model.num_classes = num_base_classes  # closed set: a classifier over the base categories
+    cfg.train.seed = int(seed)
+    cfg.train.max_iters = int(iters)
+    cfg.out_dir = ""
+    return cfg
+
+
+def _file_digest(path: Path, cache: dict[str, str]) -> str:
+    key = str(path)
+    if key not in cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        cache[key] = h.hexdigest()
+    return cache[key]
+
+
+def model_digest(model: str, cache: dict[str, str]) -> str | None:
+    """sha256 of a local CLIP dir's weights and config (None for a named open_clip model)."""
+    d = Path(model[len("local-dir:"):] if model.startswith("local-dir:") else model)
+    if not d.is_dir():
+        return None
+    return hashlib.sha256("".join(_file_digest(p, cache) for p in sorted(d.iterdir()) if p.is_file()).encode()).hexdigest()
+
+
+def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = None) -> str:
+    """sha256 of everything a run's result depends on: the full config (without ``out_dir``), the
+    contents of the CLIP and teacher weights and the world's marker (version, seed, size), the
+    runner's version."""
+    cache = {} if cache is None else cache
+    values = config_to_dict(cfg)
+    values.pop("out_dir", None)
+    marker = Path(world_dir) / ".complete"
+    blob = {
+        "study_version": STUDY_VERSION,
+        "config": values,
+        "clip": model_digest(cfg.model.clip_model, cache),
+        "teacher": model_digest(cfg.model.teacher_model, cache),
+        "world": json.loads(marker.read_text()) if marker.is_file() else None,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()

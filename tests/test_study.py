@@ -1,0 +1,209 @@
+"""The ablation study tool: seed statistics against hand computations and independent references,
+resuming a killed study without redoing finished runs, and a mini-study on the small world end to end."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from statistics import NormalDist
+
+import pytest
+
+from gridclip.study import VARIANTS, StudySpec, aggregate, format_study, run_config, run_study
+from gridclip.study.stats import paired_differences, summarize, t_quantile, verdict
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def _t_cdf_by_integration(t: float, df: int, steps: int = 20000) -> float:
+    """Reference: P(T <= t) from Simpson integration of the Student-t density (lgamma normaliser)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    f = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+    h = t / steps
+    s = f(0) + f(t) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, steps))
+    return 0.5 + s * h / 3
+
+
+def test_t_quantile_closed_forms_and_integration():
+    for p in (0.9, 0.95, 0.975, 0.995):
+        assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)  # Cauchy
+        assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
+    for df in (3, 4, 5, 7, 10, 30):
+        q = t_quantile(0.975, df)
+        assert _t_cdf_by_integration(q, df) == pytest.approx(0.975, abs=1e-7), df
+    assert t_quantile(0.975, 20000) == pytest.approx(NormalDist().inv_cdf(0.975), abs=2e-4)
+    # printed two-sided 95 % t-table values
+    assert [round(t_quantile(0.975, df), 3) for df in (2, 4, 9, 29)] == [4.303, 2.776, 2.262, 2.045]
+    with pytest.raises(ValueError):
+        t_quantile(0.975, 0)
+
+
+TABLE = [  # made-up per-run APr / AP of two variants; seed 3 only for "A", seed 2 of "B" has no APc
+    {"variant": "A", "seed": 0, "iters": 400, "metrics": {"APr": 0.50, "AP": 0.60, "APc": 0.1}},
+    {"variant": "A", "seed": 1, "iters": 400, "metrics": {"APr": 0.47, "AP": 0.58, "APc": 0.1}},
+    {"variant": "A", "seed": 2, "iters": 400, "metrics": {"APr": 0.53, "AP": 0.61, "APc": 0.1}},
+    {"variant": "A", "seed": 3, "iters": 400, "metrics": {"APr": 0.90, "AP": 0.90, "APc": 0.1}},
+    {"variant": "B", "seed": 0, "iters": 400, "metrics": {"APr": 0.52, "AP": 0.59, "APc": 0.2}},
+    {"variant": "B", "seed": 1, "iters": 400, "metrics": {"APr": 0.48, "AP": 0.58, "APc": 0.2}},
+    {"variant": "B", "seed": 2, "iters": 400, "metrics": {"APr": 0.50, "AP": 0.60, "APc": -1.0}},
+    {"variant": "A", "seed": 0, "iters": 1600, "metrics": {"APr": 0.70, "AP": 0.70, "APc": 0.3}},
+]
+
+
+def test_aggregate_against_hand_computation():
+    out = aggregate(TABLE, ["A", "B"], [("A", "B")], ["APr", "AP", "APc"])
+    rows = {(v["variant"], v["iters"]): v for v in out["variants"]}
+    a = rows[("A", 400)]["metrics"]["APr"]
+    # A's APr over seeds 0-3: 0.50 0.47 0.53 0.90 -> mean 0.60; deviations -0.10 -0.13 -0.07 +0.30
+    assert a["n"] == 4 and a["mean"] == pytest.approx(0.60)
+    std = math.sqrt((0.10**2 + 0.13**2 + 0.07**2 + 0.30**2) / 3)
+    assert a["std"] == pytest.approx(std)
+    t3 = 3.182446305284263  # t_{0.975, 3}
+    assert a["ci"] == pytest.approx([0.60 - t3 * std / 2, 0.60 + t3 * std / 2])
+    b_apc = rows[("B", 400)]["metrics"]["APc"]  # the -1 ("no ground truth") of seed 2 is left out
+    assert b_apc["n"] == 2 and b_apc["mean"] == pytest.approx(0.2) and b_apc["std"] == pytest.approx(0.0)
+    single = rows[("A", 1600)]["metrics"]["APr"]
+    assert single["n"] == 1 and single["mean"] == pytest.approx(0.70) and single["std"] is None and single["ci"] is None
+    assert ("B", 1600) not in rows
+
+    pairs = {(p["iters"], p["metric"]): p for p in out["pairs"]}
+    d = pairs[(400, "APr")]  # same seeds only (0, 1, 2): -0.02 -0.01 +0.03 -> mean 0, std sqrt(0.0014 / 2)
+    assert d["seeds"] == [0, 1, 2] and d["values"] == pytest.approx([-0.02, -0.01, 0.03])
+    assert d["mean"] == pytest.approx(0.0, abs=1e-12)
+    dstd = math.sqrt((0.02**2 + 0.01**2 + 0.03**2) / 2)
+    t2 = 4.302652729749464  # t_{0.975, 2} = 1.95 / sqrt(2 * 0.975 * 0.025)
+    assert d["std"] == pytest.approx(dstd)
+    assert d["ci"] == pytest.approx([-t2 * dstd / math.sqrt(3), t2 * dstd / math.sqrt(3)])
+    assert d["verdict"] == "within noise"
+    ap = pairs[(400, "AP")]  # +0.01 0 +0.01 -> mean 0.02/3
+    assert ap["mean"] == pytest.approx(0.02 / 3)
+    assert pairs[(400, "APc")]["seeds"] == [0, 1] and pairs[(400, "APc")]["mean"] == pytest.approx(-0.1)
+    assert pairs[(400, "APc")]["verdict"] == "a < b"  # -0.1 on both seeds: std 0, CI [-0.1, -0.1]
+    assert (1600, "APr") not in pairs  # B has no run at 1600
+    assert verdict([0.01, 0.2]) == "a > b" and verdict(None) == "n < 2"
+    assert paired_differences({0: 1.0}, {1: 1.0})["n"] == 0 and summarize([])["mean"] is None
+
+
+# ------------------------------------------------------------------------------------------ spec
+def test_variants_are_the_demos_and_configs_match_the_demo(tmp_path):
+    from gridclip import demo
+    from gridclip.config import config_to_dict
+
+    for name, overrides in demo.VARIANTS.items():
+        assert VARIANTS[name] == overrides, name
+    assert VARIANTS["GridCLIP, RN teacher"] == {"teacher": "student"}
+    spec = StudySpec(variants=("GridCLIP", "GridCLIP, RN teacher", "FCOS w/o align"), pairs=())
+    ours = config_to_dict(run_config(spec, tmp_path, "GridCLIP", seed=3, iters=123, num_base_classes=38))
+    theirs = config_to_dict(demo.demo_config(tmp_path, demo.ASSETS / demo.CLIP_NAME, demo.ASSETS / demo.TEACHER_NAME,
+                                             tmp_path, 123))
+    theirs["train"]["seed"] = 3
+    for d in (ours, theirs):
+        d.pop("out_dir")
+    assert ours == theirs
+    rn = run_config(spec, tmp_path, "GridCLIP, RN teacher", 0, 10, 38).model
+    assert rn.teacher_model == rn.clip_model and rn.image_align
+    closed = run_config(spec, tmp_path, "FCOS w/o align", 0, 10, 38).model
+    assert closed.num_classes == 38 and not closed.grid_align and not closed.image_align
+
+
+def test_bad_specs_are_rejected(capsys):
+    from gridclip.cli import main
+
+    with pytest.raises(ValueError, match="unknown"):
+        StudySpec(variants=("GridCLIP", "no such variant"))
+    with pytest.raises(ValueError, match="pairs"):
+        StudySpec(variants=("GridCLIP",), pairs=(("GridCLIP", "grid only"),))
+    with pytest.raises(ValueError, match="metrics"):
+        StudySpec(metrics=("mAP",))
+    assert main(["study", "--pair", "GridCLIP minus grid only"]) == 2
+    assert "--pair" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ runner
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory) -> Path:
+    from gridclip.data.shapes import make_world
+
+    return make_world(tmp_path_factory.mktemp("world") / "w", seed=0, size="small").root
+
+
+class _Killed(Exception):
+    pass
+
+
+def _fake_train(calls: list, kill_at: int | None = None):
+    def train(cfg, out_dir, progress=True):
+        calls.append((cfg.train.seed, cfg.model.image_align, cfg.train.max_iters))
+        (Path(out_dir) / "partial.txt").write_text("half a run")
+        if kill_at is not None and len(calls) == kill_at:
+            raise _Killed()
+        model = Path(out_dir) / "model.pt"
+        model.write_text(json.dumps({"seed": cfg.train.seed, "image": cfg.model.image_align}))
+        return {"model": str(model), "images_per_second": 1.0}
+    return train
+
+
+def _fake_evaluate(model_path, cfg, base_ids):
+    m = json.loads(Path(model_path).read_text())
+    return {"AP": 0.5 + 0.01 * m["seed"], "AP50": 0.7, "APr": 0.4 + 0.02 * m["seed"] + 0.01 * m["image"],
+            "APc": 0.5, "APf": 0.6}
+
+
+def test_killed_study_resumes_without_redoing_finished_runs(tmp_path, small_world):
+    spec = StudySpec(variants=("GridCLIP", "grid only"), seeds=(0, 1, 2), iters=(5,), world_size="small")
+    out = tmp_path / "study"
+    first: list = []
+    with pytest.raises(_Killed):
+        run_study(spec, out, world_dir=small_world, train_fn=_fake_train(first, kill_at=3),
+                  evaluate_fn=_fake_evaluate, progress=False, log=None)
+    partial = json.loads((out / "study.json").read_text())
+    assert partial["runs_done"] == 2 and not partial["complete"]
+    # the interrupted run left a folder without result.json
+    unfinished = [d for d in (out / "runs").iterdir() if not (d / "result.json").exists()]
+    assert len(unfinished) == 1 and (unfinished[0] / "partial.txt").exists()
+
+    second: list = []
+    study = run_study(spec, out, world_dir=small_world, train_fn=_fake_train(second), evaluate_fn=_fake_evaluate,
+                      progress=False, log=None)
+    assert len(second) == 4 and not set(second) & set(first[:2])  # finished runs are not trained again
+    assert second[0] == first[2]  # the killed run is redone
+    assert study["complete"] and study["runs_done"] == 6
+    assert not any((d / "partial.txt").exists() and not (d / "result.json").exists() for d in (out / "runs").iterdir())
+    assert not list((out / "runs").rglob("model.pt"))  # models dropped unless keep_models
+    pair = next(p for p in study["pairs"] if p["metric"] == "APr")
+    assert pair["n"] == 3 and pair["mean"] == pytest.approx(0.01) and pair["verdict"] == "a > b"
+
+    third: list = []
+    again = run_study(spec, out, world_dir=small_world, train_fn=_fake_train(third), evaluate_fn=_fake_evaluate,
+                      progress=False, log=None)
+    assert third == [] and again["variants"] == study["variants"] and again["pairs"] == study["pairs"]
+    # a different config (here: an override) is a different run
+    changed = StudySpec(variants=("GridCLIP",), seeds=(0,), iters=(5,), pairs=(), overrides=("train.lr=0.002",))
+    fourth: list = []
+    run_study(changed, out, world_dir=small_world, train_fn=_fake_train(fourth), evaluate_fn=_fake_evaluate,
+              progress=False, log=None)
+    assert len(fourth) == 1
+
+
+def test_mini_study_end_to_end(tmp_path, small_world, tiny_clip_names, capsys):
+    """Real training (2 iterations) and evaluation through the CLI with the fixture's tiny CLIPs."""
+    from gridclip.cli import main
+
+    rn, vit = tiny_clip_names
+    out = tmp_path / "study"
+    argv = ["study", "--out", str(out), "--world", str(small_world), "--variants", "GridCLIP,FCOS w/o align",
+            "--seeds", "0,1", "--iters", "2", "--clip", rn, "--teacher", vit, "--no-progress",
+            "--pair", "GridCLIP - FCOS w/o align", "train.batch_size=2", "train.warmup_iters=1",
+            "model.projector_hidden=32"]
+    assert main(argv) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert study["complete"] and study["runs_done"] == 4 and len(study["variants"]) == 2
+    for run in study["runs"]:
+        assert set(run["metrics"]) == {"AP", "AP50", "APr", "APc", "APf"}
+        assert all(v == -1 or 0 <= v <= 1 for v in run["metrics"].values())
+        assert (out / run["run_dir"] / "result.json").is_file() and not Path(run["run_dir"]).is_absolute()
+    assert {(p["a"], p["b"]) for p in study["pairs"]} == {("GridCLIP", "FCOS w/o align")}
+    assert "paired differences" in capsys.readouterr().out and "GridCLIP" in format_study(study)
+    # resumed: nothing is trained again, same numbers
+    spec = StudySpec.from_dict(study["spec"])
+    again = run_study(spec, out, world_dir=small_world, train_fn=_fake_train([], kill_at=1), progress=False, log=None)
+    assert again["runs"] == study["runs"]
