@@ -105,7 +105,7 @@ def test_variants_are_the_demos_and_configs_match_the_demo(tmp_path):
     assert closed.num_classes == 38 and not closed.grid_align and not closed.image_align
 
 
-def test_bad_specs_are_rejected(capsys):
+def test_bad_specs_are_rejected(tmp_path, capsys):
     from gridclip.cli import main
 
     with pytest.raises(ValueError, match="unknown"):
@@ -116,6 +116,25 @@ def test_bad_specs_are_rejected(capsys):
         StudySpec(metrics=("mAP",))
     assert main(["study", "--pair", "GridCLIP minus grid only"]) == 2
     assert "--pair" in capsys.readouterr().err
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"variants": ["GridCLIP"], "seed": [0]}))
+    assert main(["study", "--spec", str(spec_file), "--out", str(tmp_path / "s")]) == 2
+    assert "spec.json: unknown field(s) ['seed']" in capsys.readouterr().err
+
+
+def test_run_key_follows_config_and_weight_contents(tmp_path):
+    from gridclip.study import run_key
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "open_clip_model.safetensors").write_bytes(b"weights v1")
+    spec = StudySpec(variants=("GridCLIP",), pairs=(), teacher_model=str(teacher))
+    cfg = run_config(spec, tmp_path, "GridCLIP", 0, 10, 38)
+    key = run_key(cfg, tmp_path)
+    assert run_key(run_config(spec, tmp_path, "GridCLIP", 0, 10, 38), tmp_path) == key
+    assert run_key(run_config(spec, tmp_path, "GridCLIP", 1, 10, 38), tmp_path) != key
+    (teacher / "open_clip_model.safetensors").write_bytes(b"weights v2")  # retrained teacher, same path
+    assert run_key(cfg, tmp_path) != key
 
 
 # ------------------------------------------------------------------------------------------ runner
