@@ -226,3 +226,11 @@ def test_mini_study_end_to_end(tmp_path, small_world, tiny_clip_names, capsys):
     spec = StudySpec.from_dict(study["spec"])
     again = run_study(spec, out, world_dir=small_world, train_fn=_fake_train([], kill_at=1), progress=False, log=None)
     assert again["runs"] == study["runs"]
+
+
+def test_shipped_ablation_spec_covers_the_issue():
+    from gridclip.study.spec import CONFIG_PATH
+
+    spec = StudySpec.from_dict(json.loads((CONFIG_PATH.parent / "study_ablations.json").read_text()))
+    assert set(spec.variants) == set(VARIANTS) and len(spec.seeds) >= 3 and len(spec.iters) >= 2
+    assert ("GridCLIP", "grid only") in spec.pairs
