@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gridclip.clip.pretrain import shipped_model_dir
+from gridclip.engine.clip_pretrain import shipped_model_dir
 from gridclip.config import Config, config_to_dict, load_config
 
 STUDY_VERSION = 1  # bump when a change to the runner changes what a cached result means
