@@ -92,13 +92,14 @@ class GridAttentionPool(nn.Module):
         if (h, w) == (self.spatial_dim, self.spatial_dim):
             return pos[1:]
         key = (h, w, pos.device, pos.dtype)
-        if self._pos_cache is not None and key in self._pos_cache:
+        caching = self._pos_cache is not None and not torch.jit.is_tracing()  # a traced graph computes it
+        if caching and key in self._pos_cache:
             return self._pos_cache[key]
         S, C = self.spatial_dim, pos.shape[1]
         grid = pos[1:].reshape(1, S, S, C).permute(0, 3, 1, 2)
         grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos.dtype)
         out = grid.permute(0, 2, 3, 1).reshape(h * w, C)
-        if self._pos_cache is not None:
+        if caching:
             if len(self._pos_cache) > 32:
                 self._pos_cache.clear()
             out = self._pos_cache[key] = out.detach()
@@ -106,7 +107,7 @@ class GridAttentionPool(nn.Module):
 
     def prepare_for_inference(self) -> None:
         """Cache resized positional embeddings per grid size from now on: for weights that stay fixed
-        until :meth:`release_inference` (the ONNX export traces an unprepared pool)."""
+        until :meth:`release_inference` (bypassed while tracing, e.g. for the ONNX export)."""
         if self._pos_cache is None:
             self._pos_cache = {}
 
