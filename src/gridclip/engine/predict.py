@@ -13,7 +13,6 @@ skipped; the exit code is then 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os

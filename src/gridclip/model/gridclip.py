@@ -290,7 +290,7 @@ class GridCLIP(FCOS):
                 losses["loss_image"] = c.loss_image * self.image_alignment_loss(z_global, targets)
             return losses
 
-        detections = self.postprocessor()(self.dense_outputs(features, cells), anchors, image_list.image_sizes)
+        detections = self.postprocess_dense(self.dense_outputs(features, cells), anchors, image_list.image_sizes)
         return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
     def dense_outputs(self, features: list[Tensor], cells: list | None = None) -> DenseOutputs:
@@ -304,6 +304,11 @@ class GridCLIP(FCOS):
         vectors, text = cls_head.scoring_vectors(features, cells)
         return DenseOutputs(regression, ctrness, num_per_level, vectors=vectors, text=text,
                             logit_scale=cls_head.logit_scale.exp(), logit_bias=cls_head.logit_bias)
+
+    def postprocess_dense(self, dense: DenseOutputs, anchors: list[Tensor],
+                          image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Dense outputs -> per image ``{boxes, scores, labels}`` in resized-image pixels."""
+        return self.postprocessor()(dense, anchors, image_sizes)
 
     def postprocessor(self) -> PostProcess:
         """Dense outputs -> detections with the current settings (``score_thresh``, ``nms_thresh``,
