@@ -130,10 +130,9 @@ class CropCLIP(nn.Module):
 
 
 def build_crops(spec: ModelSpec, num_classes: int, seed: int = 0) -> CropCLIP:
-    from gridclip.model.gridclip import build_clip_visual
+    from gridclip.clip.loader import load_clip
 
-    torch.manual_seed(seed)
-    visual = build_clip_visual(spec.clip_model, None, load_weights=False)
+    visual = load_clip(spec.clip_model, None, seed=seed).visual  # open_clip's image tower, seeded random init
     freeze_batch_norms(visual)
     return CropCLIP(visual, random_vocabulary(num_classes, visual.output_dim, seed), spec.crop_batch)
 

@@ -23,6 +23,7 @@ import torch
 import gridclip
 from benchmarks import cases
 from gridclip.checkpoint import load_checkpoint, save_checkpoint
+from gridclip.data.images import to_float_image
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     h, w = (int(v) for v in a.size.lower().split("x"))
     torch.manual_seed(0)
-    image = torch.rand(3, h, w)
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)  # as decoded from a file
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model.pt"
         model = cases.build_gridclip(cases.ModelSpec(clip_model=a.clip_model), a.classes, optimize=False,
@@ -45,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         detect = load_checkpoint(path).optimize_for_inference()
         trainable = gridclip.load(path, optimize=False)
 
-    def run_detect():
+    def run_detect():  # gridclip detect: decoded uint8 image -> to_float_image -> model([...]) under no_grad
         with torch.no_grad():
-            return detect([image])[0]
+            return detect([to_float_image(image)])[0]
 
     variants = {"load": lambda: loaded.predict(image)[0], "detect": run_detect,
                 "trainable": lambda: trainable.predict(image)[0]}

@@ -19,8 +19,6 @@ from typing import Any, Sequence
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIPVisionCfg
-from open_clip.modified_resnet import ModifiedResNet
 from open_clip.utils import freeze_batch_norm_2d
 from torch import Tensor, nn
 from torchvision.models.detection.fcos import FCOS
@@ -30,45 +28,51 @@ from gridclip.clip.loader import load_clip, model_config
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import GridCLIPConfig
 from gridclip.model import inference
-from gridclip.model.backbone import (GridAttentionPool, cells_mask, clip_resnet_trunk, level_cells, nominal_stride,
-                                     trunk_channels, trunk_features, valid_cells)
+from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride, valid_cells
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
 from gridclip.model.predict import predict as predict_images
 
 CLIP_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
 CLIP_STD = tuple(open_clip.OPENAI_DATASET_STD)
-__all__ = ["GridCLIP", "GridCLIPBackbone", "PyramidAnchorGenerator", "build_clip_visual", "image_projector"]
+__all__ = ["GridCLIP", "GridCLIPBackbone", "PyramidAnchorGenerator", "build_clip_trunk", "image_projector"]
 
 
-def build_clip_visual(clip_model: str, clip_pretrained: str | None, load_weights: bool = True,
-                      clip_config: dict | None = None) -> nn.Module:
-    """The open_clip ``ModifiedResNet`` image tower, pretrained or randomly initialised.
+def build_clip_trunk(clip_model: str, clip_pretrained: str | None, load_weights: bool = True,
+                     clip_config: dict | None = None) -> CLIPResNetTrunk:
+    """The open_clip ``ModifiedResNet`` image tower as a :class:`CLIPResNetTrunk` (attention pool still
+    attached), pretrained or randomly initialised.
 
-    ``clip_config`` (the open_clip model config) avoids looking the model up, e.g. when a checkpoint
-    built on a local CLIP directory is loaded on a machine without that directory.
+    Random init draws from the global RNG exactly as open_clip's CLIP builds its image tower. With
+    weights, ``load_clip`` (any source: tag, file, local directory) provides them and the trunk is built
+    without touching the global RNG. ``clip_config`` (the open_clip model config) avoids looking the
+    model up, e.g. when a checkpoint built on a local CLIP directory is loaded on a machine without it.
     """
     cfg = clip_config if clip_config is not None else model_config(clip_model)
     if not isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)):
         raise ValueError(f"CLIP model '{clip_model}' has no ResNet image tower: GridCLIP needs a ModifiedResNet (RN50, RN101, RN50x4, ...)")
-    if load_weights:
-        return load_clip(clip_model, clip_pretrained).visual
-    v = CLIPVisionCfg(**cfg["vision_cfg"])
-    # open_clip's CLIP builds its ResNet tower exactly so (same modules, same random draws); pinned by
-    # tests/test_upstream_contract.py against open_clip.create_model(...).visual
-    return ModifiedResNet(layers=v.layers, output_dim=cfg["embed_dim"], heads=v.width * 32 // v.head_width,
-                          image_size=v.image_size, width=v.width)
+    if not load_weights:
+        return CLIPResNetTrunk.from_config(cfg["embed_dim"], cfg["vision_cfg"])
+    visual = load_clip(clip_model, clip_pretrained).visual
+    with torch.random.fork_rng(devices=[]):
+        trunk = CLIPResNetTrunk.from_config(cfg["embed_dim"], cfg["vision_cfg"])
+    try:
+        trunk.load_state_dict(visual.state_dict())
+    except RuntimeError as exc:
+        raise ValueError(f"CLIP '{clip_model}' ({clip_pretrained}): image tower does not fit its config: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return trunk
 
 
 class GridCLIPBackbone(nn.Module):
     """CLIP trunk + grid pooling + adapter + FPN. Returns the pyramid (P3..P7) and z-bar."""
 
-    def __init__(self, trunk: nn.Module, grid_pool: GridAttentionPool | None, adapter_channels: int,
+    def __init__(self, trunk: CLIPResNetTrunk, grid_pool: GridAttentionPool | None, adapter_channels: int,
                  adapter_layers: int, fpn_channels: int):
         super().__init__()
-        self.trunk = trunk  # open_clip ModifiedResNet without its attention pool (see clip_resnet_trunk)
+        self.trunk = trunk
         self.grid_pool = grid_pool
-        c3, c4, c5 = trunk_channels(trunk)
+        c3, c4, c5 = trunk.out_channels
         z_dim = grid_pool.output_dim if grid_pool is not None else c5
         layers: list[nn.Module] = []
         for i in range(adapter_layers):
@@ -81,7 +85,7 @@ class GridCLIPBackbone(nn.Module):
         self.global_dim = z_dim
 
     def forward(self, x: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> tuple[list[Tensor], Tensor]:
-        c3, c4, c5 = trunk_features(self.trunk, x)
+        c3, c4, c5 = self.trunk(x)
         stride = nominal_stride(x.shape[-1], c5.shape[-1])
         cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), stride)
         if cells is not None:  # zero the padded cells, as convolution padding would see them
@@ -134,10 +138,10 @@ class GridCLIP(FCOS):
         if not cfg.grid_align and cfg.num_classes < 1:
             raise ValueError("model.num_classes must be >= 1 when model.grid_align is false (closed-set classifier)")
         self_clip_config = clip_config if clip_config is not None else model_config(cfg.clip_model)
-        visual = build_clip_visual(cfg.clip_model, cfg.clip_pretrained, load_clip_weights, self_clip_config)
-        clip_dim = visual.attnpool.c_proj.out_features
-        grid_pool = GridAttentionPool.from_attnpool(visual.attnpool) if cfg.use_mhsa else None
-        trunk = clip_resnet_trunk(visual)
+        trunk = build_clip_trunk(cfg.clip_model, cfg.clip_pretrained, load_clip_weights, self_clip_config)
+        attnpool = trunk.take_attnpool()
+        clip_dim = attnpool.c_proj.out_features
+        grid_pool = GridAttentionPool.from_attnpool(attnpool) if cfg.use_mhsa else None
         backbone = GridCLIPBackbone(trunk, grid_pool, cfg.adapter_channels, cfg.adapter_layers, cfg.fpn_channels)
         num_classes = 1 if cfg.grid_align else cfg.num_classes
         head = GridCLIPHead(cfg.fpn_channels, num_anchors=1, num_classes=num_classes, num_convs=cfg.head_convs)
@@ -207,7 +211,7 @@ class GridCLIP(FCOS):
         """
         if self.backbone.grid_pool is None:
             raise ValueError("encode_grid needs the attnpool MHSA (model.use_mhsa is false)")
-        c5 = trunk_features(self.backbone.trunk, images)[-1]
+        c5 = self.backbone.trunk(images)[-1]
         cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), nominal_stride(images.shape[-1], c5.shape[-1]))
         return self.backbone.grid_pool(c5, cells)
 
