@@ -42,6 +42,7 @@ from torch.onnx.operators import shape_as_tensor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from gridclip.data.images import load_image, to_float_image
+from gridclip.model.head import Subspace
 from gridclip.model.postprocess import DenseOutputs, PostProcess, fcos_anchor_generator
 from gridclip.utils.atomic import atomic_save, atomic_write_json
 
@@ -69,9 +70,17 @@ class DenseGridCLIP(nn.Module):
         cls_head = model.head.classification_head
         if not vocab_input and cls_head.text_embeddings.shape[0] == 0:
             raise ValueError("no vocabulary set: give one to bake into the graph (or use vocab_input)")
-        self.subspace = cls_head.subspace() if cls_head.scores_in_subspace else None
+        sub = cls_head.subspace() if cls_head.scores_in_subspace else None
+        for name in ("weight", "bias", "Q"):  # buffers: they move with the module
+            self.register_buffer(f"subspace_{name}", getattr(sub, name) if sub is not None else None)
         with torch.no_grad():
-            self.register_buffer("text", cls_head.project_text(cls_head.text_embeddings, self.subspace))
+            self.register_buffer("text", cls_head.project_text(cls_head.text_embeddings, sub))
+
+    @property
+    def subspace(self) -> Subspace | None:
+        if self.subspace_weight is None:
+            return None
+        return Subspace(self.subspace_weight, self.subspace_bias, self.subspace_Q)
 
     def forward(self, images: Tensor, text: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         x = (images - self.mean) / self.std
