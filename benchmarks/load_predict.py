@@ -8,11 +8,13 @@ A random-weight RN50 GridCLIP (nothing downloaded) is saved as a checkpoint and 
                (``model([image])`` under ``no_grad``);
 ``trainable``  ``gridclip.load(path, optimize=False)``: the trainable form (the Python default before),
                through ``predict``.
-Rounds interleave the three (one image each per round); medians and per-round ratios are printed.
+Rounds interleave the three (one image each per round); medians, the ratio of medians with a bootstrap
+95% interval (rounds resampled, seed 0) and the per-round ratios' median and interquartile range are printed.
 """
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 import time
@@ -65,9 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     for name, v in times.items():
         print(f"  {name:9s} median {med[name]:.3f} s  (min {min(v):.3f}, max {max(v):.3f})")
     for name in ("load", "trainable"):
-        per_round = [x / y for x, y in zip(times[name], times["detect"])]
-        print(f"  {name} / detect: {med[name] / med['detect']:.3f} (per round {min(per_round):.3f}..{max(per_round):.3f})")
+        per_round = sorted(x / y for x, y in zip(times[name], times["detect"]))
+        lo, hi = bootstrap_ratio_ci(times[name], times["detect"])
+        q1, q3 = per_round[len(per_round) // 4], per_round[(3 * len(per_round)) // 4]
+        print(f"  {name} / detect: {med[name] / med['detect']:.3f} (ratio of medians; bootstrap 95% CI {lo:.3f}..{hi:.3f}; "
+              f"per-round median {statistics.median(per_round):.3f}, IQR {q1:.3f}..{q3:.3f})")
     return 0
+
+
+def bootstrap_ratio_ci(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of median(a) / median(b), resampling whole rounds (seeded)."""
+    rng = random.Random(seed)
+    k = len(a)
+    ratios = []
+    for _ in range(n):
+        idx = [rng.randrange(k) for _ in range(k)]
+        ratios.append(statistics.median(a[i] for i in idx) / statistics.median(b[i] for i in idx))
+    ratios.sort()
+    return ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]
 
 
 if __name__ == "__main__":
