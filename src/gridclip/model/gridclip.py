@@ -43,8 +43,8 @@ def build_clip_trunk(clip_model: str, clip_pretrained: str | None, load_weights:
     attached), pretrained or randomly initialised.
 
     Random init draws from the global RNG exactly as open_clip's CLIP builds its image tower. With
-    weights, ``load_clip`` (any source: tag, file, local directory) provides them and the trunk is built
-    without touching the global RNG. ``clip_config`` (the open_clip model config) avoids looking the
+    weights, ``load_clip`` (any source: tag, file, local directory) provides them and the trunk that
+    receives them is built without further draws from the global RNG. ``clip_config`` (the open_clip model config) avoids looking the
     model up, e.g. when a checkpoint built on a local CLIP directory is loaded on a machine without it.
     """
     cfg = clip_config if clip_config is not None else model_config(clip_model)
