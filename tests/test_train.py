@@ -402,9 +402,8 @@ def test_evaluation_during_training_logs_ap(tiny_root, tmp_path, caplog):
 @pytest.mark.parametrize("name", ["lvis_r50_1gpu", "lvis_r50_cached_teacher", "lvis_r50_no_image_align",
                                   "lvis_r50_no_mhsa"])
 def test_shipped_training_configs_load(name):
-    path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
-    cfg = load_config(path)
-    base = load_config(path.parent / "lvis_r50.yaml")
+    cfg = load_config(name)
+    base = load_config("lvis_r50")
     assert cfg.out_dir != base.out_dir
     assert cfg.train.batch_size % cfg.train.accumulate == 0
     assert (cfg.train.accumulate, cfg.train.teacher_cache, cfg.model.image_align, cfg.model.use_mhsa) != \
