@@ -121,3 +121,13 @@ def test_info_prints_the_parameter_count():
                           capture_output=True, text=True, check=True).stdout
     # the 3x3 embedding conv has 8 x 256 x 1024 more weights than the 1x1
     assert f"inference parameters: {(n + 8 * 256 * 1024) / 1e6:.1f}M" in out3
+
+
+def test_configs_command_lists_each_packaged_config_on_one_line(capsys):
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(packaged_configs())
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines)  # every config has a description
+    assert main(["configs", "--path"]) == 0
+    paths = [line.split()[1] for line in capsys.readouterr().out.strip().splitlines()]
+    assert [Path(p) for p in paths] == list(packaged_configs().values())

@@ -23,7 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("gridclip.engine.predict:cli", "detect objects in images with any vocabulary"),
     "export": ("gridclip.export:cli", "export to ONNX"),
     "serve": ("gridclip.serve:cli", "web demo (Gradio)"),
-    "bench": ("gridclip.bench:cli", "speed and memory benchmarks"),
+    "bench": ("gridclip.commands.bench:main", "speed and memory benchmarks"),
+    "configs": ("gridclip.commands.configs:main", "the paper's configs shipped in the package (--config NAME)"),
     "analyze": ("gridclip.analysis.cli:cli", "AP-vs-frequency and CLIP recall@k analyses"),
 }
 
