@@ -10,15 +10,8 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from gridclip.data.datasets import (
-    VOC_CLASSES,
-    DetectionDataset,
-    build_dataset,
-    load_coco_json,
-    load_lvis_json,
-    load_voc,
-    to_coco_dict,
-)
+from gridclip.data.annotations import VOC_CLASSES, load_coco_json, load_lvis_json, load_voc, to_coco_dict
+from gridclip.data.datasets import DetectionDataset, build_dataset
 from helpers import make_lvis, make_voc, write_noise_image
 
 

@@ -29,7 +29,6 @@ PACKAGED_CONFIG_DIR = Path(__file__).parent / "configs"
 @dataclass
 class GridCLIPConfig:
     """The detector. Defaults follow the paper (Sec. 3-4) and torchvision's FCOS."""
-
     # CLIP image encoder: an open_clip model name (or local model directory) and its weights source:
     # an open_clip pretrained tag (e.g. "openai"), a checkpoint file, or None for random init.
     # Every pretrained RN tag expects QuickGELU: use the "-quickgelu" names.
