@@ -6,7 +6,6 @@ cleaned names and the templates, so a cache hit never runs the text encoder.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -17,8 +16,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from gridclip.clip.loader import clip_identity, get_tokenizer, load_clip
 from gridclip.clip.prompts import VILD_TEMPLATES, clean_name
+from gridclip.clip.text import TextEncoder
 
 
 def default_cache_dir() -> Path:
@@ -41,13 +40,6 @@ def validate_names(names: Sequence[str]) -> list[str]:
             raise ValueError(f"vocabulary has duplicate names: {names[seen[key]]!r} (entry {seen[key]}) and {name!r} (entry {i})")
         seen[key] = i
     return names
-
-
-@functools.lru_cache(maxsize=4)
-def _text_model(model: str, pretrained: str | None, seed: int):
-    clip = load_clip(model, pretrained, seed=seed)
-    clip.visual = torch.nn.Identity()  # the text side is all a vocabulary needs
-    return clip, get_tokenizer(model)
 
 
 @torch.no_grad()
@@ -104,10 +96,14 @@ class Vocabulary:
         templates: Sequence[str] = VILD_TEMPLATES,
         cache_dir: str | os.PathLike | None = None,
         seed: int = 0,
+        encoder: TextEncoder | None = None,
     ) -> "Vocabulary":
-        """Embed ``names`` with the CLIP text encoder, or read them from the disk cache."""
+        """Embed ``names`` with the CLIP text encoder, or read them from the disk cache.
+
+        ``encoder`` (e.g. a checkpoint's stored text tower) replaces ``clip_model`` / ``clip_pretrained``."""
         names = validate_names(names)
-        identity = clip_identity(clip_model, clip_pretrained, seed)
+        encoder = encoder if encoder is not None else TextEncoder(clip_model, clip_pretrained, seed=seed)
+        identity = encoder.identity
         key = hashlib.sha256(
             json.dumps({"clip": identity, "names": [clean_name(n) for n in names], "templates": list(templates)}).encode()
         ).hexdigest()
@@ -119,7 +115,7 @@ class Vocabulary:
                 return cls(tuple(names), cached["embeddings"], identity)
             except Exception:  # a corrupt cache entry is recomputed, never trusted
                 pass
-        clip, tokenizer = _text_model(clip_model, clip_pretrained, seed)
+        clip, tokenizer = encoder.load()
         embeddings = encode_names(clip, tokenizer, names, templates)
         vocab = cls(tuple(names), embeddings, identity)
         try:
