@@ -8,7 +8,8 @@ Portable (format version 2): nothing in the file depends on the machine that wro
 * Any other CLIP (a local directory, a weights file) is recorded as ``stored:<name>`` and its text tower
   is stored in the checkpoint (fp16, ``clip_text``), so a new vocabulary can be embedded anywhere.
 * The teacher (training only) is recorded by name, its embedding size by ``teacher_dim``: loading
-  never needs it. Other absolute paths (e.g. in ``extra``) are written relative to the working directory.
+  never needs it. Other absolute paths (e.g. data paths in ``extra``) are written relative to the
+  working directory when under it, else as ``local:<file name>``.
 
 Version 1 files (absolute paths) still load: shipped CLIPs are recognised by folder name and checksum,
 the teacher's size comes from the projector's weights.
@@ -46,8 +47,9 @@ def _portable_teacher(model: str, pretrained: str | None) -> tuple[str, str | No
 
 
 def _portable_path(value: Any) -> Any:
-    """Absolute paths inside ``value`` (nested dicts / lists): a shipped CLIP's folder -> ``gridclip:NAME``,
-    anything else -> relative to the working directory."""
+    """Absolute paths inside ``value`` (nested dicts / lists): a shipped CLIP's folder -> ``gridclip:NAME``;
+    a path under the working directory -> relative to it; any other -> ``local:<file name>`` (a record of
+    what it was; e.g. ``gridclip eval`` then needs ``--config`` to find that data)."""
     if isinstance(value, dict):
         return {k: _portable_path(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -58,9 +60,10 @@ def _portable_path(value: Any) -> Any:
             if name.startswith(BUILTIN_PREFIX):
                 return name
         try:
-            return os.path.relpath(value)
-        except ValueError:  # another drive (Windows)
-            return Path(value).name
+            relative = Path(value).resolve().relative_to(Path.cwd().resolve())
+        except ValueError:
+            return f"{LOCAL_PREFIX}{Path(value).name}"
+        return relative.as_posix()
     return value
 
 

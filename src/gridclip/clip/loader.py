@@ -218,7 +218,7 @@ def clip_identity(model: str, pretrained: str | None, seed: int = 0) -> str:
         directory = _local_dir_path(model)
         if not directory.is_dir():
             raise FileNotFoundError(f"CLIP model directory not found: {directory}")
-        label = model if model.startswith(BUILTIN_PREFIX) else f"local-dir:{directory.resolve().name}"
+        label = builtin_name_of(directory) or f"local-dir:{directory.resolve().name}"
         return f"{label}@{dir_digest(directory)}"
     if pretrained is None:
         return f"{model}:random(seed={seed},open_clip={open_clip.__version__})"
@@ -244,8 +244,10 @@ def is_portable(model: str, pretrained: str | None) -> bool:
     a shipped CLIP (``gridclip:NAME``), or an open_clip model name with a hub tag or random init."""
     if model.startswith(BUILTIN_PREFIX):
         return True
-    if model.startswith(STORED_PREFIX) or is_local_dir(model):
+    if model.startswith(STORED_PREFIX):
         return False
+    if is_local_dir(model):
+        return builtin_name_of(_local_dir_path(model)) is not None
     if pretrained is None:
         return True
     return not (pretrained.startswith(STORED_PREFIX) or os.path.sep in pretrained or os.path.exists(pretrained)
