@@ -22,6 +22,7 @@ import os
 import zipfile
 from pathlib import Path
 
+import open_clip
 import torch
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -34,8 +35,6 @@ STORED_PREFIX = "stored:"
 @functools.lru_cache(maxsize=None)
 def register_model_configs() -> None:
     """Make gridclip's own model configs (tiny CLIPs for the embedded world) known to open_clip."""
-    import open_clip
-
     if _CONFIG_DIR.is_dir() and any(_CONFIG_DIR.glob("*.json")):
         open_clip.add_model_config(_CONFIG_DIR)
 
@@ -99,8 +98,6 @@ def parse_clip_spec(spec: str) -> tuple[str, str | None]:
 
 def model_config(model: str) -> dict:
     """The open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) without building weights."""
-    import open_clip
-
     register_model_configs()
     _refuse_stored(model)
     if is_local_dir(model):
@@ -143,8 +140,6 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
 
     Random init (``pretrained=None`` and no local directory) is seeded without touching the global RNG.
     """
-    import open_clip
-
     register_model_configs()
     _refuse_stored(model)
     if pretrained is not None and pretrained.startswith(STORED_PREFIX):
@@ -184,8 +179,6 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
 
 
 def get_tokenizer(model: str):
-    import open_clip
-
     register_model_configs()
     _refuse_stored(model)
     if is_local_dir(model):
@@ -210,8 +203,6 @@ def clip_identity(model: str, pretrained: str | None, seed: int = 0) -> str:
     same identity; open_clip tags are immutable releases, so the tag itself identifies them; random init
     is identified by its seed and the open_clip version.
     """
-    import open_clip
-
     if model.startswith(STORED_PREFIX):
         return model
     if is_local_dir(model):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import open_clip
 import torch
+from open_clip.model import _build_text_tower
 from torch import nn
 
 from gridclip.clip.loader import clip_identity, get_tokenizer, load_clip, model_config
@@ -103,9 +105,6 @@ class TextEncoder:
 
 
 def _build_stored(stored: dict[str, Any]):
-    import open_clip
-    from open_clip.model import _build_text_tower
-
     cfg = stored["model_cfg"]
     text_cfg = dict(cfg["text_cfg"])
     with torch.random.fork_rng(devices=[]):  # the weights are overwritten: no draw from the caller's RNG
