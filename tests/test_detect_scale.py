@@ -160,3 +160,24 @@ def test_third_party_info_hidden_unless_verbose(capsys):
     root = logging.getLogger()
     for h in [h for h in root.handlers if h.get_name() == "gridclip-cli"]:
         root.removeHandler(h)
+
+
+def test_canvases_shift_boxes_and_list_absent_categories_as_negatives(tmp_path):
+    from gridclip.analysis.tiling import make_canvases
+
+    cats = [{"id": i, "name": f"c{i}", "frequency": "f"} for i in (1, 2, 3)]
+    images, anns = [], []
+    for i in range(5):
+        Image.fromarray(np.full((8, 10, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": 10, "height": 8})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1 + i % 2, "bbox": [1.0, 2.0, 3.0, 4.0], "area": 12.0})
+    (tmp_path / "gt.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    gt, canvases = make_canvases(tmp_path / "gt.json", tmp_path, grid=2, seed=0)
+    assert len(canvases) == 1 and canvases[0].shape == (3, 16, 20)  # 5 images: one whole 2 x 2 group
+    assert gt["images"][0]["neg_category_ids"] == [3]
+    for a in gt["annotations"]:
+        x, y = a["bbox"][:2]
+        col, row = int(x // 10), int(y // 8)
+        value = int(canvases[0][0, row * 8, col * 10])  # the source image's grey level
+        src = value // 40
+        assert (x - col * 10, y - row * 8) == (1.0, 2.0) and a["category_id"] == 1 + src % 2
