@@ -70,7 +70,8 @@ def _portable_path(value: Any) -> Any:
 def portable_model_config(cfg: dict, teacher_dim: int | None = None) -> dict:
     """A model config dict without machine paths (see module docstring)."""
     cfg = dict(cfg)
-    cfg["clip_model"], cfg["clip_pretrained"] = portable_clip_name(cfg["clip_model"], cfg["clip_pretrained"])
+    if cfg.get("clip_model"):
+        cfg["clip_model"], cfg["clip_pretrained"] = portable_clip_name(cfg["clip_model"], cfg.get("clip_pretrained"))
     if cfg.get("teacher_model"):
         cfg["teacher_model"], cfg["teacher_pretrained"] = _portable_teacher(cfg["teacher_model"],
                                                                             cfg.get("teacher_pretrained"))
