@@ -165,3 +165,23 @@ def test_missing_text_encoder_is_named_in_one_line_and_can_be_supplied(tmp_path)
     loaded.set_text_encoder(str(builtin_clip_dir("shapes-RN-tiny"))).set_vocabulary(NEW_NAMES, cache_dir=tmp_path / "c3")
     model.set_vocabulary(NEW_NAMES, cache_dir=tmp_path / "c4")
     assert same(loaded.predict(image())[0], model.predict(image())[0])
+
+
+def test_detect_names_a_missing_text_encoder_and_takes_it_with_clip(tmp_path, capsys):
+    from gridclip.cli import main
+
+    model = shipped_model(tmp_path)
+    gone = str(tmp_path / "was_here" / "my-clip")
+    data = v1_checkpoint(model, gone, gone)
+    torch.save(data, tmp_path / "v1.pt")
+    from PIL import Image
+
+    Image.fromarray(image()).save(tmp_path / "a.png")
+    base = ["detect", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "v1.pt"), "--no-draw"]
+    assert main([*base, "--out", str(tmp_path / "stored")]) == 0  # the stored vocabulary detects
+    capsys.readouterr()
+    assert main([*base, "--vocab", "purple thing", "--out", str(tmp_path / "new")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "my-clip" in err[0] and "--clip" in err[0], err
+    rc = main([*base, "--vocab", "purple thing", "--clip", "gridclip:shapes-RN-tiny", "--out", str(tmp_path / "new")])
+    assert rc == 0
