@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_train import subprocess_env
+from helpers import subprocess_env
 
 from gridclip.cli import main
 from gridclip.engine.outputs import from_hf, from_supervision, to_hf, to_supervision

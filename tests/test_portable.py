@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_train import one_thread, tiny_config  # noqa: F401
+from helpers import tiny_config
 
 import gridclip
 from gridclip.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint
@@ -35,7 +35,7 @@ def pickled_bytes(path) -> bytes:
         return b"".join(zf.read(n) for n in zf.namelist() if n.endswith(".pkl"))
 
 
-def test_checkpoint_trained_in_a_deleted_folder_still_detects_new_names(tmp_path):
+def test_checkpoint_trained_in_a_deleted_folder_still_detects_new_names(tmp_path, one_thread):
     """Train with local CLIP directories inside a folder, move model.pt out, delete the folder: the
     checkpoint still loads and detects a new vocabulary, identically to before the deletion."""
     from gridclip.engine.train import train

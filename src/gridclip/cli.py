@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "export to ONNX"),
     "serve": ("serve", "web demo (Gradio)"),
     "bench": ("bench", "speed and memory benchmarks"),
+    "configs": ("configs", "the paper's configs shipped in the package (--config NAME)"),
     "analyze": ("analyze", "AP-vs-frequency and CLIP recall@k analyses"),
 }
 

@@ -46,7 +46,7 @@ DEMO_VARIANTS = ("GridCLIP", "grid only", "FCOS w/o align")
 
 def demo_config(world: Path, clip_dir: Path, teacher_dir: Path, out_dir: Path, iters: int):
     """The shape-world training config (also written to OUT/config.yaml): tiny CLIP, 128 px images."""
-    cfg = load_config(Path(__file__).parent / "configs" / "shapes_demo.yaml")
+    cfg = load_config("shapes_demo")  # the packaged gridclip/configs/shapes_demo.yaml
     # the shipped CLIPs by package name (gridclip:NAME), so configs and checkpoints hold no machine path
     cfg.model.clip_model, cfg.model.clip_pretrained = builtin_name_of(clip_dir) or str(clip_dir), None
     cfg.model.teacher_model, cfg.model.teacher_pretrained = builtin_name_of(teacher_dir) or str(teacher_dir), None
