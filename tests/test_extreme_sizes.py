@@ -3,8 +3,6 @@ resize never yields a zero side, boxes are in original pixels inside the image, 
 already handles are transformed bit-identically to torchvision."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,11 +12,7 @@ from gridclip.config import load_config
 from gridclip.engine.predict import predict
 from gridclip.model.transform import resized_size
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {
-    "demo": REPO / "src" / "gridclip" / "configs" / "shapes_demo.yaml",
-    "lvis": REPO / "configs" / "lvis_r50.yaml",
-}
+CONFIGS = {"demo": "shapes_demo", "lvis": "lvis_r50"}  # packaged configs (gridclip/configs/*.yaml)
 
 
 def sizes_of(name: str) -> tuple[int, int]:

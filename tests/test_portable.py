@@ -78,7 +78,7 @@ def test_shipped_clip_is_named_and_resolved_from_the_package(make_tiny_detector,
     from gridclip import GridCLIP
     from gridclip.config import load_config
 
-    cfg = load_config(builtin_clip_dir("shapes-RN-tiny").parents[2] / "configs" / "shapes_demo.yaml").model
+    cfg = load_config("shapes_demo").model
     cfg.clip_model, cfg.clip_pretrained = str(builtin_clip_dir("shapes-RN-tiny")), None  # an absolute path
     cfg.teacher_model, cfg.teacher_pretrained = str(builtin_clip_dir("shapes-ViT-tiny")), None
     torch.manual_seed(0)
