@@ -162,6 +162,8 @@ def test_missing_text_encoder_is_named_in_one_line_and_can_be_supplied(tmp_path)
     assert loaded.class_names == ("red star", "blue ring")  # unchanged
     with pytest.raises(ValueError, match="dimension"):
         loaded.set_text_encoder("RN50-quickgelu")  # a 1024-d text tower
+    save_checkpoint(tmp_path / "resaved.pt", loaded)  # cannot store the missing tower, but writes no path
+    assert str(tmp_path).encode() not in pickled_bytes(tmp_path / "resaved.pt")
     loaded.set_text_encoder(str(builtin_clip_dir("shapes-RN-tiny"))).set_vocabulary(NEW_NAMES, cache_dir=tmp_path / "c3")
     model.set_vocabulary(NEW_NAMES, cache_dir=tmp_path / "c4")
     assert same(loaded.predict(image())[0], model.predict(image())[0])

@@ -199,9 +199,11 @@ def migrate(data: dict) -> dict:
     old_clip = cfg.get("clip_model")
     cfg["clip_model"] = _migrate_clip_name(cfg.get("clip_model"), identity)
     cfg["teacher_model"] = _migrate_clip_name(cfg.get("teacher_model"), None)
-    if cfg["clip_model"] != old_clip and cfg["clip_model"].startswith(BUILTIN_PREFIX) and identity:
-        match = _V1_LOCAL_IDENTITY.match(identity)
-        data["clip_identity"] = f"{cfg['clip_model']}@{match['digest']}" if match else identity
+    match = _V1_LOCAL_IDENTITY.match(identity or "")
+    if match:  # the identity named the folder by its absolute path: by its name now (same digest)
+        label = cfg["clip_model"] if cfg["clip_model"] != old_clip and cfg["clip_model"].startswith(BUILTIN_PREFIX) \
+            else f"local-dir:{Path(match['path']).name}"
+        data["clip_identity"] = f"{label}@{match['digest']}"
     data["config"] = cfg
     data["clip_text_source"] = [cfg["clip_model"], cfg.get("clip_pretrained")]
     data["clip_text"] = None

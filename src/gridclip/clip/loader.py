@@ -205,7 +205,7 @@ def clip_identity(model: str, pretrained: str | None, seed: int = 0) -> str:
     """
     if model.startswith(STORED_PREFIX):
         return model
-    if is_local_dir(model):
+    if is_local_dir(model) or os.path.isabs(model):
         directory = _local_dir_path(model)
         if not directory.is_dir():
             raise FileNotFoundError(f"CLIP model directory not found: {directory}")
@@ -237,7 +237,7 @@ def is_portable(model: str, pretrained: str | None) -> bool:
         return True
     if model.startswith(STORED_PREFIX):
         return False
-    if is_local_dir(model):
+    if is_local_dir(model) or os.path.isabs(model):  # a folder, also one that is not (or no longer) here
         return builtin_name_of(_local_dir_path(model)) is not None
     if pretrained is None:
         return True
@@ -251,7 +251,7 @@ def portable_clip_name(model: str, pretrained: str | None) -> tuple[str, str | N
     tower then has to travel inside the checkpoint); open_clip names and tags are kept."""
     if model.startswith((BUILTIN_PREFIX, STORED_PREFIX)):
         return model, pretrained
-    if is_local_dir(model):
+    if is_local_dir(model) or os.path.isabs(model):
         directory = _local_dir_path(model)
         builtin = builtin_name_of(directory)
         return (builtin, None) if builtin else (f"{STORED_PREFIX}{directory.name}", None)
