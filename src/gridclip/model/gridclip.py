@@ -24,6 +24,7 @@ from torchvision.models.detection.fcos import FCOS
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 from gridclip.clip.loader import load_clip, model_config
+from gridclip.clip.text import TextEncoder
 from gridclip.clip.vocabulary import Vocabulary, parse_vocabulary
 from gridclip.config import GridCLIPConfig
 from gridclip.model import inference
@@ -31,6 +32,7 @@ from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_ma
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
 from gridclip.model.predict import predict as predict_images
+from gridclip.model.transform import DetectionTransform
 
 CLIP_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
 CLIP_STD = tuple(open_clip.OPENAI_DATASET_STD)
@@ -44,8 +46,9 @@ def build_clip_trunk(clip_model: str, clip_pretrained: str | None, load_weights:
 
     Random init draws from the global RNG exactly as open_clip's CLIP builds its image tower. With
     weights, ``load_clip`` (any source: tag, file, local directory) provides them and the trunk that
-    receives them is built without further draws from the global RNG. ``clip_config`` (the open_clip model config) avoids looking the
-    model up, e.g. when a checkpoint built on a local CLIP directory is loaded on a machine without it.
+    receives them is built without further draws from the global RNG. ``clip_config`` (the open_clip model
+    config) avoids looking the model up, e.g. when a checkpoint built on a local CLIP directory is loaded on
+    a machine without it.
     """
     cfg = clip_config if clip_config is not None else model_config(clip_model)
     if not isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)):
@@ -154,6 +157,8 @@ class GridCLIP(FCOS):
             score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
             topk_candidates=cfg.topk_candidates,
         )
+        # every image with both sides >= 1 px, whatever min_size / max_size (see model/transform.py)
+        self.transform = DetectionTransform(cfg.min_size, cfg.max_size, list(CLIP_MEAN), list(CLIP_STD))
         if cfg.freeze_bn:
             freeze_batch_norm_2d(self.backbone.trunk)
         self.projector = None
@@ -166,6 +171,8 @@ class GridCLIP(FCOS):
         # bf16 pass/fail matmul for large levels x vocabularies on CPUs with native bf16 (see scoring.py);
         # detections are unchanged: the passing pairs are re-scored in fp32.
         self.fast_scoring_pass = True
+        # the text tower that embeds new class names (a plain attribute: not part of the detector's weights)
+        self.text_encoder = TextEncoder(cfg.clip_model, cfg.clip_pretrained)
         self.vocabulary: Vocabulary | None = None
         self.class_names: tuple[str, ...] = ()
         self._inference: inference.InferenceForm | None = None  # set by optimize_for_inference
@@ -188,7 +195,8 @@ class GridCLIP(FCOS):
         if isinstance(vocabulary, Tensor):
             vocabulary = Vocabulary.from_tensor(vocabulary)
         elif not isinstance(vocabulary, Vocabulary):
-            vocabulary = Vocabulary.from_names(vocabulary, self.cfg.clip_model, self.cfg.clip_pretrained, cache_dir=cache_dir)
+            vocabulary = Vocabulary.from_names(vocabulary, self.cfg.clip_model, self.cfg.clip_pretrained,
+                                               cache_dir=cache_dir, encoder=self.text_encoder)
         if vocabulary.dim != self.clip_dim:
             raise ValueError(
                 f"vocabulary embedding dimension {vocabulary.dim} does not match the model's CLIP embedding "
@@ -196,6 +204,17 @@ class GridCLIP(FCOS):
         self.head.classification_head.set_text_embeddings(vocabulary.embeddings)
         self.vocabulary = vocabulary
         self.class_names = vocabulary.names
+        return self
+
+    def set_text_encoder(self, clip_model: str | TextEncoder, clip_pretrained: str | None = None) -> "GridCLIP":
+        """Embed new class names with another copy of this model's CLIP: an open_clip name + pretrained tag
+        or file, a local open_clip directory or ``gridclip:NAME`` (e.g. when a checkpoint's CLIP is missing)."""
+        encoder = clip_model if isinstance(clip_model, TextEncoder) else TextEncoder(clip_model, clip_pretrained)
+        dim = model_config(encoder.model)["embed_dim"] if encoder.stored is None else encoder.stored["model_cfg"]["embed_dim"]
+        if dim != self.clip_dim:
+            raise ValueError(f"CLIP '{encoder.description}' embeds text in {dim} dimensions; this model's CLIP "
+                             f"embedding dimension is {self.clip_dim}")
+        self.text_encoder = encoder
         return self
 
     @property
