@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gridclip.engine.clip_pretrain import shipped_model_dir
+from gridclip.clip.loader import BUILTIN_PREFIX, builtin_clip_dir, builtin_name_of
 from gridclip.config import Config, config_to_dict, load_config
+from gridclip.engine.clip_pretrain import shipped_model_dir
 
 STUDY_VERSION = 1  # bump when a change to the runner changes what a cached result means
 CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "shapes_demo.yaml"
@@ -108,8 +109,10 @@ def run_config(spec: StudySpec, world_dir: str | Path, variant: str, seed: int, 
     (world paths, tiny CLIP and teacher), the spec's overrides, the variant's switches, seed, length."""
     world = Path(world_dir)
     cfg = load_config(CONFIG_PATH, list(spec.overrides))
+    # shipped CLIPs by package name (gridclip:NAME), as ``gridclip demo`` does: no machine paths
     clip = spec.clip_model or str(shipped_model_dir("rn"))
     teacher = spec.teacher_model or str(shipped_model_dir("vit"))
+    clip, teacher = builtin_name_of(clip) or clip, builtin_name_of(teacher) or teacher
     cfg.model.clip_model, cfg.model.clip_pretrained = clip, None
     cfg.model.teacher_model, cfg.model.teacher_pretrained = teacher, None
     cfg.data.train_json, cfg.data.train_images = str(world / "det_train.json"), str(world / "det_train" / "images")
@@ -144,7 +147,10 @@ def _file_digest(path: Path, cache: dict[str, str]) -> str:
 
 def model_digest(model: str, cache: dict[str, str]) -> str | None:
     """sha256 of a local CLIP dir's weights and config (None for a named open_clip model)."""
-    d = Path(model[len("local-dir:"):] if model.startswith("local-dir:") else model)
+    if model.startswith(BUILTIN_PREFIX):
+        d = builtin_clip_dir(model)
+    else:
+        d = Path(model[len("local-dir:"):] if model.startswith("local-dir:") else model)
     if not d.is_dir():
         return None
     return hashlib.sha256("".join(_file_digest(p, cache) for p in sorted(d.iterdir()) if p.is_file()).encode()).hexdigest()
