@@ -36,6 +36,7 @@ def checkpoint_dict(model: GridCLIP, extra: dict | None = None) -> dict:
         "config": config_to_dict(model.cfg),
         "clip_config": model.clip_config,
         "clip_identity": clip_identity(model.cfg.clip_model, model.cfg.clip_pretrained),
+        "teacher_config": getattr(model, "teacher_config", None),  # the peers' target CLIP (gridclip.baselines)
         "state_dict": state,
         "vocabulary": vocab,
         "extra": extra or {},
@@ -75,7 +76,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def model_from_checkpoint(data: dict, source: str = "checkpoint") -> GridCLIP:
     cfg: GridCLIPConfig = config_from_dict(data["config"], GridCLIPConfig, f"{source}:config")
-    model = GridCLIP(cfg, load_clip_weights=False, clip_config=data.get("clip_config"))
+    if cfg.arch != "gridclip":  # ViLD / CLIP on crops
+        from gridclip.baselines import build_peer
+
+        model = build_peer(cfg, load_clip_weights=False, clip_config=data.get("clip_config"),
+                           teacher_config=data.get("teacher_config"))
+    else:
+        model = GridCLIP(cfg, load_clip_weights=False, clip_config=data.get("clip_config"))
     missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -224,6 +224,13 @@ class Trainer:
         model = build_model(cfg)
         model.set_vocabulary(self.dataset.category_names)
         self.vocabulary = model.vocabulary
+        if getattr(model, "needs_region_cache", False):  # ViLD-image: targets carry precomputed regions
+            from gridclip.baselines.region_cache import RegionCache, RegionTargets
+
+            if not t.region_cache:
+                raise ValueError("train.region_cache: ViLD-image needs the file of gridclip precompute-regions "
+                                 "(or set model.peers.image_distill=false for ViLD-text)")
+            self.dataset = RegionTargets(self.dataset, RegionCache.load(t.region_cache, cfg.model))
         # multi-scale training through the model's transform (see module docstring)
         model.transform.min_size = tuple(int(s) for s in cfg.data.train_min_sizes)
         model.transform.max_size = int(cfg.data.train_max_size)

@@ -1,4 +1,5 @@
 """The GridCLIP detector and its parts."""
+from gridclip.config import check_arch
 from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool
 from gridclip.model.gridclip import GridCLIP, GridCLIPBackbone, image_projector
 from gridclip.model.head import CLIPClassificationHead
@@ -9,6 +10,12 @@ __all__ = ["CLIPClassificationHead", "CLIPResNetTrunk", "CLIPTeacher", "GridAtte
 
 
 def build_model(cfg, *, load_clip_weights: bool = True) -> GridCLIP:
-    """Assemble the detector from a :class:`~gridclip.config.GridCLIPConfig` (or a full ``Config``)."""
+    """Assemble the detector from a :class:`~gridclip.config.GridCLIPConfig` (or a full ``Config``):
+    GridCLIP, or a peer of :mod:`gridclip.baselines` when ``model.arch`` is ``vild`` / ``clip_crops``."""
     model_cfg = getattr(cfg, "model", cfg)
+    check_arch(model_cfg.arch)
+    if model_cfg.arch != "gridclip":
+        from gridclip.baselines import build_peer  # in-function: gridclip.baselines imports this package
+
+        return build_peer(model_cfg, load_clip_weights=load_clip_weights)
     return GridCLIP(model_cfg, load_clip_weights=load_clip_weights)
