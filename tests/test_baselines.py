@@ -76,6 +76,7 @@ def test_vild_region_classifier_equals_reference():
     torch.testing.assert_close(box_loss, ref_box, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # ~35 CPU-s
 def test_vild_overfits_two_images(tiny_clip_names):
     """ViLD-text + ViLD-image on two images: every box found with the right label (IoU > 0.5), and the
     distillation loss falls. Proves the label shift, losses, class-agnostic regression and RoI pooling."""
@@ -95,7 +96,7 @@ def test_vild_overfits_two_images(tiny_clip_names):
     distill = []
     for _ in range(150):
         losses = model(images, targets)
-        distill.append(float(losses["loss_distill"]))
+        distill.append(float(losses["loss_distill"].detach()))
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
@@ -160,7 +161,7 @@ def test_clip_on_crops_with_ground_truth_boxes_is_clips_zero_shot():
         feats = F.normalize(clip.encode_image((torch.stack(crops) - mean) / std), dim=-1)
         reference = (feats @ classifier).argmax(1)
     ref_acc, our_acc = (reference == labels).float().mean(), (ours == labels).float().mean()
-    assert ref_acc > 0.3  # the shipped CLIP does classify the world's objects
+    assert ref_acc > 4 / len(names), float(ref_acc)  # well above chance: the shipped CLIP classifies the objects
     assert (ours == reference).float().mean() >= 0.9
     assert abs(float(our_acc - ref_acc)) <= 1 / len(labels) + 1e-6, (float(our_acc), float(ref_acc))
     # the detector path: ground-truth boxes as proposals with objectness 1 keep each box's top class
@@ -224,10 +225,15 @@ def test_region_precompute_is_cached_and_refuses_another_clips_cache(tiny_root, 
     assert (target["labels"] >= 0).all() and len(target["boxes"]) == len(target["labels"])
 
 
-@pytest.mark.parametrize("arch", ["vild", "clip_crops"])
-def test_trainer_checkpoint_and_evaluation_run_the_peers(tiny_root, tmp_path, arch):
-    """model.arch switches build_model; the training loop, model.pt and run_inference work unchanged."""
+@pytest.mark.parametrize("arch, distill", [("vild", False), ("vild", True), ("clip_crops", False)])
+def test_trainer_checkpoint_and_evaluation_run_the_peers(tiny_root, tmp_path, arch, distill):
+    """model.arch switches build_model; the training loop (with region targets for ViLD-image), model.pt
+    and run_inference work unchanged."""
+    from gridclip.baselines.crops import CLIPRegionEncoder
+    from gridclip.baselines.region_cache import precompute_regions
     from gridclip.checkpoint import load_checkpoint
+    from gridclip.data.datasets import DetectionDataset, load_train_annotations
+    from gridclip.data.transforms import eval_transforms
     from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
     from gridclip.engine.train import train
 
@@ -235,8 +241,14 @@ def test_trainer_checkpoint_and_evaluation_run_the_peers(tiny_root, tmp_path, ar
     cfg.model.arch = arch
     cfg.model.peers.anchor_sizes = (8, 16, 32, 64, 128)
     cfg.model.peers.box_head_dim = 32
-    cfg.model.peers.image_distill = False
+    cfg.model.peers.image_distill = distill
+    if distill:
+        data = DetectionDataset(load_train_annotations(cfg.data), transforms=eval_transforms())
+        encoder, _ = CLIPRegionEncoder.build(cfg.model.teacher_model, None, cfg.model.peers.crop_scales)
+        precompute_regions(tmp_path / "regions.pt", _FixedProposer(), encoder, data, cfg.model, "fixed")
+        cfg.train.region_cache = str(tmp_path / "regions.pt")
     summary = train(cfg, tmp_path / "run", max_iters=2, progress=False)
+    assert ("loss_distill" in summary["losses"]) == distill
     model = load_checkpoint(summary["model"])
     assert type(model).__name__ == {"vild": "ViLD", "clip_crops": "CLIPOnCrops"}[arch]
     val = build_eval_dataset(cfg.data)

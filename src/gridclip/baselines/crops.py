@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import boxes as box_ops
 
 from gridclip.clip.loader import load_clip, model_config
@@ -78,7 +79,7 @@ class CLIPRegionEncoder(nn.Module):
         cfg = clip_config if clip_config is not None else model_config(model)
         if load_weights:
             clip = load_clip(model, pretrained)
-            visual, logit_scale = clip.visual, float(clip.logit_scale.exp())
+            visual, logit_scale = clip.visual, float(clip.logit_scale.detach().exp())
         else:
             from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
@@ -127,7 +128,7 @@ class CLIPOnCrops(nn.Module):
         parts = faster_rcnn_parts(cfg, load_clip_weights=load_clip_weights, clip_config=clip_config)
         # the proposals: every class-agnostic detection above a tiny objectness, NMS 0.5 as ViLD's
         parts.update(box_score_thresh=1e-3, box_detections_per_img=p.crop_proposals)
-        self.proposer = FasterRCNN(num_classes=2, **parts)
+        self.proposer = FasterRCNN(box_predictor=FastRCNNPredictor(p.box_head_dim, 2), **parts)  # background, object
         self.teacher_config = teacher_config if teacher_config is not None else model_config(cfg.teacher_model)
         self.encoder, logit_scale = CLIPRegionEncoder.build(cfg.teacher_model, cfg.teacher_pretrained, p.crop_scales,
                                                             load_weights=load_clip_weights, clip_config=self.teacher_config)
