@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("gridclip.engine.train:cli", "train GridCLIP from a YAML config"),
     "eval": ("gridclip.engine.evaluate:cli", "evaluate a checkpoint, or score a COCO-format results file"),
     "cache-teacher": ("gridclip.engine.teacher_cache:cli", "precompute teacher image embeddings"),
+    "precompute-regions": ("gridclip.commands.precompute_regions:main", "ViLD-image: CLIP embeddings of proposal crops"),
     "detect": ("gridclip.engine.predict:cli", "detect objects in images with any vocabulary"),
     "export": ("gridclip.export:cli", "export to ONNX"),
     "serve": ("gridclip.serve:cli", "web demo (Gradio)"),

@@ -1,0 +1,190 @@
+"""GridCLIP and its peers on the embedded world (paper Tables 1-2, issue 13), same data, seeds and evaluation.
+
+    python benchmarks/peers_world.py --out runs/peers --seeds 0 1 2           # train + evaluate (resumable)
+    python benchmarks/peers_world.py --out runs/peers --report docs/peers_results.md   # tables from results.json
+
+Per seed, in order: GridCLIP (the demo's config), CLIP on cropped regions (its class-agnostic proposer is
+trained here), ViLD-text, and ViLD (text + image: the same seed's proposer, `precompute-regions`, then
+training). Every detector trains ``--iters`` iterations of batch 16 on the base boxes and is evaluated
+LVIS-style on the val split with all categories (AP_r = novel), as `gridclip demo`.
+
+Cost (Table 2): CPU-seconds of this process (``time.process_time``, all threads) for training, and for
+ViLD also its proposer's training and the region precompute; inference as images per CPU-second and
+per wall-second over the val split (batch 16; the machine is shared, so CPU time is the steadier one);
+parameters used at inference. Every run is stored in OUT/results.json as it finishes; a rerun skips done ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+METHODS = ("clip_crops", "vild_text", "vild", "gridclip")
+LABELS = {"clip_crops": "CLIP on cropped regions", "vild_text": "ViLD-text", "vild": "ViLD (text + image)",
+          "gridclip": "GridCLIP"}
+PAPER = {  # paper Table 1 (LVIS v1 val, mask AP for the peers) and Table 2
+    "clip_crops": {"APr": 19.5, "APc": 19.7, "APf": 17.0, "AP": 18.6},
+    "vild": {"APr": 16.3, "APc": 21.2, "APf": 31.6, "AP": 24.4, "params_m": 60.5, "gpu_hours": 3064, "fps": 3.3},
+    "gridclip": {"APr": 15.0, "APc": 22.7, "APf": 32.5, "AP": 25.2, "params_m": 56.4, "gpu_hours": 70, "fps": 19.5},
+}
+
+
+def _config(world: Path, run_dir: Path, method: str, seed: int, iters: int):
+    from gridclip.config import GridCLIPConfig, config_from_dict, config_to_dict
+    from gridclip.demo import ASSETS, CLIP_NAME, TEACHER_NAME, demo_config
+
+    cfg = demo_config(world, ASSETS / CLIP_NAME, ASSETS / TEACHER_NAME, run_dir, iters)
+    cfg.train.seed = seed
+    if method != "gridclip":
+        peers = yaml.safe_load((Path(__file__).resolve().parents[1] / "src/gridclip/configs/shapes_peers.yaml").read_text())["model"]
+        model = config_to_dict(cfg.model)
+        model["peers"].update(peers.pop("peers", {}))
+        model.update(peers)
+        model["arch"] = "vild" if method.startswith("vild") else "clip_crops"
+        model["peers"]["image_distill"] = method == "vild"
+        cfg.model = config_from_dict(model, GridCLIPConfig, "shapes_peers.yaml")
+    return cfg
+
+
+def _evaluate(model, cfg) -> dict:
+    import torch
+
+    from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
+
+    val = build_eval_dataset(cfg.data)
+    model.set_vocabulary(val.category_names)
+    wall, cpu = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        results = run_inference(model, val, batch_size=16)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    metrics = evaluate(cfg.data.val_json, results, style="lvis", max_dets=cfg.eval.max_dets).metrics
+    return {**{k: metrics[k] for k in ("AP", "AP50", "APr", "APc", "APf")}, "infer_images": len(val),
+            "infer_cpu_s": cpu, "infer_wall_s": wall}
+
+
+def run_one(out: Path, world: Path, method: str, seed: int, iters: int) -> dict:
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.engine.train import train
+
+    run_dir = out / f"{method}_s{seed}"
+    cfg = _config(world, run_dir, method, seed, iters)
+    record: dict = {"method": method, "seed": seed, "iters": iters}
+    if method == "vild":  # ViLD-image: the proposer (= CLIP on crops of this seed) and the precompute
+        from gridclip.commands.precompute_regions import main as precompute
+
+        done = json.loads((out / "results.json").read_text())
+        proposer = done.get(f"clip_crops/{seed}")
+        if proposer is None:
+            raise ValueError(f"vild seed {seed} needs clip_crops seed {seed} first (its proposer)")
+        regions = run_dir / "regions.pt"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = run_dir / "config.yaml"
+        from gridclip.config import save_config
+
+        save_config(cfg, cfg_path)
+        precompute(["--config", str(cfg_path), "--proposer", str(out / f"clip_crops_s{seed}" / "model.pt"),
+                    "--out", str(regions), "--device", "cpu"])
+        from gridclip.baselines import RegionCache
+
+        cost = RegionCache.read(regions).cost
+        record.update(proposer_cpu_s=proposer["train_cpu_s"], precompute_cpu_s=cost["cpu_s"],
+                      precompute_wall_s=cost["wall_s"], regions=cost["regions"])
+        cfg.train.region_cache = str(regions)
+    wall, cpu = time.perf_counter(), time.process_time()
+    summary = train(cfg, run_dir, progress=False)
+    record.update(train_cpu_s=time.process_time() - cpu, train_wall_s=time.perf_counter() - wall)
+    record["total_train_cpu_s"] = record["train_cpu_s"] + record.get("proposer_cpu_s", 0) + record.get("precompute_cpu_s", 0)
+    model = load_checkpoint(summary["model"])
+    record["params"] = model.inference_parameter_count()
+    record.update(_evaluate(model.optimize_for_inference(), cfg))
+    return record
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def report(results: dict) -> str:
+    by = {m: [r for r in results.values() if r["method"] == m] for m in METHODS}
+    lines = ["### Table 1 on the embedded world (box AP x100, mean ± sd over seeds; per-seed values in brackets)", "",
+             "| detector | seeds | AP | AP_r (novel) | AP_c | AP_f | paper AP_r / AP_c / AP_f / AP |", "|---|---|---|---|---|---|---|"]
+    for m in METHODS:
+        rs = sorted(by[m], key=lambda r: r["seed"])
+        if not rs:
+            continue
+        cells = []
+        for k in ("AP", "APr", "APc", "APf"):
+            vals = [100 * r[k] for r in rs]
+            cells.append(f"{_mean_sd(vals)} [{', '.join(f'{v:.1f}' for v in vals)}]")
+        p = PAPER.get(m)
+        paper = " / ".join(str(p[k]) for k in ("APr", "APc", "APf", "AP")) if p else "-"
+        lines.append(f"| {LABELS[m]} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + f" | {paper} |")
+    lines += ["", "### Table 2 on the embedded world (CPU, shared 2-core machine; mean over seeds)", "",
+              "| detector | inference params (M) | training CPU-s (total) | of which proposer + precompute | "
+              "inference images / CPU-s | images / wall-s |", "|---|---|---|---|---|---|"]
+    for m in METHODS:
+        rs = by[m]
+        if not rs:
+            continue
+        extra = [r.get("proposer_cpu_s", 0) + r.get("precompute_cpu_s", 0) for r in rs]
+        lines.append(f"| {LABELS[m]} | {rs[0]['params'] / 1e6:.2f} | {_mean_sd([r['total_train_cpu_s'] for r in rs])} | "
+                     f"{_mean_sd(extra) if any(extra) else '-'} | "
+                     f"{_mean_sd([r['infer_images'] / r['infer_cpu_s'] for r in rs])} | "
+                     f"{_mean_sd([r['infer_images'] / r['infer_wall_s'] for r in rs])} |")
+    g, v = by["gridclip"], by["vild"]
+    if g and v:
+        cost = statistics.mean(r["total_train_cpu_s"] for r in v) / statistics.mean(r["total_train_cpu_s"] for r in g)
+        speed = statistics.mean(r["infer_images"] / r["infer_cpu_s"] for r in g) / statistics.mean(r["infer_images"] / r["infer_cpu_s"] for r in v)
+        lines += ["", f"Ratios GridCLIP vs ViLD (text + image): training cost ViLD / GridCLIP = {cost:.2f}x (paper: 43x); "
+                  f"inference speed GridCLIP / ViLD = {speed:.2f}x per CPU-second (paper: 5x)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/peers")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--iters", type=int, default=400)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU-seconds comparable across runs)")
+    p.add_argument("--report", help="write the tables (Markdown) to this file instead of training")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    if a.report:
+        Path(a.report).write_text(report(results))
+        print(report(results))
+        return 0
+    import torch
+
+    from gridclip.data.shapes import make_world
+    from gridclip.utils.atomic import atomic_write_json
+
+    torch.set_num_threads(a.threads)
+    world = make_world(out / "world", seed=0, size="default").root
+    for seed in a.seeds:
+        for method in a.methods:
+            key = f"{method}/{seed}"
+            if key in results:
+                continue
+            print(f"[peers] {key}", flush=True)
+            results[key] = run_one(out, world, method, seed, a.iters)
+            atomic_write_json(path, results)
+            print(f"[peers] {key}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in results[key].items()), flush=True)
+    print(report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

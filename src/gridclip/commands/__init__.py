@@ -1,0 +1,1 @@
+"""Command-line commands: argparse, file I/O and exit codes; one module per command, ``main(argv) -> int``."""
