@@ -137,7 +137,7 @@ def test_clip_on_crops_with_ground_truth_boxes_is_clips_zero_shot():
     from torchvision.transforms.functional import to_tensor
 
     from gridclip.clip.prompts import VILD_TEMPLATES
-    from gridclip.clip.pretrain import shipped_model_dir
+    from gridclip.engine.clip_pretrain import shipped_model_dir
 
     rn, vit = str(shipped_model_dir("rn")), str(shipped_model_dir("vit"))
     cfg = GridCLIPConfig(arch="clip_crops", clip_model=rn, clip_pretrained=None, teacher_model=vit,

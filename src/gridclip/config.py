@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from gridclip.utils.atomic import atomic_open
+
 
 ARCHS = ("gridclip", "vild", "clip_crops")
 
@@ -305,7 +307,7 @@ def _read_yaml_chain(path: Path, seen: tuple) -> dict:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    from gridclip.utils.atomic import atomic_open
+
 
     with atomic_open(path, "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
