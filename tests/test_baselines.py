@@ -256,6 +256,14 @@ def test_trainer_checkpoint_and_evaluation_run_the_peers(tiny_root, tmp_path, ar
     results = run_inference(model, val, batch_size=4)
     metrics = evaluate(cfg.data.val_json, results, style="lvis").metrics
     assert set(metrics) >= {"AP", "APr", "APc", "APf"}
+    if not distill:  # `gridclip eval --checkpoint` runs the peer's model.pt as GridCLIP's
+        from gridclip.cli import main
+        from gridclip.config import save_config
+
+        save_config(cfg, tmp_path / "config.yaml")
+        assert main(["eval", "--checkpoint", summary["model"], "--config", str(tmp_path / "config.yaml"),
+                     "--out", str(tmp_path / "eval")]) == 0
+        assert (tmp_path / "eval" / "metrics.json").is_file()
 
 
 def test_bad_arch_is_a_clear_error():
