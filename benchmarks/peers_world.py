@@ -40,6 +40,7 @@ def _config(world: Path, run_dir: Path, method: str, seed: int, iters: int):
 
     cfg = demo_config(world, ASSETS / CLIP_NAME, ASSETS / TEACHER_NAME, run_dir, iters)
     cfg.train.seed = seed
+    cfg.train.warmup_iters = min(cfg.train.warmup_iters, iters // 5)  # short schedules: warmup <= 20 % of the run
     if method != "gridclip":
         peers = yaml.safe_load((Path(__file__).resolve().parents[1] / "src/gridclip/configs/shapes_peers.yaml").read_text())["model"]
         model = config_to_dict(cfg.model)
