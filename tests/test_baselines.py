@@ -271,3 +271,21 @@ def test_bad_arch_is_a_clear_error():
 
     with pytest.raises(ValueError, match="model.arch: expected one of gridclip, vild, clip_crops"):
         config_from_dict({"model": {"arch": "detr"}})
+
+
+def test_peers_share_the_frozen_clip_trunk_and_its_lr_group(tiny_clip_names):
+    """The peers' trunk is CLIP's (frozen BN, the backbone lr group); CLIP on crops' CLIP never trains."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from gridclip.model import build_model
+
+    vild = build_model(_peer_cfg(tiny_clip_names, "vild"))
+    crops = build_model(_peer_cfg(tiny_clip_names, "clip_crops"))
+    for model, trunk in ((vild, vild.backbone.body), (crops, crops.proposer.backbone.body)):
+        norms = [m for m in trunk.modules() if "BatchNorm" in type(m).__name__]
+        assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)
+        clip = model.clip_parameter_names()
+        assert clip and clip == {n for n, _ in model.named_parameters() if ".body." in n}
+    assert not any(p.requires_grad for p in crops.encoder.parameters())
+    crops.train()
+    assert not crops.encoder.training and crops.proposer.training
