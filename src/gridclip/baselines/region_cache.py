@@ -37,10 +37,19 @@ from gridclip.utils.atomic import atomic_save
 FORMAT = "gridclip-region-cache"
 
 
+def crop_clip_identity(cfg: GridCLIPConfig) -> str:
+    """The identity of the CLIP that embeds the crops, without machine paths: a local model directory is
+    named by its weights checksum only, so a cache moves with the files it was made from."""
+    identity = clip_identity(cfg.teacher_model, cfg.teacher_pretrained)
+    if identity.startswith("local-dir:"):
+        return "local-dir@" + identity.rsplit("@", 1)[-1]
+    return identity
+
+
 def cache_key(cfg: GridCLIPConfig, proposer: str, image_ids: list[int]) -> dict:
     """What a cache depends on: the CLIP that embeds the crops, the proposer, the crops, the images."""
     ids = hashlib.sha256(",".join(map(str, sorted(image_ids))).encode()).hexdigest()[:16]
-    return {"clip": clip_identity(cfg.teacher_model, cfg.teacher_pretrained), "proposer": proposer,
+    return {"clip": crop_clip_identity(cfg), "proposer": proposer,
             "crop_scales": [float(s) for s in cfg.peers.crop_scales],
             "proposals_per_image": int(cfg.peers.distill_proposals), "image_ids_sha": ids}
 
@@ -97,7 +106,7 @@ class RegionCache:
     def load(cls, path: str | os.PathLike, cfg: GridCLIPConfig) -> "RegionCache":
         """Read a cache for training with ``cfg``: refuses one made by another CLIP than ``cfg.teacher_model``."""
         cache = cls.read(path)
-        expected = clip_identity(cfg.teacher_model, cfg.teacher_pretrained)
+        expected = crop_clip_identity(cfg)
         if cache.key.get("clip") != expected:
             raise ValueError(f"region cache {path} was made with CLIP {cache.key.get('clip')}, but the config's CLIP "
                              f"(model.teacher_model) is {expected}; rerun gridclip precompute-regions")
