@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from gridclip.baselines import CLIPOnCrops, RegionCache, ViLD, ViLDRegionClassifier, compute_region_embeddings
 from gridclip.config import GridCLIPConfig, PeerConfig
-from test_train import one_thread, tiny_config, tiny_root  # noqa: F401
+from helpers import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _peer_cfg(tiny_clip_names, arch: str, **peers) -> GridCLIPConfig:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from test_train import one_thread, subprocess_env, tiny_config, tiny_root, write_config  # noqa: F401
-
 from gridclip.engine import state as train_state
+from helpers import subprocess_env, tiny_config, write_config
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.multiprocess]
 
 SCRIPT = '''
 # `gridclip train` exactly as a user runs it under torchrun, plus a step callback that saves rank 0's
@@ -47,6 +49,9 @@ def test_torchrun_two_processes_match_one_process(tiny_root, tmp_path, monkeypat
     proc = subprocess.run(cmd, env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("trained 3 iterations") == 1  # rank 0 reports, rank 1 stays quiet
+    # quiet logs: open_clip's INFO lines hidden, each training log line once (rank 0)
+    assert "Parsing model identifier" not in proc.stderr and "Loading" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("iter 2/3") == 1, proc.stderr[-2000:]
 
     # rank 0 wrote the checkpoints, with both ranks' RNG states, and the final model
     assert [i for i, _ in train_state.list_checkpoints(out)] == [2, 3]

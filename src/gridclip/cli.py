@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from gridclip.utils.logs import setup_logging
+
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module in gridclip.commands, one-line help)
     "info": ("info", "architecture summary and inference parameter count"),
@@ -25,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "export to ONNX"),
     "serve": ("serve", "web demo (Gradio)"),
     "bench": ("bench", "speed and memory benchmarks"),
+    "configs": ("configs", "the paper's configs shipped in the package (--config NAME)"),
     "analyze": ("analyze", "AP-vs-frequency and CLIP recall@k analyses"),
 }
 
@@ -33,7 +36,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: gridclip [--debug] <command> [options]", "", "commands:"]
+    lines = ["usage: gridclip [--debug] [--verbose] <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+    verbose = "--verbose" in argv  # third-party INFO logs too (open_clip's model loading, ...)
+    if verbose:
+        argv.remove("--verbose")
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"gridclip: error: unknown command '{name}' (expected one of: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
+    setup_logging(verbose)
     try:
         command = importlib.import_module(f"gridclip.commands.{COMMANDS[name][0]}")
         return int(command.main(rest) or 0)

@@ -24,6 +24,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import boxes as box_ops
 
 from gridclip.clip.loader import load_clip, model_config
+from gridclip.clip.text import TextEncoder
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import GridCLIPConfig, check_arch
 from gridclip.baselines.rcnn import TRUNK_PREFIX, check_targets, count_parameters, faster_rcnn_parts
@@ -141,6 +142,8 @@ class CLIPOnCrops(nn.Module):
         self.score_thresh = cfg.score_thresh
         self.detections_per_img = cfg.detections_per_img
         self.projector = None
+        # the target CLIP's text tower embeds class names (a checkpoint may carry it: gridclip.checkpoint)
+        self.text_encoder = TextEncoder(cfg.teacher_model, cfg.teacher_pretrained)
         self.vocabulary: Vocabulary | None = None
         self.class_names: tuple[str, ...] = ()
         self.register_buffer("text_embeddings", torch.zeros(0, self.clip_dim), persistent=False)
@@ -150,7 +153,7 @@ class CLIPOnCrops(nn.Module):
         return self.proposer.transform
 
     def set_vocabulary(self, vocabulary: Sequence[str] | Vocabulary | Tensor | str, *, cache_dir=None) -> "CLIPOnCrops":
-        vocabulary = peer_vocabulary(vocabulary, self.cfg, self.clip_dim, cache_dir)
+        vocabulary = peer_vocabulary(vocabulary, self.cfg, self.clip_dim, cache_dir, self.text_encoder)
         self.text_embeddings = vocabulary.embeddings.to(self.logit_scale.device)
         self.vocabulary, self.class_names = vocabulary, vocabulary.names
         return self

@@ -26,6 +26,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.transform import resize_boxes
 
 from gridclip.clip.loader import model_config
+from gridclip.clip.text import TextEncoder
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import GridCLIPConfig, check_arch
 from gridclip.baselines.rcnn import TRUNK_PREFIX, check_targets, count_parameters, faster_rcnn_parts, target_clip_dim
@@ -99,13 +100,15 @@ class ViLD(FasterRCNN):
         # ViLD-image: the trainer serves region targets from train.region_cache (see region_cache.py)
         self.needs_region_cache = bool(cfg.peers.image_distill)
         self.projector = None  # no image-level alignment (the trainer builds no teacher)
+        # the target CLIP's text tower embeds class names (a checkpoint may carry it: gridclip.checkpoint)
+        self.text_encoder = TextEncoder(cfg.teacher_model, cfg.teacher_pretrained)
         self.vocabulary: Vocabulary | None = None
         self.class_names: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------------------------------- vocabulary
     def set_vocabulary(self, vocabulary: Sequence[str] | Vocabulary | Tensor | str, *, cache_dir=None) -> "ViLD":
         """Swap the classes scored (names are embedded by ``teacher_model``'s text tower, ViLD's prompts)."""
-        vocabulary = peer_vocabulary(vocabulary, self.cfg, self.clip_dim, cache_dir)
+        vocabulary = peer_vocabulary(vocabulary, self.cfg, self.clip_dim, cache_dir, self.text_encoder)
         self.roi_heads.box_predictor.set_text_embeddings(vocabulary.embeddings)
         self.vocabulary, self.class_names = vocabulary, vocabulary.names
         return self

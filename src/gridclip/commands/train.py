@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Sequence
@@ -14,7 +13,7 @@ from gridclip.engine.train import NonFiniteError, train
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="gridclip train", description="Train GridCLIP from a YAML config (also under torchrun for DDP).",
-        epilog="example: gridclip train --config configs/lvis_r50.yaml --out runs/r50 train.batch_size=8 train.accumulate=2")
+        epilog="example: gridclip train --config lvis_r50 --out runs/r50 train.batch_size=8 train.accumulate=2")
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--out", help="output directory (default: the config's out_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output directory")
@@ -23,8 +22,6 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.02")
     args = parser.parse_args(list(argv))
     cfg = load_config(args.config, args.overrides)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         summary = train(cfg, args.out, resume=args.resume, max_iters=args.max_iters, progress=not args.no_progress)
     except NonFiniteError as exc:

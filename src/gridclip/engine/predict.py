@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes
 
 from gridclip.data.images import load_image, to_float_image
+from gridclip.engine.tiling import detect_tiled
 
 __all__ = ["predict", "override_thresholds", "resolve_device", "detections_to_coco", "draw_detections",
            "to_result", "class_names_of"]
@@ -69,7 +70,8 @@ def class_names_of(model: nn.Module) -> tuple[str, ...] | None:
 @torch.no_grad()
 def predict(model: nn.Module, inputs: Any, score_thresh: float | None = None, nms_thresh: float | None = None,
             max_detections: int | None = None, batch_size: int = 1,
-            device: str | torch.device | None = None) -> list[dict[str, Any]]:
+            device: str | torch.device | None = None, tile: int | None = None,
+            overlap: float = 0.25) -> list[dict[str, Any]]:
     """Detect objects in one image or a list of images.
 
     Args:
@@ -80,6 +82,8 @@ def predict(model: nn.Module, inputs: Any, score_thresh: float | None = None, nm
         batch_size: images per forward pass (results do not depend on it: padding is masked).
         device: where to run; default: where the model is. The model is moved there for the call and
             back afterwards.
+        tile, overlap: tiled inference for small objects in large images (:mod:`gridclip.engine.tiling`):
+            ``tile x tile`` crops overlapping by ``overlap`` plus the whole image, merged by NMS.
 
     Returns:
         One dict per input, on the CPU: ``boxes`` float [N, 4] xyxy in pixels of the original image
@@ -101,7 +105,8 @@ def predict(model: nn.Module, inputs: Any, score_thresh: float | None = None, nm
         with override_thresholds(model, score_thresh, nms_thresh, max_detections):
             for start in range(0, len(items), int(batch_size)):
                 batch = [to_float_image(load_image(x)).to(target) for x in items[start:start + int(batch_size)]]
-                for det in model(batch):
+                dets = model(batch) if tile is None else [detect_tiled(model, im, tile, overlap) for im in batch]
+                for det in dets:
                     results.append(to_result(det, names))
     finally:
         if target != home:

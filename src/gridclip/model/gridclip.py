@@ -24,11 +24,13 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 from gridclip.clip.loader import load_clip, model_config
+from gridclip.clip.text import TextEncoder
 from gridclip.clip.vocabulary import Vocabulary, parse_vocabulary
 from gridclip.config import GridCLIPConfig
 from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, nominal_stride, valid_cells
 from gridclip.model.head import CLIPClassificationHead, use_masked_group_norms
 from gridclip.model.scoring import fast_pass_dtype, level_candidates
+from gridclip.model.transform import DetectionTransform
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -161,6 +163,8 @@ class GridCLIP(FCOS):
             score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
             topk_candidates=cfg.topk_candidates,
         )
+        # every image with both sides >= 1 px, whatever min_size / max_size (see model/transform.py)
+        self.transform = DetectionTransform(cfg.min_size, cfg.max_size, list(CLIP_MEAN), list(CLIP_STD))
         if cfg.freeze_bn:
             from open_clip.utils import freeze_batch_norm_2d
 
@@ -176,6 +180,8 @@ class GridCLIP(FCOS):
         # bf16 pass/fail matmul for large levels x vocabularies on CPUs with native bf16 (see scoring.py);
         # detections are unchanged: the passing pairs are re-scored in fp32.
         self.fast_scoring_pass = True
+        # the text tower that embeds new class names (a plain attribute: not part of the detector's weights)
+        self.text_encoder = TextEncoder(cfg.clip_model, cfg.clip_pretrained)
         self.vocabulary: Vocabulary | None = None
         self.class_names: tuple[str, ...] = ()
 
@@ -197,7 +203,8 @@ class GridCLIP(FCOS):
         if isinstance(vocabulary, Tensor):
             vocabulary = Vocabulary.from_tensor(vocabulary)
         elif not isinstance(vocabulary, Vocabulary):
-            vocabulary = Vocabulary.from_names(vocabulary, self.cfg.clip_model, self.cfg.clip_pretrained, cache_dir=cache_dir)
+            vocabulary = Vocabulary.from_names(vocabulary, self.cfg.clip_model, self.cfg.clip_pretrained,
+                                               cache_dir=cache_dir, encoder=self.text_encoder)
         if vocabulary.dim != self.clip_dim:
             raise ValueError(
                 f"vocabulary embedding dimension {vocabulary.dim} does not match the model's CLIP embedding "
@@ -205,6 +212,17 @@ class GridCLIP(FCOS):
         self.head.classification_head.set_text_embeddings(vocabulary.embeddings)
         self.vocabulary = vocabulary
         self.class_names = vocabulary.names
+        return self
+
+    def set_text_encoder(self, clip_model: str | TextEncoder, clip_pretrained: str | None = None) -> "GridCLIP":
+        """Embed new class names with another copy of this model's CLIP: an open_clip name + pretrained tag
+        or file, a local open_clip directory or ``gridclip:NAME`` (e.g. when a checkpoint's CLIP is missing)."""
+        encoder = clip_model if isinstance(clip_model, TextEncoder) else TextEncoder(clip_model, clip_pretrained)
+        dim = model_config(encoder.model)["embed_dim"] if encoder.stored is None else encoder.stored["model_cfg"]["embed_dim"]
+        if dim != self.clip_dim:
+            raise ValueError(f"CLIP '{encoder.description}' embeds text in {dim} dimensions; this model's CLIP "
+                             f"embedding dimension is {self.clip_dim}")
+        self.text_encoder = encoder
         return self
 
     @property

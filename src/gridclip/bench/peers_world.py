@@ -1,7 +1,7 @@
 """GridCLIP and its peers on the embedded world (paper Tables 1-2, issue 13), same data, seeds and evaluation.
 
-    python benchmarks/peers_world.py --out runs/peers --seeds 0 1 2           # train + evaluate (resumable)
-    python benchmarks/peers_world.py --out runs/peers --report docs/peers_results.md   # tables from results.json
+    python -m gridclip.bench.peers_world --out runs/peers --seeds 0 1 2           # train + evaluate (resumable)
+    python -m gridclip.bench.peers_world --out runs/peers --report docs/peers_results.md   # tables from results.json
 
 Per seed, in order: GridCLIP (the demo's config), CLIP on cropped regions (its class-agnostic proposer is
 trained here), ViLD-text, and ViLD (text + image: the same seed's proposer, `precompute-regions`, then
@@ -35,14 +35,14 @@ PAPER = {  # paper Table 1 (LVIS v1 val, mask AP for the peers) and Table 2
 
 
 def _config(world: Path, run_dir: Path, method: str, seed: int, iters: int):
-    from gridclip.config import GridCLIPConfig, config_from_dict, config_to_dict
+    from gridclip.config import PACKAGED_CONFIG_DIR, GridCLIPConfig, config_from_dict, config_to_dict
     from gridclip.demo import ASSETS, CLIP_NAME, TEACHER_NAME, demo_config
 
     cfg = demo_config(world, ASSETS / CLIP_NAME, ASSETS / TEACHER_NAME, run_dir, iters)
     cfg.train.seed = seed
     cfg.train.warmup_iters = min(cfg.train.warmup_iters, iters // 5)  # short schedules: warmup <= 20 % of the run
     if method != "gridclip":
-        peers = yaml.safe_load((Path(__file__).resolve().parents[1] / "src/gridclip/configs/shapes_peers.yaml").read_text())["model"]
+        peers = yaml.safe_load((PACKAGED_CONFIG_DIR / "shapes_peers.yaml").read_text())["model"]
         model = config_to_dict(cfg.model)
         model["peers"].update(peers.pop("peers", {}))
         model.update(peers)
@@ -165,10 +165,9 @@ def speed_rn50(rounds: int = 3, classes: int = 1203) -> dict:
     from gridclip.config import load_config
     from gridclip.model import build_model
 
-    root = Path(__file__).resolve().parents[1] / "configs"
     models = {}
-    for name, file in (("gridclip", "lvis_r50.yaml"), ("vild", "vild_r50.yaml")):
-        cfg = load_config(root / file)
+    for name, file in (("gridclip", "lvis_r50"), ("vild", "vild_r50")):
+        cfg = load_config(file)
         cfg.model.clip_pretrained = cfg.model.teacher_pretrained = None
         torch.manual_seed(0)
         model = build_model(cfg, load_clip_weights=False)
