@@ -292,3 +292,13 @@ def test_peers_share_the_frozen_clip_trunk_and_its_lr_group(tiny_clip_names):
     assert not any(p.requires_grad for p in crops.encoder.parameters())
     crops.train()
     assert not crops.encoder.training and crops.proposer.training
+
+
+def test_info_describes_a_peer(tiny_clip_names, capsys):
+    from gridclip.cli import main
+
+    rn, vit = tiny_clip_names
+    assert main(["info", "model.arch=vild", f"model.clip_model={rn}", f"model.teacher_model={vit}",
+                 "model.clip_pretrained=null", "model.teacher_pretrained=null"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ViLD (vild)") and "roi_heads.box_head" in out and "inference parameters" in out

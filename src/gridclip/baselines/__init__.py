@@ -10,7 +10,7 @@ from gridclip.baselines.vild import ViLD, ViLDRegionClassifier, distillation_los
 from gridclip.config import GridCLIPConfig
 
 __all__ = ["CLIPOnCrops", "CLIPRegionEncoder", "RegionCache", "RegionTargets", "ViLD", "ViLDRegionClassifier",
-           "build_peer", "compute_region_embeddings", "distillation_loss"]
+           "build_peer", "compute_region_embeddings", "distillation_loss", "summarize_peer"]
 
 
 def build_peer(cfg: GridCLIPConfig, *, load_clip_weights: bool = True, clip_config: dict | None = None,
@@ -20,3 +20,17 @@ def build_peer(cfg: GridCLIPConfig, *, load_clip_weights: bool = True, clip_conf
     if cls is None:
         raise ValueError(f"model.arch: expected vild or clip_crops for a peer, got {cfg.arch!r}")
     return cls(cfg, load_clip_weights=load_clip_weights, clip_config=clip_config, teacher_config=teacher_config)
+
+
+def summarize_peer(model) -> list[str]:
+    """``gridclip info`` lines for a peer: parameters per top-level part and at inference."""
+    parts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        top = ".".join(name.split(".")[:2]) if name.startswith(("backbone.", "roi_heads.", "proposer.")) else name.split(".")[0]
+        parts[top] = parts.get(top, 0) + p.numel()
+    lines = [f"{type(model).__name__} ({model.cfg.arch}): CLIP trunk {model.cfg.clip_model}, target CLIP {model.cfg.teacher_model}"]
+    lines += [f"  {name:<44}{n / 1e6:6.2f}M" for name, n in parts.items()]
+    lines.append(f"inference parameters: {model.inference_parameter_count() / 1e6:.1f}M")
+    if model.cfg.arch == "vild":
+        lines.append("paper (Table 2, ViLD with its mask head): 60.5M")
+    return lines
