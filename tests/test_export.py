@@ -36,7 +36,7 @@ def test_files_and_sidecar(exported):
     graph = onnx.load(str(d / "baked.onnx"))
     onnx.checker.check_model(graph)
     assert [i.name for i in graph.graph.input] == ["images"]
-    assert [o.name for o in graph.graph.output] == ["boxes", "cls_scores", "centerness"]
+    assert [o.name for o in graph.graph.output] == ["vectors", "text_vectors", "bbox_regression", "bbox_ctrness", "level_shapes"]
     assert [i.name for i in onnx.load(str(d / "input.onnx")).graph.input] == ["images", "text"]
     meta = json.loads((d / "baked.onnx.json").read_text())
     assert meta["class_names"] == NAMES and meta["min_size"] == 96 and meta["max_size"] == 160
@@ -100,3 +100,47 @@ def test_export_errors_are_one_line(exported, tmp_path, capsys):
     assert len(err) == 3 and all(e.startswith("gridclip export: error:") for e in err)
     assert "none.pt" in err[0] and "is a folder" in err[1] and "duplicate" in err[2]
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_from_the_inference_form(exported, tmp_path):
+    """gridclip.load gives the inference form (cached positional embeddings, prepared subspace): its export
+    computes them in the graph, so another image size gives the plain model's dense outputs."""
+    import gridclip
+    from gridclip.export import DenseGridCLIP, export_onnx
+
+    model, d = exported
+    fast = gridclip.load(d / "tiny.pt")
+    assert fast.inference_optimized
+    with torch.no_grad():
+        fast([torch.rand(3, 128, 192)])  # fills the per-size caches
+    export_onnx(fast, tmp_path / "fast.onnx")
+    x = torch.rand(1, 3, 160, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = DenseGridCLIP(model)(x)
+    out = ort.InferenceSession(str(tmp_path / "fast.onnx"), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})
+    for o, r in zip(out, ref):
+        np.testing.assert_allclose(o, r.numpy(), atol=2e-4, rtol=0)
+
+
+def test_padded_sizes_differ_only_by_the_unmasked_padding(exported):
+    """The one documented difference (export.py, docs/inference.md): a resized size that is not a multiple
+    of 32 is padded, and the graph, which has no image sizes, sees the padding as mean-colour content.
+    Everything else is the same code: onnxruntime's detections equal the PyTorch dense module's (the
+    network without padding masks) through the same post-processing, to float rounding."""
+    import json as _json
+
+    from gridclip.data.images import load_image, to_float_image
+    from gridclip.export import DenseGridCLIP, OnnxDetector, postprocess, preprocess
+
+    model, d = exported
+    meta = _json.loads((d / "baked.onnx.json").read_text())
+    imgs = [rand_image(100, 150, seed=3), rand_image(70, 90, seed=4)]  # 96 x 144 and 96 x 123: padded
+    tensors = [to_float_image(load_image(i)) for i in imgs]
+    batch, resized = preprocess(tensors, meta["min_size"], meta["max_size"], meta["image_mean"], meta["image_std"])
+    assert any(r != tuple(batch.shape[-2:]) for r in resized)
+    with torch.no_grad():
+        dense = DenseGridCLIP(model)(batch)
+    ref = postprocess(dense, meta, resized, [tuple(t.shape[-2:]) for t in tensors], tuple(batch.shape[-2:]))
+    got = OnnxDetector(d / "baked.onnx")(imgs)
+    for a, b in zip(got, ref):
+        assert_same_detections(a, b)

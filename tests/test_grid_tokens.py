@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gridclip import GridCLIP, GridCLIPConfig, load_clip
+from gridclip.model import gridclip as gc
 from gridclip.model.backbone import GridAttentionPool
 
 
@@ -79,10 +80,14 @@ def test_masked_cells_do_not_leak():
 
 def test_positional_embedding_resize_is_bicubic_and_cached():
     pool = _pool(spatial=7)
+    fresh = pool.grid_positional_embedding(10, 12)
+    assert fresh is not pool.grid_positional_embedding(10, 12) and fresh.requires_grad  # trainable: no cache
+    pool.prepare_for_inference()
     with torch.no_grad():
         a = pool.grid_positional_embedding(10, 12)
         b = pool.grid_positional_embedding(10, 12)
     assert a.shape == (120, 32) and a is b  # cached per size in inference
+    torch.testing.assert_close(a, fresh, rtol=0, atol=0)
     grid = pool.positional_embedding[1:].reshape(1, 7, 7, 32).permute(0, 3, 1, 2)
     ref = F.interpolate(grid, size=(10, 12), mode="bicubic", align_corners=False)
     torch.testing.assert_close(a, ref.permute(0, 2, 3, 1).reshape(120, 32))
@@ -94,8 +99,7 @@ def _dense_detections(model, images):
     (class probability [h, w, K], centerness [h, w], box regression in pixels [h, w, 4])."""
     image_list, _ = model.transform(images)
     features, _ = model.backbone(image_list.tensors, image_list.image_sizes)
-    model.set_head_padding(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]))
-    out = model.head(features)
+    out = model.head(features, gc.level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]), features))
     levels, start = [], 0
     for f, stride in zip(features, (8, 16, 32, 64, 128)):
         h, w = f.shape[-2:]
@@ -148,17 +152,14 @@ def test_padding_does_not_change_detections(tiny_cfg):
 
 
 def _without_masking(model, fn):
-    from gridclip.model import gridclip as gc
-
-    from gridclip.model import head
-
-    orig = gc.valid_cells, head.MaskedGroupNorm._cells
+    """fn() with no padding masked anywhere: features and pool (valid_cells) and head (level_cells)."""
+    orig = gc.valid_cells, gc.level_cells
     try:
         gc.valid_cells = lambda *a, **k: None
-        head.MaskedGroupNorm._cells = lambda self, x: None
+        gc.level_cells = lambda image_sizes, padded_hw, features: [None] * len(features)
         return fn()
     finally:
-        gc.valid_cells, head.MaskedGroupNorm._cells = orig
+        gc.valid_cells, gc.level_cells = orig
 
 
 @pytest.mark.parametrize("name", [

@@ -9,6 +9,7 @@ import torch
 
 from gridclip import GridCLIP, GridCLIPConfig
 from gridclip.model import CLIPTeacher
+from gridclip.model.backbone import level_cells
 
 
 def _targets(teacher_dim, n_classes=3):
@@ -128,8 +129,7 @@ def test_chunked_scoring_equals_torchvision_postprocess(tiny_cfg, chunk):
         ours = model(images)
         image_list, _ = model.transform(images)
         features, _ = model.backbone(image_list.tensors, image_list.image_sizes)
-        model.set_head_padding(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]))
-        head = model.head(features)
+        head = model.head(features, level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]), features))
         n = [f.shape[2] * f.shape[3] for f in features]
         anchors = model.anchor_generator(image_list, features)
         split = {k: list(v.split(n, dim=1)) for k, v in head.items()}
@@ -169,7 +169,11 @@ def test_closed_set_classifier_when_grid_align_is_off(tiny_cfg):
     model = GridCLIP(cfg)
     from torchvision.models.detection.fcos import FCOSClassificationHead
 
-    assert type(model.head.classification_head) is FCOSClassificationHead
+    from gridclip.model.head import CLIPClassificationHead
+
+    # torchvision's closed-set head (its subclass that takes the padding), not the CLIP head
+    assert isinstance(model.head.classification_head, FCOSClassificationHead)
+    assert not isinstance(model.head.classification_head, CLIPClassificationHead)
     model.train()
     losses = model([torch.rand(3, 128, 128)] * 2, _targets(48))
     assert all(torch.isfinite(v) for v in losses.values())

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from gridclip import GridCLIP
 from gridclip.model import scoring
+from gridclip.model.backbone import level_cells
 from gridclip.model.head import CLIPClassificationHead
 
 
@@ -103,10 +104,11 @@ def test_bf16_pass_keeps_every_pair_of_the_fp32_result():
 
 def test_bf16_pass_only_where_the_cpu_has_it(monkeypatch):
     assert scoring.fast_pass_dtype(torch.device("cpu"), 10) is None  # small levels: fp32
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_tile": False})
     assert scoring.fast_pass_dtype(torch.device("cpu"), 1 << 30) is None
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_tile": False})
+    assert scoring.fast_pass_dtype(torch.device("cpu"), 1 << 30) is torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_tile": True})
     assert scoring.fast_pass_dtype(torch.device("cpu"), 1 << 30) is torch.bfloat16
     assert scoring.fast_pass_dtype(torch.device("cuda"), 1 << 30) is None
 
@@ -133,7 +135,11 @@ def test_subspace_scoring_equals_cosines_in_clip_space(zero_bias):
     torch.testing.assert_close(vectors @ text.t(), ref, atol=2e-6, rtol=0)
 
 
-def test_subspace_cache_follows_weights_and_vocabulary():
+@pytest.mark.parametrize("prepared", [False, True])
+def test_subspace_follows_weights_and_vocabulary(prepared):
+    """Unprepared, the subspace is recomputed at every call (it follows optimizer steps and state-dict
+    loads); prepared for inference, it is fixed until released, and the vocabulary's projection follows
+    every vocabulary swap."""
     head = _head(1)
     x = [torch.randn(1, 32, 6, 6)]
 
@@ -142,15 +148,22 @@ def test_subspace_cache_follows_weights_and_vocabulary():
             vectors, text = head.scoring_vectors(x)
             torch.testing.assert_close(vectors @ text.t(), head.embeddings(x) @ head.text_embeddings.t(), atol=2e-6, rtol=0)
 
-    check()
-    opt = torch.optim.SGD(head.parameters(), lr=0.5)
-    head.embeddings(x).sum().backward()
-    opt.step()  # in-place update: the cached basis must be rebuilt
+    if prepared:
+        head.prepare_for_inference()
+        assert head.prepared is not None
     check()
     head.set_text_embeddings(torch.randn(7, 200))
     check()
+    if prepared:
+        head.release_inference()
+        assert head.prepared is None and head.prepared_text is None
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    head.embeddings(x).sum().backward()
+    opt.step()  # in-place update: the basis must follow
+    check()
     head.load_state_dict({k: v + 1 for k, v in head.state_dict().items()})
     check()
+    assert not [k for k in head.state_dict() if k.startswith("prepared")]  # never saved
 
 
 def test_3x3_head_and_wide_tower_score_in_clip_space():
@@ -177,12 +190,12 @@ def test_model_detections_equal_full_scoring(tiny_cfg, kernel):
     with torch.no_grad():
         image_list, _ = model.transform(images)
         features, _ = model.backbone(image_list.tensors, image_list.image_sizes)
-        model.set_head_padding(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]))
+        cells = level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]), features)
         cls_head = model.head.classification_head
-        emb = cls_head.embeddings(features)
-        ctr_all = model.head.regression_head(features)[1]
+        emb = cls_head.embeddings(features, cells)
+        ctr_all = model.head.regression_head(features, cells)[1]
         n = [f.shape[2] * f.shape[3] for f in features]
-        vectors, text = cls_head.scoring_vectors(features)
+        vectors, text = cls_head.scoring_vectors(features, cells)
         for i in range(len(images)):
             for e, v, c in zip(emb[i].split(n), vectors[i].split(n), ctr_all[i].split(n)):
                 ctr = torch.sigmoid(c.flatten())

@@ -25,11 +25,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from gridclip.model import GridCLIP, build_model
 
 
-def load(path, device="cpu"):
-    """Load a GridCLIP checkpoint (config + weights + vocabulary) in eval mode."""
+def load(path, device="cpu", *, optimize: bool = True):
+    """Load a GridCLIP checkpoint (config + weights + vocabulary) in eval mode.
+
+    ``optimize`` (default): in its inference form (``GridCLIP.optimize_for_inference``), so ``predict``
+    runs as fast as ``gridclip detect`` with the same detections; ``train()`` and saving still work (they
+    use the trainable form). ``optimize=False``: the trainable form as stored."""
     from gridclip.checkpoint import load_checkpoint
 
-    return load_checkpoint(path, device)
+    model = load_checkpoint(path, device)
+    return model.optimize_for_inference() if optimize else model
 
 
 def __getattr__(name: str):

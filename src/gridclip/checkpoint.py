@@ -100,15 +100,12 @@ def _text_tower(model: GridCLIP) -> dict | None:
 
 
 def checkpoint_dict(model: GridCLIP, extra: dict | None = None) -> dict:
-    if getattr(model, "inference_optimized", False):
-        raise ValueError("cannot save a model optimised for inference (its batch norms are folded into the "
-                         "convolutions): save the model before calling optimize_for_inference()")
     vocab = None
     if model.vocabulary is not None:
         vocab = {"names": list(model.vocabulary.names), "embeddings": model.vocabulary.embeddings.cpu()}
     elif model.class_names:
         vocab = {"names": list(model.class_names), "embeddings": None}
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()}  # also from the inference form
     encoder = model.text_encoder
     try:
         identity = encoder.identity

@@ -27,10 +27,10 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import boxes as box_ops
 
 from gridclip.bench import cases, measure
 from gridclip.model.inference import fold_batch_norms
+from gridclip.model.postprocess import DenseOutputs, PostProcess
 
 GRIDCLIP_STAGES = [
     ("pre-process (normalise, batch)", "transform", "forward"),
@@ -40,7 +40,7 @@ GRIDCLIP_STAGES = [
     ("FPN + P6/P7", "backbone.fpn", "forward"),
     ("head: box/centerness tower", "head.regression_head", "forward"),
     ("head: class tower + embedding", "head.classification_head", "scoring_vectors"),
-    ("scoring vs K texts + decode + NMS", "", "_detect_image"),
+    ("scoring vs K texts + decode + NMS", "", "postprocess_dense"),
     ("post-process (rescale boxes)", "transform", "postprocess"),
 ]
 FCOS_STAGES = [
@@ -98,17 +98,16 @@ def stage_times(model: nn.Module, call, stages, rounds: int) -> dict[str, float]
 
 
 # ------------------------------------------------------------------------------------------ the ladder
-def score_every_pair(self, vectors, text, regressions, ctrnesses, anchors, image_size) -> dict[str, Tensor]:
+class EveryPairPostProcess(PostProcess):
     """The post-processing before the optimisations: every (location, class) pair of a level gets its
     sigmoid score in chunks of classes, all pairs above the threshold are gathered, then the top-k."""
-    head = self.head.classification_head
-    scale, bias = head.logit_scale.exp(), head.logit_bias
-    K = text.shape[0]
-    thresh_sq = self.score_thresh ** 2
-    all_boxes, all_scores, all_labels = [], [], []
-    for vec, reg, ctr, anc in zip(vectors, regressions, ctrnesses, anchors):
+
+    def _open_candidates(self, vec: Tensor, outputs: DenseOutputs, ctr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        text, scale, bias = outputs.text, outputs.logit_scale, outputs.logit_bias
+        K = text.shape[0]
+        thresh_sq = self.score_thresh ** 2
         ctr_prob = torch.sigmoid(ctr.float()).flatten()
-        chunk = max(1, self.cfg.score_chunk_elements // max(1, vec.shape[0]))
+        chunk = max(1, self.score_chunk_elements // max(1, vec.shape[0]))
         scores = vec.new_zeros(0, dtype=torch.float32)
         flat_idx = torch.zeros(0, dtype=torch.long, device=vec.device)
         for start in range(0, K, chunk):
@@ -121,21 +120,19 @@ def score_every_pair(self, vectors, text, regressions, ctrnesses, anchors, image
                 flat_idx = flat_idx[top]
         scores, order = scores.topk(min(self.topk_candidates, scores.numel()))
         flat_idx = flat_idx[order]
-        loc = torch.div(flat_idx, K, rounding_mode="floor")
-        boxes = self.box_coder.decode(reg[loc].float(), anc[loc])
-        all_boxes.append(box_ops.clip_boxes_to_image(boxes, image_size))
-        all_scores.append(scores.sqrt())
-        all_labels.append(flat_idx % K)
-    boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
-    keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+        return scores.sqrt(), torch.div(flat_idx, K, rounding_mode="floor"), flat_idx % K
+
+
+def score_every_pair(self) -> PostProcess:
+    """``GridCLIP.postprocessor`` of the "before" rung."""
+    return EveryPairPostProcess(**vars(type(self).postprocessor(self)))
 
 
 def build_before(spec, num_classes: int, seed: int) -> nn.Module:
     """GridCLIP as it was before the optimisations: 3x3 embedding conv, every pair scored."""
     before = cases.build_gridclip(spec, num_classes, seed, optimize=False, embed_kernel_size=3)
     before.fast_scoring_pass = False
-    before._detect_image = types.MethodType(score_every_pair, before)
+    before.postprocessor = types.MethodType(score_every_pair, before)
     return before.eval()
 
 

@@ -2,11 +2,12 @@
 from gridclip.config import check_arch
 from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool
 from gridclip.model.gridclip import GridCLIP, GridCLIPBackbone, image_projector
-from gridclip.model.head import CLIPClassificationHead
+from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
+from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator
 from gridclip.model.teacher import CLIPTeacher
 
-__all__ = ["CLIPClassificationHead", "CLIPResNetTrunk", "CLIPTeacher", "GridAttentionPool", "GridCLIP",
-           "GridCLIPBackbone", "build_model", "image_projector"]
+__all__ = ["CLIPClassificationHead", "CLIPResNetTrunk", "CLIPTeacher", "DenseOutputs", "GridAttentionPool", "GridCLIP",
+           "GridCLIPBackbone", "GridCLIPHead", "PostProcess", "PyramidAnchorGenerator", "build_model", "image_projector"]
 
 
 def build_model(cfg, *, load_clip_weights: bool = True) -> GridCLIP:

@@ -1,5 +1,8 @@
 """CLIP ModifiedResNet trunk -> C3, C4, C5, and grid tokens from the attention pool (paper Sec. 3.2).
 
+The trunk is open_clip's ``ModifiedResNet`` (:class:`CLIPResNetTrunk`: its attention pool taken over by
+:class:`GridAttentionPool`), run through its public ``forward_intermediates``.
+
 The attnpool MHSA of CLIP's ResNet is re-run over [mean token, all C5 grid tokens] with CLIP's own
 weights, so that the first output token (z-bar) is exactly CLIP's image embedding and the others (z) are
 CLIP-space embeddings of every grid cell. open_clip's ``AttentionPool2d`` only returns the pooled token
@@ -12,6 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from open_clip.model import CLIPVisionCfg
+from open_clip.modified_resnet import ModifiedResNet
 from torch import Tensor, nn
 
 
@@ -33,6 +38,12 @@ def valid_cells(image_sizes: list[tuple[int, int]] | None, shape: tuple[int, int
     H, W = shape
     cells = [(min(H, math.ceil(h / stride)), min(W, math.ceil(w / stride))) for h, w in image_sizes]
     return None if all(c == (H, W) for c in cells) else cells
+
+
+def level_cells(image_sizes: list[tuple[int, int]] | None, padded_hw: tuple[int, int],
+                features: list[Tensor]) -> list[list[tuple[int, int]] | None]:
+    """Per pyramid level, :func:`valid_cells` of a padded batch (the padding the head's norms are given)."""
+    return [valid_cells(image_sizes, tuple(f.shape[-2:]), nominal_stride(padded_hw[1], f.shape[-1])) for f in features]
 
 
 def cells_mask(cells: list[tuple[int, int]], shape: tuple[int, int], device) -> Tensor:
@@ -61,11 +72,11 @@ class GridAttentionPool(nn.Module):
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.c_proj = nn.Linear(embed_dim, output_dim)
-        self._pos_cache: dict = {}
+        self._pos_cache: dict | None = None  # per-size resized embeddings, only while prepared for inference
 
     @classmethod
     def from_attnpool(cls, attnpool: nn.Module) -> "GridAttentionPool":
-        """Take over the parameters of an open_clip ``AttentionPool2d`` (shared, not copied)."""
+        """Take over the parameters of an open_clip ``AttentionPool2d`` (copied; the same names)."""
         num_pos, embed_dim = attnpool.positional_embedding.shape
         spatial = int(round(math.sqrt(num_pos - 1)))
         pool = cls(spatial, embed_dim, attnpool.num_heads, attnpool.c_proj.out_features)
@@ -77,16 +88,13 @@ class GridAttentionPool(nn.Module):
         return self.c_proj.out_features
 
     def grid_positional_embedding(self, h: int, w: int) -> Tensor:
-        """[h*w, C]: the 7x7 (S x S) grid part resized bicubically to h x w; cached per size in eval."""
+        """[h*w, C]: the 7x7 (S x S) grid part resized bicubically to h x w (cached per size while
+        :meth:`prepare_for_inference` holds)."""
         pos = self.positional_embedding
         if (h, w) == (self.spatial_dim, self.spatial_dim):
             return pos[1:]
-        caching = not torch.is_grad_enabled() or not pos.requires_grad
-        try:
-            version = pos._version  # bumps on every in-place update (optimizer step, load_state_dict)
-        except RuntimeError:  # an inference tensor (model built under inference_mode) never changes
-            version = -1
-        key = (h, w, pos.device, pos.dtype, version)
+        key = (h, w, pos.device, pos.dtype)
+        caching = self._pos_cache is not None and not torch.jit.is_tracing()  # a traced graph computes it
         if caching and key in self._pos_cache:
             return self._pos_cache[key]
         S, C = self.spatial_dim, pos.shape[1]
@@ -98,6 +106,15 @@ class GridAttentionPool(nn.Module):
                 self._pos_cache.clear()
             out = self._pos_cache[key] = out.detach()
         return out
+
+    def prepare_for_inference(self) -> None:
+        """Cache resized positional embeddings per grid size from now on: for weights that stay fixed
+        until :meth:`release_inference` (bypassed while tracing, e.g. for the ONNX export)."""
+        if self._pos_cache is None:
+            self._pos_cache = {}
+
+    def release_inference(self) -> None:
+        self._pos_cache = None
 
     def _positional(self, B: int, H: int, W: int, cells: list[tuple[int, int]] | None) -> Tensor:
         """[B, H*W, C] positional embeddings; per image, resized to its valid cells, zero in the padding."""
@@ -142,30 +159,32 @@ class GridAttentionPool(nn.Module):
         return z_global, z_grid
 
 
-class CLIPResNetTrunk(nn.Module):
-    """The convolutional part of open_clip's ``ModifiedResNet``: stem + layer1..4 -> C3, C4, C5.
+TRUNK_LEVELS = [2, 3, 4]  # ModifiedResNet blocks [stem, layer1, layer2, layer3, layer4]: C3, C4, C5
 
-    Parameter names follow open_clip's (``conv1``, ``bn1``, ..., ``layer4``), so CLIP checkpoints load.
+
+class CLIPResNetTrunk(ModifiedResNet):
+    """open_clip's ``ModifiedResNet`` whose ``forward`` returns [C3, C4, C5] (its public
+    ``forward_intermediates``: stem, layer1..4). Parameter names are open_clip's (``conv1``, ``bn1``, ...,
+    ``layer4``), so CLIP checkpoints load. Built exactly as open_clip's CLIP builds its ResNet tower (same
+    modules, same random draws; tests/test_upstream_contract.py); the attention pool is handed to
+    :class:`GridAttentionPool` with :meth:`take_attnpool`.
     """
 
-    def __init__(self, visual: nn.Module):
-        super().__init__()
-        for name in ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3", "avgpool",
-                     "layer1", "layer2", "layer3", "layer4"):
-            setattr(self, name, getattr(visual, name))
-        self.out_channels = [self._width(self.layer2), self._width(self.layer3), self._width(self.layer4)]
+    @classmethod
+    def from_config(cls, embed_dim: int, vision_cfg: dict) -> "CLIPResNetTrunk":
+        v = CLIPVisionCfg(**vision_cfg)
+        return cls(layers=v.layers, output_dim=embed_dim, heads=v.width * 32 // v.head_width,
+                   image_size=v.image_size, width=v.width)
 
-    @staticmethod
-    def _width(layer: nn.Sequential) -> int:
-        return layer[-1].conv3.out_channels
+    def take_attnpool(self) -> nn.Module:
+        """Remove and return the attention pool (``ModifiedResNet.init_parameters`` allows a missing one)."""
+        pool, self.attnpool = self.attnpool, None
+        return pool
+
+    @property
+    def out_channels(self) -> list[int]:
+        """Channels of C3, C4, C5: the last bottleneck's ``conv3`` of layer2..4."""
+        return [layer[-1].conv3.out_channels for layer in (self.layer2, self.layer3, self.layer4)]
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.act2(self.bn2(self.conv2(x)))
-        x = self.act3(self.bn3(self.conv3(x)))
-        x = self.avgpool(x)
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return [c3, c4, c5]
+        return self.forward_intermediates(x, indices=TRUNK_LEVELS, intermediates_only=True)["image_intermediates"]

@@ -6,51 +6,64 @@
     FCOS head: cosine scores against text embeddings (grid-level alignment, focal loss), GIoU, centerness
     z-bar -> Linear-ReLU-Linear-ReLU-Linear -> L1 to the teacher's image embedding (image-level alignment)
 
-Subclasses torchvision's ``FCOS`` to reuse its transform, anchor generator, target assignment, losses and
-post-processing; ``forward`` is overridden to carry z-bar to the image-alignment loss and to score large
-vocabularies in chunks.
+Subclasses torchvision's ``FCOS`` to reuse its transform, target assignment and losses; ``forward`` is
+overridden to carry z-bar to the image-alignment loss, to hand the padding to the head explicitly, and to
+post-process with :class:`gridclip.model.postprocess.PostProcess` (large vocabularies scored in chunks).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from typing import Any, Sequence
 
+import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.utils import freeze_batch_norm_2d
 from torch import Tensor, nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.fcos import FCOS, FCOSHead
-from torchvision.ops import boxes as box_ops
+from torchvision.models.detection.fcos import FCOS
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 from gridclip.clip.loader import load_clip, model_config
 from gridclip.clip.text import TextEncoder
 from gridclip.clip.vocabulary import Vocabulary, parse_vocabulary
 from gridclip.config import GridCLIPConfig
-from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, nominal_stride, valid_cells
-from gridclip.model.head import CLIPClassificationHead, use_masked_group_norms
-from gridclip.model.scoring import fast_pass_dtype, level_candidates
+from gridclip.model import inference
+from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride, valid_cells
+from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
+from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
+from gridclip.model.predict import predict as predict_images
 from gridclip.model.transform import DetectionTransform
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
+CLIP_STD = tuple(open_clip.OPENAI_DATASET_STD)
+__all__ = ["GridCLIP", "GridCLIPBackbone", "PyramidAnchorGenerator", "build_clip_trunk", "image_projector"]
 
 
-def build_clip_visual(clip_model: str, clip_pretrained: str | None, load_weights: bool = True,
-                      clip_config: dict | None = None) -> nn.Module:
-    """The open_clip ``ModifiedResNet`` image tower, pretrained or randomly initialised.
+def build_clip_trunk(clip_model: str, clip_pretrained: str | None, load_weights: bool = True,
+                     clip_config: dict | None = None) -> CLIPResNetTrunk:
+    """The open_clip ``ModifiedResNet`` image tower as a :class:`CLIPResNetTrunk` (attention pool still
+    attached), pretrained or randomly initialised.
 
-    ``clip_config`` (the open_clip model config) avoids looking the model up, e.g. when a checkpoint
-    built on a local CLIP directory is loaded on a machine without that directory.
+    Random init draws from the global RNG exactly as open_clip's CLIP builds its image tower. With
+    weights, ``load_clip`` (any source: tag, file, local directory) provides them and the trunk that
+    receives them is built without further draws from the global RNG. ``clip_config`` (the open_clip model
+    config) avoids looking the model up, e.g. when a checkpoint built on a local CLIP directory is loaded on
+    a machine without it.
     """
     cfg = clip_config if clip_config is not None else model_config(clip_model)
     if not isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)):
         raise ValueError(f"CLIP model '{clip_model}' has no ResNet image tower: GridCLIP needs a ModifiedResNet (RN50, RN101, RN50x4, ...)")
-    if load_weights:
-        return load_clip(clip_model, clip_pretrained).visual
-    from open_clip.model import CLIPVisionCfg, _build_vision_tower
-
-    return _build_vision_tower(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), cfg.get("quick_gelu", False))
+    if not load_weights:
+        return CLIPResNetTrunk.from_config(cfg["embed_dim"], cfg["vision_cfg"])
+    visual = load_clip(clip_model, clip_pretrained).visual
+    with torch.random.fork_rng(devices=[]):
+        trunk = CLIPResNetTrunk.from_config(cfg["embed_dim"], cfg["vision_cfg"])
+    try:
+        trunk.load_state_dict(visual.state_dict())
+    except RuntimeError as exc:
+        raise ValueError(f"CLIP '{clip_model}' ({clip_pretrained}): image tower does not fit its config: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return trunk
 
 
 class GridCLIPBackbone(nn.Module):
@@ -111,25 +124,6 @@ def image_projector(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
                          nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
 
 
-class PyramidAnchorGenerator(AnchorGenerator):
-    """torchvision's ``AnchorGenerator`` with each level's power-of-two stride.
-
-    torchvision derives strides as ``padded size // level size``, which is off for P6/P7 whenever the
-    padded size is not a multiple of 128 (their sizes are ceils), so an image's anchors would depend on
-    the batch it is padded in. FCOS's anchor sizes equal the level strides (8 ... 128).
-    """
-
-    def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
-        grid_sizes = [f.shape[-2:] for f in feature_maps]
-        H, W = image_list.tensors.shape[-2:]
-        device = feature_maps[0].device
-        strides = [[torch.tensor(nominal_stride(H, g[0]), device=device), torch.tensor(nominal_stride(W, g[1]), device=device)]
-                   for g in grid_sizes]
-        self.set_cell_anchors(feature_maps[0].dtype, device)
-        per_level = self.grid_anchors(grid_sizes, strides)
-        return [torch.cat(per_level) for _ in image_list.image_sizes]
-
-
 class GridCLIP(FCOS):
     """The detector. ``GridCLIP(cfg)``; torchvision contract in train and eval mode.
 
@@ -146,30 +140,27 @@ class GridCLIP(FCOS):
         if not cfg.grid_align and cfg.num_classes < 1:
             raise ValueError("model.num_classes must be >= 1 when model.grid_align is false (closed-set classifier)")
         self_clip_config = clip_config if clip_config is not None else model_config(cfg.clip_model)
-        visual = build_clip_visual(cfg.clip_model, cfg.clip_pretrained, load_clip_weights, self_clip_config)
-        clip_dim = visual.attnpool.c_proj.out_features
-        trunk = CLIPResNetTrunk(visual)
-        grid_pool = GridAttentionPool.from_attnpool(visual.attnpool) if cfg.use_mhsa else None
+        trunk = build_clip_trunk(cfg.clip_model, cfg.clip_pretrained, load_clip_weights, self_clip_config)
+        attnpool = trunk.take_attnpool()
+        clip_dim = attnpool.c_proj.out_features
+        grid_pool = GridAttentionPool.from_attnpool(attnpool) if cfg.use_mhsa else None
         backbone = GridCLIPBackbone(trunk, grid_pool, cfg.adapter_channels, cfg.adapter_layers, cfg.fpn_channels)
         num_classes = 1 if cfg.grid_align else cfg.num_classes
-        head = FCOSHead(cfg.fpn_channels, num_anchors=1, num_classes=num_classes, num_convs=cfg.head_convs)
+        head = GridCLIPHead(cfg.fpn_channels, num_anchors=1, num_classes=num_classes, num_convs=cfg.head_convs)
         if cfg.grid_align:
             head.classification_head = CLIPClassificationHead(
                 cfg.fpn_channels, clip_dim, cfg.head_convs, cfg.logit_scale_init, cfg.prior_prob, cfg.embed_kernel_size)
         super().__init__(
             backbone, num_classes, min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(CLIP_MEAN),
             image_std=list(CLIP_STD), head=head, center_sampling_radius=cfg.center_sampling_radius,
-            anchor_generator=PyramidAnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5),
+            anchor_generator=fcos_anchor_generator(),
             score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
             topk_candidates=cfg.topk_candidates,
         )
         # every image with both sides >= 1 px, whatever min_size / max_size (see model/transform.py)
         self.transform = DetectionTransform(cfg.min_size, cfg.max_size, list(CLIP_MEAN), list(CLIP_STD))
         if cfg.freeze_bn:
-            from open_clip.utils import freeze_batch_norm_2d
-
             freeze_batch_norm_2d(self.backbone.trunk)
-        self._masked_norms = use_masked_group_norms(self.head)
         self.projector = None
         if cfg.image_align:
             teacher_dim = cfg.teacher_dim or model_config(cfg.teacher_model)["embed_dim"]
@@ -184,6 +175,7 @@ class GridCLIP(FCOS):
         self.text_encoder = TextEncoder(cfg.clip_model, cfg.clip_pretrained)
         self.vocabulary: Vocabulary | None = None
         self.class_names: tuple[str, ...] = ()
+        self._inference: inference.InferenceForm | None = None  # set by optimize_for_inference
 
     # ----------------------------------------------------------------------------------------- vocabulary
     def set_vocabulary(self, vocabulary: Sequence[str] | Vocabulary | Tensor | str, *, cache_dir=None) -> "GridCLIP":
@@ -242,25 +234,49 @@ class GridCLIP(FCOS):
         cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), nominal_stride(images.shape[-1], c5.shape[-1]))
         return self.backbone.grid_pool(c5, cells)
 
-    def predict(self, inputs, **kwargs) -> list[dict]:
+    def predict(self, inputs: Any, **kwargs) -> list[dict]:
         """Detect in paths / PIL images / arrays / tensors (one or a list); boxes in original-image pixels
-        (EXIF-rotated view), with class ``names``. See :func:`gridclip.engine.predict.predict`."""
-        from gridclip.engine.predict import predict
+        (EXIF-rotated view), with class ``names``. See :func:`gridclip.model.predict.predict`. As fast as
+        ``gridclip detect`` once the model is in its inference form (``gridclip.load`` returns it so)."""
+        return predict_images(self, inputs, **kwargs)
 
-        return predict(self, inputs, **kwargs)
-
+    # ------------------------------------------------------------------------------------ inference form
     def optimize_for_inference(self, *, channels_last: bool = True) -> "GridCLIP":
-        """Fold the trunk's frozen batch norms into its convolutions and switch to channels-last, in place
-        (same detections up to float rounding; see :mod:`gridclip.model.inference`). The optimised model
-        cannot train or be saved as a checkpoint. Returns ``self`` in eval mode."""
-        from gridclip.model.inference import optimize_for_inference
+        """Switch to the inference form, in place: the trunk's frozen batch norms folded into its
+        convolutions, channels-last, weight-only quantities computed once (see
+        :mod:`gridclip.model.inference`). Same detections up to float rounding. Reversible: ``train()``
+        restores the trainable form first, and a checkpoint saved from this form stores the trainable one.
+        Returns ``self`` in eval mode; idempotent."""
+        if self._inference is None:
+            self._inference = inference.optimize(self, channels_last=channels_last)
+        return self.eval()
 
-        return optimize_for_inference(self, channels_last=channels_last)
+    def restore_training_form(self) -> "GridCLIP":
+        """Undo :meth:`optimize_for_inference` (the original modules, bit for bit); a no-op otherwise."""
+        if self._inference is not None:
+            inference.restore(self, self._inference)
+            self._inference = None
+        return self
+
+    @property
+    def inference_optimized(self) -> bool:
+        return self._inference is not None
+
+    @property
+    def inference_optimizations(self) -> dict | None:
+        """``{"folded_batch_norms": n, "channels_last": bool}`` in the inference form, else None."""
+        return None if self._inference is None else self._inference.summary()
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The state dict of the trainable form (``state_dict()`` unless in the inference form)."""
+        if self._inference is None:
+            return self.state_dict()
+        with inference.training_form(self._inference):
+            return {k: v.contiguous() for k, v in self.state_dict().items()}
 
     def train(self, mode: bool = True) -> "GridCLIP":
-        if mode and getattr(self, "inference_optimized", False):
-            raise ValueError("this model was optimised for inference (batch norms folded): load the checkpoint "
-                             "again to train it")
+        if mode:
+            self.restore_training_form()
         return super().train(mode)
 
     def clip_parameter_names(self) -> set[str]:
@@ -282,10 +298,10 @@ class GridCLIP(FCOS):
         features, z_global = self.backbone(image_list.tensors, image_list.image_sizes)
         anchors = self.anchor_generator(image_list, features)
         num_per_level = [f.shape[2] * f.shape[3] for f in features]
-        self.set_head_padding(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]))
+        cells = level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]), features)
 
         if self.training:
-            head_outputs = self.head(features)
+            head_outputs = self.head(features, cells)
             fcos = self.compute_loss(targets, head_outputs, anchors, num_per_level)
             c = self.cfg
             losses = {
@@ -297,13 +313,31 @@ class GridCLIP(FCOS):
                 losses["loss_image"] = c.loss_image * self.image_alignment_loss(z_global, targets)
             return losses
 
-        detections = self._detect(features, anchors, num_per_level, image_list.image_sizes)
+        detections = self.postprocess_dense(self.dense_outputs(features, cells), anchors, image_list.image_sizes)
         return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
-    def set_head_padding(self, image_sizes: list[tuple[int, int]], padded_hw: tuple[int, int]) -> None:
-        """Tell the head's group norms which cells of the padded batch are real (see MaskedGroupNorm)."""
-        for norm in self._masked_norms:
-            norm.padding = (image_sizes, padded_hw)
+    def dense_outputs(self, features: list[Tensor], cells: list | None = None) -> DenseOutputs:
+        """The head's per-location outputs for inference (``cells``: per level, the padding, see
+        :func:`gridclip.model.backbone.level_cells`)."""
+        regression, ctrness = self.head.regression_head(features, cells)
+        num_per_level = [f.shape[2] * f.shape[3] for f in features]
+        cls_head = self.head.classification_head
+        if not self.cfg.grid_align:
+            return DenseOutputs(regression, ctrness, num_per_level, cls_logits=cls_head(features, cells))
+        vectors, text = cls_head.scoring_vectors(features, cells)
+        return DenseOutputs(regression, ctrness, num_per_level, vectors=vectors, text=text,
+                            logit_scale=cls_head.logit_scale.exp(), logit_bias=cls_head.logit_bias)
+
+    def postprocess_dense(self, dense: DenseOutputs, anchors: list[Tensor],
+                          image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Dense outputs -> per image ``{boxes, scores, labels}`` in resized-image pixels."""
+        return self.postprocessor()(dense, anchors, image_sizes)
+
+    def postprocessor(self) -> PostProcess:
+        """Dense outputs -> detections with the current settings (``score_thresh``, ``nms_thresh``,
+        ``detections_per_img``, ``topk_candidates``: torchvision FCOS's attributes)."""
+        return PostProcess(self.score_thresh, self.nms_thresh, self.detections_per_img, self.topk_candidates,
+                           self.cfg.score_chunk_elements, self.fast_scoring_pass, self.box_coder)
 
     def image_alignment_loss(self, z_global: Tensor, targets: list[dict[str, Tensor]]) -> Tensor:
         """L1 between the projected z-bar and the teacher's embedding, both L2-normalised (Sec. 3.4)."""
@@ -330,44 +364,5 @@ class GridCLIP(FCOS):
             if self.projector is not None and "teacher_embedding" not in t:
                 raise ValueError(f"targets[{i}]: image alignment is on but 'teacher_embedding' is missing "
                                  "(compute it with gridclip.model.CLIPTeacher or set model.image_align false)")
-
-    # ---------------------------------------------------------------------------------------- inference
-    def _detect(self, features: list[Tensor], anchors: list[Tensor], num_per_level: list[int],
-                image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        regression = self.head.regression_head(features)
-        if not self.cfg.grid_align:
-            head_outputs = {"cls_logits": self.head.classification_head(features)}
-            head_outputs["bbox_regression"], head_outputs["bbox_ctrness"] = regression
-            split = {k: list(v.split(num_per_level, dim=1)) for k, v in head_outputs.items()}
-            return self.postprocess_detections(split, [list(a.split(num_per_level)) for a in anchors], image_sizes)
-        vectors, text = self.head.classification_head.scoring_vectors(features)
-        box_regression, box_ctrness = regression
-        return [
-            self._detect_image(vectors[i].split(num_per_level), text, box_regression[i].split(num_per_level),
-                               box_ctrness[i].split(num_per_level), anchors[i].split(num_per_level), image_sizes[i])
-            for i in range(len(image_sizes))
-        ]
-
-    def _detect_image(self, vectors, text, regressions, ctrnesses, anchors, image_size) -> dict[str, Tensor]:
-        """torchvision FCOS post-processing (per level: score = sqrt(p_cls * p_ctr) > thresh, top-k
-        candidates; then box decoding, NMS per class, top detections), with the vocabulary scored by
-        :func:`gridclip.model.scoring.level_candidates`: the same candidates as scoring every pair, in bounded
-        memory for any vocabulary size, skipping pairs that cannot reach a level's top-k."""
-        cls_head = self.head.classification_head
-        scale, bias = cls_head.logit_scale.exp(), cls_head.logit_bias
-        K = text.shape[0]
-        all_boxes, all_scores, all_labels = [], [], []
-        for vec, reg, ctr, anc in zip(vectors, regressions, ctrnesses, anchors):
-            ctr_prob = torch.sigmoid(ctr.float()).flatten()  # [HW]
-            pass_dtype = fast_pass_dtype(vec.device, vec.shape[0] * K) if self.fast_scoring_pass else None
-            probs, loc, cls = level_candidates(vec, text, scale, bias, ctr_prob, self.score_thresh ** 2,
-                                               self.topk_candidates, self.cfg.score_chunk_elements, pass_dtype)
-            boxes = self.box_coder.decode(reg[loc].float(), anc[loc])
-            all_boxes.append(box_ops.clip_boxes_to_image(boxes, image_size))
-            all_scores.append(probs.sqrt())
-            all_labels.append(cls)
-        boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
-        keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 

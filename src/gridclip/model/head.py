@@ -1,17 +1,132 @@
-"""Grid-level alignment head (paper Sec. 3.3): FCOS's classification tower ending in a D-dim embedding.
+"""FCOS heads whose group norms see only real cells, and the grid-level alignment head (paper Sec. 3.3).
 
 score(location, class k) = sigmoid(scale * cos(g, T_k) + bias), with T the normalised text embeddings of
-the vocabulary. The head replaces torchvision's ``FCOSClassificationHead`` and keeps its output contract
-(logits ``[N, HWA, K]``), so torchvision's FCOS losses and post-processing apply unchanged.
+the vocabulary. :class:`CLIPClassificationHead` replaces torchvision's ``FCOSClassificationHead`` and keeps
+its output contract (logits ``[N, HWA, K]``), so torchvision's FCOS losses apply unchanged.
+
+Every head takes the padding explicitly: ``head(features, cells)`` with ``cells`` one entry per pyramid
+level, the per-image (rows, cols) of real cells or None (see :func:`gridclip.model.backbone.level_cells`).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxLinearCoder
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+
+from gridclip.model.backbone import cells_mask
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics cover only the real (unpadded) cells of each image.
+
+    torchvision's FCOS head normalises over the whole padded feature map, so an image's detections would
+    depend on what it is batched with. ``forward(x, cells)``: ``cells`` per image the (rows, cols) of real
+    cells, None when nothing is padded. Padded cells come out as zero, as convolution padding would see
+    them. With ``cells=None`` this is exactly ``nn.GroupNorm``.
+    """
+
+    def forward(self, x: Tensor, cells: list[tuple[int, int]] | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        if cells is None:
+            if B * (C // self.num_groups) * H * W != 1:
+                return super().forward(x)
+            cells = [(H, W)] * B  # torch refuses one-value groups (a 1x1 P7 of a tiny image, batch 1)
+        G = self.num_groups
+        mask = cells_mask(cells, (H, W), x.device).to(x.dtype)[:, None, None]  # [B, 1, 1, H, W]
+        xg = x.view(B, G, C // G, H, W)
+        count = mask.sum(dim=(2, 3, 4), keepdim=True) * (C // G)
+        mean = (xg * mask).sum(dim=(2, 3, 4), keepdim=True) / count
+        var = (((xg - mean) * mask) ** 2).sum(dim=(2, 3, 4), keepdim=True) / count
+        y = ((xg - mean) / torch.sqrt(var + self.eps)).view(B, C, H, W)
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y * mask.view(B, 1, H, W)
+
+
+masked_group_norm = partial(MaskedGroupNorm, 32)
+
+
+def run_tower(tower: nn.Sequential, x: Tensor, cells: list[tuple[int, int]] | None) -> Tensor:
+    """``tower(x)`` with the padding handed to its group norms (the same layers in the same order)."""
+    for layer in tower:
+        x = layer(x, cells) if isinstance(layer, MaskedGroupNorm) else layer(x)
+    return x
+
+
+def _levels(x: list[Tensor], cells: Sequence | None) -> Sequence:
+    if cells is None:
+        return [None] * len(x)
+    if len(cells) != len(x):
+        raise ValueError(f"head: {len(cells)} padding entries for {len(x)} pyramid levels")
+    return cells
+
+
+def _to_locations(t: Tensor, channels: int) -> Tensor:
+    """(N, A * channels, H, W) -> (N, HWA, channels), torchvision FCOS's layout."""
+    N, _, H, W = t.shape
+    return t.view(N, -1, channels, H, W).permute(0, 3, 4, 1, 2).reshape(N, -1, channels)
+
+
+class MaskedFCOSClassificationHead(FCOSClassificationHead):
+    """torchvision's closed-set classification head (``model.grid_align`` off) with masked group norms."""
+
+    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4):
+        super().__init__(in_channels, num_anchors, num_classes, num_convs, norm_layer=masked_group_norm)
+
+    def forward(self, x: list[Tensor], cells: Sequence | None = None) -> Tensor:
+        out = [_to_locations(self.cls_logits(run_tower(self.conv, f, c)), self.num_classes)
+               for f, c in zip(x, _levels(x, cells))]
+        return torch.cat(out, dim=1)
+
+
+class MaskedFCOSRegressionHead(FCOSRegressionHead):
+    """torchvision's box regression + centerness head with masked group norms."""
+
+    def __init__(self, in_channels: int, num_anchors: int, num_convs: int = 4):
+        super().__init__(in_channels, num_anchors, num_convs, norm_layer=masked_group_norm)
+
+    def forward(self, x: list[Tensor], cells: Sequence | None = None) -> tuple[Tensor, Tensor]:
+        regression, ctrness = [], []
+        for f, c in zip(x, _levels(x, cells)):
+            feature = run_tower(self.conv, f, c)
+            regression.append(_to_locations(nn.functional.relu(self.bbox_reg(feature)), 4))
+            ctrness.append(_to_locations(self.bbox_ctrness(feature), 1))
+        return torch.cat(regression, dim=1), torch.cat(ctrness, dim=1)
+
+
+class GridCLIPHead(FCOSHead):
+    """torchvision's ``FCOSHead`` (its ``compute_loss`` and box coder) with heads that take the padding.
+
+    Builds the same parts in the same order as ``FCOSHead.__init__`` (same random initialisation); the
+    closed-set classification head is replaced by :class:`CLIPClassificationHead` for grid alignment.
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4):
+        nn.Module.__init__(self)  # FCOSHead.__init__ builds unmasked heads; these are its three attributes
+        self.box_coder = BoxLinearCoder(normalize_by_size=True)
+        self.classification_head: nn.Module = MaskedFCOSClassificationHead(in_channels, num_anchors, num_classes, num_convs)
+        self.regression_head = MaskedFCOSRegressionHead(in_channels, num_anchors, num_convs)
+
+    def forward(self, x: list[Tensor], cells: Sequence | None = None) -> dict[str, Tensor]:
+        cls_logits = self.classification_head(x, cells)
+        bbox_regression, bbox_ctrness = self.regression_head(x, cells)
+        return {"cls_logits": cls_logits, "bbox_regression": bbox_regression, "bbox_ctrness": bbox_ctrness}
+
+
+@dataclass(frozen=True)
+class Subspace:
+    """The 1x1 embedding conv's span (see :meth:`CLIPClassificationHead.scoring_vectors`): R's conv
+    weight ``[C+1, C, 1, 1]`` and bias ``[C+1]``, and Q ``[D, C+1]`` with orthonormal columns."""
+
+    weight: Tensor
+    bias: Tensor
+    Q: Tensor
 
 
 class CLIPClassificationHead(nn.Module):
@@ -20,6 +135,10 @@ class CLIPClassificationHead(nn.Module):
 
     The vocabulary (``[K, D]`` normalised text embeddings) is data, not a parameter: a non-persistent
     buffer swapped by :meth:`set_text_embeddings`, so checkpoints load whatever the vocabulary.
+
+    :meth:`prepare_for_inference` computes the scoring subspace once (and the vocabulary's projection at
+    each :meth:`set_text_embeddings`) for a model whose weights no longer change; until then, and after
+    :meth:`release_inference`, it is computed at each call (same values).
     """
 
     def __init__(
@@ -35,10 +154,9 @@ class CLIPClassificationHead(nn.Module):
         if embed_kernel_size not in (1, 3):
             raise ValueError(f"model.embed_kernel_size: expected 1 or 3, got {embed_kernel_size!r}")
         self.embed_dim = embed_dim
-        norm = partial(nn.GroupNorm, 32)
         layers: list[nn.Module] = []
         for _ in range(num_convs):
-            layers += [nn.Conv2d(in_channels, in_channels, 3, padding=1), norm(in_channels), nn.ReLU()]
+            layers += [nn.Conv2d(in_channels, in_channels, 3, padding=1), masked_group_norm(in_channels), nn.ReLU()]
         self.conv = nn.Sequential(*layers)
         self.embed = nn.Conv2d(in_channels, embed_dim, embed_kernel_size, padding=embed_kernel_size // 2)
         for m in self.modules():
@@ -49,7 +167,10 @@ class CLIPClassificationHead(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
         self.logit_bias = nn.Parameter(torch.tensor(-math.log((1 - prior_prob) / prior_prob)))
         self.register_buffer("text_embeddings", torch.zeros(0, embed_dim), persistent=False)
-        self._subspace_cache: dict = {}
+        # Set by prepare_for_inference: the scoring subspace and the vocabulary in its basis (moved with the
+        # module by .to(), never saved).
+        for name in ("prepared_weight", "prepared_bias", "prepared_q", "prepared_text"):
+            self.register_buffer(name, None, persistent=False)
 
     @property
     def num_classes(self) -> int:
@@ -63,16 +184,19 @@ class CLIPClassificationHead(nn.Module):
             )
         ref = self.embed.weight
         self.text_embeddings = F.normalize(embeddings.detach().to(ref.device, torch.float32), dim=-1)
+        if self.prepared is not None:
+            self.prepared_text = self._project(self.text_embeddings, self.prepared)
 
-    def embeddings(self, x: list[Tensor]) -> Tensor:
+    def embeddings(self, x: list[Tensor], cells: Sequence | None = None) -> Tensor:
         """Normalised per-location embeddings ``[N, sum(HW), D]`` over all pyramid levels."""
         out = []
-        for feature in x:
-            e = self.embed(self.conv(feature))  # [N, D, H, W]
+        for feature, c in zip(x, _levels(x, cells)):
+            e = self.embed(run_tower(self.conv, feature, c))  # [N, D, H, W]
             out.append(e.flatten(2).transpose(1, 2))
         return F.normalize(torch.cat(out, dim=1), dim=-1)
 
-    def scoring_vectors(self, x: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def scoring_vectors(self, x: list[Tensor], cells: Sequence | None = None,
+                        subspace: Subspace | None = None) -> tuple[Tensor, Tensor]:
         """``(vectors [N, sum(HW), d], text [K, d])`` with ``vectors @ text.T`` = the cosine of every
         (location, class) pair: what inference scores.
 
@@ -80,12 +204,20 @@ class CLIPClassificationHead(nn.Module):
         dimensions. With [W, b] = Q R (Q: D x (C+1) orthonormal columns), e = Q u for u = R [h; 1], so
         |e| = |u| and cos(e, t) = u . (Q^T t) / |u|: a 1x1 conv to C + 1 channels replaces the one to D, and
         the vocabulary is scored in C + 1 dimensions (257 instead of 1024 for RN50). Otherwise (3x3 conv,
-        or C + 1 >= D) these are the normalised embeddings and the vocabulary.
+        or C + 1 >= D) these are the normalised embeddings and the vocabulary. ``subspace``: a precomputed
+        :meth:`subspace` (the ONNX export passes its own), default the prepared one or a fresh one.
         """
         if not self.scores_in_subspace:
-            return self.embeddings(x), self.text_embeddings
-        weight, bias, _, text = self._subspace()
-        out = [F.conv2d(self.conv(f), weight, bias).flatten(2).transpose(1, 2) for f in x]
+            return self.embeddings(x, cells), self.text_embeddings
+        if subspace is not None:
+            text = self._project(self.text_embeddings, subspace)
+        elif self.prepared is not None:
+            subspace, text = self.prepared, self.prepared_text
+        else:
+            subspace = self.subspace()
+            text = self._project(self.text_embeddings, subspace)
+        out = [F.conv2d(run_tower(self.conv, f, c), subspace.weight, subspace.bias).flatten(2).transpose(1, 2)
+               for f, c in zip(x, _levels(x, cells))]
         return F.normalize(torch.cat(out, dim=1), dim=-1), text
 
     @property
@@ -94,28 +226,45 @@ class CLIPClassificationHead(nn.Module):
         W = self.embed.weight
         return W.shape[-1] == 1 and W.shape[1] + 1 < self.embed_dim
 
-    def project_text(self, text: Tensor) -> Tensor:
+    def project_text(self, text: Tensor, subspace: Subspace | None = None) -> Tensor:
         """Normalised text embeddings ``[K, D]`` -> the vectors :meth:`scoring_vectors` scores against."""
-        return text @ self._subspace()[2].to(text.dtype) if self.scores_in_subspace else text
+        if not self.scores_in_subspace:
+            return text
+        if subspace is None:
+            subspace = self.prepared if self.prepared is not None else self.subspace()
+        return self._project(text, subspace)
 
-    def _subspace(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(R's conv weight [C+1, C, 1, 1], R's bias column [C+1], Q [D, C+1], vocabulary in Q's basis
-        [K, C+1]), cached per weights and vocabulary (recomputed after an optimizer step, a device move or a
-        vocabulary swap)."""
-        W, b, text = self.embed.weight, self.embed.bias, self.text_embeddings
-        versions = (_version(W), _version(b), _version(text), W.data_ptr(), W.dtype, W.device, text.device)
-        cached = self._subspace_cache
-        if not (cached and cached["of"][0] is W and cached["of"][1] is b and cached["of"][2] is text
-                and cached["versions"] == versions):
-            with torch.no_grad():
-                M = torch.cat([W.flatten(1), b[:, None]], dim=1).double()  # [D, C+1]
-                Q, R = torch.linalg.qr(M)  # reduced: Q [D, C+1], R [C+1, C+1]
-                C = W.shape[1]
-                Q = Q.to(W.dtype)  # the vocabulary is projected in its own precision (no float64 copy of K x D)
-                entry = (R[:, :C].to(W.dtype).reshape(C + 1, C, 1, 1).contiguous(), R[:, C].to(W.dtype).contiguous(),
-                         Q, text @ Q.to(text.dtype))
-            self._subspace_cache = cached = {"of": (W, b, text), "versions": versions, "entry": entry}
-        return cached["entry"]
+    @torch.no_grad()
+    def subspace(self) -> Subspace:
+        """The scoring subspace of the current weights: [W, b] = Q R (computed in float64)."""
+        W, b = self.embed.weight, self.embed.bias
+        M = torch.cat([W.flatten(1), b[:, None]], dim=1).double()  # [D, C+1]
+        Q, R = torch.linalg.qr(M)  # reduced: Q [D, C+1], R [C+1, C+1]
+        C = W.shape[1]
+        return Subspace(R[:, :C].to(W.dtype).reshape(C + 1, C, 1, 1).contiguous(), R[:, C].to(W.dtype).contiguous(),
+                        Q.to(W.dtype))  # the vocabulary is projected in its own precision (no float64 K x D copy)
+
+    @staticmethod
+    @torch.no_grad()
+    def _project(text: Tensor, subspace: Subspace) -> Tensor:
+        return text @ subspace.Q.to(text.dtype)
+
+    @property
+    def prepared(self) -> Subspace | None:
+        """The subspace computed by :meth:`prepare_for_inference`, None when not prepared."""
+        if self.prepared_weight is None:
+            return None
+        return Subspace(self.prepared_weight, self.prepared_bias, self.prepared_q)
+
+    def prepare_for_inference(self) -> None:
+        """Compute the scoring subspace now, for weights that stay fixed until :meth:`release_inference`."""
+        if self.scores_in_subspace:
+            sub = self.subspace()
+            self.prepared_weight, self.prepared_bias, self.prepared_q = sub.weight, sub.bias, sub.Q
+            self.prepared_text = self._project(self.text_embeddings, sub)
+
+    def release_inference(self) -> None:
+        self.prepared_weight = self.prepared_bias = self.prepared_q = self.prepared_text = None
 
     def logits(self, embeddings: Tensor, text: Tensor | None = None) -> Tensor:
         """``[..., D]`` normalised embeddings -> ``[..., K]`` logits against ``text`` (default: the vocabulary)."""
@@ -123,67 +272,7 @@ class CLIPClassificationHead(nn.Module):
         scale = self.logit_scale.exp()
         return torch.matmul(embeddings, text.t().to(embeddings.dtype)) * scale + self.logit_bias
 
-    def forward(self, x: list[Tensor]) -> Tensor:
+    def forward(self, x: list[Tensor], cells: Sequence | None = None) -> Tensor:
         if self.num_classes == 0:
             raise ValueError("no vocabulary set: call model.set_vocabulary(names) first")
-        return self.logits(self.embeddings(x))
-
-
-def _version(t: Tensor) -> int:
-    """A tensor's in-place update counter (-1 for inference tensors, which never change)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
-
-
-class MaskedGroupNorm(nn.GroupNorm):
-    """GroupNorm whose statistics cover only the real (unpadded) cells of each image.
-
-    torchvision's FCOS head normalises over the whole padded feature map, so an image's detections depend
-    on what it is batched with. Before the head runs, the model sets ``padding`` to ``(image_sizes,
-    padded_hw)``; the level's stride follows from the feature size. Padded cells come out as zero, as
-    convolution padding would see them. With no padding this is exactly ``nn.GroupNorm``.
-    """
-
-    padding: tuple | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        cells = self._cells(x)
-        B, C, H, W = x.shape
-        if cells is None:
-            if B * (C // self.num_groups) * H * W != 1:
-                return super().forward(x)
-            cells = [(H, W)] * B  # torch refuses one-value groups (a 1x1 P7 of a tiny image, batch 1)
-        from gridclip.model.backbone import cells_mask
-
-        G = self.num_groups
-        mask = cells_mask(cells, (H, W), x.device).to(x.dtype)[:, None, None]  # [B, 1, 1, H, W]
-        xg = x.view(B, G, C // G, H, W)
-        count = mask.sum(dim=(2, 3, 4), keepdim=True) * (C // G)
-        mean = (xg * mask).sum(dim=(2, 3, 4), keepdim=True) / count
-        var = (((xg - mean) * mask) ** 2).sum(dim=(2, 3, 4), keepdim=True) / count
-        y = ((xg - mean) / torch.sqrt(var + self.eps)).view(B, C, H, W)
-        if self.affine:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return y * mask.view(B, 1, H, W)
-
-    def _cells(self, x: Tensor):
-        if self.padding is None:
-            return None
-        from gridclip.model.backbone import nominal_stride, valid_cells
-
-        image_sizes, (_, padded_w) = self.padding
-        return valid_cells(image_sizes, tuple(x.shape[-2:]), nominal_stride(padded_w, x.shape[-1]))
-
-
-def use_masked_group_norms(module: nn.Module) -> list[MaskedGroupNorm]:
-    """Turn every ``nn.GroupNorm`` below ``module`` into a :class:`MaskedGroupNorm` (same parameters)."""
-    converted = []
-    for m in module.modules():
-        if type(m) is nn.GroupNorm:
-            m.__class__ = MaskedGroupNorm
-            converted.append(m)
-        elif isinstance(m, MaskedGroupNorm):
-            converted.append(m)
-    return converted
+        return self.logits(self.embeddings(x, cells))

@@ -1,14 +1,22 @@
-"""Inference-only rewrites of a trained detector: same detections, less work per image.
+"""The inference form of a trained detector: same detections, less work per image; reversible.
 
 * The trunk's batch norms are frozen (or in eval mode), i.e. fixed per-channel affine maps: they are
   folded into the convolutions before them (torch's ``fuse_conv_bn_weights``), removing one pass over
   every trunk activation.
 * Channels-last memory format, which oneDNN's CPU convolutions run faster.
+* What depends only on the weights is computed once: the head's scoring subspace (and the vocabulary's
+  projection at each vocabulary swap), the grid pool's resized positional embeddings per grid size.
 
-Both are exact up to float rounding. They change the module structure (no ``bn`` modules in the trunk),
-so an optimised model refuses to train and to be saved as a checkpoint: keep the original for that.
+Folding and channels-last are exact up to float rounding. The replaced ``(conv, norm)`` modules are kept
+(not registered: no parameters, no state-dict entries), so :func:`restore` gives back the very modules
+the model had, bit for bit: ``GridCLIP.train()`` does so before training, and a checkpoint of an
+optimised model stores the trainable form (:func:`training_form`).
 """
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -18,25 +26,71 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 _NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d)
 
 
-def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
-    """Fold the CLIP trunk's batch norms into its convolutions and (optionally) switch the model to
-    channels-last, in place; puts the model in eval mode and returns it."""
-    if getattr(model, "inference_optimized", False):
-        return model
+@dataclass
+class InferenceForm:
+    """What :func:`optimize` changed: the replaced children ``(parent, name, original module)`` in order."""
+
+    replaced: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+    folded_batch_norms: int = 0
+    channels_last: bool = False
+
+    def summary(self) -> dict:
+        return {"folded_batch_norms": self.folded_batch_norms, "channels_last": self.channels_last}
+
+
+def optimize(model: nn.Module, *, channels_last: bool = True) -> InferenceForm:
+    """Turn a GridCLIP (eval mode) into its inference form in place; returns what :func:`restore` undoes."""
     model.eval()
-    trunk = model.backbone.trunk
-    folded = fold_batch_norms(trunk)
+    form = InferenceForm(channels_last=channels_last)
+    form.folded_batch_norms = fold_batch_norms(model.backbone.trunk, form.replaced)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    model.inference_optimized = True
-    model.inference_optimizations = {"folded_batch_norms": folded, "channels_last": channels_last}
-    return model
+    _prepare(model, True)
+    return form
 
 
-def fold_batch_norms(module: nn.Module) -> int:
+def restore(model: nn.Module, form: InferenceForm) -> None:
+    """Undo :func:`optimize`: the original modules back (on the model's device), contiguous memory."""
+    device = next(model.parameters()).device
+    for _, _, module in form.replaced:
+        module.to(device)
+    _swap_in(form.replaced)
+    if form.channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    _prepare(model, False)
+
+
+@contextlib.contextmanager
+def training_form(form: InferenceForm) -> Iterator[None]:
+    """Temporarily put the original modules back (e.g. to read the trainable state dict)."""
+    current = _swap_in(form.replaced)
+    try:
+        yield
+    finally:
+        _swap_in(current)
+
+
+def _swap_in(replaced: list[tuple[nn.Module, str, nn.Module]]) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Set each ``parent.name = module``; returns the previous children in the same form."""
+    previous = []
+    for parent, name, module in replaced:
+        previous.append((parent, name, getattr(parent, name)))
+        setattr(parent, name, module)
+    return previous
+
+
+def _prepare(model: nn.Module, on: bool) -> None:
+    pool = model.backbone.grid_pool
+    cls_head = model.head.classification_head
+    for part in (pool, cls_head):
+        if part is not None and hasattr(part, "prepare_for_inference"):
+            part.prepare_for_inference() if on else part.release_inference()
+
+
+def fold_batch_norms(module: nn.Module, replaced: list | None = None) -> int:
     """Replace every ``(conv, norm)`` pair where the norm directly follows the conv (open_clip
-    ModifiedResNet: ``convN``/``bnN`` and ``downsample`` ``0``/``1``) by one conv with a bias. Returns the
-    number of norms folded."""
+    ModifiedResNet: ``convN``/``bnN`` and ``downsample`` ``0``/``1``) by one conv with a bias, the norm by
+    ``nn.Identity``. Returns the number of norms folded; ``replaced`` collects ``(parent, name, original)``."""
     count = 0
     for parent in list(module.modules()):
         children = dict(parent.named_children())
@@ -46,6 +100,8 @@ def fold_batch_norms(module: nn.Module) -> int:
             norm_name = _following_norm(name, children)
             if norm_name is None:
                 continue
+            if replaced is not None:
+                replaced += [(parent, name, child), (parent, norm_name, children[norm_name])]
             setattr(parent, name, _fused(child, children[norm_name]))
             setattr(parent, norm_name, nn.Identity())
             count += 1

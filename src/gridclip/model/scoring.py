@@ -40,9 +40,8 @@ def fast_pass_dtype(device: torch.device, num_pairs: int) -> torch.dtype | None:
 
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls at twice the fp32 rate (elsewhere they are emulated, slower)."""
-    cpu = torch.cpu
-    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16", False) or caps.get("amx_tile", False))
 
 
 def level_candidates(vectors: Tensor, text: Tensor, scale: Tensor, bias: Tensor, ctr_prob: Tensor, thresh_sq: float,
