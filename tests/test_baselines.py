@@ -280,10 +280,13 @@ def test_peers_share_the_frozen_clip_trunk_and_its_lr_group(tiny_clip_names):
     """The peers' trunk is CLIP's (frozen BN, the backbone lr group); CLIP on crops' CLIP never trains."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
+    from gridclip.baselines import build_detector
     from gridclip.model import build_model
 
-    vild = build_model(_peer_cfg(tiny_clip_names, "vild"))
-    crops = build_model(_peer_cfg(tiny_clip_names, "clip_crops"))
+    vild = build_detector(_peer_cfg(tiny_clip_names, "vild"))
+    crops = build_detector(_peer_cfg(tiny_clip_names, "clip_crops"))
+    with pytest.raises(ValueError, match="gridclip.baselines.build_detector"):
+        build_model(_peer_cfg(tiny_clip_names, "vild"))  # GridCLIP's builder stays GridCLIP's
     for model, trunk in ((vild, vild.backbone.body), (crops, crops.proposer.backbone.body)):
         norms = [m for m in trunk.modules() if "BatchNorm" in type(m).__name__]
         assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)

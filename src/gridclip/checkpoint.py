@@ -28,6 +28,7 @@ import torch
 from gridclip.clip.loader import (BUILTIN_PREFIX, builtin_clips, builtin_name_of, dir_digest, is_local_dir, is_portable,
                                   portable_clip_name)
 from gridclip.clip.text import TextEncoder, TextEncoderUnavailable
+from gridclip.baselines import build_peer
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import GridCLIPConfig, config_from_dict, config_to_dict
 from gridclip.model.gridclip import GridCLIP
@@ -223,8 +224,6 @@ def model_from_checkpoint(data: dict, source: str = "checkpoint") -> GridCLIP:
         values["teacher_dim"] = _projector_out(data["state_dict"])  # loading never needs the teacher
     cfg: GridCLIPConfig = config_from_dict(values, GridCLIPConfig, f"{source}:config")
     if cfg.arch != "gridclip":  # ViLD / CLIP on crops
-        from gridclip.baselines import build_peer
-
         model = build_peer(cfg, load_clip_weights=False, clip_config=data.get("clip_config"),
                            teacher_config=data.get("teacher_config"))
     else:

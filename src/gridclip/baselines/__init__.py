@@ -1,16 +1,27 @@
 """The peers of GridCLIP on the same code (paper Tables 1-2): ViLD and CLIP on cropped regions.
 
 Built from torchvision's Faster R-CNN parts and the project's CLIP loader, vocabulary, trunk and data;
-selected with ``model.arch: vild | clip_crops`` (``gridclip.model.build_model`` dispatches here).
-GridCLIP's own code knows nothing of them.
+selected with ``model.arch: vild | clip_crops`` (:func:`build_detector` builds any arch; the trainer and
+checkpoint loading use it). A layer above ``gridclip.model``: GridCLIP's own code knows nothing of them.
 """
 from gridclip.baselines.crops import CLIPOnCrops, CLIPRegionEncoder
 from gridclip.baselines.region_cache import RegionCache, RegionTargets, compute_region_embeddings
 from gridclip.baselines.vild import ViLD, ViLDRegionClassifier, distillation_loss
-from gridclip.config import GridCLIPConfig
+from gridclip.config import GridCLIPConfig, check_arch
+from gridclip.model import build_model
 
 __all__ = ["CLIPOnCrops", "CLIPRegionEncoder", "RegionCache", "RegionTargets", "ViLD", "ViLDRegionClassifier",
-           "build_peer", "compute_region_embeddings", "distillation_loss", "summarize_peer"]
+           "build_detector", "build_peer", "compute_region_embeddings", "distillation_loss", "summarize_peer"]
+
+
+def build_detector(cfg, *, load_clip_weights: bool = True):
+    """Any detector of ``model.arch`` from a ``GridCLIPConfig`` (or a full ``Config``): GridCLIP
+    (:func:`gridclip.model.build_model`), ViLD or CLIP on cropped regions."""
+    model_cfg = getattr(cfg, "model", cfg)
+    check_arch(model_cfg.arch)
+    if model_cfg.arch == "gridclip":
+        return build_model(model_cfg, load_clip_weights=load_clip_weights)
+    return build_peer(model_cfg, load_clip_weights=load_clip_weights)
 
 
 def build_peer(cfg: GridCLIPConfig, *, load_clip_weights: bool = True, clip_config: dict | None = None,

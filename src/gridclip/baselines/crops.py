@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
@@ -82,8 +83,6 @@ class CLIPRegionEncoder(nn.Module):
             clip = load_clip(model, pretrained)
             visual, logit_scale = clip.visual, float(clip.logit_scale.detach().exp())
         else:
-            from open_clip.model import CLIPVisionCfg, _build_vision_tower
-
             visual = _build_vision_tower(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), cfg.get("quick_gelu", False))
             logit_scale = 100.0
         size = cfg["vision_cfg"].get("image_size", 224)
@@ -164,6 +163,9 @@ class CLIPOnCrops(nn.Module):
 
     def clip_parameter_names(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.startswith("proposer." + TRUNK_PREFIX)}
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return self.state_dict()  # the peers have no inference form
 
     def inference_parameter_count(self) -> int:
         return count_parameters(self)

@@ -9,8 +9,8 @@ three detectors of the paper's Table 1 share the trunk GridCLIP is built on. Ima
 """
 from __future__ import annotations
 
-from torch import nn
-from torchvision.models.detection import FasterRCNN
+from open_clip.utils import freeze_batch_norm_2d
+from torch import Tensor, nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.rpn import AnchorGenerator
@@ -20,7 +20,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from gridclip.clip.loader import model_config
 from gridclip.config import GridCLIPConfig
 from gridclip.model.backbone import CLIPResNetTrunk
-from gridclip.model.gridclip import CLIP_MEAN, CLIP_STD, build_clip_visual
+from gridclip.model.gridclip import CLIP_MEAN, CLIP_STD, build_clip_trunk
 
 TRUNK_PREFIX = "backbone.body."  # parameters initialised from CLIP (the lr multiplier applies to them)
 
@@ -30,11 +30,9 @@ def clip_resnet_fpn(clip_model: str, clip_pretrained: str | None, fpn_channels: 
     """The CLIP ResNet trunk (as GridCLIP's) under torchvision's ``BackboneWithFPN``: outputs '0'..'3' (P2..P5)
     and 'pool' (P6). ``CLIPResNetTrunk`` registers its children in execution order, which is what
     torchvision's ``IntermediateLayerGetter`` needs."""
-    visual = build_clip_visual(clip_model, clip_pretrained, load_weights, clip_config)
-    trunk = CLIPResNetTrunk(visual)
+    trunk: CLIPResNetTrunk = build_clip_trunk(clip_model, clip_pretrained, load_weights, clip_config)
+    trunk.take_attnpool()  # the peers pool regions, not the image
     if freeze_bn:
-        from open_clip.utils import freeze_batch_norm_2d
-
         trunk = freeze_batch_norm_2d(trunk)
     widths = [layer[-1].conv3.out_channels for layer in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)]
     return BackboneWithFPN(trunk, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, widths,
@@ -71,8 +69,6 @@ def target_clip_dim(cfg: GridCLIPConfig, teacher_config: dict | None = None) -> 
 
 def check_targets(targets, num_classes: int) -> None:
     """The torchvision target contract (labels 0..K-1 into the vocabulary), with one-line errors."""
-    from torch import Tensor
-
     if targets is None:
         raise ValueError("training mode needs targets (list of dicts with 'boxes' and 'labels')")
     if num_classes == 0:

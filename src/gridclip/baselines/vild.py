@@ -128,6 +128,9 @@ class ViLD(FasterRCNN):
     def clip_parameter_names(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.startswith(TRUNK_PREFIX)}
 
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return self.state_dict()  # the peers have no inference form
+
     def inference_parameter_count(self) -> int:
         return count_parameters(self)
 

@@ -16,13 +16,28 @@ parameters used at inference. Every run is stored in OUT/results.json as it fini
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
+
+from gridclip.baselines import build_detector
+from gridclip.baselines.crops import CLIPRegionEncoder
+from gridclip.baselines.region_cache import precompute_regions
+from gridclip.checkpoint import load_checkpoint
+from gridclip.config import PACKAGED_CONFIG_DIR, GridCLIPConfig, config_from_dict, config_to_dict, load_config
+from gridclip.data.datasets import DetectionDataset, load_train_annotations
+from gridclip.data.shapes import make_world
+from gridclip.data.transforms import eval_transforms
+from gridclip.demo import ASSETS, CLIP_NAME, TEACHER_NAME, demo_config
+from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
+from gridclip.engine.train import train
+from gridclip.utils.atomic import atomic_write_json
 
 METHODS = ("clip_crops", "vild_text", "vild", "gridclip")
 LABELS = {"clip_crops": "CLIP on cropped regions", "vild_text": "ViLD-text", "vild": "ViLD (text + image)",
@@ -35,9 +50,6 @@ PAPER = {  # paper Table 1 (LVIS v1 val, mask AP for the peers) and Table 2
 
 
 def _config(world: Path, run_dir: Path, method: str, seed: int, iters: int):
-    from gridclip.config import PACKAGED_CONFIG_DIR, GridCLIPConfig, config_from_dict, config_to_dict
-    from gridclip.demo import ASSETS, CLIP_NAME, TEACHER_NAME, demo_config
-
     cfg = demo_config(world, ASSETS / CLIP_NAME, ASSETS / TEACHER_NAME, run_dir, iters)
     cfg.train.seed = seed
     cfg.train.warmup_iters = min(cfg.train.warmup_iters, iters // 5)  # short schedules: warmup <= 20 % of the run
@@ -53,10 +65,6 @@ def _config(world: Path, run_dir: Path, method: str, seed: int, iters: int):
 
 
 def _evaluate(model, cfg) -> dict:
-    import torch
-
-    from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
-
     val = build_eval_dataset(cfg.data)
     model.set_vocabulary(val.category_names)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -68,31 +76,30 @@ def _evaluate(model, cfg) -> dict:
             "infer_cpu_s": cpu, "infer_wall_s": wall}
 
 
-def run_one(out: Path, world: Path, method: str, seed: int, iters: int) -> dict:
-    from gridclip.checkpoint import load_checkpoint
-    from gridclip.engine.train import train
+def _crop_encoder(cfg):
+    return CLIPRegionEncoder.build(cfg.model.teacher_model, cfg.model.teacher_pretrained, cfg.model.peers.crop_scales)[0]
 
+
+def _training_images(cfg):
+    return DetectionDataset(load_train_annotations(cfg.data), transforms=eval_transforms())
+
+
+def run_one(out: Path, world: Path, method: str, seed: int, iters: int) -> dict:
     run_dir = out / f"{method}_s{seed}"
     cfg = _config(world, run_dir, method, seed, iters)
     record: dict = {"method": method, "seed": seed, "iters": iters}
     if method == "vild":  # ViLD-image: the proposer (= CLIP on crops of this seed) and the precompute
-        from gridclip.commands.precompute_regions import main as precompute
-
         done = json.loads((out / "results.json").read_text())
         proposer = done.get(f"clip_crops/{seed}")
         if proposer is None:
             raise ValueError(f"vild seed {seed} needs clip_crops seed {seed} first (its proposer)")
         regions = run_dir / "regions.pt"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg_path = run_dir / "config.yaml"
-        from gridclip.config import save_config
-
-        save_config(cfg, cfg_path)
-        precompute(["--config", str(cfg_path), "--proposer", str(out / f"clip_crops_s{seed}" / "model.pt"),
-                    "--out", str(regions), "--device", "cpu"])
-        from gridclip.baselines import RegionCache
-
-        cost = RegionCache.read(regions).cost
+        proposer_path = out / f"clip_crops_s{seed}" / "model.pt"
+        cache, _ = precompute_regions(regions, load_checkpoint(proposer_path), _crop_encoder(cfg),
+                                      _training_images(cfg), cfg.model,
+                                      "sha256:" + hashlib.sha256(proposer_path.read_bytes()).hexdigest()[:16])
+        cost = cache.cost
+        print(f"[peers] regions: {cost['regions']} in {cost['wall_s']:.0f} s wall, {cost['cpu_s']:.0f} CPU-s", flush=True)
         record.update(proposer_cpu_s=proposer["train_cpu_s"], precompute_cpu_s=cost["cpu_s"],
                       precompute_wall_s=cost["wall_s"], regions=cost["regions"])
         cfg.train.region_cache = str(regions)
@@ -160,17 +167,12 @@ def report(results: dict, speed: dict | None = None) -> str:
 def speed_rn50(rounds: int = 3, classes: int = 1203) -> dict:
     """Seconds per 800x1333 image of GridCLIP-R50 (as shipped for inference) and ViLD-R50 (random weights,
     ``classes`` random text embeddings), interleaved round by round in this process; medians and ratio."""
-    import torch
-
-    from gridclip.config import load_config
-    from gridclip.model import build_model
-
     models = {}
     for name, file in (("gridclip", "lvis_r50"), ("vild", "vild_r50")):
         cfg = load_config(file)
         cfg.model.clip_pretrained = cfg.model.teacher_pretrained = None
         torch.manual_seed(0)
-        model = build_model(cfg, load_clip_weights=False)
+        model = build_detector(cfg, load_clip_weights=False)
         model.set_vocabulary(torch.randn(classes, model.clip_dim))
         models[name] = model.optimize_for_inference()
     image = [torch.rand(3, 800, 1333, generator=torch.Generator().manual_seed(0))]
@@ -202,10 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     if a.speed:
-        import torch
-
-        from gridclip.utils.atomic import atomic_write_json
-
         torch.set_num_threads(a.threads)
         speed = speed_rn50()
         atomic_write_json(out / "speed_rn50.json", speed)
@@ -217,11 +215,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.report).write_text(text)
         print(text)
         return 0
-    import torch
-
-    from gridclip.data.shapes import make_world
-    from gridclip.utils.atomic import atomic_write_json
-
     torch.set_num_threads(a.threads)
     world = make_world(out / "world", seed=0, size="default").root
     for seed in a.seeds:

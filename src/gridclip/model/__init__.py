@@ -11,12 +11,10 @@ __all__ = ["CLIPClassificationHead", "CLIPResNetTrunk", "CLIPTeacher", "DenseOut
 
 
 def build_model(cfg, *, load_clip_weights: bool = True) -> GridCLIP:
-    """Assemble the detector from a :class:`~gridclip.config.GridCLIPConfig` (or a full ``Config``):
-    GridCLIP, or a peer of :mod:`gridclip.baselines` when ``model.arch`` is ``vild`` / ``clip_crops``."""
+    """Assemble GridCLIP from a :class:`~gridclip.config.GridCLIPConfig` (or a full ``Config``). The peers
+    (``model.arch`` ``vild`` / ``clip_crops``) live a layer above: :func:`gridclip.baselines.build_detector`."""
     model_cfg = getattr(cfg, "model", cfg)
     check_arch(model_cfg.arch)
     if model_cfg.arch != "gridclip":
-        from gridclip.baselines import build_peer  # in-function: gridclip.baselines imports this package
-
-        return build_peer(model_cfg, load_clip_weights=load_clip_weights)
+        raise ValueError(f"model.arch={model_cfg.arch}: a peer of GridCLIP; build it with gridclip.baselines.build_detector")
     return GridCLIP(model_cfg, load_clip_weights=load_clip_weights)
