@@ -65,7 +65,7 @@ class PeerConfig:
 class GridCLIPConfig:
     """The detector. Defaults follow the paper (Sec. 3-4) and torchvision's FCOS."""
 
-    # Which detector ``build_model`` assembles: GridCLIP, or a peer of gridclip.baselines (``peers``).
+    # Which detector ``gridclip.baselines.build_detector`` assembles: GridCLIP, or a peer (settings: ``peers``).
     arch: Literal["gridclip", "vild", "clip_crops"] = "gridclip"
 
     # CLIP image encoder: an open_clip model name (or local model directory) and its weights source:
