@@ -402,7 +402,7 @@ def fake_demo(root: Path, with_clip: bool = False) -> dict:
 def test_results_doc_from_demo_metrics(tmp_path, monkeypatch):
     import re
 
-    from gridclip.analysis import recall as recall_mod
+    from gridclip.analysis import results_doc as results_doc_mod
     from gridclip.analysis.recall import RecallResult
     from gridclip.analysis.results_doc import write_results_doc
 
@@ -413,7 +413,7 @@ def test_results_doc_from_demo_metrics(tmp_path, monkeypatch):
         calls.append((Path(gt).name, list(models), tuple(ks)))
         return [RecallResult(m, {k: min(1.0, 0.1 * k) for k in ks}, 12, 8) for m in models]
 
-    monkeypatch.setattr(recall_mod, "clip_recall", fake_clip_recall)
+    monkeypatch.setattr(results_doc_mod, "clip_recall", fake_clip_recall)  # the name results_doc calls
     out = tmp_path / "docs" / "results.md"
     written = write_results_doc(tmp_path / "demo", out, figures_dir=tmp_path / "docs" / "figures", transfer=False,
                                 count_rn50=False)

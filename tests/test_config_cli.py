@@ -55,10 +55,9 @@ def test_cli_turns_errors_into_one_line(tmp_path, capsys):
 def test_every_command_module_exists():
     import importlib
 
-    for name, (target, _) in COMMANDS.items():
-        module, func = target.split(":")
+    for name, (module, _) in COMMANDS.items():
         try:
-            assert callable(getattr(importlib.import_module(module), func)), name
+            assert callable(importlib.import_module(f"gridclip.commands.{module}").main), name
         except ModuleNotFoundError as exc:
             pytest.fail(f"command {name}: {exc}")
 

@@ -11,15 +11,8 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from gridclip.data.datasets import (
-    VOC_CLASSES,
-    DetectionDataset,
-    build_dataset,
-    load_coco_json,
-    load_lvis_json,
-    load_voc,
-    to_coco_dict,
-)
+from gridclip.data.annotations import VOC_CLASSES, load_coco_json, load_lvis_json, load_voc, to_coco_dict
+from gridclip.data.datasets import DetectionDataset, build_dataset
 
 
 def write_image(path: Path, width: int, height: int, seed: int) -> np.ndarray:

@@ -88,7 +88,7 @@ def test_glob_batches_and_name_clashes(checkpoint, tmp_path, capsys):
 def test_streams_in_batches(checkpoint, tmp_path, capsys, monkeypatch):
     """At most one batch of decoded images is alive: images are loaded only as batches are processed."""
     import gridclip.data.inputs as inputs
-    import gridclip.engine.predict as predict_mod
+    import gridclip.commands.detect as predict_mod
 
     for i in range(7):
         write_image(tmp_path / "in" / f"{i}.png", 48, 48, i)
@@ -102,7 +102,7 @@ def test_streams_in_batches(checkpoint, tmp_path, capsys, monkeypatch):
 
 
 def test_interrupt_leaves_previous_results_intact(checkpoint, tmp_path, capsys, monkeypatch):
-    import gridclip.engine.predict as predict_mod
+    import gridclip.commands.detect as predict_mod
 
     for i in range(3):
         write_image(tmp_path / "in" / f"{i}.png", 48, 48, i)

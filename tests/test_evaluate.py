@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from gridclip.cli import main as gridclip_main
-from gridclip.data.datasets import DetectionDataset, load_lvis_json
+from gridclip.data.annotations import load_lvis_json
+from gridclip.data.datasets import DetectionDataset
 from gridclip.data.transforms import eval_transforms
 from gridclip.engine.evaluate import (
     LVIS_KEYS,
@@ -340,8 +341,8 @@ def test_eval_cli_checkpoint_needs_a_data_config(tmp_path, tiny_cfg, capsys):
 
 
 def test_voc_scored_in_coco_form_with_difficult_ignored(tmp_path):
-    from gridclip.data.datasets import load_voc, to_coco_dict
-    from gridclip.data.datasets import VOC_CLASSES
+    from gridclip.data.annotations import load_voc, to_coco_dict
+    from gridclip.data.annotations import VOC_CLASSES
     from test_datasets import make_voc
 
     root = make_voc(tmp_path, {

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gridclip.clip.pretrain import PretrainConfig, object_crops, train_clip, zero_shot_accuracy
+from gridclip.engine.clip_pretrain import PretrainConfig, object_crops, train_clip, zero_shot_accuracy
 from gridclip.clip.prompts import VILD_TEMPLATES
 from gridclip.data.shapes import make_world
 
@@ -84,7 +84,7 @@ def test_teacher_with_locked_text_tower_keeps_the_source_text_weights(world, tra
     import open_clip
 
     from gridclip.clip.loader import register_model_configs
-    from gridclip.clip.pretrain import _copy_and_lock_text_tower
+    from gridclip.engine.clip_pretrain import _copy_and_lock_text_tower
 
     register_model_configs()
     torch.manual_seed(0)  # train_clip's init

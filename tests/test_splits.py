@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from gridclip.data.collate import collate_detection
-from gridclip.data.datasets import DetectionDataset, load_lvis_json
+from gridclip.data.annotations import load_lvis_json
+from gridclip.data.datasets import DetectionDataset
 from gridclip.data.splits import apply_split, read_category_list, split_by_frequency, split_from_file
 from gridclip.data.transforms import eval_transforms, train_transforms
 from test_datasets import make_lvis

@@ -146,7 +146,7 @@ def tiny_root(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------------ pieces
 def test_warmup_multistep_schedule():
-    from gridclip.engine.train import WarmupMultiStep
+    from gridclip.engine.optim import WarmupMultiStep
 
     s = WarmupMultiStep(warmup_iters=10, warmup_factor=0.001, milestones=(100, 150), gamma=0.1)
     assert s(0) == pytest.approx(0.001)
@@ -157,7 +157,7 @@ def test_warmup_multistep_schedule():
 
 
 def test_param_groups_backbone_mult_and_no_decay(tiny_root):
-    from gridclip.engine.train import build_optimizer
+    from gridclip.engine.optim import build_optimizer
     from gridclip.model import build_model
 
     cfg = tiny_config(tiny_root, lr=0.02, backbone_lr_mult=0.1, weight_decay=1e-4)
@@ -278,9 +278,9 @@ def test_train_gradients_frozen_parts_and_outputs(tiny_root, tmp_path):
 
 
 def test_training_labels_are_base_only(tiny_root):
-    from gridclip.engine.train import build_train_dataset
+    from gridclip.data.datasets import build_train_dataset
 
-    ds = build_train_dataset(tiny_config(tiny_root))
+    ds = build_train_dataset(tiny_config(tiny_root).data)
     assert ds.category_names == [n for n, f in CATEGORIES if f != "r"]
     novel_id = 1 + [n for n, _ in CATEGORIES].index("yellow square")
     assert all(novel_id not in r.category_ids.tolist() for r in ds.records)
@@ -290,7 +290,8 @@ def test_training_labels_are_base_only(tiny_root):
 def test_accumulation_gradient_is_mean_of_micro_batches(tiny_root, tmp_path):
     """With accumulate=2 the step-1 gradient equals the mean of the gradients of the sampler's two
     micro-batches, recomputed by hand from the same weights, samples and augmentation seeds."""
-    from gridclip.engine.train import SeededSamples, _collate, train
+    from gridclip.data.collate import collate_detection as _collate
+    from gridclip.engine.train import SeededSamples, train
 
     cfg = tiny_config(tiny_root, accumulate=2)
     cfg.data.train_min_sizes = (64,)  # one scale: the model's random size choice cannot differ
@@ -315,8 +316,10 @@ def test_accumulation_gradient_is_mean_of_micro_batches(tiny_root, tmp_path):
 
 
 def test_teacher_cache_roundtrip_and_training(tiny_root, tmp_path, capsys):
-    from gridclip.engine.teacher_cache import TeacherCache, build_teacher, cli
-    from gridclip.engine.train import load_train_annotations, train
+    from gridclip.commands.cache_teacher import main as cli
+    from gridclip.data.datasets import load_train_annotations
+    from gridclip.engine.teacher_cache import TeacherCache, build_teacher
+    from gridclip.engine.train import train
 
     config = write_config(tmp_path, **{})
     cfg = load_config(config)
@@ -328,7 +331,7 @@ def test_teacher_cache_roundtrip_and_training(tiny_root, tmp_path, capsys):
     from torchvision.transforms.v2.functional import pil_to_tensor
 
     teacher = build_teacher(cfg)
-    anns = load_train_annotations(cfg)
+    anns = load_train_annotations(cfg.data)
     for rec in anns.images[:3]:
         img = pil_to_tensor(Image.open(rec.path).convert("RGB")).float() / 255
         torch.testing.assert_close(cache.lookup([rec.image_id])[0], teacher([img])[0], rtol=1e-5, atol=1e-6)

@@ -1,17 +1,19 @@
-"""Built-in vocabularies, vocabulary files and the CLI vocabulary spec."""
+"""The vocabulary module: built-in vocabularies, vocabulary files, the one spec parser and name rule."""
 from __future__ import annotations
 
 import collections
 
 import pytest
 
-from gridclip.data.vocabularies import (
+from gridclip.clip.vocabulary import (
     BUILTIN_VOCABULARIES,
     builtin_frequencies,
     builtin_vocabulary,
+    clean_name,
+    name_key,
     parse_vocabulary,
-    prompt_name,
     read_vocabulary_file,
+    validate_names,
 )
 
 
@@ -79,12 +81,27 @@ def test_returns_fresh_lists_and_names_are_case_insensitive():
         builtin_vocabulary("imagenet")
 
 
-def test_prompt_name():
-    assert prompt_name("bow_(weapon)") == "bow (weapon)"
-    assert prompt_name("monitor_(computer_equipment) computer_monitor") == \
+def test_clean_name():
+    assert clean_name("bow_(weapon)") == "bow (weapon)"
+    assert clean_name("monitor_(computer_equipment) computer_monitor") == \
         "monitor (computer equipment) computer monitor"
-    assert prompt_name("  red__star ") == "red star"
-    assert prompt_name("tvmonitor") == "tv monitor"
+    assert clean_name("  red__star ") == "red star"
+    assert builtin_vocabulary("voc")[builtin_vocabulary("voc", raw=True).index("tvmonitor")] == "tv monitor"
+
+
+def test_one_name_rule_for_lists_files_and_specs(tmp_path):
+    """Lists (API), files and comma specs (CLI) refuse the same duplicates: the names CLIP cannot tell apart."""
+    for a, b in [("Dog", "dog"), ("red_star", "red  star"), ("bow_(weapon)", "bow (weapon)")]:
+        assert name_key(a) == name_key(b)
+        with pytest.raises(ValueError, match="duplicate"):
+            validate_names([a, b])
+        with pytest.raises(ValueError, match="duplicate"):
+            parse_vocabulary(f"{a}, {b}")
+        path = tmp_path / "dup.txt"
+        path.write_text(f"{a}\n{b}\n")
+        with pytest.raises(ValueError, match="duplicate"):
+            read_vocabulary_file(path)
+    assert name_key("red star") != name_key("red stars")
 
 
 def test_duplicates_are_what_clip_tokenizer_merges():
@@ -146,7 +163,7 @@ def test_builtin_files_pass_the_file_reader():
     from importlib import resources
 
     for name in BUILTIN_VOCABULARIES:
-        with resources.as_file(resources.files("gridclip.data.vocabularies") / f"{name}.txt") as p:
+        with resources.as_file(resources.files("gridclip.clip") / "vocabularies" / f"{name}.txt") as p:
             assert read_vocabulary_file(p) == builtin_vocabulary(name, raw=True)
 
 
@@ -159,12 +176,18 @@ def test_parse_builtin_and_list():
     assert parse_vocabulary(" red star ,blue ring,  striped green ring,") == [
         "red star", "blue ring", "striped green ring"]
     assert parse_vocabulary("лиса, 狐狸") == ["лиса", "狐狸"]
+    assert parse_vocabulary("red star") == ["red star"]  # one name needs no comma
+    assert parse_vocabulary(("red star", "blue ring")) == ["red star", "blue ring"]
 
 
 def test_parse_file(tmp_path):
     path = tmp_path / "mine.txt"
     path.write_text("a\nb\n")
     assert parse_vocabulary(str(path)) == ["a", "b"]
+    assert parse_vocabulary(path) == ["a", "b"]  # a PathLike
+    other = tmp_path / "names.list"  # an existing file of any extension
+    other.write_text("c\nd\n")
+    assert parse_vocabulary(str(other)) == ["c", "d"]
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         parse_vocabulary(str(tmp_path / "nope.txt"))
 
@@ -178,3 +201,18 @@ def test_parse_file(tmp_path):
 def test_parse_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         parse_vocabulary(spec)
+
+
+def test_model_accepts_every_spec_the_cli_accepts(make_tiny_detector, tmp_path):
+    """`model.set_vocabulary("red star, blue ring")` works as `gridclip detect --vocab` does."""
+    model = make_tiny_detector()
+    model.set_vocabulary("red star, blue ring")
+    assert model.class_names == ("red star", "blue ring")
+    path = tmp_path / "v.txt"
+    path.write_text("green cross\nred star\n")
+    model.set_vocabulary(path)
+    assert model.class_names == ("green cross", "red star")
+    model.set_vocabulary("voc")
+    assert len(model.class_names) == 20
+    with pytest.raises(ValueError, match="duplicate"):
+        model.set_vocabulary("a, A")

@@ -1,6 +1,6 @@
-"""``gridclip <command> ...``: one entry point, commands imported lazily.
+"""``gridclip <command> ...``: one entry point; only the chosen command's module is imported.
 
-Each command is a function ``cli(argv: list[str]) -> int`` in the module named below; it builds its
+Each command is a module of :mod:`gridclip.commands` with ``main(argv: list[str]) -> int``; it builds its
 own ``argparse`` parser. Bad input raises ``ValueError`` / ``FileNotFoundError`` / ``OSError`` with a
 message naming the file or field; here it becomes one line on stderr and exit code 2 (the traceback
 only with ``--debug``).
@@ -12,19 +12,19 @@ import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    # name: (module:function, one-line help)
-    "info": ("gridclip.model.summary:cli", "architecture summary and inference parameter count"),
-    "demo": ("gridclip.demo:cli", "the embedded open-vocabulary world, end to end"),
-    "make-world": ("gridclip.data.shapes:cli", "generate the embedded shape world (LVIS-format JSON + PNGs)"),
-    "pretrain-clip": ("gridclip.clip.pretrain:cli", "pretrain the tiny CLIP and ViT teacher on world captions"),
-    "train": ("gridclip.engine.train:cli", "train GridCLIP from a YAML config"),
-    "eval": ("gridclip.engine.evaluate:cli", "evaluate a checkpoint, or score a COCO-format results file"),
-    "cache-teacher": ("gridclip.engine.teacher_cache:cli", "precompute teacher image embeddings"),
-    "detect": ("gridclip.engine.predict:cli", "detect objects in images with any vocabulary"),
-    "export": ("gridclip.export:cli", "export to ONNX"),
-    "serve": ("gridclip.serve:cli", "web demo (Gradio)"),
-    "bench": ("gridclip.bench:cli", "speed and memory benchmarks"),
-    "analyze": ("gridclip.analysis.cli:cli", "AP-vs-frequency and CLIP recall@k analyses"),
+    # name: (module in gridclip.commands, one-line help)
+    "info": ("info", "architecture summary and inference parameter count"),
+    "demo": ("demo", "the embedded open-vocabulary world, end to end"),
+    "make-world": ("make_world", "generate the embedded shape world (LVIS-format JSON + PNGs)"),
+    "pretrain-clip": ("pretrain_clip", "pretrain the tiny CLIP and ViT teacher on world captions"),
+    "train": ("train", "train GridCLIP from a YAML config"),
+    "eval": ("eval", "evaluate a checkpoint, or score a COCO-format results file"),
+    "cache-teacher": ("cache_teacher", "precompute teacher image embeddings"),
+    "detect": ("detect", "detect objects in images with any vocabulary"),
+    "export": ("export", "export to ONNX"),
+    "serve": ("serve", "web demo (Gradio)"),
+    "bench": ("bench", "speed and memory benchmarks"),
+    "analyze": ("analyze", "AP-vs-frequency and CLIP recall@k analyses"),
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, OSError)
@@ -53,10 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"gridclip: error: unknown command '{name}' (expected one of: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    module_name, func_name = COMMANDS[name][0].split(":")
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
-        return int(func(rest) or 0)
+        command = importlib.import_module(f"gridclip.commands.{COMMANDS[name][0]}")
+        return int(command.main(rest) or 0)
     except KeyboardInterrupt:
         print("gridclip: interrupted", file=sys.stderr)
         return 130

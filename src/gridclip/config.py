@@ -14,11 +14,12 @@ from typing import Any
 
 import yaml
 
+from gridclip.utils.atomic import atomic_open
+
 
 @dataclass
 class GridCLIPConfig:
     """The detector. Defaults follow the paper (Sec. 3-4) and torchvision's FCOS."""
-
     # CLIP image encoder: an open_clip model name (or local model directory) and its weights source:
     # an open_clip pretrained tag (e.g. "openai"), a checkpoint file, or None for random init.
     # Every pretrained RN tag expects QuickGELU: use the "-quickgelu" names.
@@ -257,7 +258,7 @@ def _read_yaml_chain(path: Path, seen: tuple) -> dict:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    from gridclip.utils.atomic import atomic_open
+
 
     with atomic_open(path, "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)

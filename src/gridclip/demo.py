@@ -7,12 +7,26 @@ Every step reuses the library: ``make_world``, ``pretrain``, ``engine.train``, `
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import time
 from pathlib import Path
+
+import torch
+from torchvision.io import write_png
+from torchvision.ops import nms
+from torchvision.utils import draw_bounding_boxes
+
+from gridclip.checkpoint import load_checkpoint, save_checkpoint
+from gridclip.config import load_config, save_config
+from gridclip.data.datasets import build_train_dataset
+from gridclip.data.images import load_image
+from gridclip.data.shapes import make_world
+from gridclip.engine.clip_pretrain import PretrainConfig, train_clip
+from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
+from gridclip.engine.train import train
+from gridclip.utils.atomic import atomic_write_json
 
 ASSETS = Path(__file__).parent / "assets" / "shapes"
 CLIP_NAME, TEACHER_NAME = "shapes-RN-tiny", "shapes-ViT-tiny"
@@ -31,8 +45,6 @@ DEMO_VARIANTS = ("GridCLIP", "grid only", "FCOS w/o align")
 
 def demo_config(world: Path, clip_dir: Path, teacher_dir: Path, out_dir: Path, iters: int):
     """The shape-world training config (also written to OUT/config.yaml): tiny CLIP, 128 px images."""
-    from gridclip.config import load_config
-
     cfg = load_config(Path(__file__).parent / "configs" / "shapes_demo.yaml")
     cfg.model.clip_model, cfg.model.clip_pretrained = str(clip_dir), None
     cfg.model.teacher_model, cfg.model.teacher_pretrained = str(teacher_dir), None
@@ -47,8 +59,6 @@ def _clip_dirs(out: Path, world: Path, from_scratch: bool, steps: int | None) ->
     shipped = ASSETS / CLIP_NAME, ASSETS / TEACHER_NAME
     if not from_scratch and all((d / "open_clip_config.json").is_file() for d in shipped):
         return shipped
-    from gridclip.clip.pretrain import PretrainConfig, train_clip
-
     target = out / "clip"
     for name in (CLIP_NAME, TEACHER_NAME):
         if not (target / name / "open_clip_config.json").is_file():
@@ -58,8 +68,6 @@ def _clip_dirs(out: Path, world: Path, from_scratch: bool, steps: int | None) ->
 
 
 def _evaluate_variant(model, cfg, base_category_ids: list[int]) -> dict:
-    from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
-
     val = build_eval_dataset(cfg.data)
     if model.cfg.grid_align:
         model.set_vocabulary(val.category_names)  # open vocabulary: all categories, novel included
@@ -85,13 +93,6 @@ class _WithCategories:
 
 def _draw_examples(model, cfg, out_dir: Path, novel_ids: set[int], count: int = 6) -> list[str]:
     """Drawn detections (scaled x3; red = a novel category) of val images that hold novel objects."""
-    import torch
-    from torchvision.io import write_png
-    from torchvision.ops import nms
-    from torchvision.utils import draw_bounding_boxes
-
-    from gridclip.data.images import load_image
-
     data = json.loads(Path(cfg.data.val_json).read_text())
     novel_names = {c["name"] for c in data["categories"] if c["id"] in novel_ids}
     with_novel = sorted({a["image_id"] for a in data["annotations"] if a["category_id"] in novel_ids})
@@ -122,12 +123,6 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, from_scratch: bool = False
              variants: tuple[str, ...] = DEMO_VARIANTS, world_size: str = "default", clip_steps: int = 2400,
              examples: int = 6) -> dict:
     """Run the demo; returns ``{variant: {AP, AP50, APr, APc, APf}}`` (also in OUT/metrics.json)."""
-    from gridclip.checkpoint import load_checkpoint, save_checkpoint
-    from gridclip.config import save_config
-    from gridclip.data.shapes import make_world
-    from gridclip.engine.train import train
-    from gridclip.utils.atomic import atomic_write_json
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -147,8 +142,6 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, from_scratch: bool = False
         cfg = demo_config(world, clip_dir, teacher_dir, run_dir, iters)
         for key, value in VARIANTS[name].items():
             setattr(cfg.model, key, value)
-        from gridclip.data.datasets import build_train_dataset
-
         base_ids = build_train_dataset(cfg.data).category_ids
         if not cfg.model.grid_align:
             cfg.model.num_classes = len(base_ids)
@@ -183,20 +176,3 @@ def format_demo_table(metrics: dict[str, dict]) -> str:
     for name, m in metrics.items():
         lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * m[k]:6.1f}" if m.get(k, -1) >= 0 else "   n/a" for k in keys))
     return "\n".join(lines)
-
-
-def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="gridclip demo", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--from-scratch", action="store_true", help="pretrain the tiny CLIP and teacher instead of using the shipped weights")
-    p.add_argument("--iters", type=int, default=400, help="training iterations per variant (batch 16)")
-    p.add_argument("--ablations", action="store_true", help="also the paper's Table 4/5 variants (w/o MHSA, image only) and the 3x3 embedding conv")
-    p.add_argument("--mini", action="store_true", help="tiny world and few iterations: checks the pipeline in a minute")
-    a = p.parse_args(argv)
-    variants = tuple(VARIANTS) if a.ablations else DEMO_VARIANTS
-    if a.mini:
-        run_demo(a.out, from_scratch=a.from_scratch, iters=min(a.iters, 20), variants=variants, world_size="small",
-                 clip_steps=20, examples=2)
-    else:
-        run_demo(a.out, from_scratch=a.from_scratch, iters=a.iters, variants=variants)
-    return 0

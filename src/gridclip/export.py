@@ -28,7 +28,6 @@ slightly near the padded border otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -46,7 +45,7 @@ from gridclip.data.images import load_image, to_float_image
 from gridclip.model.postprocess import DenseOutputs, PostProcess, fcos_anchor_generator
 from gridclip.utils.atomic import atomic_save, atomic_write_json
 
-__all__ = ["DenseGridCLIP", "export_onnx", "preprocess", "postprocess", "OnnxDetector", "cli"]
+__all__ = ["DenseGridCLIP", "export_onnx", "preprocess", "postprocess", "OnnxDetector"]
 
 SIZE_DIVISIBLE = 32
 OUTPUTS = ["vectors", "text_vectors", "bbox_regression", "bbox_ctrness", "level_shapes"]
@@ -228,34 +227,3 @@ class OnnxDetector:
         for d in dets:
             d["names"] = [class_names[k] for k in d["labels"].tolist()]
         return dets
-
-
-# -------------------------------------------------------------------------------------------------- CLI
-def cli(argv: Sequence[str]) -> int:
-    """``gridclip export --checkpoint C [--vocab ...] --out model.onnx [--vocab-input] [--opset 17]``."""
-    from gridclip.checkpoint import load_checkpoint
-    from gridclip.engine.predict import _set_cli_vocabulary
-
-    p = argparse.ArgumentParser(prog="gridclip export", description="Export GridCLIP's dense part to ONNX.")
-    p.add_argument("--checkpoint", required=True, help="GridCLIP checkpoint (.pt)")
-    p.add_argument("--vocab", help="'lvis', 'coco', 'voc', a .txt file, or comma-separated names "
-                   "(default: the checkpoint's vocabulary)")
-    p.add_argument("--vocab-file", help="text file with one class name per line")
-    p.add_argument("--vocab-embeddings", help=".pt file with text embeddings [K, D] (or {'names', 'embeddings'})")
-    p.add_argument("--out", required=True, help="output .onnx file (a .onnx.json sidecar is written beside it)")
-    p.add_argument("--vocab-input", action="store_true", help="vocabulary embeddings as a second graph input")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    args = p.parse_args(list(argv))
-    if not 11 <= args.opset <= 20:
-        raise ValueError(f"--opset: expected 11..20, got {args.opset}")
-    out = Path(args.out)
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {out}: is a folder, expected an .onnx file path")
-    model = load_checkpoint(args.checkpoint)
-    if args.vocab_input and not any((args.vocab, args.vocab_file, args.vocab_embeddings)) and not model.class_names:
-        pass  # the vocabulary is fed at run time
-    else:
-        _set_cli_vocabulary(model, args)
-    export_onnx(model, out, vocab_input=args.vocab_input, opset=args.opset)
-    print(f"wrote {out} and {sidecar_path(out)}")
-    return 0

@@ -6,15 +6,18 @@ concurrency 1), and text embeddings are cached on disk, so switching back to a v
 """
 from __future__ import annotations
 
-import argparse
 import os
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["detect_image", "build_demo", "cli"]
+from gridclip.clip.vocabulary import parse_vocabulary
+from gridclip.engine.predict import draw_detections, predict
+
+__all__ = ["detect_image", "build_demo"]
 
 TABLE_HEADERS = ["class", "score", "x1", "y1", "x2", "y2"]
 
@@ -26,15 +29,13 @@ def detect_image(model: nn.Module, image: np.ndarray | None, vocabulary: str,
     (HWC uint8) and table rows ``[class, score, x1, y1, x2, y2]`` (pixels), best first.
 
     Raises ValueError with a one-line message for a missing image or a bad vocabulary."""
-    from gridclip.data.vocabularies import parse_vocabulary
-    from gridclip.engine.predict import draw_detections, predict
-
     if image is None:
         raise ValueError("no image: upload one first")
     if vocabulary and vocabulary.strip():
-        names = parse_vocabulary(vocabulary) if not vocabulary.strip().lower().endswith(".txt") else None
-        if names is None:
+        text = vocabulary.strip()
+        if text.lower().endswith(".txt") or Path(text).exists():
             raise ValueError("vocabulary: files are not read from the web page; type names separated by commas")
+        names = parse_vocabulary(text)
         if list(names) != list(getattr(model, "class_names", ())):
             model.set_vocabulary(names)
     elif not getattr(model, "class_names", None):
@@ -82,34 +83,3 @@ def build_demo(model: nn.Module, default_vocabulary: str = "", default_score: fl
                 table = gr.Dataframe(headers=TABLE_HEADERS, label="boxes", elem_id="detections", interactive=False)
         button.click(run, inputs=[image, vocab, score], outputs=[output, table], concurrency_limit=1)
     return demo
-
-
-def cli(argv: Sequence[str]) -> int:
-    """``gridclip serve --checkpoint C [--port 7860] [--host 127.0.0.1] [--vocab ...] [--device cpu]``."""
-    from gridclip.checkpoint import load_checkpoint
-    from gridclip.data.vocabularies import parse_vocabulary
-    from gridclip.engine.predict import resolve_device
-
-    p = argparse.ArgumentParser(prog="gridclip serve", description="Web demo (Gradio) for a checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="GridCLIP checkpoint (.pt)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0: all)")
-    p.add_argument("--vocab", help="initial vocabulary (default: the checkpoint's)")
-    p.add_argument("--score", type=float, default=0.3, help="initial score threshold (default 0.3)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
-    args = p.parse_args(list(argv))
-    if not 1 <= args.port <= 65535:
-        raise ValueError(f"--port: expected 1..65535, got {args.port}")
-    if not 0.0 <= args.score <= 1.0:
-        raise ValueError(f"--score: expected a number in [0, 1], got {args.score}")
-    device = resolve_device(args.device)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise ValueError("gridclip serve needs gradio: pip install 'gridclip[serve]'") from None
-    model = load_checkpoint(args.checkpoint, device=device).optimize_for_inference()
-    if args.vocab:
-        model.set_vocabulary(parse_vocabulary(args.vocab))
-    build_demo(model, args.vocab or "", args.score).launch(server_name=args.host, server_port=args.port)
-    return 0

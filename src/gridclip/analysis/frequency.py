@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from gridclip.engine.evaluate import evaluate
+from gridclip.utils.atomic import atomic_open
+
 MOVING_AVERAGE_HALF_WINDOW = 10  # the paper's Fig. 3 averages each category with +-10 neighbours
 
 
@@ -23,7 +26,6 @@ MOVING_AVERAGE_HALF_WINDOW = 10  # the paper's Fig. 3 averages each category wit
 class CategoryRow:
     """One category: its id, name, LVIS frequency tag ("" if none), training image count and AP per run
     (None where the category has no ground truth in the evaluation set)."""
-
     category_id: int
     name: str
     frequency: str
@@ -72,8 +74,6 @@ def category_table(
     Training image counts come from ``train`` (a training JSON's annotations) or, without it, from the
     ground truth's per-category ``image_count`` field (LVIS v1 val carries the train counts there).
     """
-    from gridclip.engine.evaluate import evaluate
-
     gt_dict = _read_json(gt, "ground-truth file") if not isinstance(gt, dict) else gt
     gt_name = str(gt) if not isinstance(gt, dict) else "ground truth"
     if not results:
@@ -109,8 +109,6 @@ def moving_average(values: Sequence[float], half_window: int = MOVING_AVERAGE_HA
 def write_table_csv(rows: Sequence[CategoryRow], labels: Sequence[str], path: str | os.PathLike) -> None:
     """CSV, one row per category: category_id, name, frequency, train_image_count, AP_<label>... (AP in
     [0, 1], empty where the category has no ground truth). Written atomically."""
-    from gridclip.utils.atomic import atomic_open
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["category_id", "name", "frequency", "train_image_count", *[f"AP_{label}" for label in labels]])
@@ -122,7 +120,7 @@ def write_table_csv(rows: Sequence[CategoryRow], labels: Sequence[str], path: st
 
 
 def _save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
-    from gridclip.utils.atomic import atomic_open
+
 
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=dpi)

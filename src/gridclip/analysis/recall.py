@@ -10,6 +10,8 @@ averaged over images with at least one ground-truth category.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import warnings
@@ -19,12 +21,17 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
+
+from gridclip.clip.vocabulary import Vocabulary
+from gridclip.data.datasets import build_dataset
+from gridclip.model.teacher import CLIPTeacher
+from gridclip.utils.atomic import atomic_open, atomic_write_json
 
 
 @dataclass
 class RecallResult:
     """Recall@k of one CLIP model: ``recall`` {k (clamped): mean fraction in [0, 1]} over ``num_images``."""
-
     model: str
     recall: dict[int, float]
     num_images: int
@@ -99,8 +106,6 @@ def recall_at_k(image_embeddings: Tensor, text_embeddings: Tensor, gt_labels: Se
 
 def _gt_images(gt: str | os.PathLike, images: str | os.PathLike | None, max_images: int | None):
     """(dataset, per-image label lists) of the images with at least one ground-truth box."""
-    from gridclip.data.datasets import build_dataset
-
     data_kind = "coco"  # frequency tags are not needed here; LVIS JSONs read the same
     dataset = build_dataset(data_kind, gt, images, strict=True, drop_empty=True)
     indices = list(range(len(dataset)))[: max_images or None]
@@ -111,7 +116,6 @@ def _gt_images(gt: str | os.PathLike, images: str | os.PathLike | None, max_imag
 
 class _ImageList(torch.utils.data.Dataset):
     """uint8 CHW images ``dataset.load(i)`` for ``i`` in ``indices`` (decoded in DataLoader workers)."""
-
     def __init__(self, dataset, indices: Sequence[int]):
         self.dataset, self.indices = dataset, list(indices)
 
@@ -131,8 +135,6 @@ def embed_images(encode: Callable[[list[Tensor]], Tensor], dataset, indices: Seq
                  progress: bool = True, desc: str = "images", num_workers: int = 0) -> Tensor:
     """[N, D] embeddings of ``dataset`` images ``indices`` (given to ``encode`` as float CHW in [0, 1],
     a list per batch), in order."""
-    from tqdm import tqdm
-
     loader = torch.utils.data.DataLoader(_ImageList(dataset, indices), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=_as_list)
     chunks = [encode([im.float() / 255 for im in batch]).float().cpu()
@@ -152,9 +154,6 @@ def clip_recall(
     num_workers: int = 0,
 ) -> list[RecallResult]:
     """Recall@k of every CLIP model spec in ``models`` (``MODEL[:PRETRAINED]``) on ``gt``'s images."""
-    from gridclip.clip import Vocabulary
-    from gridclip.model.teacher import CLIPTeacher
-
     if not models:
         raise ValueError("--clip: give at least one CLIP model")
     dataset, indices, labels = _gt_images(gt, images, max_images)
@@ -190,11 +189,6 @@ def write_recall_outputs(results: Sequence[RecallResult], out_dir: str | os.Path
                          title: str | None = None) -> dict[str, Path]:
     """OUT/<stem>.json, OUT/<stem>.csv (model, k, recall, images, categories) and OUT/<stem>.png (bar
     chart: one group per k, one bar per model, recall in %); all atomic."""
-    import csv
-    import io
-
-    from gridclip.utils.atomic import atomic_open, atomic_write_json
-
     out_dir = Path(out_dir)
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "png")}
     atomic_write_json(paths["json"], [{"model": r.model, "recall": {str(k): v for k, v in r.recall.items()},
@@ -219,7 +213,7 @@ def plot_recall(results: Sequence[RecallResult], path: str | os.PathLike, size: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gridclip.utils.atomic import atomic_open
+
 
     ks = sorted({k for r in results for k in r.recall})
     fig, ax = plt.subplots(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)

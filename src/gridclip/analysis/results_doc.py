@@ -15,6 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gridclip.analysis.frequency import run_frequency
+from gridclip.analysis.recall import clip_recall, write_recall_outputs
+from gridclip.analysis.transfer import evaluate_transfer, make_transfer_world
+from gridclip.checkpoint import load_checkpoint
+from gridclip.config import load_config
+from gridclip.model import GridCLIP
+from gridclip.model.summary import PAPER_RN50_PARAMS
+from gridclip.utils.atomic import atomic_open, atomic_write_json
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SEE_PAPER = "see paper"
 
@@ -39,7 +48,6 @@ RECALL_KS = (1, 3, 5, 10)  # the world has 48 categories (the paper's 10 / 100 /
 @dataclass
 class DemoRun:
     """What a demo folder holds (paths may not exist)."""
-
     root: Path
     metrics: dict[str, dict]
     world: dict = field(default_factory=dict)
@@ -66,8 +74,6 @@ def load_demo(demo: str | os.PathLike) -> DemoRun:
     config = None
     cfg_path = root / "runs" / "GridCLIP" / "config.yaml"
     if cfg_path.is_file():
-        from gridclip.config import load_config
-
         config = load_config(cfg_path)
     return DemoRun(root, metrics, world, config)
 
@@ -90,8 +96,6 @@ def _file_key(path: Path) -> dict:
 def transfer_metrics(run: DemoRun, compute: bool = True, num_images: int = 200) -> dict | None:
     """The demo model's transfer-world report, cached in DEMO/transfer/metrics.json (keyed by the
     checkpoint file); computed when missing or stale and ``compute``."""
-    from gridclip.utils.atomic import atomic_write_json
-
     model = run.root / "model.pt"
     cache = run.root / "transfer" / "metrics.json"
     if not model.is_file():
@@ -103,7 +107,7 @@ def transfer_metrics(run: DemoRun, compute: bool = True, num_images: int = 200) 
             return saved
     if not compute:
         return None
-    from gridclip.analysis.transfer import evaluate_transfer, make_transfer_world
+
 
     world = run.root / "transfer_world"
     make_transfer_world(world, seed=0, num_images=num_images)
@@ -115,9 +119,6 @@ def transfer_metrics(run: DemoRun, compute: bool = True, num_images: int = 200) 
 def make_figures(run: DemoRun, figures_dir: Path) -> dict[str, Path]:
     """Fig. 3 (per-category AP vs training images, every variant with results) and Fig. 4 (recall@k of
     the demo's CLIP and teacher on the val images); returns the written PNGs (+ tables) by name."""
-    from gridclip.analysis.frequency import run_frequency
-    from gridclip.analysis.recall import clip_recall, write_recall_outputs
-
     written: dict[str, Path] = {}
     val_json = run.root / "world" / "val.json"
     if not val_json.is_file():
@@ -147,8 +148,6 @@ def _config_note(name: str) -> str:
 
 def render(run: DemoRun, transfer: dict | None, figures: dict[str, Path], out: Path, rn50_params: float | None) -> str:
     """The Markdown text of docs/results.md."""
-    from gridclip.model.summary import PAPER_RN50_PARAMS
-
     m = run.metrics
     rel = {k: os.path.relpath(v, out.parent) for k, v in figures.items()}
     w = run.world
@@ -297,16 +296,13 @@ def render(run: DemoRun, transfer: dict | None, figures: dict[str, Path], out: P
 def _demo_parameter_count(path: Path) -> int | None:
     if not path.is_file():
         return None
-    from gridclip.checkpoint import load_checkpoint
+
 
     return load_checkpoint(path).inference_parameter_count()
 
 
 def rn50_inference_parameters() -> float:
     """Inference parameter count of the paper config (RN50), built without weights (no download)."""
-    from gridclip.config import load_config
-    from gridclip.model import GridCLIP
-
     cfg = load_config(REPO_ROOT / "configs" / "lvis_r50.yaml")
     return float(GridCLIP(cfg.model, load_clip_weights=False).inference_parameter_count())
 
@@ -314,8 +310,6 @@ def rn50_inference_parameters() -> float:
 def write_results_doc(demo: str | os.PathLike, out: str | os.PathLike, figures_dir: str | os.PathLike | None = None,
                       transfer: bool = True, count_rn50: bool = True) -> list[Path]:
     """Write ``out`` (Markdown, atomic) and, with ``figures_dir``, the figures; returns written paths."""
-    from gridclip.utils.atomic import atomic_open
-
     run = load_demo(demo)
     out = Path(out)
     figures = make_figures(run, Path(figures_dir)) if figures_dir is not None else {}

@@ -25,6 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from gridclip.checkpoint import load_checkpoint
+from gridclip.data.datasets import build_dataset
+from gridclip.data.shapes import COLOURS, SHAPES, SIZES, render_image
+from gridclip.data.transforms import eval_transforms
+from gridclip.engine.evaluate import evaluate, run_inference
+from gridclip.utils.atomic import atomic_write_json
 
 TRANSFER_VERSION = "transfer-1"
 _SPLIT_CODE = 7  # distinct from shapes' split codes, so no image repeats a base-world image
@@ -33,8 +41,6 @@ TRANSFER_NMS = 0.6  # paper Table 3: NMS threshold for the VOC / COCO transfer
 
 def transfer_category_names() -> list[str]:
     """The transfer vocabulary: the shape words of the base world, in its order (id = index + 1)."""
-    from gridclip.data.shapes import SHAPES
-
     return list(SHAPES)
 
 
@@ -45,11 +51,6 @@ def make_transfer_world(out: str | os.PathLike, seed: int = 0, num_images: int =
     Each image holds 1-8 objects; each object is a uniformly drawn (colour, shape) pair, so every shape
     appears in every colour. Objects are sized as in the base world (``WorldSize`` defaults).
     """
-    from PIL import Image
-
-    from gridclip.data.shapes import COLOURS, SIZES, render_image
-    from gridclip.utils.atomic import atomic_write_json
-
     if num_images < 1 or image_size < 32:
         raise ValueError(f"transfer world: expected num_images >= 1 and image_size >= 32, got {num_images}, {image_size}")
     root = Path(out)
@@ -102,17 +103,11 @@ def evaluate_transfer(model: Any, world: str | os.PathLike, nms_thresh: float = 
     world ``world`` (its directory), with the vocabulary swapped to the transfer categories and NMS at
     ``nms_thresh``. Returns ``{"metrics": {...}, "num_detections", "num_images", "categories"}``.
     """
-    from gridclip.data.datasets import build_dataset
-    from gridclip.data.transforms import eval_transforms
-    from gridclip.engine.evaluate import evaluate, run_inference
-
     world = Path(world)
     gt = world / "transfer.json"
     if not (world / ".complete").is_file() or not gt.is_file():
         raise FileNotFoundError(f"{world}: not a complete transfer world; run `gridclip analyze transfer --world {world} ...`")
     if isinstance(model, (str, os.PathLike)):
-        from gridclip.checkpoint import load_checkpoint
-
         model = load_checkpoint(model, device=device)
     if hasattr(model, "cfg") and not getattr(model.cfg, "grid_align", True):
         raise ValueError("transfer needs an open-vocabulary model (grid_align on); a closed-set model cannot swap its vocabulary")

@@ -1,9 +1,12 @@
-"""Everything CLIP: model loading, tokenizer, prompt templates, vocabularies (text embeddings)."""
+"""Everything CLIP: model loading, tokenizer, prompt templates, the vocabulary (names -> text embeddings)."""
 from gridclip.clip.loader import clip_identity, get_tokenizer, load_clip, model_config, register_model_configs
-from gridclip.clip.prompts import VILD_TEMPLATES, clean_name
-from gridclip.clip.vocabulary import Vocabulary, encode_names, validate_names
+from gridclip.clip.prompts import VILD_TEMPLATES
+from gridclip.clip.vocabulary import (BUILTIN_VOCABULARIES, Vocabulary, builtin_frequencies, builtin_vocabulary,
+                                      clean_name, encode_names, name_key, parse_vocabulary, read_vocabulary_file,
+                                      validate_names)
 
 __all__ = [
-    "VILD_TEMPLATES", "Vocabulary", "clean_name", "clip_identity", "encode_names", "get_tokenizer",
-    "load_clip", "model_config", "register_model_configs", "validate_names",
+    "BUILTIN_VOCABULARIES", "VILD_TEMPLATES", "Vocabulary", "builtin_frequencies", "builtin_vocabulary", "clean_name",
+    "clip_identity", "encode_names", "get_tokenizer", "load_clip", "model_config", "name_key", "parse_vocabulary",
+    "read_vocabulary_file", "register_model_configs", "validate_names",
 ]

@@ -20,6 +20,7 @@ import os
 import zipfile
 from pathlib import Path
 
+import open_clip
 import torch
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -28,8 +29,6 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 @functools.lru_cache(maxsize=None)
 def register_model_configs() -> None:
     """Make gridclip's own model configs (tiny CLIPs for the embedded world) known to open_clip."""
-    import open_clip
-
     if _CONFIG_DIR.is_dir() and any(_CONFIG_DIR.glob("*.json")):
         open_clip.add_model_config(_CONFIG_DIR)
 
@@ -44,8 +43,6 @@ def _local_dir_path(model: str) -> Path:
 
 def model_config(model: str) -> dict:
     """The open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) without building weights."""
-    import open_clip
-
     register_model_configs()
     if is_local_dir(model):
         path = _local_dir_path(model) / "open_clip_config.json"
@@ -87,8 +84,6 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
 
     Random init (``pretrained=None`` and no local directory) is seeded without touching the global RNG.
     """
-    import open_clip
-
     register_model_configs()
     if is_local_dir(model):
         directory = _local_dir_path(model)
@@ -125,8 +120,6 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
 
 
 def get_tokenizer(model: str):
-    import open_clip
-
     register_model_configs()
     if is_local_dir(model):
         return open_clip.get_tokenizer(f"local-dir:{_local_dir_path(model)}")
@@ -148,8 +141,6 @@ def clip_identity(model: str, pretrained: str | None, seed: int = 0) -> str:
     Files are hashed (memoised by path, size and mtime); open_clip tags are immutable releases, so the tag
     itself identifies them; random init is identified by its seed and the open_clip version.
     """
-    import open_clip
-
     if is_local_dir(model):
         directory = _local_dir_path(model)
         files = sorted(p for p in directory.iterdir() if p.is_file())

@@ -1,7 +1,6 @@
-"""Prompt templates and class-name cleaning for text embeddings (ViLD, Gu et al. 2022)."""
+"""Prompt templates for text embeddings (ViLD, Gu et al. 2022); names are cleaned by
+:func:`gridclip.clip.vocabulary.clean_name`."""
 from __future__ import annotations
-
-import re
 
 # ViLD's 14 detection prompt templates: a class embedding is the normalised mean of the normalised
 # embeddings of these prompts.
@@ -22,10 +21,3 @@ VILD_TEMPLATES: tuple[str, ...] = (
     "There is a large {} in the scene.",
 )
 
-
-def clean_name(name: str) -> str:
-    """LVIS-style names to prompt text: ``"bow_(weapon)" -> "bow (weapon)"``, ``"tv_set" -> "tv set"``."""
-    text = name.replace("_", " ")
-    text = re.sub(r"\s*\(\s*", " (", text)
-    text = re.sub(r"\s*\)", ")", text)
-    return re.sub(r"\s+", " ", text).strip()

@@ -1,8 +1,17 @@
-"""Vocabulary: class names -> normalised CLIP text embeddings, cached on disk.
+"""The vocabulary: what the detector scores. One home for names, specs, built-in lists and embeddings.
 
-Embedding of a class (ViLD): encode every template filled with the cleaned name, L2-normalise each,
-average, normalise again. The disk cache is keyed by the CLIP identity (name + weights checksum), the
-cleaned names and the templates, so a cache hit never runs the text encoder.
+* Names: :func:`clean_name` is the one normaliser (what the text prompts contain), :func:`name_key` the
+  one identity rule (what CLIP's lower-casing tokenizer cannot tell apart: "Dog" / "dog" /
+  "red_star" / "red  star" would give identical classifier rows that split every score between them).
+* Specs: :func:`parse_vocabulary` turns what users write (a list of names, "red star, blue ring", a
+  built-in name ``lvis`` / ``coco`` / ``voc``, a text file with one name per line) into names; the
+  Python API, the CLI, the web demo and the ONNX export all use it.
+* Built-ins: LVIS v1 (1203, with its f/c/r frequency groups), COCO (80) and VOC (20), stored raw (as
+  the datasets' annotation files spell them) in ``vocabularies/`` beside this module.
+* Embeddings (ViLD): every template filled with the cleaned name is encoded, each L2-normalised,
+  averaged, normalised again. :class:`Vocabulary` holds names + embeddings; the disk cache is keyed by
+  the CLIP identity (name + weights checksum), the cleaned names and the templates, so a hit never runs
+  the text encoder.
 """
 from __future__ import annotations
 
@@ -10,37 +19,197 @@ import functools
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from gridclip.clip.loader import clip_identity, get_tokenizer, load_clip
-from gridclip.clip.prompts import VILD_TEMPLATES, clean_name
+from gridclip.clip.prompts import VILD_TEMPLATES
+from gridclip.utils.atomic import atomic_save
+
+BUILTIN_VOCABULARIES = ("lvis", "coco", "voc")
+BUILTIN_DIR = "vocabularies"
+
+# VOC's XML spells three classes as one word; CLIP reads the two-word phrase better.
+_VOC_PROMPT_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("GRIDCLIP_CACHE", Path.home() / ".cache" / "gridclip")) / "text_embeddings"
+# --------------------------------------------------------------------------------------------- names
+def clean_name(name: str) -> str:
+    """Dataset names to prompt text: ``"bow_(weapon)" -> "bow (weapon)"``, ``"tv_set" -> "tv set"``,
+    whitespace collapsed."""
+    text = name.replace("_", " ")
+    text = re.sub(r"\s*\(\s*", " (", text)
+    text = re.sub(r"\s*\)", ")", text)
+    return re.sub(r"\s+", " ", text).strip()
 
 
-def validate_names(names: Sequence[str]) -> list[str]:
-    """Check a list of class names: non-empty, strings, no blanks, no duplicates (after cleaning)."""
+def name_key(name: str) -> str:
+    """Two names with the same key get the same text embedding (case-folded cleaned text)."""
+    return clean_name(name).casefold()
+
+
+def validate_names(names: Sequence[str], source: str = "vocabulary") -> list[str]:
+    """Check a list of class names: non-empty, strings, no blanks, no duplicates (by :func:`name_key`)."""
     if isinstance(names, str):
-        raise ValueError("vocabulary: expected a list of class names, got a single string")
+        raise ValueError(f"{source}: expected a list of class names, got a single string")
     names = list(names)
     if not names:
-        raise ValueError("vocabulary is empty: give at least one class name")
+        raise ValueError(f"{source} is empty: give at least one class name")
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if not isinstance(name, str) or not clean_name(name):
-            raise ValueError(f"vocabulary entry {i} is not a non-empty class name: {name!r}")
-        key = clean_name(name).lower()
+            raise ValueError(f"{source} entry {i} is not a non-empty class name: {name!r}")
+        key = name_key(name)
         if key in seen:
-            raise ValueError(f"vocabulary has duplicate names: {names[seen[key]]!r} (entry {seen[key]}) and {name!r} (entry {i})")
+            raise ValueError(f"{source} has duplicate names: {names[seen[key]]!r} (entry {seen[key]}) and {name!r} (entry {i})")
         seen[key] = i
     return names
+
+
+def _parse_lines(text: str, source: str) -> list[str]:
+    names: list[str] = []
+    first_line: dict[str, tuple[int, str]] = {}
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        key = name_key(name)
+        if key in first_line:
+            prev_line, prev_name = first_line[key]
+            same = "" if prev_name == name else f" (same as {prev_name!r} ignoring case/spaces)"
+            raise ValueError(f"{source}:{line_no}: duplicate name {name!r}{same}, first on line {prev_line}")
+        first_line[key] = (line_no, name)
+        names.append(name)
+    if not names:
+        raise ValueError(f"{source}: no names (file is empty or has only blank/comment lines); "
+                         f"expected one category name per line")
+    return names
+
+
+def read_vocabulary_file(path: str | os.PathLike) -> list[str]:
+    """One category name per line (UTF-8, optional BOM); blank lines and ``#`` comments skipped; names
+    stripped and otherwise kept as written. Errors name the file and line (missing, not UTF-8, empty,
+    duplicate)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: vocabulary file not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, expected a vocabulary file (one name per line)") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line_no = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line_no}: not valid UTF-8 (byte offset {exc.start})") from None
+    return _parse_lines(text, str(path))
+
+
+# ----------------------------------------------------------------------------------------- built-ins
+@functools.lru_cache(maxsize=None)
+def _builtin_text(filename: str) -> str:
+    return resources.files(__package__).joinpath(BUILTIN_DIR, filename).read_text(encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_raw(name: str) -> tuple[str, ...]:
+    return tuple(_parse_lines(_builtin_text(f"{name}.txt"), f"gridclip builtin {name}.txt"))
+
+
+def _check_builtin(name: str) -> str:
+    key = name.strip().lower()
+    if key not in BUILTIN_VOCABULARIES:
+        raise ValueError(f"unknown built-in vocabulary {name!r}; expected one of {', '.join(BUILTIN_VOCABULARIES)}")
+    return key
+
+
+def builtin_vocabulary(name: str, raw: bool = False) -> list[str]:
+    """Names of a built-in vocabulary in label order (LVIS / COCO: category-id order): ``"lvis"``,
+    ``"coco"`` or ``"voc"`` (any case). ``raw``: as spelled in the annotations ("bow_(weapon)") instead
+    of prompt-ready ("bow (weapon)"; VOC's one-word names split). A new list each call."""
+    names = _builtin_raw(_check_builtin(name))
+    if raw:
+        return list(names)
+    return [_VOC_PROMPT_NAMES.get(n, clean_name(n)) for n in names]
+
+
+@functools.lru_cache(maxsize=None)
+def _lvis_frequencies() -> tuple[str, ...]:
+    names = _builtin_raw("lvis")
+    freqs: list[str] = []
+    for line in _builtin_text("lvis_frequency.txt").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        cat_id, freq, raw = line.split("\t")
+        if int(cat_id) != len(freqs) + 1 or freq not in ("f", "c", "r") or raw != names[len(freqs)]:
+            raise ValueError(f"gridclip builtin lvis_frequency.txt: bad line {line!r}")
+        freqs.append(freq)
+    if len(freqs) != len(names):
+        raise ValueError(f"gridclip builtin lvis_frequency.txt: {len(freqs)} rows for {len(names)} LVIS names")
+    return tuple(freqs)
+
+
+def builtin_frequencies(name: str = "lvis") -> list[str]:
+    """LVIS v1 frequency group per category in label order: "f" (frequent, >100 training images),
+    "c" (common, 11-100) or "r" (rare, 1-10). Only LVIS defines these."""
+    if _check_builtin(name) != "lvis":
+        raise ValueError(f"frequency groups exist only for the 'lvis' vocabulary, not {name!r}")
+    return list(_lvis_frequencies())
+
+
+# --------------------------------------------------------------------------------------------- specs
+VocabularySpec = Union[str, os.PathLike, Sequence[str]]
+
+
+def parse_vocabulary(spec: VocabularySpec) -> list[str]:
+    """Names from what a user writes, the same everywhere (API, CLI, web demo, export):
+
+    * a list / tuple of names: checked (:func:`validate_names`);
+    * ``"lvis"`` / ``"coco"`` / ``"voc"`` (any case): the built-in vocabulary, prompt-ready names;
+    * a path to an existing file, or any string ending in ``.txt``: :func:`read_vocabulary_file`;
+    * otherwise comma-separated names (``"red star, blue ring"``; one name needs no comma), each
+      stripped; empty items (a trailing comma) are ignored.
+
+    Raises ValueError (empty, no names, duplicates: both positions named) or FileNotFoundError.
+    """
+    if isinstance(spec, os.PathLike):
+        return read_vocabulary_file(spec)
+    if not isinstance(spec, str):
+        return validate_names(spec)
+    text = spec.strip()
+    if not text:
+        raise ValueError("vocabulary: empty; expected 'lvis', 'coco', 'voc', a .txt file with one "
+                         "name per line, or comma-separated names")
+    if text.lower() in BUILTIN_VOCABULARIES:
+        return builtin_vocabulary(text)
+    if text.lower().endswith(".txt") or Path(text).is_file():
+        return read_vocabulary_file(text)
+    names: list[str] = []
+    first: dict[str, tuple[int, str]] = {}
+    for position, item in enumerate(text.split(","), start=1):
+        name = item.strip()
+        if not name:
+            continue
+        key = name_key(name)
+        if key in first:
+            raise ValueError(f"vocabulary: duplicate name {name!r} at item {position} "
+                             f"(first {first[key][1]!r} at item {first[key][0]})")
+        first[key] = (position, name)
+        names.append(name)
+    if not names:
+        raise ValueError(f"vocabulary: no names in {spec!r}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------- embeddings
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("GRIDCLIP_CACHE", Path.home() / ".cache" / "gridclip")) / "text_embeddings"
 
 
 @functools.lru_cache(maxsize=4)
@@ -123,9 +292,31 @@ class Vocabulary:
         embeddings = encode_names(clip, tokenizer, names, templates)
         vocab = cls(tuple(names), embeddings, identity)
         try:
-            from gridclip.utils.atomic import atomic_save
-
             atomic_save(path, lambda f: torch.save({"embeddings": embeddings, "identity": identity}, f))
         except OSError:
             pass  # an unwritable cache only costs recomputation
         return vocab
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Vocabulary":
+        """A ``.pt`` file of text embeddings: a tensor ``[K, D]`` or a dict ``{"embeddings": [K, D],
+        "names": [K]}`` (e.g. a saved vocabulary cache)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: vocabulary embeddings file not found")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot read vocabulary embeddings ({type(exc).__name__})") from None
+        names = None
+        if isinstance(data, dict):
+            names = data.get("names")
+            data = data.get("embeddings")
+        if not isinstance(data, torch.Tensor) or data.ndim != 2 or data.shape[0] == 0:
+            raise ValueError(f"{path}: expected a tensor [K, D] (K >= 1) or a dict with 'embeddings' [K, D]")
+        if names is not None and len(names) != data.shape[0]:
+            raise ValueError(f"{path}: {len(names)} names for {data.shape[0]} embeddings")
+        try:
+            return cls.from_tensor(data, names)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None

@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from gridclip.data.datasets import Category, DetectionAnnotations
+from gridclip.data.annotations import Category, DetectionAnnotations
 
 logger = logging.getLogger("gridclip.data")
 

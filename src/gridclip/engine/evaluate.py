@@ -4,7 +4,7 @@ Scoring uses faster-coco-eval:
 - LVIS style (federated): ``COCOeval_faster(gt, dt, "bbox", lvis_style=True)`` with ``maxDets = [300]``
   after keeping each image's 300 best detections, as ``lvis.LVISResults`` does. This reproduces
   ``lvis.LVISEval(gt, dt, "bbox")`` (tests compare all metrics to 1e-6).
-- COCO style (also VOC, converted with ``gridclip.data.datasets.to_coco_dict``): pycocotools' protocol,
+- COCO style (also VOC, converted with ``gridclip.data.annotations.to_coco_dict``): pycocotools' protocol,
   ``maxDets = [1, 10, 100]``; the paper's Table 3 reports AP50 / AP75 for VOC and COCO transfer.
 
 Metrics are a flat dict ``AP, AP50, AP75, APs, APm, APl`` (+ ``APr, APc, APf`` for LVIS), values in
@@ -13,17 +13,10 @@ match them). Per-category AP (``Evaluation.per_category_ap``) is read from the e
 array: mean over IoU thresholds and recall points, all areas, the largest maxDets; categories without
 ground truth are left out.
 
-CLI::
-
-    gridclip eval --gt GT.json --results DT.json [--out DIR] [--style lvis|coco] [--max-dets N]
-    gridclip eval --checkpoint C [--config F] [--out DIR] [--batch-size B] [--device D] [--strict]
-
-The checkpoint path takes the data and eval settings from ``--config`` (or a config the trainer
-stored in the checkpoint's ``extra["config"]``) and writes DIR/results.json as well.
+The command is ``gridclip eval`` (:mod:`gridclip.commands.eval`).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -31,10 +24,19 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal
 
 import numpy as np
 import torch
+from faster_coco_eval import COCO, COCOeval_faster
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from gridclip.data.collate import collate_detection
+from gridclip.data.annotations import DetectionAnnotations, LoadReport, to_coco_dict
+from gridclip.data.datasets import build_dataset
+from gridclip.data.transforms import eval_transforms
+from gridclip.utils.atomic import atomic_write_json
 
 logger = logging.getLogger("gridclip.eval")
 
@@ -120,8 +122,6 @@ def evaluate(
     ``style`` None: "lvis" when every category has a ``frequency`` tag, else "coco". ``max_dets``
     defaults to 300 (LVIS, per image) or 100 (COCO, per image and category).
     """
-    from faster_coco_eval import COCO, COCOeval_faster
-
     gt_dict = _load_json(gt, "ground-truth file") if isinstance(gt, (str, os.PathLike)) else gt
     gt_name = str(gt) if isinstance(gt, (str, os.PathLike)) else "ground truth"
     for key in ("images", "annotations", "categories"):
@@ -209,10 +209,6 @@ def run_inference(
     Under torch.distributed, rank r scores images r, r + world, ...; the results of all ranks are
     gathered (``all_gather_object``) and every rank returns the same list, sorted by image id.
     """
-    from torch.utils.data import DataLoader, Subset
-
-    from gridclip.data.collate import collate_detection
-
     rank, world = _dist_info()
     indices = list(range(rank, len(dataset), world))
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
@@ -224,8 +220,6 @@ def run_inference(
     try:
         iterator = loader
         if progress and rank == 0:
-            from tqdm import tqdm
-
             iterator = tqdm(loader, desc="eval", unit="batch")
         for images, targets in iterator:
             outputs = model([im.to(device) for im in images])
@@ -265,8 +259,6 @@ def format_table(metrics: dict[str, float]) -> str:
 
 def write_outputs(out_dir: str | os.PathLike, evaluation: Evaluation, results: list[dict] | None = None) -> None:
     """DIR/metrics.json (flat keys), DIR/per_category_ap.json, and DIR/results.json if given; atomic."""
-    from gridclip.utils.atomic import atomic_write_json
-
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "metrics.json", evaluation.metrics)
     atomic_write_json(out_dir / "per_category_ap.json", {str(k): v for k, v in evaluation.per_category_ap.items()})
@@ -278,9 +270,6 @@ def build_eval_dataset(data_cfg: Any, strict: bool = False):
     """The evaluation dataset of a ``DataConfig``: ``format`` lvis / coco (``val_json`` + ``val_images``)
     or voc (``val_json`` the VOC year folder or its ``ImageSets/Main/<split>.txt``), identity eval
     transform (the model's transform resizes)."""
-    from gridclip.data.datasets import build_dataset
-    from gridclip.data.transforms import eval_transforms
-
     if not getattr(data_cfg, "val_json", None):
         raise ValueError("config: data.val_json is required for evaluation")
     return build_dataset(data_cfg.format, data_cfg.val_json, data_cfg.val_images, transforms=eval_transforms(),
@@ -290,32 +279,23 @@ def build_eval_dataset(data_cfg: Any, strict: bool = False):
 def ground_truth_for(dataset_format: str, data_cfg: Any, dataset) -> str | dict:
     """LVIS / COCO: the JSON itself (its ``area`` fields and federated lists are what the official
     evaluators use). VOC: the records the dataset serves, in COCO form (difficult = ignore)."""
-    from gridclip.data.datasets import DetectionAnnotations, LoadReport, to_coco_dict
-
     if dataset_format == "voc":
         return to_coco_dict(DetectionAnnotations(dataset.source, dataset.categories, dataset.records, LoadReport(dataset.source)))
     return str(data_cfg.val_json)
 
 
-_ground_truth_for = ground_truth_for  # earlier private name, used by engine.train
+def evaluate_model(model: torch.nn.Module, cfg: Any, *, batch_size: int | None = None,
+                   device: str | torch.device = "cpu", style: Literal["lvis", "coco"] | None = None,
+                   max_dets: int | None = None, strict: bool = False, progress: bool = False
+                   ) -> tuple[Evaluation, list[dict]]:
+    """Run ``model`` on the evaluation dataset of ``cfg`` (a :class:`~gridclip.config.Config`) and score it.
 
-
-def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dict]]:
-    from gridclip.checkpoint import checkpoint_extra, load_checkpoint
-    from gridclip.config import Config, config_from_dict, load_config
-
-    if args.config:
-        cfg = load_config(args.config)
-    elif isinstance(checkpoint_extra(args.checkpoint).get("config"), dict):
-        cfg = config_from_dict(checkpoint_extra(args.checkpoint)["config"], Config, f"{args.checkpoint}:extra.config")
-    else:
-        raise ValueError(f"{args.checkpoint}: holds no data config; give --config F naming data.val_json")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_checkpoint(args.checkpoint, device=device).optimize_for_inference()
-    dataset = build_eval_dataset(cfg.data, strict=args.strict)
-    # Open-vocabulary / transfer evaluation: the vocabulary is the evaluation dataset's categories, by
-    # default their names; eval.vocabulary (built-in name or file) gives better prompt names in the
-    # same order (e.g. VOC's "diningtable" -> "dining table").
+    Open-vocabulary / transfer evaluation: the vocabulary is the evaluation dataset's categories, by
+    default their names; ``cfg.eval.vocabulary`` (built-in name or file) gives better prompt names in the
+    same order (e.g. VOC's "diningtable" -> "dining table"). ``cfg.eval.nms_thresh`` overrides the
+    model's NMS threshold (paper: 0.6 for COCO / VOC transfer). Returns the scores and the detections.
+    """
+    dataset = build_eval_dataset(cfg.data, strict=strict)
     model.set_vocabulary(cfg.eval.vocabulary or dataset.category_names)
     if model.num_classes != len(dataset.category_ids):
         raise ValueError(
@@ -323,43 +303,10 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dic
             f"{len(dataset.category_ids)} categories"
         )
     if cfg.eval.nms_thresh is not None:
-        model.nms_thresh = float(cfg.eval.nms_thresh)  # paper: 0.6 for COCO / VOC transfer
-    results = run_inference(model, dataset, batch_size=args.batch_size or cfg.eval.batch_size, device=device,
-                            progress=True)
-    style = args.style or ("lvis" if cfg.data.format == "lvis" else "coco")
-    max_dets = args.max_dets or (cfg.eval.max_dets if style == "lvis" else None)
+        model.nms_thresh = float(cfg.eval.nms_thresh)
+    results = run_inference(model, dataset, batch_size=batch_size or cfg.eval.batch_size, device=device,
+                            progress=progress)
+    style = style or ("lvis" if cfg.data.format == "lvis" else "coco")
+    max_dets = max_dets or (cfg.eval.max_dets if style == "lvis" else None)
     gt = ground_truth_for(cfg.data.format, cfg.data, dataset)
     return evaluate(gt, results, style=style, max_dets=max_dets), results
-
-
-def cli(argv: Sequence[str]) -> int:
-    """``gridclip eval``: score a results file, or run a checkpoint on its evaluation dataset."""
-    p = argparse.ArgumentParser(prog="gridclip eval", description=cli.__doc__)
-    p.add_argument("--gt", help="ground-truth COCO/LVIS JSON (with --results)")
-    p.add_argument("--results", help="COCO-format detections JSON (with --gt)")
-    p.add_argument("--checkpoint", help="model checkpoint to run on the config's evaluation dataset")
-    p.add_argument("--config", help="YAML config overriding the checkpoint's (with --checkpoint)")
-    p.add_argument("--out", help="output folder for metrics.json, per_category_ap.json (and results.json)")
-    p.add_argument("--style", choices=("lvis", "coco"), help="default: lvis if categories carry 'frequency'")
-    p.add_argument("--max-dets", type=int, help="detections per image (LVIS: 300) or per image and class (COCO: 100)")
-    p.add_argument("--batch-size", type=int, help="default: the config's eval.batch_size")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--strict", action="store_true", help="bad annotations raise instead of being skipped")
-    args = p.parse_args(list(argv))
-
-    results = None
-    if args.gt or args.results:
-        if not (args.gt and args.results) or args.checkpoint:
-            raise ValueError("gridclip eval: give --gt and --results together, or --checkpoint (without them)")
-        evaluation = evaluate(args.gt, args.results, style=args.style, max_dets=args.max_dets)
-    elif args.checkpoint:
-        evaluation, results = _evaluate_checkpoint(args)
-    else:
-        raise ValueError("gridclip eval: give --gt GT.json --results DT.json, or --checkpoint C [--config F]")
-
-    print(f"{evaluation.style} bbox, {evaluation.num_detections} detections")
-    print(format_table(evaluation.metrics))
-    if args.out:
-        write_outputs(args.out, evaluation, results)
-        print(f"wrote {Path(args.out) / 'metrics.json'}")
-    return 0

@@ -17,7 +17,6 @@ by another teacher or missing an image.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
@@ -26,7 +25,15 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from gridclip.config import Config, load_config
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from gridclip.clip.loader import clip_identity
+from gridclip.config import Config
+from gridclip.data.collate import collate_detection
+from gridclip.data.datasets import DetectionDataset, load_train_annotations
+from gridclip.data.transforms import eval_transforms
+from gridclip.model.teacher import CLIPTeacher
 from gridclip.utils.atomic import atomic_save
 
 logger = logging.getLogger("gridclip.train")
@@ -36,14 +43,10 @@ FORMAT = "gridclip-teacher-cache"
 
 def build_teacher(cfg: Config):
     """The frozen teacher named by ``cfg.model.teacher_model`` / ``teacher_pretrained``."""
-    from gridclip.model.teacher import CLIPTeacher
-
     return CLIPTeacher.from_pretrained(cfg.model.teacher_model, cfg.model.teacher_pretrained)
 
 
 def teacher_identity(cfg: Config) -> str:
-    from gridclip.clip.loader import clip_identity
-
     return clip_identity(cfg.model.teacher_model, cfg.model.teacher_pretrained)
 
 
@@ -95,14 +98,8 @@ def compute_embeddings(teacher, dataset, batch_size: int = 32, device: str | tor
                        progress: bool = False) -> tuple[Tensor, Tensor]:
     """``(image_ids [N], embeddings [N, D])`` of every image of ``dataset`` (a ``DetectionDataset``
     whose transform yields float images in [0, 1]), in dataset order, duplicates removed."""
-    from torch.utils.data import DataLoader
-
-    from gridclip.data.collate import collate_detection
-
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection)
     if progress:
-        from tqdm import tqdm
-
         loader = tqdm(loader, desc="teacher", unit="batch")
     teacher = teacher.to(device)
     ids, chunks, seen = [], [], set()
@@ -124,26 +121,6 @@ def save_cache(path: str | os.PathLike, image_ids: Tensor, embeddings: Tensor, t
     atomic_save(path, lambda f: torch.save(data, f))
 
 
-def cli(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="gridclip cache-teacher",
-        description="Precompute the teacher's embeddings of the (un-augmented) training images, keyed by image id.")
-    parser.add_argument("--config", required=True, help="YAML config (model.teacher_*, data.train_*)")
-    parser.add_argument("--out", required=True, help="output file (.pt); then train with train.teacher_cache=FILE")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(list(argv))
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
-    cfg = load_config(args.config, args.overrides)
-    from gridclip.data.datasets import DetectionDataset
-    from gridclip.data.transforms import eval_transforms
-    from gridclip.engine.train import load_train_annotations
-
-    dataset = DetectionDataset(load_train_annotations(cfg), transforms=eval_transforms(), strict=cfg.data.strict)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ids, emb = compute_embeddings(build_teacher(cfg), dataset, args.batch_size, device, progress=True)
-    save_cache(args.out, ids, emb, teacher_identity(cfg))
-    print(f"wrote {args.out}: {len(ids)} images x {emb.shape[1]} dims ({teacher_identity(cfg)})")
-    return 0
+def training_images(cfg: Config) -> DetectionDataset:
+    """The un-augmented base-category training images of ``cfg.data``: what the cache embeds."""
+    return DetectionDataset(load_train_annotations(cfg.data), transforms=eval_transforms(), strict=cfg.data.strict)

@@ -28,28 +28,32 @@ Outputs in ``OUT``: ``config.yaml``, ``checkpoints/iter_*.pt`` (training state, 
 """
 from __future__ import annotations
 
-import argparse
-import bisect
 import contextlib
 import logging
 import math
 import os
 import random
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from gridclip.config import Config, config_to_dict, load_config, save_config
+from gridclip.checkpoint import save_checkpoint
+from gridclip.config import Config, config_to_dict, save_config
+from gridclip.data.collate import collate_detection
+from gridclip.data.datasets import build_train_dataset
+from gridclip.engine import evaluate as ev
 from gridclip.engine import state as train_state
 from gridclip.engine.distributed import (DistInfo, TrainBatchSampler, all_gather_object, any_rank, barrier,
                                          cleanup_distributed, init_distributed, repeat_factors)
+from gridclip.engine.optim import build_optimizer, build_scheduler
+from gridclip.engine.teacher_cache import TeacherCache, build_teacher
+from gridclip.model import build_model
 
 logger = logging.getLogger("gridclip.train")
 
@@ -59,21 +63,6 @@ class NonFiniteError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------- data
-def load_train_annotations(cfg: Config):
-    """The training annotations of ``cfg.data`` after the open-vocabulary split (see
-    :func:`gridclip.data.datasets.load_train_annotations`)."""
-    from gridclip.data import datasets
-
-    return datasets.load_train_annotations(cfg.data)
-
-
-def build_train_dataset(cfg: Config):
-    """``DetectionDataset`` of base-category training samples with crop / flip augmentation."""
-    from gridclip.data import datasets
-
-    return datasets.build_train_dataset(cfg.data)
-
-
 class SeededSamples(Dataset):
     """``dataset[(index, seed)]``: sample ``index`` with its augmentation drawn from ``seed`` alone, so
     it does not depend on the worker, the process or what was loaded before (resume, DDP)."""
@@ -105,60 +94,6 @@ class _MicroBatches:
 def aspect_groups(dataset) -> list[int]:
     """0 for landscape / square images, 1 for portrait (from the annotation sizes, no decoding)."""
     return [int(r.height > r.width) for r in dataset.records]
-
-
-# ------------------------------------------------------------------------------------------ optimizer
-def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float) -> list[dict]:
-    """Four groups: {CLIP-initialised, new} x {decay, no decay}. No decay on parameters with <= 1 dim
-    (biases, GroupNorm weights, the logit scale and bias)."""
-    clip = model.clip_parameter_names() if hasattr(model, "clip_parameter_names") else set()
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((name in clip, p.ndim <= 1), []).append(p)
-    out = []
-    for (is_clip, no_decay), params in sorted(groups.items()):
-        out.append({"params": params, "lr": lr * (backbone_lr_mult if is_clip else 1.0),
-                    "weight_decay": 0.0 if no_decay else weight_decay,
-                    "name": f"{'clip' if is_clip else 'new'}{'_no_decay' if no_decay else ''}"})
-    return out
-
-
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    t = cfg.train
-    groups = param_groups(model, t.lr, t.weight_decay, t.backbone_lr_mult)
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
-    raise ValueError(f"train.optimizer: expected sgd or adamw, got {t.optimizer!r}")
-
-
-@dataclass
-class WarmupMultiStep:
-    """LR factor at iteration ``it``: linear warmup from ``warmup_factor`` to 1 over ``warmup_iters``,
-    times ``gamma`` per milestone passed (milestones in iterations)."""
-
-    warmup_iters: int
-    warmup_factor: float
-    milestones: tuple[int, ...]
-    gamma: float
-
-    def __call__(self, it: int) -> float:
-        factor = self.gamma ** bisect.bisect_right(self.milestones, it)
-        if it < self.warmup_iters:
-            alpha = it / self.warmup_iters
-            factor *= self.warmup_factor * (1 - alpha) + alpha
-        return factor
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_iters: int):
-    t = cfg.train
-    if any(not 0 < f <= 1 for f in t.lr_steps):
-        raise ValueError(f"train.lr_steps: expected fractions of the schedule in (0, 1], got {list(t.lr_steps)}")
-    milestones = tuple(sorted(round(f * total_iters) for f in t.lr_steps))
-    schedule = WarmupMultiStep(t.warmup_iters, t.warmup_factor, milestones, t.lr_gamma)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -202,10 +137,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from torch.distributed import is_initialized
-
         cfg, t = self.cfg, self.cfg.train
-        had_group = is_initialized()
+        had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.dist = init_distributed(t.device)
         self._owns_process_group = self.dist.distributed and not had_group
         dev = self.dist.device
@@ -218,9 +151,7 @@ class Trainer:
                              "pass --resume to continue that run or choose another --out")
 
         _seed_everything(t.seed)  # same initial weights on every rank
-        self.dataset = build_train_dataset(cfg)
-        from gridclip.model import build_model
-
+        self.dataset = build_train_dataset(cfg.data)
         model = build_model(cfg)
         model.set_vocabulary(self.dataset.category_names)
         self.vocabulary = model.vocabulary
@@ -231,12 +162,10 @@ class Trainer:
         self.teacher = None
         self.teacher_cache = None
         if model.projector is not None:
-            from gridclip.engine import teacher_cache
-
             if t.teacher_cache:
-                self.teacher_cache = teacher_cache.TeacherCache.load(t.teacher_cache, cfg)
+                self.teacher_cache = TeacherCache.load(t.teacher_cache, cfg)
             else:
-                self.teacher = teacher_cache.build_teacher(cfg).to(dev)
+                self.teacher = build_teacher(cfg).to(dev)
 
         repeat = None
         if cfg.data.repeat_factor_threshold is not None:
@@ -312,15 +241,13 @@ class Trainer:
         start = self.iteration
         loader = DataLoader(
             SeededSamples(self.dataset), batch_sampler=_MicroBatches(self.sampler, start, self.total_iters),
-            num_workers=cfg.data.num_workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
+            num_workers=cfg.data.num_workers, collate_fn=collate_detection, pin_memory=dev.type == "cuda",
             generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
         )
         batches = iter(loader)
         writer = _summary_writer(self.out_dir / "tensorboard", start) if self.dist.is_main else None
         bar = None
         if self.progress and self.dist.is_main:
-            from tqdm import tqdm
-
             bar = tqdm(total=self.total_iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
@@ -387,8 +314,6 @@ class Trainer:
 
         model_path = self.out_dir / "model.pt"
         if self.dist.is_main:
-            from gridclip.checkpoint import save_checkpoint
-
             save_checkpoint(model_path, self.model, extra={"config": config_to_dict(cfg), "iteration": self.iteration,
                                                            "vocabulary": "base categories of the training set"})
         barrier(self.dist)
@@ -463,8 +388,6 @@ class Trainer:
 
     def _evaluate(self, writer, step: int) -> None:
         """AP on ``data.val_json`` with the full vocabulary (every rank takes part; rank 0 logs)."""
-        from gridclip.engine import evaluate as ev
-
         cfg, model = self.cfg, self.model
         train_sizes = (model.transform.min_size, model.transform.max_size)
         dataset = ev.build_eval_dataset(cfg.data)
@@ -486,12 +409,6 @@ class Trainer:
             if writer is not None:
                 for k, v in metrics.items():
                     writer.add_scalar(f"eval/{k}", v, step)
-
-
-def _collate(batch):
-    from gridclip.data.collate import collate_detection
-
-    return collate_detection(batch)
 
 
 def _seed_everything(seed: int) -> None:
@@ -525,26 +442,3 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, resume: bool = 
                    step_callback=step_callback).run()
 
 
-def cli(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="gridclip train", description="Train GridCLIP from a YAML config (also under torchrun for DDP).",
-        epilog="example: gridclip train --config configs/lvis_r50.yaml --out runs/r50 train.batch_size=8 train.accumulate=2")
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--out", help="output directory (default: the config's out_dir)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output directory")
-    parser.add_argument("--max-iters", type=int, help="schedule length in iterations (overrides epochs)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.02")
-    args = parser.parse_args(list(argv))
-    cfg = load_config(args.config, args.overrides)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        summary = train(cfg, args.out, resume=args.resume, max_iters=args.max_iters, progress=not args.no_progress)
-    except NonFiniteError as exc:
-        print(f"gridclip train: error: {exc}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained {summary['iterations']} iterations; model: {summary['model']}; "
-              f"{summary['images_per_second']:.1f} images/s")
-    return 0

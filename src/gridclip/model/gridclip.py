@@ -12,7 +12,6 @@ post-process with :class:`gridclip.model.postprocess.PostProcess` (large vocabul
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -27,7 +26,7 @@ from torchvision.models.detection.fcos import FCOS
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 from gridclip.clip.loader import load_clip, model_config
-from gridclip.clip.vocabulary import Vocabulary
+from gridclip.clip.vocabulary import Vocabulary, parse_vocabulary
 from gridclip.config import GridCLIPConfig
 from gridclip.model import inference
 from gridclip.model.backbone import (GridAttentionPool, cells_mask, clip_resnet_trunk, level_cells, nominal_stride,
@@ -171,10 +170,11 @@ class GridCLIP(FCOS):
     def set_vocabulary(self, vocabulary: Sequence[str] | Vocabulary | Tensor | str, *, cache_dir=None) -> "GridCLIP":
         """Swap the classes the detector scores: names (embedded with this model's CLIP text encoder and
         ViLD prompts, cached on disk), a :class:`Vocabulary`, or a tensor ``[K, D]`` of text embeddings.
-        A string is a built-in vocabulary name (``lvis``, ``coco``, ``voc``) or a text file (one per line).
+        Names may be given as any vocabulary spec (:func:`gridclip.clip.vocabulary.parse_vocabulary`): a
+        list, ``"red star, blue ring"``, a built-in name (``lvis``, ``coco``, ``voc``) or a text file.
         """
-        if isinstance(vocabulary, (str, os.PathLike)):
-            vocabulary = _names_from_spec(str(vocabulary))
+        if not isinstance(vocabulary, (Vocabulary, Tensor)):
+            vocabulary = parse_vocabulary(vocabulary)
         if not self.cfg.grid_align:
             names = list(vocabulary.names if isinstance(vocabulary, Vocabulary) else vocabulary)
             if len(names) != self.cfg.num_classes:
@@ -343,15 +343,3 @@ class GridCLIP(FCOS):
                                  "(compute it with gridclip.model.CLIPTeacher or set model.image_align false)")
 
 
-def _names_from_spec(spec: str) -> list[str]:
-    """A built-in vocabulary name or a text file of names (one per line)."""
-    from pathlib import Path
-
-    from gridclip.data import vocabularies
-
-    if Path(spec).is_file():
-        return vocabularies.read_vocabulary_file(spec)
-    if spec.lower() in ("lvis", "coco", "voc"):
-        return vocabularies.builtin_vocabulary(spec.lower())
-    raise ValueError(f"vocabulary '{spec}': not a file and not a built-in vocabulary (lvis, coco, voc); "
-                     "pass a list of names for a custom vocabulary")

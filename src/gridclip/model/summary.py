@@ -1,7 +1,5 @@
-"""``gridclip info``: architecture summary and inference parameter count of a config."""
+"""Architecture summary and inference parameter count of a model (``gridclip info``)."""
 from __future__ import annotations
-
-import argparse
 
 PAPER_RN50_PARAMS = 56.4e6  # paper Table 2
 
@@ -35,16 +33,3 @@ def summarize(model) -> list[str]:
     return lines
 
 
-def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="gridclip info", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML config (default: the paper's RN50 settings)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    a = p.parse_args(argv)
-    from gridclip.config import load_config
-    from gridclip.model import GridCLIP
-
-    cfg = load_config(a.config, a.overrides)
-    # Parameter shapes do not depend on the weights: build without loading (no download needed).
-    model = GridCLIP(cfg.model, load_clip_weights=False)
-    print("\n".join(summarize(model)))
-    return 0

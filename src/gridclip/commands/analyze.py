@@ -13,6 +13,13 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from gridclip.analysis.frequency import default_labels, run_frequency, summarize
+from gridclip.analysis.recall import clip_recall, format_recall_table, write_recall_outputs
+from gridclip.analysis.results_doc import write_results_doc
+from gridclip.analysis.transfer import TRANSFER_NMS, evaluate_transfer, make_transfer_world
+from gridclip.engine.evaluate import format_table
+from gridclip.utils.atomic import atomic_write_json
+
 SUBCOMMANDS = ("frequency", "clip-recall", "transfer", "results")
 
 
@@ -24,8 +31,6 @@ def _size(values: Sequence[int]) -> tuple[int, int]:
 
 
 def _frequency(argv: list[str]) -> int:
-    from gridclip.analysis.frequency import default_labels, run_frequency, summarize
-
     p = argparse.ArgumentParser(prog="gridclip analyze frequency",
                                 description="per-category AP vs training image count (paper Fig. 3) + CSV table")
     p.add_argument("--gt", required=True, help="ground-truth LVIS/COCO JSON (categories with 'frequency'; 'image_count' unless --train)")
@@ -46,8 +51,6 @@ def _frequency(argv: list[str]) -> int:
 
 
 def _clip_recall(argv: list[str]) -> int:
-    from gridclip.analysis.recall import clip_recall, format_recall_table, write_recall_outputs
-
     p = argparse.ArgumentParser(prog="gridclip analyze clip-recall",
                                 description="fraction of an image's GT categories in CLIP's top k (paper Fig. 4)")
     p.add_argument("--gt", required=True, help="ground-truth COCO/LVIS JSON")
@@ -74,10 +77,6 @@ def _clip_recall(argv: list[str]) -> int:
 
 
 def _transfer(argv: list[str]) -> int:
-    from gridclip.analysis.transfer import TRANSFER_NMS, evaluate_transfer, make_transfer_world
-    from gridclip.engine.evaluate import format_table
-    from gridclip.utils.atomic import atomic_write_json
-
     p = argparse.ArgumentParser(prog="gridclip analyze transfer",
                                 description="evaluate a checkpoint on the shape-word transfer world (Table 3 analogue)")
     p.add_argument("--checkpoint", help="GridCLIP checkpoint (omit to only generate the world)")
@@ -104,8 +103,6 @@ def _transfer(argv: list[str]) -> int:
 
 
 def _results(argv: list[str]) -> int:
-    from gridclip.analysis.results_doc import write_results_doc
-
     p = argparse.ArgumentParser(prog="gridclip analyze results",
                                 description="docs/results.md: the paper's tables, commands and embedded-world numbers")
     p.add_argument("--demo", default="runs/demo", help="a `gridclip demo` output folder (metrics.json)")
@@ -121,7 +118,7 @@ def _results(argv: list[str]) -> int:
     return 0
 
 
-def cli(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str]) -> int:
     """``gridclip analyze <subcommand>``."""
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -16,7 +16,6 @@ world's val split, for base and novel (rare) categories separately.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -27,8 +26,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from gridclip.clip.loader import get_tokenizer, load_clip, register_model_configs
+from gridclip.clip.prompts import VILD_TEMPLATES
+from gridclip.clip.vocabulary import encode_names
+from gridclip.data.shapes import load_world, single_object_images
 
 MODELS = {"rn": "shapes-RN-tiny", "vit": "shapes-ViT-tiny"}
 # Weights pretrained on `gridclip make-world --seed 0` (default size), shipped with the package.
@@ -50,7 +57,6 @@ ZERO_SHOT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a {}.", "a picture 
 @dataclass
 class PretrainConfig:
     """Hyper-parameters of one contrastive run (defaults: docs/world.md, notes/tiny-clip-feasibility.md)."""
-
     model: str = "shapes-RN-tiny"
     steps: int | None = None        # reproducible length; None -> run for ``minutes``
     minutes: float | None = None
@@ -69,10 +75,6 @@ class PretrainConfig:
 
 def _images_and_texts(world_dir: Path, model_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Caption split as uint8 images [N, 3, S, S] and token ids [N, context_length]."""
-    from PIL import Image
-
-    from gridclip.clip.loader import get_tokenizer, register_model_configs
-
     path = world_dir / "captions.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no caption list; generate the world with `gridclip make-world --out {world_dir}`")
@@ -108,10 +110,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def train_clip(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: PretrainConfig,
                log_every: int = 50) -> dict:
     """Train one model contrastively on the world's captions and save it as a local dir. Returns a record."""
-    import open_clip
-
-    from gridclip.clip.loader import register_model_configs
-
     if cfg.steps is None and cfg.minutes is None:
         raise ValueError("pretrain: give --steps (reproducible) or --minutes")
     if cfg.steps is not None and cfg.steps < 1:
@@ -185,8 +183,6 @@ def train_clip(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pr
 
 def _copy_and_lock_text_tower(model: torch.nn.Module, source_dir: str) -> None:
     """Load every non-visual weight (text tower, temperature) from a CLIP local dir; freeze the text tower."""
-    from gridclip.clip.loader import load_clip
-
     source = load_clip(source_dir).state_dict()
     own = model.state_dict()
     text = {k: v for k, v in source.items() if not k.startswith("visual.") and k != "attn_mask"}
@@ -199,9 +195,6 @@ def _copy_and_lock_text_tower(model: torch.nn.Module, source_dir: str) -> None:
 
 def save_local_dir(model: torch.nn.Module, model_cfg: dict, out_dir: str | os.PathLike, image_size: int) -> None:
     """Write an open_clip local model dir (config + fp16 safetensors), replacing ``out_dir`` atomically."""
-    import open_clip
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -225,8 +218,6 @@ def save_local_dir(model: torch.nn.Module, model_cfg: dict, out_dir: str | os.Pa
 def object_crops(world_dir: str | os.PathLike, split: str = "val", crop: int = 64) -> tuple[torch.Tensor, list[int]]:
     """One ``crop`` x ``crop`` window per annotated object, centred on its box (shifted to stay inside the
     image), at the objects' native scale. Returns (uint8 [N, 3, crop, crop], category ids)."""
-    from PIL import Image
-
     world_dir = Path(world_dir)
     data = json.loads((world_dir / f"{split}.json").read_text())
     files = {im["id"]: im["file_name"] for im in data["images"]}
@@ -258,12 +249,6 @@ def zero_shot_accuracy(model_dir: str | os.PathLike, world_dir: str | os.PathLik
       * ``"val"``: 64 px windows of val images centred on each object; crowded val images put several
         objects in one window, so this mixes in a multi-object ranking problem and is lower.
     """
-    import open_clip
-
-    from gridclip.clip.loader import get_tokenizer, load_clip
-    from gridclip.clip.vocabulary import encode_names
-    from gridclip.data.shapes import load_world, single_object_images
-
     if source not in ("single", "val"):
         raise ValueError(f"zero-shot source: expected 'single' or 'val', got {source!r}")
     world = load_world(world_dir)
@@ -290,52 +275,7 @@ def zero_shot_accuracy(model_dir: str | os.PathLike, world_dir: str | os.PathLik
 
 def evaluate_all(model_dir: str | os.PathLike, world_dir: str | os.PathLike) -> dict[str, dict[str, float]]:
     """Every zero-shot number the README reports: {single, val} x {simple, ViLD} templates."""
-    from gridclip.clip.prompts import VILD_TEMPLATES
-
     return {f"{source}_{name}": zero_shot_accuracy(model_dir, world_dir, templates, source)
             for source in ("single", "val") for name, templates in (("simple", None), ("vild", VILD_TEMPLATES))}
 
-
-def cli(argv: list[str]) -> int:
-    """``gridclip pretrain-clip --world DIR --out DIR [--steps N | --minutes M] [--seed S]``."""
-    p = argparse.ArgumentParser(prog="gridclip pretrain-clip", description=__doc__.split("\n")[0])
-    p.add_argument("--world", required=True, help="world directory from `gridclip make-world`")
-    p.add_argument("--out", required=True, help="output: OUT/shapes-RN-tiny and OUT/shapes-ViT-tiny")
-    p.add_argument("--models", default="rn,vit", help="comma list of: rn (CLIP ResNet), vit (teacher)")
-    p.add_argument("--steps", type=int, default=None, help="CLIP ResNet steps (reproducible)")
-    p.add_argument("--minutes", type=float, default=None, help="CLIP ResNet wall-clock budget (not reproducible)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="ViT teacher steps (default: --steps)")
-    p.add_argument("--teacher-minutes", type=float, default=None, help="ViT teacher budget (default: --minutes)")
-    p.add_argument("--teacher-text-from", default=None,
-                   help="CLIP dir whose text tower the ViT teacher copies and keeps frozen (LiT-style)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine)")
-    a = p.parse_args(argv)
-    from gridclip.data.shapes import load_world
-
-    world = load_world(a.world)  # clear error if the world is missing or incomplete
-    keys = [k.strip() for k in a.models.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in MODELS]
-    if unknown or not keys:
-        raise ValueError(f"--models: expected a comma list of {sorted(MODELS)}, got {a.models!r}")
-    if a.steps is None and a.minutes is None:
-        raise ValueError("pretrain-clip: give --steps N (reproducible) or --minutes M")
-    out = Path(a.out)
-    records = []
-    for key in keys:
-        steps, minutes = (a.steps, a.minutes) if key == "rn" else (
-            a.teacher_steps if a.teacher_steps is not None else a.steps,
-            a.teacher_minutes if a.teacher_minutes is not None else a.minutes)
-        cfg = PretrainConfig(model=MODELS[key], steps=steps, minutes=minutes, batch_size=a.batch_size, lr=a.lr,
-                             seed=a.seed, threads=a.threads, text_from=a.teacher_text_from if key == "vit" else None)
-        record = train_clip(world.root, out / MODELS[key], cfg)
-        record["zero_shot_top1"] = evaluate_all(out / MODELS[key], world.root)
-        print(json.dumps(record), flush=True)
-        records.append(record)
-    from gridclip.utils.atomic import atomic_write_json
-
-    atomic_write_json(out / "pretrain_record.json", records)
-    return 0
 

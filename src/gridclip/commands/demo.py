@@ -1,0 +1,24 @@
+"""``gridclip demo [--ablations] [--from-scratch] [--mini]``: the embedded open-vocabulary world, end to end."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from gridclip.demo import DEMO_VARIANTS, VARIANTS, run_demo
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="gridclip demo", description=__doc__.split("\n")[0].split(": ", 1)[-1])
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--from-scratch", action="store_true", help="pretrain the tiny CLIP and teacher instead of using the shipped weights")
+    p.add_argument("--iters", type=int, default=400, help="training iterations per variant (batch 16)")
+    p.add_argument("--ablations", action="store_true", help="also the paper's Table 4/5 variants (w/o MHSA, image only) and the 3x3 embedding conv")
+    p.add_argument("--mini", action="store_true", help="tiny world and few iterations: checks the pipeline in a minute")
+    a = p.parse_args(list(argv))
+    variants = tuple(VARIANTS) if a.ablations else DEMO_VARIANTS
+    if a.mini:
+        run_demo(a.out, from_scratch=a.from_scratch, iters=min(a.iters, 20), variants=variants, world_size="small",
+                 clip_steps=20, examples=2)
+    else:
+        run_demo(a.out, from_scratch=a.from_scratch, iters=a.iters, variants=variants)
+    return 0

@@ -1,0 +1,65 @@
+"""``gridclip eval``: score a COCO-format results file, or run a checkpoint on its evaluation dataset.
+
+    gridclip eval --gt GT.json --results DT.json [--out DIR] [--style lvis|coco] [--max-dets N]
+    gridclip eval --checkpoint C [--config F] [--out DIR] [--batch-size B] [--device D] [--strict]
+
+The checkpoint form takes the data and eval settings from ``--config`` (or the config the trainer stored
+in the checkpoint's ``extra["config"]``) and writes DIR/results.json as well.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from gridclip.checkpoint import checkpoint_extra, load_checkpoint
+from gridclip.config import Config, config_from_dict, load_config
+from gridclip.engine.evaluate import Evaluation, evaluate, evaluate_model, format_table, write_outputs
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dict]]:
+    if args.config:
+        cfg = load_config(args.config)
+    elif isinstance(checkpoint_extra(args.checkpoint).get("config"), dict):
+        cfg = config_from_dict(checkpoint_extra(args.checkpoint)["config"], Config, f"{args.checkpoint}:extra.config")
+    else:
+        raise ValueError(f"{args.checkpoint}: holds no data config; give --config F naming data.val_json")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_checkpoint(args.checkpoint, device=device).optimize_for_inference()
+    return evaluate_model(model, cfg, batch_size=args.batch_size, device=device, style=args.style,
+                          max_dets=args.max_dets, strict=args.strict, progress=True)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``gridclip eval``: score a results file, or run a checkpoint on its evaluation dataset."""
+    p = argparse.ArgumentParser(prog="gridclip eval", description=main.__doc__)
+    p.add_argument("--gt", help="ground-truth COCO/LVIS JSON (with --results)")
+    p.add_argument("--results", help="COCO-format detections JSON (with --gt)")
+    p.add_argument("--checkpoint", help="model checkpoint to run on the config's evaluation dataset")
+    p.add_argument("--config", help="YAML config overriding the checkpoint's (with --checkpoint)")
+    p.add_argument("--out", help="output folder for metrics.json, per_category_ap.json (and results.json)")
+    p.add_argument("--style", choices=("lvis", "coco"), help="default: lvis if categories carry 'frequency'")
+    p.add_argument("--max-dets", type=int, help="detections per image (LVIS: 300) or per image and class (COCO: 100)")
+    p.add_argument("--batch-size", type=int, help="default: the config's eval.batch_size")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--strict", action="store_true", help="bad annotations raise instead of being skipped")
+    args = p.parse_args(list(argv))
+
+    results = None
+    if args.gt or args.results:
+        if not (args.gt and args.results) or args.checkpoint:
+            raise ValueError("gridclip eval: give --gt and --results together, or --checkpoint (without them)")
+        evaluation = evaluate(args.gt, args.results, style=args.style, max_dets=args.max_dets)
+    elif args.checkpoint:
+        evaluation, results = _evaluate_checkpoint(args)
+    else:
+        raise ValueError("gridclip eval: give --gt GT.json --results DT.json, or --checkpoint C [--config F]")
+
+    print(f"{evaluation.style} bbox, {evaluation.num_detections} detections")
+    print(format_table(evaluation.metrics))
+    if args.out:
+        write_outputs(args.out, evaluation, results)
+        print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
