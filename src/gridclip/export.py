@@ -28,6 +28,7 @@ slightly near the padded border otherwise.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -41,11 +42,14 @@ from torch import Tensor, nn
 from torch.onnx.operators import shape_as_tensor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from gridclip import __version__ as gridclip_version
+from gridclip.clip.vocabulary import default_cache_dir
 from gridclip.data.images import load_image, to_float_image
 from gridclip.model.postprocess import DenseOutputs, PostProcess, fcos_anchor_generator
 from gridclip.utils.atomic import atomic_save, atomic_write_json
 
-__all__ = ["DenseGridCLIP", "export_onnx", "preprocess", "postprocess", "OnnxDetector"]
+__all__ = ["DenseGridCLIP", "export_onnx", "preprocess", "postprocess", "OnnxDetector", "cached_export", "export_key",
+           "onnx_cache_dir"]
 
 SIZE_DIVISIBLE = 32
 OUTPUTS = ["vectors", "text_vectors", "bbox_regression", "bbox_ctrness", "level_shapes"]
@@ -206,12 +210,18 @@ class OnnxDetector:
             raise ValueError(f"{meta_path}: ONNX export format version {self.meta.get('version')}; this gridclip "
                              f"reads version {FORMAT_VERSION} (export the checkpoint again)")
         self.session = ort.InferenceSession(str(path), providers=list(providers))
+        # torchvision FCOS's attribute names, as on the PyTorch model (override_thresholds works on both)
+        self.score_thresh = float(self.meta["score_thresh"])
+        self.nms_thresh = float(self.meta["nms_thresh"])
+        self.detections_per_img = int(self.meta["detections_per_img"])
+        self.class_names = tuple(self.meta["class_names"] or ())
 
     def __call__(self, inputs: Any, text: Tensor | None = None, names: Sequence[str] | None = None,
                  score_thresh: float | None = None) -> list[dict[str, Any]]:
-        m = self.meta
+        m = dict(self.meta, score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
+                 detections_per_img=self.detections_per_img)
         items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-        images = [to_float_image(load_image(x)) for x in items]
+        images = [to_float_image(load_image(x)).cpu() for x in items]
         batch, resized = preprocess(images, m["min_size"], m["max_size"], m["image_mean"], m["image_std"])
         feeds = {"images": batch.numpy()}
         if m["vocab_input"]:
@@ -227,3 +237,35 @@ class OnnxDetector:
         for d in dets:
             d["names"] = [class_names[k] for k in d["labels"].tolist()]
         return dets
+
+
+# --------------------------------------------------------------------------- cached export for a runtime
+def onnx_cache_dir() -> Path:
+    """``$GRIDCLIP_CACHE/onnx`` (default ``~/.cache/gridclip/onnx``), beside the text-embedding cache."""
+    return default_cache_dir().parent / "onnx"
+
+
+def export_key(checkpoint: str | os.PathLike, model: nn.Module, opset: int = 17) -> str:
+    """What an exported graph depends on: the checkpoint's bytes, the vocabulary (names and embeddings),
+    the settings in the sidecar, the export format and the torch / gridclip versions that traced it."""
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    text = model.head.classification_head.text_embeddings.detach().float().cpu().contiguous()
+    digest.update(text.numpy().tobytes())
+    digest.update(json.dumps([metadata(model, False, opset), torch.__version__, gridclip_version],
+                             sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def cached_export(model: nn.Module, checkpoint: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                  opset: int = 17) -> Path:
+    """The ONNX file of ``model`` (loaded from ``checkpoint``, its vocabulary set and baked in), exported on
+    the first call into ``cache_dir`` (default :func:`onnx_cache_dir`) as ``<key>.onnx`` + sidecar and
+    reused while :func:`export_key` stays the same."""
+    path = Path(cache_dir if cache_dir is not None else onnx_cache_dir()) / f"{export_key(checkpoint, model, opset)}.onnx"
+    if not (path.is_file() and sidecar_path(path).is_file()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(model, path, opset=opset)
+    return path

@@ -29,6 +29,8 @@ from gridclip.data.images import to_float_image
 from gridclip.data.inputs import expand_inputs, iter_images
 from gridclip.engine.predict import (class_names_of, detections_to_coco, draw_detections, override_thresholds,
                                      resolve_device, to_result)
+from gridclip.export import OnnxDetector, cached_export
+from gridclip.model import GridCLIP
 from gridclip.utils.atomic import atomic_open, atomic_write_bytes
 
 
@@ -74,6 +76,19 @@ def _batched(iterable: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def _runtime_model(model: GridCLIP, args: argparse.Namespace, device: torch.device) -> GridCLIP | OnnxDetector:
+    """The detector the images go through: the model's inference form, or its cached ONNX export in
+    onnxruntime (both take a list of float images and return the model's detections)."""
+    if args.runtime == "torch":
+        return model.to(device).optimize_for_inference()
+    if args.device is not None and device.type != "cpu":
+        raise ValueError(f"--runtime onnxruntime runs on the CPU: give --device cpu (or none), not {args.device}")
+    return OnnxDetector(cached_export(model.optimize_for_inference(), args.checkpoint))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gridclip detect", description="Detect objects in images with any vocabulary.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
@@ -85,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nms", type=float, help="NMS IoU threshold (default: the model's, 0.5)")
     p.add_argument("--max-det", type=int, help="detections per image (default: the model's, 300)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="torch (default), or onnxruntime on the CPU: the checkpoint with its vocabulary is exported "
+                   "once to $GRIDCLIP_CACHE/onnx (default ~/.cache/gridclip/onnx) and run there with the same "
+                   "post-processing")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--no-draw", action="store_true", help="do not write drawn images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -107,7 +126,7 @@ def main(argv: Sequence[str]) -> int:
     _check_writable_dir(out)
     model = load_checkpoint(args.checkpoint, device="cpu")
     set_vocabulary_from_args(model, args)
-    model.to(device).optimize_for_inference()
+    model = _runtime_model(model, args, device)
     paths = expand_inputs(args.inputs)
 
     failed = done = n_dets = 0
