@@ -196,7 +196,8 @@ class OnnxDetector:
     ``OnnxDetector("model.onnx")(images) -> [{boxes, scores, labels, names}]``, images as for
     :func:`gridclip.model.predict.predict` (paths, PIL, numpy, tensors)."""
 
-    def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 threads: int | None = None):
         import onnxruntime as ort
 
         path = Path(path)
@@ -209,7 +210,13 @@ class OnnxDetector:
         if self.meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{meta_path}: ONNX export format version {self.meta.get('version')}; this gridclip "
                              f"reads version {FORMAT_VERSION} (export the checkpoint again)")
-        self.session = ort.InferenceSession(str(path), providers=list(providers))
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        # no busy-waiting threads: like OMP_WAIT_POLICY=PASSIVE for torch (gridclip.cli), spinning is far
+        # slower whenever other processes share the cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         # torchvision FCOS's attribute names, as on the PyTorch model (override_thresholds works on both)
         self.score_thresh = float(self.meta["score_thresh"])
         self.nms_thresh = float(self.meta["nms_thresh"])
