@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,19 +15,16 @@ import torch
 from PIL import Image
 
 from gridclip.cli import main
-
-NAMES = ["red star", "blue ring", "green box"]
+from helpers import write_image
 
 
 @pytest.fixture(scope="module")
-def ckpt_dir(make_tiny_detector, tmp_path_factory):
-    """One tiny random checkpoint (vocabulary NAMES embedded by the tiny text encoder) for the battery."""
-    from gridclip.checkpoint import save_checkpoint
-    model = make_tiny_detector(128, 192, 20)
+def ckpt_dir(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint (vocabulary NAMES embedded by the tiny text encoder) as ``tiny.pt``, the same
+    model without a vocabulary as ``novocab.pt``, and a good image, in one folder for the battery."""
     d = tmp_path_factory.mktemp("battery")
-    save_checkpoint(d / "novocab.pt", model)
-    model.set_vocabulary(NAMES, cache_dir=d / "cache")
-    save_checkpoint(d / "tiny.pt", model)
+    shutil.copy(tiny_checkpoint(), d / "tiny.pt")
+    shutil.copy(tiny_checkpoint(names=None), d / "novocab.pt")
     write_image(d / "good.png", 80, 120, seed=1)
     return d
 
@@ -36,13 +34,6 @@ def model(ckpt_dir):
     import gridclip
 
     return gridclip.load(ckpt_dir / "tiny.pt")
-
-
-def write_image(path, h, w, seed=0, fmt=None, mode="RGB"):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
-    Image.fromarray(arr).convert(mode).save(path, format=fmt)
-    return path
 
 
 def jpeg_bytes(h=64, w=96, seed=0) -> bytes:

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from gridclip.bench import cli
+from gridclip.bench import report
+from gridclip.bench.cases import ModelSpec, build_gridclip
+from gridclip.commands.bench import main as cli
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,6 @@ def test_quick_bench_reports_every_field(quick_run):
     assert {r["case"] for r in results["training"]} == {"gridclip", "fcos"}
     assert all(r["images_per_s"] > 0 for r in results["training"])
     # The inference parameter count is the model's own count, not a copied number.
-    from benchmarks.cases import ModelSpec, build_gridclip
-
     model = build_gridclip(ModelSpec(clip_model=results["spec"]["clip_model"]), 1, optimize=False)
     assert results["parameters"]["inference_params_m"] == pytest.approx(model.inference_parameter_count() / 1e6)
     goals = {g["goal"]: g for g in results["goals"]}
@@ -75,8 +75,6 @@ def test_bad_arguments_are_user_errors(tmp_path):
 
 def test_gpu_fps_goal_is_read_from_fp16_rows():
     """The GPU goal (>= 40 FPS at 800x1333, fp16) is computed from the fp16 rows of a CUDA run."""
-    from benchmarks import report
-
     rows = [{"size": "800x1333", "case": c, "batch": b, "amp": a, "median_s": t, "samples_s": [t]}
             for c, b, a, t in [("gridclip_K1203", 1, "fp16", 0.02), ("gridclip_K1203", 8, "fp16", 0.1),
                                ("gridclip_K1203", 1, "none", 0.05), ("fcos", 1, "none", 0.04)]]

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 
 from gridclip.cli import COMMANDS, main
-from gridclip.config import Config, config_from_dict, config_to_dict, load_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from gridclip.config import (PACKAGED_CONFIG_DIR, Config, EvalConfig, config_from_dict, config_to_dict, load_config,
+                             packaged_configs)
 
 
 def test_paper_config_holds_the_paper_settings():
-    cfg = load_config(ROOT / "configs" / "lvis_r50.yaml")
+    cfg = load_config("lvis_r50")
     m, t = cfg.model, cfg.train
     assert (m.loss_grid, m.loss_image, m.loss_box, m.loss_ctr) == (1.0, 10.0, 1.0, 1.0)
     assert (m.score_thresh, m.nms_thresh, m.detections_per_img) == (0.05, 0.5, 300)
@@ -42,6 +41,55 @@ def test_config_errors_name_the_file_and_field(tmp_path, text, match):
     with pytest.raises(ValueError, match=match) as err:
         load_config(p)
     assert "bad.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("key,allowed", [
+    ("data.format", "lvis, coco, voc"), ("train.optimizer", "sgd, adamw"), ("train.amp", "none, bf16, fp16"),
+    ("train.device", "auto, cpu, cuda"),
+])
+def test_enumerations_are_checked_at_load(key, allowed):
+    with pytest.raises(ValueError, match=rf"^overrides\.{key}: expected one of {allowed}, got 'bogus'$"):
+        load_config(overrides=[f"{key}=bogus"])
+    section, field = key.split(".")
+    value = allowed.split(", ")[-1]
+    assert getattr(getattr(load_config(overrides=[f"{key}={value}"]), section), field) == value
+
+
+def test_removed_eval_style_loads_when_it_agrees_and_fails_when_it_contradicts(tmp_path):
+    assert not hasattr(EvalConfig(), "style")
+    ok = load_config(overrides=["eval.style=lvis", "data.format=lvis"])
+    assert ok == load_config(overrides=["data.format=lvis"]) and "style" not in config_to_dict(ok)["eval"]
+    assert load_config(overrides=["eval.style=coco", "data.format=voc"]).data.format == "voc"
+    with pytest.raises(ValueError, match=r"overrides\.eval\.style: this key was removed .* delete the key"):
+        load_config(overrides=["eval.style=coco", "data.format=lvis"])
+    # an old checkpoint's config dict (it carries the key) still loads
+    old = config_to_dict(Config())
+    old["eval"]["style"] = "lvis"
+    assert config_from_dict(old) == Config()
+
+
+def test_packaged_configs_resolve_by_name_and_chain(tmp_path):
+    names = packaged_configs()
+    assert {"lvis_r50", "lvis_r50_1gpu", "transfer_coco", "transfer_voc", "shapes_demo"} <= set(names)
+    assert all(p.parent == PACKAGED_CONFIG_DIR for p in names.values())
+    by_name, by_file = load_config("lvis_r50_1gpu"), load_config(names["lvis_r50_1gpu"])
+    assert by_name == by_file and load_config("lvis_r50_1gpu.yaml") == by_name
+    assert by_name.train.accumulate == 4 and by_name.model.loss_image == 10.0  # _base_: lvis_r50.yaml applied
+    for name in names:  # every shipped config loads
+        load_config(name)
+    # a user file may base itself on a packaged config by name; a file next to it wins over the name
+    (tmp_path / "mine.yaml").write_text("_base_: lvis_r50\ntrain:\n  epochs: 3\n")
+    mine = load_config(tmp_path / "mine.yaml")
+    assert mine.train.epochs == 3 and mine.train.amp == load_config("lvis_r50").train.amp
+    (tmp_path / "lvis_r50").write_text("train:\n  lr: 0.5\n")
+    assert load_config(tmp_path / "mine.yaml").train.lr == 0.5
+    (tmp_path / "bad.yaml").write_text("_base_: nonexistent\n")
+    with pytest.raises(FileNotFoundError, match=r"bad.yaml: _base_ 'nonexistent' is neither a file .* lvis_r50"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(FileNotFoundError, match=r"config file not found: nonexistent .*lvis_r50"):
+        load_config("nonexistent")
+    with pytest.raises(FileNotFoundError):
+        load_config("some/dir/lvis_r50")  # a path with folders is a path, never a name
 
 
 def test_cli_turns_errors_into_one_line(tmp_path, capsys):
@@ -72,3 +120,13 @@ def test_info_prints_the_parameter_count():
                           capture_output=True, text=True, check=True).stdout
     # the 3x3 embedding conv has 8 x 256 x 1024 more weights than the 1x1
     assert f"inference parameters: {(n + 8 * 256 * 1024) / 1e6:.1f}M" in out3
+
+
+def test_configs_command_lists_each_packaged_config_on_one_line(capsys):
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(packaged_configs())
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines)  # every config has a description
+    assert main(["configs", "--path"]) == 0
+    paths = [line.split()[1] for line in capsys.readouterr().out.strip().splitlines()]
+    assert [Path(p) for p in paths] == list(packaged_configs().values())

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,49 +12,7 @@ from torchvision import tv_tensors
 
 from gridclip.data.annotations import VOC_CLASSES, load_coco_json, load_lvis_json, load_voc, to_coco_dict
 from gridclip.data.datasets import DetectionDataset, build_dataset
-
-
-def write_image(path: Path, width: int, height: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
-    return pixels
-
-
-def make_lvis(tmp_path: Path, n_images: int = 6, seed: int = 0, with_file_name: bool = False) -> tuple[Path, Path]:
-    """A small LVIS-v1-style dataset: images under ROOT/val2017 referenced by coco_url, categories
-    with f/c/r frequencies (ids deliberately not contiguous), 1..4 boxes per image."""
-    rng = np.random.default_rng(seed)
-    root = tmp_path / "coco"
-    cats = [
-        {"id": 3, "name": "apple", "frequency": "f"},
-        {"id": 7, "name": "banana", "frequency": "f"},
-        {"id": 11, "name": "cherry", "frequency": "c"},
-        {"id": 12, "name": "date", "frequency": "c"},
-        {"id": 20, "name": "elderberry", "frequency": "r"},
-        {"id": 31, "name": "fig", "frequency": "r"},
-    ]
-    images, anns = [], []
-    for i in range(n_images):
-        w, h = int(rng.integers(40, 80)), int(rng.integers(40, 80))
-        image_id = 1000 + i
-        name = f"{image_id:012d}.png"
-        write_image(root / "val2017" / name, w, h, seed=i)
-        img = {"id": image_id, "height": h, "width": w, "coco_url": f"http://images.cocodataset.org/val2017/{name}",
-               "neg_category_ids": [], "not_exhaustive_category_ids": []}
-        if with_file_name:
-            img["file_name"] = f"val2017/{name}"
-        images.append(img)
-        for _ in range(int(rng.integers(1, 5))):
-            bw, bh = float(rng.uniform(5, w / 2)), float(rng.uniform(5, h / 2))
-            x, y = float(rng.uniform(0, w - bw)), float(rng.uniform(0, h - bh))
-            cat = cats[int(rng.integers(0, len(cats)))]["id"]
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat,
-                         "bbox": [x, y, bw, bh], "area": bw * bh})
-    gt = tmp_path / "lvis_val.json"
-    gt.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return gt, root
+from helpers import make_lvis, make_voc, write_noise_image
 
 
 def test_lvis_sample_format_and_vocabulary_maps(tmp_path):
@@ -187,7 +144,7 @@ def test_unreadable_image_skipped_or_strict_error(tmp_path, caplog):
 def test_image_size_mismatch_is_an_error(tmp_path):
     gt, root = make_lvis(tmp_path, n_images=2)
     anns = load_lvis_json(gt, root)
-    write_image(anns.images[0].path, anns.images[0].width + 3, anns.images[0].height, seed=5)
+    write_noise_image(anns.images[0].path, anns.images[0].width + 3, anns.images[0].height, seed=5)
     with pytest.raises(ValueError, match="decoded size"):
         DetectionDataset(anns, strict=True)[0]
     assert DetectionDataset(anns)[0][1]["image_id"] == anns.images[1].image_id  # logged, next image served
@@ -219,26 +176,6 @@ def test_crowd_kept_as_ignore_not_a_target(tmp_path):
     n_on_image = sum(a["image_id"] == img_id for a in data["annotations"])
     assert len(ds[k][1]["labels"]) == n_on_image - 1
     assert sum(a["iscrowd"] for a in to_coco_dict(anns)["annotations"]) == 1
-
-
-def make_voc(tmp_path: Path, objects: dict[str, list[tuple[str, tuple[int, int, int, int], int]]]) -> Path:
-    """VOC folder: objects maps image stem -> [(class name, (xmin, ymin, xmax, ymax) 1-based, difficult)]."""
-    root = tmp_path / "VOC2007"
-    (root / "ImageSets" / "Main").mkdir(parents=True)
-    (root / "Annotations").mkdir()
-    for k, (stem, objs) in enumerate(objects.items()):
-        write_image(root / "JPEGImages" / f"{stem}.jpg", 64, 48, seed=k)
-        xml_objs = "".join(
-            f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
-            f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
-            for n, b, d in objs
-        )
-        (root / "Annotations" / f"{stem}.xml").write_text(
-            f"<annotation><filename>{stem}.jpg</filename><size><width>64</width><height>48</height><depth>3</depth>"
-            f"</size>{xml_objs}</annotation>"
-        )
-    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(objects) + "\n")
-    return root
 
 
 def test_voc_reader(tmp_path):

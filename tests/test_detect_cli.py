@@ -8,25 +8,13 @@ import pytest
 from PIL import Image
 
 from gridclip.cli import main
-
-NAMES = ["red star", "blue ring", "green box"]
+from helpers import NAMES, write_image
 
 
 @pytest.fixture(scope="module")
-def checkpoint(make_tiny_detector, tmp_path_factory):
-    """A tiny random GridCLIP checkpoint whose vocabulary (NAMES) was embedded by the tiny text encoder."""
-    from gridclip.checkpoint import save_checkpoint
-    model = make_tiny_detector(128, 192, 20)
-    d = tmp_path_factory.mktemp("detect_ckpt")
-    model.set_vocabulary(NAMES, cache_dir=d / "cache")
-    save_checkpoint(d / "tiny.pt", model)
-    return d / "tiny.pt"
-
-
-def write_image(path, h, w, seed=0):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return path
+def checkpoint(tiny_checkpoint):
+    """The tiny random GridCLIP checkpoint whose vocabulary (NAMES) was embedded by the tiny text encoder."""
+    return tiny_checkpoint()
 
 
 def run(args, capsys):

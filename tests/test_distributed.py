@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from test_train import one_thread, subprocess_env, tiny_config, tiny_root, write_config  # noqa: F401
-
 from gridclip.engine import state as train_state
+from helpers import subprocess_env, tiny_config, write_config
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.multiprocess]
 
 SCRIPT = '''
 # `gridclip train` exactly as a user runs it under torchrun, plus a step callback that saves rank 0's

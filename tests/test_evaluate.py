@@ -22,7 +22,7 @@ from gridclip.engine.evaluate import (
     per_category_ap,
     run_inference,
 )
-from test_datasets import make_lvis
+from helpers import make_lvis, make_voc
 
 FREQS = ["f", "f", "f", "c", "c", "c", "r", "r", "r"]
 
@@ -281,6 +281,7 @@ def _dist_worker(rank: int, world: int, init_file: str, gt_dir: str, out_dir: st
 
 
 @pytest.mark.slow  # two spawned processes importing torch: ~15 s on 2 shared cores
+@pytest.mark.multiprocess
 def test_run_inference_sharded_over_gloo_ranks_equals_single_process(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed not available")
@@ -296,23 +297,19 @@ def test_run_inference_sharded_over_gloo_ranks_equals_single_process(tmp_path):
     assert per_rank[0] == per_rank[1] == json.loads(json.dumps(single))
 
 
-def _tiny_checkpoint(tiny_cfg, path: Path) -> None:
-    from gridclip import GridCLIP
-    from gridclip.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    cfg = type(tiny_cfg)(**{**tiny_cfg.__dict__, "image_align": False, "score_thresh": 0.0, "min_size": 64, "max_size": 96})
-    save_checkpoint(path, GridCLIP(cfg, load_clip_weights=False))
+def _eval_checkpoint(tiny_checkpoint) -> Path:
+    """A tiny random checkpoint without vocabulary (the eval CLI gives it the dataset's), every score kept."""
+    return tiny_checkpoint(names=None, min_size=64, max_size=96, detections_per_img=300, visible_boxes=False,
+                           image_align=False, score_thresh=0.0)
 
 
-def test_eval_cli_checkpoint_path_lvis(tmp_path, tiny_cfg, capsys):
+def test_eval_cli_checkpoint_path_lvis(tmp_path, tiny_checkpoint, capsys):
     """--config/--checkpoint: the model gets the eval dataset's vocabulary, results.json equals
     run_inference of the same checkpoint, metrics.json equals scoring it."""
     from gridclip.checkpoint import load_checkpoint
 
     gt_path, anns = make_constant_colour_dataset(tmp_path, n_images=2)
-    ckpt = tmp_path / "model.pt"
-    _tiny_checkpoint(tiny_cfg, ckpt)
+    ckpt = _eval_checkpoint(tiny_checkpoint)
     cfg_path = tmp_path / "eval.yaml"
     cfg_path.write_text(f"data:\n  format: lvis\n  val_json: {gt_path}\n  val_images: {tmp_path / 'coco'}\n"
                         "eval:\n  batch_size: 2\n")
@@ -333,9 +330,8 @@ def test_eval_cli_checkpoint_path_lvis(tmp_path, tiny_cfg, capsys):
     assert metrics == pytest.approx(evaluate(gt_path, want, style="lvis").metrics, abs=1e-9)
 
 
-def test_eval_cli_checkpoint_needs_a_data_config(tmp_path, tiny_cfg, capsys):
-    ckpt = tmp_path / "model.pt"
-    _tiny_checkpoint(tiny_cfg, ckpt)
+def test_eval_cli_checkpoint_needs_a_data_config(tiny_checkpoint, capsys):
+    ckpt = _eval_checkpoint(tiny_checkpoint)
     assert gridclip_main(["eval", "--checkpoint", str(ckpt)]) == 2
     assert "--config" in capsys.readouterr().err
 
@@ -343,7 +339,6 @@ def test_eval_cli_checkpoint_needs_a_data_config(tmp_path, tiny_cfg, capsys):
 def test_voc_scored_in_coco_form_with_difficult_ignored(tmp_path):
     from gridclip.data.annotations import load_voc, to_coco_dict
     from gridclip.data.annotations import VOC_CLASSES
-    from test_datasets import make_voc
 
     root = make_voc(tmp_path, {
         "000005": [("dog", (1, 1, 20, 30), 0), ("person", (10, 5, 40, 40), 1)],

@@ -2,42 +2,31 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import NAMES, assert_same_detections, rand_image
+
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-NAMES = ["red star", "blue ring", "green box"]
-
 
 @pytest.fixture(scope="module")
-def exported(make_tiny_detector, tmp_path_factory):
-    """A tiny random model (min_size 96, max_size 160) with a checkpoint, exported by the CLI both ways."""
-    from gridclip.checkpoint import save_checkpoint
+def exported(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint (min_size 96, max_size 160, 50 detections), exported by the CLI both ways,
+    and its model."""
+    import gridclip
     from gridclip.cli import main
 
-    model = make_tiny_detector(96, 160, 50)
     d = tmp_path_factory.mktemp("export")
-    model.set_vocabulary(NAMES, cache_dir=d / "cache")
-    save_checkpoint(d / "tiny.pt", model)
-    assert main(["export", "--checkpoint", str(d / "tiny.pt"), "--out", str(d / "baked.onnx")]) == 0
-    assert main(["export", "--checkpoint", str(d / "tiny.pt"), "--out", str(d / "input.onnx"), "--vocab-input",
+    ckpt = shutil.copy(tiny_checkpoint(min_size=96, max_size=160, detections_per_img=50), d / "tiny.pt")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(d / "baked.onnx")]) == 0
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(d / "input.onnx"), "--vocab-input",
                  "--opset", "17"]) == 0
-    return model.eval(), d
-
-
-def rand_image(h, w, seed=0):
-    return np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def assert_same_detections(a, b, atol_box=1e-3, atol_score=1e-5):
-    assert len(a["scores"]) == len(b["scores"]) > 0
-    assert a["labels"].tolist() == b["labels"].tolist()
-    torch.testing.assert_close(a["scores"], b["scores"], atol=atol_score, rtol=0)
-    torch.testing.assert_close(a["boxes"], b["boxes"], atol=atol_box, rtol=0)
+    return gridclip.load(ckpt), d
 
 
 def test_files_and_sidecar(exported):

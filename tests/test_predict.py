@@ -8,6 +8,7 @@ from PIL import Image
 
 from gridclip.data.images import load_image, to_float_image
 from gridclip.engine.predict import override_thresholds, predict, resolve_device
+from helpers import assert_same_detections, rand_image
 
 NAMES = ["red star", "blue ring", "green box", "striped square"]
 
@@ -33,14 +34,8 @@ def model(tiny_cfg):
     return tiny_model(tiny_cfg)
 
 
-def rand_image(h, w, seed=0) -> np.ndarray:
-    return np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
-
-
 def assert_same(a, b, atol=1e-5):
-    assert a["labels"].tolist() == b["labels"].tolist()
-    torch.testing.assert_close(a["boxes"], b["boxes"], atol=atol, rtol=0)
-    torch.testing.assert_close(a["scores"], b["scores"], atol=atol, rtol=0)
+    assert_same_detections(a, b, box_tol=atol, score_tol=atol, nonempty=False)
 
 
 def assert_same_set(a, b, atol=1e-4):

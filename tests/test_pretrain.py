@@ -17,8 +17,8 @@ ASSETS = Path(__file__).resolve().parents[1] / "src" / "gridclip" / "assets" / "
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("world") / "w", seed=0, size="small")
+def world(shapes_world):
+    return shapes_world  # conftest: the small shape world, seed 0, shared by the session
 
 
 @pytest.fixture(scope="module")

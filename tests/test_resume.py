@@ -13,15 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import one_thread, state_dicts_equal, subprocess_env, tiny_config, tiny_root, write_config  # noqa: F401
-
 from gridclip.engine import state as train_state
+from helpers import state_dicts_equal, subprocess_env, tiny_config, write_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _final_state(out: Path) -> dict:
     return train_state.read_training_state(train_state.list_checkpoints(out)[-1][1])
 
 
+@pytest.mark.multiprocess
 def test_sigkill_and_resume_is_bit_identical(tiny_root, tmp_path, monkeypatch):
     """12 iterations straight vs. a run SIGKILLed once its iteration-4 checkpoint exists (in a
     subprocess, with 2 data-loader workers), then resumed here: identical weights, optimizer state and

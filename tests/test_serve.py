@@ -11,17 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-NAMES = ["red star", "blue ring", "green box"]
+from helpers import NAMES, rand_image
 
 
 @pytest.fixture(scope="module")
 def model(make_tiny_detector, tmp_path_factory):
     m = make_tiny_detector(128, 192, 10)
     return m.set_vocabulary(NAMES, cache_dir=tmp_path_factory.mktemp("serve_cache")).eval()
-
-
-def rand_image(h=90, w=120, seed=0):
-    return np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 def test_detect_image_matches_predict(model):
@@ -64,6 +60,7 @@ CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
                 "--disable-dev-shm-usage", "--window-size=1280,1000"]
 
 
+@pytest.mark.browser
 def test_page_in_headless_chromium(model, tmp_path):
     """Upload an image, type a vocabulary, press Detect: the drawn image and the table appear, and the
     served image is exactly what detect_image draws."""

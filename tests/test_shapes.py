@@ -14,8 +14,8 @@ from gridclip.data.shapes import COLOURS, NOVEL, SHAPES, load_world, make_world,
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("world") / "w", seed=0, size="small")
+def world(shapes_world):
+    return shapes_world  # conftest: the small shape world, seed 0, shared by the session
 
 
 def _files(root: Path) -> dict[str, bytes]:

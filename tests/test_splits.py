@@ -12,7 +12,7 @@ from gridclip.data.annotations import load_lvis_json
 from gridclip.data.datasets import DetectionDataset
 from gridclip.data.splits import apply_split, read_category_list, split_by_frequency, split_from_file
 from gridclip.data.transforms import eval_transforms, train_transforms
-from test_datasets import make_lvis
+from helpers import make_lvis
 
 
 def _all_annotations_by_frequency(gt_path):

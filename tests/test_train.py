@@ -1,147 +1,21 @@
 """Training engine: schedule, parameter groups, sampling, gradients, frozen parts, teacher cache, faults.
 
-The helpers at the top (a tiny LVIS-format world, tiny CLIP / ViT models saved as open_clip local
-directories, a tiny config) are shared with test_resume.py and test_distributed.py, which run training
-in subprocesses: local directories need no registration with open_clip.
+On the tiny world of ``helpers.make_tiny_world`` with tiny CLIP / ViT models saved as open_clip local
+directories (``tiny_root``, ``helpers.tiny_config``), as test_resume.py and test_distributed.py, which
+run training in subprocesses: local directories need no registration with open_clip.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from gridclip.config import Config, config_from_dict, load_config
+from gridclip.config import load_config
+from helpers import CATEGORIES, state_dicts_equal, tiny_config, write_config
 
-TINY_RN = {"embed_dim": 32, "quick_gelu": True,
-           "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-TINY_VIT = {"embed_dim": 16, "quick_gelu": True,
-            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-# name, LVIS frequency; "r" is novel and never reaches training targets
-CATEGORIES = [("red square", "f"), ("blue circle", "c"), ("green bar", "f"), ("yellow square", "r")]
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50), "yellow": (230, 210, 30)}
-
-
-def save_clip_dir(path: Path, cfg: dict, seed: int) -> Path:
-    """A randomly initialised open_clip model saved as a local model directory."""
-    import open_clip
-
-    path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = open_clip.model.CLIP(**{k: v for k, v in cfg.items() if k != "quick_gelu"}, quick_gelu=cfg["quick_gelu"])
-    with torch.no_grad():  # open_clip zero-inits each block's last BN (bn3); pretrained weights are not zero,
-        for name, p in model.named_parameters():  # and with frozen BN a zero bn3 would never train
-            if name.endswith("bn3.weight"):
-                p.uniform_(0.5, 1.0)
-    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
-    torch.save(model.state_dict(), path / "open_clip_pytorch_model.bin")
-    return path
-
-
-def make_tiny_world(root: Path, num_images: int = 12, seed: int = 0) -> Path:
-    """LVIS-format JSON + PNGs: 64x80 / 80x64 images with 1-3 coloured boxes; returns the JSON path."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    images, anns = [], []
-    for i in range(num_images):
-        w, h = (80, 64) if i % 3 else (64, 80)  # both aspect-ratio groups
-        canvas = Image.fromarray(rng.integers(90, 160, (h, w, 3), dtype=np.uint8))
-        draw = ImageDraw.Draw(canvas)
-        for _ in range(int(rng.integers(1, 4))):
-            cat = int(rng.integers(0, len(CATEGORIES)))
-            name = CATEGORIES[cat][0]
-            bw, bh = int(rng.integers(14, 30)), int(rng.integers(14, 30))
-            if name.endswith("bar"):
-                bh = max(6, bh // 3)
-            x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
-            fill = COLOURS[name.split()[0]]
-            (draw.ellipse if name.endswith("circle") else draw.rectangle)([x, y, x + bw - 1, y + bh - 1], fill=fill)
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat + 1,
-                         "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
-        name = f"{i + 1:04d}.png"
-        canvas.save(root / "images" / name)
-        images.append({"id": i + 1, "file_name": name, "height": h, "width": w,
-                       "neg_category_ids": [], "not_exhaustive_category_ids": []})
-    cats = [{"id": k + 1, "name": n, "frequency": f} for k, (n, f) in enumerate(CATEGORIES)]
-    path = root / "train.json"
-    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return path
-
-
-def tiny_config_dict(root: Path, **train) -> dict:
-    """A config for the tiny world; ``train`` overrides TrainConfig fields."""
-    root = Path(root)
-    world = root / "world"
-    if not (world / "train.json").is_file():
-        make_tiny_world(world)
-    rn, vit = root / "clip-rn", root / "clip-vit"
-    if not rn.is_dir():
-        save_clip_dir(rn, TINY_RN, seed=1)
-        save_clip_dir(vit, TINY_VIT, seed=2)
-    t = {"epochs": 2, "batch_size": 4, "accumulate": 1, "lr": 0.01, "warmup_iters": 2, "checkpoint_every": 2,
-         "keep_checkpoints": 2, "log_every": 2, "seed": 0, "device": "cpu", "grad_clip": 10.0}
-    t.update(train)
-    return {
-        "model": {"clip_model": str(rn), "clip_pretrained": None, "teacher_model": str(vit), "teacher_pretrained": None,
-                  "adapter_channels": 32, "fpn_channels": 64, "head_convs": 1, "projector_hidden": 32,
-                  "min_size": 64, "max_size": 96, "topk_candidates": 50, "detections_per_img": 20},
-        "data": {"format": "lvis", "train_json": str(world / "train.json"), "train_images": str(world / "images"),
-                 "val_json": str(world / "train.json"), "val_images": str(world / "images"),
-                 "train_min_sizes": [56, 64], "train_max_size": 96, "num_workers": 0},
-        "train": t,
-        "out_dir": str(root / "run"),
-    }
-
-
-def tiny_config(root: Path, **train) -> Config:
-    return config_from_dict(tiny_config_dict(root, **train))
-
-
-def write_config(root: Path, **train) -> Path:
-    import yaml
-
-    path = Path(root) / "config.yaml"
-    path.write_text(yaml.safe_dump(tiny_config_dict(root, **train)))
-    return path
-
-
-def subprocess_env(cache: Path) -> dict:
-    env = dict(os.environ, GRIDCLIP_CACHE=str(cache), OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
-    return env
-
-
-def state_dicts_equal(a: dict, b: dict) -> list[str]:
-    """Names of tensors that differ (exactly) between two state dicts; keys must match."""
-    assert a.keys() == b.keys()
-    return [k for k in a if not torch.equal(a[k], b[k])]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training tests run single-threaded: tiny convolutions gain nothing from threads, and on a busy
-    2-core machine two spinning threads per process are several times slower. Subprocesses get
-    OMP_NUM_THREADS=1 (``subprocess_env``), so in-process and subprocess runs compute identically."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    """World and CLIP directories shared by the tests of a module (each test uses its own out dir)."""
-    root = tmp_path_factory.mktemp("tiny")
-    tiny_config_dict(root)
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -405,9 +279,8 @@ def test_evaluation_during_training_logs_ap(tiny_root, tmp_path, caplog):
 @pytest.mark.parametrize("name", ["lvis_r50_1gpu", "lvis_r50_cached_teacher", "lvis_r50_no_image_align",
                                   "lvis_r50_no_mhsa"])
 def test_shipped_training_configs_load(name):
-    path = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
-    cfg = load_config(path)
-    base = load_config(path.parent / "lvis_r50.yaml")
+    cfg = load_config(name)
+    base = load_config("lvis_r50")
     assert cfg.out_dir != base.out_dir
     assert cfg.train.batch_size % cfg.train.accumulate == 0
     assert (cfg.train.accumulate, cfg.train.teacher_cache, cfg.model.image_align, cfg.model.use_mhsa) != \

@@ -2,19 +2,28 @@
 
 Config objects stop at the builders (``build_model``, ``build_datasets``, ...); modules take explicit
 keyword arguments. Defaults are the paper's settings (GridCLIP, LVIS, RN50).
+
+Every value is checked against its field's type when a config is loaded (YAML, overrides, a
+checkpoint's dict): enumerations are ``Literal`` fields, so ``train.optimizer: lion`` fails at load with
+the allowed values, not at the first use. Named configs ship in the package (``gridclip/configs/``,
+listed by ``gridclip configs``): ``load_config("lvis_r50")`` reads ``gridclip/configs/lvis_r50.yaml``;
+a path to a file works as before. Keys removed from the schema are listed in ``REMOVED_KEYS``.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from gridclip.utils.atomic import atomic_open
+
+PACKAGED_CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass
@@ -68,7 +77,7 @@ class GridCLIPConfig:
 
 @dataclass
 class DataConfig:
-    format: str = "lvis"  # lvis | coco | voc
+    format: Literal["lvis", "coco", "voc"] = "lvis"
     train_json: str | None = None
     train_images: str | None = None
     val_json: str | None = None
@@ -91,7 +100,7 @@ class TrainConfig:
     epochs: int = 24  # "2x" schedule
     batch_size: int = 16  # global batch (per step, after accumulation, over all processes)
     accumulate: int = 1
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -101,7 +110,7 @@ class TrainConfig:
     lr_steps: tuple[float, ...] = (16 / 24, 22 / 24)  # fractions of the schedule
     lr_gamma: float = 0.1
     grad_clip: float | None = 35.0
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    amp: Literal["none", "bf16", "fp16"] = "none"  # bf16 / fp16: CUDA only
     seed: int = 0
     max_iters: int | None = None
     checkpoint_every: int = 1000
@@ -110,12 +119,13 @@ class TrainConfig:
     eval_every_epochs: int = 0
     teacher_cache: str | None = None
     aspect_ratio_grouping: bool = True
-    device: str = "auto"  # auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # under torchrun, cuda means cuda:LOCAL_RANK
 
 
 @dataclass
 class EvalConfig:
-    style: str = "lvis"  # lvis | coco
+    # The evaluation protocol follows data.format (lvis: LVIS AP; coco, voc: COCO AP), or `gridclip eval
+    # --style`; there is no config key for it (see REMOVED_KEYS).
     batch_size: int = 4
     max_dets: int = 300
     vocabulary: str | None = None  # transfer: another dataset's vocabulary (built-in name or file)
@@ -131,13 +141,53 @@ class Config:
     out_dir: str = "runs/default"
 
 
+# Keys that were in the schema and are no longer: section -> key -> why. A removed key never had an
+# effect; it still loads (old YAML files and checkpoints carry it) when its value agrees with what the
+# code does, and is dropped. A value that contradicts it is an error: the user expected something that
+# never happened.
+REMOVED_KEYS: dict[str, dict[str, str]] = {
+    "eval": {"style": "the evaluation protocol follows data.format (lvis: LVIS AP; coco, voc: COCO AP); "
+                      "`gridclip eval --style` overrides it"},
+}
+
+
+def _effective_eval_style(values: dict) -> str:
+    data = values.get("data") if isinstance(values.get("data"), dict) else {}
+    return "lvis" if data.get("format", DataConfig.format) == "lvis" else "coco"
+
+
+def _drop_removed_keys(values: dict, where: str) -> dict:
+    """``values`` without REMOVED_KEYS (see there); ValueError where a removed key's value contradicts."""
+    out = dict(values)
+    for section, keys in REMOVED_KEYS.items():
+        sub = out.get(section)
+        if not isinstance(sub, dict) or not keys.keys() & sub.keys():
+            continue
+        sub = dict(sub)
+        for key, why in keys.items():
+            if key not in sub:
+                continue
+            value = sub.pop(key)
+            effective = _effective_eval_style(out) if (section, key) == ("eval", "style") else value
+            if value != effective:
+                raise ValueError(f"{where}.{section}.{key}: this key was removed and never had an effect ({why}); "
+                                 f"here it says {value!r} but the evaluation is {effective!r}: delete the key")
+        out[section] = sub
+    return out
+
+
 def _coerce(value: Any, type_hint: Any, where: str) -> Any:
     """Check/convert a YAML value against a dataclass field type (the few types used here)."""
     origin = typing.get_origin(type_hint)
     args = typing.get_args(type_hint)
     if type_hint is Any:
         return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin is Literal:
+        if isinstance(value, bool) or value not in args:
+            allowed = ", ".join(str(a) for a in args)
+            raise ValueError(f"{where}: expected one of {allowed}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         errors = []
@@ -199,8 +249,12 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def config_from_dict(values: dict, cls: type = Config, where: str = "config") -> Any:
+    """A ``cls`` (``Config`` or one of its sections) from a nested dict, every value checked."""
+    values = values or {}
+    if cls is Config:
+        values = _drop_removed_keys(values, where)
     cfg = cls()
-    _update(cfg, values or {}, where)
+    _update(cfg, values, where)
     return cfg
 
 
@@ -228,11 +282,41 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The named configs shipped in the package: name (file stem) -> file, sorted by name."""
+    return {p.stem: p for p in sorted(PACKAGED_CONFIG_DIR.glob("*.yaml"))}
+
+
+def config_summary(path: str | os.PathLike) -> str:
+    """The first line of a config file's leading comment (its one-line description), or ''."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        if line.lstrip("#").strip():
+            return line.lstrip("#").strip()
+    return ""
+
+
+def resolve_config(spec: str | os.PathLike) -> Path:
+    """A config file: ``spec`` itself when it is a file, else the packaged config of that name
+    (``lvis_r50`` or ``lvis_r50.yaml``). FileNotFoundError naming both and the packaged names."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    named = packaged_configs()
+    if path.parent == Path(".") and (path.stem if path.suffix == ".yaml" else path.name) in named:
+        return named[path.stem if path.suffix == ".yaml" else path.name]
+    raise FileNotFoundError(f"config file not found: {spec} (not a file, nor a packaged config: "
+                            f"{', '.join(named)}; `gridclip configs` lists them)")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (``_base_: other.yaml`` chains, relative to the file) and apply overrides."""
+    """Load a YAML config and apply overrides. ``path``: a file or a packaged config's name (see
+    ``resolve_config``). ``_base_: other.yaml`` chains are relative to the file; a base that is no file
+    there may name a packaged config (``_base_: lvis_r50``)."""
     values: dict = {}
     if path is not None:
-        values = _read_yaml_chain(Path(path), seen=())
+        values = _read_yaml_chain(resolve_config(path), seen=())
     if overrides:
         values = _deep_merge(values, parse_overrides(overrides))
     where = str(path) if path is not None else "overrides"
@@ -240,8 +324,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def _read_yaml_chain(path: Path, seen: tuple) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ValueError(f"{path}: _base_ cycle")
     try:
@@ -252,13 +334,19 @@ def _read_yaml_chain(path: Path, seen: tuple) -> dict:
         raise ValueError(f"{path}: expected a mapping at the top level")
     base = values.pop("_base_", None)
     if base is not None:
-        parent = _read_yaml_chain(path.parent / base, seen + (path.resolve(),))
+        if not isinstance(base, str):
+            raise ValueError(f"{path}: _base_: expected a file name, got {base!r}")
+        local = path.parent / base
+        try:
+            parent_path = local if local.is_file() else resolve_config(base)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: _base_ {base!r} is neither a file next to it ({local}) nor a "
+                                    f"packaged config ({', '.join(packaged_configs())})") from None
+        parent = _read_yaml_chain(parent_path, seen + (path.resolve(),))
         values = _deep_merge(parent, values)
     return values
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-
-
     with atomic_open(path, "w") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)

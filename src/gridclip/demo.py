@@ -45,7 +45,7 @@ DEMO_VARIANTS = ("GridCLIP", "grid only", "FCOS w/o align")
 
 def demo_config(world: Path, clip_dir: Path, teacher_dir: Path, out_dir: Path, iters: int):
     """The shape-world training config (also written to OUT/config.yaml): tiny CLIP, 128 px images."""
-    cfg = load_config(Path(__file__).parent / "configs" / "shapes_demo.yaml")
+    cfg = load_config("shapes_demo")  # the packaged gridclip/configs/shapes_demo.yaml
     cfg.model.clip_model, cfg.model.clip_pretrained = str(clip_dir), None
     cfg.model.teacher_model, cfg.model.teacher_pretrained = str(teacher_dir), None
     cfg.data.train_json, cfg.data.train_images = str(world / "det_train.json"), str(world / "det_train" / "images")

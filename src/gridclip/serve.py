@@ -7,14 +7,13 @@ concurrency 1), and text embeddings are cached on disk, so switching back to a v
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from gridclip.clip.vocabulary import parse_vocabulary
+from gridclip.clip.vocabulary import is_existing_file, parse_vocabulary
 from gridclip.engine.predict import draw_detections, predict
 
 __all__ = ["detect_image", "build_demo"]
@@ -33,7 +32,7 @@ def detect_image(model: nn.Module, image: np.ndarray | None, vocabulary: str,
         raise ValueError("no image: upload one first")
     if vocabulary and vocabulary.strip():
         text = vocabulary.strip()
-        if text.lower().endswith(".txt") or Path(text).exists():
+        if text.lower().endswith(".txt") or is_existing_file(text):
             raise ValueError("vocabulary: files are not read from the web page; type names separated by commas")
         names = parse_vocabulary(text)
         if list(names) != list(getattr(model, "class_names", ())):

@@ -19,28 +19,26 @@ from gridclip.analysis.frequency import run_frequency
 from gridclip.analysis.recall import clip_recall, write_recall_outputs
 from gridclip.analysis.transfer import evaluate_transfer, make_transfer_world
 from gridclip.checkpoint import load_checkpoint
-from gridclip.config import load_config
+from gridclip.config import load_config, packaged_configs
 from gridclip.model import GridCLIP
 from gridclip.model.summary import PAPER_RN50_PARAMS
 from gridclip.utils.atomic import atomic_open, atomic_write_json
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
 SEE_PAPER = "see paper"
 
 # demo variant -> (what it is, how to train it on real LVIS)
 VARIANT_ROWS: dict[str, tuple[str, str]] = {
     "FCOS w/o align": ("no alignment: FCOS with a learned classifier over base classes (closed set)",
-                       "gridclip train --config configs/lvis_r50.yaml --out runs/lvis_r50_fcos "
+                       "gridclip train --config lvis_r50 --out runs/lvis_r50_fcos "
                        "model.grid_align=false model.image_align=false model.num_classes=866"),
     "image only": ("image-level alignment only (learned base classifier + z̄ distillation)",
-                   "gridclip train --config configs/lvis_r50.yaml --out runs/lvis_r50_image_only "
+                   "gridclip train --config lvis_r50 --out runs/lvis_r50_image_only "
                    "model.grid_align=false model.num_classes=866"),
-    "grid only": ("grid-level alignment only", "gridclip train --config configs/lvis_r50_no_image_align.yaml"),
-    "GridCLIP": ("grid + image-level alignment (GridCLIP)", "gridclip train --config configs/lvis_r50.yaml"),
+    "grid only": ("grid-level alignment only", "gridclip train --config lvis_r50_no_image_align"),
+    "GridCLIP": ("grid + image-level alignment (GridCLIP)", "gridclip train --config lvis_r50"),
     "w/o MHSA": ("GridCLIP, adapter on C5 instead of the attnpool MHSA grid tokens",
-                 "gridclip train --config configs/lvis_r50_no_mhsa.yaml"),
+                 "gridclip train --config lvis_r50_no_mhsa"),
     "3x3 embed": ("GridCLIP, 3x3 conv to the CLIP embedding (FCOS's classifier kernel) instead of 1x1",
-                  "gridclip train --config configs/lvis_r50.yaml --out runs/lvis_r50_embed3x3 model.embed_kernel_size=3"),
+                  "gridclip train --config lvis_r50 --out runs/lvis_r50_embed3x3 model.embed_kernel_size=3"),
 }
 RECALL_KS = (1, 3, 5, 10)  # the world has 48 categories (the paper's 10 / 100 / 300 are for LVIS's 1203)
 
@@ -143,7 +141,7 @@ def make_figures(run: DemoRun, figures_dir: Path) -> dict[str, Path]:
 
 
 def _config_note(name: str) -> str:
-    return "" if (REPO_ROOT / "configs" / name).is_file() else f" (`configs/{name}` is not in the repository yet)"
+    return "" if name in packaged_configs() else f" (the config `{name}` is not in the package yet)"
 
 
 def render(run: DemoRun, transfer: dict | None, figures: dict[str, Path], out: Path, rn50_params: float | None) -> str:
@@ -185,8 +183,8 @@ def render(run: DemoRun, transfer: dict | None, figures: dict[str, Path], out: P
         "| model | AP | AP_r | AP_c | AP_f | reproduce on LVIS |",
         "|---|---|---|---|---|---|",
         f"| GridCLIP-R50, paper | {SEE_PAPER} | {SEE_PAPER} | {SEE_PAPER} | {SEE_PAPER} | "
-        + _code("gridclip train --config configs/lvis_r50.yaml") + ", then "
-        + _code("gridclip eval --checkpoint runs/lvis_r50/model.pt --config configs/lvis_r50.yaml --out runs/lvis_r50/eval") + " |",
+        + _code("gridclip train --config lvis_r50") + ", then "
+        + _code("gridclip eval --checkpoint runs/lvis_r50/model.pt --config lvis_r50 --out runs/lvis_r50/eval") + " |",
         f"| GridCLIP, embedded world | {_pct(m.get('GridCLIP'), 'AP')} | {_pct(m.get('GridCLIP'), 'APr')} | "
         f"{_pct(m.get('GridCLIP'), 'APc')} | {_pct(m.get('GridCLIP'), 'APf')} | `gridclip demo` |",
         "",
@@ -197,7 +195,7 @@ def render(run: DemoRun, transfer: dict | None, figures: dict[str, Path], out: P
         f"| GridCLIP-R50, paper | {PAPER_RN50_PARAMS / 1e6:.1f} M | {SEE_PAPER} | paper Table 2 |",
         f"| GridCLIP-R50, this implementation | "
         + (f"{rn50_params / 1e6:.1f} M ({100 * (rn50_params / PAPER_RN50_PARAMS - 1):+.1f} %)" if rn50_params else "–")
-        + " | – | " + _code("gridclip info --config configs/lvis_r50.yaml") + "; speed: " + _code("gridclip bench") + " |",
+        + " | – | " + _code("gridclip info --config lvis_r50") + "; speed: " + _code("gridclip bench") + " |",
     ]
     speed = (m.get("GridCLIP") or {}).get("train_images_per_second")
     demo_params = _demo_parameter_count(run.root / "model.pt")
@@ -206,8 +204,8 @@ def render(run: DemoRun, transfer: dict | None, figures: dict[str, Path], out: P
         + (f"{demo_params / 1e6:.2f} M" if demo_params else "–") + " | "
         + (f"{speed:.1f} images/s (CPU)" if speed else "–") + " | `gridclip demo` |"
     )
-    voc_cmd = _code("gridclip eval --checkpoint runs/lvis_r50/model.pt --config configs/transfer_voc.yaml") + _config_note("transfer_voc.yaml")
-    coco_cmd = _code("gridclip eval --checkpoint runs/lvis_r50/model.pt --config configs/transfer_coco.yaml") + _config_note("transfer_coco.yaml")
+    voc_cmd = _code("gridclip eval --checkpoint runs/lvis_r50/model.pt --config transfer_voc") + _config_note("transfer_voc")
+    coco_cmd = _code("gridclip eval --checkpoint runs/lvis_r50/model.pt --config transfer_coco") + _config_note("transfer_coco")
     tm = (transfer or {}).get("metrics")
     transfer_cmd = _code(f"gridclip analyze transfer --checkpoint {run.root}/model.pt --world {run.root}/transfer_world "
                          f"--out {run.root}/transfer")
@@ -303,7 +301,7 @@ def _demo_parameter_count(path: Path) -> int | None:
 
 def rn50_inference_parameters() -> float:
     """Inference parameter count of the paper config (RN50), built without weights (no download)."""
-    cfg = load_config(REPO_ROOT / "configs" / "lvis_r50.yaml")
+    cfg = load_config("lvis_r50")
     return float(GridCLIP(cfg.model, load_clip_weights=False).inference_parameter_count())
 
 
@@ -314,7 +312,7 @@ def write_results_doc(demo: str | os.PathLike, out: str | os.PathLike, figures_d
     out = Path(out)
     figures = make_figures(run, Path(figures_dir)) if figures_dir is not None else {}
     report = transfer_metrics(run, compute=transfer)
-    rn50 = rn50_inference_parameters() if count_rn50 and (REPO_ROOT / "configs" / "lvis_r50.yaml").is_file() else None
+    rn50 = rn50_inference_parameters() if count_rn50 else None
     text = render(run, report, figures, out, rn50)
     with atomic_open(out, "w") as f:
         f.write(text)

@@ -167,6 +167,14 @@ def builtin_frequencies(name: str = "lvis") -> list[str]:
 VocabularySpec = Union[str, os.PathLike, Sequence[str]]
 
 
+def is_existing_file(text: str) -> bool:
+    """``text`` names an existing file (False for strings no file system accepts as a path)."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # too long, NUL bytes
+        return False
+
+
 def parse_vocabulary(spec: VocabularySpec) -> list[str]:
     """Names from what a user writes, the same everywhere (API, CLI, web demo, export):
 
@@ -188,7 +196,7 @@ def parse_vocabulary(spec: VocabularySpec) -> list[str]:
                          "name per line, or comma-separated names")
     if text.lower() in BUILTIN_VOCABULARIES:
         return builtin_vocabulary(text)
-    if text.lower().endswith(".txt") or Path(text).is_file():
+    if text.lower().endswith(".txt") or is_existing_file(text):
         return read_vocabulary_file(text)
     names: list[str] = []
     first: dict[str, tuple[int, str]] = {}

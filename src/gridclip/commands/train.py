@@ -14,7 +14,7 @@ from gridclip.engine.train import NonFiniteError, train
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="gridclip train", description="Train GridCLIP from a YAML config (also under torchrun for DDP).",
-        epilog="example: gridclip train --config configs/lvis_r50.yaml --out runs/r50 train.batch_size=8 train.accumulate=2")
+        epilog="example: gridclip train --config lvis_r50 --out runs/r50 train.batch_size=8 train.accumulate=2")
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--out", help="output directory (default: the config's out_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output directory")

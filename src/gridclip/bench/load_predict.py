@@ -1,6 +1,6 @@
 """``gridclip.load(path).predict`` vs the model ``gridclip detect`` runs, in one process (issue 16.3).
 
-    PYTHONPATH=src python -m benchmarks.load_predict [--size 800x1333] [--classes 1203] [--rounds 5]
+    python -m gridclip.bench.load_predict [--size 800x1333] [--classes 1203] [--rounds 5]
 
 A random-weight RN50 GridCLIP (nothing downloaded) is saved as a checkpoint and loaded three ways:
 ``load``       ``gridclip.load(path)``: the default Python API (inference form), timed through ``predict``;
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import gridclip
-from benchmarks import cases
+from gridclip.bench import cases
 from gridclip.checkpoint import load_checkpoint, save_checkpoint
 
 

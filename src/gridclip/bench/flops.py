@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import cases
-from benchmarks.stages import build_before
+from gridclip.bench import cases
+from gridclip.bench.stages import build_before
 
 GRIDCLIP = [
     ("CLIP trunk (C3-C5)", "backbone.trunk"),

@@ -21,12 +21,16 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-RUN_PY = Path(__file__).resolve().parent / "run.py"
+from gridclip.bench.cases import ModelSpec, inference_case
+
+# The folder holding the ``gridclip`` package this module belongs to: the memory child imports the same one.
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
 
 def sync(device: str) -> None:
@@ -103,8 +107,6 @@ def _reset_peak_rss() -> bool:
 
 def memory_child(args: dict) -> dict:
     """Runs in the fresh process: build the case, run one inference, report the peak RSS increase (MiB)."""
-    from benchmarks.cases import ModelSpec, inference_case
-
     torch.set_num_threads(args["threads"])
     spec = ModelSpec(**args["spec"])
     _, call = inference_case(args["name"], spec, args["height"], args["width"], args["classes"], args["crops"],
@@ -124,13 +126,11 @@ def memory_child(args: dict) -> dict:
 def measure_memory(name: str, spec, height: int, width: int, classes: int, crops: int, threads: int,
                    seed: int = 0) -> dict:
     """Peak extra CPU memory of one inference of a case, measured in a fresh process (see module doc)."""
-    from dataclasses import asdict
-
     args = {"name": name, "spec": asdict(spec), "height": height, "width": width, "classes": classes,
             "crops": crops, "threads": threads, "seed": seed}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(RUN_PY.parents[1]), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(RUN_PY), "--memory-child", json.dumps(args)], capture_output=True,
-                          text=True, env=env)
+    path = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "gridclip.bench.measure", json.dumps(args)], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=path))
     if proc.returncode != 0:
         raise RuntimeError(f"memory measurement of {name} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -145,3 +145,7 @@ def cuda_peak_memory(call: Callable[[], object], device: str) -> float:
     call()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+if __name__ == "__main__":  # the fresh process of measure_memory: one case, its result as JSON on stdout
+    print(json.dumps(memory_child(json.loads(sys.argv[1]))))

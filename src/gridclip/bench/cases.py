@@ -19,7 +19,15 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from open_clip.utils import freeze_batch_norm_2d
 from torch import Tensor, nn
+from torchvision.models.detection import fcos_resnet50_fpn, maskrcnn_resnet50_fpn
+from torchvision.ops import roi_align
+
+from gridclip.config import GridCLIPConfig
+from gridclip.model import GridCLIP
+from gridclip.model.gridclip import CLIP_MEAN, CLIP_STD, build_clip_visual
+from gridclip.model.scoring import cpu_has_native_bf16
 
 
 @dataclass
@@ -34,8 +42,6 @@ class ModelSpec:
 def freeze_batch_norms(module: nn.Module) -> nn.Module:
     """Every ``BatchNorm2d`` -> torchvision ``FrozenBatchNorm2d`` (what torchvision detectors use when
     built with pretrained weights; random-weight builds keep trainable BN, which a real user never runs)."""
-    from open_clip.utils import freeze_batch_norm_2d
-
     return freeze_batch_norm_2d(module)
 
 
@@ -48,8 +54,6 @@ def set_input_size(detector: nn.Module, height: int, width: int) -> None:
 def build_gridclip(spec: ModelSpec, num_classes: int, seed: int = 0, optimize: bool = True, **overrides) -> nn.Module:
     """GridCLIP with random weights; ``optimize``: as ``gridclip detect/eval/serve`` run it
     (``optimize_for_inference``: trunk batch norms folded, channels-last). ``overrides``: config fields."""
-    from gridclip import GridCLIP, GridCLIPConfig
-
     torch.manual_seed(seed)
     cfg = GridCLIPConfig(clip_model=spec.clip_model, clip_pretrained=None, teacher_pretrained=None,
                          teacher_dim=spec.teacher_dim, **overrides)
@@ -59,8 +63,6 @@ def build_gridclip(spec: ModelSpec, num_classes: int, seed: int = 0, optimize: b
 
 
 def native_bf16() -> bool:
-    from gridclip.model.scoring import cpu_has_native_bf16
-
     return cpu_has_native_bf16()
 
 
@@ -71,8 +73,6 @@ def random_vocabulary(num_classes: int, dim: int, seed: int = 0) -> Tensor:
 
 
 def build_fcos(num_classes: int = 91, seed: int = 0) -> nn.Module:
-    from torchvision.models.detection import fcos_resnet50_fpn
-
     torch.manual_seed(seed)
     model = fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, score_thresh=0.05,
                               nms_thresh=0.5, detections_per_img=300, topk_candidates=1000)
@@ -81,8 +81,6 @@ def build_fcos(num_classes: int = 91, seed: int = 0) -> nn.Module:
 
 
 def build_maskrcnn(num_classes: int = 91, seed: int = 0) -> nn.Module:
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
-
     torch.manual_seed(seed)
     # Score threshold 1e-4 (LVIS protocol): with torchvision's 0.05 a random-weight box head (softmax over 91
     # classes, ~0.011 each) keeps nothing and the mask head never runs. torchvision's 100 detections (not
@@ -102,8 +100,6 @@ class CropCLIP(nn.Module):
 
     def __init__(self, visual: nn.Module, text_embeddings: Tensor, batch: int = 50):
         super().__init__()
-        from gridclip.model.gridclip import CLIP_MEAN, CLIP_STD
-
         self.visual = visual
         size = visual.image_size
         self.crop_size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -113,8 +109,6 @@ class CropCLIP(nn.Module):
         self.register_buffer("text", F.normalize(text_embeddings.float(), dim=-1), persistent=False)
 
     def forward(self, images: list[Tensor], boxes: list[Tensor]) -> list[dict[str, Tensor]]:
-        from torchvision.ops import roi_align
-
         out = []
         for image, image_boxes in zip(images, boxes):
             x = ((image - self.mean) / self.std)[None]
@@ -130,8 +124,6 @@ class CropCLIP(nn.Module):
 
 
 def build_crops(spec: ModelSpec, num_classes: int, seed: int = 0) -> CropCLIP:
-    from gridclip.model.gridclip import build_clip_visual
-
     torch.manual_seed(seed)
     visual = build_clip_visual(spec.clip_model, None, load_weights=False)
     freeze_batch_norms(visual)

@@ -27,7 +27,9 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
-from benchmarks import cases, measure
+
+from gridclip.bench import cases, measure
+from gridclip.model.inference import fold_batch_norms
 from gridclip.model.postprocess import DenseOutputs, PostProcess
 
 GRIDCLIP_STAGES = [
@@ -150,8 +152,6 @@ def build_ladder(spec, num_classes: int, seed: int) -> dict[str, nn.Module]:
 
 def fcos_with_trunk_rewrites(fcos: nn.Module) -> nn.Module:
     """torchvision FCOS with the same generic rewrites as GridCLIP's inference model."""
-    from gridclip.model.inference import fold_batch_norms
-
     m = copy.deepcopy(fcos).eval()
     fold_batch_norms(m.backbone.body)
     return m.to(memory_format=torch.channels_last)
@@ -244,7 +244,7 @@ def markdown(res: dict) -> list[str]:
     if not res.get("ladder"):
         return lines
     lines += ["## What each optimisation gained", "",
-              "Each rung adds one change to the one above it (see `benchmarks/stages.py`); every rung is a model "
+              "Each rung adds one change to the one above it (see `gridclip/bench/stages.py`); every rung is a model "
               "timed interleaved with torchvision FCOS on the same input. `/ FCOS`: ratio to stock FCOS (the "
               "goal's baseline); `/ FCOS rewritten`: to FCOS given the same generic trunk rewrites (folded batch "
               "norms, channels-last). Detections are compared with the previous rung's (first n, sorted by score); "
