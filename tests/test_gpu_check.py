@@ -80,3 +80,18 @@ def test_ddp_step_logic_on_cpu_with_gloo():
     out = ddp_step(ModelSpec(clip_model=tiny, teacher_dim=64), (64, 96), 5, gpus=2, backend="gloo")
     assert out["world_size"] == 2 and out["backend"] == "gloo"
     assert out["finite"] and out["same_gradients"] and len(out["step_s"]) == 2
+
+
+def test_bench_report_keeps_the_generated_sections(tmp_path, monkeypatch):
+    """`gridclip bench` rewrites docs/benchmarks.md: the sections of gpu-check / bench-deploy survive."""
+    from gridclip.bench import report
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# old report\n")
+    write_section(doc, "gpu-check", render(fake_result()))
+    write_section(doc, "onnxruntime", "## ONNX Runtime\n\nnumbers")
+    monkeypatch.setattr(report, "markdown", lambda results: "# Benchmarks\n\nnew report\n")
+    report.write({}, tmp_path / "results.json", doc)
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nnew report\n") and "old report" not in text
+    assert set(read_sections(text)) == {"gpu-check", "onnxruntime"} and "**NVIDIA H200**" in text
