@@ -84,3 +84,26 @@ def test_world_case_end_to_end(make_tiny_detector, tmp_path, monkeypatch):
     assert main(["bench-deploy", "--report-from", str(tmp_path / "r.json"), "--doc", str(doc),
                  "--json", str(tmp_path / "unused.json")]) == 0
     assert "ONNX Runtime and INT8" in read_sections(doc.read_text())["onnxruntime"]
+
+
+def test_like_for_like_stage_groups_and_verdict(tmp_path):
+    """bench-stages on a tiny CLIP at 64x96: the groups add up to the total, and the verdict follows
+    every round's ratio (the report from fabricated rounds: one above 1.15 -> does not hold)."""
+    from importlib.resources import files
+
+    from gridclip.bench.like_for_like import GROUPS, render as render_stages, run_like_for_like
+
+    tiny = str(files("gridclip") / "assets" / "shapes" / "shapes-RN-tiny")
+    result = run_like_for_like((64, 96), 7, rounds=2, clip_model=tiny)
+    for name, runs in result["samples"].items():
+        assert len(runs) == 2
+        part = 0 if name == "gridclip" else 1
+        for stages in runs:
+            parts = [g for label, g in GROUPS.items() if label != "total" and not label.startswith(" ")]
+            assert sum(stages[n] for g in parts for n in g[part]) == pytest.approx(stages["total"], rel=1e-6)
+    fake = {"size": "1x1", "K": 1, "rounds": 2, "threads": 2, "samples": {
+        "gridclip": [{"total": 1.1}, {"total": 1.3}], "fcos": [{"total": 1.0}, {"total": 1.0}]}}
+    text = render_stages(fake)
+    assert "median 1.20x, per round 1.10, 1.30: does not hold (not in every round)." in text
+    fake["samples"]["gridclip"][1]["total"] = 1.12
+    assert "holds in every round." in render_stages(fake)
