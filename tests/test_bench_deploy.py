@@ -32,7 +32,7 @@ def fake_case():
 def test_render_ratios_and_ap_differences():
     info = {"date": "d", "cores": 2, "torch": "t", "torch_threads": 2, "onnxruntime": "o", "load": "1.0"}
     text = render([fake_case()], info)
-    assert "| world, trained demo model | 128x128 | onnxruntime | 0.0120 | 0.60 | 0.50, 0.50, 0.60 |" in text
+    assert "| world, trained demo model | 128x128 | onnxruntime | 0.0120 | 0.60 | 0.50, 0.50, 0.60 | yes |" in text
     assert "| onnxruntime | 50.0 | 70.0 | 38.5 | 50.0 | 60.0 | +0.00 | +0.00 | -1.50 | +0.00 | +0.00 |" in text
 
 

@@ -67,6 +67,7 @@ def test_write_section_keeps_other_sections(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ddp_step_logic_on_cpu_with_gloo():
     """The DDP step that gpu-check runs over NCCL, here with gloo on 2 CPU processes and the packaged
     tiny CLIP (a folder: the spawned processes find it too): finite losses, equal gradients on both

@@ -25,6 +25,9 @@ masked (grid pool, features, the head's group norms; see :mod:`gridclip.model.ba
 no image sizes, so for it the padding is image content (CLIP's mean colour, zero after normalisation).
 Results are the same when the resized image is a multiple of 32 on both sides (no padding), and differ
 slightly near the padded border otherwise.
+
+``gridclip detect --runtime onnxruntime`` runs :func:`cached_export` of the checkpoint (exported once per
+checkpoint, vocabulary and settings into ``$GRIDCLIP_CACHE/onnx``) through :class:`OnnxDetector`.
 """
 from __future__ import annotations
 

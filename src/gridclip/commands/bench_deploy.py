@@ -49,5 +49,5 @@ def main(argv: Sequence[str]) -> int:
                 data["cases"].append(rn50_case(work / "rn50", rounds=args.rn50_rounds, threads=args.threads))
         atomic_write_json(args.json, data)
     write_section(args.doc, "onnxruntime", render(data["cases"], data["machine"]))
-    print(f"wrote {args.doc} (onnxruntime section) and {args.json}")
+    print(f"wrote {args.doc} (onnxruntime section)" + ("" if args.report_from else f" and {args.json}"))
     return 0
