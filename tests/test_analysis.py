@@ -314,7 +314,8 @@ class OracleDetector(torch.nn.Module):
 
 def test_transfer_world_is_a_new_vocabulary_and_cached(tmp_path):
     from gridclip.analysis.transfer import make_transfer_world
-    from gridclip.data.shapes import SHAPES, category_names
+    from gridclip.data.shape_drawing import SHAPES
+    from gridclip.data.shapes import category_names
 
     gt_path = make_transfer_world(tmp_path / "t", seed=3, num_images=30)
     data = json.loads(gt_path.read_text())
@@ -344,7 +345,7 @@ def test_transfer_world_is_a_new_vocabulary_and_cached(tmp_path):
 
 def test_evaluate_transfer_swaps_vocabulary_and_nms(tmp_path):
     from gridclip.analysis.transfer import evaluate_transfer, make_transfer_world
-    from gridclip.data.shapes import SHAPES
+    from gridclip.data.shape_drawing import SHAPES
 
     gt_path = make_transfer_world(tmp_path / "t", seed=0, num_images=6)
     oracle = OracleDetector(gt_path)

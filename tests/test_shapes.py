@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from gridclip.data import shapes
-from gridclip.data.shapes import COLOURS, NOVEL, SHAPES, load_world, make_world, render_image
+from gridclip.data.shape_drawing import COLOURS, SHAPES, render_image
+from gridclip.data.shapes import NOVEL, load_world, make_world
 
 
 @pytest.fixture(scope="module")

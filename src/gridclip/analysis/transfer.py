@@ -6,7 +6,7 @@ already uses every "<colour> <shape>" pair of its 6 colours x 8 shapes as a cate
 colour-shape pair is left for a new category set. The transfer world therefore uses a different,
 coarser vocabulary over the same known words, as VOC and COCO are coarser than LVIS: its categories
 are the 8 shape words ("circle", "star", ...), and each object is drawn in any of the 6 colours with
-``shapes.render_image``. A detector must recognise "star" for a red star and a blue star alike, from
+``shape_drawing.render_image``. A detector must recognise "star" for a red star and a blue star alike, from
 text embeddings of a category phrasing it never trained on.
 
 Layout of ``OUT``::
@@ -29,7 +29,8 @@ from PIL import Image
 
 from gridclip.checkpoint import load_checkpoint
 from gridclip.data.datasets import build_dataset
-from gridclip.data.shapes import COLOURS, SHAPES, SIZES, render_image
+from gridclip.data.shape_drawing import COLOURS, SHAPES, render_image
+from gridclip.data.shapes import SIZES
 from gridclip.data.transforms import eval_transforms
 from gridclip.engine.evaluate import evaluate, run_inference
 from gridclip.utils.atomic import atomic_write_json
