@@ -30,9 +30,8 @@ from gridclip.checkpoint import load_checkpoint
 from gridclip.config import GridCLIPConfig
 from gridclip.data.images import load_image, to_float_image
 from gridclip.engine.evaluate import evaluate
-from gridclip.export import OnnxDetector, cached_export, export_onnx
+from gridclip.export import OnnxDetector, cached_export, export_onnx, quantize_onnx
 from gridclip.model import GridCLIP
-from gridclip.quantize import quantize_onnx
 
 __all__ = ["world_results", "interleaved", "world_case", "rn50_case", "render", "machine"]
 
