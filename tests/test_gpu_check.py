@@ -96,3 +96,24 @@ def test_bench_report_keeps_the_generated_sections(tmp_path, monkeypatch):
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nnew report\n") and "old report" not in text
     assert set(read_sections(text)) == {"gpu-check", "onnxruntime"} and "**NVIDIA H200**" in text
+
+
+@pytest.mark.slow
+def test_training_and_fps_logic_on_cpu():
+    """The measuring functions gpu-check runs on cuda:0, here on the CPU with the packaged tiny CLIP at
+    64x96 (CPU autocast): every precision steps with finite losses, FPS counts images per second, and
+    the report renders from the real result."""
+    from importlib.resources import files
+
+    from gridclip.bench.cases import ModelSpec
+    from gridclip.bench.gpu_check import inference_fps, training
+
+    spec = ModelSpec(clip_model=str(files("gridclip") / "assets" / "shapes" / "shapes-RN-tiny"), teacher_dim=64)
+    train = training(spec, 2, 64, 96, 5, steps=1, device="cpu")
+    assert set(train) == {"fp32", "bf16", "fp16"}
+    assert all(t["finite"] and len(t["step_s"]) == 1 and len(t["losses"]) == 3 for t in train.values())
+    fps = inference_fps(spec, 64, 96, 5, (1, 2), calls=1, device="cpu")
+    assert set(fps) == {"1", "2"} and fps["2"]["fps"] == pytest.approx(2 / fps["2"]["call_s"][0])
+    assert all(t["finite"] and len(t["boxes"]) == int(b) for b, t in fps.items())
+    result = dict(fake_result("cpu (test)"), training=train, inference=fps)
+    assert "| fp16 |" in render(result) and "not an H100 / H200" in render(result)

@@ -11,7 +11,8 @@ On one CUDA card, in a few minutes (GridCLIP RN50, random weights, K = 1203, 800
   ranks after the all-reduce.
 
 :func:`render` turns the result into the ``gpu-check`` section of docs/benchmarks.md, with the card's
-name; nothing here runs without CUDA (:func:`require_cuda`).
+name; :func:`run_gpu_check` refuses to run without CUDA (:func:`require_cuda`); the parts take a device, so
+the tests run their logic on the CPU (gloo for the DDP step).
 """
 from __future__ import annotations
 
@@ -47,16 +48,21 @@ def require_cuda() -> None:
                           "False): the GPU check needs one; nothing was run")
 
 
-def _timed(call: Callable[[], Any], warmup: int, repeats: int) -> tuple[list[float], Any]:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(call: Callable[[], Any], warmup: int, repeats: int, device: str) -> tuple[list[float], Any]:
     out = None
     for _ in range(warmup):
         out = call()
-    torch.cuda.synchronize()
+    _sync(device)
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         out = call()
-        torch.cuda.synchronize()
+        _sync(device)
         samples.append(time.perf_counter() - start)
     return samples, out
 
@@ -75,7 +81,7 @@ def _train_step(model, images, targets, amp: str, device: str):
     """One step as the trainer takes it: autocast forward, a GradScaler (enabled for fp16) around backward."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp == "fp16")
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -99,11 +105,12 @@ def training(spec: ModelSpec, batch: int, height: int, width: int, num_classes: 
         images, targets = _train_inputs(spec, batch, height, width, num_classes, device, seed)
         step = _train_step(model, images, targets, amp, device)
         losses = []
-        samples, _ = _timed(lambda: losses.append(step()), warmup=2, repeats=steps)
+        samples, _ = _timed(lambda: losses.append(step()), warmup=2, repeats=steps, device=device)
         out["fp32" if amp == "none" else amp] = {"step_s": samples, "median_step_s": median(samples),
                                                  "losses": losses, "finite": all(map(_finite, losses))}
         del model, step
-        torch.cuda.empty_cache()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     return out
 
 
@@ -123,7 +130,7 @@ def inference_fps(spec: ModelSpec, height: int, width: int, num_classes: int, ba
             with torch.no_grad(), autocast(device, "fp16"):
                 return model(images)
 
-        samples, dets = _timed(call, warmup=3, repeats=calls)
+        samples, dets = _timed(call, warmup=3, repeats=calls, device=device)
         out[str(batch)] = {"call_s": samples, "fps": batch / median(samples),
                            "boxes": [int(d["boxes"].shape[0]) for d in dets],
                            "finite": all(bool(torch.isfinite(d["scores"]).all()) for d in dets)}
@@ -134,11 +141,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _ddp_worker(rank: int, world: int, port: int, spec: ModelSpec, size: tuple[int, int], num_classes: int,
