@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,23 +90,47 @@ def test_streams_in_batches(checkpoint, tmp_path, capsys, monkeypatch):
     assert drawn_at == [2, 2, 4, 4, 6, 6, 7]
 
 
-def test_interrupt_leaves_previous_results_intact(checkpoint, tmp_path, capsys, monkeypatch):
+def test_interrupt_keeps_previous_results_and_the_rerun_resumes(checkpoint, tmp_path, capsys, monkeypatch):
     import gridclip.commands.detect as predict_mod
+    import gridclip.data.inputs as inputs
 
-    for i in range(3):
-        write_image(tmp_path / "in" / f"{i}.png", 48, 48, i)
+    for i in range(4):
+        write_image(tmp_path / "in" / f"{i}.png", 48, 48 + 8 * i, i)
     out = tmp_path / "out"
     out.mkdir()
     (out / "detections.json").write_text("previous")
     calls = []
+    real_save = predict_mod._save_image
 
     def interrupted(*a):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise KeyboardInterrupt
+        real_save(*a)
 
+    args = [tmp_path / "in", "--checkpoint", checkpoint, "--out", out, "--hf"]
     monkeypatch.setattr(predict_mod, "_save_image", interrupted)
-    rc, _, err = run([tmp_path / "in", "--checkpoint", checkpoint, "--out", out], capsys)
+    rc, _, err = run(args, capsys)
     assert rc == 130 and err == ["gridclip: interrupted"]
-    assert (out / "detections.json").read_text() == "previous"
-    assert [p.name for p in out.iterdir()] == ["detections.json"]  # no temporary files left
+    assert (out / "detections.json").read_text() == "previous"  # the results file is only replaced at the end
+    assert sorted(p.name for p in out.iterdir()) == [".detections.json.parts", "0.jpg", "1.jpg", "detections.json"]
+
+    # other settings: refused, nothing lost
+    rc, _, err = run([*args, "--score", "0.3"], capsys)
+    assert rc == 2 and len(err) == 1 and "interrupted run with other settings (score)" in err[0]
+
+    # the same command again: only the two images not done yet are loaded and detected
+    monkeypatch.setattr(predict_mod, "_save_image", real_save)
+    loaded = []
+    real_load = inputs.load_image
+    monkeypatch.setattr(inputs, "load_image", lambda p, **k: loaded.append(Path(p).name) or real_load(p, **k))
+    rc, stdout, err = run(args, capsys)
+    assert rc == 0 and loaded == ["2.png", "3.png"] and "resuming: 2 image(s) already done" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == ["0.jpg", "1.jpg", "2.jpg", "3.jpg", "detections.hf.json",
+                                                     "detections.json"]
+    # identical to an uninterrupted run
+    fresh = tmp_path / "fresh"
+    assert run([tmp_path / "in", "--checkpoint", checkpoint, "--out", fresh, "--hf"], capsys)[0] == 0
+    for name in ("detections.json", "detections.hf.json"):
+        assert (out / name).read_text() == (fresh / name).read_text()
+    assert "4 image(s)" in stdout

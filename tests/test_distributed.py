@@ -49,6 +49,9 @@ def test_torchrun_two_processes_match_one_process(tiny_root, tmp_path, monkeypat
     proc = subprocess.run(cmd, env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("trained 3 iterations") == 1  # rank 0 reports, rank 1 stays quiet
+    # quiet logs: open_clip's INFO lines hidden, each training log line once (rank 0)
+    assert "Parsing model identifier" not in proc.stderr and "Loading" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.count("iter 2/3") == 1, proc.stderr[-2000:]
 
     # rank 0 wrote the checkpoints, with both ranks' RNG states, and the final model
     assert [i for i, _ in train_state.list_checkpoints(out)] == [2, 3]

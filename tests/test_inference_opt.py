@@ -98,3 +98,21 @@ def test_load_gives_the_fast_form_with_the_optimised_detections(tiny_cfg, tmp_pa
     ref_plain = predict(load_checkpoint(tmp_path / "m.pt"), images, batch_size=2)
     for a, b in zip(plain.predict(images, batch_size=2), ref_plain):
         assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
+def test_vocabulary_swap_in_the_inference_form(tiny_cfg):
+    """The inference form projects each new vocabulary into its fixed scoring subspace (serve and eval swap
+    vocabularies on it): the same detections as the trainable form with that vocabulary."""
+    model = _trained_like(dataclasses.replace(tiny_cfg, score_thresh=0.02))
+    fast = copy.deepcopy(model).optimize_for_inference()
+    images = [torch.rand(3, 128, 160, generator=torch.Generator().manual_seed(5))]
+    with torch.no_grad():
+        fast(images)  # prepared with the first vocabulary
+        other = torch.randn(20, model.clip_dim, generator=torch.Generator().manual_seed(9))
+        fast.set_vocabulary(other)
+        model.set_vocabulary(other)
+        ref, out = model(images), fast(images)
+    assert fast.head.classification_head.prepared_text.shape[0] == 20
+    for a, b in zip(ref, out):
+        assert len(a["scores"]) > 5
+        assert_matching_detections(a, b)

@@ -163,3 +163,14 @@ def test_21000_classes_chunked_equals_one_chunk_with_bounded_logits(tiny_cfg, mo
     assert len(one["scores"]) > 0
     assert_same(chunked, one, atol=1e-6)  # a chunk's matmul may round a last bit differently
     assert one["labels"].max() < K
+
+
+def test_model_predict_imports_nothing_above_the_model():
+    """GridCLIP.predict lives in the model layer: importing the model and predicting loads no engine module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from gridclip.model import gridclip as m; from gridclip.model.predict import predict; "
+            "print(sorted(n for n in sys.modules if n.startswith(('gridclip.engine', 'gridclip.checkpoint', 'gridclip.export'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

@@ -104,20 +104,33 @@ def rn_name(tiny_clip_names):
     return tiny_clip_names[0]
 
 
-def test_resnet_tower_is_built_as_open_clip_builds_it(rn_name):
-    """build_clip_visual (random init) == open_clip.create_model(name).visual under the same seed:
-    the same modules, parameter names and random draws (CLIP builds its image tower first)."""
+def test_resnet_tower_is_built_as_open_clip_builds_it(rn_name, tmp_path):
+    """build_clip_trunk (random init) == open_clip.create_model(name).visual under the same seed: the same
+    modules, parameter names and random draws (CLIP builds its image tower first). With weights, the same
+    values, and no random draws besides open_clip's own while loading."""
     import open_clip
+    from open_clip.modified_resnet import ModifiedResNet
 
-    from gridclip.model.gridclip import build_clip_visual
+    from gridclip.model.gridclip import build_clip_trunk
 
     torch.manual_seed(3)
-    ours = build_clip_visual(rn_name, None, load_weights=False)
+    ours = build_clip_trunk(rn_name, None, load_weights=False)
     torch.manual_seed(3)
     ref = open_clip.create_model(rn_name, pretrained=None).visual
     a, b = ours.state_dict(), ref.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert type(ours) is type(ref)
+    assert type(ref) is ModifiedResNet and isinstance(ours, ModifiedResNet)
+    torch.save({"state_dict": open_clip.create_model(rn_name, pretrained=None).state_dict()}, tmp_path / "clip.pt")
+    from gridclip.clip.loader import load_clip
+
+    torch.manual_seed(5)
+    load_clip(rn_name, str(tmp_path / "clip.pt"))
+    after_loading = torch.rand(3)
+    torch.manual_seed(5)
+    loaded = build_clip_trunk(rn_name, str(tmp_path / "clip.pt"))
+    assert torch.equal(torch.rand(3), after_loading)
+    ref = open_clip.create_model(rn_name, pretrained=str(tmp_path / "clip.pt")).visual.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
 
 
 def test_modified_resnet_intermediates_and_removable_pool(rn_name):
@@ -125,7 +138,7 @@ def test_modified_resnet_intermediates_and_removable_pool(rn_name):
     the pool can be dropped; AttentionPool2d keeps the parameter names the grid pool takes over."""
     import open_clip
 
-    from gridclip.model.backbone import clip_resnet_trunk, trunk_features
+    from gridclip.model.backbone import CLIPResNetTrunk
 
     visual = open_clip.create_model(rn_name, pretrained=None).visual.eval()
     assert {n for n, _ in visual.attnpool.named_parameters()} == {
@@ -139,8 +152,11 @@ def test_modified_resnet_intermediates_and_removable_pool(rn_name):
         for layer in (visual.layer2, visual.layer3, visual.layer4):
             h = layer(h)
             expected.append(h)
-        trunk = clip_resnet_trunk(visual)
-        got = trunk_features(trunk, x)
+        trunk = CLIPResNetTrunk.from_config(64, {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 32})
+        trunk.load_state_dict(visual.state_dict())
+        trunk.take_attnpool()
+        trunk.eval()
+        got = trunk(x)
     assert trunk.attnpool is None and not any(k.startswith("attnpool") for k in trunk.state_dict())
     assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, expected))
 

@@ -5,8 +5,9 @@
     PYTHONPATH=<new>/src python bitcheck.py init  /tmp/ref.pt   # same random initialisation as before
 
 Tiny random detectors (the tests' tiny CLIP), several variants, weights saved with the reference and
-loaded into the new build, so only the inference code is compared. Paths: the plain model (eval),
-the optimised one (optimize_for_inference), and predict() on uint8 arrays; single images and padded batches.
+loaded into the new build, so only the code is compared. Paths: the plain model (eval), the optimised one
+(optimize_for_inference), and predict() on uint8 arrays; single images and padded batches; one training
+step (losses and gradients).
 """
 import copy
 import dataclasses
@@ -80,13 +81,34 @@ def run(model):
     return {k: [{n: d[n] for n in ("boxes", "scores", "labels")} for d in v] for k, v in out.items()}
 
 
+def train_step(model):
+    """Losses and gradients of one training step on a padded batch of two images (the training path)."""
+    g = torch.Generator().manual_seed(2)
+    model.train()
+    images = [torch.rand(3, 128, 160, generator=g), torch.rand(3, 112, 128, generator=g)]
+    k = model.num_classes
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 20.0, 120.0, 90.0]]),
+                "labels": torch.tensor([0, k - 1])},
+               {"boxes": torch.tensor([[30.0, 30.0, 100.0, 100.0]]), "labels": torch.tensor([1])}]
+    if model.projector is not None:
+        for t in targets:
+            t["teacher_embedding"] = torch.randn(model.projector[-1].out_features, generator=g)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return {"losses": {k: v.detach() for k, v in losses.items()}, "grads": grads}
+
+
 def main(mode, path):
     if mode == "save":
         ref = {}
         for name, variant in VARIANTS.items():
             model = build(variant)
             state = {k: v.clone() for k, v in model.state_dict().items()}
-            ref[name] = {"state": state, "plain": run(model), "fast": run(copy.deepcopy(model).optimize_for_inference())}
+            ref[name] = {"state": state, "plain": run(model), "fast": run(copy.deepcopy(model).optimize_for_inference()),
+                         "train": train_step(copy.deepcopy(model))}
         torch.save(ref, path)
         print("saved", path)
         return 0
@@ -96,6 +118,14 @@ def main(mode, path):
         model = build(variant)
         model.load_state_dict(ref[name]["state"])
         got = {"plain": run(model), "fast": run(copy.deepcopy(model).optimize_for_inference())}
+        if "train" in ref[name]:
+            step = train_step(copy.deepcopy(model))
+            r = ref[name]["train"]
+            same = (step["losses"].keys() == r["losses"].keys() and step["grads"].keys() == r["grads"].keys()
+                    and all(torch.equal(step["losses"][k], v) for k, v in r["losses"].items())
+                    and all(torch.equal(step["grads"][k], v) for k, v in r["grads"].items()))
+            bad += not same
+            print(f"{name:7s} train step: losses and {len(r['grads'])} gradients {'equal' if same else 'DIFFERENT'}")
         for path_name in ("plain", "fast"):
             for kind, dets in got[path_name].items():
                 for i, (a, b) in enumerate(zip(dets, ref[name][path_name][kind])):

@@ -1,23 +1,102 @@
 """Model checkpoints: one file with the config, the weights, the CLIP identity and (optionally) a
 vocabulary's names and embeddings. Loaded with ``torch.load(weights_only=True)``; no network needed.
+
+Portable (format version 2): nothing in the file depends on the machine that wrote it.
+
+* CLIPs shipped with gridclip are named ``gridclip:NAME`` (resolved from the installed package); open_clip
+  hub CLIPs by model name and pretrained tag (or ``None``: seeded random init).
+* Any other CLIP (a local directory, a weights file) is recorded as ``stored:<name>`` and its text tower
+  is stored in the checkpoint (fp16, ``clip_text``), so a new vocabulary can be embedded anywhere.
+* The teacher (training only) is recorded by name, its embedding size by ``teacher_dim``: loading
+  never needs it. Other absolute paths (e.g. data paths in ``extra``) are written relative to the
+  working directory when under it, else as ``local:<file name>``.
+
+Version 1 files (absolute paths) still load: shipped CLIPs are recognised by folder name and checksum,
+the teacher's size comes from the projector's weights.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gridclip.clip.loader import clip_identity
+from gridclip.clip.loader import (BUILTIN_PREFIX, builtin_clips, builtin_name_of, dir_digest, is_local_dir, is_portable,
+                                  portable_clip_name)
+from gridclip.clip.text import TextEncoder, TextEncoderUnavailable
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import GridCLIPConfig, config_from_dict, config_to_dict
 from gridclip.model.gridclip import GridCLIP
 from gridclip.utils.atomic import atomic_save
 
 FORMAT = "gridclip-checkpoint"
-VERSION = 1
+VERSION = 2
+#: A teacher CLIP that only exists on the machine that trained the model (recorded by folder / file name).
+LOCAL_PREFIX = "local:"
+
+log = logging.getLogger(__name__)
+
+
+def _portable_teacher(model: str, pretrained: str | None) -> tuple[str, str | None]:
+    name, tag = portable_clip_name(model, pretrained)
+    return name.replace("stored:", LOCAL_PREFIX, 1), (tag.replace("stored:", LOCAL_PREFIX, 1) if tag else tag)
+
+
+def _portable_path(value: Any) -> Any:
+    """Absolute paths inside ``value`` (nested dicts / lists): a shipped CLIP's folder -> ``gridclip:NAME``;
+    a path under the working directory -> relative to it; any other -> ``local:<file name>`` (a record of
+    what it was; e.g. ``gridclip eval`` then needs ``--config`` to find that data)."""
+    if isinstance(value, dict):
+        return {k: _portable_path(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_portable_path(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        if is_local_dir(value):
+            name, _ = portable_clip_name(value, None)
+            if name.startswith(BUILTIN_PREFIX):
+                return name
+        try:
+            relative = Path(value).resolve().relative_to(Path.cwd().resolve())
+        except ValueError:
+            return f"{LOCAL_PREFIX}{Path(value).name}"
+        return relative.as_posix()
+    return value
+
+
+def portable_model_config(cfg: dict, teacher_dim: int | None = None) -> dict:
+    """A model config dict without machine paths (see module docstring)."""
+    cfg = dict(cfg)
+    if cfg.get("clip_model"):
+        cfg["clip_model"], cfg["clip_pretrained"] = portable_clip_name(cfg["clip_model"], cfg.get("clip_pretrained"))
+    if cfg.get("teacher_model"):
+        cfg["teacher_model"], cfg["teacher_pretrained"] = _portable_teacher(cfg["teacher_model"],
+                                                                            cfg.get("teacher_pretrained"))
+    if teacher_dim is not None:
+        cfg["teacher_dim"] = int(teacher_dim)
+    return cfg
+
+
+def _teacher_dim(model: GridCLIP) -> int | None:
+    return int(model.projector[-1].out_features) if model.projector is not None else None
+
+
+def _text_tower(model: GridCLIP) -> dict | None:
+    """The stored text tower a checkpoint of ``model`` needs (None when its CLIP is portable)."""
+    encoder = model.text_encoder
+    if encoder.stored is not None:
+        return {**encoder.stored, "identity": encoder.identity}
+    if is_portable(encoder.model, encoder.pretrained):
+        return None
+    try:
+        return {**encoder.text_state(), "identity": encoder.identity + "|text-fp16"}
+    except (TextEncoderUnavailable, ValueError) as exc:
+        log.warning("checkpoint: the text tower of CLIP '%s' is not stored (%s); new class names will need "
+                    "that CLIP on the machine that loads it", encoder.description, str(exc).splitlines()[0])
+        return None
 
 
 def checkpoint_dict(model: GridCLIP, extra: dict | None = None) -> dict:
@@ -27,15 +106,30 @@ def checkpoint_dict(model: GridCLIP, extra: dict | None = None) -> dict:
     elif model.class_names:
         vocab = {"names": list(model.class_names), "embeddings": None}
     state = {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()}  # also from the inference form
+    encoder = model.text_encoder
+    try:
+        identity = encoder.identity
+    except TextEncoderUnavailable:
+        identity = model.vocabulary.clip_identity if model.vocabulary is not None else None
+    if encoder.stored is not None:
+        identity = encoder.stored.get("clip_identity", identity)
+    text = _text_tower(model) if model.cfg.grid_align else None
+    if text is not None:
+        text["clip_identity"] = identity
+    extra = dict(extra or {})
+    if isinstance(extra.get("config"), dict) and isinstance(extra["config"].get("model"), dict):
+        extra["config"] = {**extra["config"], "model": portable_model_config(extra["config"]["model"], _teacher_dim(model))}
     return {
         "format": FORMAT,
         "version": VERSION,
-        "config": config_to_dict(model.cfg),
+        "config": portable_model_config(config_to_dict(model.cfg), _teacher_dim(model)),
         "clip_config": model.clip_config,
-        "clip_identity": clip_identity(model.cfg.clip_model, model.cfg.clip_pretrained),
+        "clip_identity": identity,
+        "clip_text_source": list(portable_clip_name(encoder.model, encoder.pretrained)),
+        "clip_text": text,
         "state_dict": state,
         "vocabulary": vocab,
-        "extra": extra or {},
+        "extra": _portable_path(extra),
     }
 
 
@@ -70,9 +164,70 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return data
 
 
+_V1_LOCAL_IDENTITY = re.compile(r"^local-dir:(?P<path>.*)@(?P<digest>[0-9a-f]{16})$")
+
+
+def _migrate_clip_name(model: str | None, identity: str | None) -> str | None:
+    """Version 1 named local CLIPs by absolute path: a shipped CLIP's folder becomes ``gridclip:NAME`` when
+    its folder name and (if recorded) checksum match the installed one; other paths are kept."""
+    if not model or not os.path.isabs(model):
+        return model
+    if Path(model).is_dir():
+        return builtin_name_of(model) or model
+    name = Path(model).name
+    shipped = builtin_clips().get(name)
+    if shipped is None:
+        return model
+    if identity:
+        match = _V1_LOCAL_IDENTITY.match(identity)
+        if match and Path(match["path"]).name == name and match["digest"] != dir_digest(shipped):
+            return model  # same folder name, other weights
+    return BUILTIN_PREFIX + name
+
+
+def migrate(data: dict) -> dict:
+    """A checkpoint dict of any older version in the current layout (the file is not changed)."""
+    version = data.get("version", 1)
+    if version >= VERSION:
+        return data
+    data = dict(data)
+    cfg = dict(data["config"])
+    identity = data.get("clip_identity")
+    old_clip = cfg.get("clip_model")
+    cfg["clip_model"] = _migrate_clip_name(cfg.get("clip_model"), identity)
+    cfg["teacher_model"] = _migrate_clip_name(cfg.get("teacher_model"), None)
+    match = _V1_LOCAL_IDENTITY.match(identity or "")
+    if match:  # the identity named the folder by its absolute path: by its name now (same digest)
+        label = cfg["clip_model"] if cfg["clip_model"] != old_clip and cfg["clip_model"].startswith(BUILTIN_PREFIX) \
+            else f"local-dir:{Path(match['path']).name}"
+        data["clip_identity"] = f"{label}@{match['digest']}"
+    data["config"] = cfg
+    data["clip_text_source"] = [cfg["clip_model"], cfg.get("clip_pretrained")]
+    data["clip_text"] = None
+    data["version"] = VERSION
+    return data
+
+
+def _projector_out(state: dict) -> int | None:
+    """The projector's output size (= the teacher's embedding size) from its last Linear's weights."""
+    keys = sorted((k for k in state if k.startswith("projector.") and k.endswith(".weight")),
+                  key=lambda k: int(k.split(".")[1]))
+    return int(state[keys[-1]].shape[0]) if keys else None
+
+
 def model_from_checkpoint(data: dict, source: str = "checkpoint") -> GridCLIP:
-    cfg: GridCLIPConfig = config_from_dict(data["config"], GridCLIPConfig, f"{source}:config")
+    data = migrate(data)
+    values = dict(data["config"])
+    if values.get("image_align", True) and values.get("teacher_dim") is None:
+        values["teacher_dim"] = _projector_out(data["state_dict"])  # loading never needs the teacher
+    cfg: GridCLIPConfig = config_from_dict(values, GridCLIPConfig, f"{source}:config")
     model = GridCLIP(cfg, load_clip_weights=False, clip_config=data.get("clip_config"))
+    text = data.get("clip_text")
+    if text is not None:
+        model.text_encoder = TextEncoder(cfg.clip_model, cfg.clip_pretrained, stored=text, identity=text["identity"])
+    elif data.get("clip_text_source"):
+        text_model, text_pretrained = data["clip_text_source"]
+        model.text_encoder = TextEncoder(text_model, text_pretrained)
     missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")

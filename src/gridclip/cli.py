@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from gridclip.utils.logs import setup_logging
+
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module in gridclip.commands, one-line help)
     "info": ("info", "architecture summary and inference parameter count"),
@@ -36,7 +38,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: gridclip [--debug] <command> [options]", "", "commands:"]
+    lines = ["usage: gridclip [--debug] [--verbose] <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+    verbose = "--verbose" in argv  # third-party INFO logs too (open_clip's model loading, ...)
+    if verbose:
+        argv.remove("--verbose")
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"gridclip: error: unknown command '{name}' (expected one of: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
+    setup_logging(verbose)
     try:
         command = importlib.import_module(f"gridclip.commands.{COMMANDS[name][0]}")
         return int(command.main(rest) or 0)

@@ -19,6 +19,7 @@ from torchvision.ops import nms
 from torchvision.utils import draw_bounding_boxes
 
 from gridclip.checkpoint import load_checkpoint, save_checkpoint
+from gridclip.clip.loader import builtin_name_of
 from gridclip.config import load_config, save_config
 from gridclip.data.datasets import build_train_dataset
 from gridclip.data.images import load_image
@@ -46,8 +47,9 @@ DEMO_VARIANTS = ("GridCLIP", "grid only", "FCOS w/o align")
 def demo_config(world: Path, clip_dir: Path, teacher_dir: Path, out_dir: Path, iters: int):
     """The shape-world training config (also written to OUT/config.yaml): tiny CLIP, 128 px images."""
     cfg = load_config("shapes_demo")  # the packaged gridclip/configs/shapes_demo.yaml
-    cfg.model.clip_model, cfg.model.clip_pretrained = str(clip_dir), None
-    cfg.model.teacher_model, cfg.model.teacher_pretrained = str(teacher_dir), None
+    # the shipped CLIPs by package name (gridclip:NAME), so configs and checkpoints hold no machine path
+    cfg.model.clip_model, cfg.model.clip_pretrained = builtin_name_of(clip_dir) or str(clip_dir), None
+    cfg.model.teacher_model, cfg.model.teacher_pretrained = builtin_name_of(teacher_dir) or str(teacher_dir), None
     cfg.data.train_json, cfg.data.train_images = str(world / "det_train.json"), str(world / "det_train" / "images")
     cfg.data.val_json, cfg.data.val_images = str(world / "val.json"), str(world / "val" / "images")
     cfg.train.max_iters = iters

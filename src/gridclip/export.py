@@ -14,7 +14,7 @@ The exported graph (TorchScript exporter; dynamic batch, image size and, with ``
 
 These are exactly the model's :class:`gridclip.model.postprocess.DenseOutputs`. :class:`OnnxDetector`
 runs around the graph the same code the PyTorch model runs: the model's resize and padding
-(torchvision's ``GeneralizedRCNNTransform``), anchors from :class:`PyramidAnchorGenerator`, the shared
+(:class:`gridclip.model.transform.DetectionTransform`), anchors from :class:`PyramidAnchorGenerator`, the shared
 :class:`PostProcess` (scoring, top-k, box decoding, NMS) and the rescaling to original pixels. The
 scale and bias of the cosine logits (paper Eq. 2) travel in the sidecar ``<out>.json`` with the class
 names and settings, so only the network's float rounding differs (onnxruntime's kernels vs torch's):
@@ -44,12 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.onnx.operators import shape_as_tensor
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from gridclip import __version__ as gridclip_version
 from gridclip.clip.vocabulary import default_cache_dir
 from gridclip.data.images import load_image, to_float_image
+from gridclip.model.head import Subspace
 from gridclip.model.postprocess import DenseOutputs, PostProcess, fcos_anchor_generator
+from gridclip.model.transform import DetectionTransform
 from gridclip.utils.atomic import atomic_save, atomic_write_json
 
 __all__ = ["DenseGridCLIP", "export_onnx", "preprocess", "postprocess", "OnnxDetector", "cached_export", "export_key",
@@ -77,9 +78,17 @@ class DenseGridCLIP(nn.Module):
         cls_head = model.head.classification_head
         if not vocab_input and cls_head.text_embeddings.shape[0] == 0:
             raise ValueError("no vocabulary set: give one to bake into the graph (or use vocab_input)")
-        self.subspace = cls_head.subspace() if cls_head.scores_in_subspace else None
+        sub = cls_head.subspace() if cls_head.scores_in_subspace else None
+        for name in ("weight", "bias", "Q"):  # buffers: they move with the module
+            self.register_buffer(f"subspace_{name}", getattr(sub, name) if sub is not None else None)
         with torch.no_grad():
-            self.register_buffer("text", cls_head.project_text(cls_head.text_embeddings, self.subspace))
+            self.register_buffer("text", cls_head.project_text(cls_head.text_embeddings, sub))
+
+    @property
+    def subspace(self) -> Subspace | None:
+        if self.subspace_weight is None:
+            return None
+        return Subspace(self.subspace_weight, self.subspace_bias, self.subspace_Q)
 
     def forward(self, images: Tensor, text: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         x = (images - self.mean) / self.std
@@ -147,18 +156,17 @@ def metadata(model: nn.Module, vocab_input: bool, opset: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- pre/post-processing
-def _transform(min_size: int, max_size: int, image_mean: Sequence[float], image_std: Sequence[float]) -> GeneralizedRCNNTransform:
-    """The model's resize / normalise / pad (FCOS builds the same ``GeneralizedRCNNTransform``)."""
-    return GeneralizedRCNNTransform(min_size, max_size, list(image_mean), list(image_std),
-                                    size_divisible=SIZE_DIVISIBLE).eval()
+def _transform(min_size: int, max_size: int, image_mean: Sequence[float], image_std: Sequence[float]) -> DetectionTransform:
+    """The model's resize / normalise / pad: the same :class:`DetectionTransform` the model builds."""
+    return DetectionTransform(min_size, max_size, list(image_mean), list(image_std), size_divisible=SIZE_DIVISIBLE).eval()
 
 
 def preprocess(images: Sequence[Tensor], min_size: int, max_size: int, image_mean: Sequence[float],
                image_std: Sequence[float]) -> tuple[Tensor, list[tuple[int, int]]]:
     """CHW float [0, 1] images -> (batch [B, 3, H, W] in [0, 1] padded to a multiple of 32, resized sizes).
 
-    Exactly torchvision's ``GeneralizedRCNNTransform`` (bilinear resize, padding with zeros after
-    normalisation), mapped back to [0, 1] so that padding is CLIP's mean colour."""
+    Exactly the model's transform (torchvision's bilinear resize, never a zero side; padding with zeros
+    after normalisation), mapped back to [0, 1] so that padding is CLIP's mean colour."""
     image_list, _ = _transform(min_size, max_size, image_mean, image_std)(list(images))
     mean = torch.tensor(image_mean).view(1, 3, 1, 1)
     std = torch.tensor(image_std).view(1, 3, 1, 1)

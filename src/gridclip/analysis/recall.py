@@ -28,6 +28,8 @@ from gridclip.data.datasets import build_dataset
 from gridclip.model.teacher import CLIPTeacher
 from gridclip.utils.atomic import atomic_open, atomic_write_json
 
+from gridclip.clip.loader import parse_clip_spec
+
 
 @dataclass
 class RecallResult:
@@ -42,12 +44,7 @@ def parse_model_spec(spec: str) -> tuple[str, str | None]:
     """``MODEL[:PRETRAINED]`` -> (model, pretrained). A local open_clip directory (or ``local-dir:PATH``)
     is the model itself; otherwise the text before the first ':' is the model name and the rest the
     pretrained tag or checkpoint path (None: random init)."""
-    if not spec:
-        raise ValueError("--clip: expected MODEL[:PRETRAINED], got an empty string")
-    if Path(spec).is_dir() or spec.startswith("local-dir:"):
-        return spec, None
-    model, sep, pretrained = spec.partition(":")
-    return model, (pretrained or None) if sep else None
+    return parse_clip_spec(spec)
 
 
 def clamp_ks(ks: Sequence[int], num_categories: int) -> list[int]:

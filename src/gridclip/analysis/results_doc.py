@@ -19,6 +19,7 @@ from gridclip.analysis.frequency import run_frequency
 from gridclip.analysis.recall import clip_recall, write_recall_outputs
 from gridclip.analysis.transfer import evaluate_transfer, make_transfer_world
 from gridclip.checkpoint import load_checkpoint
+from gridclip.clip.loader import BUILTIN_PREFIX, is_local_dir
 from gridclip.config import load_config, packaged_configs
 from gridclip.model import GridCLIP
 from gridclip.model.summary import PAPER_RN50_PARAMS
@@ -129,11 +130,11 @@ def make_figures(run: DemoRun, figures_dir: Path) -> dict[str, Path]:
         written["fig3"], written["fig3_csv"] = fig3, fig3.with_suffix(".csv")
     models = []
     if run.config is not None:
-        models = [m for m in (run.config.model.clip_model, run.config.model.teacher_model) if m and Path(m).is_dir()]
+        models = [m for m in (run.config.model.clip_model, run.config.model.teacher_model) if m and is_local_dir(m)]
     if models:
         results = clip_recall(val_json, run.root / "world" / "val" / "images", models, ks=RECALL_KS, batch_size=64)
         for r in results:  # short, machine-independent names in the figure and table
-            r.model = Path(r.model).name
+            r.model = Path(r.model.removeprefix(BUILTIN_PREFIX)).name
         paths = write_recall_outputs(results, figures_dir, stem="fig4_clip_recall",
                                      title="CLIP image-level recall@k, embedded world (val)")
         written["fig4"], written["fig4_json"] = paths["png"], paths["json"]

@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from torchvision.models.detection import fcos_resnet50_fpn, maskrcnn_resnet50_fpn
 from torchvision.ops import roi_align
 
+from gridclip.clip.loader import load_clip
 from gridclip.config import GridCLIPConfig
 from gridclip.model import GridCLIP
-from gridclip.model.gridclip import CLIP_MEAN, CLIP_STD, build_clip_visual
+from gridclip.model.gridclip import CLIP_MEAN, CLIP_STD
 from gridclip.model.scoring import cpu_has_native_bf16
 
 
@@ -124,8 +125,7 @@ class CropCLIP(nn.Module):
 
 
 def build_crops(spec: ModelSpec, num_classes: int, seed: int = 0) -> CropCLIP:
-    torch.manual_seed(seed)
-    visual = build_clip_visual(spec.clip_model, None, load_weights=False)
+    visual = load_clip(spec.clip_model, None, seed=seed).visual  # open_clip's image tower, seeded random init
     freeze_batch_norms(visual)
     return CropCLIP(visual, random_vocabulary(num_classes, visual.output_dim, seed), spec.crop_batch)
 

@@ -176,7 +176,8 @@ def render(cases: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
             ratio = statistics.median(s) / statistics.median(ref)
             per_round = [a / b for a, b in zip(s, ref)]
             every = "-" if name == "torch" else ("yes" if all(r < 1 for r in per_round) else "no")
-            label = "world, trained demo model" if case["case"] == "world" else f"RN50 random, K={case['K']}"
+            label = case.get("label") or ("world, trained demo model" if case["case"] == "world"
+                                          else f"RN50 random, K={case['K']}")
             lines.append(f"| {label} | {case['size']} | {name} | {statistics.median(s):.4f} | {ratio:.2f} | "
                          + ", ".join(f"{r:.2f}" for r in per_round) + f" | {every} | " + ", ".join(f"{x:.4f}" for x in s) + " |")
     for case in cases:

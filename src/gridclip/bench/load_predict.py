@@ -8,11 +8,13 @@ A random-weight RN50 GridCLIP (nothing downloaded) is saved as a checkpoint and 
                (``model([image])`` under ``no_grad``);
 ``trainable``  ``gridclip.load(path, optimize=False)``: the trainable form (the Python default before),
                through ``predict``.
-Rounds interleave the three (one image each per round); medians and per-round ratios are printed.
+Rounds interleave the three (one image each per round); medians, the ratio of medians with a bootstrap
+95% interval (rounds resampled, seed 0) and the per-round ratios' median and interquartile range are printed.
 """
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 import time
@@ -23,6 +25,7 @@ import torch
 import gridclip
 from gridclip.bench import cases
 from gridclip.checkpoint import load_checkpoint, save_checkpoint
+from gridclip.data.images import to_float_image
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     h, w = (int(v) for v in a.size.lower().split("x"))
     torch.manual_seed(0)
-    image = torch.rand(3, h, w)
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)  # as decoded from a file
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model.pt"
         model = cases.build_gridclip(cases.ModelSpec(clip_model=a.clip_model), a.classes, optimize=False,
@@ -45,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         detect = load_checkpoint(path).optimize_for_inference()
         trainable = gridclip.load(path, optimize=False)
 
-    def run_detect():
+    def run_detect():  # gridclip detect: decoded uint8 image -> to_float_image -> model([...]) under no_grad
         with torch.no_grad():
-            return detect([image])[0]
+            return detect([to_float_image(image)])[0]
 
     variants = {"load": lambda: loaded.predict(image)[0], "detect": run_detect,
                 "trainable": lambda: trainable.predict(image)[0]}
@@ -64,9 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     for name, v in times.items():
         print(f"  {name:9s} median {med[name]:.3f} s  (min {min(v):.3f}, max {max(v):.3f})")
     for name in ("load", "trainable"):
-        per_round = [x / y for x, y in zip(times[name], times["detect"])]
-        print(f"  {name} / detect: {med[name] / med['detect']:.3f} (per round {min(per_round):.3f}..{max(per_round):.3f})")
+        per_round = sorted(x / y for x, y in zip(times[name], times["detect"]))
+        lo, hi = bootstrap_ratio_ci(times[name], times["detect"])
+        q1, q3 = per_round[len(per_round) // 4], per_round[(3 * len(per_round)) // 4]
+        print(f"  {name} / detect: {med[name] / med['detect']:.3f} (ratio of medians; bootstrap 95% CI {lo:.3f}..{hi:.3f}; "
+              f"per-round median {statistics.median(per_round):.3f}, IQR {q1:.3f}..{q3:.3f})")
     return 0
+
+
+def bootstrap_ratio_ci(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of median(a) / median(b), resampling whole rounds (seeded)."""
+    rng = random.Random(seed)
+    k = len(a)
+    ratios = []
+    for _ in range(n):
+        idx = [rng.randrange(k) for _ in range(k)]
+        ratios.append(statistics.median(a[i] for i in idx) / statistics.median(b[i] for i in idx))
+    ratios.sort()
+    return ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]
 
 
 if __name__ == "__main__":

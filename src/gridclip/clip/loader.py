@@ -6,6 +6,8 @@ Sources, all through the same function:
                                                        OpenAI TorchScript archives included)
   * ``load_clip("/path/to/dir")``                     an open_clip local model directory
                                                        (``open_clip_config.json`` + weights file)
+  * ``load_clip("gridclip:shapes-RN-tiny")``          a CLIP shipped inside the gridclip package
+                                                       (``assets/*/NAME``), found wherever it is installed
   * ``load_clip("RN50-quickgelu", None)``             random init (seeded), for tests
 Model configs shipped with gridclip (``clip/model_configs/*.json``) are registered with open_clip.
 """
@@ -24,6 +26,10 @@ import open_clip
 import torch
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
+_ASSETS_DIR = Path(__file__).parent.parent / "assets"
+BUILTIN_PREFIX = "gridclip:"
+#: A CLIP whose text tower lives inside a gridclip checkpoint (see ``gridclip.checkpoint``).
+STORED_PREFIX = "stored:"
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,17 +39,67 @@ def register_model_configs() -> None:
         open_clip.add_model_config(_CONFIG_DIR)
 
 
+def builtin_clips() -> dict[str, Path]:
+    """The CLIPs shipped in the package: ``{name: directory}`` (``assets/<group>/<name>/open_clip_config.json``)."""
+    return {p.parent.name: p.parent for p in sorted(_ASSETS_DIR.glob("*/*/open_clip_config.json"))}
+
+
+def builtin_clip_dir(name: str) -> Path:
+    """Directory of the shipped CLIP ``name`` (``gridclip:NAME`` or ``NAME``)."""
+    name = name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else name
+    found = builtin_clips()
+    if name not in found:
+        raise ValueError(f"unknown built-in CLIP '{BUILTIN_PREFIX}{name}' (shipped: "
+                         f"{', '.join(BUILTIN_PREFIX + n for n in found) or 'none'})")
+    return found[name]
+
+
+def builtin_name_of(directory: str | os.PathLike) -> str | None:
+    """``gridclip:NAME`` when ``directory`` is a shipped CLIP's directory (wherever the package lives)."""
+    try:
+        target = Path(directory).resolve()
+    except OSError:
+        return None
+    for name, path in builtin_clips().items():
+        if path.resolve() == target:
+            return BUILTIN_PREFIX + name
+    return None
+
+
 def is_local_dir(model: str) -> bool:
-    return model.startswith("local-dir:") or Path(model).is_dir()
+    """A local open_clip model directory: ``gridclip:NAME``, ``local-dir:PATH`` or an existing folder."""
+    return model.startswith((BUILTIN_PREFIX, "local-dir:")) or Path(model).is_dir()
 
 
 def _local_dir_path(model: str) -> Path:
+    if model.startswith(BUILTIN_PREFIX):
+        return builtin_clip_dir(model)
     return Path(model[len("local-dir:"):] if model.startswith("local-dir:") else model)
+
+
+def _refuse_stored(model: str) -> None:
+    if model.startswith(STORED_PREFIX):
+        raise ValueError(f"CLIP '{model}' was a local CLIP of another machine; its text tower is stored in the "
+                         "checkpoint that names it (load that checkpoint), or supply the CLIP itself "
+                         "(e.g. gridclip detect --clip DIR)")
+
+
+def parse_clip_spec(spec: str) -> tuple[str, str | None]:
+    """``MODEL[:PRETRAINED]`` -> (model, pretrained). A local open_clip directory, ``local-dir:PATH`` or
+    ``gridclip:NAME`` is the model itself; otherwise the text before the first ':' is the open_clip model
+    name and the rest the pretrained tag or checkpoint path (None: random init)."""
+    if not spec:
+        raise ValueError("--clip: expected MODEL[:PRETRAINED], a local CLIP directory or gridclip:NAME, got ''")
+    if spec.startswith((BUILTIN_PREFIX, "local-dir:")) or Path(spec).is_dir():
+        return spec, None
+    model, sep, pretrained = spec.partition(":")
+    return model, (pretrained or None) if sep else None
 
 
 def model_config(model: str) -> dict:
     """The open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) without building weights."""
     register_model_configs()
+    _refuse_stored(model)
     if is_local_dir(model):
         path = _local_dir_path(model) / "open_clip_config.json"
         if not path.is_file():
@@ -85,6 +141,9 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
     Random init (``pretrained=None`` and no local directory) is seeded without touching the global RNG.
     """
     register_model_configs()
+    _refuse_stored(model)
+    if pretrained is not None and pretrained.startswith(STORED_PREFIX):
+        _refuse_stored(pretrained)
     if is_local_dir(model):
         directory = _local_dir_path(model)
         if not (directory / "open_clip_config.json").is_file():
@@ -121,6 +180,7 @@ def load_clip(model: str, pretrained: str | None = None, *, device: str | torch.
 
 def get_tokenizer(model: str):
     register_model_configs()
+    _refuse_stored(model)
     if is_local_dir(model):
         return open_clip.get_tokenizer(f"local-dir:{_local_dir_path(model)}")
     return open_clip.get_tokenizer(model)
@@ -138,20 +198,63 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 def clip_identity(model: str, pretrained: str | None, seed: int = 0) -> str:
     """A string that changes whenever the text encoder's weights can: name + source + weights checksum.
 
-    Files are hashed (memoised by path, size and mtime); open_clip tags are immutable releases, so the tag
-    itself identifies them; random init is identified by its seed and the open_clip version.
+    Machine-independent (no paths): local directories are named by their folder name and identified by
+    the checksum of their files (memoised by path, size and mtime), so the same weights anywhere give the
+    same identity; open_clip tags are immutable releases, so the tag itself identifies them; random init
+    is identified by its seed and the open_clip version.
     """
-    if is_local_dir(model):
+    if model.startswith(STORED_PREFIX):
+        return model
+    if is_local_dir(model) or os.path.isabs(model):
         directory = _local_dir_path(model)
-        files = sorted(p for p in directory.iterdir() if p.is_file())
-        digest = hashlib.sha256()
-        for p in files:
-            st = p.stat()
-            digest.update(p.name.encode() + _file_sha256(str(p), st.st_size, st.st_mtime_ns).encode())
-        return f"local-dir:{directory.resolve()}@{digest.hexdigest()[:16]}"
+        if not directory.is_dir():
+            raise FileNotFoundError(f"CLIP model directory not found: {directory}")
+        label = builtin_name_of(directory) or f"local-dir:{directory.resolve().name}"
+        return f"{label}@{dir_digest(directory)}"
     if pretrained is None:
         return f"{model}:random(seed={seed},open_clip={open_clip.__version__})"
+    if pretrained.startswith(STORED_PREFIX):
+        return f"{model}:{pretrained}"
     if os.path.isfile(pretrained):
         st = os.stat(pretrained)
         return f"{model}:file@{_file_sha256(os.path.abspath(pretrained), st.st_size, st.st_mtime_ns)[:16]}"
     return f"{model}:{pretrained}"
+
+
+def dir_digest(directory: str | os.PathLike) -> str:
+    """16 hex digits of the sha256 over a local CLIP directory's files (names and contents)."""
+    digest = hashlib.sha256()
+    for p in sorted(p for p in Path(directory).iterdir() if p.is_file()):
+        st = p.stat()
+        digest.update(p.name.encode() + _file_sha256(str(p.resolve()), st.st_size, st.st_mtime_ns).encode())
+    return digest.hexdigest()[:16]
+
+
+def is_portable(model: str, pretrained: str | None) -> bool:
+    """True when ``(model, pretrained)`` means the same weights on any machine with gridclip and open_clip:
+    a shipped CLIP (``gridclip:NAME``), or an open_clip model name with a hub tag or random init."""
+    if model.startswith(BUILTIN_PREFIX):
+        return True
+    if model.startswith(STORED_PREFIX):
+        return False
+    if is_local_dir(model) or os.path.isabs(model):  # a folder, also one that is not (or no longer) here
+        return builtin_name_of(_local_dir_path(model)) is not None
+    if pretrained is None:
+        return True
+    return not (pretrained.startswith(STORED_PREFIX) or os.path.sep in pretrained or os.path.exists(pretrained)
+                or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
+
+
+def portable_clip_name(model: str, pretrained: str | None) -> tuple[str, str | None]:
+    """``(model, pretrained)`` without machine paths: a shipped CLIP's directory becomes ``gridclip:NAME``;
+    another local directory ``stored:<folder name>``, a weights file ``stored:<file name>`` (their text
+    tower then has to travel inside the checkpoint); open_clip names and tags are kept."""
+    if model.startswith((BUILTIN_PREFIX, STORED_PREFIX)):
+        return model, pretrained
+    if is_local_dir(model) or os.path.isabs(model):
+        directory = _local_dir_path(model)
+        builtin = builtin_name_of(directory)
+        return (builtin, None) if builtin else (f"{STORED_PREFIX}{directory.name}", None)
+    if is_portable(model, pretrained):
+        return model, pretrained
+    return model, f"{STORED_PREFIX}{Path(pretrained).name}"

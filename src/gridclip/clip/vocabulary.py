@@ -28,8 +28,8 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from gridclip.clip.loader import clip_identity, get_tokenizer, load_clip
 from gridclip.clip.prompts import VILD_TEMPLATES
+from gridclip.clip.text import TextEncoder
 from gridclip.utils.atomic import atomic_save
 
 BUILTIN_VOCABULARIES = ("lvis", "coco", "voc")
@@ -220,13 +220,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GRIDCLIP_CACHE", Path.home() / ".cache" / "gridclip")) / "text_embeddings"
 
 
-@functools.lru_cache(maxsize=4)
-def _text_model(model: str, pretrained: str | None, seed: int):
-    clip = load_clip(model, pretrained, seed=seed)
-    clip.visual = torch.nn.Identity()  # the text side is all a vocabulary needs
-    return clip, get_tokenizer(model)
-
-
 @torch.no_grad()
 def encode_names(clip, tokenizer, names: Sequence[str], templates: Sequence[str], batch_size: int = 512) -> torch.Tensor:
     """[K, D] class embeddings: normalised mean over templates of normalised prompt embeddings."""
@@ -281,10 +274,14 @@ class Vocabulary:
         templates: Sequence[str] = VILD_TEMPLATES,
         cache_dir: str | os.PathLike | None = None,
         seed: int = 0,
+        encoder: TextEncoder | None = None,
     ) -> "Vocabulary":
-        """Embed ``names`` with the CLIP text encoder, or read them from the disk cache."""
+        """Embed ``names`` with the CLIP text encoder, or read them from the disk cache.
+
+        ``encoder`` (e.g. a checkpoint's stored text tower) replaces ``clip_model`` / ``clip_pretrained``."""
         names = validate_names(names)
-        identity = clip_identity(clip_model, clip_pretrained, seed)
+        encoder = encoder if encoder is not None else TextEncoder(clip_model, clip_pretrained, seed=seed)
+        identity = encoder.identity
         key = hashlib.sha256(
             json.dumps({"clip": identity, "names": [clean_name(n) for n in names], "templates": list(templates)}).encode()
         ).hexdigest()
@@ -296,7 +293,7 @@ class Vocabulary:
                 return cls(tuple(names), cached["embeddings"], identity)
             except Exception:  # a corrupt cache entry is recomputed, never trusted
                 pass
-        clip, tokenizer = _text_model(clip_model, clip_pretrained, seed)
+        clip, tokenizer = encoder.load()
         embeddings = encode_names(clip, tokenizer, names, templates)
         vocab = cls(tuple(names), embeddings, identity)
         try:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Sequence
@@ -23,8 +22,6 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.02")
     args = parser.parse_args(list(argv))
     cfg = load_config(args.config, args.overrides)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         summary = train(cfg, args.out, resume=args.resume, max_iters=args.max_iters, progress=not args.no_progress)
     except NonFiniteError as exc:

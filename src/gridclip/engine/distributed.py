@@ -22,6 +22,7 @@ exactly what 1 GPU x accumulate 2 sees.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from dataclasses import dataclass
@@ -63,8 +64,9 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     raise ValueError(f"train.device: expected auto, cpu or cuda, got {device!r}")
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the ``torchrun`` process group if the environment describes one; pick this rank's device."""
+def init_distributed(device: str = "auto", timeout: datetime.timedelta | None = None) -> DistInfo:
+    """Join the ``torchrun`` process group if the environment describes one; pick this rank's device.
+    ``timeout``: how long a collective (e.g. a barrier) waits for the other ranks (torch's default: 30 min)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo(device=resolve_device(device))
@@ -74,7 +76,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+        extra = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://", **extra)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 

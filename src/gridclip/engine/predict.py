@@ -1,8 +1,9 @@
 """Inference as a product: ``predict(model, inputs)``, COCO-format results entries, drawn detections.
 
-``predict`` takes anything :func:`gridclip.data.images.load_image` takes (paths, PIL images, numpy HWC
-arrays, tensors, or a list of them) and returns, per image, ``{"boxes" [N, 4] xyxy in original-image
-pixels of the upright (EXIF-rotated) view, "scores" [N], "labels" [N] int64, "names" list[str]}``.
+``predict`` (:mod:`gridclip.model.predict`, plus tiled inference) takes anything
+:func:`gridclip.data.images.load_image` takes (paths, PIL images, numpy HWC arrays, tensors, or a list
+of them) and returns, per image, ``{"boxes" [N, 4] xyxy in original-image pixels of the upright
+(EXIF-rotated) view, "scores" [N], "labels" [N] int64, "names" list[str]}``.
 
 The ``gridclip detect`` command (:mod:`gridclip.commands.detect`) streams files through the same pieces.
 """
@@ -14,14 +15,23 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes
 
-from gridclip.data.images import to_float_image
-from gridclip.model.predict import class_names_of, override_thresholds, predict, resolve_device, to_result
+from gridclip.engine.tiling import detect_tiled
+# The Python API's core lives in the model layer (GridCLIP.predict uses it); re-exported here, with tiling.
+from gridclip.model.predict import class_names_of, override_thresholds, resolve_device, to_result
+from gridclip.model.predict import predict as _predict
 
 __all__ = ["predict", "override_thresholds", "resolve_device", "detections_to_coco", "draw_detections",
            "to_result", "class_names_of"]
 
 
-# The Python API lives in the model layer (GridCLIP.predict uses it); re-exported here.
+def predict(model: nn.Module, inputs: Any, score_thresh: float | None = None, nms_thresh: float | None = None,
+            max_detections: int | None = None, batch_size: int = 1, device: str | torch.device | None = None,
+            tile: int | None = None, overlap: float = 0.25) -> list[dict[str, Any]]:
+    """:func:`gridclip.model.predict.predict` (see there for the arguments and the result), plus
+    ``tile, overlap``: tiled inference for small objects in large images (:mod:`gridclip.engine.tiling`):
+    ``tile x tile`` crops overlapping by ``overlap`` plus the whole image, merged by NMS."""
+    detector = None if tile is None else (lambda batch: [detect_tiled(model, im, tile, overlap) for im in batch])
+    return _predict(model, inputs, score_thresh, nms_thresh, max_detections, batch_size, device, detector=detector)
 
 
 def detections_to_coco(result: dict[str, Any], image_id: int, file_name: str) -> list[dict]:

@@ -1,13 +1,12 @@
 """The GridCLIP detector and its parts."""
-from gridclip.model.backbone import GridAttentionPool, clip_resnet_trunk, trunk_features
+from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool
 from gridclip.model.gridclip import GridCLIP, GridCLIPBackbone, image_projector
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator
 from gridclip.model.teacher import CLIPTeacher
 
-__all__ = ["CLIPClassificationHead", "CLIPTeacher", "DenseOutputs", "GridAttentionPool", "GridCLIP", "GridCLIPBackbone",
-           "GridCLIPHead", "PostProcess", "PyramidAnchorGenerator", "build_model", "clip_resnet_trunk", "image_projector",
-           "trunk_features"]
+__all__ = ["CLIPClassificationHead", "CLIPResNetTrunk", "CLIPTeacher", "DenseOutputs", "GridAttentionPool", "GridCLIP",
+           "GridCLIPBackbone", "GridCLIPHead", "PostProcess", "PyramidAnchorGenerator", "build_model", "image_projector"]
 
 
 def build_model(cfg, *, load_clip_weights: bool = True) -> GridCLIP:

@@ -1,6 +1,6 @@
 """CLIP ModifiedResNet trunk -> C3, C4, C5, and grid tokens from the attention pool (paper Sec. 3.2).
 
-The trunk is open_clip's ``ModifiedResNet`` itself (its attention pool taken over by
+The trunk is open_clip's ``ModifiedResNet`` (:class:`CLIPResNetTrunk`: its attention pool taken over by
 :class:`GridAttentionPool`), run through its public ``forward_intermediates``.
 
 The attnpool MHSA of CLIP's ResNet is re-run over [mean token, all C5 grid tokens] with CLIP's own
@@ -15,6 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from open_clip.model import CLIPVisionCfg
+from open_clip.modified_resnet import ModifiedResNet
 from torch import Tensor, nn
 
 
@@ -74,7 +76,7 @@ class GridAttentionPool(nn.Module):
 
     @classmethod
     def from_attnpool(cls, attnpool: nn.Module) -> "GridAttentionPool":
-        """Take over the parameters of an open_clip ``AttentionPool2d`` (shared, not copied)."""
+        """Take over the parameters of an open_clip ``AttentionPool2d`` (copied; the same names)."""
         num_pos, embed_dim = attnpool.positional_embedding.shape
         spatial = int(round(math.sqrt(num_pos - 1)))
         pool = cls(spatial, embed_dim, attnpool.num_heads, attnpool.c_proj.out_features)
@@ -160,18 +162,29 @@ class GridAttentionPool(nn.Module):
 TRUNK_LEVELS = [2, 3, 4]  # ModifiedResNet blocks [stem, layer1, layer2, layer3, layer4]: C3, C4, C5
 
 
-def clip_resnet_trunk(visual: nn.Module) -> nn.Module:
-    """open_clip's ``ModifiedResNet`` as the detector's trunk: its attention pool is dropped (the grid pool
-    holds its parameters), so parameter names stay open_clip's (``conv1``, ``bn1``, ..., ``layer4``)."""
-    visual.attnpool = None  # ModifiedResNet.init_parameters itself allows a missing pool
-    return visual
+class CLIPResNetTrunk(ModifiedResNet):
+    """open_clip's ``ModifiedResNet`` whose ``forward`` returns [C3, C4, C5] (its public
+    ``forward_intermediates``: stem, layer1..4). Parameter names are open_clip's (``conv1``, ``bn1``, ...,
+    ``layer4``), so CLIP checkpoints load. Built exactly as open_clip's CLIP builds its ResNet tower (same
+    modules, same random draws; tests/test_upstream_contract.py); the attention pool is handed to
+    :class:`GridAttentionPool` with :meth:`take_attnpool`.
+    """
 
+    @classmethod
+    def from_config(cls, embed_dim: int, vision_cfg: dict) -> "CLIPResNetTrunk":
+        v = CLIPVisionCfg(**vision_cfg)
+        return cls(layers=v.layers, output_dim=embed_dim, heads=v.width * 32 // v.head_width,
+                   image_size=v.image_size, width=v.width)
 
-def trunk_features(trunk: nn.Module, x: Tensor) -> list[Tensor]:
-    """[C3, C4, C5] of CLIP-normalised images: stem, layer1..4 (``ModifiedResNet.forward_intermediates``)."""
-    return trunk.forward_intermediates(x, indices=TRUNK_LEVELS, intermediates_only=True)["image_intermediates"]
+    def take_attnpool(self) -> nn.Module:
+        """Remove and return the attention pool (``ModifiedResNet.init_parameters`` allows a missing one)."""
+        pool, self.attnpool = self.attnpool, None
+        return pool
 
+    @property
+    def out_channels(self) -> list[int]:
+        """Channels of C3, C4, C5: the last bottleneck's ``conv3`` of layer2..4."""
+        return [layer[-1].conv3.out_channels for layer in (self.layer2, self.layer3, self.layer4)]
 
-def trunk_channels(trunk: nn.Module) -> list[int]:
-    """Channels of C3, C4, C5: the last bottleneck's ``conv3`` of layer2..4."""
-    return [layer[-1].conv3.out_channels for layer in (trunk.layer2, trunk.layer3, trunk.layer4)]
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.forward_intermediates(x, indices=TRUNK_LEVELS, intermediates_only=True)["image_intermediates"]

@@ -18,56 +18,63 @@ from typing import Any, Sequence
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIPVisionCfg
-from open_clip.modified_resnet import ModifiedResNet
 from open_clip.utils import freeze_batch_norm_2d
 from torch import Tensor, nn
 from torchvision.models.detection.fcos import FCOS
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 from gridclip.clip.loader import load_clip, model_config
+from gridclip.clip.text import TextEncoder
 from gridclip.clip.vocabulary import Vocabulary, parse_vocabulary
 from gridclip.config import GridCLIPConfig
 from gridclip.model import inference
-from gridclip.model.backbone import (GridAttentionPool, cells_mask, clip_resnet_trunk, level_cells, nominal_stride,
-                                     trunk_channels, trunk_features, valid_cells)
+from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride, valid_cells
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
 from gridclip.model.predict import predict as predict_images
+from gridclip.model.transform import DetectionTransform
 
 CLIP_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
 CLIP_STD = tuple(open_clip.OPENAI_DATASET_STD)
-__all__ = ["GridCLIP", "GridCLIPBackbone", "PyramidAnchorGenerator", "build_clip_visual", "image_projector"]
+__all__ = ["GridCLIP", "GridCLIPBackbone", "PyramidAnchorGenerator", "build_clip_trunk", "image_projector"]
 
 
-def build_clip_visual(clip_model: str, clip_pretrained: str | None, load_weights: bool = True,
-                      clip_config: dict | None = None) -> nn.Module:
-    """The open_clip ``ModifiedResNet`` image tower, pretrained or randomly initialised.
+def build_clip_trunk(clip_model: str, clip_pretrained: str | None, load_weights: bool = True,
+                     clip_config: dict | None = None) -> CLIPResNetTrunk:
+    """The open_clip ``ModifiedResNet`` image tower as a :class:`CLIPResNetTrunk` (attention pool still
+    attached), pretrained or randomly initialised.
 
-    ``clip_config`` (the open_clip model config) avoids looking the model up, e.g. when a checkpoint
-    built on a local CLIP directory is loaded on a machine without that directory.
+    Random init draws from the global RNG exactly as open_clip's CLIP builds its image tower. With
+    weights, ``load_clip`` (any source: tag, file, local directory) provides them and the trunk that
+    receives them is built without further draws from the global RNG. ``clip_config`` (the open_clip model
+    config) avoids looking the model up, e.g. when a checkpoint built on a local CLIP directory is loaded on
+    a machine without it.
     """
     cfg = clip_config if clip_config is not None else model_config(clip_model)
     if not isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)):
         raise ValueError(f"CLIP model '{clip_model}' has no ResNet image tower: GridCLIP needs a ModifiedResNet (RN50, RN101, RN50x4, ...)")
-    if load_weights:
-        return load_clip(clip_model, clip_pretrained).visual
-    v = CLIPVisionCfg(**cfg["vision_cfg"])
-    # open_clip's CLIP builds its ResNet tower exactly so (same modules, same random draws); pinned by
-    # tests/test_upstream_contract.py against open_clip.create_model(...).visual
-    return ModifiedResNet(layers=v.layers, output_dim=cfg["embed_dim"], heads=v.width * 32 // v.head_width,
-                          image_size=v.image_size, width=v.width)
+    if not load_weights:
+        return CLIPResNetTrunk.from_config(cfg["embed_dim"], cfg["vision_cfg"])
+    visual = load_clip(clip_model, clip_pretrained).visual
+    with torch.random.fork_rng(devices=[]):
+        trunk = CLIPResNetTrunk.from_config(cfg["embed_dim"], cfg["vision_cfg"])
+    try:
+        trunk.load_state_dict(visual.state_dict())
+    except RuntimeError as exc:
+        raise ValueError(f"CLIP '{clip_model}' ({clip_pretrained}): image tower does not fit its config: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return trunk
 
 
 class GridCLIPBackbone(nn.Module):
     """CLIP trunk + grid pooling + adapter + FPN. Returns the pyramid (P3..P7) and z-bar."""
 
-    def __init__(self, trunk: nn.Module, grid_pool: GridAttentionPool | None, adapter_channels: int,
+    def __init__(self, trunk: CLIPResNetTrunk, grid_pool: GridAttentionPool | None, adapter_channels: int,
                  adapter_layers: int, fpn_channels: int):
         super().__init__()
-        self.trunk = trunk  # open_clip ModifiedResNet without its attention pool (see clip_resnet_trunk)
+        self.trunk = trunk
         self.grid_pool = grid_pool
-        c3, c4, c5 = trunk_channels(trunk)
+        c3, c4, c5 = trunk.out_channels
         z_dim = grid_pool.output_dim if grid_pool is not None else c5
         layers: list[nn.Module] = []
         for i in range(adapter_layers):
@@ -80,7 +87,7 @@ class GridCLIPBackbone(nn.Module):
         self.global_dim = z_dim
 
     def forward(self, x: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> tuple[list[Tensor], Tensor]:
-        c3, c4, c5 = trunk_features(self.trunk, x)
+        c3, c4, c5 = self.trunk(x)
         stride = nominal_stride(x.shape[-1], c5.shape[-1])
         cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), stride)
         if cells is not None:  # zero the padded cells, as convolution padding would see them
@@ -133,10 +140,10 @@ class GridCLIP(FCOS):
         if not cfg.grid_align and cfg.num_classes < 1:
             raise ValueError("model.num_classes must be >= 1 when model.grid_align is false (closed-set classifier)")
         self_clip_config = clip_config if clip_config is not None else model_config(cfg.clip_model)
-        visual = build_clip_visual(cfg.clip_model, cfg.clip_pretrained, load_clip_weights, self_clip_config)
-        clip_dim = visual.attnpool.c_proj.out_features
-        grid_pool = GridAttentionPool.from_attnpool(visual.attnpool) if cfg.use_mhsa else None
-        trunk = clip_resnet_trunk(visual)
+        trunk = build_clip_trunk(cfg.clip_model, cfg.clip_pretrained, load_clip_weights, self_clip_config)
+        attnpool = trunk.take_attnpool()
+        clip_dim = attnpool.c_proj.out_features
+        grid_pool = GridAttentionPool.from_attnpool(attnpool) if cfg.use_mhsa else None
         backbone = GridCLIPBackbone(trunk, grid_pool, cfg.adapter_channels, cfg.adapter_layers, cfg.fpn_channels)
         num_classes = 1 if cfg.grid_align else cfg.num_classes
         head = GridCLIPHead(cfg.fpn_channels, num_anchors=1, num_classes=num_classes, num_convs=cfg.head_convs)
@@ -150,6 +157,8 @@ class GridCLIP(FCOS):
             score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img,
             topk_candidates=cfg.topk_candidates,
         )
+        # every image with both sides >= 1 px, whatever min_size / max_size (see model/transform.py)
+        self.transform = DetectionTransform(cfg.min_size, cfg.max_size, list(CLIP_MEAN), list(CLIP_STD))
         if cfg.freeze_bn:
             freeze_batch_norm_2d(self.backbone.trunk)
         self.projector = None
@@ -162,6 +171,8 @@ class GridCLIP(FCOS):
         # bf16 pass/fail matmul for large levels x vocabularies on CPUs with native bf16 (see scoring.py);
         # detections are unchanged: the passing pairs are re-scored in fp32.
         self.fast_scoring_pass = True
+        # the text tower that embeds new class names (a plain attribute: not part of the detector's weights)
+        self.text_encoder = TextEncoder(cfg.clip_model, cfg.clip_pretrained)
         self.vocabulary: Vocabulary | None = None
         self.class_names: tuple[str, ...] = ()
         self._inference: inference.InferenceForm | None = None  # set by optimize_for_inference
@@ -184,7 +195,8 @@ class GridCLIP(FCOS):
         if isinstance(vocabulary, Tensor):
             vocabulary = Vocabulary.from_tensor(vocabulary)
         elif not isinstance(vocabulary, Vocabulary):
-            vocabulary = Vocabulary.from_names(vocabulary, self.cfg.clip_model, self.cfg.clip_pretrained, cache_dir=cache_dir)
+            vocabulary = Vocabulary.from_names(vocabulary, self.cfg.clip_model, self.cfg.clip_pretrained,
+                                               cache_dir=cache_dir, encoder=self.text_encoder)
         if vocabulary.dim != self.clip_dim:
             raise ValueError(
                 f"vocabulary embedding dimension {vocabulary.dim} does not match the model's CLIP embedding "
@@ -192,6 +204,17 @@ class GridCLIP(FCOS):
         self.head.classification_head.set_text_embeddings(vocabulary.embeddings)
         self.vocabulary = vocabulary
         self.class_names = vocabulary.names
+        return self
+
+    def set_text_encoder(self, clip_model: str | TextEncoder, clip_pretrained: str | None = None) -> "GridCLIP":
+        """Embed new class names with another copy of this model's CLIP: an open_clip name + pretrained tag
+        or file, a local open_clip directory or ``gridclip:NAME`` (e.g. when a checkpoint's CLIP is missing)."""
+        encoder = clip_model if isinstance(clip_model, TextEncoder) else TextEncoder(clip_model, clip_pretrained)
+        dim = model_config(encoder.model)["embed_dim"] if encoder.stored is None else encoder.stored["model_cfg"]["embed_dim"]
+        if dim != self.clip_dim:
+            raise ValueError(f"CLIP '{encoder.description}' embeds text in {dim} dimensions; this model's CLIP "
+                             f"embedding dimension is {self.clip_dim}")
+        self.text_encoder = encoder
         return self
 
     @property
@@ -207,7 +230,7 @@ class GridCLIP(FCOS):
         """
         if self.backbone.grid_pool is None:
             raise ValueError("encode_grid needs the attnpool MHSA (model.use_mhsa is false)")
-        c5 = trunk_features(self.backbone.trunk, images)[-1]
+        c5 = self.backbone.trunk(images)[-1]
         cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), nominal_stride(images.shape[-1], c5.shape[-1]))
         return self.backbone.grid_pool(c5, cells)
 

@@ -8,7 +8,7 @@ layer (it needs only the model and gridclip.data.images): ``GridCLIP.predict`` c
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -64,8 +64,8 @@ def class_names_of(model: nn.Module) -> tuple[str, ...] | None:
 
 @torch.no_grad()
 def predict(model: nn.Module, inputs: Any, score_thresh: float | None = None, nms_thresh: float | None = None,
-            max_detections: int | None = None, batch_size: int = 1,
-            device: str | torch.device | None = None) -> list[dict[str, Any]]:
+            max_detections: int | None = None, batch_size: int = 1, device: str | torch.device | None = None, *,
+            detector: Callable[[list[Tensor]], list[dict[str, Tensor]]] | None = None) -> list[dict[str, Any]]:
     """Detect objects in one image or a list of images.
 
     Args:
@@ -76,6 +76,8 @@ def predict(model: nn.Module, inputs: Any, score_thresh: float | None = None, nm
         batch_size: images per forward pass (results do not depend on it: padding is masked).
         device: where to run; default: where the model is. The model is moved there for the call and
             back afterwards.
+        detector: what runs on each batch of float images instead of ``model(batch)`` (the model set up as
+            above), e.g. tiled inference (:func:`gridclip.engine.predict.predict` with ``tile``).
 
     Returns:
         One dict per input, on the CPU: ``boxes`` float [N, 4] xyxy in pixels of the original image
@@ -97,7 +99,7 @@ def predict(model: nn.Module, inputs: Any, score_thresh: float | None = None, nm
         with override_thresholds(model, score_thresh, nms_thresh, max_detections):
             for start in range(0, len(items), int(batch_size)):
                 batch = [to_float_image(load_image(x)).to(target) for x in items[start:start + int(batch_size)]]
-                for det in model(batch):
+                for det in (model(batch) if detector is None else detector(batch)):
                     results.append(to_result(det, names))
     finally:
         if target != home:

@@ -1,6 +1,7 @@
 """Frozen CLIP image encoder whose whole-image embedding is the image-level alignment target (Sec. 3.4)."""
 from __future__ import annotations
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,8 +31,8 @@ class CLIPTeacher(nn.Module):
         clip = load_clip(model, pretrained, seed=seed)
         size = clip.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
-        mean = getattr(clip.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-        std = getattr(clip.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        mean = getattr(clip.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        std = getattr(clip.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
         return cls(clip.visual, int(size), mean, std)
 
     def train(self, mode: bool = True) -> "CLIPTeacher":
