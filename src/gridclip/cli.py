@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "web demo (Gradio)"),
     "bench": ("bench", "speed and memory benchmarks"),
     "configs": ("configs", "the paper's configs shipped in the package (--config NAME)"),
+    "bench-deploy": ("bench_deploy", "onnxruntime (fp32, INT8) vs PyTorch: speed and world AP"),
+    "bench-stages": ("bench_stages", "per-stage CPU times, GridCLIP vs FCOS-R50 under the same rewrites"),
+    "bench-load-predict": ("bench_load_predict", "gridclip.load().predict vs the model gridclip detect runs"),
+    "gpu-check": ("gpu_check", "AMP training, fp16 FPS and a NCCL DDP step on this machine's GPU(s)"),
     "analyze": ("analyze", "AP-vs-frequency and CLIP recall@k analyses"),
 }
 
