@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-deploy": ("bench_deploy", "onnxruntime (fp32, INT8) vs PyTorch: speed and world AP"),
     "bench-stages": ("bench_stages", "per-stage CPU times, GridCLIP vs FCOS-R50 under the same rewrites"),
     "bench-load-predict": ("bench_load_predict", "gridclip.load().predict vs the model gridclip detect runs"),
+    "bench-peers": ("bench_peers", "GridCLIP vs ViLD and CLIP-on-crops on the world (paper Tables 1-2)"),
     "gpu-check": ("gpu_check", "AMP training, fp16 FPS and a NCCL DDP step on this machine's GPU(s)"),
     "analyze": ("analyze", "AP-vs-frequency and CLIP recall@k analyses"),
 }

@@ -1,7 +1,7 @@
 """GridCLIP and its peers on the embedded world (paper Tables 1-2, issue 13), same data, seeds and evaluation.
 
-    python -m gridclip.bench.peers_world --out runs/peers --seeds 0 1 2           # train + evaluate (resumable)
-    python -m gridclip.bench.peers_world --out runs/peers --report docs/peers_results.md   # tables from results.json
+    gridclip bench-peers --out runs/peers --seeds 0 1 2                          # train + evaluate (resumable)
+    gridclip bench-peers --out runs/peers --report docs/peers_results.md         # tables from results.json
 
 Per seed, in order: GridCLIP (the demo's config), CLIP on cropped regions (its class-agnostic proposer is
 trained here), ViLD-text, and ViLD (text + image: the same seed's proposer, `precompute-regions`, then
@@ -15,11 +15,9 @@ parameters used at inference. Every run is stored in OUT/results.json as it fini
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -32,12 +30,10 @@ from gridclip.baselines.region_cache import precompute_regions
 from gridclip.checkpoint import load_checkpoint
 from gridclip.config import PACKAGED_CONFIG_DIR, GridCLIPConfig, config_from_dict, config_to_dict, load_config
 from gridclip.data.datasets import DetectionDataset, load_train_annotations
-from gridclip.data.shapes import make_world
 from gridclip.data.transforms import eval_transforms
 from gridclip.demo import ASSETS, CLIP_NAME, TEACHER_NAME, demo_config
 from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
 from gridclip.engine.train import train
-from gridclip.utils.atomic import atomic_write_json
 
 METHODS = ("clip_crops", "vild_text", "vild", "gridclip")
 LABELS = {"clip_crops": "CLIP on cropped regions", "vild_text": "ViLD-text", "vild": "ViLD (text + image)",
@@ -188,48 +184,3 @@ def speed_rn50(rounds: int = 3, classes: int = 1203) -> dict:
     med = {n: statistics.median(v) for n, v in times.items()}
     return {"seconds": times, "median_s": med, "vild_over_gridclip": med["vild"] / med["gridclip"],
             "params": {n: m.inference_parameter_count() for n, m in models.items()}, "classes": classes}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/peers")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--iters", type=int, default=400)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU-seconds comparable across runs)")
-    p.add_argument("--report", help="write the tables (Markdown) to this file instead of training")
-    p.add_argument("--speed", action="store_true", help="only the 800x1333 RN50 CPU timing (ViLD vs GridCLIP)")
-    a = p.parse_args(argv)
-    out = Path(a.out)
-    path = out / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    if a.speed:
-        torch.set_num_threads(a.threads)
-        speed = speed_rn50()
-        atomic_write_json(out / "speed_rn50.json", speed)
-        print(json.dumps(speed, indent=1))
-        return 0
-    if a.report:
-        speed = json.loads((out / "speed_rn50.json").read_text()) if (out / "speed_rn50.json").is_file() else None
-        text = report(results, speed)
-        Path(a.report).write_text(text)
-        print(text)
-        return 0
-    torch.set_num_threads(a.threads)
-    world = make_world(out / "world", seed=0, size="default").root
-    for seed in a.seeds:
-        for method in a.methods:
-            key = f"{method}/{seed}"
-            if key in results:
-                continue
-            print(f"[peers] {key}", flush=True)
-            results[key] = run_one(out, world, method, seed, a.iters)
-            atomic_write_json(path, results)
-            print(f"[peers] {key}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in results[key].items()), flush=True)
-    print(report(results))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
