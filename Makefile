@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Passive OpenMP waiting: spinning threads make torch 4-12x slower when anything else shares the cores.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/gridclip bench
+
+# one CUDA node, <= 5 min: AMP training steps, fp16 FPS at batch 1 and 8, one NCCL DDP step (exit 3 without a GPU)
+gpu-check: $(STAMP)
+	$(BIN)/gridclip gpu-check
 
 clean:
 	rm -rf $(VENV) runs

@@ -26,9 +26,48 @@ from gridclip.utils.atomic import atomic_open
 PACKAGED_CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+ARCHS = ("gridclip", "vild", "clip_crops")
+
+
+@dataclass
+class PeerConfig:
+    """The peers of ``gridclip.baselines`` (``model.arch: vild | clip_crops``); GridCLIP ignores it.
+
+    Defaults are ViLD's (Gu et al., ICLR 2022) where they carry over; docs/peers.md lists every deviation.
+    Shared settings stay in the model config: ``clip_model`` (trunk), ``teacher_model`` (the CLIP whose
+    image space the peers target and whose text tower embeds the vocabulary, ViT-B/32 as in Table 1),
+    ``fpn_channels``, ``min_size`` / ``max_size``, ``score_thresh``, ``nms_thresh``, ``detections_per_img``.
+    """
+
+    # Faster R-CNN on the CLIP trunk: FPN over C2..C5 + max-pool P6 (R50-FPN), one anchor size per level.
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    box_head_dim: int = 1024  # TwoMLPHead width (ViLD: 4 conv + 1 fc; see docs/peers.md)
+    box_batch_size_per_image: int = 512
+    # ViLD-text: logits = cos(region, [background, T_k]) / temperature, softmax CE (ViLD: 0.01).
+    temperature: float = 0.01
+    loss_text: float = 1.0
+    # ViLD-image: L1 between normalised region embeddings and CLIP embeddings of precomputed proposal crops.
+    image_distill: bool = True
+    loss_distill: float = 0.5  # ViLD's w for LVIS
+    distill_proposals: int = 300  # M: proposals per image, precomputed and distilled (ViLD: 300)
+    # Crops (ViLD Sec. 3.1): each proposal at 1x and 1.5x its size, CLIP embeddings averaged.
+    crop_scales: tuple[float, ...] = (1.0, 1.5)
+    # CLIP on cropped regions: top proposals per image that get cropped and scored, and the weight of
+    # the CLIP probability in score = p_clip ** w * objectness ** (1 - w) (geometric mean at 0.5).
+    crop_proposals: int = 300
+    crop_score_weight: float = 0.5
+
+
 @dataclass
 class GridCLIPConfig:
     """The detector. Defaults follow the paper (Sec. 3-4) and torchvision's FCOS."""
+
+    # Which detector ``gridclip.baselines.build_detector`` assembles: GridCLIP, or a peer (settings: ``peers``).
+    arch: Literal["gridclip", "vild", "clip_crops"] = "gridclip"
+
     # CLIP image encoder: an open_clip model name (or local model directory) and its weights source:
     # an open_clip pretrained tag (e.g. "openai"), a checkpoint file, or None for random init.
     # Every pretrained RN tag expects QuickGELU: use the "-quickgelu" names.
@@ -73,6 +112,7 @@ class GridCLIPConfig:
     # Inference scores locations x classes in chunks of at most this many logits (bounded memory for
     # very large vocabularies; results identical to unchunked scoring).
     score_chunk_elements: int = 1 << 24
+    peers: PeerConfig = field(default_factory=PeerConfig)
 
 
 @dataclass
@@ -118,6 +158,7 @@ class TrainConfig:
     log_every: int = 20
     eval_every_epochs: int = 0
     teacher_cache: str | None = None
+    region_cache: str | None = None  # ViLD-image: a `gridclip precompute-regions` file
     aspect_ratio_grouping: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"  # under torchrun, cuda means cuda:LOCAL_RANK
 
@@ -256,6 +297,11 @@ def config_from_dict(values: dict, cls: type = Config, where: str = "config") ->
     cfg = cls()
     _update(cfg, values, where)
     return cfg
+
+
+def check_arch(arch: str, where: str = "model.arch") -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"{where}: expected one of {', '.join(ARCHS)}, got {arch!r}")
 
 
 def parse_overrides(overrides: list[str]) -> dict:

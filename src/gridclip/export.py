@@ -25,28 +25,36 @@ masked (grid pool, features, the head's group norms; see :mod:`gridclip.model.ba
 no image sizes, so for it the padding is image content (CLIP's mean colour, zero after normalisation).
 Results are the same when the resized image is a multiple of 32 on both sides (no padding), and differ
 slightly near the padded border otherwise.
+
+``gridclip detect --runtime onnxruntime`` runs :func:`cached_export` of the checkpoint (exported once per
+checkpoint, vocabulary and settings into ``$GRIDCLIP_CACHE/onnx``) through :class:`OnnxDetector`.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.onnx.operators import shape_as_tensor
 
+from gridclip import __version__ as gridclip_version
+from gridclip.clip.vocabulary import default_cache_dir
 from gridclip.data.images import load_image, to_float_image
 from gridclip.model.head import Subspace
 from gridclip.model.postprocess import DenseOutputs, PostProcess, fcos_anchor_generator
 from gridclip.model.transform import DetectionTransform
 from gridclip.utils.atomic import atomic_save, atomic_write_json
 
-__all__ = ["DenseGridCLIP", "export_onnx", "preprocess", "postprocess", "OnnxDetector"]
+__all__ = ["DenseGridCLIP", "export_onnx", "preprocess", "postprocess", "OnnxDetector", "cached_export", "export_key",
+           "onnx_cache_dir", "quantize_onnx", "calibration_batches", "QUANTIZATION_MODES"]
 
 SIZE_DIVISIBLE = 32
 OUTPUTS = ["vectors", "text_vectors", "bbox_regression", "bbox_ctrness", "level_shapes"]
@@ -200,7 +208,8 @@ class OnnxDetector:
     ``OnnxDetector("model.onnx")(images) -> [{boxes, scores, labels, names}]``, images as for
     :func:`gridclip.model.predict.predict` (paths, PIL, numpy, tensors)."""
 
-    def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 threads: int | None = None):
         import onnxruntime as ort
 
         path = Path(path)
@@ -213,13 +222,25 @@ class OnnxDetector:
         if self.meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{meta_path}: ONNX export format version {self.meta.get('version')}; this gridclip "
                              f"reads version {FORMAT_VERSION} (export the checkpoint again)")
-        self.session = ort.InferenceSession(str(path), providers=list(providers))
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        # no busy-waiting threads: like OMP_WAIT_POLICY=PASSIVE for torch (gridclip.cli), spinning is far
+        # slower whenever other processes share the cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        # torchvision FCOS's attribute names, as on the PyTorch model (override_thresholds works on both)
+        self.score_thresh = float(self.meta["score_thresh"])
+        self.nms_thresh = float(self.meta["nms_thresh"])
+        self.detections_per_img = int(self.meta["detections_per_img"])
+        self.class_names = tuple(self.meta["class_names"] or ())
 
     def __call__(self, inputs: Any, text: Tensor | None = None, names: Sequence[str] | None = None,
                  score_thresh: float | None = None) -> list[dict[str, Any]]:
-        m = self.meta
+        m = dict(self.meta, score_thresh=self.score_thresh, nms_thresh=self.nms_thresh,
+                 detections_per_img=self.detections_per_img)
         items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-        images = [to_float_image(load_image(x)) for x in items]
+        images = [to_float_image(load_image(x)).cpu() for x in items]
         batch, resized = preprocess(images, m["min_size"], m["max_size"], m["image_mean"], m["image_std"])
         feeds = {"images": batch.numpy()}
         if m["vocab_input"]:
@@ -235,3 +256,109 @@ class OnnxDetector:
         for d in dets:
             d["names"] = [class_names[k] for k in d["labels"].tolist()]
         return dets
+
+
+# --------------------------------------------------------------------------- cached export for a runtime
+def onnx_cache_dir() -> Path:
+    """``$GRIDCLIP_CACHE/onnx`` (default ``~/.cache/gridclip/onnx``), beside the text-embedding cache."""
+    return default_cache_dir().parent / "onnx"
+
+
+def export_key(checkpoint: str | os.PathLike, model: nn.Module, opset: int = 17) -> str:
+    """What an exported graph depends on: the checkpoint's bytes, the vocabulary (names and embeddings),
+    the settings in the sidecar, the export format and the torch / gridclip versions that traced it."""
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    text = model.head.classification_head.text_embeddings.detach().float().cpu().contiguous()
+    digest.update(text.numpy().tobytes())
+    digest.update(json.dumps([metadata(model, False, opset), torch.__version__, gridclip_version],
+                             sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def cached_export(model: nn.Module, checkpoint: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                  opset: int = 17) -> Path:
+    """The ONNX file of ``model`` (loaded from ``checkpoint``, its vocabulary set and baked in), exported on
+    the first call into ``cache_dir`` (default :func:`onnx_cache_dir`) as ``<key>.onnx`` + sidecar and
+    reused while :func:`export_key` stays the same."""
+    path = Path(cache_dir if cache_dir is not None else onnx_cache_dir()) / f"{export_key(checkpoint, model, opset)}.onnx"
+    if not (path.is_file() and sidecar_path(path).is_file()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(model, path, opset=opset)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- INT8
+# INT8 versions of an exported GridCLIP graph (onnxruntime's quantisation tools).
+#
+# * ``dynamic``: the weights of convolutions and matmuls to 8 bits ahead of time, activations quantised per
+#   call from their observed range (``quantize_dynamic``; convolutions become ``ConvInteger``, which
+#   onnxruntime's CPU kernels run with uint8 weights, hence ``QUInt8``).
+# * ``static``: QDQ format, weights per output channel, activation ranges calibrated (min/max) on a few
+#   images through the same pre-processing :class:`OnnxDetector` applies. Only the
+#   convolutions are quantised: the scoring vectors, the vocabulary and the grid attention's softmax stay
+#   float, so the cosine logits (paper Eq. 2) keep their precision.
+#
+# The result is a normal gridclip ONNX file: its sidecar is the fp32 sidecar plus ``quantization``, so
+# :class:`OnnxDetector` runs it with the model's post-processing unchanged.
+QUANTIZATION_MODES = ("dynamic", "static")
+
+
+def calibration_batches(images: Iterable[Any], meta: dict[str, Any]) -> list[Tensor]:
+    """Each image (anything ``load_image`` takes) as the graph's input ``[1, 3, H, W]``, pre-processed as
+    :class:`OnnxDetector` does."""
+    out = []
+    for image in images:
+        batch, _ = preprocess([to_float_image(load_image(image))], meta["min_size"], meta["max_size"],
+                              meta["image_mean"], meta["image_std"])
+        out.append(batch)
+    return out
+
+
+class _Reader:
+    """onnxruntime's ``CalibrationDataReader`` protocol (``get_next`` -> feeds or None)."""
+
+    def __init__(self, batches: Sequence[Tensor]):
+        self._feeds = iter([{"images": b.numpy()} for b in batches])
+
+    def get_next(self) -> dict | None:
+        return next(self._feeds, None)
+
+
+def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: Literal["dynamic", "static"] = "static",
+                  calibration: Iterable[Any] | None = None) -> Path:
+    """Write the INT8 graph of the gridclip ONNX file ``src`` to ``dst`` (+ sidecar); returns ``dst``.
+
+    ``calibration``: images for ``static`` (their ranges set the activation scales; use training
+    images, not the ones the model is evaluated on)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src), Path(dst)
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"mode: expected one of {', '.join(QUANTIZATION_MODES)}, got {mode!r}")
+    meta_path = sidecar_path(src)
+    if not src.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"{src}: gridclip ONNX file with its sidecar {meta_path.name} not found")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize.") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # shape inference + graph optimisation first, as onnxruntime recommends before quantising
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        partial = Path(tmp) / "int8.onnx"
+        if mode == "dynamic":
+            quantize_dynamic(str(prepared), str(partial), op_types_to_quantize=["Conv", "MatMul"],
+                             weight_type=QuantType.QUInt8)
+        else:
+            batches = calibration_batches(calibration or [], meta)
+            if not batches:
+                raise ValueError("static quantisation needs calibration images")
+            quantize_static(str(prepared), str(partial), _Reader(batches), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["Conv"], per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        os.replace(partial, dst)
+    atomic_write_json(sidecar_path(dst), dict(meta, quantization=mode))
+    return dst

@@ -1,6 +1,6 @@
 """``gridclip.load(path).predict`` vs the model ``gridclip detect`` runs, in one process (issue 16.3).
 
-    python -m gridclip.bench.load_predict [--size 800x1333] [--classes 1203] [--rounds 5]
+    gridclip bench-load-predict [--size 800x1333] [--classes 1203] [--rounds 5]
 
 A random-weight RN50 GridCLIP (nothing downloaded) is saved as a checkpoint and loaded three ways:
 ``load``       ``gridclip.load(path)``: the default Python API (inference form), timed through ``predict``;
@@ -13,7 +13,6 @@ Rounds interleave the three (one image each per round); medians, the ratio of me
 """
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import tempfile
@@ -28,19 +27,14 @@ from gridclip.checkpoint import load_checkpoint, save_checkpoint
 from gridclip.data.images import to_float_image
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="800x1333", help="HxW of the input image (the network sees this size)")
-    p.add_argument("--classes", type=int, default=1203)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--clip-model", default="RN50-quickgelu")
-    a = p.parse_args(argv)
-    h, w = (int(v) for v in a.size.lower().split("x"))
+def measure(h: int, w: int, classes: int = 1203, rounds: int = 5, clip_model: str = "RN50-quickgelu") -> list[str]:
+    """Time the three forms on one random ``h x w`` image; returns the report lines."""
+    lines: list[str] = []
     torch.manual_seed(0)
     image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)  # as decoded from a file
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model.pt"
-        model = cases.build_gridclip(cases.ModelSpec(clip_model=a.clip_model), a.classes, optimize=False,
+        model = cases.build_gridclip(cases.ModelSpec(clip_model=clip_model), classes, optimize=False,
                                      min_size=min(h, w), max_size=max(h, w))
         save_checkpoint(path, model)
         del model
@@ -55,24 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"load": lambda: loaded.predict(image)[0], "detect": run_detect,
                 "trainable": lambda: trainable.predict(image)[0]}
     same = [torch.equal(variants["load"]()[k], variants["detect"]()[k]) for k in ("boxes", "scores", "labels")]
-    print(f"load().predict == detect's model, bit for bit: {all(same)}")
+    lines.append(f"load().predict == detect's model, bit for bit: {all(same)}")
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(a.rounds):
+    for _ in range(rounds):
         for name, fn in variants.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{a.clip_model} {h}x{w} K={a.classes} threads={torch.get_num_threads()} rounds={a.rounds}")
+    lines.append(f"{clip_model} {h}x{w} K={classes} threads={torch.get_num_threads()} rounds={rounds}")
     for name, v in times.items():
-        print(f"  {name:9s} median {med[name]:.3f} s  (min {min(v):.3f}, max {max(v):.3f})")
+        lines.append(f"  {name:9s} median {med[name]:.3f} s  (min {min(v):.3f}, max {max(v):.3f})")
     for name in ("load", "trainable"):
         per_round = sorted(x / y for x, y in zip(times[name], times["detect"]))
         lo, hi = bootstrap_ratio_ci(times[name], times["detect"])
         q1, q3 = per_round[len(per_round) // 4], per_round[(3 * len(per_round)) // 4]
-        print(f"  {name} / detect: {med[name] / med['detect']:.3f} (ratio of medians; bootstrap 95% CI {lo:.3f}..{hi:.3f}; "
-              f"per-round median {statistics.median(per_round):.3f}, IQR {q1:.3f}..{q3:.3f})")
-    return 0
+        lines.append(f"  {name} / detect: {med[name] / med['detect']:.3f} (ratio of medians; bootstrap 95% CI {lo:.3f}..{hi:.3f}; "
+                     f"per-round median {statistics.median(per_round):.3f}, IQR {q1:.3f}..{q3:.3f})")
+    return lines
 
 
 def bootstrap_ratio_ci(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -85,7 +79,3 @@ def bootstrap_ratio_ci(a: list[float], b: list[float], n: int = 2000, seed: int 
         ratios.append(statistics.median(a[i] for i in idx) / statistics.median(b[i] for i in idx))
     ratios.sort()
     return ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

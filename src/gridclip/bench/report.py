@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gridclip.bench.flops import markdown as flops_markdown
+from gridclip.bench.sections import read_sections
 from gridclip.bench.stages import markdown as stages_markdown
 from gridclip.utils.atomic import atomic_open, atomic_write_json
 
@@ -200,7 +201,8 @@ def markdown(results: dict) -> str:
     if not st["device"].startswith("cuda"):
         lines += ["", "## GPU", "", "Not run: no CUDA on this machine (and no GPU was lent to this project's "
                   "sessions so far). Run `gridclip bench --device cuda` (fp32, fp16 and bf16 autocast; "
-                  "batch 1 and 8; CUDA peak memory per case) and add its results with `--report-from`."]
+                  "batch 1 and 8; CUDA peak memory per case) and add its results with `--report-from`; `make gpu-check` "
+                  "(AMP training steps, fp16 FPS, a NCCL DDP step) writes its own section below, with the card's name."]
     return "\n".join(lines) + "\n"
 
 
@@ -217,9 +219,11 @@ def summary(results: dict) -> str:
 
 
 def write(results: dict, json_path: Path, doc_path: Path) -> None:
-    """Both files atomically (temp file + rename)."""
+    """Both files atomically (temp file + rename). The document's generated sections of other commands
+    (``gridclip bench-deploy``, ``gpu-check``; see :mod:`gridclip.bench.sections`) are kept at its end."""
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(doc_path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(json_path, results)
+    kept = read_sections(Path(doc_path).read_text(encoding="utf-8")) if Path(doc_path).is_file() else {}
     with atomic_open(doc_path, "w") as f:
-        f.write(markdown(results))
+        f.write(markdown(results).rstrip("\n") + "\n" + "".join(f"\n{block}\n" for block in kept.values()))

@@ -34,7 +34,7 @@ from gridclip.model.postprocess import DenseOutputs, PostProcess
 
 GRIDCLIP_STAGES = [
     ("pre-process (normalise, batch)", "transform", "forward"),
-    ("CLIP trunk (C3-C5)", "backbone.trunk", "forward"),
+    ("CLIP trunk (C3-C5)", "backbone.trunk", "forward_intermediates"),  # what trunk_features calls
     ("grid MHSA (attnpool over all cells)", "backbone.grid_pool", "forward"),
     ("adapter (3x conv3x3)", "backbone.adapter", "forward"),
     ("FPN + P6/P7", "backbone.fpn", "forward"),

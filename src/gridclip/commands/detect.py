@@ -45,6 +45,8 @@ from gridclip.engine.outputs import to_hf
 from gridclip.engine.predict import (class_names_of, detections_to_coco, draw_detections, override_thresholds,
                                      resolve_device, to_result)
 from gridclip.engine.tiling import detect_tiled
+from gridclip.export import OnnxDetector, cached_export
+from gridclip.model import GridCLIP
 from gridclip.utils.atomic import atomic_open, atomic_write_bytes
 
 # ranks wait for each other at the end (the slowest shard) and at the start (the model loads)
@@ -93,6 +95,19 @@ def _batched(iterable: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def _runtime_model(model: GridCLIP, args: argparse.Namespace, device: torch.device) -> GridCLIP | OnnxDetector:
+    """The detector the images go through: the model's inference form, or its cached ONNX export in
+    onnxruntime (both take a list of float images and return the model's detections)."""
+    if args.runtime == "torch":
+        return model.to(device).optimize_for_inference()
+    if args.device is not None and device.type != "cpu":
+        raise ValueError(f"--runtime onnxruntime runs on the CPU: give --device cpu (or none), not {args.device}")
+    return OnnxDetector(cached_export(model.optimize_for_inference(), args.checkpoint))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gridclip detect", description="Detect objects in images with any vocabulary.",
                                 epilog="many processes / GPUs: torchrun --nproc_per_node N -m gridclip.cli detect ... "
@@ -114,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.25, help="overlap of neighbouring tiles, fraction (default 0.25)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available; under torchrun: "
                    "cuda:LOCAL_RANK or cpu)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="torch (default), or onnxruntime on the CPU: the checkpoint with its vocabulary is exported "
+                   "once to $GRIDCLIP_CACHE/onnx (default ~/.cache/gridclip/onnx) and run there with the same "
+                   "post-processing")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--no-draw", action="store_true", help="do not write drawn images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -155,7 +174,7 @@ def _file_sha256(path: str) -> str:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """What the results depend on: a resumed run must match it."""
     keep = ("inputs", "vocab", "vocab_file", "vocab_embeddings", "clip", "score", "nms", "max_det", "tile",
-            "overlap", "no_draw", "hf")
+            "overlap", "no_draw", "hf", "runtime")
     values = {k: getattr(args, k) for k in keep}
     values["checkpoint_sha256"] = _file_sha256(args.checkpoint)
     return values
@@ -292,7 +311,7 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
     if args.clip:
         model.set_text_encoder(*parse_clip_spec(args.clip))
     set_vocabulary_from_args(model, args)
-    model.to(device).optimize_for_inference()
+    model = _runtime_model(model, args, device)
     results_path = out / args.results_name
     hf_path = results_path.with_suffix(".hf.json") if args.hf else None
     parts = _Parts(out, args.results_name)

@@ -1,4 +1,5 @@
 """The GridCLIP detector and its parts."""
+from gridclip.config import check_arch
 from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool
 from gridclip.model.gridclip import GridCLIP, GridCLIPBackbone, image_projector
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
@@ -10,6 +11,10 @@ __all__ = ["CLIPClassificationHead", "CLIPResNetTrunk", "CLIPTeacher", "DenseOut
 
 
 def build_model(cfg, *, load_clip_weights: bool = True) -> GridCLIP:
-    """Assemble the detector from a :class:`~gridclip.config.GridCLIPConfig` (or a full ``Config``)."""
+    """Assemble GridCLIP from a :class:`~gridclip.config.GridCLIPConfig` (or a full ``Config``). The peers
+    (``model.arch`` ``vild`` / ``clip_crops``) live a layer above: :func:`gridclip.baselines.build_detector`."""
     model_cfg = getattr(cfg, "model", cfg)
+    check_arch(model_cfg.arch)
+    if model_cfg.arch != "gridclip":
+        raise ValueError(f"model.arch={model_cfg.arch}: a peer of GridCLIP; build it with gridclip.baselines.build_detector")
     return GridCLIP(model_cfg, load_clip_weights=load_clip_weights)
