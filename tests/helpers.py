@@ -256,3 +256,21 @@ def subprocess_env(cache: Path) -> dict:
     env = dict(os.environ, GRIDCLIP_CACHE=str(cache), OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
     return env
+
+
+def two_coloured_rectangle_images() -> tuple[list[torch.Tensor], list[dict]]:
+    """Two 128 px images with coloured rectangles on noise, labels by colour: the overfit tests' data."""
+    g = torch.Generator().manual_seed(0)
+    images, targets = [], []
+    layouts = [[(0, (8, 10, 56, 60)), (1, (70, 64, 120, 118))], [(2, (20, 70, 90, 120)), (0, (80, 8, 124, 50))]]
+    colours = torch.tensor([[1.0, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.2, 1.0]])
+    for layout in layouts:
+        img = torch.rand(3, 128, 128, generator=g) * 0.3
+        boxes, labels = [], []
+        for label, (x1, y1, x2, y2) in layout:
+            img[:, y1:y2, x1:x2] = colours[label][:, None, None]
+            boxes.append([x1, y1, x2, y2])
+            labels.append(label)
+        images.append(img)
+        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels)})
+    return images, targets

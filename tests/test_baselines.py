@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gridclip.baselines import CLIPOnCrops, RegionCache, ViLD, ViLDRegionClassifier, compute_region_embeddings
+from gridclip.baselines import CLIPOnCrops, RegionCache, ViLD, ViLDRegionClassifier
 from gridclip.config import GridCLIPConfig, PeerConfig
-from helpers import tiny_config
+from helpers import tiny_config, two_coloured_rectangle_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,24 +29,6 @@ def _revive_residual_branches(backbone_body):
     for name, buf in backbone_body.named_buffers():
         if name.endswith("bn3.weight"):
             buf.fill_(1.0)
-
-
-def _two_images():
-    """Two images with coloured rectangles on noise; labels by colour (as tests/test_model.py)."""
-    g = torch.Generator().manual_seed(0)
-    images, targets = [], []
-    layouts = [[(0, (8, 10, 56, 60)), (1, (70, 64, 120, 118))], [(2, (20, 70, 90, 120)), (0, (80, 8, 124, 50))]]
-    colours = torch.tensor([[1.0, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.2, 1.0]])
-    for layout in layouts:
-        img = torch.rand(3, 128, 128, generator=g) * 0.3
-        boxes, labels = [], []
-        for label, (x1, y1, x2, y2) in layout:
-            img[:, y1:y2, x1:x2] = colours[label][:, None, None]
-            boxes.append([x1, y1, x2, y2])
-            labels.append(label)
-        images.append(img)
-        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels)})
-    return images, targets
 
 
 def test_vild_region_classifier_equals_reference():
@@ -88,7 +70,7 @@ def test_vild_overfits_two_images(tiny_clip_names):
     model = ViLD(_peer_cfg(tiny_clip_names, "vild"))
     _revive_residual_branches(model.backbone.body)
     model.set_vocabulary(torch.randn(3, model.clip_dim))
-    images, targets = _two_images()
+    images, targets = two_coloured_rectangle_images()
     g = torch.Generator().manual_seed(3)
     for t in targets:  # ViLD-image: regions (the boxes, jittered) with random CLIP embeddings
         t["region_boxes"] = t["boxes"] + torch.randn(t["boxes"].shape, generator=g) * 3

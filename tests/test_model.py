@@ -10,6 +10,7 @@ import torch
 from gridclip import GridCLIP, GridCLIPConfig
 from gridclip.model import CLIPTeacher
 from gridclip.model.backbone import level_cells
+from helpers import two_coloured_rectangle_images
 
 
 def _targets(teacher_dim, n_classes=3):
@@ -185,24 +186,6 @@ def test_closed_set_classifier_when_grid_align_is_off(tiny_cfg):
         model.set_vocabulary(["a", "b"])
 
 
-def _two_images():
-    """Two images with coloured rectangles on noise; labels by colour."""
-    g = torch.Generator().manual_seed(0)
-    images, targets = [], []
-    layouts = [[(0, (8, 10, 56, 60)), (1, (70, 64, 120, 118))], [(2, (20, 70, 90, 120)), (0, (80, 8, 124, 50))]]
-    colours = torch.tensor([[1.0, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.2, 1.0]])
-    for layout in layouts:
-        img = torch.rand(3, 128, 128, generator=g) * 0.3
-        boxes, labels = [], []
-        for label, (x1, y1, x2, y2) in layout:
-            img[:, y1:y2, x1:x2] = colours[label][:, None, None]
-            boxes.append([x1, y1, x2, y2])
-            labels.append(label)
-        images.append(img)
-        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels)})
-    return images, targets
-
-
 def test_overfit_two_images(tiny_cfg):
     """A few hundred steps on two images: the detector finds every box with the right label (IoU > 0.5).
     Proves the losses and target assignment are right."""
@@ -212,7 +195,7 @@ def test_overfit_two_images(tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, image_align=False)
     model = GridCLIP(cfg)
     model.set_vocabulary(torch.randn(3, model.clip_dim))
-    images, targets = _two_images()
+    images, targets = two_coloured_rectangle_images()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     model.train()

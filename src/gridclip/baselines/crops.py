@@ -28,8 +28,9 @@ from gridclip.clip.loader import load_clip, model_config
 from gridclip.clip.text import TextEncoder
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import GridCLIPConfig, check_arch
-from gridclip.baselines.rcnn import TRUNK_PREFIX, check_targets, count_parameters, faster_rcnn_parts
+from gridclip.baselines.rcnn import TRUNK_PREFIX, count_parameters, faster_rcnn_parts
 from gridclip.baselines.vocab import peer_vocabulary
+from gridclip.model.gridclip import check_targets
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

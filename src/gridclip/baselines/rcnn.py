@@ -10,7 +10,7 @@ three detectors of the paper's Table 1 share the trunk GridCLIP is built on. Ima
 from __future__ import annotations
 
 from open_clip.utils import freeze_batch_norm_2d
-from torch import Tensor, nn
+from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.rpn import AnchorGenerator
@@ -65,22 +65,6 @@ def target_clip_dim(cfg: GridCLIPConfig, teacher_config: dict | None = None) -> 
     if cfg.teacher_dim:
         return int(cfg.teacher_dim)
     return int((teacher_config or model_config(cfg.teacher_model))["embed_dim"])
-
-
-def check_targets(targets, num_classes: int) -> None:
-    """The torchvision target contract (labels 0..K-1 into the vocabulary), with one-line errors."""
-    if targets is None:
-        raise ValueError("training mode needs targets (list of dicts with 'boxes' and 'labels')")
-    if num_classes == 0:
-        raise ValueError("no vocabulary set: call model.set_vocabulary(base class names) before training")
-    for i, t in enumerate(targets):
-        boxes, labels = t.get("boxes"), t.get("labels")
-        if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[-1] != 4:
-            raise ValueError(f"targets[{i}]['boxes']: expected a tensor [N, 4] (xyxy pixels)")
-        if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1]:
-            raise ValueError(f"targets[{i}]['labels']: expected a tensor [N] matching the boxes")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"targets[{i}]['labels']: values must be in 0..{num_classes - 1} (the vocabulary), got {labels.tolist()}")
 
 
 def count_parameters(module: nn.Module, skip_prefixes: tuple[str, ...] = ()) -> int:

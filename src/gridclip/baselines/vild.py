@@ -29,8 +29,9 @@ from gridclip.clip.loader import model_config
 from gridclip.clip.text import TextEncoder
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import GridCLIPConfig, check_arch
-from gridclip.baselines.rcnn import TRUNK_PREFIX, check_targets, count_parameters, faster_rcnn_parts, target_clip_dim
+from gridclip.baselines.rcnn import TRUNK_PREFIX, count_parameters, faster_rcnn_parts, target_clip_dim
 from gridclip.baselines.vocab import peer_vocabulary
+from gridclip.model.gridclip import check_targets
 
 
 class ViLDRegionClassifier(nn.Module):

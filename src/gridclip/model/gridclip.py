@@ -346,23 +346,28 @@ class GridCLIP(FCOS):
         return F.l1_loss(F.normalize(student, dim=-1), F.normalize(teacher, dim=-1))
 
     def _check_targets(self, targets) -> None:
-        if targets is None:
-            raise ValueError("training mode needs targets (list of dicts with 'boxes' and 'labels')")
-        k = self.num_classes
-        if k == 0:
-            raise ValueError("no vocabulary set: call model.set_vocabulary(base class names) before training")
+        check_targets(targets, self.num_classes)
         for i, t in enumerate(targets):
-            boxes, labels = t.get("boxes"), t.get("labels")
-            if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[-1] != 4:
-                raise ValueError(f"targets[{i}]['boxes']: expected a tensor [N, 4] (xyxy pixels)")
-            if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1]:
-                raise ValueError(f"targets[{i}]['labels']: expected a tensor [N] matching the boxes")
-            if labels.numel() and (labels.min() < 0 or labels.max() >= k):
-                raise ValueError(f"targets[{i}]['labels']: values must be in 0..{k - 1} (the vocabulary), got {labels.tolist()}")
-            if boxes.numel() and ((boxes[:, 2:] <= boxes[:, :2]).any() or not torch.isfinite(boxes).all()):
-                raise ValueError(f"targets[{i}]['boxes']: every box needs x2 > x1 and y2 > y1 and finite values")
             if self.projector is not None and "teacher_embedding" not in t:
                 raise ValueError(f"targets[{i}]: image alignment is on but 'teacher_embedding' is missing "
                                  "(compute it with gridclip.model.CLIPTeacher or set model.image_align false)")
 
 
+def check_targets(targets: list[dict[str, Tensor]] | None, num_classes: int) -> None:
+    """torchvision's training-target contract, with one-line errors: per image ``boxes`` [N, 4] xyxy
+    pixels (x2 > x1, y2 > y1, finite) and ``labels`` [N] in 0..K-1 (indices into the vocabulary)."""
+    if targets is None:
+        raise ValueError("training mode needs targets (list of dicts with 'boxes' and 'labels')")
+    k = num_classes
+    if k == 0:
+        raise ValueError("no vocabulary set: call model.set_vocabulary(base class names) before training")
+    for i, t in enumerate(targets):
+        boxes, labels = t.get("boxes"), t.get("labels")
+        if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"targets[{i}]['boxes']: expected a tensor [N, 4] (xyxy pixels)")
+        if not isinstance(labels, Tensor) or labels.shape != boxes.shape[:1]:
+            raise ValueError(f"targets[{i}]['labels']: expected a tensor [N] matching the boxes")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= k):
+            raise ValueError(f"targets[{i}]['labels']: values must be in 0..{k - 1} (the vocabulary), got {labels.tolist()}")
+        if boxes.numel() and ((boxes[:, 2:] <= boxes[:, :2]).any() or not torch.isfinite(boxes).all()):
+            raise ValueError(f"targets[{i}]['boxes']: every box needs x2 > x1 and y2 > y1 and finite values")
