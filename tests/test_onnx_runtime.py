@@ -17,14 +17,8 @@ NAMES = ["red star", "blue ring", "green box"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(make_tiny_detector, tmp_path_factory):
-    from gridclip.checkpoint import save_checkpoint
-
-    model = make_tiny_detector(128, 192, 20)
-    d = tmp_path_factory.mktemp("ort_ckpt")
-    model.set_vocabulary(NAMES, cache_dir=d / "cache")
-    save_checkpoint(d / "tiny.pt", model)
-    return d / "tiny.pt"
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint(NAMES)  # the shared read-only tiny checkpoint (tests/conftest.py)
 
 
 @pytest.fixture()
