@@ -137,6 +137,22 @@ def test_run_key_follows_config_and_weight_contents(tmp_path):
     assert run_key(cfg, tmp_path) != key
 
 
+def test_run_key_of_a_run_without_image_alignment_ignores_the_teacher(tmp_path):
+    from gridclip.study import run_key
+
+    teachers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "open_clip_model.safetensors").write_bytes(name.encode())
+        teachers.append(StudySpec(variants=("GridCLIP", "grid only"), pairs=(), teacher_model=str(tmp_path / name)))
+    keys = {v: [run_key(run_config(s, tmp_path, v, 0, 10, 38), tmp_path) for s in teachers]
+            for v in ("GridCLIP", "grid only", "FCOS w/o align", "w/o MHSA w/o align")}
+    assert keys["GridCLIP"][0] != keys["GridCLIP"][1]
+    for variant in ("grid only", "FCOS w/o align", "w/o MHSA w/o align"):
+        assert keys[variant][0] == keys[variant][1], variant
+    assert len({k[0] for k in keys.values()}) == 4  # the variants themselves still differ
+
+
 # ------------------------------------------------------------------------------------------ runner
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory) -> Path:

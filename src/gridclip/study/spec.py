@@ -14,7 +14,7 @@ from gridclip.clip.loader import BUILTIN_PREFIX, builtin_clip_dir, builtin_name_
 from gridclip.config import Config, config_to_dict, load_config
 from gridclip.engine.clip_pretrain import shipped_model_dir
 
-STUDY_VERSION = 1  # bump when a change to the runner changes what a cached result means
+STUDY_VERSION = 2  # bump when a change to the runner changes what a cached result means
 CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "shapes_demo.yaml"
 
 # name -> model overrides (paper Tables 4-5), the same switches as ``gridclip.demo.VARIANTS`` (tested),
@@ -24,6 +24,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "grid only": {"image_align": False},
     "FCOS w/o align": {"grid_align": False, "image_align": False},
     "w/o MHSA": {"use_mhsa": False},
+    "w/o MHSA w/o align": {"use_mhsa": False, "grid_align": False, "image_align": False},  # Table 4's R50*
     "image only": {"grid_align": False},
     "3x3 embed": {"embed_kernel_size": 3},
     "GridCLIP, RN teacher": {"teacher": "student"},
@@ -159,16 +160,22 @@ def model_digest(model: str, cache: dict[str, str]) -> str | None:
 def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = None) -> str:
     """sha256 of everything a run's result depends on: the full config (without ``out_dir``), the
     contents of the CLIP and teacher weights and the world's marker (version, seed, size), the
-    runner's version."""
+    runner's version. A run without image-level alignment never reads the teacher, so its key leaves
+    the teacher out: a new teacher reuses those runs."""
     cache = {} if cache is None else cache
     values = config_to_dict(cfg)
     values.pop("out_dir", None)
+    uses_teacher = cfg.model.image_align
+    if not uses_teacher:
+        for section in values.values():
+            if isinstance(section, dict):
+                section.update({k: None for k in section if k.startswith("teacher")})
     marker = Path(world_dir) / ".complete"
     blob = {
         "study_version": STUDY_VERSION,
         "config": values,
         "clip": model_digest(cfg.model.clip_model, cache),
-        "teacher": model_digest(cfg.model.teacher_model, cache),
+        "teacher": model_digest(cfg.model.teacher_model, cache) if uses_teacher else None,
         "world": json.loads(marker.read_text()) if marker.is_file() else None,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
