@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,34 @@ def model_from_checkpoint(data: dict, source: str = "checkpoint") -> GridCLIP:
         else:
             model.set_vocabulary(vocab["names"])
     return model.eval()
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What :func:`load_weights` did: tensors loaded, and the names it left alone."""
+
+    loaded: int
+    missing: tuple[str, ...]  # the model's tensors the file lacks: they keep their fresh initialisation
+    unexpected: tuple[str, ...]  # the file's tensors the model has no place for (e.g. a disabled projector)
+    mismatched: tuple[str, ...]  # same name, other shape (e.g. a closed-set classifier over other classes)
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> LoadedWeights:
+    """Initialise ``model`` (trainable form) from the weights of the gridclip model file ``path``.
+
+    The fine-tuning start (``train.init_from``): the two models may differ in the parts a config
+    switches (the image-alignment projector, a closed-set classifier's size); those tensors are skipped
+    and reported. A file that shares no tensor with the model is an error."""
+    data = migrate(read_checkpoint(path))
+    source = data["state_dict"]
+    own = model.state_dict()
+    fits = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    mismatched = tuple(sorted(k for k in source if k in own and own[k].shape != source[k].shape))
+    if not fits:
+        raise ValueError(f"{path}: none of its weights fits this model (another architecture or config?)")
+    model.load_state_dict(fits, strict=False)
+    return LoadedWeights(loaded=len(fits), missing=tuple(sorted(k for k in own if k not in source)),
+                         unexpected=tuple(sorted(k for k in source if k not in own)), mismatched=mismatched)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GridCLIP:

@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gpu-check": ("gpu_check", "AMP training, fp16 FPS and a NCCL DDP step on this machine's GPU(s)"),
     "analyze": ("analyze", "AP-vs-frequency and CLIP recall@k analyses"),
     "study": ("study", "ablation study: variants x seeds x schedule lengths, with CIs"),
+    "finetune-study": ("finetune_study", "fine-tuning without forgetting: custom categories, with / without image alignment"),
 }
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, OSError)

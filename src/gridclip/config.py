@@ -158,6 +158,9 @@ class TrainConfig:
     log_every: int = 20
     eval_every_epochs: int = 0
     teacher_cache: str | None = None
+    # fine-tuning: start from the weights of a gridclip model file (a trained `model.pt`); the
+    # optimiser, schedule and iteration start afresh (unlike --resume)
+    init_from: str | None = None
     region_cache: str | None = None  # ViLD-image: a `gridclip precompute-regions` file
     aspect_ratio_grouping: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"  # under torchrun, cuda means cuda:LOCAL_RANK

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from gridclip.checkpoint import save_checkpoint
+from gridclip.checkpoint import load_weights, save_checkpoint
 from gridclip.config import Config, config_to_dict, save_config
 from gridclip.data.collate import collate_detection
 from gridclip.data.datasets import build_train_dataset
@@ -156,6 +156,8 @@ class Trainer:
         model = build_detector(cfg)  # GridCLIP, or a peer by model.arch
         model.set_vocabulary(self.dataset.category_names)
         self.vocabulary = model.vocabulary
+        if t.init_from:
+            _init_from(model, t.init_from)
         if getattr(model, "needs_region_cache", False):  # ViLD-image: targets carry precomputed regions
             if not t.region_cache:
                 raise ValueError("train.region_cache: ViLD-image needs the file of gridclip precompute-regions "
@@ -434,6 +436,17 @@ def _summary_writer(path: Path, purge_step: int):
         logger.warning("tensorboard is not installed: no TensorBoard logs")
         return None
     return SummaryWriter(str(path), purge_step=purge_step or None)
+
+
+def _init_from(model: nn.Module, path: str) -> None:
+    """``train.init_from``: start from a trained model's weights (a resumed run then overrides them)."""
+    done = load_weights(model, path)
+    logger.info("train.init_from %s: %d tensors loaded", path, done.loaded)
+    for what, names in (("kept fresh (not in the file)", done.missing), ("skipped (no place in this model)",
+                        done.unexpected), ("skipped (other shape)", done.mismatched)):
+        if names:
+            logger.warning("train.init_from %s: %d tensors %s: %s%s", path, len(names), what,
+                           ", ".join(names[:4]), " ..." if len(names) > 4 else "")
 
 
 def train(cfg: Config, out_dir: str | os.PathLike | None = None, resume: bool = False, max_iters: int | None = None,

@@ -1,0 +1,171 @@
+"""Fine-tuning from a trained model (``train.init_from``) and the forgetting study built on it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gridclip.checkpoint import load_weights, save_checkpoint
+from gridclip.engine.train import Trainer
+from gridclip.model import build_model
+from helpers import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _trained_file(tiny_root, tmp_path, **model):
+    cfg = tiny_config(tiny_root)
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    torch.manual_seed(123)
+    source = build_model(cfg)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # weights no fresh initialisation has
+    path = tmp_path / "start.pt"
+    save_checkpoint(path, source)
+    return source, path
+
+
+def test_init_from_starts_training_from_the_files_weights(tiny_root, tmp_path):
+    source, path = _trained_file(tiny_root, tmp_path)
+    cfg = tiny_config(tiny_root, init_from=str(path))
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.setup()
+    got, want = trainer.model.state_dict(), source.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert trainer.iteration == 0  # a fresh schedule, not a resume
+
+    fresh = Trainer(tiny_config(tiny_root), tmp_path / "fresh", progress=False)
+    fresh.setup()
+    assert not all(torch.equal(fresh.model.state_dict()[k], want[k]) for k in want)
+
+
+def test_init_from_skips_switched_off_parts_and_reports_them(tiny_root, tmp_path):
+    source, path = _trained_file(tiny_root, tmp_path)  # with the image-alignment projector
+    cfg = tiny_config(tiny_root)
+    cfg.model.image_align = False
+    model = build_model(cfg)
+    done = load_weights(model, path)
+    assert done.unexpected and all(k.startswith("projector.") for k in done.unexpected)
+    assert not done.missing and not done.mismatched
+    assert done.loaded == len(model.state_dict())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, source.state_dict()[k]), k
+
+
+def test_init_from_reports_other_shapes_and_refuses_a_foreign_model(tiny_root, tmp_path):
+    _, path = _trained_file(tiny_root, tmp_path, grid_align=False, num_classes=3, image_align=False)
+    cfg = tiny_config(tiny_root)
+    cfg.model.grid_align, cfg.model.num_classes, cfg.model.image_align = False, 5, False
+    model = build_model(cfg)
+    done = load_weights(model, path)
+    assert done.mismatched and all("cls_logits" in k for k in done.mismatched)
+    assert done.loaded == len(model.state_dict()) - len(done.mismatched)
+
+    other = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="none of its weights fits this model"):
+        load_weights(other, path)
+
+
+# ------------------------------------------------------------------------------- forgetting study
+from gridclip.study.finetune import (ARMS, BEFORE, custom_categories, group_metrics, run_finetune_study,  # noqa: E402
+                                     summarize_finetune)
+
+NAMES = {1: "red star", 2: "red ring", 3: "blue star", 4: "blue ring", 5: "red cross", 6: "green star"}
+BASE = {1, 2, 3, 4, 6}  # "red cross" is novel
+
+
+def test_custom_categories_by_colour_or_names():
+    assert custom_categories(NAMES, BASE, "red") == [1, 2]  # the novel red cross has no boxes: not custom
+    assert custom_categories(NAMES, BASE, "blue star, green star") == [3, 6]
+    assert custom_categories(NAMES, BASE, "blue ring") == [4]
+    with pytest.raises(ValueError, match="'purple' is neither a category"):
+        custom_categories(NAMES, BASE, "purple")
+    with pytest.raises(ValueError, match="novel categories"):
+        custom_categories(NAMES, BASE, "red star, red cross")
+    with pytest.raises(ValueError, match="unknown categories"):
+        custom_categories(NAMES, BASE, "red star, pink star")
+
+
+def test_group_metrics_average_the_categories_of_each_group():
+    per_cat = {1: 0.5, 2: 0.3, 3: 0.8, 4: 0.2, 5: 0.1}  # 6 has no ground truth
+    groups = {"custom": {1, 2}, "other base": {3, 4, 6}, "novel": {5}, "other": {3, 4, 5, 6}, "empty": {6}}
+    got = group_metrics(per_cat, 0.42, groups)
+    assert got == {"AP": 0.42, "custom": pytest.approx(0.4), "other base": pytest.approx(0.5),
+                   "novel": pytest.approx(0.1), "other": pytest.approx((0.8 + 0.2 + 0.1) / 3), "empty": -1.0}
+
+
+def test_summarize_finetune_against_hand_computed_differences():
+    with_, without = "with image alignment", "without image alignment"
+    table = {  # seed -> arm -> "other" AP
+        0: {BEFORE: 0.50, without: 0.30, with_: 0.40},
+        1: {BEFORE: 0.60, without: 0.36, with_: 0.42},
+        2: {BEFORE: 0.55, without: 0.35, with_: 0.47},
+    }
+    rows = [{"seed": s, "arm": a, "metrics": {"AP": 0.5, "custom": 0.7, "other base": v, "novel": -1.0, "other": v}}
+            for s, arms in table.items() for a, v in arms.items()]
+    out = summarize_finetune(rows)
+    before = out["arms"][BEFORE]["other"]
+    assert before["mean"] == pytest.approx(0.55) and before["std"] == pytest.approx(0.05)
+    assert out["arms"][without]["novel"]["n"] == 0  # -1: no ground truth, left out
+    pair = next(p for p in out["pairs"] if (p["a"], p["b"], p["group"]) == (with_, without, "other"))
+    diffs = [0.10, 0.06, 0.12]  # by hand: with - without per seed
+    mean = sum(diffs) / 3
+    std = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
+    half = 4.302652729911275 * std / 3 ** 0.5  # t(0.975, df=2)
+    assert pair["mean"] == pytest.approx(mean) and pair["std"] == pytest.approx(std)
+    assert pair["ci"] == pytest.approx([mean - half, mean + half]) and pair["verdict"] == "a > b"
+    forgot = next(p for p in out["pairs"] if (p["a"], p["b"], p["group"]) == (without, BEFORE, "other"))
+    assert forgot["mean"] == pytest.approx(-(0.20 + 0.24 + 0.20) / 3) and forgot["verdict"] == "a < b"
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    from gridclip.data.shapes import make_world
+
+    return make_world(tmp_path_factory.mktemp("world") / "w", seed=0, size="small").root
+
+
+def test_finetune_study_end_to_end_and_resumes(tmp_path, small_world, tiny_clip_names, capsys):
+    """Real training (2 + 2 iterations) and evaluation through the CLI, then a rerun that trains nothing."""
+    import json
+    import yaml
+
+    from gridclip.cli import main
+
+    rn, vit = tiny_clip_names
+    out = tmp_path / "ft"
+    argv = ["finetune-study", "--out", str(out), "--world", str(small_world), "--start-variant", "GridCLIP",
+            "--start-iters", "2", "--iters", "2", "--seeds", "0,1", "--custom", "red", "--clip", rn, "--teacher", vit,
+            "--no-progress", "train.batch_size=2", "train.warmup_iters=1", "model.projector_hidden=32"]
+    assert main(argv) == 0
+    study = json.loads((out / "finetune.json").read_text())
+    assert study["custom_categories"] and all(n.startswith("red ") for n in study["custom_categories"])
+    assert (out / "custom_categories.txt").read_text().split("\n")[:-1] == study["custom_categories"]
+    assert {(r["seed"], r["arm"]) for r in study["rows"]} == {(s, a) for s in (0, 1) for a in (BEFORE, *ARMS)}
+    for r in study["rows"]:
+        assert set(r["metrics"]) == {"AP", "custom", "other base", "novel", "other"}
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 4
+    for run in runs:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        start = Path(cfg["train"]["init_from"])
+        assert start.is_file() and start.parent.parent == out / "start" / "runs"
+        assert Path(cfg["data"]["base_list"]) == out / "custom_categories.txt"
+        assert cfg["model"]["image_align"] == (json.loads((run / "result.json").read_text())["arm"] == "with image alignment")
+    assert "paired differences" in capsys.readouterr().out
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached run was trained again")
+
+    from gridclip.study.finetune import FinetuneSpec
+
+    spec = FinetuneSpec(start_variant="GridCLIP", start_iters=2, iters=2, seeds=(0, 1), custom="red", world_size="small",
+                        clip_model=rn, teacher_model=vit,
+                        overrides=("train.batch_size=2", "train.warmup_iters=1", "model.projector_hidden=32"))
+    again = run_finetune_study(spec, out, world_dir=small_world, train_fn=refuse, evaluate_fn=refuse, progress=False,
+                               log=None)
+    assert again["rows"] == study["rows"]
