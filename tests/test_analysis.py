@@ -420,18 +420,27 @@ def test_results_doc_from_demo_metrics(tmp_path, monkeypatch):
                                 count_rn50=False)
     text = out.read_text()
     assert calls and calls[0][0] == "val.json" and [Path(m).name for m in calls[0][1]] == ["clip_rn", "clip_vit"]
-    for n in range(1, 6):
+    for n in range(1, 4):
         assert f"## Table {n}:" in text
-    # demo numbers appear as measured (AP in %), missing variants say so, paper cells are never filled in
-    grid_row = next(line for line in text.splitlines() if line.startswith("| GridCLIP, embedded world |"))
+    assert "### Table 4" not in text  # the seeded Tables 4-5 need a study (--study)
+    # demo numbers appear as measured (AP in %), missing variants say so, paper rows hold the paper's numbers
+    grid_row = next(line for line in text.splitlines() if line.startswith("| GridCLIP, embedded world, `gridclip demo`"))
     assert "| 41.2 | 13.4 | 40.0 | 50.0 |" in grid_row
     assert "7.2 images/s" in text or "7.3 images/s" in text
     assert re.search(r"image-level alignment only .*\| not run \|", text)
-    for line in text.splitlines():
-        if ", paper |" in line and "inference" not in line:
-            cells = [c.strip() for c in line.split("|")[2:-2]]
-            assert all(c in ("see paper", "56.4 M", "paper Table 2") for c in cells), line
+    from gridclip.analysis.paper import TABLE1, TABLE3
+
+    for name, p in TABLE1.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name}, paper |"))
+        assert [c.strip() for c in row.split("|")[2:6]] == [f"{p[k]:.1f}" for k in ("AP", "APr", "APc", "APf")], row
+    voc = next(line for line in text.splitlines() if line.startswith("| PASCAL VOC 2007 test, paper |"))
+    assert f"| {TABLE3['PASCAL VOC 2007 test']['AP50']:.1f} | {TABLE3['PASCAL VOC 2007 test']['AP75']:.1f} |" in voc
+    assert "see paper" not in text
     assert "| shape words, embedded world | not run |" in text  # no model.pt: transfer not run
+    # a marked section of the previous file (another command's) survives the rewrite
+    out.write_text(text + "\n<!-- peers:start -->\nthe peers' tables\n<!-- peers:end -->\n")
+    write_results_doc(tmp_path / "demo", out, figures_dir=None, transfer=False, count_rn50=False)
+    assert "<!-- peers:start -->\nthe peers' tables\n<!-- peers:end -->" in out.read_text()
     assert "Pipeline check only" in text  # a "small" world is flagged as such
     # figures linked relative to the document, files exist with one CSV row per category
     for link in re.findall(r"\]\(([^)]+\.png)\)", text):
@@ -452,3 +461,77 @@ def test_results_cli_errors(tmp_path, capsys):
     assert not (tmp_path / "r.md").exists()
     assert gridclip_main(["analyze", "bogus"]) == 2
     assert "frequency" in capsys.readouterr().err
+
+
+def test_detector_recall_of_an_untrained_model_is_its_clips_recall(tmp_path, tiny_root):
+    """z-bar of a GridCLIP that has not trained yet is its CLIP's image embedding: the forgetting curve's
+    recall starts exactly where the CLIP's is."""
+    from gridclip.analysis.recall import clip_recall, detector_recall
+    from gridclip.checkpoint import save_checkpoint
+    from gridclip.model import build_model
+    from helpers import tiny_config
+
+    cfg = tiny_config(tiny_root)
+    save_checkpoint(tmp_path / "model.pt", build_model(cfg))
+    gt_path = write_colour_images(tmp_path, [[0, 1], [2], [3, 1, 0], [1], [2, 3]], ["red", "blue", "green", "yellow"])
+    clip = clip_recall(gt_path, tmp_path / "imgs", [cfg.model.clip_model], ks=[1, 2, 3], batch_size=2, progress=False)
+    student = detector_recall(gt_path, tmp_path / "imgs", [tmp_path / "model.pt"], ks=[1, 2, 3], batch_size=2,
+                              progress=False)
+    assert student[0].num_images == clip[0].num_images == 5
+    assert student[0].recall == pytest.approx(clip[0].recall, abs=1e-9)
+    # and the embeddings themselves, not only the ranks
+    import open_clip
+
+    from gridclip.analysis.recall import _StudentImageTower, _gt_images, embed_images
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.model.teacher import CLIPTeacher
+
+    dataset, indices, _ = _gt_images(gt_path, tmp_path / "imgs", None)
+    model = load_checkpoint(tmp_path / "model.pt").restore_training_form()
+    size = model.clip_config["vision_cfg"]["image_size"]
+    tower = CLIPTeacher(_StudentImageTower(model), size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    want = embed_images(CLIPTeacher.from_pretrained(cfg.model.clip_model, None), dataset, indices, progress=False)
+    assert torch.allclose(embed_images(tower, dataset, indices, progress=False), want, atol=1e-3)
+
+
+def _made_up_study(root: Path) -> Path:
+    """A study.json over a 5-category world (2 f, 2 c, 1 r with val boxes) with hand-picked metrics."""
+    world = root / "world"
+    world.mkdir(parents=True)
+    cats = [{"id": i, "name": f"c{i}", "frequency": f} for i, f in enumerate("ffccr", start=1)]
+    anns = [{"id": i, "image_id": 1, "category_id": i, "bbox": [0, 0, 4, 4], "area": 16} for i in range(1, 6)]
+    (world / "val.json").write_text(json.dumps({"images": [{"id": 1}], "annotations": anns, "categories": cats}))
+    per = {  # variant -> APr per seed, APc, APf
+        "FCOS w/o align": ([-1.0] * 3, [0.40, 0.42, 0.44], [0.60, 0.60, 0.60]),
+        "grid only": ([0.48, 0.44, 0.48], [0.45, 0.45, 0.45], [0.61, 0.62, 0.63]),
+        "GridCLIP": ([0.50, 0.47, 0.52], [0.44, 0.46, 0.45], [0.60, 0.61, 0.62]),
+        "3x3 embed": ([0.60, 0.40, 0.52], [0.44, 0.46, 0.45], [0.60, 0.61, 0.62]),
+    }
+    runs = []
+    for v, (apr, apc, apf) in per.items():
+        for s in range(3):
+            runs.append({"variant": v, "seed": s, "iters": 400, "key": f"{v}-{s}", "run_dir": f"runs/{v}-{s}",
+                         "metrics": {"AP": 0.5, "APr": apr[s], "APc": apc[s], "APf": apf[s]}, "seconds": 60.0})
+    study = {"world": "world", "runs_done": len(runs), "runs_total": len(runs), "seconds_of_runs": 60.0 * len(runs),
+             "runs": runs}
+    (root / "study.json").write_text(json.dumps(study))
+    return root / "study.json"
+
+
+def test_study_sections_cells_differences_and_verdicts_by_hand(tmp_path):
+    from gridclip.analysis.study_doc import direction, render_study_sections
+
+    text = "\n".join(render_study_sections(_made_up_study(tmp_path), None, None, tmp_path / "results.md"))
+    # Table 5 cell: APr 50, 47, 52 -> mean 49.7, sample std 2.5
+    row = next(line for line in text.splitlines() if line.startswith("| GridCLIP (grid + image)") and "12.7" in line)
+    assert "| 49.7 ± 2.5 (n=3) |" in row and row.endswith("| 12.7 / 20.6 / 29.7 / 22.8 |")
+    # GridCLIP - grid only, APr: +2, +3, +4 -> mean +3.0, CI 3.0 +- 4.303 * 1.0 / sqrt(3) = [+0.5, +5.5]
+    assert "GridCLIP − grid only, AP_r, 400 iterations: paper +2.6; world +3.0 [+0.5, +5.5] (n=3): **reproduced**" in text
+    # Table 4: AP (c + f) = (2 APc + 2 APf) / 4 per run; grid only - FCOS: +3.0, +2.5, +2.0
+    fcos = next(line for line in text.splitlines() if line.startswith("| w/o align (FCOS"))
+    assert "| 51.0 ± 1.0 (n=3) |" in fcos  # (0.40+0.60)/2, (0.42+0.60)/2, (0.44+0.60)/2
+    assert "grid only − FCOS w/o align, AP (c + f), 400 iterations: paper +1.1; world +2.5 [+1.3, +3.7] (n=3): **reproduced**" in text
+    # 3x3: APr differences -10, +7, 0 -> within noise
+    assert "GridCLIP − 3x3 embed, AP_r, 400 iterations: not in the paper; world -1.0" in text and "**within noise**" in text
+    assert direction(2.6, [-3.0, -1.0]) == "reversed" and direction(None, [1.0, 2.0]) == "a > b"
+    assert direction(1.0, None).startswith("undecided")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from gridclip.bench.deploy import interleaved, render, world_case
-from gridclip.bench.sections import read_sections
+from gridclip.utils.doc_sections import read_sections
 from gridclip.cli import main
 
 pytest.importorskip("onnxruntime")

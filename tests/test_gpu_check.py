@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gridclip.bench.gpu_check import FPS_GOAL, render
-from gridclip.bench.sections import read_sections, write_section
+from gridclip.utils.doc_sections import read_sections, write_section
 from gridclip.cli import main
 
 

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import open_clip
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from gridclip.checkpoint import load_checkpoint
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.data.datasets import build_dataset
 from gridclip.model.teacher import CLIPTeacher
@@ -169,6 +171,56 @@ def clip_recall(
                            num_workers=num_workers)
         out.append(RecallResult(spec, recall_at_k(emb, vocab.embeddings, labels, ks), len(indices), len(names)))
         del teacher
+    return out
+
+
+class _StudentImageTower(torch.nn.Module):
+    """A trained detector's own image-level embedding z-bar (the attnpool MHSA's mean token), in the
+    ``visual(images)`` form :class:`CLIPTeacher` wraps."""
+
+    def __init__(self, detector: torch.nn.Module):
+        super().__init__()
+        self.detector = detector
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.detector.backbone.grid_pool.output_dim)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.detector.encode_grid(images)[0]
+
+
+def detector_recall(
+    gt: str | os.PathLike,
+    images: str | os.PathLike | None,
+    checkpoints: Sequence[str | os.PathLike],
+    ks: Sequence[int] = (1, 3, 5, 10),
+    batch_size: int = 32,
+    max_images: int | None = None,
+    progress: bool = True,
+) -> list[RecallResult]:
+    """Recall@k of trained GridCLIP models' own z-bar, measured exactly as :func:`clip_recall` measures
+    their CLIP (same images, preprocessing at the CLIP's input size, ViLD-template class embeddings of
+    the model's text tower): how much image-level knowledge detection training kept (issue 12's
+    forgetting curve). A model before any training scores what its CLIP scores."""
+    dataset, indices, labels = _gt_images(gt, images, max_images)
+    if not indices:
+        raise ValueError(f"{gt}: no image with a ground-truth box")
+    names = dataset.category_names
+    ks = clamp_ks(ks, len(names))
+    out = []
+    for path in checkpoints:
+        model = load_checkpoint(path)
+        if not model.cfg.grid_align or model.backbone.grid_pool is None:
+            raise ValueError(f"{path}: recall of z-bar needs a model with the attnpool MHSA and grid alignment")
+        model.restore_training_form()
+        model.set_vocabulary(list(names))
+        size = model.clip_config["vision_cfg"]["image_size"]
+        tower = CLIPTeacher(_StudentImageTower(model), int(size), open_clip.OPENAI_DATASET_MEAN,
+                            open_clip.OPENAI_DATASET_STD)
+        emb = embed_images(tower, dataset, indices, batch_size, progress, desc=Path(path).name)
+        out.append(RecallResult(str(path), recall_at_k(emb, model.vocabulary.embeddings, labels, ks), len(indices),
+                                len(names)))
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gridclip.bench.flops import markdown as flops_markdown
-from gridclip.bench.sections import read_sections
+from gridclip.utils.doc_sections import read_sections
 from gridclip.bench.stages import markdown as stages_markdown
 from gridclip.utils.atomic import atomic_open, atomic_write_json
 
@@ -220,7 +220,7 @@ def summary(results: dict) -> str:
 
 def write(results: dict, json_path: Path, doc_path: Path) -> None:
     """Both files atomically (temp file + rename). The document's generated sections of other commands
-    (``gridclip bench-deploy``, ``gpu-check``; see :mod:`gridclip.bench.sections`) are kept at its end."""
+    (``gridclip bench-deploy``, ``gpu-check``; see :mod:`gridclip.utils.doc_sections`) are kept at its end."""
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(doc_path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(json_path, results)

@@ -5,7 +5,7 @@
     gridclip analyze clip-recall --gt GT.json [--images DIR] --clip MODEL[:PRETRAINED] [...] [--k 10 100 300]
                                  [--out DIR] [--batch-size B] [--max-images N]
     gridclip analyze transfer --checkpoint C --world DIR [--seed S] [--num-images N] [--out DIR]
-    gridclip analyze results --demo runs/demo --out docs/results.md [--figures docs/figures] [--no-transfer]
+    gridclip analyze results --demo runs/demo --out docs/results.md [--figures docs/figures] [--no-transfer] [--study S.json] [--finetune F.json]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gridclip.analysis.frequency import default_labels, run_frequency, summarize
-from gridclip.analysis.recall import clip_recall, format_recall_table, write_recall_outputs
+from gridclip.analysis.recall import clip_recall, detector_recall, format_recall_table, write_recall_outputs
 from gridclip.analysis.results_doc import write_results_doc
 from gridclip.analysis.transfer import TRANSFER_NMS, evaluate_transfer, make_transfer_world
 from gridclip.engine.evaluate import format_table
@@ -55,8 +55,10 @@ def _clip_recall(argv: list[str]) -> int:
                                 description="fraction of an image's GT categories in CLIP's top k (paper Fig. 4)")
     p.add_argument("--gt", required=True, help="ground-truth COCO/LVIS JSON")
     p.add_argument("--images", help="image folder (default: the JSON's folder)")
-    p.add_argument("--clip", required=True, nargs="+", metavar="MODEL[:PRETRAINED]",
+    p.add_argument("--clip", nargs="+", default=[], metavar="MODEL[:PRETRAINED]",
                    help="open_clip model[:tag or checkpoint], or a local open_clip directory")
+    p.add_argument("--detector", nargs="+", default=[], metavar="MODEL.pt",
+                   help="trained GridCLIP files: the recall of their own z-bar (what detection training kept)")
     p.add_argument("--k", nargs="+", type=int, default=[10, 100, 300])
     p.add_argument("--out", default="clip_recall", help="output folder for recall.json / recall.csv / recall.png")
     p.add_argument("--batch-size", type=int, default=32)
@@ -67,8 +69,11 @@ def _clip_recall(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.batch_size < 1:
         raise ValueError(f"--batch-size: expected a positive integer, got {a.batch_size}")
+    if not a.clip and not a.detector:
+        raise ValueError("clip-recall: give --clip MODEL ... and / or --detector MODEL.pt ...")
     results = clip_recall(a.gt, a.images, a.clip, a.k, batch_size=a.batch_size, max_images=a.max_images,
-                          device=a.device, num_workers=max(0, a.workers))
+                          device=a.device, num_workers=max(0, a.workers)) if a.clip else []
+    results += detector_recall(a.gt, a.images, a.detector, a.k, batch_size=a.batch_size, max_images=a.max_images)
     print(f"{results[0].num_images} images, {results[0].num_categories} categories")
     print(format_recall_table(results))
     paths = write_recall_outputs(results, a.out, size=_size(a.size))
@@ -111,9 +116,15 @@ def _results(argv: list[str]) -> int:
     p.add_argument("--no-figures", action="store_true", help="tables only")
     p.add_argument("--no-transfer", action="store_true",
                    help="do not run the demo model on the transfer world (a cached result is still used)")
+    p.add_argument("--study", help="a `gridclip study` study.json: the seeded Tables 4-5, 1x1 vs 3x3, forgetting curve")
+    p.add_argument("--finetune", help="a `gridclip finetune-study` finetune.json: the fine-tuning table")
     a = p.parse_args(argv)
+    for flag, path in (("--study", a.study), ("--finetune", a.finetune)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
     figures = None if a.no_figures else Path(a.figures) if a.figures else Path(a.out).parent / "figures"
-    written = write_results_doc(a.demo, a.out, figures_dir=figures, transfer=not a.no_transfer)
+    written = write_results_doc(a.demo, a.out, figures_dir=figures, transfer=not a.no_transfer, study=a.study,
+                                finetune=a.finetune)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from gridclip.bench.deploy import machine, render, rn50_case, world_case
-from gridclip.bench.sections import write_section
+from gridclip.utils.doc_sections import write_section
 from gridclip.utils.atomic import atomic_write_json
 
 

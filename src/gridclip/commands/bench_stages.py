@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from gridclip.bench.like_for_like import render, run_like_for_like
-from gridclip.bench.sections import write_section
+from gridclip.utils.doc_sections import write_section
 from gridclip.commands.bench import parse_size
 from gridclip.utils.atomic import atomic_write_json
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gridclip.bench.gpu_check import NoCudaError, render, run_gpu_check
-from gridclip.bench.sections import write_section
+from gridclip.utils.doc_sections import write_section
 from gridclip.utils.atomic import atomic_write_json
 
 NO_GPU_EXIT = 3
