@@ -33,6 +33,17 @@ def test_mini_demo_writes_all_outputs(tmp_path):
     assert again == saved
 
 
+def test_demo_numbers_do_not_depend_on_how_many_variants_train_side_by_side(tmp_path):
+    """Each variant trains with one torch thread, in this process or in a worker: identical numbers."""
+    def numbers(metrics):
+        return {n: {k: v for k, v in m.items() if k != "train_images_per_second"} for n, m in metrics.items()}
+
+    alone = run_demo(tmp_path / "one", iters=3, world_size="small", examples=1, jobs=1)
+    side_by_side = run_demo(tmp_path / "three", iters=3, world_size="small", examples=1, jobs=3)
+    assert numbers(alone) == numbers(side_by_side)
+    assert list(side_by_side) == list(DEMO_VARIANTS)  # the table keeps the order asked
+
+
 @pytest.mark.slow
 def test_demo_quality_bars(tmp_path):
     """The full demo with the shipped tiny CLIP: the issue's bars, with margins."""

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -25,9 +28,10 @@ from gridclip.data.datasets import build_train_dataset
 from gridclip.data.images import load_image
 from gridclip.data.shapes import make_world
 from gridclip.engine.clip_pretrain import PretrainConfig, train_clip
-from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
+from gridclip.engine.evaluate import build_eval_dataset, evaluate_base_trained
 from gridclip.engine.train import train
 from gridclip.utils.atomic import atomic_write_json
+from gridclip.utils.threads import torch_threads
 
 ASSETS = Path(__file__).parent / "assets" / "shapes"
 CLIP_NAME, TEACHER_NAME = "shapes-RN-tiny", "shapes-ViT-tiny"
@@ -69,28 +73,25 @@ def _clip_dirs(out: Path, world: Path, from_scratch: bool, steps: int | None) ->
     return target / CLIP_NAME, target / TEACHER_NAME
 
 
-def _evaluate_variant(model, cfg, base_category_ids: list[int]) -> dict:
-    val = build_eval_dataset(cfg.data)
-    if model.cfg.grid_align:
-        model.set_vocabulary(val.category_names)  # open vocabulary: all categories, novel included
-        results = run_inference(model, val, batch_size=cfg.eval.batch_size)
-    else:  # closed set: the classifier only knows the base classes it was trained on
-        results = run_inference(model, _WithCategories(val, base_category_ids), batch_size=cfg.eval.batch_size)
-    evaluation = evaluate(cfg.data.val_json, results, style="lvis", max_dets=cfg.eval.max_dets)
+def _evaluate_variant(model, cfg, base_category_ids: list[int]) -> tuple[dict, list[dict]]:
+    evaluation, results = evaluate_base_trained(model, cfg, base_category_ids)
     return {k: evaluation.metrics[k] for k in ("AP", "AP50", "APr", "APc", "APf")}, results
 
 
-class _WithCategories:
-    """A dataset view whose label indices mean ``category_ids`` (a closed-set model's classes)."""
+def _train_variant(name: str, cfg, base_ids: list[int], progress: bool) -> dict:
+    """Train and evaluate one variant with one torch thread (so its numbers do not depend on how many
+    run side by side, nor on the machine's core count); writes RUN/results.json, returns the metrics."""
+    with torch_threads(1):
+        summary = train(cfg, cfg.out_dir, progress=progress)
+        metrics, results = _evaluate_variant(load_checkpoint(summary["model"]), cfg, base_ids)
+    metrics["train_images_per_second"] = summary.get("images_per_second")
+    atomic_write_json(Path(cfg.out_dir) / "results.json", results, indent=None)
+    return metrics
 
-    def __init__(self, dataset, category_ids):
-        self.dataset, self.category_ids = dataset, list(category_ids)
 
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return self.dataset[i]
+def _train_in_worker(name: str, cfg, base_ids: list[int]) -> dict:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{name}] %(message)s", datefmt="%H:%M:%S", force=True)
+    return _train_variant(name, cfg, base_ids, progress=False)
 
 
 def _draw_examples(model, cfg, out_dir: Path, novel_ids: set[int], count: int = 6) -> list[str]:
@@ -123,8 +124,11 @@ def _draw_examples(model, cfg, out_dir: Path, novel_ids: set[int], count: int = 
 
 def run_demo(out: str | os.PathLike = "runs/demo", *, from_scratch: bool = False, iters: int = 400,
              variants: tuple[str, ...] = DEMO_VARIANTS, world_size: str = "default", clip_steps: int = 2400,
-             examples: int = 6) -> dict:
-    """Run the demo; returns ``{variant: {AP, AP50, APr, APc, APf}}`` (also in OUT/metrics.json)."""
+             examples: int = 6, jobs: int | None = None) -> dict:
+    """Run the demo; returns ``{variant: {AP, AP50, APr, APc, APf}}`` (also in OUT/metrics.json).
+
+    ``jobs``: variants trained side by side in worker processes (default: one per CPU core); each
+    trains with one torch thread, so the numbers are the same for any ``jobs``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -139,33 +143,45 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, from_scratch: bool = False
     metrics_path = out / "metrics.json"
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
+    todo = []
     for name in variants:
         run_dir = out / "runs" / name.replace(" ", "_").replace("/", "")
         cfg = demo_config(world, clip_dir, teacher_dir, run_dir, iters)
         for key, value in VARIANTS[name].items():
             setattr(cfg.model, key, value)
-        base_ids = build_train_dataset(cfg.data).category_ids
+        base_ids = list(build_train_dataset(cfg.data).category_ids)
         if not cfg.model.grid_align:
             cfg.model.num_classes = len(base_ids)
         key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
-        stamp = run_dir / "demo_key.json"
-        model_path = run_dir / "model.pt"
-        if name in metrics and model_path.is_file() and stamp.is_file() and stamp.read_text() == key:
+        if name in metrics and (run_dir / "model.pt").is_file() and (run_dir / "demo_key.json").is_file() \
+                and (run_dir / "demo_key.json").read_text() == key:
             print(f"[demo] {name}: cached", flush=True)
             continue
-        print(f"[demo] training {name} ({iters} iterations)", flush=True)
         save_config(cfg, run_dir / "config.yaml")
-        summary = train(cfg, run_dir)
-        model = load_checkpoint(summary["model"])
-        print(f"[demo] evaluating {name}", flush=True)
-        metrics[name], results = _evaluate_variant(model, cfg, base_ids)
-        metrics[name]["train_images_per_second"] = summary.get("images_per_second")
-        atomic_write_json(run_dir / "results.json", results, indent=None)
+        todo.append((name, cfg, base_ids, key))
+    jobs = max(1, min(len(todo), jobs if jobs is not None else (os.cpu_count() or 1)))
+    if todo:
+        print(f"[demo] training {', '.join(n for n, *_ in todo)} ({iters} iterations each; "
+              f"{jobs} at a time, one thread each)", flush=True)
+    finished: dict[str, dict] = {}
+    if jobs == 1:
+        for name, cfg, base_ids, _ in todo:
+            finished[name] = _train_variant(name, cfg, base_ids, progress=True)
+    else:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_in_worker, name, cfg, base_ids): name for name, cfg, base_ids, _ in todo}
+            for future in as_completed(futures):
+                finished[futures[future]] = future.result()
+                print(f"[demo] {futures[future]} trained and evaluated ({time.time() - t0:.0f} s)", flush=True)
+    for name, cfg, _, key in todo:  # in the order asked, whatever order they finished in
+        metrics[name] = finished[name]
         if name == "GridCLIP":
+            model = load_checkpoint(Path(cfg.out_dir) / "model.pt")
+            model.set_vocabulary(build_eval_dataset(cfg.data).category_names)  # every category, as evaluated
             save_checkpoint(out / "model.pt", model, extra={"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=list))})
             _draw_examples(model, cfg, out / "examples", novel_ids, examples)
-        atomic_write_json(metrics_path, metrics)
-        stamp.write_text(key)
+        (Path(cfg.out_dir) / "demo_key.json").write_text(key)
+    atomic_write_json(metrics_path, metrics)
     print(format_demo_table(metrics))
     print(f"[demo] wrote {metrics_path}, {out / 'model.pt'}, {out / 'examples'}/  ({time.time() - t0:.0f} s)")
     return metrics

@@ -14,11 +14,15 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--iters", type=int, default=400, help="training iterations per variant (batch 16)")
     p.add_argument("--ablations", action="store_true", help="also the paper's Table 4/5 variants (w/o MHSA, image only) and the 3x3 embedding conv")
     p.add_argument("--mini", action="store_true", help="tiny world and few iterations: checks the pipeline in a minute")
+    p.add_argument("--jobs", type=int, help="variants trained side by side (default: one per CPU core; "
+                                            "the numbers do not depend on it)")
     a = p.parse_args(list(argv))
     variants = tuple(VARIANTS) if a.ablations else DEMO_VARIANTS
+    if a.jobs is not None and a.jobs < 1:
+        raise ValueError(f"--jobs: expected a positive number of processes, got {a.jobs}")
     if a.mini:
         run_demo(a.out, from_scratch=a.from_scratch, iters=min(a.iters, 20), variants=variants, world_size="small",
-                 clip_steps=20, examples=2)
+                 clip_steps=20, examples=2, jobs=a.jobs)
     else:
-        run_demo(a.out, from_scratch=a.from_scratch, iters=a.iters, variants=variants)
+        run_demo(a.out, from_scratch=a.from_scratch, iters=a.iters, variants=variants, jobs=a.jobs)
     return 0

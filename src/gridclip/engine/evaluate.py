@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -310,3 +310,30 @@ def evaluate_model(model: torch.nn.Module, cfg: Any, *, batch_size: int | None =
     max_dets = max_dets or (cfg.eval.max_dets if style == "lvis" else None)
     gt = ground_truth_for(cfg.data.format, cfg.data, dataset)
     return evaluate(gt, results, style=style, max_dets=max_dets), results
+
+
+class CategoryView:
+    """A dataset view whose label indices mean ``category_ids``: what a closed-set model's classes are."""
+
+    def __init__(self, dataset, category_ids: Sequence[int]):
+        self.dataset, self.category_ids = dataset, list(category_ids)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+
+def evaluate_base_trained(model: torch.nn.Module, cfg: Any, base_category_ids: Sequence[int]
+                          ) -> tuple[Evaluation, list[dict]]:
+    """LVIS-style scores on ``cfg``'s val split of a model trained on the base categories: open
+    vocabulary (every val category, novel included) when it has grid alignment, else the closed set
+    of base classes its classifier knows (novel AP is then -1 or 0 by construction)."""
+    val = build_eval_dataset(cfg.data)
+    if model.cfg.grid_align:
+        model.set_vocabulary(val.category_names)
+        results = run_inference(model, val, batch_size=cfg.eval.batch_size)
+    else:
+        results = run_inference(model, CategoryView(val, base_category_ids), batch_size=cfg.eval.batch_size)
+    return evaluate(cfg.data.val_json, results, style="lvis", max_dets=cfg.eval.max_dets), results

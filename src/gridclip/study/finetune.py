@@ -32,12 +32,13 @@ from gridclip.checkpoint import load_checkpoint
 from gridclip.config import save_config
 from gridclip.data.annotations import load_lvis_json
 from gridclip.data.shapes import load_world, make_world
-from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
+from gridclip.engine.evaluate import evaluate_base_trained
 from gridclip.engine.train import train
 from gridclip.study.runner import run_study
 from gridclip.study.spec import StudySpec, run_config, run_key
 from gridclip.study.stats import paired_differences, summarize, verdict
 from gridclip.utils.atomic import atomic_write_json
+from gridclip.utils.threads import torch_threads
 
 BEFORE = "start model"
 ARMS: dict[str, dict[str, Any]] = {
@@ -75,7 +76,10 @@ class FinetuneSpec:
                              f"fine-tuning {self.iters})")
         if not self.custom.strip():
             raise ValueError("finetune study custom: expected a colour or a comma list of category names")
-        self.start_study()  # validates the variant
+        switches = self.start_study().variant_table()[self.start_variant]  # validates the variant
+        if switches.get("grid_align", True) is False:
+            raise ValueError(f"finetune study start variant {self.start_variant!r}: a closed-set model cannot be "
+                             "evaluated on categories it has no classifier for (choose a grid-aligned variant)")
 
     def start_study(self) -> StudySpec:
         return StudySpec(variants=(self.start_variant,), seeds=self.seeds, iters=(self.start_iters,), pairs=(),
@@ -116,12 +120,8 @@ def group_metrics(per_category_ap: dict[int, float], overall_ap: float, groups: 
 
 def evaluate_groups(model_path: str, cfg, groups: dict[str, set[int]]) -> dict[str, float]:
     """Open-vocabulary evaluation of a model file on the val split (every category), by group."""
-    model = load_checkpoint(model_path)
-    val = build_eval_dataset(cfg.data)
-    model.set_vocabulary(val.category_names)
-    results = run_inference(model, val, batch_size=cfg.eval.batch_size)
-    ev = evaluate(cfg.data.val_json, results, style="lvis", max_dets=cfg.eval.max_dets)
-    return group_metrics(ev.per_category_ap, ev.metrics["AP"], groups)
+    evaluation, _ = evaluate_base_trained(load_checkpoint(model_path), cfg, [])
+    return group_metrics(evaluation.per_category_ap, evaluation.metrics["AP"], groups)
 
 
 def _digest(blob: Any) -> str:
@@ -169,7 +169,8 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
         eval_path = out / "evals" / f"{eval_key[:16]}.json"
         before = _read(eval_path, eval_key)
         if before is None:
-            before = {"key": eval_key, "metrics": evaluate_fn(str(start_model), base_cfg, groups)}
+            with torch_threads(1):
+                before = {"key": eval_key, "metrics": evaluate_fn(str(start_model), base_cfg, groups)}
             atomic_write_json(eval_path, before)
         rows.append({"seed": seed, "arm": BEFORE, "metrics": before["metrics"]})
         for arm, switches in ARMS.items():
@@ -191,8 +192,9 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
                 cfg.out_dir = str(run_dir)
                 save_config(cfg, run_dir / "config.yaml")
                 t0 = time.perf_counter()
-                summary = train_fn(cfg, run_dir, progress=False)
-                metrics = evaluate_fn(summary["model"], cfg, groups)
+                with torch_threads(1):  # as the study's runs
+                    summary = train_fn(cfg, run_dir, progress=False)
+                    metrics = evaluate_fn(summary["model"], cfg, groups)
                 for path in run_dir.rglob("*.pt"):
                     path.unlink()
                 result = {"key": key, "seed": seed, "arm": arm, "metrics": metrics,

@@ -19,41 +19,21 @@ from gridclip.checkpoint import load_checkpoint
 from gridclip.config import save_config
 from gridclip.data.datasets import build_train_dataset
 from gridclip.data.shapes import load_world, make_world
-from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
+from gridclip.engine.evaluate import evaluate_base_trained
 from gridclip.engine.train import train
 from gridclip.study.aggregate import aggregate
 from gridclip.study.spec import METRICS, RunSpec, StudySpec, run_config, run_key
 from gridclip.utils.atomic import atomic_write_json
+from gridclip.utils.threads import torch_threads
 
 TrainFn = Callable[..., dict]
 EvaluateFn = Callable[[str, Any, list], dict]
 
 
-class _BaseCategories:
-    """A dataset view whose label indices mean ``category_ids`` (a closed-set model's base classes)."""
-
-    def __init__(self, dataset, category_ids: list[int]):
-        self.dataset, self.category_ids = dataset, list(category_ids)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return self.dataset[i]
-
-
 def evaluate_run(model_path: str, cfg, base_category_ids: list[int]) -> dict[str, float]:
-    """LVIS-style metrics of a trained run on the world's val split, as ``gridclip demo`` evaluates:
-    open vocabulary (every category, novel included) when grid alignment is on, else the closed set
-    of base categories the classifier was trained on."""
-    model = load_checkpoint(model_path)
-    val = build_eval_dataset(cfg.data)
-    if model.cfg.grid_align:
-        model.set_vocabulary(val.category_names)
-        results = run_inference(model, val, batch_size=cfg.eval.batch_size)
-    else:
-        results = run_inference(model, _BaseCategories(val, base_category_ids), batch_size=cfg.eval.batch_size)
-    evaluation = evaluate(cfg.data.val_json, results, style="lvis", max_dets=cfg.eval.max_dets)
+    """LVIS-style metrics of a trained run on the world's val split, as ``gridclip demo`` evaluates
+    (:func:`gridclip.engine.evaluate.evaluate_base_trained`)."""
+    evaluation, _ = evaluate_base_trained(load_checkpoint(model_path), cfg, base_category_ids)
     return {k: evaluation.metrics[k] for k in METRICS}
 
 
@@ -140,9 +120,10 @@ def _run_one(run: RunSpec, out: Path, base_ids: list[int], train_fn: TrainFn, ev
     cfg.out_dir = str(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     t0 = time.perf_counter()
-    summary = train_fn(cfg, run_dir, progress=False)
-    train_seconds = time.perf_counter() - t0
-    metrics = evaluate_fn(summary["model"], cfg, base_ids)
+    with torch_threads(1):  # as `gridclip demo` trains: numbers independent of the machine's cores
+        summary = train_fn(cfg, run_dir, progress=False)
+        train_seconds = time.perf_counter() - t0
+        metrics = evaluate_fn(summary["model"], cfg, base_ids)
     seconds = time.perf_counter() - t0
     result = {"key": run.key, "variant": run.variant, "seed": run.seed, "iters": run.iters,
               "metrics": {k: float(v) for k, v in metrics.items()},
