@@ -253,3 +253,11 @@ def test_shipped_ablation_spec_covers_the_issue():
               "GridCLIP, RN teacher"}
     assert wanted <= set(spec.variants) <= set(VARIANTS) and len(spec.seeds) >= 3 and len(spec.iters) >= 2
     assert ("GridCLIP", "grid only") in spec.pairs
+
+
+def test_variant_list_keeps_names_that_hold_a_comma():
+    from gridclip.commands.study import _variant_list
+
+    assert _variant_list("grid only,GridCLIP, RN teacher") == ["grid only", "GridCLIP, RN teacher"]
+    assert _variant_list("GridCLIP,GridCLIP, RN teacher, 3x3 embed") == ["GridCLIP", "GridCLIP, RN teacher", "3x3 embed"]
+    assert _variant_list("GridCLIP, grid only") == ["GridCLIP", "grid only"]

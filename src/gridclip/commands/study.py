@@ -16,6 +16,17 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _variant_list(text: str) -> list[str]:
+    """A comma list of variant names, some of which hold a comma themselves ("GridCLIP, RN teacher")."""
+    out: list[str] = []
+    for token in _csv(text):
+        if out and token not in VARIANTS and f"{out[-1]}, {token}" in VARIANTS:
+            out[-1] = f"{out[-1]}, {token}"
+        else:
+            out.append(token)
+    return out
+
+
 def _ints(text: str, what: str) -> list[int]:
     try:
         return [int(t) for t in _csv(text)]
@@ -68,7 +79,7 @@ def spec_from_args(a: argparse.Namespace) -> StudySpec:
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a JSON object of StudySpec fields")
     if a.variants:
-        values["variants"] = _csv(a.variants)
+        values["variants"] = _variant_list(a.variants)
     if a.seeds:
         values["seeds"] = _ints(a.seeds, "seeds")
     if a.iters:
