@@ -53,3 +53,20 @@ def test_demo_quality_bars(tmp_path):
     assert grid["APr"] >= 0.12, grid
     base_ap = (grid["APc"] + grid["APf"]) / 2
     assert base_ap >= 0.45, grid
+
+
+def test_demo_table_shows_the_seed_spread(tmp_path):
+    from gridclip.demo import load_seed_spread
+
+    metrics = {"GridCLIP": {"AP": 0.577, "APr": 0.516, "APc": 0.582, "APf": 0.598},
+               "FCOS w/o align": {"AP": 0.446, "APr": -1.0, "APc": 0.536, "APf": 0.58}}
+    path = tmp_path / "spread.json"
+    path.write_text(json.dumps({"iters": 400, "variants": {"GridCLIP": {"n": 3, "seeds": [0, 1, 2],
+                                                                        "std": {"AP": 0.004, "APr": 0.025}}}}))
+    assert load_seed_spread(1600, path) == {}  # measured at another schedule: not shown
+    table = format_demo_table(metrics, load_seed_spread(400, path))
+    grid = next(line for line in table.splitlines() if line.startswith("GridCLIP"))
+    assert "57.7 ±0.4" in grid and "51.6 ±2.5" in grid and "58.2" in grid
+    assert "n/a" in next(line for line in table.splitlines() if line.startswith("FCOS"))
+    assert "sample std over 3 seeds" in table
+    assert "one seed decides nothing" in format_demo_table(metrics)

@@ -204,6 +204,11 @@ def test_killed_study_resumes_without_redoing_finished_runs(tmp_path, small_worl
     assert study["complete"] and study["runs_done"] == 6
     assert not any((d / "partial.txt").exists() and not (d / "result.json").exists() for d in (out / "runs").iterdir())
     assert not list((out / "runs").rglob("model.pt"))  # models dropped unless keep_models
+    from gridclip.study.aggregate import seed_spread
+
+    spread = seed_spread(study, 5)["variants"]["grid only"]
+    assert spread["n"] == 3 and spread["std"]["APr"] == pytest.approx(0.02) and spread["mean"]["AP"] == pytest.approx(0.51)
+    assert seed_spread(study, 400)["variants"] == {}
     pair = next(p for p in study["pairs"] if p["metric"] == "APr")
     assert pair["n"] == 3 and pair["mean"] == pytest.approx(0.01) and pair["verdict"] == "a > b"
 

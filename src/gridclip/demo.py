@@ -46,6 +46,10 @@ VARIANTS: dict[str, dict] = {
     "3x3 embed": {"embed_kernel_size": 3},  # design choice: torchvision FCOS's classifier kernel
 }
 DEMO_VARIANTS = ("GridCLIP", "grid only", "FCOS w/o align")
+DEFAULT_ITERS = 400
+# What one seed is worth: the sample std over seeds of the same runs in `gridclip study` (written by
+# `gridclip study ... --write-demo-spread`; docs/results.md has the study itself).
+SEED_SPREAD = Path(__file__).parent / "configs" / "demo_seed_spread.json"
 
 
 def demo_config(world: Path, clip_dir: Path, teacher_dir: Path, out_dir: Path, iters: int):
@@ -122,7 +126,7 @@ def _draw_examples(model, cfg, out_dir: Path, novel_ids: set[int], count: int = 
     return written
 
 
-def run_demo(out: str | os.PathLike = "runs/demo", *, from_scratch: bool = False, iters: int = 400,
+def run_demo(out: str | os.PathLike = "runs/demo", *, from_scratch: bool = False, iters: int = DEFAULT_ITERS,
              variants: tuple[str, ...] = DEMO_VARIANTS, world_size: str = "default", clip_steps: int = 2400,
              examples: int = 6, jobs: int | None = None) -> dict:
     """Run the demo; returns ``{variant: {AP, AP50, APr, APc, APf}}`` (also in OUT/metrics.json).
@@ -182,15 +186,43 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, from_scratch: bool = False
             _draw_examples(model, cfg, out / "examples", novel_ids, examples)
         (Path(cfg.out_dir) / "demo_key.json").write_text(key)
     atomic_write_json(metrics_path, metrics)
-    print(format_demo_table(metrics))
+    print(format_demo_table(metrics, load_seed_spread(iters)))
     print(f"[demo] wrote {metrics_path}, {out / 'model.pt'}, {out / 'examples'}/  ({time.time() - t0:.0f} s)")
     return metrics
 
 
-def format_demo_table(metrics: dict[str, dict]) -> str:
+def load_seed_spread(iters: int, path: Path = SEED_SPREAD) -> dict:
+    """``{variant: {n, seeds, mean, std}}`` measured at ``iters`` iterations ({} if none was)."""
+    if not path.is_file():
+        return {}
+    spread = json.loads(path.read_text())
+    return spread.get("variants", {}) if spread.get("iters") == iters else {}
+
+
+def format_demo_table(metrics: dict[str, dict], spread: dict | None = None) -> str:
+    """The demo's table: one run (seed 0) per variant; with ``spread``, each number's seed-to-seed sample
+    std (over n seeds of the same run in ``gridclip study``) beside it."""
     keys = ("AP", "APr", "APc", "APf")
+    spread = spread or {}
     width = max(len(n) for n in metrics) if metrics else 8
-    lines = [f"{'variant':<{width}}  " + "  ".join(f"{k:>6}" for k in keys) + "   (AP_r = novel categories, never seen as boxes)"]
-    for name, m in metrics.items():
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * m[k]:6.1f}" if m.get(k, -1) >= 0 else "   n/a" for k in keys))
+    cell_w = 12 if spread else 6
+
+    def cell(name: str, k: str) -> str:
+        m = metrics[name]
+        if m.get(k, -1) < 0:
+            return f"{'n/a':>{cell_w}}"
+        sd = spread.get(name, {}).get("std", {}).get(k)
+        text = f"{100 * m[k]:.1f}" + (f" ±{100 * sd:.1f}" if sd is not None else "")
+        return f"{text:>{cell_w}}"
+
+    lines = [f"{'variant':<{width}}  " + "  ".join(f"{k:>{cell_w}}" for k in keys)
+             + "   (AP_r = novel categories, never seen as boxes)"]
+    for name in metrics:
+        lines.append(f"{name:<{width}}  " + "  ".join(cell(name, k) for k in keys))
+    ns = sorted({s["n"] for name, s in spread.items() if name in metrics})
+    if ns:
+        lines.append(f"one run (seed 0) per variant; ± = sample std over {'/'.join(map(str, ns))} seeds of the same "
+                     "run (gridclip study, docs/results.md): a difference within about two of them decides nothing.")
+    else:
+        lines.append("one run (seed 0) per variant; one seed decides nothing (seed spread: docs/results.md).")
     return "\n".join(lines)

@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from gridclip.demo import DEMO_VARIANTS, VARIANTS, run_demo
+from gridclip.demo import DEFAULT_ITERS, DEMO_VARIANTS, VARIANTS, run_demo
 
 
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="gridclip demo", description=__doc__.split("\n")[0].split(": ", 1)[-1])
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--from-scratch", action="store_true", help="pretrain the tiny CLIP and teacher instead of using the shipped weights")
-    p.add_argument("--iters", type=int, default=400, help="training iterations per variant (batch 16)")
+    p.add_argument("--iters", type=int, default=DEFAULT_ITERS, help="training iterations per variant (batch 16)")
     p.add_argument("--ablations", action="store_true", help="also the paper's Table 4/5 variants (w/o MHSA, image only) and the 3x3 embedding conv")
     p.add_argument("--mini", action="store_true", help="tiny world and few iterations: checks the pipeline in a minute")
     p.add_argument("--jobs", type=int, help="variants trained side by side (default: one per CPU core; "

@@ -9,7 +9,10 @@ import argparse
 import json
 from pathlib import Path
 
+from gridclip.demo import DEFAULT_ITERS
 from gridclip.study import VARIANTS, StudySpec, format_study, run_study
+from gridclip.study.aggregate import seed_spread
+from gridclip.utils.atomic import atomic_write_json
 
 
 def _csv(text: str) -> list[str]:
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher CLIP dir (default: the shipped shapes-ViT-tiny)")
     p.add_argument("--keep-models", action="store_true", help="keep every run's model.pt")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--write-demo-spread", metavar="FILE",
+                   help="also write the seed spread at the demo's schedule (for gridclip/configs/demo_seed_spread.json)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     return p
 
@@ -106,6 +111,9 @@ def main(argv: list[str]) -> int:
     spec = spec_from_args(a)
     study = run_study(spec, a.out, world_dir=a.world, progress=not a.no_progress, keep_models=a.keep_models)
     print(format_study(study))
+    if a.write_demo_spread:
+        atomic_write_json(a.write_demo_spread, seed_spread(study, DEFAULT_ITERS))
+        print(f"[study] seed spread at {DEFAULT_ITERS} iterations -> {a.write_demo_spread}")
     print(f"[study] {study['runs_done']}/{study['runs_total']} runs, {study['seconds_of_runs']:.0f} s of runs -> "
           f"{Path(a.out) / 'study.json'}")
     return 0

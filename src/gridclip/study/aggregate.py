@@ -44,6 +44,22 @@ def aggregate(rows: Sequence[dict], variants: Sequence[str], pairs: Sequence[Seq
     return {"confidence": level, "variants": out_variants, "pairs": out_pairs}
 
 
+def seed_spread(study: dict, iters: int) -> dict:
+    """What one run of a variant at ``iters`` iterations is worth: ``{variant: {n, seeds, mean, std}}``
+    with per-metric mean and sample std over the study's seeds (``gridclip demo`` prints it beside its
+    single-seed table)."""
+    out = {}
+    for v in study["variants"]:
+        if v["iters"] != iters:
+            continue
+        ms = {m: s for m, s in v["metrics"].items() if s["n"] >= 2}
+        if ms:
+            out[v["variant"]] = {"n": min(s["n"] for s in ms.values()), "seeds": v["seeds"],
+                                 "mean": {m: s["mean"] for m, s in ms.items()},
+                                 "std": {m: s["std"] for m, s in ms.items()}}
+    return {"iters": iters, "variants": out}
+
+
 def format_study(study: dict, scale: float = 100.0) -> str:
     """Text tables: per variant mean +- std (n) and 95 % CI; per pair the mean difference and its CI."""
     lines = []
