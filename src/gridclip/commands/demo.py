@@ -14,7 +14,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--iters", type=int, default=DEFAULT_ITERS, help="training iterations per variant (batch 16)")
     p.add_argument("--ablations", action="store_true", help="also the paper's Table 4/5 variants (w/o MHSA, image only) and the 3x3 embedding conv")
     p.add_argument("--mini", action="store_true", help="tiny world and few iterations: checks the pipeline in a minute")
-    p.add_argument("--jobs", type=int, help="variants trained side by side (default: one per CPU core; "
+    p.add_argument("--jobs", type=int, help="variants trained side by side (default: all, up to two per CPU core; "
                                             "the numbers do not depend on it)")
     a = p.parse_args(list(argv))
     variants = tuple(VARIANTS) if a.ablations else DEMO_VARIANTS
