@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the demo needs the package only; the tests also need the dev extras (gradio, onnx, selenium, ...)
+BASE_STAMP := $(VENV)/.installed-base
 
 # Passive OpenMP waiting: spinning threads make torch 4-12x slower when anything else shares the cores.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -13,16 +15,20 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # constraints.txt: the tested versions (pyproject.toml allows ranges).
-$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+$(BASE_STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
 	@# a mismatched torch/torchvision pair installs fine and fails at the first NMS call
 	$(BIN)/python -c "import torch, torchvision.ops; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5); print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'ok')"
+	touch $(BASE_STAMP)
+
+$(STAMP): $(BASE_STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	$(BIN)/gridclip demo
 
 test: $(STAMP)
