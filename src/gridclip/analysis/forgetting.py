@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 from gridclip.analysis.recall import detector_recall
-from gridclip.utils.atomic import atomic_open, atomic_write_json
+from gridclip.analysis.figures import save_png
+from gridclip.utils.atomic import atomic_write_json
 
 KS = (1, 3, 5, 10)
 
@@ -77,8 +78,4 @@ def plot_forgetting(curves: dict[str, dict[int, dict[str, tuple[float, float]]]]
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
-    try:
-        with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-    finally:
-        plt.close(fig)
+    save_png(fig, path, dpi)

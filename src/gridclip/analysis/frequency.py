@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gridclip.engine.evaluate import evaluate
+from gridclip.analysis.figures import save_png
 from gridclip.utils.atomic import atomic_open
 
 MOVING_AVERAGE_HALF_WINDOW = 10  # the paper's Fig. 3 averages each category with +-10 neighbours
@@ -119,13 +120,6 @@ def write_table_csv(rows: Sequence[CategoryRow], labels: Sequence[str], path: st
         f.write(buf.getvalue())
 
 
-def _save_figure(fig, path: str | os.PathLike, dpi: int) -> None:
-
-
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=dpi)
-
-
 def plot_ap_vs_frequency(
     rows: Sequence[CategoryRow],
     labels: Sequence[str],
@@ -176,10 +170,7 @@ def plot_ap_vs_frequency(
     ax.set_title(title or "AP vs training frequency (dots: base, crosses: novel)")
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    try:
-        _save_figure(fig, path, dpi)
-    finally:
-        plt.close(fig)
+    save_png(fig, path, dpi)
 
 
 def summarize(rows: Sequence[CategoryRow], labels: Sequence[str]) -> str:

@@ -28,6 +28,7 @@ from gridclip.checkpoint import load_checkpoint
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.data.datasets import build_dataset
 from gridclip.model.teacher import CLIPTeacher
+from gridclip.analysis.figures import save_png
 from gridclip.utils.atomic import atomic_open, atomic_write_json
 
 from gridclip.clip.loader import parse_clip_spec
@@ -141,6 +142,15 @@ def embed_images(encode: Callable[[list[Tensor]], Tensor], dataset, indices: Seq
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
+def _recall_inputs(gt, images, max_images: int | None, ks: Sequence[int]):
+    """(dataset, image indices, their label lists, category names, clamped ks) of a recall measurement."""
+    dataset, indices, labels = _gt_images(gt, images, max_images)
+    if not indices:
+        raise ValueError(f"{gt}: no image with a ground-truth box")
+    names = dataset.category_names
+    return dataset, indices, labels, names, clamp_ks(ks, len(names))
+
+
 def clip_recall(
     gt: str | os.PathLike,
     images: str | os.PathLike | None,
@@ -155,11 +165,7 @@ def clip_recall(
     """Recall@k of every CLIP model spec in ``models`` (``MODEL[:PRETRAINED]``) on ``gt``'s images."""
     if not models:
         raise ValueError("--clip: give at least one CLIP model")
-    dataset, indices, labels = _gt_images(gt, images, max_images)
-    if not indices:
-        raise ValueError(f"{gt}: no image with a ground-truth box")
-    names = dataset.category_names
-    ks = clamp_ks(ks, len(names))
+    dataset, indices, labels, names, ks = _recall_inputs(gt, images, max_images, ks)
     out = []
     for spec in models:
         model, pretrained = parse_model_spec(spec)
@@ -203,11 +209,7 @@ def detector_recall(
     their CLIP (same images, preprocessing at the CLIP's input size, ViLD-template class embeddings of
     the model's text tower): how much image-level knowledge detection training kept (issue 12's
     forgetting curve). A model before any training scores what its CLIP scores."""
-    dataset, indices, labels = _gt_images(gt, images, max_images)
-    if not indices:
-        raise ValueError(f"{gt}: no image with a ground-truth box")
-    names = dataset.category_names
-    ks = clamp_ks(ks, len(names))
+    dataset, indices, labels, names, ks = _recall_inputs(gt, images, max_images, ks)
     out = []
     for path in checkpoints:
         model = load_checkpoint(path)
@@ -278,11 +280,7 @@ def plot_recall(results: Sequence[RecallResult], path: str | os.PathLike, size: 
     ax.set_title(title or "CLIP image-level recall@k")
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
-    try:
-        with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-    finally:
-        plt.close(fig)
+    save_png(fig, path, dpi)
 
 
 def load_recall_json(path: str | os.PathLike) -> list[RecallResult]:

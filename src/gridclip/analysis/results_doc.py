@@ -210,7 +210,7 @@ def render(run: DemoRun, transfer: dict | None, figures: dict[str, Path], out: P
         f"({TABLE2['GridCLIP-R50']['epochs']} epochs), {TABLE2['GridCLIP-R50']['fps']} FPS (A100) | paper Table 2 |",
         f"| ViLD, paper | {TABLE2['ViLD']['params_m']:.1f} M | {TABLE2['ViLD']['gpu_hours']} GPU-hours "
         f"({TABLE2['ViLD']['epochs']} epochs), {TABLE2['ViLD']['fps']} FPS | paper Table 2 |",
-        f"| GridCLIP-R50, this implementation | "
+        "| GridCLIP-R50, this implementation | "
         + (f"{rn50_params / 1e6:.1f} M ({100 * (rn50_params / PAPER_RN50_PARAMS - 1):+.1f} %)" if rn50_params else "–")
         + " | – | " + _code("gridclip info --config lvis_r50") + "; speed: " + _code("gridclip bench") + " |",
     ]

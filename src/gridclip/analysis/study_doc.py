@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gridclip.analysis.forgetting import KS, plot_forgetting, study_recall
-from gridclip.analysis.paper import TABLE1, TABLE4, TABLE5, paper_difference
+from gridclip.analysis.paper import TABLE4, TABLE5, paper_difference
 from gridclip.study.stats import paired_differences, summarize
 
 # study variant -> how docs/results.md names it (the paper's names where the paper has the row)
