@@ -212,6 +212,12 @@ def test_killed_study_resumes_without_redoing_finished_runs(tmp_path, small_worl
     pair = next(p for p in study["pairs"] if p["metric"] == "APr")
     assert pair["n"] == 3 and pair["mean"] == pytest.approx(0.01) and pair["verdict"] == "a > b"
 
+    report: list = []
+    partial_spec = StudySpec(variants=("GridCLIP", "grid only"), seeds=(0, 1, 2, 3), iters=(5,), world_size="small")
+    so_far = run_study(partial_spec, out, world_dir=small_world, train_fn=_fake_train(report), evaluate_fn=_fake_evaluate,
+                       progress=False, log=None, train_missing=False)
+    assert report == [] and so_far["runs_done"] == 6 and so_far["runs_total"] == 8 and not so_far["complete"]
+
     third: list = []
     again = run_study(spec, out, world_dir=small_world, train_fn=_fake_train(third), evaluate_fn=_fake_evaluate,
                       progress=False, log=None)

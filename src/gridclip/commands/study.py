@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher CLIP dir (default: the shipped shapes-ViT-tiny)")
     p.add_argument("--keep-models", action="store_true", help="keep every run's model.pt")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write OUT/study.json from the runs already finished")
     p.add_argument("--write-demo-spread", metavar="FILE",
                    help="also write the seed spread at the demo's schedule (for gridclip/configs/demo_seed_spread.json)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
@@ -109,7 +111,8 @@ def spec_from_args(a: argparse.Namespace) -> StudySpec:
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     spec = spec_from_args(a)
-    study = run_study(spec, a.out, world_dir=a.world, progress=not a.no_progress, keep_models=a.keep_models)
+    study = run_study(spec, a.out, world_dir=a.world, progress=not a.no_progress, keep_models=a.keep_models,
+                      train_missing=not a.report_only)
     print(format_study(study))
     if a.write_demo_spread:
         atomic_write_json(a.write_demo_spread, seed_spread(study, DEFAULT_ITERS))

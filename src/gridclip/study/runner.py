@@ -71,13 +71,15 @@ def _read_result(path: Path, key: str) -> dict | None:
 
 def run_study(spec: StudySpec, out_dir: str | os.PathLike, *, world_dir: str | os.PathLike | None = None,
               train_fn: TrainFn = train, evaluate_fn: EvaluateFn = evaluate_run, progress: bool = True,
-              keep_models: bool = False, log: Callable[[str], None] | None = print) -> dict:
+              keep_models: bool = False, log: Callable[[str], None] | None = print,
+              train_missing: bool = True) -> dict:
     """Run (or resume) ``spec`` in ``out_dir``; returns the study dict, also written to OUT/study.json.
 
     ``world_dir``: an existing world (default: generate ``spec``'s into OUT/world, cached). Runs live
     in OUT/runs/<key[:16]>/ (config.yaml, result.json; model.pt only with ``keep_models``).
     ``train_fn(cfg, out_dir, progress=False) -> summary with "model"`` and ``evaluate_fn(model_path,
     cfg, base_category_ids) -> metrics`` default to the library's trainer and :func:`evaluate_run`.
+    ``train_missing`` False: only gather the finished runs (the study's report so far; trains nothing).
     """
     from tqdm import tqdm
 
@@ -96,6 +98,8 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike, *, world_dir: str | o
     done = sum(r.iters for r, res in zip(runs, results) if res is not None)
     if log:
         log(f"[study] {len(runs)} runs, {sum(r is not None for r in results)} cached; {out / 'study.json'}")
+    if not train_missing:
+        return _write_study(out, spec, world, runs, results)
     bar = tqdm(total=total, initial=done, desc="study", unit="it", dynamic_ncols=True, disable=not progress)
     try:
         for i, run in enumerate(runs):
