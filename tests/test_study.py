@@ -272,3 +272,14 @@ def test_variant_list_keeps_names_that_hold_a_comma():
     assert _variant_list("grid only,GridCLIP, RN teacher") == ["grid only", "GridCLIP, RN teacher"]
     assert _variant_list("GridCLIP,GridCLIP, RN teacher, 3x3 embed") == ["GridCLIP", "GridCLIP, RN teacher", "3x3 embed"]
     assert _variant_list("GridCLIP, grid only") == ["GridCLIP", "grid only"]
+
+
+def test_a_variant_may_name_another_teacher(tmp_path):
+    spec = StudySpec(variants=("GridCLIP", "long teacher"), pairs=(),
+                     custom_variants={"long teacher": {"teacher": str(tmp_path / "vit")}})
+    cfg = run_config(spec, tmp_path, "long teacher", 0, 10, 38).model
+    assert cfg.teacher_model == str(tmp_path / "vit") and cfg.teacher_pretrained is None and cfg.image_align
+    assert run_config(spec, tmp_path, "GridCLIP", 0, 10, 38).model.teacher_model != cfg.teacher_model
+    bad = StudySpec(variants=("x",), pairs=(), custom_variants={"x": {"teacher": 3}})
+    with pytest.raises(ValueError, match="teacher must be 'student' or a CLIP"):
+        run_config(bad, tmp_path, "x", 0, 10, 38)

@@ -119,10 +119,13 @@ def run_config(spec: StudySpec, world_dir: str | Path, variant: str, seed: int, 
     cfg.data.train_json, cfg.data.train_images = str(world / "det_train.json"), str(world / "det_train" / "images")
     cfg.data.val_json, cfg.data.val_images = str(world / "val.json"), str(world / "val" / "images")
     for key, value in spec.variant_table()[variant].items():
-        if key == "teacher":
-            if value != "student":
-                raise ValueError(f"study variant {variant!r}: teacher must be 'student', got {value!r}")
-            cfg.model.teacher_model, cfg.model.teacher_pretrained = cfg.model.clip_model, cfg.model.clip_pretrained
+        if key == "teacher":  # "student": the student's own CLIP; else a CLIP dir or open_clip name
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"study variant {variant!r}: teacher must be 'student' or a CLIP, got {value!r}")
+            if value == "student":
+                cfg.model.teacher_model, cfg.model.teacher_pretrained = cfg.model.clip_model, cfg.model.clip_pretrained
+            else:
+                cfg.model.teacher_model, cfg.model.teacher_pretrained = builtin_name_of(value) or value, None
         elif not hasattr(cfg.model, key):
             raise ValueError(f"study variant {variant!r}: unknown model setting {key!r}")
         else:
