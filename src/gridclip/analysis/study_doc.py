@@ -144,11 +144,11 @@ def render_study_sections(study_path: str | os.PathLike, finetune_path: str | os
             if t.has(a, iters) and t.has("FCOS w/o align", iters):
                 lines.append("* " + _comparison(t, a, "FCOS w/o align", iters, "APbase", _as_ap(TABLE4)))
     lines += ["", "### Table 5: the effect of image-level alignment on novel categories (open set)", ""]
-    t5 = ["grid only", "GridCLIP", "GridCLIP, RN teacher"]
+    t5 = ["grid only", *_aligned(t)]
     lines += _table(t, t5, ("APr", "APc", "APf", "AP"), TABLE5, "paper AP_r / AP_c / AP_f / AP")
     lines.append("")
     for iters in t.lengths:
-        for a in ("GridCLIP", "GridCLIP, RN teacher"):
+        for a in _aligned(t):
             if t.has(a, iters) and t.has("grid only", iters):
                 for m in ("APr", "AP"):
                     lines.append("* " + _comparison(t, a, "grid only", iters, m, TABLE5 if a == "GridCLIP" else None))
@@ -165,12 +165,18 @@ def render_study_sections(study_path: str | os.PathLike, finetune_path: str | os
     return lines
 
 
+def _aligned(t: StudyTables) -> list[str]:
+    """GridCLIP and its teacher variants ("GridCLIP, ..."), in the order the study lists them."""
+    names = list(dict.fromkeys(v for v, _ in t.by))
+    return [v for v in names if v == "GridCLIP" or v.startswith("GridCLIP, ")]
+
+
 def _as_ap(table: dict) -> dict:
     return {k: {**v, "APbase": v["AP"]} for k, v in table.items()}
 
 
 def _forgetting(t: StudyTables, study_path: Path, figures_dir, rel, start: dict[str, float] | None) -> list[str]:
-    variants = [v for v in ("grid only", "GridCLIP", "GridCLIP, RN teacher") if any(t.has(v, i) for i in t.lengths)]
+    variants = ["grid only", *_aligned(t)]
     recall = study_recall(study_path)
     for (v, iters), runs in t.by.items():
         for m in runs.values():
@@ -200,7 +206,7 @@ def _forgetting(t: StudyTables, study_path: Path, figures_dir, rel, start: dict[
                 if s["n"]:
                     curves.setdefault(NAMES.get(v, v), {}).setdefault(iters, {})[m] = (100 * s["mean"], 100 * (s["std"] or 0))
     lines.append("")
-    for a in ("GridCLIP", "GridCLIP, RN teacher"):
+    for a in _aligned(t):
         for iters in t.lengths:
             if t.has(a, iters) and t.has("grid only", iters):
                 for m in ["APr"] + ([f"R@{ks[len(ks) // 2]}"] if ks else []):
