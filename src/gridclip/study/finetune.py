@@ -34,7 +34,7 @@ from gridclip.data.annotations import load_lvis_json
 from gridclip.data.shapes import load_world, make_world
 from gridclip.engine.evaluate import evaluate_base_trained
 from gridclip.engine.train import train
-from gridclip.study.runner import run_study
+from gridclip.study.runner import read_result, run_study
 from gridclip.study.spec import StudySpec, run_config, run_key
 from gridclip.study.stats import paired_differences, summarize, verdict
 from gridclip.utils.atomic import atomic_write_json
@@ -128,14 +128,6 @@ def _digest(blob: Any) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _read(path: Path, key: str) -> dict | None:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return result if result.get("key") == key else None
-
-
 def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_dir: str | os.PathLike | None = None,
                        train_fn: Callable[..., dict] = train,
                        evaluate_fn: Callable[[str, Any, dict], dict] = evaluate_groups,
@@ -167,7 +159,7 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
         base_cfg = run_config(start_spec, world, spec.start_variant, seed, spec.start_iters, len(base_ids))
         eval_key = _digest({"v": FINETUNE_VERSION, "start": start_key, "groups": {k: sorted(v) for k, v in groups.items()}})
         eval_path = out / "evals" / f"{eval_key[:16]}.json"
-        before = _read(eval_path, eval_key)
+        before = read_result(eval_path, eval_key)
         if before is None:
             with torch_threads(1):
                 before = {"key": eval_key, "metrics": evaluate_fn(str(start_model), base_cfg, groups)}
@@ -182,7 +174,7 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
             key = _digest({"v": FINETUNE_VERSION, "run": run_key(cfg, world), "start": start_key,
                            "custom": [names[i] for i in custom], "groups": {k: sorted(v) for k, v in groups.items()}})
             run_dir = out / "runs" / key[:16]
-            result = _read(run_dir / "result.json", key)
+            result = read_result(run_dir / "result.json", key)
             if result is None:
                 if log:
                     log(f"[finetune] seed {seed}: {arm}, {spec.iters} iterations from {start_model.parent.name}")

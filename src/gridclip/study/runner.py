@@ -59,7 +59,8 @@ def _relative(path: Path, start: Path) -> str:
         return str(path)
 
 
-def _read_result(path: Path, key: str) -> dict | None:
+def read_result(path: Path, key: str) -> dict | None:
+    """A cached result file, if it is whole and holds ``key`` (else None: the work is to be done)."""
     if not path.is_file():
         return None
     try:
@@ -93,7 +94,7 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike, *, world_dir: str | o
     base_ids = list(build_train_dataset(runs[0].config.data).category_ids)
     results: list[dict | None] = []
     for run in runs:
-        results.append(_read_result(out / "runs" / run.key[:16] / "result.json", run.key))
+        results.append(read_result(out / "runs" / run.key[:16] / "result.json", run.key))
     total = sum(r.iters for r in runs)
     done = sum(r.iters for r, res in zip(runs, results) if res is not None)
     if log:
