@@ -163,3 +163,47 @@ def test_shipped_tiny_clip_zero_shot_on_the_default_world(tmp_path):
     assert acc["novel"] >= 0.45 and acc["base"] >= 0.6, acc
     vild = zero_shot_accuracy(ASSETS / "shapes-RN-tiny", world.root, templates=VILD_TEMPLATES)
     assert vild["novel"] >= 0.45, vild  # the detector's vocabulary uses the ViLD prompts
+
+
+@pytest.mark.multiprocess
+def test_torchrun_pretraining_equals_one_process(world, trained, tmp_path):
+    """``torchrun --nproc_per_node 2 gridclip pretrain-clip``: each step optimises the loss of the whole
+    global batch (features gathered with their gradients), so the weights match one process's."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from helpers import subprocess_env
+
+    rn_dir, _ = trained
+    settings = dict(steps=3, batch_size=32, warmup_steps=1, lr=3e-3, text_from=str(rn_dir))
+    single = tmp_path / "single"
+    record = train_clip(world.root, single / "shapes-ViT-tiny", PretrainConfig(model="shapes-ViT-tiny", **settings))
+    assert record["processes"] == 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "gridclip.cli", "pretrain-clip", "--world", str(world.root), "--out", str(tmp_path / "ddp"),
+           "--models", "vit", "--steps", "3", "--batch-size", "32", "--warmup-steps", "1", "--lr", "3e-3",
+           "--teacher-text-from", str(rn_dir)]
+    proc = subprocess.run(cmd, env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads((tmp_path / "ddp" / "pretrain_record.json").read_text())
+    assert len(records) == 1 and records[0]["processes"] == 2 and records[0]["steps_run"] == 3
+    assert proc.stdout.count('"zero_shot_top1"') == 1  # rank 0 evaluates and reports, rank 1 stays quiet
+
+    a = load_file(str(tmp_path / "ddp" / "shapes-ViT-tiny" / "open_clip_model.safetensors"))
+    b = load_file(str(single / "shapes-ViT-tiny" / "open_clip_model.safetensors"))
+    assert a.keys() == b.keys()
+    torch.manual_seed(0)  # train_clip's init: the weights moved, so agreeing is not trivial
+    import open_clip
+
+    start = open_clip.create_model("shapes-ViT-tiny").state_dict()
+    moved = (b["visual.conv1.weight"].float() - start["visual.conv1.weight"]).abs().max()
+    assert moved > 5e-3
+    for name in a:  # fp16 files: equal up to a rounding step of the largest weights
+        torch.testing.assert_close(a[name].float(), b[name].float(), rtol=2e-3, atol=2e-3, msg=name)
+    with pytest.raises(ValueError, match="not divisible by 3 processes"):
+        from gridclip.engine.distributed import DistInfo
+
+        train_clip(world.root, tmp_path / "x", PretrainConfig(model="shapes-ViT-tiny", **settings),
+                   dist_info=DistInfo(rank=0, world_size=3))

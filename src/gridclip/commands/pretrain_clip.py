@@ -1,4 +1,7 @@
-"""``gridclip pretrain-clip --world DIR --out DIR [--steps N | --minutes M] [--seed S]``."""
+"""``gridclip pretrain-clip --world DIR --out DIR [--steps N | --minutes M] [--seed S]``.
+
+Data-parallel on CPU under ``torchrun --nproc_per_node P -m gridclip.cli pretrain-clip ...`` (the same
+recipe; rank 0 writes the models and the record)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +11,7 @@ from typing import Sequence
 
 from gridclip.data.shapes import load_world
 from gridclip.engine.clip_pretrain import MODELS, PretrainConfig, evaluate_all, train_clip
+from gridclip.engine.distributed import cleanup_distributed, init_distributed
 from gridclip.utils.atomic import atomic_write_json
 
 
@@ -26,6 +30,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=100, help="linear warmup before the cosine decay")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared machine)")
     a = p.parse_args(list(argv))
     world = load_world(a.world)  # clear error if the world is missing or incomplete
@@ -36,16 +41,28 @@ def main(argv: Sequence[str]) -> int:
     if a.steps is None and a.minutes is None:
         raise ValueError("pretrain-clip: give --steps N (reproducible) or --minutes M")
     out = Path(a.out)
+    info = init_distributed("cpu")
+    try:
+        records = _train_all(a, keys, world.root, out, info.is_main)
+    finally:
+        cleanup_distributed()
+    if info.is_main:
+        atomic_write_json(out / "pretrain_record.json", records)
+    return 0
+
+
+def _train_all(a: argparse.Namespace, keys: list[str], world_root: Path, out: Path, is_main: bool) -> list[dict]:
     records = []
     for key in keys:
         steps, minutes = (a.steps, a.minutes) if key == "rn" else (
             a.teacher_steps if a.teacher_steps is not None else a.steps,
             a.teacher_minutes if a.teacher_minutes is not None else a.minutes)
         cfg = PretrainConfig(model=MODELS[key], steps=steps, minutes=minutes, batch_size=a.batch_size, lr=a.lr,
+                             warmup_steps=a.warmup_steps,
                              seed=a.seed, threads=a.threads, text_from=a.teacher_text_from if key == "vit" else None)
-        record = train_clip(world.root, out / MODELS[key], cfg)
-        record["zero_shot_top1"] = evaluate_all(out / MODELS[key], world.root)
-        print(json.dumps(record), flush=True)
+        record = train_clip(world_root, out / MODELS[key], cfg)
+        if is_main:
+            record["zero_shot_top1"] = evaluate_all(out / MODELS[key], world_root)
+            print(json.dumps(record), flush=True)
         records.append(record)
-    atomic_write_json(out / "pretrain_record.json", records)
-    return 0
+    return records

@@ -13,6 +13,11 @@ world's val split, for base and novel (rare) categories separately.
 
 ``--steps N`` is the reproducible form (seeded, bit-identical on CPU with the same thread count);
 ``--minutes M`` stops on wall-clock time and is not reproducible (the steps run are recorded).
+
+Under ``torchrun`` the run is data-parallel with the same recipe: every rank draws the same global batch
+(and flips) from the seed and takes its share; ``ClipLoss`` gathers the features of all ranks with their
+gradients, so each step optimises the loss of the whole global batch, as one process would (equal up to
+float rounding; bit-identical between runs with the same number of processes and threads).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from gridclip.clip.loader import get_tokenizer, load_clip, register_model_config
 from gridclip.clip.prompts import VILD_TEMPLATES
 from gridclip.clip.vocabulary import encode_names
 from gridclip.data.shapes import load_world, single_object_images
+from gridclip.engine.distributed import DistInfo, barrier, init_distributed
 
 MODELS = {"rn": "shapes-RN-tiny", "vit": "shapes-ViT-tiny"}
 # Weights pretrained on `gridclip make-world --seed 0` (default size), shipped with the package.
@@ -108,8 +114,9 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train_clip(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: PretrainConfig,
-               log_every: int = 50) -> dict:
-    """Train one model contrastively on the world's captions and save it as a local dir. Returns a record."""
+               log_every: int = 50, dist_info: DistInfo | None = None) -> dict:
+    """Train one model contrastively on the world's captions and save it as a local dir (rank 0 writes).
+    Returns a record. ``dist_info``: the process group (default: joined from the torchrun environment)."""
     if cfg.steps is None and cfg.minutes is None:
         raise ValueError("pretrain: give --steps (reproducible) or --minutes")
     if cfg.steps is not None and cfg.steps < 1:
@@ -117,6 +124,12 @@ def train_clip(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pr
     world_dir = Path(world_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    info = init_distributed("cpu") if dist_info is None else dist_info
+    if cfg.batch_size % info.world_size:
+        raise ValueError(f"pretrain: batch size {cfg.batch_size} is not divisible by {info.world_size} processes")
+    if info.distributed and cfg.steps is None:
+        raise ValueError("pretrain: a run under torchrun needs --steps (a wall-clock budget differs between ranks)")
+    share = cfg.batch_size // info.world_size
     register_model_configs()
     images, tokens = _images_and_texts(world_dir, cfg.model)
     if len(images) < cfg.batch_size:
@@ -127,12 +140,13 @@ def train_clip(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pr
     if cfg.text_from:
         _copy_and_lock_text_tower(model, cfg.text_from)
     model.train()
+    step_model = torch.nn.parallel.DistributedDataParallel(model) if info.distributed else model
     model_cfg = open_clip.get_model_config(cfg.model)
     size = model_cfg["vision_cfg"]["image_size"]
     channels_last = isinstance(model_cfg["vision_cfg"]["layers"], (list, tuple))  # ResNet: 2.6x faster on CPU
     mean, std = torch.tensor(open_clip.OPENAI_DATASET_MEAN), torch.tensor(open_clip.OPENAI_DATASET_STD)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    loss_fn = open_clip.ClipLoss()
+    loss_fn = open_clip.ClipLoss(gather_with_grad=True, rank=info.rank, world_size=info.world_size)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def lr_at(progress: float, step: int) -> float:  # linear warmup, cosine decay over progress 0..1
@@ -150,15 +164,17 @@ def train_clip(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pr
             order, pos = torch.randperm(len(images), generator=gen), 0
         idx = order[pos:pos + cfg.batch_size]
         pos += cfg.batch_size
-        x = images[idx]
         flip = torch.rand(len(idx), generator=gen) < 0.5  # every shape is mirror-symmetric up to rotation
+        mine = slice(info.rank * share, (info.rank + 1) * share)
+        idx, flip = idx[mine], flip[mine]
+        x = images[idx]
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         x = _normalise(x, mean, std, size)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for g in opt.param_groups:
             g["lr"] = lr_at(progress, step)
-        image_features, text_features, logit_scale = model(x, tokens[idx])[:3]
+        image_features, text_features, logit_scale = step_model(x, tokens[idx])[:3]
         loss = loss_fn(image_features, text_features, logit_scale)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretrain {cfg.model}: non-finite loss at step {step}")
@@ -169,15 +185,17 @@ def train_clip(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pr
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
         step += 1
-        if log_every and step % log_every == 0:
+        if info.is_main and log_every and step % log_every == 0:
             rate = step * cfg.batch_size / (time.perf_counter() - t0)
             print(f"[{cfg.model}] step {step} loss {np.mean(losses[-log_every:]):.3f} "
                   f"lr {opt.param_groups[0]['lr']:.2e} {rate:.0f} img/s", flush=True)
     seconds = time.perf_counter() - t0
     record = {"model": cfg.model, "config": asdict(cfg), "steps_run": step, "seconds": round(seconds, 1),
-              "final_loss": float(np.mean(losses[-50:])), "world": str(world_dir),
-              "torch_threads": torch.get_num_threads()}
-    save_local_dir(model, model_cfg, out_dir, size)
+              "final_loss": float(np.mean(losses[-50:])), "world": world_dir.name,
+              "torch_threads": torch.get_num_threads(), "processes": info.world_size}
+    if info.is_main:
+        save_local_dir(model, model_cfg, out_dir, size)
+    barrier(info)
     return record
 
 
