@@ -533,5 +533,5 @@ def test_study_sections_cells_differences_and_verdicts_by_hand(tmp_path):
     assert "grid only − FCOS w/o align, AP (c + f), 400 iterations: paper +1.1; world +2.5 [+1.3, +3.7] (n=3): **reproduced**" in text
     # 3x3: APr differences -10, +7, 0 -> within noise
     assert "GridCLIP − 3x3 embed, AP_r, 400 iterations: not in the paper; world -1.0" in text and "**within noise**" in text
-    assert direction(2.6, [-3.0, -1.0]) == "reversed" and direction(None, [1.0, 2.0]) == "a > b"
+    assert direction(2.6, [-3.0, -1.0]) == "reversed" and direction(None, [1.0, 2.0]) == "higher"
     assert direction(1.0, None).startswith("undecided")

@@ -39,7 +39,7 @@ def direction(paper_delta: float | None, ci: Sequence[float] | None) -> str:
         return "within noise"
     sign = 1 if ci[0] > 0 else -1
     if paper_delta is None or paper_delta == 0:
-        return "a > b" if sign > 0 else "a < b"
+        return "higher" if sign > 0 else "lower"  # the first of the pair, with the CI clear of 0
     return "reproduced" if (paper_delta > 0) == (sign > 0) else "reversed"
 
 
@@ -126,7 +126,7 @@ def render_study_sections(study_path: str | os.PathLike, finetune_path: str | os
         f"{', '.join(map(str, seeds))}, {round(study['seconds_of_runs'] / 60)} min of runs on the 2-core CPU. "
         "Cells: mean ± sample std over seeds (n). Comparisons: paired by seed, mean [95 % Student-t CI]; "
         "**reproduced** / **reversed** when the CI excludes 0 on the paper's / the other side, **within noise** "
-        "when it contains 0. AP in %. The world's categories: "
+        "when it contains 0; comparisons the paper does not make say **higher** / **lower** when the CI excludes 0. AP in %. The world's categories: "
         f"{counts.get('f', 0)} frequent, {counts.get('c', 0)} common, {counts.get('r', 0)} rare (= novel) with val boxes.",
         "",
         "### Table 4: close-set ablations (alignment, MHSA)",
