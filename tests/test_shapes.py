@@ -207,3 +207,73 @@ def test_other_arguments_regenerate_in_place(tmp_path):
     second = make_world(tmp_path / "w", seed=2, size="small")
     assert second.seed == 2 and json.loads((tmp_path / "w" / ".complete").read_text())["seed"] == 2
     assert png.read_bytes() != old
+
+
+def test_composed_design_is_the_world_every_earlier_run_used(world):
+    """The design option must not move a byte of the default design: these are the small world's sha256
+    sums as generated before the option existed (study keys and shipped CLIPs depend on the world)."""
+    import hashlib
+
+    want = {"captions.json": "666ef65f1c8969508a374c8f1a934d14c0cec4a11313fbeb34fd347fe245a3fd", "det_train.json": "4d15fa063115d34b3edf4da70c697252db0f7c900d30fe2a50d44dfe964cb778", "val.json": "8f14bc61f1efd06ab63edd00ef1ffd82baff4cc9b972cff27e7b76300851d086"}
+    got = {name: hashlib.sha256((world.root / name).read_bytes()).hexdigest() for name in want}
+    assert got == want
+    assert json.loads((world.root / ".complete").read_text()) == {"version": shapes.GENERATOR_VERSION, "seed": 0,
+                                                                  "size": "small"}
+    assert world.design == "composed" and shapes.category_names() == [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+@pytest.fixture(scope="module")
+def new_words_world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("nw") / "w", seed=0, size="small", design="new-words")
+
+
+def test_new_words_design_novel_names_carry_words_no_base_name_has(world, new_words_world):
+    from gridclip.data.shape_drawing import NEW_SHAPES
+
+    nw = new_words_world
+    assert nw.design == "new-words" and len(nw.categories) == 48
+    base_words = {w for n in nw.base_names for w in n.split()}
+    for name in nw.novel_names:
+        colour, shape = name.split()
+        assert shape in NEW_SHAPES and shape not in base_words and colour in base_words
+    assert sorted(nw.novel_names) == sorted(shapes.NEW_WORD_NOVEL)
+    # the same base categories with the same long-tail tags as the default design
+    tags = lambda w: {c["name"]: c["frequency"] for c in w.categories if c["frequency"] != "r"}  # noqa: E731
+    assert tags(nw) == tags(world)
+    # open-vocabulary split: no novel box in training, novel names only in captions and val
+    det = json.loads(nw.json_path("det_train").read_text())
+    captions = json.loads(nw.json_path("captions").read_text())
+    val = json.loads(nw.json_path("val").read_text())
+    novel_ids = {c["id"]: c["name"] for c in nw.categories if c["frequency"] == "r"}
+    assert not any(a["category_id"] in novel_ids for a in det["annotations"])
+    assert {a["category_id"] for a in val["annotations"]} >= set(novel_ids)
+    for cid, name in novel_ids.items():
+        assert any(name in c["caption"] for c in captions if cid in c["category_ids"])
+    shape_words = {n.split()[1] for n in novel_ids.values()}
+    assert not any(w in c["def"] for c in nw.categories if c["frequency"] != "r" for w in shape_words)
+    # a different world in the same folder: the cache key holds the design
+    assert json.loads((nw.root / ".complete").read_text())["design"] == "new-words"
+
+
+@pytest.mark.parametrize("shape", ["heart", "crescent", "arrow", "pentagon", "semicircle"])
+def test_new_shapes_draw_as_compact_objects_with_tight_boxes(shape):
+    from gridclip.data.shape_drawing import _shape_mask
+
+    mask = _shape_mask(shape, 40, 0.2)
+    assert 0.2 < mask.mean() < 0.8, mask.mean()  # a solid object, neither a speck nor the full square
+    pixels, boxes = render_image([f"red {shape}"], 64, 30, 40, key=(1, 2, 3))
+    x0, y0, x1, y1 = boxes[0]
+    red = (pixels[..., 0].astype(int) - pixels[..., 1]) > 80
+    ys, xs = np.nonzero(red)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
+
+
+def test_single_object_images_follow_the_design():
+    a, labels = shapes.single_object_images(seed=0, per_category=1, design="new-words")
+    b, _ = shapes.single_object_images(seed=0, per_category=1)
+    assert labels == list(range(1, 49))
+    same = [np.array_equal(a[i], b[i]) for i in range(48)]
+    names_a, names_b = shapes.category_names("new-words"), shapes.category_names()
+    assert same == [x == y for x, y in zip(names_a, names_b)]  # an image changes exactly where the name does
+    with pytest.raises(ValueError, match="world design: expected one of composed, new-words"):
+        shapes.category_names("nouns")

@@ -1,11 +1,12 @@
-"""``gridclip make-world --out DIR [--seed S] [--size small|default]``: generate the embedded shape world."""
+"""``gridclip make-world --out DIR [--seed S] [--size small|default] [--design composed|new-words]``: generate
+the embedded shape world."""
 from __future__ import annotations
 
 import argparse
 import time
 from typing import Sequence
 
-from gridclip.data.shapes import SIZES, make_world
+from gridclip.data.shapes import DESIGNS, SIZES, make_world
 
 
 def main(argv: Sequence[str]) -> int:
@@ -14,13 +15,15 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=sorted(SIZES), default="default")
+    p.add_argument("--design", choices=DESIGNS, default="composed",
+                   help="novel categories: compositions of base words (composed) or shape words no base name has (new-words)")
     p.add_argument("--workers", type=int, default=None, help="drawing processes (output does not depend on it)")
     p.add_argument("--force", action="store_true", help="regenerate even if a complete world exists")
     a = p.parse_args(list(argv))
     t0 = time.perf_counter()
-    world = make_world(a.out, seed=a.seed, size=a.size, workers=a.workers, force=a.force)
+    world = make_world(a.out, seed=a.seed, size=a.size, workers=a.workers, force=a.force, design=a.design)
     freq = {t: sum(c["frequency"] == t for c in world.categories) for t in "fcr"}
-    print(f"world {world.root}: seed {world.seed}, size {world.size}, {len(world.categories)} categories "
+    print(f"world {world.root}: seed {world.seed}, size {world.size}, design {world.design}, {len(world.categories)} categories "
           f"(f {freq['f']} / c {freq['c']} / r {freq['r']} = novel), "
           + ", ".join(f"{s}: {c['images']} images" for s, c in world.counts.items())
           + f" [{time.perf_counter() - t0:.1f} s]")

@@ -21,6 +21,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 135, 25),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon")
+# Shapes only the "new-words" world design draws, as its novel categories (never in clutter or base names)
+NEW_SHAPES: tuple[str, ...] = ("heart", "crescent", "arrow", "pentagon", "semicircle")
 TEXTURES: tuple[str, ...] = ("solid", "striped", "shaded")
 
 
@@ -41,6 +43,18 @@ def _unit_polygon(shape: str) -> list[tuple[float, float]] | None:
     if shape == "cross":
         a, b = 0.17, 0.5
         return [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+    if shape == "pentagon":
+        return [(0.5 * math.sin(i * 2 * math.pi / 5), -0.5 * math.cos(i * 2 * math.pi / 5)) for i in range(5)]
+    if shape == "arrow":  # pointing right: a shaft and a triangular head
+        return [(-0.5, -0.12), (0.05, -0.12), (0.05, -0.34), (0.5, 0.0), (0.05, 0.34), (0.05, 0.12), (-0.5, 0.12)]
+    if shape == "semicircle":  # the flat side down
+        return [(0.5 * math.cos(a), 0.25 - 0.5 * math.sin(a)) for a in np.linspace(0, math.pi, 25)]
+    if shape == "heart":  # the classic parametric heart, scaled into the unit square
+        t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
+        x, y = 16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        scale = 1.0 / max(x.max() - x.min(), y.max() - y.min())
+        cy = (y.max() + y.min()) / 2
+        return [(float(a * scale), float((b - cy) * scale)) for a, b in zip(x, y)]
     return None
 
 
@@ -49,11 +63,15 @@ def _shape_mask(shape: str, side: int, angle: float) -> np.ndarray:
     img = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(img)
     c = (side - 1) / 2
-    if shape in ("circle", "ring"):
+    if shape in ("circle", "ring", "crescent"):
         draw.ellipse([0, 0, side - 1, side - 1], fill=255)
         if shape == "ring":
             inner = 0.28 * side
             draw.ellipse([c - inner, c - inner, c + inner, c + inner], fill=0)
+        if shape == "crescent":  # a disc minus a disc shifted towards the upper right (turned by angle)
+            r, d = 0.42 * side, 0.3 * side
+            ox, oy = c + d * math.cos(angle - math.pi / 4), c + d * math.sin(angle - math.pi / 4)
+            draw.ellipse([ox - r, oy - r, ox + r, oy + r], fill=0)
     else:
         cos, sin = math.cos(angle), math.sin(angle)
         pts = [(c + side * (x * cos - y * sin), c + side * (x * sin + y * cos)) for x, y in _unit_polygon(shape)]

@@ -6,8 +6,11 @@ world that exercises the same code paths as LVIS + CLIP:
 * 48 categories "<colour> <shape>" (6 colours x 8 shapes; chance top-1 is 2.1 %). Every object also
   gets a fill texture (solid / striped / shaded) and a size as nuisance attributes that are not part
   of the category.
-* 10 categories are rare = novel. Each is a new composition of known words: every colour and every
-  shape occurs in at least 4 base categories, so colour does not predict shape.
+* 10 categories are rare = novel. In the default design (``composed``) each is a new composition of
+  known words: every colour and every shape occurs in at least 4 base categories, so colour does not
+  predict shape. The ``new-words`` design keeps the 38 base categories and makes every novel name
+  carry a shape word that no base category has (five new shapes, two colours each): like most LVIS
+  rare nouns, those words are learnt only from captions.
 * Detector-training image counts follow a long tail; LVIS frequency tags f/c/r come from the image
   counts with thresholds scaled to the world's size (see ``Thresholds``).
 * Three splits, LVIS-v1-format JSON + PNGs: ``det_train`` (novel boxes removed, objects still drawn),
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gridclip.data.shape_drawing import COLOURS, SHAPES, render_chunk, render_image
+from gridclip.data.shape_drawing import COLOURS, NEW_SHAPES, SHAPES, render_chunk, render_image
 from gridclip.utils.atomic import atomic_write_json
 
 GENERATOR_VERSION = "shapes-2"
@@ -51,6 +54,11 @@ SHAPE_DEFS: dict[str, str] = {
     "cross": "a plus-shaped cross with four equal arms",
     "diamond": "a rhombus standing on one corner, taller than wide",
     "hexagon": "a filled six-sided polygon",
+    "heart": "a filled heart with two round lobes and a point",
+    "crescent": "a curved sliver of a disc, like a young moon",
+    "arrow": "a straight shaft with a triangular head",
+    "pentagon": "a filled five-sided polygon",
+    "semicircle": "a filled half disc with one straight side",
 }
 # Rare (novel) categories: each colour and each shape at most twice, so every colour keeps >= 6 base
 # shapes and every shape >= 4 base colours (colour and shape stay decorrelated in the base set).
@@ -58,6 +66,12 @@ NOVEL: tuple[str, ...] = (
     "green star", "red star", "blue triangle", "purple triangle", "red hexagon",
     "yellow ring", "purple cross", "orange square", "blue diamond", "yellow circle",
 )
+# The "new-words" design's novel categories: each new shape in two colours, each colour at most twice.
+NEW_WORD_NOVEL: tuple[str, ...] = (
+    "red heart", "purple heart", "green crescent", "yellow crescent", "blue arrow",
+    "orange arrow", "yellow pentagon", "red pentagon", "purple semicircle", "green semicircle",
+)
+DESIGNS: tuple[str, ...] = ("composed", "new-words")
 # Caption templates cover the ViLD detection prompts (clip/prompts.py), so that the tiny CLIP's text
 # encoder has seen every word of the prompts the detector's vocabulary is built from. "{}" is a list
 # of object phrases ("a red star, a small blue ring and a green cross").
@@ -122,6 +136,7 @@ class WorldInfo:
     thresholds: Thresholds
     version: str = GENERATOR_VERSION
     counts: dict = field(default_factory=dict)  # images / annotations per split
+    design: str = "composed"        # which novel categories: ``DESIGNS``
 
     @property
     def names(self) -> list[str]:
@@ -143,19 +158,35 @@ class WorldInfo:
         return self.root / split / "images"
 
 
-def category_names() -> list[str]:
-    """All 48 category names in id order (id = index + 1): colour-major."""
-    return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+def _check_design(design: str) -> None:
+    if design not in DESIGNS:
+        raise ValueError(f"world design: expected one of {', '.join(DESIGNS)}, got {design!r}")
+
+
+def novel_names(design: str = "composed") -> tuple[str, ...]:
+    """The design's 10 rare (novel) category names."""
+    _check_design(design)
+    return NOVEL if design == "composed" else NEW_WORD_NOVEL
+
+
+def category_names(design: str = "composed") -> list[str]:
+    """All 48 category names in id order (id = index + 1), colour-major. ``composed``: every colour x
+    shape; ``new-words``: the 38 base categories of ``composed`` plus :data:`NEW_WORD_NOVEL`."""
+    novel = novel_names(design)
+    if design == "composed":
+        return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+    keep = {f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in NOVEL} | set(novel)
+    return [f"{c} {s}" for c in COLOURS for s in SHAPES + NEW_SHAPES if f"{c} {s}" in keep]
 
 
 # --------------------------------------------------------------------------------------------------
 # Scene planning: which categories go into which image (main process, deterministic)
 # --------------------------------------------------------------------------------------------------
 
-def _det_image_counts(det_scale: float, thr: Thresholds) -> dict[str, int]:
+def _det_image_counts(det_scale: float, thr: Thresholds, design: str = "composed") -> dict[str, int]:
     """Long-tail target image counts per category for det_train (exact: objects are never dropped)."""
-    names = category_names()
-    base = [n for n in names if n not in NOVEL]
+    names, novel = category_names(design), novel_names(design)
+    base = [n for n in names if n not in novel]  # the same 38, in the same order, in every design
     order = np.random.default_rng(12345).permutation(len(base))  # fixed design, independent of seed
     base = [base[i] for i in order]
     frequent, common = base[:24], base[24:]
@@ -167,8 +198,8 @@ def _det_image_counts(det_scale: float, thr: Thresholds) -> dict[str, int]:
     f = np.maximum(np.round(geometric(400 * det_scale, 60 * det_scale, len(frequent))), thr.common_max + 1)
     c = np.clip(np.round(geometric(thr.common_max, 1.4 * thr.rare_max + 1, len(common))),
                 thr.rare_max + 1, thr.common_max)
-    r = np.clip(np.round(geometric(0.8 * thr.rare_max, 0.3 * thr.rare_max, len(NOVEL))), 1, thr.rare_max)
-    for group, values in ((frequent, f), (common, c), (list(NOVEL), r)):
+    r = np.clip(np.round(geometric(0.8 * thr.rare_max, 0.3 * thr.rare_max, len(novel))), 1, thr.rare_max)
+    for group, values in ((frequent, f), (common, c), (list(novel), r)):
         counts.update({name: int(v) for name, v in zip(group, values)})
     return counts
 
@@ -192,14 +223,14 @@ def _deal(counts: dict[str, int], n_range: tuple[int, int], rng: np.random.Gener
     return images
 
 
-def _plan(split: str, size: WorldSize, thr: Thresholds, seed: int) -> list[list[str]]:
+def _plan(split: str, size: WorldSize, thr: Thresholds, seed: int, design: str = "composed") -> list[list[str]]:
     """Category names per image for one split."""
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], 0])
-    names = category_names()
+    names = category_names(design)
     if split == "det_train":
-        images = _deal(_det_image_counts(size.det_scale, thr), (1, 8), rng)
+        images = _deal(_det_image_counts(size.det_scale, thr, design), (1, 8), rng)
         # LVIS has more instances than images: sometimes repeat a frequent/common category in an image.
-        det_counts = _det_image_counts(size.det_scale, thr)
+        det_counts = _det_image_counts(size.det_scale, thr, design)
         for image in images:
             for name in list(image):
                 if len(image) < 8 and det_counts[name] > thr.rare_max and rng.random() < 0.08:
@@ -209,7 +240,7 @@ def _plan(split: str, size: WorldSize, thr: Thresholds, seed: int) -> list[list[
         return _deal({n: size.val_per_category for n in names}, (1, 8), rng)
     # captions: milder long tail (Zipf 0.4 over the det ranking), every category mentioned many times,
     # novel ones included -- as web captions mention rare LVIS words.
-    det_counts = _det_image_counts(1.0, Thresholds.for_scale(1.0))
+    det_counts = _det_image_counts(1.0, Thresholds.for_scale(1.0), design)
     ranked = sorted(names, key=lambda n: (-det_counts[n], n))
     weights = np.array([(r + 1) ** -0.4 for r in range(len(ranked))])
     weights /= weights.sum()
@@ -219,7 +250,7 @@ def _plan(split: str, size: WorldSize, thr: Thresholds, seed: int) -> list[list[
 
 
 def single_object_images(seed: int = 0, per_category: int = 25, size: int = 64,
-                         world_size: str = "default") -> tuple[np.ndarray, list[int]]:
+                         world_size: str = "default", design: str = "composed") -> tuple[np.ndarray, list[int]]:
     """Zero-shot evaluation set: ``per_category`` images of one object each, for every category.
 
     Drawn like the caption images (same backgrounds, clutter, object scale 14-40 px in 64 px) from
@@ -228,7 +259,7 @@ def single_object_images(seed: int = 0, per_category: int = 25, size: int = 64,
     cfg = SIZES[world_size]
     max_obj = min(cfg.max_object, size * 5 // 8)
     images, labels = [], []
-    for cid, name in enumerate(category_names(), start=1):
+    for cid, name in enumerate(category_names(design), start=1):
         for j in range(per_category):
             pixels, _ = render_image([name], size, cfg.min_object, max_obj, key=(seed, _ZERO_SHOT_CODE, cid, j))
             images.append(pixels)
@@ -257,9 +288,9 @@ def _render_split(root: Path, split: str, plan: list[list[str]], hw: int, size: 
     return [(file_name, names, b) for (_, file_name, names), b in zip(items, boxes)]
 
 
-def _lvis_categories(det_counts: dict[str, tuple[int, int]], thr: Thresholds) -> list[dict]:
+def _lvis_categories(det_counts: dict[str, tuple[int, int]], thr: Thresholds, design: str) -> list[dict]:
     cats = []
-    for i, name in enumerate(category_names()):
+    for i, name in enumerate(category_names(design)):
         colour, shape = name.split(" ")
         image_count, instance_count = det_counts.get(name, (0, 0))
         cats.append({
@@ -306,8 +337,9 @@ def _caption(names: list[str], boxes: list[list[int]], rng: np.random.Generator)
     return CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))].format(listed)
 
 
-def _cache_key(seed: int, size: str) -> dict:
-    return {"version": GENERATOR_VERSION, "seed": seed, "size": size}
+def _cache_key(seed: int, size: str, design: str = "composed") -> dict:
+    key = {"version": GENERATOR_VERSION, "seed": seed, "size": size}
+    return key if design == "composed" else {**key, "design": design}  # composed: the key of every earlier world
 
 
 def load_world(root: str | os.PathLike) -> WorldInfo:
@@ -317,11 +349,12 @@ def load_world(root: str | os.PathLike) -> WorldInfo:
         raise FileNotFoundError(f"{root}: not a complete shape world (no .complete marker); run `gridclip make-world --out {root}`")
     meta = json.loads((root / "world.json").read_text())
     return WorldInfo(root=root, seed=meta["seed"], size=meta["size"], categories=meta["categories"],
-                     thresholds=Thresholds(**meta["thresholds"]), version=meta["version"], counts=meta["counts"])
+                     thresholds=Thresholds(**meta["thresholds"]), version=meta["version"], counts=meta["counts"],
+                     design=meta.get("design", "composed"))
 
 
 def make_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "default", workers: int | None = None,
-               force: bool = False) -> WorldInfo:
+               force: bool = False, design: str = "composed") -> WorldInfo:
     """Generate the shape world into ``out_dir`` (cached: a complete world with the same args is reused).
 
     Args:
@@ -330,12 +363,15 @@ def make_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
         size: ``"small"`` (tests, ~1 s) or ``"default"`` (the demo world).
         workers: drawing processes (default: min(2, cpu count)); does not change the output.
         force: regenerate even if a complete world with the same arguments exists.
+        design: ``"composed"`` (novel names compose base words) or ``"new-words"`` (novel names carry
+            shape words no base category has; see the module docstring).
     """
     if size not in SIZES:
         raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")
+    _check_design(design)
     root = Path(out_dir)
     marker = root / ".complete"
-    key = _cache_key(seed, size)
+    key = _cache_key(seed, size, design)
     if not force and marker.is_file() and json.loads(marker.read_text()) == key:
         return load_world(root)
     if root.exists() and any(root.iterdir()) and not (root / "world.json").exists() and not marker.exists():
@@ -349,27 +385,29 @@ def make_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
     cfg = SIZES[size]
     thr = Thresholds.for_scale(cfg.det_scale)
 
-    det_plan = _plan("det_train", cfg, thr, seed)
+    novel = novel_names(design)
+    det_plan = _plan("det_train", cfg, thr, seed, design)
     det_counts: dict[str, tuple[int, int]] = {}
     for names in det_plan:
         for n in set(names):
             im, inst = det_counts.get(n, (0, 0))
             det_counts[n] = (im + 1, inst + names.count(n))
-    categories = _lvis_categories(det_counts, thr)
+    categories = _lvis_categories(det_counts, thr, design)
     rare = {c["name"] for c in categories if c["frequency"] == "r"}
-    if rare != set(NOVEL):  # the plan's counts are exact, so this is a design error, not bad luck
-        raise RuntimeError(f"frequency design broken: rare={sorted(rare)} expected {sorted(NOVEL)}")
+    if rare != set(novel):  # the plan's counts are exact, so this is a design error, not bad luck
+        raise RuntimeError(f"frequency design broken: rare={sorted(rare)} expected {sorted(novel)}")
 
     counts = {}
     for split, keep_novel in (("det_train", False), ("val", True)):
-        plan = det_plan if split == "det_train" else _plan("val", cfg, thr, seed)
+        plan = det_plan if split == "det_train" else _plan("val", cfg, thr, seed, design)
         rendered = _render_split(root, split, plan, cfg.det_image_size, cfg, seed, workers)
         data = _lvis_json(rendered, cfg.det_image_size, categories, keep_novel)
         atomic_write_json(root / f"{split}.json", data, indent=None)
         counts[split] = {"images": len(data["images"]), "annotations": len(data["annotations"])}
 
-    rendered = _render_split(root, "captions", _plan("captions", cfg, thr, seed), cfg.caption_image_size, cfg, seed, workers)
-    ids = {n: i + 1 for i, n in enumerate(category_names())}
+    rendered = _render_split(root, "captions", _plan("captions", cfg, thr, seed, design), cfg.caption_image_size,
+                             cfg, seed, workers)
+    ids = {n: i + 1 for i, n in enumerate(category_names(design))}
     rng = np.random.default_rng([seed, _SPLIT_CODES["captions"], 2])
     captions = [{"file_name": f, "caption": _caption(names, boxes, rng), "category_ids": [ids[n] for n in names]}
                 for f, names, boxes in rendered]
@@ -377,7 +415,7 @@ def make_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
     counts["captions"] = {"images": len(captions), "mentions": sum(len(c["category_ids"]) for c in captions)}
 
     meta = {**key, "thresholds": asdict(thr), "world_size": asdict(cfg), "counts": counts,
-            "novel": sorted(NOVEL), "categories": categories}
+            "novel": sorted(novel), "design": design, "categories": categories}
     atomic_write_json(root / "world.json", meta)
     atomic_write_json(marker, key)
     return load_world(root)

@@ -276,7 +276,7 @@ def zero_shot_accuracy(model_dir: str | os.PathLike, world_dir: str | os.PathLik
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     if source == "single":
-        pixels, cat_ids = single_object_images(seed=world.seed, world_size=world.size)
+        pixels, cat_ids = single_object_images(seed=world.seed, world_size=world.size, design=world.design)
         crops = torch.from_numpy(pixels).permute(0, 3, 1, 2)
     else:
         crops, cat_ids = object_crops(world.root, "val", crop=64)
