@@ -535,3 +535,21 @@ def test_study_sections_cells_differences_and_verdicts_by_hand(tmp_path):
     assert "GridCLIP − 3x3 embed, AP_r, 400 iterations: not in the paper; world -1.0" in text and "**within noise**" in text
     assert direction(2.6, [-3.0, -1.0]) == "reversed" and direction(None, [1.0, 2.0]) == "higher"
     assert direction(1.0, None).startswith("undecided")
+
+
+def test_study_section_cli_replaces_only_its_section(tmp_path):
+    from gridclip.analysis.study_doc import render_study_sections
+
+    study = _made_up_study(tmp_path)
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nkept text\n\n<!-- teacher-b:start -->\nold tables\n<!-- teacher-b:end -->\n\nafter\n")
+    rc = gridclip_main(["analyze", "study-section", "--study", str(study), "--section", "teacher-b",
+                        "--title", "The study with teacher B", "--out", str(doc)])
+    assert rc == 0
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nkept text\n\n<!-- teacher-b:start -->\n## The study with teacher B\n")
+    assert text.endswith("<!-- teacher-b:end -->\n\nafter\n") and "old tables" not in text
+    body = render_study_sections(study, None, None, doc)[1:]  # the same tables as the whole-document writer
+    assert "\n".join(body) in text
+    assert gridclip_main(["analyze", "study-section", "--study", str(tmp_path / "none.json"), "--section", "x",
+                          "--title", "x", "--out", str(doc)]) == 2

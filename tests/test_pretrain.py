@@ -168,7 +168,8 @@ def test_shipped_tiny_clip_zero_shot_on_the_default_world(tmp_path):
 @pytest.mark.multiprocess
 def test_torchrun_pretraining_equals_one_process(world, trained, tmp_path):
     """``torchrun --nproc_per_node 2 gridclip pretrain-clip``: each step optimises the loss of the whole
-    global batch (features gathered with their gradients), so the weights match one process's."""
+    global batch (features gathered with their gradients), so the weights match one process's; a rerun
+    gives the same bytes."""
     import subprocess
     import sys
 
@@ -187,6 +188,11 @@ def test_torchrun_pretraining_equals_one_process(world, trained, tmp_path):
            "--teacher-text-from", str(rn_dir)]
     proc = subprocess.run(cmd, env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = [c if c != str(tmp_path / "ddp") else str(tmp_path / "ddp_again") for c in cmd]
+    rerun = subprocess.run(again, env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    weights = "shapes-ViT-tiny/open_clip_model.safetensors"  # same processes and threads: the same bytes
+    assert (tmp_path / "ddp" / weights).read_bytes() == (tmp_path / "ddp_again" / weights).read_bytes()
     records = json.loads((tmp_path / "ddp" / "pretrain_record.json").read_text())
     assert len(records) == 1 and records[0]["processes"] == 2 and records[0]["steps_run"] == 3
     assert proc.stdout.count('"zero_shot_top1"') == 1  # rank 0 evaluates and reports, rank 1 stays quiet

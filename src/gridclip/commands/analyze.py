@@ -1,4 +1,4 @@
-"""``gridclip analyze <frequency|clip-recall|transfer|results> ...``: the paper's analyses as tools.
+"""``gridclip analyze <frequency|clip-recall|transfer|results|study-section> ...``: the paper's analyses as tools.
 
     gridclip analyze frequency --gt GT.json --results A.json [B.json ...] [--labels A B] [--train TRAIN.json]
                                --out plot.png [--csv table.csv] [--size W H]
@@ -6,6 +6,7 @@
                                  [--out DIR] [--batch-size B] [--max-images N]
     gridclip analyze transfer --checkpoint C --world DIR [--seed S] [--num-images N] [--out DIR]
     gridclip analyze results --demo runs/demo --out docs/results.md [--figures docs/figures] [--no-transfer] [--study S.json] [--finetune F.json]
+    gridclip analyze study-section --study S.json --section NAME --title T [--out docs/results.md] [--clip-recall R.json]
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from typing import Sequence
 from gridclip.analysis.frequency import default_labels, run_frequency, summarize
 from gridclip.analysis.recall import clip_recall, detector_recall, format_recall_table, write_recall_outputs
 from gridclip.analysis.results_doc import write_results_doc
+from gridclip.analysis.study_doc import render_study_sections
 from gridclip.analysis.transfer import TRANSFER_NMS, evaluate_transfer, make_transfer_world
 from gridclip.engine.evaluate import format_table
 from gridclip.utils.atomic import atomic_write_json
+from gridclip.utils.doc_sections import write_section
 
-SUBCOMMANDS = ("frequency", "clip-recall", "transfer", "results")
+SUBCOMMANDS = ("frequency", "clip-recall", "transfer", "results", "study-section")
 
 
 def _size(values: Sequence[int]) -> tuple[int, int]:
@@ -129,6 +132,34 @@ def _results(argv: list[str]) -> int:
     return 0
 
 
+def _study_section(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gridclip analyze study-section",
+                                description="the seeded tables of one study.json as a marked section of a Markdown file "
+                                            "(the rest of the file is left as it is; no demo run needed)")
+    p.add_argument("--study", required=True, help="a `gridclip study` study.json")
+    p.add_argument("--section", required=True, help="section name: the text between <!-- NAME:start/end --> is replaced")
+    p.add_argument("--title", required=True, help="the section's heading")
+    p.add_argument("--out", default="docs/results.md")
+    p.add_argument("--finetune", help="a `gridclip finetune-study` finetune.json")
+    p.add_argument("--clip-recall", help="a recall.json of `gridclip analyze clip-recall` whose first model is the "
+                                         "student CLIP: the forgetting curve's starting row")
+    a = p.parse_args(argv)
+    for flag, path in (("--study", a.study), ("--finetune", a.finetune), ("--clip-recall", a.clip_recall)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    start = None
+    if a.clip_recall:
+        import json
+
+        recall = json.loads(Path(a.clip_recall).read_text())
+        start = recall[0]["recall"] if recall else None
+    lines = render_study_sections(a.study, a.finetune, None, a.out, start)
+    lines[0] = f"## {a.title}"
+    write_section(a.out, a.section, "\n".join(lines))
+    print(f"wrote section {a.section} of {a.out}")
+    return 0
+
+
 def main(argv: Sequence[str]) -> int:
     """``gridclip analyze <subcommand>``."""
     argv = list(argv)
@@ -136,7 +167,8 @@ def main(argv: Sequence[str]) -> int:
         print(__doc__)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    handlers = {"frequency": _frequency, "clip-recall": _clip_recall, "transfer": _transfer, "results": _results}
+    handlers = {"frequency": _frequency, "clip-recall": _clip_recall, "transfer": _transfer, "results": _results,
+                "study-section": _study_section}
     if name not in handlers:
         raise ValueError(f"unknown analysis '{name}' (expected one of: {', '.join(SUBCOMMANDS)})")
     return handlers[name](rest)
