@@ -8,6 +8,7 @@ from pathlib import Path
 from statistics import NormalDist
 
 import pytest
+import torch
 
 from gridclip.study import VARIANTS, StudySpec, aggregate, format_study, run_config, run_study
 from gridclip.study.stats import paired_differences, summarize, t_quantile, verdict
@@ -253,6 +254,30 @@ def test_mini_study_end_to_end(tmp_path, small_world, tiny_clip_names, capsys):
     spec = StudySpec.from_dict(study["spec"])
     again = run_study(spec, out, world_dir=small_world, train_fn=_fake_train([], kill_at=1), progress=False, log=None)
     assert again["runs"] == study["runs"]
+
+
+@pytest.mark.multiprocess
+def test_runs_in_worker_processes_give_the_numbers_of_one_process(tmp_path, small_world):
+    """``--jobs 2``: runs trained side by side in spawned workers (which load the CLIPs from their
+    folders) give exactly the metrics of the same runs one after another."""
+    from gridclip.cli import main
+    from helpers import TINY_CLIP, TINY_VIT, save_clip_dir
+
+    rn, vit = save_clip_dir(tmp_path / "rn", TINY_CLIP, 0), save_clip_dir(tmp_path / "vit", TINY_VIT, 1)
+    argv = ["study", "--world", str(small_world), "--variants", "GridCLIP,grid only", "--seeds", "0",
+            "--iters", "2", "--clip", str(rn), "--teacher", str(vit), "--no-progress", "train.batch_size=2",
+            "train.warmup_iters=1", "model.projector_hidden=32", "--keep-models"]
+    assert main(argv + ["--out", str(tmp_path / "one")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    runs = lambda d: json.loads((tmp_path / d / "study.json").read_text())["runs"]  # noqa: E731
+    metrics = lambda d: {(r["variant"], r["seed"]): r["metrics"] for r in runs(d)}  # noqa: E731
+    assert len(metrics("two")) == 2 and metrics("two") == metrics("one")
+    from gridclip.checkpoint import load_checkpoint
+
+    for r in runs("one"):  # the trained weights themselves, bit for bit
+        a = load_checkpoint(tmp_path / "one" / r["run_dir"] / "model.pt").state_dict()
+        b = load_checkpoint(tmp_path / "two" / r["run_dir"] / "model.pt").state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), r["variant"]
 
 
 def test_shipped_ablation_spec_covers_the_issue():

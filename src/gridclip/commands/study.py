@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", help="CLIP backbone dir (default: the shipped shapes-RN-tiny)")
     p.add_argument("--teacher", help="teacher CLIP dir (default: the shipped shapes-ViT-tiny)")
     p.add_argument("--keep-models", action="store_true", help="keep every run's model.pt")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained side by side, one process and one torch thread each (numbers do not depend on it)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write OUT/study.json from the runs already finished")
@@ -112,7 +114,7 @@ def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     spec = spec_from_args(a)
     study = run_study(spec, a.out, world_dir=a.world, progress=not a.no_progress, keep_models=a.keep_models,
-                      train_missing=not a.report_only)
+                      train_missing=not a.report_only, jobs=a.jobs)
     print(format_study(study))
     if a.write_demo_spread:
         atomic_write_json(a.write_demo_spread, seed_spread(study, DEFAULT_ITERS))

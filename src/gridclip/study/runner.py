@@ -9,9 +9,11 @@ not depend on where it was killed).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,7 +75,7 @@ def read_result(path: Path, key: str) -> dict | None:
 def run_study(spec: StudySpec, out_dir: str | os.PathLike, *, world_dir: str | os.PathLike | None = None,
               train_fn: TrainFn = train, evaluate_fn: EvaluateFn = evaluate_run, progress: bool = True,
               keep_models: bool = False, log: Callable[[str], None] | None = print,
-              train_missing: bool = True) -> dict:
+              train_missing: bool = True, jobs: int = 1) -> dict:
     """Run (or resume) ``spec`` in ``out_dir``; returns the study dict, also written to OUT/study.json.
 
     ``world_dir``: an existing world (default: generate ``spec``'s into OUT/world, cached). Runs live
@@ -81,6 +83,9 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike, *, world_dir: str | o
     ``train_fn(cfg, out_dir, progress=False) -> summary with "model"`` and ``evaluate_fn(model_path,
     cfg, base_category_ids) -> metrics`` default to the library's trainer and :func:`evaluate_run`.
     ``train_missing`` False: only gather the finished runs (the study's report so far; trains nothing).
+    ``jobs``: runs trained side by side in spawned worker processes (``train_fn`` and ``evaluate_fn``
+    must then be importable functions). Every run uses one torch thread, so its numbers do not depend
+    on ``jobs``; study.json is written by this process alone, after each finished run.
     """
     from tqdm import tqdm
 
@@ -101,15 +106,29 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike, *, world_dir: str | o
         log(f"[study] {len(runs)} runs, {sum(r is not None for r in results)} cached; {out / 'study.json'}")
     if not train_missing:
         return _write_study(out, spec, world, runs, results)
+    if jobs < 1:
+        raise ValueError(f"study jobs: expected >= 1, got {jobs}")
+    todo = [i for i, r in enumerate(results) if r is None]
     bar = tqdm(total=total, initial=done, desc="study", unit="it", dynamic_ncols=True, disable=not progress)
     try:
-        for i, run in enumerate(runs):
-            if results[i] is not None:
-                continue
-            bar.set_postfix_str(f"{run.variant} seed {run.seed} x{run.iters}")
-            results[i] = _run_one(run, out, base_ids, train_fn, evaluate_fn, keep_models)
-            bar.update(run.iters)
-            _write_study(out, spec, world, runs, results)
+        if jobs == 1 or len(todo) <= 1:
+            for i in todo:
+                run = runs[i]
+                bar.set_postfix_str(f"{run.variant} seed {run.seed} x{run.iters}")
+                results[i] = _run_one(run, out, base_ids, train_fn, evaluate_fn, keep_models)
+                bar.update(run.iters)
+                _write_study(out, spec, world, runs, results)
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
+                futures = {pool.submit(_run_one, runs[i], out, base_ids, train_fn, evaluate_fn, keep_models): i
+                           for i in todo}
+                for future in as_completed(futures):
+                    i = futures[future]
+                    results[i] = future.result()
+                    bar.set_postfix_str(f"{runs[i].variant} seed {runs[i].seed} x{runs[i].iters} done")
+                    bar.update(runs[i].iters)
+                    _write_study(out, spec, world, runs, results)
     finally:
         bar.close()
     return _write_study(out, spec, world, runs, results)
