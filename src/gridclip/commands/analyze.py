@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -149,8 +150,6 @@ def _study_section(argv: list[str]) -> int:
             raise FileNotFoundError(f"{flag} {path}: no such file")
     start = None
     if a.clip_recall:
-        import json
-
         recall = json.loads(Path(a.clip_recall).read_text())
         start = recall[0]["recall"] if recall else None
     lines = render_study_sections(a.study, a.finetune, None, a.out, start)
