@@ -77,7 +77,9 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator alone, as fork_rng restores: torch.manual_seed would also queue a lazy
+            # CUDA seeding (with a stack trace) per sample on a CUDA build without a GPU
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 
