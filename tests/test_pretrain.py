@@ -213,3 +213,15 @@ def test_torchrun_pretraining_equals_one_process(world, trained, tmp_path):
 
         train_clip(world.root, tmp_path / "x", PretrainConfig(model="shapes-ViT-tiny", **settings),
                    dist_info=DistInfo(rank=0, world_size=3))
+
+
+def test_pretraining_on_a_world_without_captions_adds_them_first(world, trained, tmp_path):
+    """`gridclip demo` generates its world without the caption split; pretraining renders it on demand
+    (the same captions, so the same weights as on the full world)."""
+    lean = make_world(tmp_path / "w", seed=0, size="small", captions=False)
+    assert not (lean.root / "captions.json").exists()
+    out = tmp_path / "m"
+    train_clip(lean.root, out, PretrainConfig(model="shapes-RN-tiny", steps=3, batch_size=32, warmup_steps=2))
+    assert (lean.root / "captions.json").read_bytes() == (world.root / "captions.json").read_bytes()
+    reference, _ = trained
+    assert (out / "open_clip_model.safetensors").read_bytes() == (reference / "open_clip_model.safetensors").read_bytes()

@@ -214,7 +214,8 @@ def test_composed_design_is_the_world_every_earlier_run_used(world):
     sums as generated before the option existed (study keys and shipped CLIPs depend on the world)."""
     import hashlib
 
-    want = {"captions.json": "666ef65f1c8969508a374c8f1a934d14c0cec4a11313fbeb34fd347fe245a3fd", "det_train.json": "4d15fa063115d34b3edf4da70c697252db0f7c900d30fe2a50d44dfe964cb778", "val.json": "8f14bc61f1efd06ab63edd00ef1ffd82baff4cc9b972cff27e7b76300851d086"}
+    want = {"captions.json": "666ef65f1c8969508a374c8f1a934d14c0cec4a11313fbeb34fd347fe245a3fd", "det_train.json": "4d15fa063115d34b3edf4da70c697252db0f7c900d30fe2a50d44dfe964cb778", "val.json": "8f14bc61f1efd06ab63edd00ef1ffd82baff4cc9b972cff27e7b76300851d086",
+            "world.json": "f8af65cb42419433cb9d0cbf7bb492830e8d9bcef4533fbc9656aea43926bc68"}  # world.json: before captions became optional
     got = {name: hashlib.sha256((world.root / name).read_bytes()).hexdigest() for name in want}
     assert got == want
     assert json.loads((world.root / ".complete").read_text()) == {"version": shapes.GENERATOR_VERSION, "seed": 0,
@@ -277,3 +278,16 @@ def test_single_object_images_follow_the_design():
     assert same == [x == y for x, y in zip(names_a, names_b)]  # an image changes exactly where the name does
     with pytest.raises(ValueError, match="world design: expected one of composed, new-words"):
         shapes.category_names("nouns")
+
+
+def test_captions_on_demand_complete_the_same_world(world, tmp_path):
+    """Without captions the detection splits are the full world's; adding them later gives its bytes."""
+    full = _files(world.root)
+    lean = make_world(tmp_path / "w", seed=0, size="small", captions=False)
+    files = _files(lean.root)
+    assert "captions.json" not in files and not any(k.startswith("captions/") for k in files)
+    assert [k for k in files if k != "world.json" and files[k] != full[k]] == []
+    assert set(lean.counts) == {"det_train", "val"}
+    assert make_world(tmp_path / "w", seed=0, size="small", captions=False).counts == lean.counts  # cached
+    completed = make_world(tmp_path / "w", seed=0, size="small")
+    assert _files(completed.root) == full and completed.counts == world.counts

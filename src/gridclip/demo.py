@@ -137,7 +137,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, from_scratch: bool = False
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     print(f"[demo] world ({world_size}) -> {out / 'world'}", flush=True)
-    info = make_world(out / "world", seed=0, size=world_size)
+    # the caption split is only read to pretrain the CLIPs (--from-scratch): most of the generation time
+    info = make_world(out / "world", seed=0, size=world_size, captions=from_scratch)
     world = info.root
     clip_dir, teacher_dir = _clip_dirs(out, world, from_scratch, clip_steps)
     print(f"[demo] CLIP: {clip_dir}\n[demo] teacher: {teacher_dir}", flush=True)

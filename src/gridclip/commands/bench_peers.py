@@ -40,7 +40,7 @@ def main(argv: Sequence[str]) -> int:
         print(text)
         return 0
     torch.set_num_threads(a.threads)
-    world = make_world(out / "world", seed=0, size="default").root
+    world = make_world(out / "world", seed=0, size="default", captions=False).root
     for seed in a.seeds:
         for method in a.methods:
             key = f"{method}/{seed}"

@@ -19,9 +19,12 @@ def main(argv: Sequence[str]) -> int:
                    help="novel categories: compositions of base words (composed) or shape words no base name has (new-words)")
     p.add_argument("--workers", type=int, default=None, help="drawing processes (output does not depend on it)")
     p.add_argument("--force", action="store_true", help="regenerate even if a complete world exists")
+    p.add_argument("--no-captions", action="store_true",
+                   help="skip the caption split (only CLIP pretraining reads it; `pretrain-clip` adds it when needed)")
     a = p.parse_args(list(argv))
     t0 = time.perf_counter()
-    world = make_world(a.out, seed=a.seed, size=a.size, workers=a.workers, force=a.force, design=a.design)
+    world = make_world(a.out, seed=a.seed, size=a.size, workers=a.workers, force=a.force, design=a.design,
+                       captions=not a.no_captions)
     freq = {t: sum(c["frequency"] == t for c in world.categories) for t in "fcr"}
     print(f"world {world.root}: seed {world.seed}, size {world.size}, design {world.design}, {len(world.categories)} categories "
           f"(f {freq['f']} / c {freq['c']} / r {freq['r']} = novel), "

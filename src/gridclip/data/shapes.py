@@ -354,7 +354,7 @@ def load_world(root: str | os.PathLike) -> WorldInfo:
 
 
 def make_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "default", workers: int | None = None,
-               force: bool = False, design: str = "composed") -> WorldInfo:
+               force: bool = False, design: str = "composed", captions: bool = True) -> WorldInfo:
     """Generate the shape world into ``out_dir`` (cached: a complete world with the same args is reused).
 
     Args:
@@ -365,6 +365,10 @@ def make_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
         force: regenerate even if a complete world with the same arguments exists.
         design: ``"composed"`` (novel names compose base words) or ``"new-words"`` (novel names carry
             shape words no base category has; see the module docstring).
+        captions: also render the caption split (20 000 images at the default size: most of the
+            generation time), which only CLIP pretraining reads. Without it the detection splits are
+            complete (same marker, same files); a later call with ``captions=True`` adds the captions,
+            and the world is then byte for byte the one generated in one go.
     """
     if size not in SIZES:
         raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")
@@ -373,7 +377,7 @@ def make_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
     marker = root / ".complete"
     key = _cache_key(seed, size, design)
     if not force and marker.is_file() and json.loads(marker.read_text()) == key:
-        return load_world(root)
+        return ensure_captions(root, workers) if captions else load_world(root)
     if root.exists() and any(root.iterdir()) and not (root / "world.json").exists() and not marker.exists():
         raise ValueError(f"{root}: exists, is not empty and is not a shape world; choose another --out")
     if marker.exists():
@@ -405,6 +409,30 @@ def make_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
         atomic_write_json(root / f"{split}.json", data, indent=None)
         counts[split] = {"images": len(data["images"]), "annotations": len(data["annotations"])}
 
+    (root / "captions.json").unlink(missing_ok=True)  # a stale caption list must not pass for this world's
+    meta = {**key, "thresholds": asdict(thr), "world_size": asdict(cfg), "counts": counts,
+            "novel": sorted(novel), "design": design, "categories": categories}
+    atomic_write_json(root / "world.json", meta)
+    atomic_write_json(marker, key)
+    return ensure_captions(root, workers) if captions else load_world(root)
+
+
+def ensure_captions(root: str | os.PathLike, workers: int | None = None) -> WorldInfo:
+    """A complete world with its caption split (rendered now if it was generated without)."""
+    world = load_world(root)
+    if "captions" not in world.counts:
+        _add_captions(world, workers)
+        world = load_world(root)
+    return world
+
+
+def _add_captions(world: WorldInfo, workers: int | None) -> None:
+    """Render a complete world's caption split and record its counts in world.json (the last step of a
+    full generation, or the completion of one made with ``captions=False``)."""
+    root, seed, design = world.root, world.seed, world.design
+    cfg = SIZES[world.size]
+    thr = Thresholds.for_scale(cfg.det_scale)
+    workers = workers or min(2, os.cpu_count() or 1)
     rendered = _render_split(root, "captions", _plan("captions", cfg, thr, seed, design), cfg.caption_image_size,
                              cfg, seed, workers)
     ids = {n: i + 1 for i, n in enumerate(category_names(design))}
@@ -412,12 +440,8 @@ def make_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "default",
     captions = [{"file_name": f, "caption": _caption(names, boxes, rng), "category_ids": [ids[n] for n in names]}
                 for f, names, boxes in rendered]
     atomic_write_json(root / "captions.json", captions, indent=None)
-    counts["captions"] = {"images": len(captions), "mentions": sum(len(c["category_ids"]) for c in captions)}
-
-    meta = {**key, "thresholds": asdict(thr), "world_size": asdict(cfg), "counts": counts,
-            "novel": sorted(novel), "design": design, "categories": categories}
+    meta = json.loads((root / "world.json").read_text())
+    meta["counts"]["captions"] = {"images": len(captions), "mentions": sum(len(c["category_ids"]) for c in captions)}
     atomic_write_json(root / "world.json", meta)
-    atomic_write_json(marker, key)
-    return load_world(root)
 
 

@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from gridclip.clip.loader import get_tokenizer, load_clip, register_model_configs
 from gridclip.clip.prompts import VILD_TEMPLATES
 from gridclip.clip.vocabulary import encode_names
-from gridclip.data.shapes import load_world, single_object_images
+from gridclip.data.shapes import ensure_captions, load_world, single_object_images
 from gridclip.engine.distributed import DistInfo, barrier, init_distributed
 
 MODELS = {"rn": "shapes-RN-tiny", "vit": "shapes-ViT-tiny"}
@@ -130,6 +130,10 @@ def train_clip(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pr
     if info.distributed and cfg.steps is None:
         raise ValueError("pretrain: a run under torchrun needs --steps (a wall-clock budget differs between ranks)")
     share = cfg.batch_size // info.world_size
+    if (world_dir / ".complete").is_file() and not (world_dir / "captions.json").is_file():
+        if info.is_main:  # a shape world generated without its caption split (e.g. by `gridclip demo`)
+            ensure_captions(world_dir)
+        barrier(info)
     register_model_configs()
     images, tokens = _images_and_texts(world_dir, cfg.model)
     if len(images) < cfg.batch_size:

@@ -136,7 +136,8 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
     the summary, also written to OUT/finetune.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    world = (make_world(out / "world", seed=spec.world_seed, size=spec.world_size) if world_dir is None
+    world = (make_world(out / "world", seed=spec.world_seed, size=spec.world_size, captions=False)
+             if world_dir is None
              else load_world(world_dir)).root
     start = run_study(spec.start_study(), out / "start", world_dir=world, train_fn=train_fn, progress=progress,
                       keep_models=True, log=log)

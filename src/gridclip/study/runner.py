@@ -92,7 +92,7 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike, *, world_dir: str | o
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if world_dir is None:
-        world = make_world(out / "world", seed=spec.world_seed, size=spec.world_size).root
+        world = make_world(out / "world", seed=spec.world_seed, size=spec.world_size, captions=False).root
     else:
         world = load_world(world_dir).root
     runs = plan_runs(spec, world)
