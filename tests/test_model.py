@@ -214,3 +214,45 @@ def test_overfit_two_images(tiny_cfg):
             ious = box_iou(box[None], det["boxes"][same])[0]
             best = det["scores"][same][ious > 0.5]
             assert best.numel() and best.max() > 0.3, (box.tolist(), ious.max().item())
+
+
+def test_image_projector_layers():
+    """The paper's projector (3 linear layers, ReLU between) and its variants; 0 aligns z-bar itself."""
+    from torch import nn
+
+    from gridclip.model import image_projector
+
+    torch.manual_seed(0)
+    paper = image_projector(16, 32, 8)
+    kinds = [type(m) for m in paper]
+    assert kinds == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    assert [(m.in_features, m.out_features) for m in paper if isinstance(m, nn.Linear)] == [(16, 32), (32, 32), (32, 8)]
+    assert [type(m) for m in image_projector(16, 32, 8, layers=1)] == [nn.Linear]
+    identity = image_projector(8, 32, 8, layers=0)
+    x = torch.randn(3, 8)
+    assert isinstance(identity, nn.Identity) and torch.equal(identity(x), x)
+    with pytest.raises(ValueError, match="dimension 16 must equal the teacher's 8"):
+        image_projector(16, 32, 8, layers=0)
+    with pytest.raises(ValueError, match="projector_layers"):
+        image_projector(16, 32, 8, layers=-1)
+
+
+def test_image_alignment_on_z_bar_itself(tiny_cfg):
+    """``projector_layers=0``: the L1 compares z-bar with the teacher directly, and its gradient reaches
+    the attention pool (the diagnostic variant of docs/results.md)."""
+    torch.manual_seed(0)
+    model = GridCLIP(dataclasses.replace(tiny_cfg, projector_layers=0, teacher_model=tiny_cfg.clip_model)).train()
+    model.set_vocabulary(torch.randn(3, model.clip_dim))
+    assert not any(n.startswith("projector.") for n, _ in model.named_parameters())
+    images = [torch.rand(3, 128, 128), torch.rand(3, 128, 160)]
+    targets = _targets(model.clip_dim)
+    losses = model(images, targets)
+    image_list, _ = model.transform(images, [dict(t) for t in targets])
+    _, z_bar = model.backbone(image_list.tensors, image_list.image_sizes)
+    teacher = torch.stack([t["teacher_embedding"] for t in targets])
+    want = torch.nn.functional.l1_loss(torch.nn.functional.normalize(z_bar, dim=-1),
+                                       torch.nn.functional.normalize(teacher, dim=-1))
+    torch.testing.assert_close(losses["loss_image"], tiny_cfg.loss_image * want)
+    pool = model.backbone.grid_pool
+    losses["loss_image"].backward()
+    assert pool.c_proj.weight.grad is not None and pool.c_proj.weight.grad.abs().sum() > 0

@@ -285,10 +285,11 @@ def test_shipped_ablation_spec_covers_the_issue():
 
     spec = StudySpec.from_dict(json.loads((CONFIG_PATH.parent / "study_ablations.json").read_text()))
     # the paper's Table 4 / 5 rows, the embedding-conv check and the teacher check (issue 12)
-    wanted = {"GridCLIP", "grid only", "FCOS w/o align", "w/o MHSA w/o align", "image only", "3x3 embed",
-              "GridCLIP, RN teacher"}
+    wanted = {"GridCLIP", "grid only", "FCOS w/o align", "w/o MHSA w/o align", "image only", "3x3 embed"}
     assert wanted <= set(spec.variants) <= set(VARIANTS) and len(spec.seeds) >= 3 and len(spec.iters) >= 2
     assert ("GridCLIP", "grid only") in spec.pairs
+    lengths = [i for i in spec.iters if "GridCLIP" in spec.runs_at(i)[0] and "grid only" in spec.runs_at(i)[0]]
+    assert len(lengths) >= 2 and all(len(spec.runs_at(i)[1]) >= 3 for i in sorted(spec.iters)[:2])
 
 
 def test_variant_list_keeps_names_that_hold_a_comma():
@@ -308,3 +309,53 @@ def test_a_variant_may_name_another_teacher(tmp_path):
     bad = StudySpec(variants=("x",), pairs=(), custom_variants={"x": {"teacher": 3}})
     with pytest.raises(ValueError, match="teacher must be 'student' or a CLIP"):
         run_config(bad, tmp_path, "x", 0, 10, 38)
+
+
+def test_recorded_results_keep_their_keys(tmp_path, monkeypatch):
+    """Every run recorded in results/study still has the key the runner computes for its config today:
+    a config setting added since (at its default) must not silently orphan recorded results."""
+    from gridclip.config import load_config
+    from gridclip.data import shapes
+    from gridclip.study import run_key
+
+    recorded = sorted((Path(__file__).resolve().parents[1] / "results" / "study" / "runs").glob("*/result.json"))
+    assert len(recorded) >= 16
+    world = tmp_path / "runs" / "world0"  # the keys name the world as the study was given it
+    world.mkdir(parents=True)
+    (world / ".complete").write_text(json.dumps({"version": shapes.GENERATOR_VERSION, "seed": 0, "size": "default"}))
+    monkeypatch.chdir(tmp_path)
+    digests: dict = {}
+    for path in recorded:
+        cfg = load_config(path.parent / "config.yaml")
+        assert run_key(cfg, "runs/world0", digests) == json.loads(path.read_text())["key"], path.parent.name
+
+
+def test_key_neutral_settings_enter_the_key_only_away_from_their_default(tmp_path):
+    from gridclip.study import run_key
+    from gridclip.study.spec import KEY_NEUTRAL_DEFAULTS
+
+    spec = StudySpec(variants=("GridCLIP", "GridCLIP, L1 on z-bar"), pairs=())
+    cfg = run_config(spec, tmp_path, "GridCLIP", 0, 10, 38)
+    assert ("model", "projector_layers") in KEY_NEUTRAL_DEFAULTS and cfg.model.projector_layers == 3
+    diagnostic = run_config(spec, tmp_path, "GridCLIP, L1 on z-bar", 0, 10, 38)
+    assert diagnostic.model.projector_layers == 0 and run_key(diagnostic, tmp_path) != run_key(cfg, tmp_path)
+    cfg.model.projector_layers = 2
+    assert run_key(cfg, tmp_path) != run_key(run_config(spec, tmp_path, "GridCLIP", 0, 10, 38), tmp_path)
+
+
+def test_subsets_restrict_variants_and_seeds_per_schedule_length(tmp_path, small_world):
+    from gridclip.study.runner import plan_runs
+
+    spec = StudySpec(variants=("GridCLIP", "grid only", "FCOS w/o align"), seeds=(0, 1, 2), iters=(10, 40, 80),
+                     subsets={"40": {"variants": ["grid only", "GridCLIP"]}, 80: {"variants": ["GridCLIP"], "seeds": [2, 0]}})
+    plan = [(r.iters, r.seed, r.variant) for r in plan_runs(spec, small_world)]
+    want = [(10, s, v) for s in (0, 1, 2) for v in ("GridCLIP", "grid only", "FCOS w/o align")]
+    want += [(40, s, v) for s in (0, 1, 2) for v in ("GridCLIP", "grid only")]  # the study's order, not the subset's
+    want += [(80, 0, "GridCLIP"), (80, 2, "GridCLIP")]
+    assert plan == want
+    assert StudySpec.from_dict(json.loads(json.dumps(spec.to_dict()))).runs_at(80) == (("GridCLIP",), (0, 2))
+    for bad, message in (({"50": {"seeds": [0]}}, "schedule lengths"), ({"40": {"variants": ["image only"]}}, "variants"),
+                         ({"40": {"seeds": [7]}}, "seeds"), ({"40": {"seed": [0]}}, "'variants' and / or 'seeds'"),
+                         ({"40": {"variants": []}}, "variants")):
+        with pytest.raises(ValueError, match=message):
+            StudySpec(variants=spec.variants, iters=spec.iters, pairs=(), subsets=bad)

@@ -88,6 +88,10 @@ class GridCLIPConfig:
     # CLIPClassificationHead.scoring_vectors). 3: torchvision FCOS's classifier kernel.
     embed_kernel_size: int = 1
     projector_hidden: int = 1024
+    # Image-level alignment projector z-bar -> teacher space: the paper's three linear layers with ReLU
+    # between (Sec. 3.3). 0: no projector, the L1 acts on z-bar itself (a diagnostic; needs a teacher whose
+    # embedding has z-bar's dimension and shares its text space, e.g. the world's LiT teacher).
+    projector_layers: int = 3
     # Image-level alignment teacher (frozen; training only). teacher_dim None: read from its config.
     teacher_model: str = "ViT-B-32-quickgelu"
     teacher_pretrained: str | None = "openai"

@@ -93,6 +93,8 @@ def spec_from_args(a: argparse.Namespace) -> StudySpec:
         values["seeds"] = _ints(a.seeds, "seeds")
     if a.iters:
         values["iters"] = _ints(a.iters, "iters")
+    if a.variants or a.seeds or a.iters:
+        values.pop("subsets", None)  # the flags define a plain grid: every variant x seed x length
     if a.pair is not None:
         values["pairs"] = _pairs(a.pair)
     if a.metrics:

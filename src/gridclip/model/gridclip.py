@@ -118,10 +118,23 @@ class GridCLIPBackbone(nn.Module):
         return f * cells_mask(cells, tuple(f.shape[-2:]), f.device).unsqueeze(1).to(f.dtype)
 
 
-def image_projector(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """z-bar -> teacher space (paper Sec. 3.4): Linear-ReLU-Linear-ReLU-Linear."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
-                         nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+def image_projector(in_dim: int, hidden: int, out_dim: int, layers: int = 3) -> nn.Module:
+    """z-bar -> teacher space (paper Sec. 3.3): ``layers`` linear layers with ReLU between (the paper's
+    three: Linear-ReLU-Linear-ReLU-Linear). ``layers=0``: the identity (the L1 then acts on z-bar itself)."""
+    if layers < 0:
+        raise ValueError(f"model.projector_layers: expected >= 0, got {layers}")
+    if layers == 0:
+        if in_dim != out_dim:
+            raise ValueError(f"model.projector_layers=0 aligns z-bar itself: its dimension {in_dim} must equal the "
+                             f"teacher's {out_dim}")
+        return nn.Identity()
+    dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
+    modules: list[nn.Module] = []
+    for i in range(layers):
+        modules.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < layers - 1:
+            modules.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*modules)
 
 
 class GridCLIP(FCOS):
@@ -164,7 +177,7 @@ class GridCLIP(FCOS):
         self.projector = None
         if cfg.image_align:
             teacher_dim = cfg.teacher_dim or model_config(cfg.teacher_model)["embed_dim"]
-            self.projector = image_projector(backbone.global_dim, cfg.projector_hidden, teacher_dim)
+            self.projector = image_projector(backbone.global_dim, cfg.projector_hidden, teacher_dim, cfg.projector_layers)
         self.cfg = cfg
         self.clip_config = self_clip_config
         self.clip_dim = clip_dim

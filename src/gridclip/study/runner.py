@@ -47,8 +47,9 @@ def plan_runs(spec: StudySpec, world_dir: str | os.PathLike) -> list[RunSpec]:
     digests: dict[str, str] = {}
     runs = []
     for iters in sorted(spec.iters):
-        for seed in spec.seeds:
-            for variant in spec.variants:
+        variants, seeds = spec.runs_at(iters)
+        for seed in seeds:
+            for variant in variants:
                 cfg = run_config(spec, world_dir, variant, seed, iters, len(base_ids))
                 runs.append(RunSpec(variant, seed, iters, cfg, run_key(cfg, world_dir, digests)))
     return runs
