@@ -104,9 +104,13 @@ def test_like_for_like_stage_groups_and_verdict(tmp_path):
             assert all(stages[label] > 0 for label, *_ in (GRIDCLIP_STAGES if part == 0 else FCOS_STAGES))
             parts = [g for label, g in GROUPS.items() if label != "total" and not label.startswith(" ")]
             assert sum(stages[n] for g in parts for n in g[part]) == pytest.approx(stages["total"], rel=1e-6)
-    fake = {"size": "1x1", "K": 1, "rounds": 2, "threads": 2, "samples": {
-        "gridclip": [{"total": 1.1}, {"total": 1.3}], "fcos": [{"total": 1.0}, {"total": 1.0}]}}
-    text = render_stages(fake)
-    assert "median 1.20x, per round 1.10, 1.30: does not hold (not in every round)." in text
+    assert set(result["samples"]) == {"gridclip", "fcos", "fcos stock", "fcos K"}
+    fake = {"size": "1x1", "K": 7, "rounds": 2, "threads": 2, "samples": {
+        "gridclip": [{"total": 1.1}, {"total": 1.3}], "fcos": [{"total": 1.0}, {"total": 1.0}],
+        "fcos stock": [{"total": 1.4}, {"total": 1.6}], "fcos K": [{"total": 2.0}, {"total": 2.6}]}}
+    text = render_stages([fake])
+    assert "| `fcos` | 1.20x | 1.10, 1.30 | <= 1.15x | no |" in text  # one round above the goal: does not hold
+    assert "| `fcos stock` | 0.80x | 0.79, 0.81 | <= 0.85x | yes |" in text
+    assert "| `fcos K=7` | 0.53x | 0.55, 0.50 | - | - |" in text  # no goal: information only
     fake["samples"]["gridclip"][1]["total"] = 1.12
-    assert "holds in every round." in render_stages(fake)
+    assert "| `fcos` | 1.11x | 1.10, 1.12 | <= 1.15x | yes |" in render_stages(fake)

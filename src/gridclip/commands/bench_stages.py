@@ -25,7 +25,8 @@ def _load() -> str:
 
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="gridclip bench-stages", description=__doc__.split("\n")[0])
-    p.add_argument("--size", type=parse_size, default=(800, 1333), help="HxW the networks see (default 800x1333)")
+    p.add_argument("--size", type=parse_size, nargs="+", default=[(800, 1333)],
+                   help="HxW sizes the networks see (default 800x1333)")
     p.add_argument("--classes", type=int, default=1203, help="vocabulary size K (default 1203)")
     p.add_argument("--rounds", type=int, default=5, help="rounds of one call per model (default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -40,8 +41,9 @@ def main(argv: Sequence[str]) -> int:
             raise ValueError("--rounds, --classes and --threads: expected integers >= 1")
         torch.set_num_threads(args.threads)
         start = _load()
-        data = {"result": run_like_for_like(args.size, args.classes, args.rounds), "load": f"{start} at start, {_load()} at end"}
+        results = [run_like_for_like(size, args.classes, args.rounds) for size in args.size]
+        data = {"results": results, "load": f"{start} at start, {_load()} at end"}
         atomic_write_json(args.json, data)
-    write_section(args.doc, "like-for-like", render(data["result"], data["load"]))
+    write_section(args.doc, "like-for-like", render(data.get("results") or data["result"], data["load"]))
     print(f"wrote {args.doc} (like-for-like section)" + ("" if args.report_from else f" and {args.json}"))
     return 0
