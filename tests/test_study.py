@@ -203,6 +203,12 @@ def test_killed_study_resumes_without_redoing_finished_runs(tmp_path, small_worl
     assert len(second) == 4 and not set(second) & set(first[:2])  # finished runs are not trained again
     assert second[0] == first[2]  # the killed run is redone
     assert study["complete"] and study["runs_done"] == 6
+    # every run records what it was computed on; this machine is one environment
+    from gridclip.utils.environment import fingerprint, fingerprint_id
+
+    here = fingerprint_id(fingerprint())
+    assert {r["environment"] for r in study["runs"]} == {here} and set(study["environments"]) == {here}
+    assert study["environments"][here]["packages"]["torch"] == torch.__version__.split("+")[0]
     assert not any((d / "partial.txt").exists() and not (d / "result.json").exists() for d in (out / "runs").iterdir())
     assert not list((out / "runs").rglob("model.pt"))  # models dropped unless keep_models
     from gridclip.study.aggregate import seed_spread

@@ -38,6 +38,7 @@ from gridclip.study.runner import read_result, run_study
 from gridclip.study.spec import StudySpec, run_config, run_key
 from gridclip.study.stats import paired_differences, summarize, verdict
 from gridclip.utils.atomic import atomic_write_json
+from gridclip.utils.environment import fingerprint
 from gridclip.utils.threads import torch_threads
 
 BEFORE = "start model"
@@ -191,7 +192,7 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
                 for path in run_dir.rglob("*.pt"):
                     path.unlink()
                 result = {"key": key, "seed": seed, "arm": arm, "metrics": metrics,
-                          "seconds": round(time.perf_counter() - t0, 1)}
+                          "seconds": round(time.perf_counter() - t0, 1), "environment": fingerprint()}
                 atomic_write_json(run_dir / "result.json", result)
             rows.append({"seed": seed, "arm": arm, "metrics": result["metrics"]})
     summary = summarize_finetune(rows)

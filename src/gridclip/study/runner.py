@@ -26,6 +26,7 @@ from gridclip.engine.train import train
 from gridclip.study.aggregate import aggregate
 from gridclip.study.spec import METRICS, RunSpec, StudySpec, run_config, run_key
 from gridclip.utils.atomic import atomic_write_json
+from gridclip.utils.environment import fingerprint, fingerprint_id
 from gridclip.utils.threads import torch_threads
 
 TrainFn = Callable[..., dict]
@@ -153,7 +154,7 @@ def _run_one(run: RunSpec, out: Path, base_ids: list[int], train_fn: TrainFn, ev
     result = {"key": run.key, "variant": run.variant, "seed": run.seed, "iters": run.iters,
               "metrics": {k: float(v) for k, v in metrics.items()},
               "train_seconds": round(train_seconds, 1), "seconds": round(seconds, 1),
-              "train_images_per_second": summary.get("images_per_second")}
+              "train_images_per_second": summary.get("images_per_second"), "environment": fingerprint()}
     if not keep_models:
         for path in run_dir.rglob("*.pt"):
             path.unlink()
@@ -163,9 +164,11 @@ def _run_one(run: RunSpec, out: Path, base_ids: list[int], train_fn: TrainFn, ev
 
 def _write_study(out: Path, spec: StudySpec, world: Path, runs: list[RunSpec], results: list[dict | None]) -> dict:
     finished = [r for r in results if r is not None]
+    environments = {fingerprint_id(r["environment"]): r["environment"] for r in finished if r.get("environment")}
     rows = [{"variant": r["variant"], "seed": r["seed"], "iters": r["iters"], "key": r["key"],
              "run_dir": _relative(out / "runs" / r["key"][:16], out), "metrics": r["metrics"],
-             "seconds": r["seconds"]} for r in finished]
+             "seconds": r["seconds"],
+             "environment": fingerprint_id(r["environment"]) if r.get("environment") else None} for r in finished]
     study = {
         "version": 1,
         "spec": spec.to_dict(),
@@ -174,6 +177,8 @@ def _write_study(out: Path, spec: StudySpec, world: Path, runs: list[RunSpec], r
         "runs_total": len(runs),
         "runs_done": len(finished),
         "seconds_of_runs": round(sum(r["seconds"] for r in finished), 1),
+        # what each run was computed on (gridclip.utils.environment); None: recorded before fingerprints
+        "environments": environments,
         "runs": rows,
         **aggregate(rows, spec.variants, spec.pairs, spec.metrics),
     }
