@@ -70,3 +70,15 @@ def test_demo_table_shows_the_seed_spread(tmp_path):
     assert "n/a" in next(line for line in table.splitlines() if line.startswith("FCOS"))
     assert "sample std over 3 seeds" in table
     assert "one seed decides nothing" in format_demo_table(metrics)
+
+
+def test_demo_variants_flag(tmp_path, capsys):
+    from gridclip.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d"), "--variants", "GridCLIP,nope"]) == 2
+    assert "--variants: unknown ['nope']" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "d"), "--variants", "GridCLIP", "--ablations"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    metrics = run_demo(tmp_path / "g", iters=2, world_size="small", examples=1, variants=("grid only",))
+    assert list(metrics) == ["grid only"]
+    assert DEMO_VARIANTS == ("GridCLIP", "FCOS w/o align")  # the claim and the closed-set detector it beats

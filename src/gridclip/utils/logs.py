@@ -34,8 +34,9 @@ def process_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Install the command-line handler on the root logger (replacing an earlier one of ours)."""
+def setup_logging(verbose: bool = False, prefix: str = "") -> None:
+    """Install the command-line handler on the root logger (replacing an earlier one of ours);
+    ``prefix`` starts every line (e.g. the variant a ``gridclip demo`` worker trains)."""
     rank, world = process_rank()
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -43,7 +44,7 @@ def setup_logging(verbose: bool = False) -> None:
             root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_HANDLER_NAME)
-    prefix = f"[rank {rank}] " if world > 1 and rank != 0 else ""
+    prefix += f"[rank {rank}] " if world > 1 and rank != 0 else ""
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(name)s: %(message)s", datefmt="%H:%M:%S"))
     handler.addFilter(_Gate(verbose, rank))
     root.addHandler(handler)
