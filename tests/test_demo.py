@@ -82,3 +82,19 @@ def test_demo_variants_flag(tmp_path, capsys):
     metrics = run_demo(tmp_path / "g", iters=2, world_size="small", examples=1, variants=("grid only",))
     assert list(metrics) == ["grid only"]
     assert DEMO_VARIANTS == ("GridCLIP", "FCOS w/o align")  # the claim and the closed-set detector it beats
+
+
+def test_demo_reports_the_studys_image_alignment_comparison(tmp_path):
+    """Without a grid-only run, the demo prints the study's paired GridCLIP - grid only difference."""
+    from gridclip.demo import format_image_alignment, load_study_pairs
+
+    path = tmp_path / "spread.json"
+    pair = {"a": "GridCLIP", "b": "grid only", "n": 3, "verdict": "within noise"}
+    path.write_text(json.dumps({"iters": 400, "variants": {}, "pairs": [
+        {**pair, "metric": "APr", "mean": -0.003, "ci": [-0.047, 0.042]},
+        {**pair, "metric": "AP", "mean": -0.005, "ci": [-0.018, 0.008]},
+        {**pair, "a": "image only", "b": "FCOS w/o align", "metric": "APr", "mean": 0.0, "ci": [0.0, 0.0]}]}))
+    assert load_study_pairs(1600, path) == []
+    line = format_image_alignment(load_study_pairs(400, path))
+    assert "AP_r -0.3 [-4.7, +4.2], AP -0.5 [-1.8, +0.8] (within noise)" in line and "paired over 3 seeds" in line
+    assert format_image_alignment([]) == ""

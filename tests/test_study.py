@@ -97,10 +97,8 @@ def test_variants_are_the_demos_and_configs_match_the_demo(tmp_path):
     theirs = config_to_dict(demo.demo_config(tmp_path, demo.ASSETS / demo.CLIP_NAME, demo.ASSETS / demo.TEACHER_NAME,
                                              tmp_path, 123))
     theirs["train"]["seed"] = 3
-    assert theirs["data"]["num_workers"] == 1 and ours["data"]["num_workers"] == 0  # result-neutral (tests/test_resume.py)
     for d in (ours, theirs):
         d.pop("out_dir")
-        d["data"].pop("num_workers")
     assert ours == theirs
     rn = run_config(spec, tmp_path, "GridCLIP, RN teacher", 0, 10, 38).model
     assert rn.teacher_model == rn.clip_model and rn.image_align

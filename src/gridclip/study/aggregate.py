@@ -57,7 +57,9 @@ def seed_spread(study: dict, iters: int) -> dict:
             out[v["variant"]] = {"n": min(s["n"] for s in ms.values()), "seeds": v["seeds"],
                                  "mean": {m: s["mean"] for m, s in ms.items()},
                                  "std": {m: s["std"] for m, s in ms.items()}}
-    return {"iters": iters, "variants": out}
+    pairs = [{k: p[k] for k in ("a", "b", "metric", "n", "mean", "ci", "verdict")}
+             for p in study.get("pairs", []) if p["iters"] == iters and p["n"] >= 2]
+    return {"iters": iters, "variants": out, "pairs": pairs}
 
 
 def format_study(study: dict, scale: float = 100.0) -> str:
