@@ -553,3 +553,22 @@ def test_study_section_cli_replaces_only_its_section(tmp_path):
     assert "\n".join(body) in text
     assert gridclip_main(["analyze", "study-section", "--study", str(tmp_path / "none.json"), "--section", "x",
                           "--title", "x", "--out", str(doc)]) == 2
+
+
+def test_study_sections_diagnostic_pairs_and_environments(tmp_path):
+    """The L1-on-z-bar diagnostic is compared with GridCLIP too; runs from several machine types are named."""
+    from gridclip.analysis.study_doc import render_study_sections
+
+    path = _made_up_study(tmp_path)
+    study = json.loads(path.read_text())
+    for s, apr in enumerate([0.53, 0.51, 0.55]):  # vs GridCLIP 0.50, 0.47, 0.52: +3, +4, +3
+        study["runs"].append({"variant": "GridCLIP, L1 on z-bar", "seed": s, "iters": 400, "key": f"d-{s}",
+                              "run_dir": f"runs/d-{s}", "metrics": {"AP": 0.5, "APr": apr, "APc": 0.45, "APf": 0.6},
+                              "seconds": 60.0, "environment": "e1"})
+    study["environments"] = {"e1": {"cpu": "Some CPU", "cpu_capability": "AVX2", "caches": {"L2": "512K"}}}
+    path.write_text(json.dumps(study))
+    text = "\n".join(render_study_sections(path, None, None, tmp_path / "results.md"))
+    # +3, +4, +3: mean 3.33, sd 0.577, CI 3.33 +- 4.303 * 0.577 / sqrt(3) = [+1.9, +4.8]
+    assert "* GridCLIP, L1 on z-bar − GridCLIP, AP_r, 400 iterations: +3.3 [+1.9, +4.8] (n=3): **higher**" in text
+    assert "GridCLIP, L1 on z-bar itself (no projector; diagnostic)" in text
+    assert "12 recorded before environments were" in text and "3 on `e1` (Some CPU, AVX2, L2 512K)" in text

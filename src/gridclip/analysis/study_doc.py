@@ -27,7 +27,9 @@ NAMES = {
     "GridCLIP, RN teacher": "GridCLIP, the student's own CLIP as teacher",
     "3x3 embed": "GridCLIP, 3x3 embedding conv",
     "w/o MHSA": "GridCLIP, adapter on C5 instead of the MHSA",
+    "GridCLIP, L1 on z-bar": "GridCLIP, L1 on z-bar itself (no projector; diagnostic)",
 }
+DIAGNOSTIC = "GridCLIP, L1 on z-bar"  # also compared with GridCLIP: does the projector let z-bar drift?
 LABELS = {"AP": "AP", "APr": "AP_r", "APc": "AP_c", "APf": "AP_f", "APbase": "AP (c + f)"}
 
 
@@ -127,7 +129,8 @@ def render_study_sections(study_path: str | os.PathLike, finetune_path: str | os
         "Cells: mean ± sample std over seeds (n). Comparisons: paired by seed, mean [95 % Student-t CI]; "
         "**reproduced** / **reversed** when the CI excludes 0 on the paper's / the other side, **within noise** "
         "when it contains 0; comparisons the paper does not make say **higher** / **lower** when the CI excludes 0. AP in %. The world's categories: "
-        f"{counts.get('f', 0)} frequent, {counts.get('c', 0)} common, {counts.get('r', 0)} rare (= novel) with val boxes.",
+        f"{counts.get('f', 0)} frequent, {counts.get('c', 0)} common, {counts.get('r', 0)} rare (= novel) with val boxes. "
+        + _environments(study),
         "",
         "### Table 4: close-set ablations (alignment, MHSA)",
         "",
@@ -163,6 +166,20 @@ def render_study_sections(study_path: str | os.PathLike, finetune_path: str | os
     if finetune_path is not None and Path(finetune_path).is_file():
         lines += _finetune(json.loads(Path(finetune_path).read_text()), Path(finetune_path))
     return lines
+
+
+def _environments(study: dict) -> str:
+    """Which machine types the runs were computed on (results are bit-reproducible per machine type)."""
+    envs = study.get("environments", {})
+    by_env: dict = {}
+    for r in study["runs"]:
+        by_env[r.get("environment")] = by_env.get(r.get("environment"), 0) + 1
+    if len(by_env) <= 1 and None not in by_env:
+        return "All runs share one environment (docs/study.md, \"Environments\")."
+    parts = [f"{n} on `{e}` ({envs[e]['cpu']}, {envs[e]['cpu_capability']}, L2 {envs[e]['caches'].get('L2', '?')})"
+             if e else f"{n} recorded before environments were (an earlier host)" for e, n in by_env.items()]
+    return ("Runs come from more than one machine type, which changes the last bits of training and so the "
+            "results by about a seed's spread (docs/study.md, \"Environments\"): " + "; ".join(parts) + ".")
 
 
 def _aligned(t: StudyTables) -> list[str]:
@@ -207,13 +224,14 @@ def _forgetting(t: StudyTables, study_path: Path, figures_dir, rel, start: dict[
                     curves.setdefault(NAMES.get(v, v), {}).setdefault(iters, {})[m] = (100 * s["mean"], 100 * (s["std"] or 0))
     lines.append("")
     for a in _aligned(t):
-        for iters in t.lengths:
-            if t.has(a, iters) and t.has("grid only", iters):
-                for m in ["APr"] + ([f"R@{ks[len(ks) // 2]}"] if ks else []):
-                    d = t.diff(a, "grid only", iters, m)
-                    if d["n"]:
-                        lines.append(f"* {a} − grid only, {LABELS.get(m, m)}, {iters} iterations: {_fmt_diff(d)}: "
-                                     f"**{direction(None, d['ci'])}**")
+        for b in ("grid only", "GridCLIP") if a == DIAGNOSTIC else ("grid only",):
+            for iters in t.lengths:
+                if t.has(a, iters) and t.has(b, iters):
+                    for m in ["APr"] + ([f"R@{ks[len(ks) // 2]}"] if ks else []):
+                        d = t.diff(a, b, iters, m)
+                        if d["n"]:
+                            lines.append(f"* {a} − {b}, {LABELS.get(m, m)}, {iters} iterations: {_fmt_diff(d)}: "
+                                         f"**{direction(None, d['ci'])}**")
     if figures_dir is not None and len(t.lengths) > 1 and curves:
         path = Path(figures_dir) / "forgetting_curve.png"
         plot_forgetting(curves, path, metrics, {m: LABELS.get(m, m) + " (%)" for m in metrics},
