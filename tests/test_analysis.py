@@ -571,4 +571,4 @@ def test_study_sections_diagnostic_pairs_and_environments(tmp_path):
     # +3, +4, +3: mean 3.33, sd 0.577, CI 3.33 +- 4.303 * 0.577 / sqrt(3) = [+1.9, +4.8]
     assert "* GridCLIP, L1 on z-bar − GridCLIP, AP_r, 400 iterations: +3.3 [+1.9, +4.8] (n=3): **higher**" in text
     assert "GridCLIP, L1 on z-bar itself (no projector; diagnostic)" in text
-    assert "12 recorded before environments were" in text and "3 on `e1` (Some CPU, AVX2, L2 512K)" in text
+    assert "12 without a recorded environment" in text and "3 on `e1` (Some CPU, AVX2, L2 512K)" in text

@@ -177,7 +177,7 @@ def _environments(study: dict) -> str:
     if len(by_env) <= 1 and None not in by_env:
         return "All runs share one environment (docs/study.md, \"Environments\")."
     parts = [f"{n} on `{e}` ({envs[e]['cpu']}, {envs[e]['cpu_capability']}, L2 {envs[e]['caches'].get('L2', '?')})"
-             if e else f"{n} recorded before environments were (an earlier host)" for e, n in by_env.items()]
+             if e else f"{n} without a recorded environment (run before fingerprints existed)" for e, n in by_env.items()]
     return ("Runs come from more than one machine type, which changes the last bits of training and so the "
             "results by about a seed's spread (docs/study.md, \"Environments\"): " + "; ".join(parts) + ".")
 
