@@ -1,10 +1,11 @@
 """What a recorded number was computed on: the software versions and the CPU whose arithmetic it used.
 
-CPU training here is bit-reproducible on one machine type, but not across machine types: the same
-code, weights, data and seed gave AP 44.50 on the host that recorded ``results/study`` and 44.69 on a
-later one with the same instruction set (docs/results.md), because MKL and oneDNN choose their blocking
-(so the order of float sums) from the processor and its caches. Studies store this fingerprint with
-every run, so a table can say which of its runs share an environment.
+CPU training here is bit-reproducible on one host, but not always across hosts: of six runs of
+``results/study`` recomputed on a later host with the same code, weights, data, seed and instruction
+set, one gave identical bits and five moved (FCOS w/o align AP 44.50 -> 44.69, up to 0.8 AP; docs/study.md).
+The cause is not pinned down (candidates: library kernels whose code path depends on the processor for
+some tensor shapes). Studies store this fingerprint with every run, so a table can say which of its
+runs share an environment.
 """
 from __future__ import annotations
 
