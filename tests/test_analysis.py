@@ -572,3 +572,19 @@ def test_study_sections_diagnostic_pairs_and_environments(tmp_path):
     assert "* GridCLIP, L1 on z-bar − GridCLIP, AP_r, 400 iterations: +3.3 [+1.9, +4.8] (n=3): **higher**" in text
     assert "GridCLIP, L1 on z-bar itself (no projector; diagnostic)" in text
     assert "12 without a recorded environment" in text and "3 on `e1` (Some CPU, AVX2, L2 512K)" in text
+
+
+def test_study_recall_keeps_the_recording_of_a_model_that_is_gone(tmp_path):
+    """results/ commits zbar_recall.json but not model files: a clone still has every run's recall."""
+    from gridclip.analysis.forgetting import KS, study_recall
+
+    path = _made_up_study(tmp_path)
+    study = json.loads(path.read_text())
+    recorded = {"1": 0.1, "3": 0.3, "5": 0.4, "10": 0.6}
+    for i, run in enumerate(study["runs"][:2]):
+        run_dir = tmp_path / run["run_dir"]
+        run_dir.mkdir(parents=True)
+        ks = list(KS) if i == 0 else [1, 2]  # the second was measured at other k's: not this table's
+        (run_dir / "zbar_recall.json").write_text(json.dumps({"key": {"size": 1, "mtime_ns": 2, "ks": ks},
+                                                              "recall": recorded}))
+    assert study_recall(path) == {study["runs"][0]["key"]: recorded}

@@ -24,7 +24,8 @@ def _file_key(path: Path) -> dict:
 
 def study_recall(study_path: str | os.PathLike, ks: Sequence[int] = KS, progress: bool = False) -> dict[str, dict]:
     """``{run key: {k: recall}}`` for the study's runs that kept a grid-aligned model with the MHSA;
-    computed once per model file (OUT/runs/<key>/zbar_recall.json)."""
+    computed once per model file (OUT/runs/<key>/zbar_recall.json). A run whose model file is gone (a
+    clone of ``results/``, where models are not committed) keeps its recorded recall."""
     study_path = Path(study_path)
     study = json.loads(study_path.read_text())
     world = (study_path.parent / study["world"]).resolve()
@@ -32,15 +33,16 @@ def study_recall(study_path: str | os.PathLike, ks: Sequence[int] = KS, progress
     for run in study["runs"]:
         run_dir = study_path.parent / run["run_dir"]
         model = run_dir / "model.pt"
-        if not model.is_file():
-            continue
         cache = run_dir / "zbar_recall.json"
+        saved = json.loads(cache.read_text()) if cache.is_file() else None
+        if not model.is_file():
+            if saved and saved.get("key", {}).get("ks") == list(ks):
+                out[run["key"]] = saved["recall"]  # the recording of a model no longer here
+            continue
         key = {**_file_key(model), "ks": list(ks)}
-        if cache.is_file():
-            saved = json.loads(cache.read_text())
-            if saved.get("key") == key:
-                out[run["key"]] = saved["recall"]
-                continue
+        if saved and saved.get("key") == key:
+            out[run["key"]] = saved["recall"]
+            continue
         try:
             result = detector_recall(world / "val.json", world / "val" / "images", [model], ks, progress=progress)[0]
         except ValueError:  # closed-set or w/o MHSA: no z-bar against text embeddings
