@@ -237,7 +237,7 @@ def test_image_projector_layers():
         image_projector(16, 32, 8, layers=-1)
 
 
-def test_image_alignment_on_z_bar_itself(tiny_cfg):
+def test_image_alignment_on_z_bar_itself(tiny_cfg, tmp_path):
     """``projector_layers=0``: the L1 compares z-bar with the teacher directly, and its gradient reaches
     the attention pool (the diagnostic variant of docs/results.md)."""
     torch.manual_seed(0)
@@ -256,3 +256,10 @@ def test_image_alignment_on_z_bar_itself(tiny_cfg):
     pool = model.backbone.grid_pool
     losses["loss_image"].backward()
     assert pool.c_proj.weight.grad is not None and pool.c_proj.weight.grad.abs().sum() > 0
+    # a checkpoint of it saves and loads without the teacher (its size is recorded)
+    from gridclip.checkpoint import load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path / "m.pt", model)
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert isinstance(loaded.projector, torch.nn.Identity) and loaded.teacher_dim == model.clip_dim
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -83,7 +83,7 @@ def portable_model_config(cfg: dict, teacher_dim: int | None = None) -> dict:
 
 
 def _teacher_dim(model: GridCLIP) -> int | None:
-    return int(model.projector[-1].out_features) if model.projector is not None else None
+    return model.teacher_dim if model.projector is not None else None
 
 
 def _text_tower(model: GridCLIP) -> dict | None:

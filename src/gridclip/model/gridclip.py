@@ -175,9 +175,11 @@ class GridCLIP(FCOS):
         if cfg.freeze_bn:
             freeze_batch_norm_2d(self.backbone.trunk)
         self.projector = None
+        self.teacher_dim: int | None = None  # the teacher embedding's size (image alignment on)
         if cfg.image_align:
-            teacher_dim = cfg.teacher_dim or model_config(cfg.teacher_model)["embed_dim"]
-            self.projector = image_projector(backbone.global_dim, cfg.projector_hidden, teacher_dim, cfg.projector_layers)
+            self.teacher_dim = int(cfg.teacher_dim or model_config(cfg.teacher_model)["embed_dim"])
+            self.projector = image_projector(backbone.global_dim, cfg.projector_hidden, self.teacher_dim,
+                                             cfg.projector_layers)
         self.cfg = cfg
         self.clip_config = self_clip_config
         self.clip_dim = clip_dim
