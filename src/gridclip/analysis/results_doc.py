@@ -247,9 +247,10 @@ def render(run: DemoRun, transfer: dict | None, figures: dict[str, Path], out: P
         "",
         "## The demo's variants (one seed each)",
         "",
-        "What `gridclip demo` trains (seed 0, one run per variant): the quick look. One seed decides nothing",
-        "here (AP_r moves by several points between seeds); the paper's Tables 4 and 5 over seeds, with",
-        "confidence intervals, are in the study section below. The commands train each variant on LVIS.",
+        "What `gridclip demo` trains (seed 0, one run per variant): the quick look. By default that is GridCLIP",
+        "and the closed-set FCOS it is measured against; `--variants` / `--ablations` add the others. One seed",
+        "decides nothing here (AP_r moves by several points between seeds); the paper's Tables 4 and 5 over",
+        "seeds, with confidence intervals, are in the study section below. The commands train each variant on LVIS.",
         "",
         "| variant | AP | AP_r | AP_c | AP_f | train images/s (demo) | reproduce on LVIS |",
         "|---|---|---|---|---|---|---|",
@@ -261,7 +262,7 @@ def render(run: DemoRun, transfer: dict | None, figures: dict[str, Path], out: P
         speed = row.get("train_images_per_second") if row else None
         lines.append(f"| {what} | {cells} | {'–' if not speed else f'{speed:.1f}'} | {_code(cmd)} |")
     lines += ["", "Closed-set variants (no grid alignment) cannot name novel categories: their AP_r is 0 by construction. "
-              "`gridclip demo --ablations` also trains the \"image only\", \"w/o MHSA\" and \"3x3 embed\" variants. "
+              "`gridclip demo --ablations` also trains the \"grid only\", \"image only\", \"w/o MHSA\" and \"3x3 embed\" variants. "
               "The head's embedding conv (not in the paper): a 1x1 conv (the default) is a linear map per location, as "
               "ViLD-style detectors project regions, and lets inference score the vocabulary in 257 instead of 1024 "
               "dimensions (docs/inference.md); a 3x3 conv is torchvision FCOS's classifier kernel."]
