@@ -96,5 +96,5 @@ def test_demo_reports_the_studys_image_alignment_comparison(tmp_path):
         {**pair, "a": "image only", "b": "FCOS w/o align", "metric": "APr", "mean": 0.0, "ci": [0.0, 0.0]}]}))
     assert load_study_pairs(1600, path) == []
     line = format_image_alignment(load_study_pairs(400, path))
-    assert "AP_r -0.3 [-4.7, +4.2], AP -0.5 [-1.8, +0.8] (within noise)" in line and "paired over 3 seeds" in line
+    assert "AP_r -0.3 [-4.7, +4.2], AP -0.5 [-1.8, +0.8]: within noise." in line and "over 3 seeds (paired" in line
     assert format_image_alignment([]) == ""

@@ -223,9 +223,9 @@ def format_image_alignment(pairs: list[dict]) -> str:
     cells = [f"{'AP_r' if m == 'APr' else m} {100 * p['mean']:+.1f} [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}]"
              for m, p in sorted(found.items(), key=lambda kv: kv[0] != "APr") if m in ("APr", "AP")]
     decided = "within noise" if found["APr"]["ci"][0] <= 0 <= found["APr"]["ci"][1] else "outside noise"
-    return (f"image-level alignment (GridCLIP - grid only, paper Table 5: AP_r +2.6) from the study, paired over "
-            f"{found['APr']['n']} seeds, 95 % CI: {', '.join(cells)} ({decided}); train grid only here with "
-            "--variants 'GridCLIP,grid only,FCOS w/o align'.")
+    return (f"image-level alignment, GridCLIP - grid only (paper Table 5: AP_r +2.6), from the study over "
+            f"{found['APr']['n']} seeds (paired, 95 % CI):\n  {', '.join(cells)}: {decided}. Train grid only here "
+            "with --variants 'GridCLIP,grid only,FCOS w/o align'.")
 
 
 def format_demo_table(metrics: dict[str, dict], spread: dict | None = None) -> str:
