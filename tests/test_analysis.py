@@ -588,3 +588,20 @@ def test_study_recall_keeps_the_recording_of_a_model_that_is_gone(tmp_path):
         (run_dir / "zbar_recall.json").write_text(json.dumps({"key": {"size": 1, "mtime_ns": 2, "ks": ks},
                                                               "recall": recorded}))
     assert study_recall(path) == {study["runs"][0]["key"]: recorded}
+
+
+def test_study_sections_leave_out_what_a_study_did_not_run(tmp_path):
+    """A study without the 3x3 variant and without kept models: no empty 3x3 table, no recall row."""
+    from gridclip.analysis.study_doc import render_study_sections
+
+    path = _made_up_study(tmp_path)
+    study = json.loads(path.read_text())
+    study["runs"] = [r for r in study["runs"] if r["variant"] != "3x3 embed"]
+    path.write_text(json.dumps(study))
+    start = {"1": 0.2, "3": 0.4, "5": 0.5, "10": 0.7}
+    text = "\n".join(render_study_sections(path, None, None, tmp_path / "results.md", start))
+    assert "3x3" not in text
+    assert "the CLIP itself (before training)" not in text
+    assert "No run of this study kept its model file" in text
+    full = "\n".join(render_study_sections(_made_up_study(tmp_path / "again"), None, None, tmp_path / "results.md"))
+    assert "### The head's embedding conv: 1x1 (default) vs 3x3" in full

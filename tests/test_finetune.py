@@ -169,3 +169,40 @@ def test_finetune_study_end_to_end_and_resumes(tmp_path, small_world, tiny_clip_
     again = run_finetune_study(spec, out, world_dir=small_world, train_fn=refuse, evaluate_fn=refuse, progress=False,
                                log=None)
     assert again["rows"] == study["rows"]
+
+
+def test_finetune_section_draws_each_arm_per_group(tmp_path):
+    """The results doc's fine-tuning figure: one bar per arm and group at the arm's mean, with its seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from unittest import mock
+
+    from gridclip.analysis.study_doc import _finetune
+
+    with_, without = "with image alignment", "without image alignment"
+    rows = [{"seed": s, "arm": a, "metrics": {"AP": 0.5, "custom": 0.7 + 0.01 * s, "other base": v, "novel": v / 2,
+                                                "other": v}}
+            for s in range(3) for a, v in ((BEFORE, 0.5 + 0.1 * s), (without, 0.1), (with_, 0.2 + 0.03 * s))]
+    ft = {"spec": {"start_variant": "GridCLIP", "start_iters": 400, "seeds": [0, 1, 2], "iters": 400},
+          "custom_categories": ["red circle"], "rows": rows, **summarize_finetune(rows)}
+    import matplotlib.pyplot as plt
+
+    bars = []
+    real_subplots = plt.subplots
+
+    def spy_subplots(*args, **kwargs):
+        fig, ax = real_subplots(*args, **kwargs)
+        real_bar = ax.bar
+        ax.bar = lambda xs, heights, *a, **k: bars.append((k.get("label"), list(heights))) or real_bar(xs, heights, *a, **k)
+        return fig, ax
+
+    with mock.patch.object(plt, "subplots", spy_subplots):
+        lines = _finetune(ft, tmp_path / "finetune.json", tmp_path / "figs", lambda p: str(p))
+    assert (tmp_path / "figs" / "finetune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(line.startswith("![fine-tuning") and line.endswith("finetune.png)") for line in lines)
+    groups = ("custom", "other base", "novel", "other")
+    by_arm = dict(bars)
+    assert list(by_arm) == [BEFORE, without, with_]
+    assert by_arm[BEFORE] == pytest.approx([71.0, 60.0, 30.0, 60.0])  # means over seeds, in %
+    assert by_arm[with_] == pytest.approx([100 * ft["arms"][with_][g]["mean"] for g in groups])

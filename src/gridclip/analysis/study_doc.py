@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from gridclip.analysis.finetune_figure import plot_finetune
 from gridclip.analysis.forgetting import KS, plot_forgetting, study_recall
 from gridclip.analysis.paper import TABLE4, TABLE5, paper_difference
 from gridclip.study.stats import paired_differences, summarize
@@ -155,16 +156,17 @@ def render_study_sections(study_path: str | os.PathLike, finetune_path: str | os
             if t.has(a, iters) and t.has("grid only", iters):
                 for m in ("APr", "AP"):
                     lines.append("* " + _comparison(t, a, "grid only", iters, m, TABLE5 if a == "GridCLIP" else None))
-    lines += ["", "### The head's embedding conv: 1x1 (default) vs 3x3 (not in the paper)", ""]
-    lines += _table(t, ["GridCLIP", "3x3 embed"], ("APr", "APc", "APf", "AP"), None, "paper")
-    lines.append("")
-    for iters in t.lengths:
-        if t.has("3x3 embed", iters) and t.has("GridCLIP", iters):
-            for m in ("APr", "AP"):
-                lines.append("* " + _comparison(t, "GridCLIP", "3x3 embed", iters, m, None))
+    if any(t.has("3x3 embed", iters) for iters in t.lengths):
+        lines += ["", "### The head's embedding conv: 1x1 (default) vs 3x3 (not in the paper)", ""]
+        lines += _table(t, ["GridCLIP", "3x3 embed"], ("APr", "APc", "APf", "AP"), None, "paper")
+        lines.append("")
+        for iters in t.lengths:
+            if t.has("3x3 embed", iters) and t.has("GridCLIP", iters):
+                for m in ("APr", "AP"):
+                    lines.append("* " + _comparison(t, "GridCLIP", "3x3 embed", iters, m, None))
     lines += _forgetting(t, study_path, figures_dir, rel, clip_recall_start)
     if finetune_path is not None and Path(finetune_path).is_file():
-        lines += _finetune(json.loads(Path(finetune_path).read_text()), Path(finetune_path))
+        lines += _finetune(json.loads(Path(finetune_path).read_text()), Path(finetune_path), figures_dir, rel)
     return lines
 
 
@@ -209,7 +211,7 @@ def _forgetting(t: StudyTables, study_path: Path, figures_dir, rel, start: dict[
     metrics = ["APr", "APf"] + [f"R@{k}" for k in ks]
     head = [LABELS.get(m, m) for m in metrics]
     lines += ["| variant | iterations | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(metrics)]
-    if start:
+    if start and ks:
         lines.append("| the CLIP itself (before training) | 0 | – | – | "
                      + " | ".join(f"{100 * start[str(k)]:.1f}" for k in ks if str(k) in start) + " |")
     curves: dict[str, dict[int, dict]] = {}
@@ -223,6 +225,8 @@ def _forgetting(t: StudyTables, study_path: Path, figures_dir, rel, start: dict[
                 if s["n"]:
                     curves.setdefault(NAMES.get(v, v), {}).setdefault(iters, {})[m] = (100 * s["mean"], 100 * (s["std"] or 0))
     lines.append("")
+    if not ks:
+        lines += ["No run of this study kept its model file, so there is no recall to show.", ""]
     for a in _aligned(t):
         for b in ("grid only", "GridCLIP") if a == DIAGNOSTIC else ("grid only",):
             for iters in t.lengths:
@@ -240,7 +244,7 @@ def _forgetting(t: StudyTables, study_path: Path, figures_dir, rel, start: dict[
     return lines
 
 
-def _finetune(ft: dict, path: Path) -> list[str]:
+def _finetune(ft: dict, path: Path, figures_dir, rel) -> list[str]:
     groups = ("custom", "other base", "novel", "other", "AP")
     labels = {"custom": "custom categories", "other base": "other base", "novel": "novel", "other": "all others",
               "AP": "AP (all)"}
@@ -263,4 +267,8 @@ def _finetune(ft: dict, path: Path) -> list[str]:
     for p in ft["pairs"]:
         if p["group"] in ("custom", "other", "novel"):
             lines.append(f"* {p['a']} − {p['b']}, {labels[p['group']]}: {_fmt_diff(p)}: **{direction(None, p['ci'])}**")
+    if figures_dir is not None:
+        figure = Path(figures_dir) / "finetune.png"
+        plot_finetune(ft, figure, groups[:-1], labels)
+        lines += ["", f"![fine-tuning: AP per category group, mean ± std over seeds, dots: seeds]({rel(figure)})"]
     return lines
