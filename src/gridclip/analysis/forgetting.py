@@ -55,7 +55,7 @@ def study_recall(study_path: str | os.PathLike, ks: Sequence[int] = KS, progress
 
 def plot_forgetting(curves: dict[str, dict[int, dict[str, tuple[float, float]]]], path: str | os.PathLike,
                     metrics: Sequence[str], labels: dict[str, str], start: dict[str, float] | None = None,
-                    size: tuple[int, int] = (1000, 360), dpi: int = 100) -> None:
+                    size: tuple[int, int] | None = None, dpi: int = 100) -> None:
     """One panel per metric: mean +- std over seeds against training iterations, one line per variant.
     ``curves[variant][iters][metric] = (mean, std)`` in %; ``start[metric]``: the value before training."""
     import matplotlib
@@ -63,6 +63,8 @@ def plot_forgetting(curves: dict[str, dict[int, dict[str, tuple[float, float]]]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    size = size or (280 * len(metrics), 400)  # one readable panel per metric
+    lengths = sorted({i for by_iters in curves.values() for i in by_iters})
     fig, axes = plt.subplots(1, len(metrics), figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for variant, by_iters in curves.items():
@@ -75,9 +77,15 @@ def plot_forgetting(curves: dict[str, dict[int, dict[str, tuple[float, float]]]]
         if start and metric in start:
             ax.axhline(start[metric], color="grey", linestyle=":", label="CLIP before training")
         ax.set_xscale("log")
+        ax.set_xticks(lengths, [str(i) for i in lengths])
+        ax.minorticks_off()
         ax.set_xlabel("training iterations (batch 16)")
         ax.set_title(labels.get(metric, metric))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize="small")
-    fig.tight_layout()
+    legend = {}  # every line once, whichever panels it is drawn in
+    for ax in axes[0]:
+        legend.update({name: h for h, name in zip(*ax.get_legend_handles_labels()) if name not in legend})
+    names, handles = list(legend), list(legend.values())
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     save_png(fig, path, dpi)
