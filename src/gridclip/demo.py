@@ -199,20 +199,22 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, from_scratch: bool = False
     return metrics
 
 
-def load_seed_spread(iters: int, path: Path = SEED_SPREAD) -> dict:
-    """``{variant: {n, seeds, mean, std}}`` measured at ``iters`` iterations ({} if none was)."""
+def _study_summary(iters: int, path: Path) -> dict:
+    """The study's summary file (``gridclip study --write-demo-spread``) if it was measured at ``iters``."""
     if not path.is_file():
         return {}
     spread = json.loads(path.read_text())
-    return spread.get("variants", {}) if spread.get("iters") == iters else {}
+    return spread if spread.get("iters") == iters else {}
+
+
+def load_seed_spread(iters: int, path: Path = SEED_SPREAD) -> dict:
+    """``{variant: {n, seeds, mean, std}}`` measured at ``iters`` iterations ({} if none was)."""
+    return _study_summary(iters, path).get("variants", {})
 
 
 def load_study_pairs(iters: int, path: Path = SEED_SPREAD) -> list[dict]:
     """The study's paired comparisons at ``iters`` iterations (``{a, b, metric, n, mean, ci, verdict}``)."""
-    if not path.is_file():
-        return []
-    spread = json.loads(path.read_text())
-    return spread.get("pairs", []) if spread.get("iters") == iters else []
+    return _study_summary(iters, path).get("pairs", [])
 
 
 def format_image_alignment(pairs: list[dict]) -> str:
@@ -222,7 +224,7 @@ def format_image_alignment(pairs: list[dict]) -> str:
         return ""
     cells = [f"{'AP_r' if m == 'APr' else m} {100 * p['mean']:+.1f} [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}]"
              for m, p in sorted(found.items(), key=lambda kv: kv[0] != "APr") if m in ("APr", "AP")]
-    decided = "within noise" if found["APr"]["ci"][0] <= 0 <= found["APr"]["ci"][1] else "outside noise"
+    decided = "within noise" if found["APr"]["verdict"] == "within noise" else "outside noise"
     return (f"image-level alignment, GridCLIP - grid only (paper Table 5: AP_r +2.6), from the study over "
             f"{found['APr']['n']} seeds (paired, 95 % CI):\n  {', '.join(cells)}: {decided}. Train grid only here "
             "with --variants 'GridCLIP,grid only,FCOS w/o align'.")

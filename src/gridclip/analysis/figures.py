@@ -6,6 +6,16 @@ import os
 from gridclip.utils.atomic import atomic_open
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_png(fig, path: str | os.PathLike, dpi: int) -> None:
     """Write ``fig`` as a PNG atomically (a crash never leaves half a file), then close it."""
     import matplotlib.pyplot as plt

@@ -5,16 +5,13 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from gridclip.analysis.figures import save_png
+from gridclip.analysis.figures import pyplot, save_png
 
 
 def plot_finetune(ft: dict, path: str | os.PathLike, groups: Sequence[str], labels: dict[str, str],
                   size: tuple[int, int] = (900, 360), dpi: int = 100) -> None:
     """One cluster of bars per category group, one bar per arm (``ft["arms"]`` order); AP in %."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     per_seed: dict[str, dict[str, list[float]]] = {}
     for row in ft.get("rows", []):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gridclip.analysis.recall import detector_recall
-from gridclip.analysis.figures import save_png
+from gridclip.analysis.figures import pyplot, save_png
 from gridclip.utils.atomic import atomic_write_json
 
 KS = (1, 3, 5, 10)
@@ -58,10 +58,7 @@ def plot_forgetting(curves: dict[str, dict[int, dict[str, tuple[float, float]]]]
                     size: tuple[int, int] | None = None, dpi: int = 100) -> None:
     """One panel per metric: mean +- std over seeds against training iterations, one line per variant.
     ``curves[variant][iters][metric] = (mean, std)`` in %; ``start[metric]``: the value before training."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     size = size or (280 * len(metrics), 400)  # one readable panel per metric
     lengths = sorted({i for by_iters in curves.values() for i in by_iters})

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gridclip.engine.evaluate import evaluate
-from gridclip.analysis.figures import save_png
+from gridclip.analysis.figures import pyplot, save_png
 from gridclip.utils.atomic import atomic_open
 
 MOVING_AVERAGE_HALF_WINDOW = 10  # the paper's Fig. 3 averages each category with +-10 neighbours
@@ -132,10 +132,7 @@ def plot_ap_vs_frequency(
     symlog when some count is 0, e.g. novel categories counted from a training file without their
     boxes). Dots: base categories; crosses: novel ("r"); one colour and one moving-average line per run.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if len(labels) != (len(rows[0].ap) if rows else 0):
         raise ValueError(f"labels: expected one per run ({len(rows[0].ap) if rows else 0}), got {len(labels)}")

@@ -28,7 +28,7 @@ from gridclip.checkpoint import load_checkpoint
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.data.datasets import build_dataset
 from gridclip.model.teacher import CLIPTeacher
-from gridclip.analysis.figures import save_png
+from gridclip.analysis.figures import pyplot, save_png
 from gridclip.utils.atomic import atomic_open, atomic_write_json
 
 from gridclip.clip.loader import parse_clip_spec
@@ -259,10 +259,7 @@ def write_recall_outputs(results: Sequence[RecallResult], out_dir: str | os.Path
 def plot_recall(results: Sequence[RecallResult], path: str | os.PathLike, size: tuple[int, int] = (800, 450),
                 dpi: int = 100, title: str | None = None) -> None:
     """Grouped bar chart (paper Fig. 4) as a PNG of ``size`` (width, height) pixels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -173,9 +174,7 @@ def render_study_sections(study_path: str | os.PathLike, finetune_path: str | os
 def _environments(study: dict) -> str:
     """Which machine types the runs were computed on (results are bit-reproducible per machine type)."""
     envs = study.get("environments", {})
-    by_env: dict = {}
-    for r in study["runs"]:
-        by_env[r.get("environment")] = by_env.get(r.get("environment"), 0) + 1
+    by_env = Counter(r.get("environment") for r in study["runs"])
     if len(by_env) <= 1 and None not in by_env:
         return "All runs share one environment (docs/study.md, \"Environments\")."
     parts = [f"{n} on `{e}` ({envs[e]['cpu']}, {envs[e]['cpu_capability']}, L2 {envs[e]['caches'].get('L2', '?')})"
