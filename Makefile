@@ -36,7 +36,7 @@ $(STAMP): $(BASE_STAMP)
 setup: $(STAMP)
 
 demo: $(BASE_STAMP)
-	$(BIN)/gridclip demo
+	$(BIN)/gridclip-lab demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -45,11 +45,11 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(BIN)/gridclip bench
+	$(BIN)/gridclip-lab bench
 
 # one CUDA node, <= 5 min: AMP training steps, fp16 FPS at batch 1 and 8, one NCCL DDP step (exit 3 without a GPU)
 gpu-check: $(STAMP)
-	$(BIN)/gridclip gpu-check
+	$(BIN)/gridclip-lab gpu-check
 
 clean:
 	rm -rf $(VENV) runs

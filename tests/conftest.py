@@ -17,7 +17,7 @@ import torch
 
 from gridclip.checkpoint import save_checkpoint
 from gridclip.config import GridCLIPConfig
-from gridclip.data.shapes import make_world
+from gridclip_lab.world.shapes import make_world
 from gridclip.model import GridCLIP
 from helpers import NAMES, TINY_CLIP, TINY_VIT, tiny_config_dict
 

@@ -1,4 +1,4 @@
-"""gridclip analyze: per-category AP vs lvis.LVISEval, recall@k on cases with a known answer, plots and
+"""gridclip-lab analyze: per-category AP vs lvis.LVISEval, recall@k on cases with a known answer, plots and
 tables, the transfer world and its evaluation, the results document."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from gridclip.analysis.frequency import category_table, moving_average, train_image_counts
-from gridclip.analysis.recall import clamp_ks, parse_model_spec, recall_at_k
-from gridclip.cli import main as gridclip_main
+from gridclip_lab.analysis.frequency import category_table, moving_average, train_image_counts
+from gridclip_lab.analysis.recall import clamp_ks, parse_model_spec, recall_at_k
+from gridclip_lab.cli import main as gridclip_main
 
 FREQS = ["f", "f", "c", "c", "c", "r", "r", "f"]
 
@@ -146,7 +146,7 @@ def test_frequency_cli_plot_and_csv(tmp_path, capsys):
         if r.ap[0] is not None:
             assert float(t["AP_A"]) == pytest.approx(r.ap[0], abs=1e-6)
     # default labels: file stems, or folder/stem when stems repeat
-    from gridclip.analysis.frequency import default_labels
+    from gridclip_lab.analysis.frequency import default_labels
 
     assert default_labels([a, b]) == ["a", "b"]
     assert default_labels(["runs/x/results.json", "runs/y/results.json"]) == ["x/results", "y/results"]
@@ -267,7 +267,7 @@ def test_clip_recall_cli_with_stub_clip(tmp_path, monkeypatch, capsys):
 def test_clip_recall_real_tiny_clip(tmp_path, tiny_clip_names):
     """Real open_clip towers (random tiny RN and ViT): the pipeline runs, recall grows with k and is 1 at k = K,
     and the image embeddings are CLIPTeacher's."""
-    from gridclip.analysis.recall import clip_recall, embed_images, _gt_images
+    from gridclip_lab.analysis.recall import clip_recall, embed_images, _gt_images
     from gridclip.model.teacher import CLIPTeacher
 
     rn, vit = tiny_clip_names
@@ -313,9 +313,9 @@ class OracleDetector(torch.nn.Module):
 
 
 def test_transfer_world_is_a_new_vocabulary_and_cached(tmp_path):
-    from gridclip.analysis.transfer import make_transfer_world
-    from gridclip.data.shape_drawing import SHAPES
-    from gridclip.data.shapes import category_names
+    from gridclip_lab.analysis.transfer import make_transfer_world
+    from gridclip_lab.world.shape_drawing import SHAPES
+    from gridclip_lab.world.shapes import category_names
 
     gt_path = make_transfer_world(tmp_path / "t", seed=3, num_images=30)
     data = json.loads(gt_path.read_text())
@@ -344,8 +344,8 @@ def test_transfer_world_is_a_new_vocabulary_and_cached(tmp_path):
 
 
 def test_evaluate_transfer_swaps_vocabulary_and_nms(tmp_path):
-    from gridclip.analysis.transfer import evaluate_transfer, make_transfer_world
-    from gridclip.data.shape_drawing import SHAPES
+    from gridclip_lab.analysis.transfer import evaluate_transfer, make_transfer_world
+    from gridclip_lab.world.shape_drawing import SHAPES
 
     gt_path = make_transfer_world(tmp_path / "t", seed=0, num_images=6)
     oracle = OracleDetector(gt_path)
@@ -377,7 +377,7 @@ def test_transfer_cli_with_tiny_gridclip(tmp_path, tiny_cfg, capsys):
 # ------------------------------------------------------------------------------------------ results doc
 
 def fake_demo(root: Path, with_clip: bool = False) -> dict:
-    """A demo folder as `gridclip demo` leaves it: metrics.json, world/{world,val}.json, per-variant results."""
+    """A demo folder as `gridclip-lab demo` leaves it: metrics.json, world/{world,val}.json, per-variant results."""
     gt, dets, _ = made_up_pair(seed=4)
     (root / "world").mkdir(parents=True)
     (root / "world" / "val.json").write_text(json.dumps(gt))
@@ -403,9 +403,9 @@ def fake_demo(root: Path, with_clip: bool = False) -> dict:
 def test_results_doc_from_demo_metrics(tmp_path, monkeypatch):
     import re
 
-    from gridclip.analysis import results_doc as results_doc_mod
-    from gridclip.analysis.recall import RecallResult
-    from gridclip.analysis.results_doc import write_results_doc
+    from gridclip_lab.analysis import results_doc as results_doc_mod
+    from gridclip_lab.analysis.recall import RecallResult
+    from gridclip_lab.analysis.results_doc import write_results_doc
 
     metrics = fake_demo(tmp_path / "demo", with_clip=True)
     calls = []
@@ -424,11 +424,11 @@ def test_results_doc_from_demo_metrics(tmp_path, monkeypatch):
         assert f"## Table {n}:" in text
     assert "### Table 4" not in text  # the seeded Tables 4-5 need a study (--study)
     # demo numbers appear as measured (AP in %), missing variants say so, paper rows hold the paper's numbers
-    grid_row = next(line for line in text.splitlines() if line.startswith("| GridCLIP, embedded world, `gridclip demo`"))
+    grid_row = next(line for line in text.splitlines() if line.startswith("| GridCLIP, embedded world, `gridclip-lab demo`"))
     assert "| 41.2 | 13.4 | 40.0 | 50.0 |" in grid_row
     assert "7.2 images/s" in text or "7.3 images/s" in text
     assert re.search(r"image-level alignment only .*\| not run \|", text)
-    from gridclip.analysis.paper import TABLE1, TABLE3
+    from gridclip_lab.analysis.paper import TABLE1, TABLE3
 
     for name, p in TABLE1.items():
         row = next(line for line in text.splitlines() if line.startswith(f"| {name}, paper |"))
@@ -457,7 +457,7 @@ def test_results_doc_from_demo_metrics(tmp_path, monkeypatch):
 
 def test_results_cli_errors(tmp_path, capsys):
     assert gridclip_main(["analyze", "results", "--demo", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.md")]) == 2
-    assert "gridclip demo" in capsys.readouterr().err
+    assert "gridclip-lab demo" in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
     assert gridclip_main(["analyze", "bogus"]) == 2
     assert "frequency" in capsys.readouterr().err
@@ -466,7 +466,7 @@ def test_results_cli_errors(tmp_path, capsys):
 def test_detector_recall_of_an_untrained_model_is_its_clips_recall(tmp_path, tiny_root):
     """z-bar of a GridCLIP that has not trained yet is its CLIP's image embedding: the forgetting curve's
     recall starts exactly where the CLIP's is."""
-    from gridclip.analysis.recall import clip_recall, detector_recall
+    from gridclip_lab.analysis.recall import clip_recall, detector_recall
     from gridclip.checkpoint import save_checkpoint
     from gridclip.model import build_model
     from helpers import tiny_config
@@ -482,7 +482,7 @@ def test_detector_recall_of_an_untrained_model_is_its_clips_recall(tmp_path, tin
     # and the embeddings themselves, not only the ranks
     import open_clip
 
-    from gridclip.analysis.recall import _StudentImageTower, _gt_images, embed_images
+    from gridclip_lab.analysis.recall import _StudentImageTower, _gt_images, embed_images
     from gridclip.checkpoint import load_checkpoint
     from gridclip.model.teacher import CLIPTeacher
 
@@ -519,7 +519,7 @@ def _made_up_study(root: Path) -> Path:
 
 
 def test_study_sections_cells_differences_and_verdicts_by_hand(tmp_path):
-    from gridclip.analysis.study_doc import direction, render_study_sections
+    from gridclip_lab.analysis.study_doc import direction, render_study_sections
 
     text = "\n".join(render_study_sections(_made_up_study(tmp_path), None, None, tmp_path / "results.md"))
     # Table 5 cell: APr 50, 47, 52 -> mean 49.7, sample std 2.5
@@ -538,7 +538,7 @@ def test_study_sections_cells_differences_and_verdicts_by_hand(tmp_path):
 
 
 def test_study_section_cli_replaces_only_its_section(tmp_path):
-    from gridclip.analysis.study_doc import render_study_sections
+    from gridclip_lab.analysis.study_doc import render_study_sections
 
     study = _made_up_study(tmp_path)
     doc = tmp_path / "results.md"
@@ -557,7 +557,7 @@ def test_study_section_cli_replaces_only_its_section(tmp_path):
 
 def test_study_sections_diagnostic_pairs_and_environments(tmp_path):
     """The L1-on-z-bar diagnostic is compared with GridCLIP too; runs from several machine types are named."""
-    from gridclip.analysis.study_doc import render_study_sections
+    from gridclip_lab.analysis.study_doc import render_study_sections
 
     path = _made_up_study(tmp_path)
     study = json.loads(path.read_text())
@@ -576,7 +576,7 @@ def test_study_sections_diagnostic_pairs_and_environments(tmp_path):
 
 def test_study_recall_keeps_the_recording_of_a_model_that_is_gone(tmp_path):
     """results/ commits zbar_recall.json but not model files: a clone still has every run's recall."""
-    from gridclip.analysis.forgetting import KS, study_recall
+    from gridclip_lab.analysis.forgetting import KS, study_recall
 
     path = _made_up_study(tmp_path)
     study = json.loads(path.read_text())
@@ -592,7 +592,7 @@ def test_study_recall_keeps_the_recording_of_a_model_that_is_gone(tmp_path):
 
 def test_study_sections_leave_out_what_a_study_did_not_run(tmp_path):
     """A study without the 3x3 variant and without kept models: no empty 3x3 table, no recall row."""
-    from gridclip.analysis.study_doc import render_study_sections
+    from gridclip_lab.analysis.study_doc import render_study_sections
 
     path = _made_up_study(tmp_path)
     study = json.loads(path.read_text())

@@ -1,7 +1,7 @@
-"""The peers (gridclip.baselines): ViLD's region classifier against a reference computation, ViLD
+"""The peers (gridclip_lab.peers): ViLD's region classifier against a reference computation, ViLD
 overfitting two images, CLIP on cropped regions against open_clip's own zero-shot classifier, the
 region-embedding precompute (cached, refuses another CLIP's cache), and the trainer / checkpoint /
-evaluation path with model.arch switched."""
+evaluation path with model.arch naming a peer (registered by the lab's plugin)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,18 +10,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gridclip.baselines import CLIPOnCrops, RegionCache, ViLD, ViLDRegionClassifier
-from gridclip.config import GridCLIPConfig, PeerConfig
+from gridclip.config import config_from_dict, config_to_dict
+from gridclip_lab.peers import (CLIPCropsConfig, CLIPOnCrops, PeerConfig, PeerModelConfig, RegionCache, ViLD, ViLDConfig,
+                                ViLDRegionClassifier)
 from helpers import tiny_config, two_coloured_rectangle_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _peer_cfg(tiny_clip_names, arch: str, **peers) -> GridCLIPConfig:
+def _peer_cfg(tiny_clip_names, arch: str, **peers) -> PeerModelConfig:
     rn, vit = tiny_clip_names
-    return GridCLIPConfig(arch=arch, clip_model=rn, clip_pretrained=None, teacher_model=vit, teacher_pretrained=None,
-                          fpn_channels=32, min_size=128, max_size=128, detections_per_img=50, score_thresh=0.01,
-                          peers=PeerConfig(anchor_sizes=(16, 32, 64, 128, 256), box_head_dim=64, **peers))
+    return {"vild": ViLDConfig, "clip_crops": CLIPCropsConfig}[arch](clip_model=rn, clip_pretrained=None, teacher_model=vit, teacher_pretrained=None,
+                                                                    fpn_channels=32, min_size=128, max_size=128,
+                                                                    detections_per_img=50, score_thresh=0.01,
+                                                                    peers=PeerConfig(anchor_sizes=(16, 32, 64, 128, 256), box_head_dim=64, **peers))
+
+
+def _with_arch(cfg, arch: str):
+    """``cfg`` with ``model.arch: arch``, read as a YAML file's dict is (the arch selects the config class)."""
+    values = config_to_dict(cfg)
+    values["model"]["arch"] = arch
+    return config_from_dict(values)
 
 
 def _revive_residual_branches(backbone_body):
@@ -99,7 +108,7 @@ def test_vild_overfits_two_images(tiny_clip_names):
 
 def _world_scenes(n: int = 12, hw: int = 128):
     """Scenes of the embedded world (its renderer): images in [0, 1], boxes, category indices."""
-    from gridclip.data.shapes import category_names, render_image
+    from gridclip_lab.world.shapes import category_names, render_image
 
     names = category_names()
     images, boxes, labels = [], [], []
@@ -121,10 +130,10 @@ def test_clip_on_crops_with_ground_truth_boxes_is_clips_zero_shot():
     from torchvision.transforms.functional import to_tensor
 
     from gridclip.clip.prompts import VILD_TEMPLATES
-    from gridclip.engine.clip_pretrain import shipped_model_dir
+    from gridclip_lab.world.clip_pretrain import shipped_model_dir
 
     rn, vit = str(shipped_model_dir("rn")), str(shipped_model_dir("vit"))
-    cfg = GridCLIPConfig(arch="clip_crops", clip_model=rn, clip_pretrained=None, teacher_model=vit,
+    cfg = CLIPCropsConfig(clip_model=rn, clip_pretrained=None, teacher_model=vit,
                          teacher_pretrained=None, fpn_channels=32, peers=PeerConfig(crop_scales=(1.0,), box_head_dim=64))
     model = CLIPOnCrops(cfg).eval()
     names, images, boxes, labels = _world_scenes()
@@ -170,13 +179,12 @@ class _FixedProposer:
 
 
 def test_region_precompute_is_cached_and_refuses_another_clips_cache(tiny_root, tmp_path):
-    from gridclip.baselines.crops import CLIPRegionEncoder
-    from gridclip.baselines.region_cache import RegionTargets, precompute_regions
+    from gridclip_lab.peers.crops import CLIPRegionEncoder
+    from gridclip_lab.peers.region_cache import RegionTargets, precompute_regions
     from gridclip.data.datasets import DetectionDataset, build_train_dataset, load_train_annotations
     from gridclip.data.transforms import eval_transforms
 
-    cfg = tiny_config(tiny_root)
-    cfg.model.arch = "vild"
+    cfg = _with_arch(tiny_config(tiny_root), "vild")
     data = DetectionDataset(load_train_annotations(cfg.data), transforms=eval_transforms())
     encoder, _ = CLIPRegionEncoder.build(cfg.model.teacher_model, None, cfg.model.peers.crop_scales)
     proposer, path = _FixedProposer(), tmp_path / "regions.pt"
@@ -214,16 +222,15 @@ def test_region_precompute_is_cached_and_refuses_another_clips_cache(tiny_root, 
 def test_trainer_checkpoint_and_evaluation_run_the_peers(tiny_root, tmp_path, arch, distill):
     """model.arch switches build_model; the training loop (with region targets for ViLD-image), model.pt
     and run_inference work unchanged."""
-    from gridclip.baselines.crops import CLIPRegionEncoder
-    from gridclip.baselines.region_cache import precompute_regions
+    from gridclip_lab.peers.crops import CLIPRegionEncoder
+    from gridclip_lab.peers.region_cache import precompute_regions
     from gridclip.checkpoint import load_checkpoint
     from gridclip.data.datasets import DetectionDataset, load_train_annotations
     from gridclip.data.transforms import eval_transforms
     from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
     from gridclip.engine.train import train
 
-    cfg = tiny_config(tiny_root, epochs=1, batch_size=4, checkpoint_every=100)
-    cfg.model.arch = arch
+    cfg = _with_arch(tiny_config(tiny_root, epochs=1, batch_size=4, checkpoint_every=100), arch)
     cfg.model.peers.anchor_sizes = (8, 16, 32, 64, 128)
     cfg.model.peers.box_head_dim = 32
     cfg.model.peers.image_distill = distill
@@ -262,13 +269,11 @@ def test_peers_share_the_frozen_clip_trunk_and_its_lr_group(tiny_clip_names):
     """The peers' trunk is CLIP's (frozen BN, the backbone lr group); CLIP on crops' CLIP never trains."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from gridclip.baselines import build_detector
     from gridclip.model import build_model
 
-    vild = build_detector(_peer_cfg(tiny_clip_names, "vild"))
-    crops = build_detector(_peer_cfg(tiny_clip_names, "clip_crops"))
-    with pytest.raises(ValueError, match="gridclip.baselines.build_detector"):
-        build_model(_peer_cfg(tiny_clip_names, "vild"))  # GridCLIP's builder stays GridCLIP's
+    vild = build_model(_peer_cfg(tiny_clip_names, "vild"))  # the product's one builder, through the registry
+    crops = build_model(_peer_cfg(tiny_clip_names, "clip_crops"))
+    assert type(vild) is ViLD and type(crops) is CLIPOnCrops
     for model, trunk in ((vild, vild.backbone.body), (crops, crops.proposer.backbone.body)):
         norms = [m for m in trunk.modules() if "BatchNorm" in type(m).__name__]
         assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from gridclip.bench import report
-from gridclip.bench.cases import ModelSpec, build_gridclip
-from gridclip.commands.bench import main as cli
+from gridclip_lab.bench import report
+from gridclip_lab.bench.cases import ModelSpec, build_gridclip
+from gridclip_lab.commands.bench import main as cli
 
 
 @pytest.fixture(scope="module")

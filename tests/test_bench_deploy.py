@@ -1,4 +1,4 @@
-"""`gridclip bench-deploy`: interleaving, the report, a tiny end-to-end world run (fp32 onnxruntime scores
+"""`gridclip-lab bench-deploy`: interleaving, the report, a tiny end-to-end world run (fp32 onnxruntime scores
 the same AP as PyTorch; the INT8 graph runs through the same post-processing)."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gridclip.bench.deploy import interleaved, render, world_case
-from gridclip.utils.doc_sections import read_sections
-from gridclip.cli import main
+from gridclip_lab.bench.deploy import interleaved, render, world_case
+from gridclip_lab.utils.doc_sections import read_sections
+from gridclip_lab.cli import main
 
 pytest.importorskip("onnxruntime")
 
@@ -40,7 +40,7 @@ def test_usage_errors_are_one_line(tmp_path, capsys):
     assert main(["bench-deploy", "--checkpoint", "x.pt"]) == 2
     assert main(["bench-deploy", "--doc", str(tmp_path / "d.md")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(e.startswith("gridclip bench-deploy: error:") for e in err)
+    assert len(err) == 2 and all(e.startswith("gridclip-lab bench-deploy: error:") for e in err)
 
 
 def _world(root, names, n_images, seed):
@@ -91,8 +91,8 @@ def test_like_for_like_stage_groups_and_verdict(tmp_path):
     every round's ratio (the report from fabricated rounds: one above 1.15 -> does not hold)."""
     from importlib.resources import files
 
-    from gridclip.bench.like_for_like import GROUPS, render as render_stages, run_like_for_like
-    from gridclip.bench.stages import FCOS_STAGES, GRIDCLIP_STAGES
+    from gridclip_lab.bench.like_for_like import GROUPS, render as render_stages, run_like_for_like
+    from gridclip_lab.bench.stages import FCOS_STAGES, GRIDCLIP_STAGES
 
     tiny = str(files("gridclip") / "assets" / "shapes" / "shapes-RN-tiny")
     result = run_like_for_like((64, 96), 7, rounds=2, clip_model=tiny)

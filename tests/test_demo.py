@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from gridclip.demo import DEMO_VARIANTS, format_demo_table, run_demo
+from gridclip_lab.demo import DEMO_VARIANTS, format_demo_table, run_demo
 
 
 def test_mini_demo_writes_all_outputs(tmp_path):
@@ -56,7 +56,7 @@ def test_demo_quality_bars(tmp_path):
 
 
 def test_demo_table_shows_the_seed_spread(tmp_path):
-    from gridclip.demo import load_seed_spread
+    from gridclip_lab.demo import load_seed_spread
 
     metrics = {"GridCLIP": {"AP": 0.577, "APr": 0.516, "APc": 0.582, "APf": 0.598},
                "FCOS w/o align": {"AP": 0.446, "APr": -1.0, "APc": 0.536, "APf": 0.58}}
@@ -73,7 +73,7 @@ def test_demo_table_shows_the_seed_spread(tmp_path):
 
 
 def test_demo_variants_flag(tmp_path, capsys):
-    from gridclip.cli import main
+    from gridclip_lab.cli import main
 
     assert main(["demo", "--out", str(tmp_path / "d"), "--variants", "GridCLIP,nope"]) == 2
     assert "--variants: unknown ['nope']" in capsys.readouterr().err
@@ -86,7 +86,7 @@ def test_demo_variants_flag(tmp_path, capsys):
 
 def test_demo_reports_the_studys_image_alignment_comparison(tmp_path):
     """Without a grid-only run, the demo prints the study's paired GridCLIP - grid only difference."""
-    from gridclip.demo import format_image_alignment, load_study_pairs
+    from gridclip_lab.demo import format_image_alignment, load_study_pairs
 
     path = tmp_path / "spread.json"
     pair = {"a": "GridCLIP", "b": "grid only", "n": 3, "verdict": "within noise"}

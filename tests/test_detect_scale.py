@@ -157,7 +157,7 @@ def test_third_party_info_hidden_unless_verbose(capsys):
 
 
 def test_canvases_shift_boxes_and_list_absent_categories_as_negatives(tmp_path):
-    from gridclip.analysis.tiling import make_canvases
+    from gridclip_lab.analysis.tiling import make_canvases
 
     cats = [{"id": i, "name": f"c{i}", "frequency": "f"} for i in (1, 2, 3)]
     images, anns = [], []

@@ -71,7 +71,7 @@ def test_init_from_reports_other_shapes_and_refuses_a_foreign_model(tiny_root, t
 
 
 # ------------------------------------------------------------------------------- forgetting study
-from gridclip.study.finetune import (ARMS, BEFORE, custom_categories, group_metrics, run_finetune_study,  # noqa: E402
+from gridclip_lab.study.finetune import (ARMS, BEFORE, custom_categories, group_metrics, run_finetune_study,  # noqa: E402
                                      summarize_finetune)
 
 NAMES = {1: "red star", 2: "red ring", 3: "blue star", 4: "blue ring", 5: "red cross", 6: "green star"}
@@ -124,7 +124,7 @@ def test_summarize_finetune_against_hand_computed_differences():
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
-    from gridclip.data.shapes import make_world
+    from gridclip_lab.world.shapes import make_world
 
     return make_world(tmp_path_factory.mktemp("world") / "w", seed=0, size="small").root
 
@@ -161,7 +161,7 @@ def test_finetune_study_end_to_end_and_resumes(tmp_path, small_world, tiny_clip_
     def refuse(*args, **kwargs):
         raise AssertionError("a cached run was trained again")
 
-    from gridclip.study.finetune import FinetuneSpec
+    from gridclip_lab.study.finetune import FinetuneSpec
 
     spec = FinetuneSpec(start_variant="GridCLIP", start_iters=2, iters=2, seeds=(0, 1), custom="red", world_size="small",
                         clip_model=rn, teacher_model=vit,
@@ -178,7 +178,7 @@ def test_finetune_section_draws_each_arm_per_group(tmp_path):
     matplotlib.use("Agg")
     from unittest import mock
 
-    from gridclip.analysis.study_doc import _finetune
+    from gridclip_lab.analysis.study_doc import _finetune
 
     with_, without = "with image alignment", "without image alignment"
     rows = [{"seed": s, "arm": a, "metrics": {"AP": 0.5, "custom": 0.7 + 0.01 * s, "other base": v, "novel": v / 2,

@@ -1,4 +1,4 @@
-"""`gridclip gpu-check`: without CUDA a one-line message and exit 3; the report from a fake result; the
+"""`gridclip-lab gpu-check`: without CUDA a one-line message and exit 3; the report from a fake result; the
 DDP step's logic on the CPU (gloo)."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from gridclip.bench.gpu_check import FPS_GOAL, render
-from gridclip.utils.doc_sections import read_sections, write_section
-from gridclip.cli import main
+from gridclip_lab.bench.gpu_check import FPS_GOAL, render
+from gridclip_lab.utils.doc_sections import read_sections, write_section
+from gridclip_lab.cli import main
 
 
 def fake_result(device="NVIDIA H200", fps1=55.0):
@@ -29,7 +29,7 @@ def test_no_gpu_is_one_line_and_exit_3(tmp_path, capsys):
     doc.write_text("# Benchmarks\n")
     assert main(["gpu-check", "--doc", str(doc), "--json", str(tmp_path / "g.json")]) == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("gridclip gpu-check: no CUDA GPU")
+    assert len(err) == 1 and err[0].startswith("gridclip-lab gpu-check: no CUDA GPU")
     assert doc.read_text() == "# Benchmarks\n" and not (tmp_path / "g.json").exists()
 
 
@@ -74,8 +74,8 @@ def test_ddp_step_logic_on_cpu_with_gloo():
     ranks after the all-reduce."""
     from importlib.resources import files
 
-    from gridclip.bench.cases import ModelSpec
-    from gridclip.bench.gpu_check import ddp_step
+    from gridclip_lab.bench.cases import ModelSpec
+    from gridclip_lab.bench.gpu_check import ddp_step
 
     tiny = str(files("gridclip") / "assets" / "shapes" / "shapes-RN-tiny")
     out = ddp_step(ModelSpec(clip_model=tiny, teacher_dim=64), (64, 96), 5, gpus=2, backend="gloo")
@@ -84,8 +84,8 @@ def test_ddp_step_logic_on_cpu_with_gloo():
 
 
 def test_bench_report_keeps_the_generated_sections(tmp_path, monkeypatch):
-    """`gridclip bench` rewrites docs/benchmarks.md: the sections of gpu-check / bench-deploy survive."""
-    from gridclip.bench import report
+    """`gridclip-lab bench` rewrites docs/benchmarks.md: the sections of gpu-check / bench-deploy survive."""
+    from gridclip_lab.bench import report
 
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# old report\n")
@@ -105,8 +105,8 @@ def test_training_and_fps_logic_on_cpu():
     the report renders from the real result."""
     from importlib.resources import files
 
-    from gridclip.bench.cases import ModelSpec
-    from gridclip.bench.gpu_check import inference_fps, training
+    from gridclip_lab.bench.cases import ModelSpec
+    from gridclip_lab.bench.gpu_check import inference_fps, training
 
     spec = ModelSpec(clip_model=str(files("gridclip") / "assets" / "shapes" / "shapes-RN-tiny"), teacher_dim=64)
     train = training(spec, 2, 64, 96, 5, steps=1, device="cpu")

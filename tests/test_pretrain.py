@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gridclip.engine.clip_pretrain import PretrainConfig, object_crops, train_clip, zero_shot_accuracy
+from gridclip_lab.world.clip_pretrain import PretrainConfig, object_crops, train_clip, zero_shot_accuracy
 from gridclip.clip.prompts import VILD_TEMPLATES
-from gridclip.data.shapes import make_world
+from gridclip_lab.world.shapes import make_world
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "gridclip" / "assets" / "shapes"
 
@@ -84,7 +84,7 @@ def test_teacher_with_locked_text_tower_keeps_the_source_text_weights(world, tra
     import open_clip
 
     from gridclip.clip.loader import register_model_configs
-    from gridclip.engine.clip_pretrain import _copy_and_lock_text_tower
+    from gridclip_lab.world.clip_pretrain import _copy_and_lock_text_tower
 
     register_model_configs()
     torch.manual_seed(0)  # train_clip's init
@@ -98,7 +98,7 @@ def test_teacher_with_locked_text_tower_keeps_the_source_text_weights(world, tra
 def test_zero_shot_accuracy_matches_a_direct_computation(world, trained, source):
     import open_clip
 
-    from gridclip.data.shapes import single_object_images
+    from gridclip_lab.world.shapes import single_object_images
 
     out, _ = trained
     acc = zero_shot_accuracy(out, world.root, templates=("a photo of a {}.",), source=source)
@@ -136,7 +136,7 @@ def test_bad_input(world, tmp_path):
         train_clip(world.root, tmp_path / "x", PretrainConfig())
     with pytest.raises(FileNotFoundError, match="captions.json"):
         train_clip(tmp_path, tmp_path / "x", PretrainConfig(steps=1))
-    from gridclip.cli import main
+    from gridclip_lab.cli import main
 
     assert main(["pretrain-clip", "--world", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
     assert main(["pretrain-clip", "--world", str(world.root), "--out", str(tmp_path / "o"), "--models", "cnn", "--steps", "1"]) == 2
@@ -167,7 +167,7 @@ def test_shipped_tiny_clip_zero_shot_on_the_default_world(tmp_path):
 
 @pytest.mark.multiprocess
 def test_torchrun_pretraining_equals_one_process(world, trained, tmp_path):
-    """``torchrun --nproc_per_node 2 gridclip pretrain-clip``: each step optimises the loss of the whole
+    """``torchrun --nproc_per_node 2 gridclip-lab pretrain-clip``: each step optimises the loss of the whole
     global batch (features gathered with their gradients), so the weights match one process's; a rerun
     gives the same bytes."""
     import subprocess
@@ -216,7 +216,7 @@ def test_torchrun_pretraining_equals_one_process(world, trained, tmp_path):
 
 
 def test_pretraining_on_a_world_without_captions_adds_them_first(world, trained, tmp_path):
-    """`gridclip demo` generates its world without the caption split; pretraining renders it on demand
+    """`gridclip-lab demo` generates its world without the caption split; pretraining renders it on demand
     (the same captions, so the same weights as on the full world)."""
     lean = make_world(tmp_path / "w", seed=0, size="small", captions=False)
     assert not (lean.root / "captions.json").exists()

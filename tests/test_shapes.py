@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gridclip.data import shapes
-from gridclip.data.shape_drawing import COLOURS, SHAPES, render_image
-from gridclip.data.shapes import NOVEL, load_world, make_world
+from gridclip_lab.world import shapes
+from gridclip_lab.world.shape_drawing import COLOURS, SHAPES, render_image
+from gridclip_lab.world.shapes import NOVEL, load_world, make_world
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_bad_arguments(tmp_path):
 
 
 def test_cli_make_world(tmp_path, capsys):
-    from gridclip.cli import main
+    from gridclip_lab.cli import main
 
     assert main(["make-world", "--out", str(tmp_path / "w"), "--size", "small", "--seed", "3"]) == 0
     assert "r 10 = novel" in capsys.readouterr().out
@@ -229,7 +229,7 @@ def new_words_world(tmp_path_factory):
 
 
 def test_new_words_design_novel_names_carry_words_no_base_name_has(world, new_words_world):
-    from gridclip.data.shape_drawing import NEW_SHAPES
+    from gridclip_lab.world.shape_drawing import NEW_SHAPES
 
     nw = new_words_world
     assert nw.design == "new-words" and len(nw.categories) == 48
@@ -258,7 +258,7 @@ def test_new_words_design_novel_names_carry_words_no_base_name_has(world, new_wo
 
 @pytest.mark.parametrize("shape", ["heart", "crescent", "arrow", "pentagon", "semicircle"])
 def test_new_shapes_draw_as_compact_objects_with_tight_boxes(shape):
-    from gridclip.data.shape_drawing import _shape_mask
+    from gridclip_lab.world.shape_drawing import _shape_mask
 
     mask = _shape_mask(shape, 40, 0.2)
     assert 0.2 < mask.mean() < 0.8, mask.mean()  # a solid object, neither a speck nor the full square

@@ -10,8 +10,8 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from gridclip.study import VARIANTS, StudySpec, aggregate, format_study, run_config, run_study
-from gridclip.study.stats import paired_differences, summarize, t_quantile, verdict
+from gridclip_lab.study import VARIANTS, StudySpec, aggregate, format_study, run_config, run_study
+from gridclip_lab.study.stats import paired_differences, summarize, t_quantile, verdict
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -85,17 +85,17 @@ def test_aggregate_against_hand_computation():
 
 
 # ------------------------------------------------------------------------------------------ spec
-def test_variants_are_the_demos_and_configs_match_the_demo(tmp_path):
-    from gridclip import demo
+def test_the_demo_trains_the_study_variants_with_the_same_configs(tmp_path):
+    from gridclip.clip.loader import builtin_clip_dir
     from gridclip.config import config_to_dict
+    from gridclip_lab import demo
 
-    for name, overrides in demo.VARIANTS.items():
-        assert VARIANTS[name] == overrides, name
+    assert set(demo.ABLATIONS) | set(demo.DEMO_VARIANTS) <= set(VARIANTS)  # one table, gridclip_lab.variants
     assert VARIANTS["GridCLIP, RN teacher"] == {"teacher": "student"}
     spec = StudySpec(variants=("GridCLIP", "GridCLIP, RN teacher", "FCOS w/o align"), pairs=())
     ours = config_to_dict(run_config(spec, tmp_path, "GridCLIP", seed=3, iters=123, num_base_classes=38))
-    theirs = config_to_dict(demo.demo_config(tmp_path, demo.ASSETS / demo.CLIP_NAME, demo.ASSETS / demo.TEACHER_NAME,
-                                             tmp_path, 123))
+    theirs = config_to_dict(demo.demo_config(tmp_path, builtin_clip_dir(demo.CLIP_NAME),
+                                             builtin_clip_dir(demo.TEACHER_NAME), tmp_path, 123))
     theirs["train"]["seed"] = 3
     for d in (ours, theirs):
         d.pop("out_dir")
@@ -107,7 +107,7 @@ def test_variants_are_the_demos_and_configs_match_the_demo(tmp_path):
 
 
 def test_bad_specs_are_rejected(tmp_path, capsys):
-    from gridclip.cli import main
+    from gridclip_lab.cli import main
 
     with pytest.raises(ValueError, match="unknown"):
         StudySpec(variants=("GridCLIP", "no such variant"))
@@ -124,7 +124,7 @@ def test_bad_specs_are_rejected(tmp_path, capsys):
 
 
 def test_run_key_follows_config_and_weight_contents(tmp_path):
-    from gridclip.study import run_key
+    from gridclip_lab.study import run_key
 
     teacher = tmp_path / "teacher"
     teacher.mkdir()
@@ -139,7 +139,7 @@ def test_run_key_follows_config_and_weight_contents(tmp_path):
 
 
 def test_run_key_of_a_run_without_image_alignment_ignores_the_teacher(tmp_path):
-    from gridclip.study import run_key
+    from gridclip_lab.study import run_key
 
     teachers = []
     for name in ("a", "b"):
@@ -157,7 +157,7 @@ def test_run_key_of_a_run_without_image_alignment_ignores_the_teacher(tmp_path):
 # ------------------------------------------------------------------------------------------ runner
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory) -> Path:
-    from gridclip.data.shapes import make_world
+    from gridclip_lab.world.shapes import make_world
 
     return make_world(tmp_path_factory.mktemp("world") / "w", seed=0, size="small").root
 
@@ -204,14 +204,14 @@ def test_killed_study_resumes_without_redoing_finished_runs(tmp_path, small_worl
     assert second[0] == first[2]  # the killed run is redone
     assert study["complete"] and study["runs_done"] == 6
     # every run records what it was computed on; this machine is one environment
-    from gridclip.utils.environment import fingerprint, fingerprint_id
+    from gridclip_lab.utils.environment import fingerprint, fingerprint_id
 
     here = fingerprint_id(fingerprint())
     assert {r["environment"] for r in study["runs"]} == {here} and set(study["environments"]) == {here}
     assert study["environments"][here]["packages"]["torch"] == torch.__version__.split("+")[0]
     assert not any((d / "partial.txt").exists() and not (d / "result.json").exists() for d in (out / "runs").iterdir())
     assert not list((out / "runs").rglob("model.pt"))  # models dropped unless keep_models
-    from gridclip.study.aggregate import seed_spread
+    from gridclip_lab.study.aggregate import seed_spread
 
     spread = seed_spread(study, 5)["variants"]["grid only"]
     assert spread["n"] == 3 and spread["std"]["APr"] == pytest.approx(0.02) and spread["mean"]["AP"] == pytest.approx(0.51)
@@ -239,7 +239,7 @@ def test_killed_study_resumes_without_redoing_finished_runs(tmp_path, small_worl
 
 def test_mini_study_end_to_end(tmp_path, small_world, tiny_clip_names, capsys):
     """Real training (2 iterations) and evaluation through the CLI with the fixture's tiny CLIPs."""
-    from gridclip.cli import main
+    from gridclip_lab.cli import main
 
     rn, vit = tiny_clip_names
     out = tmp_path / "study"
@@ -266,7 +266,7 @@ def test_mini_study_end_to_end(tmp_path, small_world, tiny_clip_names, capsys):
 def test_runs_in_worker_processes_give_the_numbers_of_one_process(tmp_path, small_world):
     """``--jobs 2``: runs trained side by side in spawned workers (which load the CLIPs from their
     folders) give exactly the metrics of the same runs one after another."""
-    from gridclip.cli import main
+    from gridclip_lab.cli import main
     from helpers import TINY_CLIP, TINY_VIT, save_clip_dir
 
     rn, vit = save_clip_dir(tmp_path / "rn", TINY_CLIP, 0), save_clip_dir(tmp_path / "vit", TINY_VIT, 1)
@@ -287,9 +287,9 @@ def test_runs_in_worker_processes_give_the_numbers_of_one_process(tmp_path, smal
 
 
 def test_shipped_ablation_spec_covers_the_issue():
-    from gridclip.study.spec import CONFIG_PATH
+    from gridclip_lab.plugin import CONFIG_DIR
 
-    spec = StudySpec.from_dict(json.loads((CONFIG_PATH.parent / "study_ablations.json").read_text()))
+    spec = StudySpec.from_dict(json.loads((CONFIG_DIR / "study_ablations.json").read_text()))
     # the paper's Table 4 / 5 rows, the embedding-conv check and the teacher check (issue 12)
     wanted = {"GridCLIP", "grid only", "FCOS w/o align", "w/o MHSA w/o align", "image only", "3x3 embed"}
     assert wanted <= set(spec.variants) <= set(VARIANTS) and len(spec.seeds) >= 3 and len(spec.iters) >= 2
@@ -299,7 +299,7 @@ def test_shipped_ablation_spec_covers_the_issue():
 
 
 def test_variant_list_keeps_names_that_hold_a_comma():
-    from gridclip.commands.study import _variant_list
+    from gridclip_lab.commands.study import _variant_list
 
     assert _variant_list("grid only,GridCLIP, RN teacher") == ["grid only", "GridCLIP, RN teacher"]
     assert _variant_list("GridCLIP,GridCLIP, RN teacher, 3x3 embed") == ["GridCLIP", "GridCLIP, RN teacher", "3x3 embed"]
@@ -321,8 +321,8 @@ def test_recorded_results_keep_their_keys(tmp_path, monkeypatch):
     """Every run recorded in results/study still has the key the runner computes for its config today:
     a config setting added since (at its default) must not silently orphan recorded results."""
     from gridclip.config import load_config
-    from gridclip.data import shapes
-    from gridclip.study import run_key
+    from gridclip_lab.world import shapes
+    from gridclip_lab.study import run_key
 
     recorded = sorted((Path(__file__).resolve().parents[1] / "results" / "study" / "runs").glob("*/result.json"))
     assert len(recorded) >= 16
@@ -337,8 +337,8 @@ def test_recorded_results_keep_their_keys(tmp_path, monkeypatch):
 
 
 def test_key_neutral_settings_enter_the_key_only_away_from_their_default(tmp_path):
-    from gridclip.study import run_key
-    from gridclip.study.spec import KEY_NEUTRAL_DEFAULTS
+    from gridclip_lab.study import run_key
+    from gridclip_lab.study.spec import KEY_NEUTRAL_DEFAULTS
 
     spec = StudySpec(variants=("GridCLIP", "GridCLIP, L1 on z-bar"), pairs=())
     cfg = run_config(spec, tmp_path, "GridCLIP", 0, 10, 38)
@@ -350,7 +350,7 @@ def test_key_neutral_settings_enter_the_key_only_away_from_their_default(tmp_pat
 
 
 def test_subsets_restrict_variants_and_seeds_per_schedule_length(tmp_path, small_world):
-    from gridclip.study.runner import plan_runs
+    from gridclip_lab.study.runner import plan_runs
 
     spec = StudySpec(variants=("GridCLIP", "grid only", "FCOS w/o align"), seeds=(0, 1, 2), iters=(10, 40, 80),
                      subsets={"40": {"variants": ["grid only", "GridCLIP"]}, 80: {"variants": ["GridCLIP"], "seeds": [2, 0]}})

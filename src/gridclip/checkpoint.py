@@ -29,9 +29,9 @@ import torch
 from gridclip.clip.loader import (BUILTIN_PREFIX, builtin_clips, builtin_name_of, dir_digest, is_local_dir, is_portable,
                                   portable_clip_name)
 from gridclip.clip.text import TextEncoder, TextEncoderUnavailable
-from gridclip.baselines import build_peer
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import GridCLIPConfig, config_from_dict, config_to_dict
+from gridclip.model import build_model
 from gridclip.model.gridclip import GridCLIP
 from gridclip.utils.atomic import atomic_save
 
@@ -129,7 +129,7 @@ def checkpoint_dict(model: GridCLIP, extra: dict | None = None) -> dict:
         "clip_identity": identity,
         "clip_text_source": list(portable_clip_name(encoder.model, encoder.pretrained)),
         "clip_text": text,
-        "teacher_config": getattr(model, "teacher_config", None),  # the peers' target CLIP (gridclip.baselines)
+        "teacher_config": getattr(model, "teacher_config", None),  # the peers' target CLIP (gridclip_lab.peers)
         "state_dict": state,
         "vocabulary": vocab,
         "extra": _portable_path(extra),
@@ -224,11 +224,8 @@ def model_from_checkpoint(data: dict, source: str = "checkpoint") -> GridCLIP:
     if values.get("image_align", True) and values.get("teacher_dim") is None:
         values["teacher_dim"] = _projector_out(data["state_dict"])  # loading never needs the teacher
     cfg: GridCLIPConfig = config_from_dict(values, GridCLIPConfig, f"{source}:config")
-    if cfg.arch != "gridclip":  # ViLD / CLIP on crops
-        model = build_peer(cfg, load_clip_weights=False, clip_config=data.get("clip_config"),
-                           teacher_config=data.get("teacher_config"))
-    else:
-        model = GridCLIP(cfg, load_clip_weights=False, clip_config=data.get("clip_config"))
+    model = build_model(cfg, load_clip_weights=False, clip_config=data.get("clip_config"),
+                        teacher_config=data.get("teacher_config"))
     text = data.get("clip_text")
     if text is not None:
         model.text_encoder = TextEncoder(cfg.clip_model, cfg.clip_pretrained, stored=text, identity=text["identity"])

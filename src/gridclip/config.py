@@ -17,56 +17,25 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from gridclip.utils.atomic import atomic_open
+from gridclip.utils.plugins import load_plugins
 
 PACKAGED_CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-ARCHS = ("gridclip", "vild", "clip_crops")
-
-
-@dataclass
-class PeerConfig:
-    """The peers of ``gridclip.baselines`` (``model.arch: vild | clip_crops``); GridCLIP ignores it.
-
-    Defaults are ViLD's (Gu et al., ICLR 2022) where they carry over; docs/peers.md lists every deviation.
-    Shared settings stay in the model config: ``clip_model`` (trunk), ``teacher_model`` (the CLIP whose
-    image space the peers target and whose text tower embeds the vocabulary, ViT-B/32 as in Table 1),
-    ``fpn_channels``, ``min_size`` / ``max_size``, ``score_thresh``, ``nms_thresh``, ``detections_per_img``.
-    """
-
-    # Faster R-CNN on the CLIP trunk: FPN over C2..C5 + max-pool P6 (R50-FPN), one anchor size per level.
-    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n_test: int = 1000
-    box_head_dim: int = 1024  # TwoMLPHead width (ViLD: 4 conv + 1 fc; see docs/peers.md)
-    box_batch_size_per_image: int = 512
-    # ViLD-text: logits = cos(region, [background, T_k]) / temperature, softmax CE (ViLD: 0.01).
-    temperature: float = 0.01
-    loss_text: float = 1.0
-    # ViLD-image: L1 between normalised region embeddings and CLIP embeddings of precomputed proposal crops.
-    image_distill: bool = True
-    loss_distill: float = 0.5  # ViLD's w for LVIS
-    distill_proposals: int = 300  # M: proposals per image, precomputed and distilled (ViLD: 300)
-    # Crops (ViLD Sec. 3.1): each proposal at 1x and 1.5x its size, CLIP embeddings averaged.
-    crop_scales: tuple[float, ...] = (1.0, 1.5)
-    # CLIP on cropped regions: top proposals per image that get cropped and scored, and the weight of
-    # the CLIP probability in score = p_clip ** w * objectness ** (1 - w) (geometric mean at 0.5).
-    crop_proposals: int = 300
-    crop_score_weight: float = 0.5
-
-
 @dataclass
 class GridCLIPConfig:
-    """The detector. Defaults follow the paper (Sec. 3-4) and torchvision's FCOS."""
+    """The detector. Defaults follow the paper (Sec. 3-4) and torchvision's FCOS.
 
-    # Which detector ``gridclip.baselines.build_detector`` assembles: GridCLIP, or a peer (settings: ``peers``).
-    arch: Literal["gridclip", "vild", "clip_crops"] = "gridclip"
+    ``arch`` is the name this config class is registered under (:func:`register_model_config`); in YAML
+    and checkpoints it is the ``model.arch`` key, which selects the config class (and so the detector
+    :func:`gridclip.model.build_model` builds). Other detectors register a config class of their own."""
+
+    arch: ClassVar[str] = "gridclip"
 
     # CLIP image encoder: an open_clip model name (or local model directory) and its weights source:
     # an open_clip pretrained tag (e.g. "openai"), a checkpoint file, or None for random init.
@@ -116,7 +85,27 @@ class GridCLIPConfig:
     # Inference scores locations x classes in chunks of at most this many logits (bounded memory for
     # very large vocabularies; results identical to unchunked scoring).
     score_chunk_elements: int = 1 << 24
-    peers: PeerConfig = field(default_factory=PeerConfig)
+
+
+_MODEL_CONFIGS: dict[str, type[GridCLIPConfig]] = {}
+
+
+def register_model_config(cls: type[GridCLIPConfig]) -> type[GridCLIPConfig]:
+    """Make ``model.arch: <cls.arch>`` select ``cls`` when configs and checkpoints are read."""
+    _MODEL_CONFIGS[cls.arch] = cls
+    return cls
+
+
+def model_config_class(arch: str, where: str = "model.arch") -> type[GridCLIPConfig]:
+    """The config class registered for ``arch``; detectors of installed plugins are registered on demand."""
+    if arch not in _MODEL_CONFIGS:
+        load_plugins()
+    if arch not in _MODEL_CONFIGS:
+        raise ValueError(f"{where}: expected one of {', '.join(_MODEL_CONFIGS)}, got {arch!r}")
+    return _MODEL_CONFIGS[arch]
+
+
+register_model_config(GridCLIPConfig)
 
 
 @dataclass
@@ -165,7 +154,9 @@ class TrainConfig:
     # fine-tuning: start from the weights of a gridclip model file (a trained `model.pt`); the
     # optimiser, schedule and iteration start afresh (unlike --resume)
     init_from: str | None = None
-    region_cache: str | None = None  # ViLD-image: a `gridclip precompute-regions` file
+    # precomputed per-image targets for a detector that asks for them (``training_dataset``), e.g. the
+    # region embeddings ViLD-image distils (`gridclip-lab precompute-regions`)
+    region_cache: str | None = None
     aspect_ratio_grouping: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"  # under torchrun, cuda means cuda:LOCAL_RANK
 
@@ -194,6 +185,8 @@ class Config:
 # code does, and is dropped. A value that contradicts it is an error: the user expected something that
 # never happened.
 REMOVED_KEYS: dict[str, dict[str, str]] = {
+    "model": {"peers": "the settings of ViLD and CLIP on crops, which register config classes of their own; "
+                       "GridCLIP never read them"},
     "eval": {"style": "the evaluation protocol follows data.format (lvis: LVIS AP; coco, voc: COCO AP); "
                       "`gridclip eval --style` overrides it"},
 }
@@ -204,8 +197,9 @@ def _effective_eval_style(values: dict) -> str:
     return "lvis" if data.get("format", DataConfig.format) == "lvis" else "coco"
 
 
-def _drop_removed_keys(values: dict, where: str) -> dict:
-    """``values`` without REMOVED_KEYS (see there); ValueError where a removed key's value contradicts."""
+def _drop_removed_keys(values: dict, where: str, model_cls: type = GridCLIPConfig) -> dict:
+    """``values`` without REMOVED_KEYS (see there); ValueError where a removed key's value contradicts. A
+    key that ``model_cls`` (the model section's class) has is not removed there."""
     out = dict(values)
     for section, keys in REMOVED_KEYS.items():
         sub = out.get(section)
@@ -213,7 +207,7 @@ def _drop_removed_keys(values: dict, where: str) -> dict:
             continue
         sub = dict(sub)
         for key, why in keys.items():
-            if key not in sub:
+            if key not in sub or (section == "model" and key in {f.name for f in dataclasses.fields(model_cls)}):
                 continue
             value = sub.pop(key)
             effective = _effective_eval_style(out) if (section, key) == ("eval", "style") else value
@@ -286,29 +280,42 @@ def _update(obj: Any, values: dict, where: str) -> None:
 
 
 def config_to_dict(cfg: Any) -> dict:
-    """Plain-dict form (tuples become lists), suitable for YAML and checkpoints."""
+    """Plain-dict form (tuples become lists), suitable for YAML and checkpoints; a model config's
+    ``arch`` comes first in its section."""
     def convert(v):
         if isinstance(v, tuple):
             return [convert(x) for x in v]
         if isinstance(v, dict):
             return {k: convert(x) for k, x in v.items()}
         return v
-    return convert(dataclasses.asdict(cfg))
+    values = convert(dataclasses.asdict(cfg))
+    if isinstance(cfg, GridCLIPConfig):
+        return {"arch": cfg.arch, **values}
+    if isinstance(cfg, Config):
+        values["model"] = {"arch": cfg.model.arch, **values["model"]}
+    return values
 
 
 def config_from_dict(values: dict, cls: type = Config, where: str = "config") -> Any:
-    """A ``cls`` (``Config`` or one of its sections) from a nested dict, every value checked."""
-    values = values or {}
+    """A ``cls`` (``Config`` or one of its sections) from a nested dict, every value checked. A model
+    section's ``arch`` selects its registered config class (:func:`model_config_class`)."""
+    values = dict(values or {})
     if cls is Config:
-        values = _drop_removed_keys(values, where)
-    cfg = cls()
+        model = values.get("model") or {}
+        if not isinstance(model, dict):
+            raise ValueError(f"{where}.model: expected a mapping, got {model!r}")
+        model = dict(model)
+        model_cls = model_config_class(model.pop("arch", GridCLIPConfig.arch), f"{where}.model.arch")
+        values = _drop_removed_keys({**values, "model": model}, where, model_cls)
+        cfg = Config(model=model_cls())
+    elif isinstance(cls, type) and issubclass(cls, GridCLIPConfig):
+        cls = model_config_class(values.pop("arch", cls.arch), f"{where}.arch")
+        values = _drop_removed_keys({"model": values}, where, cls)["model"]
+        cfg = cls()
+    else:
+        cfg = cls()
     _update(cfg, values, where)
     return cfg
-
-
-def check_arch(arch: str, where: str = "model.arch") -> None:
-    if arch not in ARCHS:
-        raise ValueError(f"{where}: expected one of {', '.join(ARCHS)}, got {arch!r}")
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -335,9 +342,23 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+_CONFIG_DIRS: list[Path] = [PACKAGED_CONFIG_DIR]
+
+
+def register_config_dir(path: str | os.PathLike) -> None:
+    """Add a folder of named YAML configs (a plugin's); a name the package already has keeps its file."""
+    if Path(path) not in _CONFIG_DIRS:
+        _CONFIG_DIRS.append(Path(path))
+
+
 def packaged_configs() -> dict[str, Path]:
-    """The named configs shipped in the package: name (file stem) -> file, sorted by name."""
-    return {p.stem: p for p in sorted(PACKAGED_CONFIG_DIR.glob("*.yaml"))}
+    """The named configs shipped in the package and its plugins: name (file stem) -> file, sorted by name."""
+    load_plugins()
+    found: dict[str, Path] = {}
+    for folder in _CONFIG_DIRS:
+        for path in folder.glob("*.yaml"):
+            found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
 
 
 def config_summary(path: str | os.PathLike) -> str:

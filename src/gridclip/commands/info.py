@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from gridclip.baselines import build_peer, summarize_peer
 from gridclip.config import load_config
-from gridclip.model import GridCLIP
+from gridclip.model import build_model
 from gridclip.model.summary import summarize
 
 
@@ -17,9 +16,6 @@ def main(argv: Sequence[str]) -> int:
     a = p.parse_args(list(argv))
     cfg = load_config(a.config, a.overrides)
     # Parameter shapes do not depend on the weights: build without loading (no download needed).
-    if cfg.model.arch != "gridclip":  # ViLD / CLIP on crops (gridclip.baselines)
-        print("\n".join(summarize_peer(build_peer(cfg.model, load_clip_weights=False))))
-        return 0
-    model = GridCLIP(cfg.model, load_clip_weights=False)
+    model = build_model(cfg.model, load_clip_weights=False)
     print("\n".join(summarize(model)))
     return 0

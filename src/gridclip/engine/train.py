@@ -1,6 +1,7 @@
 """Training loop: ``gridclip train --config F [--out DIR] [--resume] [--max-iters N] [key=value ...]``.
 
-Everything comes from the config: the detector (``gridclip.baselines.build_detector``: GridCLIP, or a peer by ``model.arch``), the training set
+Everything comes from the config: the detector (:func:`gridclip.model.build_model`: the registered
+architecture of ``model.arch``), the training set
 with the open-vocabulary split (training vocabulary = base categories; labels index the base list),
 the teacher (run on each augmented batch, or read from a ``gridclip cache-teacher`` file).
 
@@ -53,8 +54,7 @@ from gridclip.engine.distributed import (DistInfo, TrainBatchSampler, all_gather
                                          cleanup_distributed, init_distributed, repeat_factors)
 from gridclip.engine.optim import build_optimizer, build_scheduler
 from gridclip.engine.teacher_cache import TeacherCache, build_teacher
-from gridclip.baselines import build_detector
-from gridclip.baselines.region_cache import RegionCache, RegionTargets
+from gridclip.model import build_model
 
 logger = logging.getLogger("gridclip.train")
 
@@ -155,16 +155,14 @@ class Trainer:
 
         _seed_everything(t.seed)  # same initial weights on every rank
         self.dataset = build_train_dataset(cfg.data)
-        model = build_detector(cfg)  # GridCLIP, or a peer by model.arch
+        model = build_model(cfg)  # the registered detector of model.arch
         model.set_vocabulary(self.dataset.category_names)
         self.vocabulary = model.vocabulary
         if t.init_from:
             _init_from(model, t.init_from)
-        if getattr(model, "needs_region_cache", False):  # ViLD-image: targets carry precomputed regions
-            if not t.region_cache:
-                raise ValueError("train.region_cache: ViLD-image needs the file of gridclip precompute-regions "
-                                 "(or set model.peers.image_distill=false for ViLD-text)")
-            self.dataset = RegionTargets(self.dataset, RegionCache.load(t.region_cache, cfg.model))
+        # a detector whose targets carry more than boxes (e.g. precomputed region embeddings) wraps the dataset
+        if hasattr(model, "training_dataset"):
+            self.dataset = model.training_dataset(self.dataset, t)
         # multi-scale training through the model's transform (see module docstring)
         model.transform.min_size = tuple(int(s) for s in cfg.data.train_min_sizes)
         model.transform.max_size = int(cfg.data.train_max_size)

@@ -6,7 +6,10 @@ PAPER_RN50_PARAMS = 56.4e6  # paper Table 2
 
 def summarize(model) -> list[str]:
     """Lines: each part's parameter count, the inference total (projector excluded; the teacher is
-    never part of the model), and the paper's figure for reference."""
+    never part of the model), and the paper's figure for reference. A registered detector of another
+    architecture gives its own (``model.summary_lines()``)."""
+    if hasattr(model, "summary_lines"):
+        return model.summary_lines()
     parts = {
         "CLIP trunk (C3-C5)": "backbone.trunk.",
         "attnpool MHSA (grid tokens)": "backbone.grid_pool.",

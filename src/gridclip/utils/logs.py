@@ -36,7 +36,7 @@ def process_rank() -> tuple[int, int]:
 
 def setup_logging(verbose: bool = False, prefix: str = "") -> None:
     """Install the command-line handler on the root logger (replacing an earlier one of ours);
-    ``prefix`` starts every line (e.g. the variant a ``gridclip demo`` worker trains)."""
+    ``prefix`` starts every line (e.g. the variant a ``gridclip-lab demo`` worker trains)."""
     rank, world = process_rank()
     root = logging.getLogger()
     for h in list(root.handlers):

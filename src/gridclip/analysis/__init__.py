@@ -1,2 +1,0 @@
-"""The paper's analyses as tools (``gridclip analyze``): AP vs training frequency (frequency.py), CLIP
-image-level recall@k (recall.py), transfer to a new vocabulary (transfer.py), docs/results.md (results_doc.py)."""

@@ -1,5 +1,0 @@
-"""Benchmarks for gridclip (issue 7). Entry point: ``gridclip bench`` (``gridclip.commands.bench``).
-
-Every number is reported as a ratio against baselines run in the same process, on the same input,
-interleaved round by round, because the machines these run on are shared and noisy.
-"""

@@ -1,0 +1,130 @@
+"""Where GridCLIP's like-for-like excess over FCOS-R50 sits: per-stage CPU times of both under the same
+generic rewrites (issue 15, "find where the like-for-like third sits before changing anything").
+
+GridCLIP as ``gridclip detect`` runs it (inference form: trunk batch norms folded, channels-last) and
+torchvision FCOS-R50 given the same rewrites (:func:`gridclip_lab.bench.stages.fcos_with_trunk_rewrites`),
+random weights, the same image, no resizing. Each round times one call of each (order alternating),
+every stage hooked as in :func:`gridclip_lab.bench.stages.stage_times`; the ratio of a stage is taken
+within each round (both models saw the same machine load) and its median over rounds is reported
+with the range. Stages are matched by role: GridCLIP's trunk is CLIP's ResNet trunk plus the grid
+attention pool and the adapter (what FCOS's ResNet-50 trunk replaces).
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+
+from gridclip_lab.bench import cases
+from gridclip_lab.bench.stages import FCOS_STAGES, GRIDCLIP_STAGES, fcos_with_trunk_rewrites, stage_times
+
+__all__ = ["GROUPS", "run_like_for_like", "render"]
+
+# role: (GridCLIP stages, FCOS stages)
+GROUPS = {
+    "trunk (GridCLIP: CLIP trunk + grid MHSA + adapter)": (
+        ["CLIP trunk (C3-C5)", "grid MHSA (attnpool over all cells)", "adapter (3x conv3x3)"], ["ResNet-50 trunk"]),
+    "  of which CLIP trunk (C3-C5) alone": (["CLIP trunk (C3-C5)"], ["ResNet-50 trunk"]),
+    "  of which grid MHSA (no FCOS counterpart)": (["grid MHSA (attnpool over all cells)"], []),
+    "  of which adapter (no FCOS counterpart)": (["adapter (3x conv3x3)"], []),
+    "FPN + P6/P7": (["FPN + P6/P7"], ["FPN + P6/P7"]),
+    "head: box/centerness tower": (["head: box/centerness tower"], ["head: box/centerness tower"]),
+    "head: class tower (+ embedding / logits)": (["head: class tower + embedding"], ["head: class tower + logits"]),
+    "scoring + decode + NMS": (["scoring vs K texts + decode + NMS"], ["scoring + decode + NMS"]),
+    "pre/post-process, anchors, glue": (["pre-process (normalise, batch)", "post-process (rescale boxes)",
+                                         "other (anchors, glue)"],
+                                        ["pre-process (normalise, batch)", "post-process (rescale boxes)",
+                                         "other (anchors, glue)"]),
+    "total": (["total"], ["total"]),
+}
+
+
+# Whole-model references timed in the same rounds: the goals' baselines (issue 15) and one more.
+REFERENCES = {
+    "fcos": "FCOS-R50 given the same rewrites (91 classes, torchvision's)",
+    "fcos stock": "stock torchvision FCOS-R50 (91 classes, no rewrites)",
+    "fcos K": "FCOS-R50 given the same rewrites, with a K-way classifier (an FCOS for the same vocabulary)",
+}
+GOALS = {"fcos": 1.15, "fcos stock": 0.85}
+
+
+def run_like_for_like(size: tuple[int, int] = (800, 1333), num_classes: int = 1203, rounds: int = 5,
+                      seed: int = 0, clip_model: str = "RN50-quickgelu") -> dict[str, Any]:
+    """Per round, per stage, seconds of GridCLIP and every FCOS of :data:`REFERENCES` (see the module
+    docstring); one warm-up call each, then rounds of one call per model in a rotating order."""
+    h, w = size
+    spec = cases.ModelSpec(clip_model=clip_model)
+    gridclip, gcall = cases.inference_case("gridclip", spec, h, w, num_classes, 0, seed)
+    stock = cases.build_fcos(seed=seed).eval()
+    models = {"fcos": fcos_with_trunk_rewrites(stock), "fcos stock": stock,
+              "fcos K": fcos_with_trunk_rewrites(cases.build_fcos(num_classes=num_classes, seed=seed))}
+    image = cases.random_image(h, w, seed)
+    runs = {"gridclip": (gridclip, gcall, GRIDCLIP_STAGES)}
+    for name, model in models.items():
+        cases.set_input_size(model, h, w)
+        runs[name] = (model, lambda m=model: m([image]), FCOS_STAGES)
+    names = list(runs)
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for _, call, _ in runs.values():
+            call()
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                model, call, stages = runs[name]
+                samples[name].append(stage_times(model, call, stages, 1))
+    return {"size": f"{h}x{w}", "K": num_classes, "rounds": rounds, "threads": torch.get_num_threads(),
+            "samples": samples}
+
+
+def _group_seconds(stages: dict[str, float], names: list[str]) -> float:
+    return sum(stages.get(n, 0.0) for n in names)
+
+
+def render(results: dict[str, Any] | list[dict[str, Any]], load: str = "n/a") -> str:
+    """The ``like-for-like`` section of docs/benchmarks.md: one block per measured size."""
+    results = results if isinstance(results, list) else [results]
+    r0 = results[0]
+    lines = ["## Like for like: per-stage CPU times, GridCLIP vs FCOS-R50 with the same rewrites", "",
+             f"Generated by `gridclip-lab bench-stages` (sizes {', '.join(r['size'] for r in results)}, K = {r0['K']}, "
+             f"random weights, {r0['threads']} threads, rounds of one call per model after a warm-up call, order "
+             f"rotating; load average {load}). GridCLIP as `gridclip detect` runs it (folded batch norms, "
+             "channels-last); the FCOS references are timed in the same rounds: "
+             + "; ".join(f"`{k}`: {v}" for k, v in REFERENCES.items()).replace(" K-way", f" {r0['K']}-way") + ". "
+             "A ratio is GridCLIP / reference within a round (the same machine load for both), median and range "
+             "over rounds; a goal holds when it holds in every round. Per stage, against `fcos`: `excess s` is "
+             "GridCLIP's median seconds minus FCOS's, `share of excess` that over the total excess.", ""]
+    for result in results:
+        lines += _render_size(result)
+    return "\n".join(lines) + "\n"
+
+
+def _render_size(result: dict[str, Any]) -> list[str]:
+    samples = result["samples"]
+    g_runs, f_runs = samples["gridclip"], samples["fcos"]
+    lines = [f"### {result['size']} ({result['rounds']} rounds)", "",
+             "| GridCLIP / | median | per round | goal | holds |", "|---|---|---|---|---|"]
+    for name in (n for n in REFERENCES if n in samples):
+        ratios = [g["total"] / f["total"] for g, f in zip(g_runs, samples[name])]
+        goal = GOALS.get(name)
+        holds = "-" if goal is None else ("yes" if all(x <= goal for x in ratios) else "no")
+        label = f"`{name}`".replace(" K`", f" K={result['K']}`")
+        lines.append(f"| {label} | {statistics.median(ratios):.2f}x | {', '.join(f'{x:.2f}' for x in ratios)} | "
+                     f"{'-' if goal is None else f'<= {goal}x'} | {holds} |")
+    lines += ["", "| stage | GridCLIP median s | FCOS median s | ratio (median) | ratio range | excess s | share of excess |",
+              "|---|---|---|---|---|---|---|"]
+    total_excess = statistics.median(g["total"] for g in g_runs) - statistics.median(f["total"] for f in f_runs)
+    for label, (g_names, f_names) in GROUPS.items():
+        g = [_group_seconds(s, g_names) for s in g_runs]
+        f = [_group_seconds(s, f_names) for s in f_runs]
+        ratios = [a / b for a, b in zip(g, f) if b > 0]
+        excess = statistics.median(g) - statistics.median(f)
+        share = f"{100 * excess / total_excess:.0f}%" if total_excess > 0 and label != "total" and not label.startswith(" ") else "-"
+        ratio = f"{statistics.median(ratios):.2f}" if ratios else "-"
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
+        fcos_s = f"{statistics.median(f):.3f}" if f_names else "-"
+        if label.startswith(" ") and total_excess > 0:  # a part of the trunk row: its share of the whole excess
+            share = f"({100 * excess / total_excess:.0f}%)"
+        lines.append(f"| {label.strip()} | {statistics.median(g):.3f} | {fcos_s} | {ratio} | {spread} | "
+                     f"{excess:+.3f} | {share} |")
+    return lines + [""]

@@ -1,0 +1,186 @@
+"""GridCLIP and its peers on the embedded world (paper Tables 1-2, issue 13), same data, seeds and evaluation.
+
+    gridclip-lab bench-peers --out runs/peers --seeds 0 1 2                          # train + evaluate (resumable)
+    gridclip-lab bench-peers --out runs/peers --report docs/peers_results.md         # tables from results.json
+
+Per seed, in order: GridCLIP (the demo's config), CLIP on cropped regions (its class-agnostic proposer is
+trained here), ViLD-text, and ViLD (text + image: the same seed's proposer, `precompute-regions`, then
+training). Every detector trains ``--iters`` iterations of batch 16 on the base boxes and is evaluated
+LVIS-style on the val split with all categories (AP_r = novel), as `gridclip-lab demo`.
+
+Cost (Table 2): CPU-seconds of this process (``time.process_time``, all threads) for training, and for
+ViLD also its proposer's training and the region precompute; inference as images per CPU-second and
+per wall-second over the val split (batch 16; the machine is shared, so CPU time is the steadier one);
+parameters used at inference. Every run is stored in OUT/results.json as it finishes; a rerun skips done ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from gridclip_lab.peers.crops import CLIPRegionEncoder
+from gridclip_lab.peers.region_cache import precompute_regions
+from gridclip.checkpoint import load_checkpoint
+from gridclip.config import GridCLIPConfig, config_from_dict, config_to_dict, load_config
+from gridclip.data.datasets import DetectionDataset, load_train_annotations
+from gridclip.data.transforms import eval_transforms
+from gridclip.clip.loader import builtin_clip_dir
+from gridclip_lab.demo import CLIP_NAME, TEACHER_NAME, demo_config
+from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
+from gridclip.engine.train import train
+from gridclip.model import build_model
+from gridclip_lab.plugin import CONFIG_DIR
+
+METHODS = ("clip_crops", "vild_text", "vild", "gridclip")
+LABELS = {"clip_crops": "CLIP on cropped regions", "vild_text": "ViLD-text", "vild": "ViLD (text + image)",
+          "gridclip": "GridCLIP"}
+PAPER = {  # paper Table 1 (LVIS v1 val, mask AP for the peers) and Table 2
+    "clip_crops": {"APr": 19.5, "APc": 19.7, "APf": 17.0, "AP": 18.6},
+    "vild": {"APr": 16.3, "APc": 21.2, "APf": 31.6, "AP": 24.4, "params_m": 60.5, "gpu_hours": 3064, "fps": 3.3},
+    "gridclip": {"APr": 15.0, "APc": 22.7, "APf": 32.5, "AP": 25.2, "params_m": 56.4, "gpu_hours": 70, "fps": 19.5},
+}
+
+
+def _config(world: Path, run_dir: Path, method: str, seed: int, iters: int):
+    cfg = demo_config(world, builtin_clip_dir(CLIP_NAME), builtin_clip_dir(TEACHER_NAME), run_dir, iters)
+    cfg.train.seed = seed
+    cfg.train.warmup_iters = min(cfg.train.warmup_iters, iters // 5)  # short schedules: warmup <= 20 % of the run
+    if method != "gridclip":
+        peers = yaml.safe_load((CONFIG_DIR / "shapes_peers.yaml").read_text())["model"]
+        model = {**config_to_dict(cfg.model), **peers}
+        model["arch"] = "vild" if method.startswith("vild") else "clip_crops"
+        model["peers"] = {**peers.get("peers", {}), "image_distill": method == "vild"}
+        cfg.model = config_from_dict(model, GridCLIPConfig, "shapes_peers.yaml")
+    return cfg
+
+
+def _evaluate(model, cfg) -> dict:
+    val = build_eval_dataset(cfg.data)
+    model.set_vocabulary(val.category_names)
+    wall, cpu = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        results = run_inference(model, val, batch_size=16)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    metrics = evaluate(cfg.data.val_json, results, style="lvis", max_dets=cfg.eval.max_dets).metrics
+    return {**{k: metrics[k] for k in ("AP", "AP50", "APr", "APc", "APf")}, "infer_images": len(val),
+            "infer_cpu_s": cpu, "infer_wall_s": wall}
+
+
+def _crop_encoder(cfg):
+    return CLIPRegionEncoder.build(cfg.model.teacher_model, cfg.model.teacher_pretrained, cfg.model.peers.crop_scales)[0]
+
+
+def _training_images(cfg):
+    return DetectionDataset(load_train_annotations(cfg.data), transforms=eval_transforms())
+
+
+def run_one(out: Path, world: Path, method: str, seed: int, iters: int) -> dict:
+    run_dir = out / f"{method}_s{seed}"
+    cfg = _config(world, run_dir, method, seed, iters)
+    record: dict = {"method": method, "seed": seed, "iters": iters}
+    if method == "vild":  # ViLD-image: the proposer (= CLIP on crops of this seed) and the precompute
+        done = json.loads((out / "results.json").read_text())
+        proposer = done.get(f"clip_crops/{seed}")
+        if proposer is None:
+            raise ValueError(f"vild seed {seed} needs clip_crops seed {seed} first (its proposer)")
+        regions = run_dir / "regions.pt"
+        proposer_path = out / f"clip_crops_s{seed}" / "model.pt"
+        cache, _ = precompute_regions(regions, load_checkpoint(proposer_path), _crop_encoder(cfg),
+                                      _training_images(cfg), cfg.model,
+                                      "sha256:" + hashlib.sha256(proposer_path.read_bytes()).hexdigest()[:16])
+        cost = cache.cost
+        print(f"[peers] regions: {cost['regions']} in {cost['wall_s']:.0f} s wall, {cost['cpu_s']:.0f} CPU-s", flush=True)
+        record.update(proposer_cpu_s=proposer["train_cpu_s"], precompute_cpu_s=cost["cpu_s"],
+                      precompute_wall_s=cost["wall_s"], regions=cost["regions"])
+        cfg.train.region_cache = str(regions)
+    wall, cpu = time.perf_counter(), time.process_time()
+    summary = train(cfg, run_dir, progress=False)
+    record.update(train_cpu_s=time.process_time() - cpu, train_wall_s=time.perf_counter() - wall)
+    record["total_train_cpu_s"] = record["train_cpu_s"] + record.get("proposer_cpu_s", 0) + record.get("precompute_cpu_s", 0)
+    model = load_checkpoint(summary["model"])
+    record["params"] = model.inference_parameter_count()
+    record.update(_evaluate(model.optimize_for_inference(), cfg))
+    return record
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def report(results: dict, speed: dict | None = None) -> str:
+    by = {m: [r for r in results.values() if r["method"] == m] for m in METHODS}
+    lines = ["### Table 1 on the embedded world (box AP x100, mean ± sd over seeds; per-seed values in brackets)", "",
+             "| detector | seeds | AP | AP_r (novel) | AP_c | AP_f | paper AP_r / AP_c / AP_f / AP |", "|---|---|---|---|---|---|---|"]
+    for m in METHODS:
+        rs = sorted(by[m], key=lambda r: r["seed"])
+        if not rs:
+            continue
+        cells = []
+        for k in ("AP", "APr", "APc", "APf"):
+            vals = [100 * r[k] for r in rs]
+            cells.append(f"{_mean_sd(vals)} [{', '.join(f'{v:.1f}' for v in vals)}]")
+        p = PAPER.get(m)
+        paper = " / ".join(str(p[k]) for k in ("APr", "APc", "APf", "AP")) if p else "-"
+        lines.append(f"| {LABELS[m]} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + f" | {paper} |")
+    lines += ["", "### Table 2 on the embedded world (CPU, shared 2-core machine; mean over seeds)", "",
+              "| detector | inference params (M) | training CPU-s (total) | of which proposer + precompute | "
+              "inference images / CPU-s | images / wall-s |", "|---|---|---|---|---|---|"]
+    for m in METHODS:
+        rs = by[m]
+        if not rs:
+            continue
+        extra = [r.get("proposer_cpu_s", 0) + r.get("precompute_cpu_s", 0) for r in rs]
+        lines.append(f"| {LABELS[m]} | {rs[0]['params'] / 1e6:.2f} | {_mean_sd([r['total_train_cpu_s'] for r in rs])} | "
+                     f"{_mean_sd(extra) if any(extra) else '-'} | "
+                     f"{_mean_sd([r['infer_images'] / r['infer_cpu_s'] for r in rs])} | "
+                     f"{_mean_sd([r['infer_images'] / r['infer_wall_s'] for r in rs])} |")
+    if speed:
+        med = speed["median_s"]
+        lines += ["", f"800x1333, RN50-sized random weights, {speed['classes']} classes, CPU, one process, interleaved: "
+                  f"GridCLIP {med['gridclip']:.2f} s / image, ViLD {med['vild']:.2f} s / image: ViLD / GridCLIP = "
+                  f"{speed['vild_over_gridclip']:.2f}x (paper, GPU: 19.5 / 3.3 = 5.9x FPS). Inference parameters: "
+                  f"GridCLIP {speed['params']['gridclip'] / 1e6:.1f} M, ViLD {speed['params']['vild'] / 1e6:.1f} M "
+                  "(paper: 56.4 M and 60.5 M with ViLD's mask head)."]
+    g, v = by["gridclip"], by["vild"]
+    if g and v:
+        cost = statistics.mean(r["total_train_cpu_s"] for r in v) / statistics.mean(r["total_train_cpu_s"] for r in g)
+        speed = statistics.mean(r["infer_images"] / r["infer_cpu_s"] for r in g) / statistics.mean(r["infer_images"] / r["infer_cpu_s"] for r in v)
+        lines += ["", f"Ratios GridCLIP vs ViLD (text + image): training cost ViLD / GridCLIP = {cost:.2f}x (paper: 43x); "
+                  f"inference speed GridCLIP / ViLD = {speed:.2f}x per CPU-second (paper: 5x)."]
+    return "\n".join(lines) + "\n"
+
+
+def speed_rn50(rounds: int = 3, classes: int = 1203) -> dict:
+    """Seconds per 800x1333 image of GridCLIP-R50 (as shipped for inference) and ViLD-R50 (random weights,
+    ``classes`` random text embeddings), interleaved round by round in this process; medians and ratio."""
+    models = {}
+    for name, file in (("gridclip", "lvis_r50"), ("vild", "vild_r50")):
+        cfg = load_config(file)
+        cfg.model.clip_pretrained = cfg.model.teacher_pretrained = None
+        torch.manual_seed(0)
+        model = build_model(cfg, load_clip_weights=False)
+        model.set_vocabulary(torch.randn(classes, model.clip_dim))
+        models[name] = model.optimize_for_inference()
+    image = [torch.rand(3, 800, 1333, generator=torch.Generator().manual_seed(0))]
+    times: dict[str, list[float]] = {n: [] for n in models}
+    with torch.inference_mode():
+        for m in models.values():  # warm-up
+            m(image)
+        for _ in range(rounds):
+            for n, m in models.items():
+                t = time.perf_counter()
+                m(image)
+                times[n].append(time.perf_counter() - t)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    return {"seconds": times, "median_s": med, "vild_over_gridclip": med["vild"] / med["gridclip"],
+            "params": {n: m.inference_parameter_count() for n, m in models.items()}, "classes": classes}

@@ -1,0 +1,43 @@
+"""``gridclip-lab gpu-check`` (``make gpu-check``): AMP training steps, fp16 FPS and a NCCL DDP step on this
+machine's GPU(s) (:mod:`gridclip_lab.bench.gpu_check`); writes the ``gpu-check`` section of docs/benchmarks.md.
+
+Exit codes: 0 done, 2 bad usage, 3 no CUDA GPU (one line on stderr, nothing run or written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from gridclip_lab.bench.gpu_check import NoCudaError, render, run_gpu_check
+from gridclip_lab.utils.doc_sections import write_section
+from gridclip.utils.atomic import atomic_write_json
+
+NO_GPU_EXIT = 3
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="gridclip-lab gpu-check", description=__doc__.split("\n")[0])
+    p.add_argument("--gpus", type=int, help="processes of the DDP step (default: every visible GPU)")
+    p.add_argument("--train-steps", type=int, default=5, help="timed training steps per precision (default 5)")
+    p.add_argument("--fps-calls", type=int, default=20, help="timed inference calls per batch size (default 20)")
+    p.add_argument("--json", default="gpu_check.json", help="raw results (default ./gpu_check.json)")
+    p.add_argument("--report-from", help="render the section from an earlier --json file instead of running")
+    p.add_argument("--doc", default="docs/benchmarks.md", help="document whose gpu-check section is replaced")
+    args = p.parse_args(list(argv))
+    if args.report_from:
+        result = json.loads(Path(args.report_from).read_text(encoding="utf-8"))
+    else:
+        if args.train_steps < 1 or args.fps_calls < 1 or (args.gpus is not None and args.gpus < 1):
+            raise ValueError("--train-steps, --fps-calls and --gpus: expected integers >= 1")
+        try:
+            result = run_gpu_check(train_steps=args.train_steps, fps_calls=args.fps_calls, gpus=args.gpus)
+        except NoCudaError as exc:
+            print(f"gridclip-lab gpu-check: {exc}", file=sys.stderr)
+            return NO_GPU_EXIT
+        atomic_write_json(args.json, result)
+    write_section(args.doc, "gpu-check", render(result))
+    print(f"wrote {args.doc} (gpu-check section)" + ("" if args.report_from else f" and {args.json}"))
+    return 0

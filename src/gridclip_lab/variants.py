@@ -1,0 +1,118 @@
+"""The world's variants of GridCLIP (paper Tables 4-5, design choices, diagnostics), their training
+config, and the one way to train and evaluate them (``gridclip-lab demo`` and ``gridclip-lab study``).
+
+A run trains with one torch thread, so its numbers do not depend on how many runs share the machine nor
+on its core count; several runs go side by side in spawned worker processes.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from gridclip.checkpoint import load_checkpoint
+from gridclip.clip.loader import builtin_name_of
+from gridclip.config import Config, load_config
+from gridclip.engine.evaluate import evaluate_base_trained
+from gridclip.engine.train import train
+from gridclip.utils.atomic import atomic_write_json
+from gridclip.utils.threads import torch_threads
+from gridclip_lab.world.clip_pretrain import shipped_model_dir
+
+# name -> model settings. ``teacher``: "student" aligns to the student's own CLIP image tower (frozen), any
+# other value names a CLIP (a directory or open_clip name).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "GridCLIP": {},
+    "grid only": {"image_align": False},
+    "FCOS w/o align": {"grid_align": False, "image_align": False},
+    "w/o MHSA": {"use_mhsa": False},
+    "w/o MHSA w/o align": {"use_mhsa": False, "grid_align": False, "image_align": False},  # Table 4's R50*
+    "image only": {"grid_align": False},
+    "3x3 embed": {"embed_kernel_size": 3},  # design choice: torchvision FCOS's classifier kernel
+    "GridCLIP, RN teacher": {"teacher": "student"},
+    # diagnostic (not in the paper): the L1 on z-bar itself, no projector (the world's teacher shares the
+    # student's text space): does the freshly initialised projector let z-bar drift?
+    "GridCLIP, L1 on z-bar": {"projector_layers": 0},
+}
+METRICS = ("AP", "AP50", "APr", "APc", "APf")
+CONFIG_NAME = "shapes_demo"  # the product's packaged gridclip/configs/shapes_demo.yaml
+
+
+def world_config(world_dir: str | Path, clip: str | Path | None = None, teacher: str | Path | None = None,
+                 overrides: Sequence[str] = ()) -> Config:
+    """The world's training config: ``shapes_demo.yaml`` with the world's files, the tiny CLIP and teacher
+    (default: the shipped ones, named ``gridclip:NAME`` so configs and checkpoints hold no machine path)
+    and ``key=value`` overrides."""
+    world = Path(world_dir)
+    cfg = load_config(CONFIG_NAME, list(overrides))
+    clip, teacher = str(clip or shipped_model_dir("rn")), str(teacher or shipped_model_dir("vit"))
+    cfg.model.clip_model, cfg.model.clip_pretrained = builtin_name_of(clip) or clip, None
+    cfg.model.teacher_model, cfg.model.teacher_pretrained = builtin_name_of(teacher) or teacher, None
+    cfg.data.train_json, cfg.data.train_images = str(world / "det_train.json"), str(world / "det_train" / "images")
+    cfg.data.val_json, cfg.data.val_images = str(world / "val.json"), str(world / "val" / "images")
+    return cfg
+
+
+def apply_variant(cfg: Config, variant: str, settings: dict[str, Any], num_base_classes: int) -> Config:
+    """``cfg`` with a variant's model settings; a closed-set variant classifies the base categories."""
+    for key, value in settings.items():
+        if key == "teacher":
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"variant {variant!r}: teacher must be 'student' or a CLIP, got {value!r}")
+            if value == "student":
+                cfg.model.teacher_model, cfg.model.teacher_pretrained = cfg.model.clip_model, cfg.model.clip_pretrained
+            else:
+                cfg.model.teacher_model, cfg.model.teacher_pretrained = builtin_name_of(value) or value, None
+        elif not hasattr(cfg.model, key):
+            raise ValueError(f"variant {variant!r}: unknown model setting {key!r}")
+        else:
+            setattr(cfg.model, key, value)
+    if not cfg.model.grid_align:
+        cfg.model.num_classes = num_base_classes
+    return cfg
+
+
+def evaluate_variant(model_path: str, cfg: Config, base_category_ids: list[int], *,
+                     write_results: bool = False) -> dict[str, float]:
+    """LVIS-style metrics of a trained run on the world's val split (every category; AP_r = novel);
+    ``write_results``: its detections also to ``<cfg.out_dir>/results.json``."""
+    evaluation, results = evaluate_base_trained(load_checkpoint(model_path), cfg, base_category_ids)
+    if write_results:
+        atomic_write_json(Path(cfg.out_dir) / "results.json", results, indent=None)
+    return {k: evaluation.metrics[k] for k in METRICS}
+
+
+TrainFn = Callable[..., dict]
+EvaluateFn = Callable[[str, Any, list], dict]
+
+
+def run_variant(cfg: Config, base_category_ids: list[int], *, train_fn: TrainFn = train,
+                evaluate_fn: EvaluateFn = evaluate_variant, progress: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` into ``cfg.out_dir`` and evaluate it, with one torch thread: ``{"summary" (the
+    trainer's), "metrics", "train_seconds", "seconds"}``."""
+    t0 = time.perf_counter()
+    with torch_threads(1):
+        summary = train_fn(cfg, cfg.out_dir, progress=progress)
+        train_seconds = time.perf_counter() - t0
+        metrics = evaluate_fn(summary["model"], cfg, base_category_ids)
+    return {"summary": summary, "metrics": metrics, "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - t0}
+
+
+def run_side_by_side(fn: Callable[..., Any], tasks: Sequence[tuple], jobs: int,
+                     on_done: Callable[[int, Any], None]) -> None:
+    """``fn(*task)`` for every task, ``jobs`` at a time in spawned worker processes (in this process when
+    ``jobs`` is 1 or there is one task); ``on_done(index, result)`` in this process as each finishes."""
+    if jobs < 1:
+        raise ValueError(f"jobs: expected >= 1, got {jobs}")
+    if jobs == 1 or len(tasks) <= 1:
+        for i, task in enumerate(tasks):
+            on_done(i, fn(*task))
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context) as pool:
+        futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
+        for future in as_completed(futures):
+            on_done(futures[future], future.result())
