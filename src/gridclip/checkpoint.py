@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from gridclip.config import GridCLIPConfig, config_from_dict, config_to_dict
 from gridclip.model import build_model
 from gridclip.model.gridclip import GridCLIP
 from gridclip.utils.atomic import atomic_save
+from gridclip.utils.files import read_marked
 
 FORMAT = "gridclip-checkpoint"
 VERSION = 2
@@ -144,27 +144,7 @@ def save_checkpoint(path: str | os.PathLike, model: GridCLIP, extra: dict | None
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The raw checkpoint dict, validated; clear errors for missing, truncated or foreign files."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise IsADirectoryError(f"checkpoint {path} is a directory, expected a .pt file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
-    except Exception as exc:  # unpickling of foreign objects is refused under weights_only
-        raise ValueError(f"checkpoint {path} is not a gridclip checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path} is not a gridclip checkpoint (no '{FORMAT}' format marker)")
-    if data.get("version", 0) > VERSION:
-        raise ValueError(f"checkpoint {path} has format version {data['version']}; this gridclip reads <= {VERSION}")
-    for key in ("config", "state_dict"):
-        if key not in data:
-            raise ValueError(f"checkpoint {path} lacks '{key}'")
-    return data
+    return read_marked(path, FORMAT, "checkpoint", version=VERSION, required=("config", "state_dict"))
 
 
 _V1_LOCAL_IDENTITY = re.compile(r"^local-dir:(?P<path>.*)@(?P<digest>[0-9a-f]{16})$")

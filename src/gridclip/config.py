@@ -5,9 +5,13 @@ keyword arguments. Defaults are the paper's settings (GridCLIP, LVIS, RN50).
 
 Every value is checked against its field's type when a config is loaded (YAML, overrides, a
 checkpoint's dict): enumerations are ``Literal`` fields, so ``train.optimizer: lion`` fails at load with
-the allowed values, not at the first use. Named configs ship in the package (``gridclip/configs/``,
-listed by ``gridclip configs``): ``load_config("lvis_r50")`` reads ``gridclip/configs/lvis_r50.yaml``;
-a path to a file works as before. Keys removed from the schema are listed in ``REMOVED_KEYS``.
+the allowed values, not at the first use. Named configs ship in the package (``gridclip/configs/``, and
+plugins add folders of theirs; ``gridclip configs`` lists them): ``load_config("lvis_r50")`` reads
+``gridclip/configs/lvis_r50.yaml``; a path to a file works too. Keys removed from the schema are listed
+in ``REMOVED_KEYS``.
+
+The model section's ``arch`` names a registered architecture: its config class (here GridCLIP's;
+others register theirs with :func:`register_model_config`) and its builder (:mod:`gridclip.model.registry`).
 """
 from __future__ import annotations
 

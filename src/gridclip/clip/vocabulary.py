@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from gridclip.clip.prompts import VILD_TEMPLATES
 from gridclip.clip.text import TextEncoder
+from gridclip.utils.files import read_torch_file
 from gridclip.utils.atomic import atomic_save
 
 BUILTIN_VOCABULARIES = ("lvis", "coco", "voc")
@@ -289,9 +290,9 @@ class Vocabulary:
         path = path / f"{key[:32]}.pt"
         if path.is_file():
             try:
-                cached = torch.load(path, map_location="cpu", weights_only=True)
+                cached = read_torch_file(path, "vocabulary cache entry")
                 return cls(tuple(names), cached["embeddings"], identity)
-            except Exception:  # a corrupt cache entry is recomputed, never trusted
+            except (ValueError, OSError, KeyError, TypeError):  # a corrupt cache entry is recomputed, never trusted
                 pass
         clip, tokenizer = encoder.load()
         embeddings = encode_names(clip, tokenizer, names, templates)
@@ -306,13 +307,7 @@ class Vocabulary:
     def load(cls, path: str | os.PathLike) -> "Vocabulary":
         """A ``.pt`` file of text embeddings: a tensor ``[K, D]`` or a dict ``{"embeddings": [K, D],
         "names": [K]}`` (e.g. a saved vocabulary cache)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: vocabulary embeddings file not found")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{path}: cannot read vocabulary embeddings ({type(exc).__name__})") from None
+        data = read_torch_file(path, "vocabulary embeddings file")
         names = None
         if isinstance(data, dict):
             names = data.get("names")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gridclip.utils.files import read_marked
 from gridclip.utils.atomic import atomic_save
 
 logger = logging.getLogger("gridclip.train")
@@ -93,19 +94,7 @@ def save_training_state(out_dir: str | os.PathLike, iteration: int, payload: dic
 
 def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
     """Load and check one training checkpoint (ValueError naming the file if it is not one)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training checkpoint not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, foreign pickle, ...
-        raise ValueError(f"training checkpoint {path} is corrupt or not a training checkpoint "
-                         f"({type(exc).__name__})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a gridclip training checkpoint (no '{FORMAT}' marker)")
-    if data.get("version", 0) > VERSION:
-        raise ValueError(f"{path}: training checkpoint version {data['version']}; this gridclip reads <= {VERSION}")
-    return data
+    return read_marked(path, FORMAT, "training checkpoint", version=VERSION)
 
 
 def latest_training_state(out_dir: str | os.PathLike) -> tuple[dict[str, Any], Path] | None:

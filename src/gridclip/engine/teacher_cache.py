@@ -34,6 +34,7 @@ from gridclip.data.collate import collate_detection
 from gridclip.data.datasets import DetectionDataset, load_train_annotations
 from gridclip.data.transforms import eval_transforms
 from gridclip.model.teacher import CLIPTeacher
+from gridclip.utils.files import read_marked
 from gridclip.utils.atomic import atomic_save
 
 logger = logging.getLogger("gridclip.train")
@@ -69,12 +70,7 @@ class TeacherCache:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"train.teacher_cache: file not found: {path} (make it with gridclip cache-teacher)")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"teacher cache {path} is corrupt or not a teacher cache ({type(exc).__name__})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a gridclip teacher cache (no '{FORMAT}' marker)")
+        data = read_marked(path, FORMAT, "teacher cache", required=("image_ids", "embeddings", "teacher"))
         cache = cls(data["image_ids"], data["embeddings"], data["teacher"], str(path))
         if cfg is not None:
             expected = teacher_identity(cfg)

@@ -1,4 +1,4 @@
-"""The fine-tuning figure (issue 12): AP per category group of the start models and of each fine-tuning
+"""The fine-tuning figure: AP per category group of the start models and of each fine-tuning
 arm, mean +- std over seeds with every seed's value, from a ``gridclip-lab finetune-study`` JSON."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The forgetting curve (issue 12): how much of its CLIP's image-level knowledge a detector keeps as it
+"""The forgetting curve: how much of its CLIP's image-level knowledge a detector keeps as it
 trains longer. For every run of a study whose ``model.pt`` was kept (``gridclip-lab study --keep-models``),
 the recall@k of the model's own z-bar on the val images (:func:`gridclip_lab.analysis.recall.detector_recall`),
 cached beside the run; plus the figure of AP_r, AP_f and recall against the schedule length.

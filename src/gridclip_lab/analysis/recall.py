@@ -207,7 +207,7 @@ def detector_recall(
 ) -> list[RecallResult]:
     """Recall@k of trained GridCLIP models' own z-bar, measured exactly as :func:`clip_recall` measures
     their CLIP (same images, preprocessing at the CLIP's input size, ViLD-template class embeddings of
-    the model's text tower): how much image-level knowledge detection training kept (issue 12's
+    the model's text tower): how much image-level knowledge detection training kept (the
     forgetting curve). A model before any training scores what its CLIP scores."""
     dataset, indices, labels, names, ks = _recall_inputs(gt, images, max_images, ks)
     out = []

@@ -1,4 +1,4 @@
-"""``make gpu-check``: does the GPU path work, and how fast is it (issue 15, GPU readiness)?
+"""``make gpu-check``: does the GPU path work, and how fast is it?
 
 On one CUDA card, in a few minutes (GridCLIP RN50, random weights, K = 1203, 800x1333):
 
@@ -34,7 +34,7 @@ from gridclip_lab.bench.measure import autocast, median
 
 __all__ = ["NoCudaError", "require_cuda", "run_gpu_check", "render", "FPS_GOAL"]
 
-FPS_GOAL = 40.0  # issue 15: >= 40 FPS fp16 at batch 1 on an H100 / H200 (paper: 19.5 on an A100)
+FPS_GOAL = 40.0  # >= 40 FPS fp16 at batch 1 on an H100 / H200 (paper: 19.5 on an A100)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

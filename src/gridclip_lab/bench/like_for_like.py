@@ -1,5 +1,5 @@
 """Where GridCLIP's like-for-like excess over FCOS-R50 sits: per-stage CPU times of both under the same
-generic rewrites (issue 15, "find where the like-for-like third sits before changing anything").
+generic rewrites: where the like-for-like gap sits.
 
 GridCLIP as ``gridclip detect`` runs it (inference form: trunk batch norms folded, channels-last) and
 torchvision FCOS-R50 given the same rewrites (:func:`gridclip_lab.bench.stages.fcos_with_trunk_rewrites`),
@@ -40,7 +40,7 @@ GROUPS = {
 }
 
 
-# Whole-model references timed in the same rounds: the goals' baselines (issue 15) and one more.
+# Whole-model references timed in the same rounds: the goals' baselines and one more.
 REFERENCES = {
     "fcos": "FCOS-R50 given the same rewrites (91 classes, torchvision's)",
     "fcos stock": "stock torchvision FCOS-R50 (91 classes, no rewrites)",

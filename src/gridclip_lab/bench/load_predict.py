@@ -1,4 +1,4 @@
-"""``gridclip.load(path).predict`` vs the model ``gridclip detect`` runs, in one process (issue 16.3).
+"""``gridclip.load(path).predict`` vs the model ``gridclip detect`` runs, in one process.
 
     gridclip-lab bench-load-predict [--size 800x1333] [--classes 1203] [--rounds 5]
 

@@ -1,4 +1,4 @@
-"""GridCLIP and its peers on the embedded world (paper Tables 1-2, issue 13), same data, seeds and evaluation.
+"""GridCLIP and its peers on the embedded world (paper Tables 1-2), same data, seeds and evaluation.
 
     gridclip-lab bench-peers --out runs/peers --seeds 0 1 2                          # train + evaluate (resumable)
     gridclip-lab bench-peers --out runs/peers --report docs/peers_results.md         # tables from results.json

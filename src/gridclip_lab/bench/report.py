@@ -1,4 +1,4 @@
-"""Goals of issue 7 checked against measured ratios; the JSON results and the Markdown report."""
+"""The speed and memory goals checked against measured ratios; the JSON results and the Markdown report."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,7 +39,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def goals(results: dict, main_classes: int) -> list[dict]:
-    """The issue's goals, each ``{"goal", "measured", "holds"}`` (holds None: not measured in this run).
+    """The goals, each ``{"goal", "measured", "holds"}`` (holds None: not measured in this run).
 
     Evaluated at 800x1333 when measured, else at the largest size measured (then ``size`` says so).
     """

@@ -1,4 +1,4 @@
-"""Where GridCLIP's inference time goes, stage by stage, and what each optimisation of issue 7 gained.
+"""Where GridCLIP's inference time goes, stage by stage, and what each inference optimisation gained.
 
 Stage times come from wrapping each stage's callable on the instance (CPU execution is synchronous, so
 wall time per call is the stage's cost).

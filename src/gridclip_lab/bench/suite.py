@@ -1,4 +1,4 @@
-"""The benchmark suite (issue 7): GridCLIP against baselines run in the same process on the same input.
+"""The benchmark suite: GridCLIP against baselines run in the same process on the same input.
 
 ``run`` measures the sections (latency, peak memory, training throughput, parameters; optionally the
 stage study and FLOPs) and hands each partial result to ``save``; ``merge_results`` combines the

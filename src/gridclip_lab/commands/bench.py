@@ -1,4 +1,4 @@
-"""Benchmark GridCLIP against baselines run in the same process on the same input (issue 7).
+"""Benchmark GridCLIP against baselines run in the same process on the same input.
 
     gridclip-lab bench                 # CPU, the default set (~15 min on 2 idle cores; 48 min shared)
     gridclip-lab bench --quick         # seconds: tiny CLIP, tiny images (the regression test)

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from gridclip.clip.loader import clip_identity
 from gridclip.config import GridCLIPConfig
+from gridclip.utils.files import read_marked
 from gridclip.utils.atomic import atomic_save
 
 FORMAT = "gridclip-region-cache"
@@ -93,12 +94,7 @@ class RegionCache:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"train.region_cache: file not found: {path} (make it with gridclip-lab precompute-regions)")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"region cache {path} is corrupt or not a region cache ({type(exc).__name__})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a gridclip region cache (no '{FORMAT}' marker)")
+        data = read_marked(path, FORMAT, "region cache", required=("image_ids", "offsets", "boxes", "embeddings", "key"))
         return cls(data["image_ids"], data["offsets"], data["boxes"], data["embeddings"], data["key"],
                    data.get("cost"), str(path))
 
