@@ -10,6 +10,10 @@ Still borrowed (no public equivalent):
   * open_clip's ResNet tower construction (``ModifiedResNet`` from ``CLIPVisionCfg``, as open_clip's
     CLIP builds it), ``ModifiedResNet.forward_intermediates`` / ``stem`` and a removable ``attnpool``,
     ``AttentionPool2d``'s parameter names;
+  * open_clip ``model._build_text_tower`` (a text tower from a model config, as ``CLIP.__init__`` builds it;
+    ``gridclip.clip.text`` rebuilds a checkpoint's stored tower with it);
+  * torchvision ``GeneralizedRCNNTransform._skip_resize`` and ``torch_choice`` (``DetectionTransform.resize``
+    follows torchvision's own training-size choice);
   * ``torch.onnx.operators.shape_as_tensor`` (an alias of ``torch._shape_as_tensor``),
     ``torch.cpu.get_capabilities()``'s keys.
 """
@@ -181,3 +185,38 @@ def test_fuse_conv_bn_weights_is_public_and_exact_for_identity_norms():
     w, b = fuse_conv_bn_weights(conv.weight, None, torch.zeros(6), torch.ones(6) - 1e-5, 1e-5, torch.ones(6), torch.zeros(6))
     torch.testing.assert_close(w, conv.weight)
     assert b.abs().max() == 0
+
+
+def test_build_text_tower_builds_the_tower_clip_builds(rn_name):
+    """``open_clip.model._build_text_tower(embed_dim, text_cfg, quick_gelu)`` gives the text tower of an
+    open_clip ``CLIP`` of the same config: with its weights, the same text embeddings."""
+    import open_clip
+    from open_clip.model import _build_text_tower
+
+    from gridclip.clip.loader import model_config
+
+    cfg = model_config(rn_name)
+    torch.manual_seed(0)
+    clip = open_clip.create_model(rn_name, pretrained=None).eval()
+    tower = _build_text_tower(cfg["embed_dim"], dict(cfg["text_cfg"]), cfg.get("quick_gelu", False)).eval()
+    text_state = {k: v for k, v in clip.state_dict().items() if not k.startswith(("visual.", "logit_"))}
+    missing, unexpected = tower.load_state_dict(text_state, strict=False)
+    assert not unexpected and set(missing) <= {"attn_mask"}
+    tokens = open_clip.get_tokenizer(rn_name)(["a red star", "a striped blue ring"])
+    with torch.no_grad():
+        torch.testing.assert_close(tower(tokens), clip.encode_text(tokens), rtol=0, atol=0)
+
+
+def test_rcnn_transform_training_size_choice_and_skip_flag():
+    """``DetectionTransform.resize`` defers to torchvision when ``_skip_resize`` is set in training and
+    draws the training size with ``torch_choice``, as ``GeneralizedRCNNTransform.resize`` does."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    t = GeneralizedRCNNTransform((96, 128, 160), 1333, [0.0] * 3, [1.0] * 3)
+    assert t._skip_resize is False
+    t2 = GeneralizedRCNNTransform(128, 1333, [0.0] * 3, [1.0] * 3, _skip_resize=True)
+    assert t2._skip_resize is True
+    torch.manual_seed(0)
+    draws = {t.torch_choice(list(t.min_size)) for _ in range(50)}
+    assert draws <= {96, 128, 160} and len(draws) > 1
+    assert "torch_choice" in inspect.getsource(GeneralizedRCNNTransform.resize)

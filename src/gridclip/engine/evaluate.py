@@ -18,7 +18,6 @@ The command is ``gridclip eval`` (:mod:`gridclip.commands.eval`).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from gridclip.data.collate import collate_detection
 from gridclip.data.annotations import DetectionAnnotations, LoadReport, to_coco_dict
 from gridclip.data.datasets import build_dataset
 from gridclip.data.transforms import eval_transforms
+from gridclip.utils.files import read_json
 from gridclip.utils.atomic import atomic_write_json
 
 logger = logging.getLogger("gridclip.eval")
@@ -60,17 +60,6 @@ class Evaluation:
     num_detections: int = 0
 
 
-def _load_json(path: str | os.PathLike, what: str) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-
-
 def load_results(results: str | os.PathLike | Iterable[dict], image_ids: set[int], category_ids: set[int]) -> list[dict]:
     """Checked copies of COCO-format detections ``{image_id, category_id, bbox [x, y, w, h], score}``.
 
@@ -78,7 +67,7 @@ def load_results(results: str | os.PathLike | Iterable[dict], image_ids: set[int
     category id is not in the ground truth (a label -> category mapping bug would otherwise score 0).
     """
     name = str(results) if isinstance(results, (str, os.PathLike)) else "results"
-    raw = _load_json(results, "results file") if isinstance(results, (str, os.PathLike)) else list(results)
+    raw = read_json(results, "results file") if isinstance(results, (str, os.PathLike)) else list(results)
     if not isinstance(raw, list):
         raise ValueError(f"{name}: expected a JSON list of detections")
     out = []
@@ -122,7 +111,7 @@ def evaluate(
     ``style`` None: "lvis" when every category has a ``frequency`` tag, else "coco". ``max_dets``
     defaults to 300 (LVIS, per image) or 100 (COCO, per image and category).
     """
-    gt_dict = _load_json(gt, "ground-truth file") if isinstance(gt, (str, os.PathLike)) else gt
+    gt_dict = read_json(gt, "ground-truth file") if isinstance(gt, (str, os.PathLike)) else gt
     gt_name = str(gt) if isinstance(gt, (str, os.PathLike)) else "ground truth"
     for key in ("images", "annotations", "categories"):
         if not isinstance(gt_dict, dict) or not isinstance(gt_dict.get(key), list):

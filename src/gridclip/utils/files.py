@@ -7,6 +7,7 @@ error naming the file and what was expected.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -44,3 +45,15 @@ def read_marked(path: str | os.PathLike, fmt: str, what: str, *, version: int | 
     if missing:
         raise ValueError(f"{path}: {what} lacks {', '.join(repr(k) for k in missing)}")
     return data
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """A JSON file's content; ``what`` names the file's kind in the errors (missing, not valid JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({what}: {exc.msg}, line {exc.lineno})") from None

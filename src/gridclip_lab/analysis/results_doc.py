@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gridclip.utils.files import read_json
 from gridclip_lab.analysis.frequency import run_frequency
 from gridclip_lab.analysis.paper import TABLE1, TABLE2, TABLE3
 from gridclip_lab.analysis.study_doc import render_study_sections
@@ -62,12 +63,7 @@ class DemoRun:
 def load_demo(demo: str | os.PathLike) -> DemoRun:
     root = Path(demo)
     path = root / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `gridclip-lab demo --out {root}` first")
-    try:
-        metrics = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    metrics = read_json(path, f"the demo's metrics (run `gridclip-lab demo --out {root}` first)")
     if not isinstance(metrics, dict) or not all(isinstance(v, dict) for v in metrics.values()):
         raise ValueError(f"{path}: expected {{variant: {{AP, APr, ...}}}}")
     world = {}

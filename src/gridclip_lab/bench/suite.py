@@ -9,16 +9,15 @@ measured: ``gridclip_lab.bench.measure``; what is run: ``gridclip_lab.bench.case
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torchvision
 
+from gridclip.utils.files import read_json
 from gridclip_lab.bench import cases, flops, measure, report, stages
 
 CASES = ("gridclip", "fcos", "maskrcnn", "crops")
@@ -164,15 +163,9 @@ def merge_results(paths: list[str]) -> dict:
     """One results dict from several runs' results.json: for each section, the first file that has it."""
     merged: dict = {}
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise FileNotFoundError(f"--report-from: {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--report-from: {path} is not JSON ({exc.msg})") from None
+        data = read_json(p, "--report-from results file")
         if data.get("latency") and merged.get("latency"):  # a further timing run: kept as a rerun
-            merged.setdefault("reruns", []).append({"source": str(path), "environment": data["environment"],
+            merged.setdefault("reruns", []).append({"source": str(p), "environment": data["environment"],
                                                     "goals": data.get("goals", []), "latency": data["latency"]})
         for key, value in data.items():
             if value and not merged.get(key):

@@ -6,9 +6,9 @@ resumes. OUT/study.json holds per-run metrics, per-variant mean / std / 95 % CI 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from gridclip.utils.files import read_json
 from gridclip_lab.demo import DEFAULT_ITERS
 from gridclip_lab.study import VARIANTS, StudySpec, format_study, run_study
 from gridclip_lab.study.aggregate import seed_spread
@@ -79,12 +79,7 @@ def spec_from_args(a: argparse.Namespace) -> StudySpec:
     values: dict = {}
     if a.spec:
         path = Path(a.spec)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such study spec file")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        values = read_json(path, "study spec file")
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a JSON object of StudySpec fields")
     if a.variants:
