@@ -132,3 +132,23 @@ def test_configs_command_lists_each_packaged_config_on_one_line(capsys):
     assert main(["configs", "--path"]) == 0
     paths = [line.split()[1] for line in capsys.readouterr().out.strip().splitlines()]
     assert [Path(p) for p in paths] == list(packaged_configs().values())
+
+
+def test_model_arch_selects_a_registered_config_class_and_old_dicts_load():
+    """``model.arch`` is no GridCLIPConfig field: it selects the registered config class (GridCLIP's own,
+    or a plugin's); a dict written when the model section also held the peers' settings still loads."""
+    from gridclip.config import GridCLIPConfig
+    from gridclip.model import list_detectors
+
+    default = config_to_dict(Config())
+    assert list(default["model"])[0] == "arch" and default["model"]["arch"] == "gridclip"
+    assert "peers" not in default["model"] and "arch" not in {f.name for f in __import__("dataclasses").fields(GridCLIPConfig)}
+    old = config_to_dict(Config())
+    old["model"]["peers"] = {"anchor_sizes": [32, 64, 128, 256, 512], "temperature": 0.01}
+    assert config_from_dict(old) == Config()
+    assert {"gridclip", "vild", "clip_crops"} <= set(list_detectors())
+    vild = load_config(overrides=["model.arch=vild", "model.peers.temperature=0.05"])
+    assert vild.model.arch == "vild" and vild.model.peers.temperature == 0.05
+    assert config_from_dict(config_to_dict(vild)) == vild  # round trip keeps the architecture
+    with pytest.raises(ValueError, match=r"model\.arch: expected one of gridclip.*got 'detr'"):
+        load_config(overrides=["model.arch=detr"])
