@@ -45,11 +45,11 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(BIN)/gridclip-lab bench
+	$(BIN)/gridclip-lab bench --doc docs/benchmarks.md
 
 # one CUDA node, <= 5 min: AMP training steps, fp16 FPS at batch 1 and 8, one NCCL DDP step (exit 3 without a GPU)
 gpu-check: $(STAMP)
-	$(BIN)/gridclip-lab gpu-check
+	$(BIN)/gridclip-lab gpu-check --doc docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) runs

@@ -134,7 +134,7 @@ def test_finetune_study_end_to_end_and_resumes(tmp_path, small_world, tiny_clip_
     import json
     import yaml
 
-    from gridclip.cli import main
+    from gridclip_lab.cli import main
 
     rn, vit = tiny_clip_names
     out = tmp_path / "ft"

@@ -115,7 +115,7 @@ def _results(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="gridclip-lab analyze results",
                                 description="docs/results.md: the paper's tables, commands and embedded-world numbers")
     p.add_argument("--demo", default="runs/demo", help="a `gridclip-lab demo` output folder (metrics.json)")
-    p.add_argument("--out", default="docs/results.md")
+    p.add_argument("--out", default="runs/results.md", help="the document written (the repository's: docs/results.md)")
     p.add_argument("--figures", help="folder for Fig. 3 / Fig. 4 PNGs (default: OUT's folder/figures)")
     p.add_argument("--no-figures", action="store_true", help="tables only")
     p.add_argument("--no-transfer", action="store_true",
@@ -140,7 +140,7 @@ def _study_section(argv: list[str]) -> int:
     p.add_argument("--study", required=True, help="a `gridclip-lab study` study.json")
     p.add_argument("--section", required=True, help="section name: the text between <!-- NAME:start/end --> is replaced")
     p.add_argument("--title", required=True, help="the section's heading")
-    p.add_argument("--out", default="docs/results.md")
+    p.add_argument("--out", default="runs/results.md", help="the document written (the repository's: docs/results.md)")
     p.add_argument("--finetune", help="a `gridclip-lab finetune-study` finetune.json")
     p.add_argument("--clip-recall", help="a recall.json of `gridclip-lab analyze clip-recall` whose first model is the "
                                          "student CLIP: the forgetting curve's starting row")

@@ -7,8 +7,8 @@
     gridclip-lab bench --only stages --sizes 640x640 --classes 1203 21000 --out runs/s   # one study
     gridclip-lab bench --report-from A/results.json B/results.json   # merge runs into one report
 
-Writes ``<out>/results.json`` and a Markdown report (``--doc``, default ``docs/benchmarks.md`` for full
-runs, ``<out>/benchmarks.md`` for ``--quick``), both atomically. The benchmarks are in the package
+Writes ``<out>/results.json`` and a Markdown report (``--doc``, default ``<out>/benchmarks.md``; ``make
+bench`` writes the repository's docs/benchmarks.md), both atomically. The benchmarks are in the package
 (``gridclip_lab.bench``): ``measure`` says how time and memory are measured, ``cases`` what is run.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="results folder (default runs/bench, quick: runs/bench-quick)")
-    p.add_argument("--doc", default=None, help="Markdown report path")
+    p.add_argument("--doc", default=None, help="Markdown report path (default OUT/benchmarks.md)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -110,7 +110,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.stage_rounds < 1:
         raise ValueError("--stage-rounds must be >= 1")
     args.out = Path(args.out or ("runs/bench-quick" if quick else "runs/bench"))
-    args.doc = Path(args.doc) if args.doc else (args.out / "benchmarks.md" if quick else Path("docs/benchmarks.md"))
+    args.doc = Path(args.doc) if args.doc else args.out / "benchmarks.md"  # `make bench`: docs/benchmarks.md
     return args
 
 

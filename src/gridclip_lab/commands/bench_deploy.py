@@ -26,7 +26,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--workdir", help="folder for the exported and quantised graphs (default: a temporary one)")
     p.add_argument("--json", default="bench_deploy.json", help="raw results (default ./bench_deploy.json)")
     p.add_argument("--report-from", help="render the report from an earlier --json file instead of running")
-    p.add_argument("--doc", default="docs/benchmarks.md", help="document whose onnxruntime section is replaced")
+    p.add_argument("--doc", default="benchmarks.md", help="document whose onnxruntime section is replaced (default ./benchmarks.md; `make` targets pass docs/benchmarks.md)")
     args = p.parse_args(list(argv))
     if args.report_from:
         data = json.loads(Path(args.report_from).read_text(encoding="utf-8"))

@@ -32,7 +32,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--json", default="bench_stages.json", help="raw per-round stage times")
     p.add_argument("--report-from", help="render the section from an earlier --json file instead of running")
-    p.add_argument("--doc", default="docs/benchmarks.md", help="document whose like-for-like section is replaced")
+    p.add_argument("--doc", default="benchmarks.md", help="document whose like-for-like section is replaced (default ./benchmarks.md; `make` targets pass docs/benchmarks.md)")
     args = p.parse_args(list(argv))
     if args.report_from:
         data = json.loads(Path(args.report_from).read_text(encoding="utf-8"))

@@ -25,7 +25,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--fps-calls", type=int, default=20, help="timed inference calls per batch size (default 20)")
     p.add_argument("--json", default="gpu_check.json", help="raw results (default ./gpu_check.json)")
     p.add_argument("--report-from", help="render the section from an earlier --json file instead of running")
-    p.add_argument("--doc", default="docs/benchmarks.md", help="document whose gpu-check section is replaced")
+    p.add_argument("--doc", default="benchmarks.md", help="document whose gpu-check section is replaced (default ./benchmarks.md; `make` targets pass docs/benchmarks.md)")
     args = p.parse_args(list(argv))
     if args.report_from:
         result = json.loads(Path(args.report_from).read_text(encoding="utf-8"))
