@@ -183,7 +183,7 @@ def test_torchrun_pretraining_equals_one_process(world, trained, tmp_path):
     record = train_clip(world.root, single / "shapes-ViT-tiny", PretrainConfig(model="shapes-ViT-tiny", **settings))
     assert record["processes"] == 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "gridclip.cli", "pretrain-clip", "--world", str(world.root), "--out", str(tmp_path / "ddp"),
+           "-m", "gridclip_lab.cli", "pretrain-clip", "--world", str(world.root), "--out", str(tmp_path / "ddp"),
            "--models", "vit", "--steps", "3", "--batch-size", "32", "--warmup-steps", "1", "--lr", "3e-3",
            "--teacher-text-from", str(rn_dir)]
     proc = subprocess.run(cmd, env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)

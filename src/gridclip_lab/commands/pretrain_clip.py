@@ -1,6 +1,6 @@
 """``gridclip-lab pretrain-clip --world DIR --out DIR [--steps N | --minutes M] [--seed S]``.
 
-Data-parallel on CPU under ``torchrun --nproc_per_node P -m gridclip.cli pretrain-clip ...`` (the same
+Data-parallel on CPU under ``torchrun --nproc_per_node P -m gridclip_lab.cli pretrain-clip ...`` (the same
 recipe; rank 0 writes the models and the record)."""
 from __future__ import annotations
 
