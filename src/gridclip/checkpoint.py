@@ -198,12 +198,18 @@ def _projector_out(state: dict) -> int | None:
     return int(state[keys[-1]].shape[0]) if keys else None
 
 
-def model_from_checkpoint(data: dict, source: str = "checkpoint") -> GridCLIP:
-    data = migrate(data)
+def model_values(data: dict) -> dict:
+    """The model config of a (migrated) checkpoint dict, as a plain dict; ``teacher_dim`` filled in."""
     values = dict(data["config"])
     if values.get("image_align", True) and values.get("teacher_dim") is None:
         values["teacher_dim"] = _projector_out(data["state_dict"])  # loading never needs the teacher
-    cfg: GridCLIPConfig = config_from_dict(values, GridCLIPConfig, f"{source}:config")
+    return values
+
+
+def build_like_checkpoint(data: dict, cfg: GridCLIPConfig) -> GridCLIP:
+    """A fresh model of ``cfg`` with the CLIP of the (migrated) checkpoint dict ``data``: its open_clip
+    config and its text encoder (stored tower, shipped CLIP or hub tag). No CLIP weights are read: the
+    image tower's come with the checkpoint's ``state_dict``, so nothing is downloaded."""
     model = build_model(cfg, load_clip_weights=False, clip_config=data.get("clip_config"),
                         teacher_config=data.get("teacher_config"))
     text = data.get("clip_text")
@@ -212,6 +218,13 @@ def model_from_checkpoint(data: dict, source: str = "checkpoint") -> GridCLIP:
     elif data.get("clip_text_source"):
         text_model, text_pretrained = data["clip_text_source"]
         model.text_encoder = TextEncoder(text_model, text_pretrained)
+    return model
+
+
+def model_from_checkpoint(data: dict, source: str = "checkpoint") -> GridCLIP:
+    data = migrate(data)
+    cfg: GridCLIPConfig = config_from_dict(model_values(data), GridCLIPConfig, f"{source}:config")
+    model = build_like_checkpoint(data, cfg)
     missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")

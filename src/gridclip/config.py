@@ -401,6 +401,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return config_from_dict(values, Config, where)
 
 
+def explicit_keys(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> frozenset[str]:
+    """The dotted keys (``model.clip_model``, ...) that the config file (with its ``_base_`` chain) or the
+    overrides set, as opposed to those left at the schema's defaults."""
+    values: dict = _read_yaml_chain(resolve_config(path), seen=()) if path is not None else {}
+    if overrides:
+        values = _deep_merge(values, parse_overrides(overrides))
+
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+    return frozenset(walk(values, ""))
+
+
 def _read_yaml_chain(path: Path, seen: tuple) -> dict:
     if path.resolve() in seen:
         raise ValueError(f"{path}: _base_ cycle")

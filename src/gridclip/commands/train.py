@@ -6,7 +6,8 @@ import os
 import sys
 from typing import Sequence
 
-from gridclip.config import load_config
+from gridclip.config import explicit_keys, load_config
+from gridclip.engine.finetune import finetuning_config
 from gridclip.engine.train import NonFiniteError, train
 
 
@@ -22,6 +23,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.02")
     args = parser.parse_args(list(argv))
     cfg = load_config(args.config, args.overrides)
+    if cfg.train.init_from:  # the model is the file's; what the config says otherwise is reported once
+        cfg = finetuning_config(cfg, explicit_keys(args.config, args.overrides))
     try:
         summary = train(cfg, args.out, resume=args.resume, max_iters=args.max_iters, progress=not args.no_progress)
     except NonFiniteError as exc:

@@ -30,6 +30,7 @@ Outputs in ``OUT``: ``config.yaml``, ``checkpoints/iter_*.pt`` (training state, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -52,7 +53,8 @@ from gridclip.engine import evaluate as ev
 from gridclip.engine import state as train_state
 from gridclip.engine.distributed import (DistInfo, TrainBatchSampler, all_gather_object, any_rank, barrier,
                                          cleanup_distributed, init_distributed, repeat_factors)
-from gridclip.engine.optim import build_optimizer, build_scheduler
+from gridclip.engine.finetune import finetuning_config, finetuning_model
+from gridclip.engine.optim import build_optimizer, build_scheduler, warmup_length
 from gridclip.engine.teacher_cache import TeacherCache, build_teacher
 from gridclip.model import build_model
 
@@ -125,12 +127,13 @@ class Trainer:
                  max_iters: int | None = None, progress: bool = True,
                  step_callback: Callable[["Trainer", int], None] | None = None):
         _check_train_config(cfg)
-        self.cfg = cfg
+        self.cfg = cfg = copy.deepcopy(cfg)
         self.out_dir = Path(out_dir or cfg.out_dir)
         self.resume = resume
         self.max_iters = max_iters if max_iters is not None else cfg.train.max_iters
         if self.max_iters is not None and self.max_iters < 1:
             raise ValueError(f"--max-iters: expected a positive number of iterations, got {self.max_iters}")
+        cfg.train.max_iters = self.max_iters  # config.yaml and model.pt record the schedule this run has
         self.progress = progress
         self.step_callback = step_callback
         self.dist = DistInfo()
@@ -140,13 +143,17 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
+        if self.cfg.train.init_from:
+            self.cfg = finetuning_config(self.cfg)
         cfg, t = self.cfg, self.cfg.train
         had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.dist = init_distributed(t.device)
         self._owns_process_group = self.dist.distributed and not had_group
         dev = self.dist.device
         if t.amp != "none" and dev.type != "cuda":
-            raise ValueError(f"train.amp={t.amp} needs CUDA (this run is on {dev.type}); use train.amp=none")
+            logger.warning("train.amp=%s needs CUDA; this run is on %s: training in float32 (train.amp=none)",
+                           t.amp, dev.type)
+            t.amp = "none"
 
         existing = train_state.list_checkpoints(self.out_dir)
         if existing and not self.resume:
@@ -155,7 +162,8 @@ class Trainer:
 
         _seed_everything(t.seed)  # same initial weights on every rank
         self.dataset = build_train_dataset(cfg.data)
-        model = build_model(cfg)  # the registered detector of model.arch
+        # the registered detector of model.arch; fine-tuning: with the CLIP of the file it starts from
+        model = finetuning_model(cfg) if t.init_from else build_model(cfg)
         model.set_vocabulary(self.dataset.category_names)
         self.vocabulary = model.vocabulary
         if t.init_from:
@@ -187,6 +195,9 @@ class Trainer:
 
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_iters)
+        if warmup_length(t.warmup_iters, self.total_iters) < t.warmup_iters:
+            logger.info("warmup: %d iterations (train.warmup_iters=%d, at most a quarter of the %d-iteration schedule)",
+                        warmup_length(t.warmup_iters, self.total_iters), t.warmup_iters, self.total_iters)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=t.amp == "fp16")
         self.ddp_model: nn.Module = self.model
         if self.dist.distributed:
