@@ -60,16 +60,67 @@ class Evaluation:
     num_detections: int = 0
 
 
-def load_results(results: str | os.PathLike | Iterable[dict], image_ids: set[int], category_ids: set[int]) -> list[dict]:
+def _unique_map(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """name -> id for the names that occur once."""
+    out: dict[str, int] = {}
+    seen: set[str] = set()
+    for name, id_ in pairs:
+        if name in seen:
+            out.pop(name, None)
+        else:
+            out[name] = id_
+        seen.add(name)
+    return out
+
+
+def _image_name_map(gt: dict) -> dict[str, int]:
+    """Ground-truth image names -> ids: ``file_name`` (or the last part of LVIS's ``coco_url``) as written,
+    and its last path component where that is unique."""
+    names = [(str(i.get("file_name") or str(i.get("coco_url", "")).rsplit("/", 1)[-1]).replace("\\", "/"), int(i["id"]))
+             for i in gt["images"]]
+    names = [(n, i) for n, i in names if n]
+    return {**_unique_map((n.rsplit("/", 1)[-1], i) for n, i in names), **_unique_map(names)}
+
+
+def _match_by_name(raw: list, key: str, names: dict[str, int], basename: bool) -> list[int] | None:
+    """The ids of ``raw``'s entries found by their ``key`` (a file or category name) in ``names``; None
+    unless every entry has a name found there."""
+    ids = []
+    for det in raw:
+        name = det.get(key) if isinstance(det, dict) else None
+        if not isinstance(name, str):
+            return None
+        name = name.replace("\\", "/")
+        found = names.get(name)
+        if found is None and basename:
+            found = names.get(name.rsplit("/", 1)[-1])
+        if found is None:
+            return None
+        ids.append(found)
+    return ids
+
+
+def load_results(results: str | os.PathLike | Iterable[dict], image_ids: set[int], category_ids: set[int],
+                 gt: dict | None = None) -> list[dict]:
     """Checked copies of COCO-format detections ``{image_id, category_id, bbox [x, y, w, h], score}``.
 
-    Raises ``ValueError`` naming the entry when a field is missing or not finite, or when an image or
-    category id is not in the ground truth (a label -> category mapping bug would otherwise score 0).
+    With the ground truth ``gt`` (a COCO/LVIS dict), detections that carry names are matched by name, as
+    ``gridclip detect`` writes them (it numbers its inputs itself and labels by its own vocabulary): when
+    every entry's ``file_name`` names a ground-truth image (its ``file_name``, else its last path part),
+    that image's id is used; likewise ``category_name`` for the category id. Otherwise the ids are taken
+    as they are. Raises ``ValueError`` naming the entry when a field is missing or not finite, or when an
+    image or category is not in the ground truth by id nor by name (a label -> category mapping bug would
+    otherwise score 0).
     """
     name = str(results) if isinstance(results, (str, os.PathLike)) else "results"
     raw = read_json(results, "results file") if isinstance(results, (str, os.PathLike)) else list(results)
     if not isinstance(raw, list):
         raise ValueError(f"{name}: expected a JSON list of detections")
+    image_by_name = category_by_name = None
+    if gt is not None:
+        image_by_name = _match_by_name(raw, "file_name", _image_name_map(gt), basename=True)
+        category_by_name = _match_by_name(raw, "category_name", _unique_map((str(c.get("name")), int(c["id"]))
+                                                                            for c in gt["categories"]), basename=False)
     out = []
     for k, det in enumerate(raw):
         try:
@@ -80,10 +131,15 @@ def load_results(results: str | os.PathLike | Iterable[dict], image_ids: set[int
             raise ValueError(f"{name}: detection {k}: expected image_id, category_id, bbox [x, y, w, h], score") from None
         if len(bbox) != 4 or not all(math.isfinite(v) for v in (*bbox, score)):
             raise ValueError(f"{name}: detection {k}: bbox must be 4 finite numbers and score finite, got {det['bbox']}, {det['score']}")
+        image_id = image_by_name[k] if image_by_name is not None else image_id
+        category_id = category_by_name[k] if category_by_name is not None else category_id
         if image_id not in image_ids:
-            raise ValueError(f"{name}: detection {k}: image_id {image_id} is not in the ground truth")
+            named = f", nor is its file_name {det['file_name']!r}" if isinstance(det.get("file_name"), str) else ""
+            raise ValueError(f"{name}: detection {k}: image_id {image_id} is not in the ground truth{named} "
+                             "(images are matched by id, or by file name when every detection's file_name is one)")
         if category_id not in category_ids:
-            raise ValueError(f"{name}: detection {k}: category_id {category_id} is not in the ground truth")
+            named = f", nor is its category_name {det['category_name']!r}" if isinstance(det.get("category_name"), str) else ""
+            raise ValueError(f"{name}: detection {k}: category_id {category_id} is not in the ground truth{named}")
         out.append({"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score})
     return out
 
@@ -128,7 +184,8 @@ def evaluate(
     if max_dets <= 0:
         raise ValueError(f"max_dets: expected a positive number, got {max_dets}")
 
-    dets = load_results(results, {int(i["id"]) for i in gt_dict["images"]}, {int(c["id"]) for c in gt_dict["categories"]})
+    dets = load_results(results, {int(i["id"]) for i in gt_dict["images"]}, {int(c["id"]) for c in gt_dict["categories"]},
+                        gt=gt_dict)
     if style == "lvis":
         dets = limit_detections_per_image(dets, max_dets)
 

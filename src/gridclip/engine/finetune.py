@@ -48,22 +48,26 @@ def finetuning_config(cfg: Config, explicit: Collection[str] | None = None) -> C
     theirs = model_values(data)
     cls = model_config_class(theirs.get("arch", "gridclip"), f"{path}: config.arch")
     fields = {f.name for f in dataclasses.fields(cls)} | {"arch"}
-    mine = portable_model_config(config_to_dict(cfg.model))
+    raw = config_to_dict(cfg.model)
+    mine = portable_model_config(raw)  # comparable with the file's names (a shipped CLIP's folder: gridclip:NAME)
     defaults = portable_model_config(config_to_dict(type(cfg.model)()))
     values = {k: v for k, v in theirs.items() if k in fields}
+    for key in values.keys() & mine.keys():
+        if mine[key] == values[key]:
+            values[key] = raw[key]  # the same CLIP named as this machine has it (e.g. a local folder)
     for key in TRAINING_CHOICES & fields & mine.keys():
-        values[key] = mine[key]
+        values[key] = raw[key]
     own_teacher = False
-    if values.get("image_align") and str(theirs.get("teacher_model") or "").startswith(LOCAL_PREFIX):
+    if values.get("image_align") and str(values.get("teacher_model") or "").startswith(LOCAL_PREFIX):
         if not _said("teacher_model", mine, defaults, explicit):
             raise ValueError(f"train.init_from {path}: its teacher {theirs['teacher_model']!r} was a CLIP on the "
                              "machine that trained it; name one (model.teacher_model=..., model.teacher_pretrained=...) "
                              "or train without image alignment (model.image_align=false)")
-        values.update(teacher_model=mine["teacher_model"], teacher_pretrained=mine.get("teacher_pretrained"),
-                      teacher_dim=mine.get("teacher_dim"))
+        values.update(teacher_model=raw["teacher_model"], teacher_pretrained=raw.get("teacher_pretrained"),
+                      teacher_dim=raw.get("teacher_dim"))
         own_teacher = True
-    unused = [f"model.{k}={mine[k]} (file: {values[k]})" for k in values
-              if k in mine and k not in TRAINING_CHOICES and mine[k] != values[k]
+    unused = [f"model.{k}={mine[k]} (file: {theirs[k]})" for k in values
+              if k in mine and k not in TRAINING_CHOICES and mine[k] != theirs[k]
               and not (own_teacher and k in _TEACHER_KEYS) and _said(k, mine, defaults, explicit)]
     if unused:
         logger.warning("train.init_from %s: the model is the file's; not using the config's %s", path, ", ".join(unused))
