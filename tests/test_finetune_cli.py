@@ -9,13 +9,11 @@ import pytest
 import torch
 import yaml
 
-from gridclip.checkpoint import read_checkpoint, save_checkpoint
+from gridclip.checkpoint import read_checkpoint
 from gridclip.cli import main as cli
 from gridclip.config import Config, GridCLIPConfig, explicit_keys, load_config
 from gridclip.engine.finetune import finetuning_config
 from gridclip.engine.optim import warmup_length
-from gridclip.model import build_model
-from gridclip_lab.variants import world_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,21 +27,6 @@ def no_downloads(monkeypatch):
         monkeypatch.setattr(module, "download_pretrained_from_hf", refuse)
 
 
-@pytest.fixture(scope="module")
-def world_model(shapes_world, tmp_path_factory):
-    """A small model of the world (shipped CLIP and teacher, shapes_demo sizes) with weights no fresh
-    initialisation has, as ``gridclip-lab demo`` writes one."""
-    cfg = world_config(shapes_world.root)
-    torch.manual_seed(7)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    path = tmp_path_factory.mktemp("demo") / "model.pt"
-    save_checkpoint(path, model)
-    return path
-
-
 def _data(world) -> list[str]:
     return ["data.format=coco", f"data.train_json={world.root / 'det_train.json'}",
             f"data.train_images={world.root / 'det_train' / 'images'}", "train.batch_size=2", "data.num_workers=0",
@@ -52,15 +35,15 @@ def _data(world) -> list[str]:
 
 @pytest.mark.parametrize("config, extra", [("shapes_demo", []),
                                            ("lvis_r50", ["data.train_min_sizes=[128]", "data.train_max_size=128"])])
-def test_finetuning_the_demo_model_from_a_packaged_config(world_model, shapes_world, tmp_path, no_downloads, caplog,
+def test_finetuning_the_demo_model_from_a_packaged_config(world_checkpoint, shapes_world, tmp_path, no_downloads, caplog,
                                                           config, extra):
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="gridclip"):
         rc = cli(["train", "--config", config, "--out", str(out), "--max-iters", "2", "--no-progress",
-                  f"train.init_from={world_model}", *_data(shapes_world), *extra])
+                  f"train.init_from={world_checkpoint}", *_data(shapes_world), *extra])
     assert rc == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    start = read_checkpoint(world_model)["config"]
+    start = read_checkpoint(world_checkpoint)["config"]
     for key in ("clip_model", "clip_pretrained", "teacher_model", "adapter_channels", "fpn_channels", "head_convs",
                 "projector_hidden", "min_size", "max_size", "teacher_dim"):
         assert saved["model"][key] == start[key], key
@@ -77,16 +60,16 @@ def test_finetuning_the_demo_model_from_a_packaged_config(world_model, shapes_wo
         assert warnings == []
 
 
-def test_finetuning_config_keeps_the_runs_training_choices(world_model, tmp_path):
-    cfg = load_config("lvis_r50", [f"train.init_from={world_model}", "model.image_align=false", "model.loss_box=2"])
+def test_finetuning_config_keeps_the_runs_training_choices(world_checkpoint, tmp_path):
+    cfg = load_config("lvis_r50", [f"train.init_from={world_checkpoint}", "model.image_align=false", "model.loss_box=2"])
     got = finetuning_config(cfg, explicit_keys("lvis_r50", ["model.image_align=false"]))
     assert got.model.image_align is False and got.model.loss_box == 2.0  # how it trains: the config's
     assert got.model.clip_model == "gridclip:shapes-RN-tiny" and got.model.use_mhsa is True
     assert cfg.model.clip_model == "RN50-quickgelu"  # the input is not changed
 
 
-def test_a_teacher_only_its_machine_had_must_be_named(world_model, tmp_path):
-    data = read_checkpoint(world_model)
+def test_a_teacher_only_its_machine_had_must_be_named(world_checkpoint, tmp_path):
+    data = read_checkpoint(world_checkpoint)
     data["config"]["teacher_model"] = "local:my-teacher"
     path = tmp_path / "local_teacher.pt"
     torch.save(data, path)

@@ -339,6 +339,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
+def with_overrides(values: dict, overrides: list[str] | None) -> dict:
+    """A config dict (e.g. the one a checkpoint stores) with ``key=value`` overrides applied."""
+    return _deep_merge(values, parse_overrides(overrides)) if overrides else dict(values)
+
+
 def _deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
