@@ -52,6 +52,7 @@ from gridclip.model.head import Subspace
 from gridclip.model.postprocess import DenseOutputs, PostProcess, fcos_anchor_generator
 from gridclip.model.transform import DetectionTransform
 from gridclip.utils.atomic import atomic_save, atomic_write_json
+from gridclip.utils.extras import require
 
 __all__ = ["DenseGridCLIP", "export_onnx", "preprocess", "postprocess", "OnnxDetector", "cached_export", "export_key",
            "onnx_cache_dir", "quantize_onnx", "calibration_batches", "QUANTIZATION_MODES"]
@@ -108,6 +109,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, vocab_input: bool = F
 
     Returns the ONNX path. ``model`` is a GridCLIP with its vocabulary set (baked in unless
     ``vocab_input``), in either form (trainable or ``optimize_for_inference``); it is left in eval mode."""
+    require("onnx", "export", "ONNX export")
     path = Path(path)
     model = model.eval()
     dense = DenseGridCLIP(model, vocab_input=vocab_input).eval()
@@ -210,8 +212,7 @@ class OnnxDetector:
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int | None = None):
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", "export", "running an ONNX export")
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: ONNX model not found")

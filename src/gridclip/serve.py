@@ -15,6 +15,7 @@ from torch import nn
 
 from gridclip.clip.vocabulary import is_existing_file, parse_vocabulary
 from gridclip.engine.predict import draw_detections, predict
+from gridclip.utils.extras import require
 
 __all__ = ["detect_image", "build_demo"]
 
@@ -53,7 +54,7 @@ def build_demo(model: nn.Module, default_vocabulary: str = "", default_score: fl
     """The Gradio Blocks page (not launched). Element ids: ``input-image``, ``vocabulary``, ``score``,
     ``detect-button``, ``output-image``, ``detections``."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
-    import gradio as gr
+    gr = require("gradio", "serve", "the web demo")
 
     model.eval()
     if not default_vocabulary and getattr(model, "class_names", None):
