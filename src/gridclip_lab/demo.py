@@ -29,17 +29,11 @@ from gridclip_lab.world.clip_pretrain import PretrainConfig, train_clip
 from gridclip.engine.evaluate import build_eval_dataset
 from gridclip.utils.atomic import atomic_write_json
 from gridclip.utils.logs import setup_logging
-from gridclip_lab.variants import VARIANTS, apply_variant, evaluate_variant, run_side_by_side, run_variant, world_config
+from gridclip_lab.variants import (ABLATIONS, DEFAULT_ITERS, DEMO_VARIANTS, VARIANTS, apply_variant,  # noqa: F401
+                                   evaluate_variant, run_side_by_side, run_variant, world_config)
 
 CLIP_NAME, TEACHER_NAME = "shapes-RN-tiny", "shapes-ViT-tiny"
 
-# GridCLIP and the closed-set detector it is measured against: the demo's claim is that GridCLIP names
-# categories it never saw boxes of, which a closed-set FCOS cannot. The paper's other ablations (grid only,
-# image only, w/o MHSA, ...) are decided with seeds by `gridclip-lab study`; `--ablations` trains them here too.
-DEMO_VARIANTS = ("GridCLIP", "FCOS w/o align")
-# `--ablations`: Tables 4-5 as the demo trains them (seed 0), and the 3x3 embedding conv
-ABLATIONS = ("GridCLIP", "grid only", "FCOS w/o align", "w/o MHSA", "image only", "3x3 embed")
-DEFAULT_ITERS = 400
 # What one seed is worth: the sample std over seeds of the same runs in `gridclip-lab study` (written by
 # `gridclip-lab study ... --write-demo-spread`; docs/results.md has the study itself).
 SEED_SPREAD = Path(__file__).parent / "configs" / "demo_seed_spread.json"

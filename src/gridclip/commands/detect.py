@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "zero-shot-object-detection pipeline dicts {score, label, box: {xmin, ymin, xmax, ymax}}")
     p.add_argument("--score", type=float, help="score threshold (default: the model's, 0.05)")
     p.add_argument("--nms", type=float, help="NMS IoU threshold (default: the model's, 0.5)")
-    p.add_argument("--max-det", type=int, help="detections per image (default: the model's, 300)")
+    p.add_argument("--max-det", type=int, help="detections per image (default: the checkpoint's "
+                   "model.detections_per_img: 300 for the paper's configs, 100 for the demo's shapes_demo)")
     p.add_argument("--tile", type=int, help="tiled inference for small objects: SIZE x SIZE crops (pixels) plus the "
                    "whole image, merged by NMS")
     p.add_argument("--overlap", type=float, default=0.25, help="overlap of neighbouring tiles, fraction (default 0.25)")

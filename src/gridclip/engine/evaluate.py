@@ -266,7 +266,7 @@ def run_inference(
     try:
         iterator = loader
         if progress and rank == 0:
-            iterator = tqdm(loader, desc="eval", unit="batch")
+            iterator = tqdm(loader, desc="eval", unit="batch", disable=None)  # None: on a terminal only
         for images, targets in iterator:
             outputs = model([im.to(device) for im in images])
             for image, target, out in zip(images, targets, outputs):

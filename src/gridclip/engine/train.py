@@ -267,7 +267,10 @@ class Trainer:
         writer = _summary_writer(self.out_dir / "tensorboard", start) if self.dist.is_main else None
         bar = None
         if self.progress and self.dist.is_main:
-            bar = tqdm(total=self.total_iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
+            # on a terminal only (disable=None): in a log file the redraws are carriage-return spam, and the
+            # iteration lines (train.log_every) report the progress there
+            bar = tqdm(total=self.total_iters, initial=start, desc="train", unit="it", dynamic_ncols=True,
+                       disable=None)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
         window: dict[str, list[float]] = {}
