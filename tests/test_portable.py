@@ -41,7 +41,9 @@ def test_checkpoint_trained_in_a_deleted_folder_still_detects_new_names(tmp_path
     from gridclip.engine.train import train
 
     root = tmp_path / "train_here"
-    cfg = tiny_config(root)  # world + local CLIP directories (RN backbone, ViT teacher) under root
+    # world + local CLIP directories (RN backbone, ViT teacher) under root; a 2-iteration run has no
+    # warmup (at most a quarter of the schedule), hence a gentle learning rate
+    cfg = tiny_config(root, lr=0.002)
     summary = train(cfg, root / "run", max_iters=2, progress=False)
     moved = tmp_path / "elsewhere" / "model.pt"
     moved.parent.mkdir()
