@@ -37,7 +37,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 import torch
@@ -125,7 +125,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, out_dir: str | os.PathLike | None = None, *, resume: bool = False,
                  max_iters: int | None = None, progress: bool = True,
-                 step_callback: Callable[["Trainer", int], None] | None = None):
+                 step_callback: Callable[["Trainer", int], None] | None = None,
+                 explicit: Collection[str] | None = None):
         _check_train_config(cfg)
         self.cfg = cfg = copy.deepcopy(cfg)
         self.out_dir = Path(out_dir or cfg.out_dir)
@@ -136,6 +137,7 @@ class Trainer:
         cfg.train.max_iters = self.max_iters  # config.yaml and model.pt record the schedule this run has
         self.progress = progress
         self.step_callback = step_callback
+        self.explicit = explicit  # the config keys the user set (fine-tuning reports those the file overrides)
         self.dist = DistInfo()
         self.iteration = 0
         self.last_checkpoint: Path | None = None
@@ -144,7 +146,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         if self.cfg.train.init_from:
-            self.cfg = finetuning_config(self.cfg)
+            self.cfg = finetuning_config(self.cfg, self.explicit)
         cfg, t = self.cfg, self.cfg.train
         had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.dist = init_distributed(t.device)
@@ -464,14 +466,18 @@ def _init_from(model: nn.Module, path: str) -> None:
 
 
 def train(cfg: Config, out_dir: str | os.PathLike | None = None, resume: bool = False, max_iters: int | None = None,
-          *, progress: bool = True, step_callback: Callable[[Trainer, int], None] | None = None) -> dict[str, Any]:
+          *, progress: bool = True, step_callback: Callable[[Trainer, int], None] | None = None,
+          explicit: Collection[str] | None = None) -> dict[str, Any]:
     """Train GridCLIP as ``cfg`` says; returns a summary (iterations, paths, last losses, images/s).
 
     ``out_dir`` defaults to ``cfg.out_dir``. ``resume``: continue from the newest training checkpoint in
     ``out_dir`` (start from scratch if there is none). ``max_iters`` overrides the schedule length
     (``train.max_iters``, else ``epochs x iterations per epoch``); ``lr_steps`` are fractions of it.
+    ``explicit``: the dotted config keys the user set (:func:`gridclip.config.explicit_keys`), for
+    ``train.init_from`` (:func:`gridclip.engine.finetune.finetuning_config`; None: values other than the
+    schema's defaults count as set).
     """
     return Trainer(cfg, out_dir, resume=resume, max_iters=max_iters, progress=progress,
-                   step_callback=step_callback).run()
+                   step_callback=step_callback, explicit=explicit).run()
 
 
