@@ -3,7 +3,8 @@
 Everything comes from the config: the detector (:func:`gridclip.model.build_model`: the registered
 architecture of ``model.arch``), the training set
 with the open-vocabulary split (training vocabulary = base categories; labels index the base list),
-the teacher (run on each augmented batch, or read from a ``gridclip cache-teacher`` file).
+the teacher (run on each augmented batch, or read from a ``gridclip cache-teacher`` file). A fine-tuning
+run (``train.init_from``) takes its model section from the file it starts from (:mod:`gridclip.engine.finetune`).
 
 Schedule (paper: FCOS 2x on LVIS): ``train.epochs`` epochs of ``train.batch_size`` images per step
 (global, over all processes and accumulation steps), linear warmup over ``warmup_iters`` from
