@@ -21,7 +21,7 @@ from gridclip.data.datasets import build_dataset, build_train_dataset, load_anno
 from gridclip.data.yolo import label_path, load_yolo
 from gridclip.engine.evaluate import build_eval_dataset, ground_truth_for
 from gridclip_lab.world.formats import export_world
-from helpers import tiny_config_dict
+from helpers import custom_dataset, tiny_config_dict
 
 # (format, export_world keyword arguments)
 LAYOUTS = {
@@ -305,12 +305,9 @@ def test_train_then_eval_on_each_format(shapes_world, tmp_path, tiny_root, fmt, 
     dataset's names; ``gridclip eval --checkpoint`` scores it on the val split the stored config names
     (paths relative to the working directory, as a checkpoint stores them)."""
     monkeypatch.chdir(tmp_path)
-    path = export_world(shapes_world.root, Path(fmt), fmt, train_images=8, val_images=4)
+    overrides = custom_dataset(shapes_world.root, Path(fmt), fmt, train_images=8, val_images=4)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config_dict(tiny_root)))
-    data = _data_cfg(fmt, path)
-    overrides = [f"data.{key}={getattr(data, key) or ''}"
-                 for key in ("format", "train_json", "val_json", "train_images", "val_images")]
     assert gridclip_main(["train", "--config", str(config), "--out", "run", "--max-iters", "2", "--no-progress",
                           *overrides]) == 0
     names = build_train_dataset(load_config(config, overrides).data).category_names
