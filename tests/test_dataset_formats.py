@@ -171,7 +171,7 @@ def _one_image_yolo(tmp_path: Path, label: str | None, names=("cat", "dog"), wid
 BAD_LINES = {
     "four values": ("0 0.5 0.5 0.2\n", "expected 'class cx cy w h'"),
     "six values": ("0 0.5 0.5 0.2 0.2 0.9\n", "got 6 values"),
-    "a word": ("cat 0.5 0.5 0.2 0.2\n", "not all numbers"),
+    "a word": ("cat 0.5 0.5 0.2 0.2\n", "expected 'class cx cy w h' \\(5 numbers\\), got 'cat"),
     "class out of range": ("2 0.5 0.5 0.2 0.2\n", "class 2 is not an index into data.yaml's 2 names"),
     "negative class": ("-1 0.5 0.5 0.2 0.2\n", "class -1 is not an index"),
     "fractional class": ("0.5 0.5 0.5 0.2 0.2\n", "class 0.5 is not an index"),

@@ -44,7 +44,7 @@ from gridclip.data.annotations import AnnotationChecker, Category, DetectionAnno
 IMAGE_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".mpo", ".png", ".tif", ".tiff", ".webp")
 # Normalised coordinates written with rounding may exceed [0, 1] by this much.
 COORD_TOLERANCE = 1e-6
-BOX_LINE = "'class cx cy w h' (class an index into names, then 4 numbers normalised to [0, 1])"
+BOX_LINE = "'class cx cy w h'"
 
 
 def find_data_yaml(path: str | os.PathLike) -> Path:
@@ -149,26 +149,25 @@ def _parse_line(line: str, where: str, num_classes: int, pose_values: int) -> tu
     try:
         values = [float(t) for t in tokens]
     except ValueError:
-        raise ValueError(f"{where}: expected {BOX_LINE}, got {line!r} (not all numbers)") from None
+        raise ValueError(f"{where}: expected {BOX_LINE} (5 numbers), got {line!r}") from None
     if pose_values and len(values) == 5 + pose_values:
         values = values[:5]  # a pose label: the box, then keypoints
     if len(values) == 5:
         cx, cy, w, h = values[1:]
         coords = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
-        checked = values[1:]
     elif len(values) >= 7 and len(values) % 2 == 1:
         xs, ys = values[1::2], values[2::2]
         coords = [min(xs), min(ys), max(xs), max(ys)]
-        checked = values[1:]
     else:
-        raise ValueError(f"{where}: expected {BOX_LINE} or a polygon 'class x1 y1 x2 y2 x3 y3 ...', got "
-                         f"{len(values)} values: {line!r}")
+        raise ValueError(f"{where}: expected {BOX_LINE} (5 numbers) or a polygon 'class x1 y1 x2 y2 x3 y3 ...', "
+                         f"got {len(values)} values: {line!r}")
     cls = values[0]
     if not (math.isfinite(cls) and cls == int(cls) and 0 <= cls < num_classes):
         raise ValueError(f"{where}: class {tokens[0]} is not an index into data.yaml's {num_classes} names "
                          f"(0..{num_classes - 1})")
-    if not all(math.isfinite(v) and -COORD_TOLERANCE <= v <= 1 + COORD_TOLERANCE for v in checked):
-        raise ValueError(f"{where}: expected coordinates normalised to [0, 1] ({BOX_LINE}), got {line!r}")
+    if not all(math.isfinite(v) and -COORD_TOLERANCE <= v <= 1 + COORD_TOLERANCE for v in values[1:]):
+        raise ValueError(f"{where}: expected coordinates normalised to [0, 1] (divided by the image's width and "
+                         f"height), got {line!r}")
     return int(cls), coords
 
 
