@@ -230,6 +230,10 @@ def test_yolo_data_yaml_forms(shapes_world, tmp_path):
     got = load_yolo(alt, "val")
     assert [r.path.resolve() for r in got.images] == [r.path.resolve() for r in want.images]
     assert all(np.array_equal(a.boxes, b.boxes) for a, b in zip(got.images, want.images))
+    # a relative `path` is relative to data.yaml's folder
+    (root / "rel.yaml").write_text(yaml.safe_dump({"path": ".", "train": "images/train", "val": "val.txt",
+                                                   "names": names}))
+    assert [r.path.resolve() for r in load_yolo(root / "rel.yaml", "val").images] == [p.resolve() for p in listed]
     # the folder holding data.yaml works too
     assert len(load_yolo(root, "train").images) == 12
 

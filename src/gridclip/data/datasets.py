@@ -128,7 +128,8 @@ def load_annotations(
     strict: bool = False,
     check_images: bool = True,
 ) -> DetectionAnnotations:
-    """Read and check one annotation source, refusing one that is mostly skipped (``check_usable``).
+    """Read and check one annotation source: its reader refuses one that is mostly skipped, and one
+    without any annotation is refused here (``check_usable``).
 
     ``kind`` (``data.format``): "coco" / "lvis" (``ann_file`` a JSON, images under ``image_root``, default
     its folder); "voc" (``ann_file`` the VOC folder, read at ``split``, or its
