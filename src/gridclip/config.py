@@ -114,11 +114,18 @@ register_model_config(GridCLIPConfig)
 
 @dataclass
 class DataConfig:
-    format: Literal["lvis", "coco", "voc"] = "lvis"
+    # lvis / coco: train_json, val_json are the JSON files, images under train_images / val_images (default:
+    # the JSON's folder). voc: the VOC folder (split trainval for training, test for evaluation) or its
+    # ImageSets/Main/<split>.txt. yolo: the data.yaml (or its folder); training reads its `train`, evaluation
+    # its `val`. docs/datasets.md shows each layout.
+    format: Literal["lvis", "coco", "voc", "yolo"] = "lvis"
     train_json: str | None = None
     train_images: str | None = None
     val_json: str | None = None
     val_images: str | None = None
+    # voc: the class names, ids 1..K in this order (objects named otherwise are skipped); default: every
+    # <name> in the folder's XML files, sorted. The other formats name their classes themselves.
+    names: tuple[str, ...] | None = None
     # Open-vocabulary split: default base = LVIS frequent + common, novel = rare (the JSON's `frequency`).
     base_list: str | None = None
     novel_list: str | None = None
@@ -167,7 +174,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # The evaluation protocol follows data.format (lvis: LVIS AP; coco, voc: COCO AP), or `gridclip eval
+    # The evaluation protocol follows data.format (lvis: LVIS AP; coco, voc, yolo: COCO AP), or `gridclip eval
     # --style`; there is no config key for it (see REMOVED_KEYS).
     batch_size: int = 4
     max_dets: int = 300
@@ -191,7 +198,7 @@ class Config:
 REMOVED_KEYS: dict[str, dict[str, str]] = {
     "model": {"peers": "the settings of ViLD and CLIP on crops, which register config classes of their own; "
                        "GridCLIP never read them"},
-    "eval": {"style": "the evaluation protocol follows data.format (lvis: LVIS AP; coco, voc: COCO AP); "
+    "eval": {"style": "the evaluation protocol follows data.format (lvis: LVIS AP; coco, voc, yolo: COCO AP); "
                       "`gridclip eval --style` overrides it"},
 }
 

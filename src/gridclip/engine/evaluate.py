@@ -4,7 +4,7 @@ Scoring uses faster-coco-eval:
 - LVIS style (federated): ``COCOeval_faster(gt, dt, "bbox", lvis_style=True)`` with ``maxDets = [300]``
   after keeping each image's 300 best detections, as ``lvis.LVISResults`` does. This reproduces
   ``lvis.LVISEval(gt, dt, "bbox")`` (tests compare all metrics to 1e-6).
-- COCO style (also VOC, converted with ``gridclip.data.annotations.to_coco_dict``): pycocotools' protocol,
+- COCO style (also VOC and YOLO, converted with ``gridclip.data.annotations.to_coco_dict``): pycocotools' protocol,
   ``maxDets = [1, 10, 100]``; the paper's Table 3 reports AP50 / AP75 for VOC and COCO transfer.
 
 Metrics are a flat dict ``AP, AP50, AP75, APs, APm, APl`` (+ ``APr, APc, APf`` for LVIS), values in
@@ -313,19 +313,20 @@ def write_outputs(out_dir: str | os.PathLike, evaluation: Evaluation, results: l
 
 
 def build_eval_dataset(data_cfg: Any, strict: bool = False):
-    """The evaluation dataset of a ``DataConfig``: ``format`` lvis / coco (``val_json`` + ``val_images``)
-    or voc (``val_json`` the VOC year folder or its ``ImageSets/Main/<split>.txt``), identity eval
-    transform (the model's transform resizes)."""
+    """The evaluation dataset of a ``DataConfig``: ``format`` lvis / coco (``val_json`` + ``val_images``),
+    voc (``val_json`` the VOC folder, split test, or its ``ImageSets/Main/<split>.txt``) or yolo
+    (``val_json`` the data.yaml, its ``val``), identity eval transform (the model's transform resizes)."""
     if not getattr(data_cfg, "val_json", None):
         raise ValueError("config: data.val_json is required for evaluation")
     return build_dataset(data_cfg.format, data_cfg.val_json, data_cfg.val_images, transforms=eval_transforms(),
+                         names=getattr(data_cfg, "names", None),
                          strict=strict or bool(getattr(data_cfg, "strict", False)))
 
 
 def ground_truth_for(dataset_format: str, data_cfg: Any, dataset) -> str | dict:
     """LVIS / COCO: the JSON itself (its ``area`` fields and federated lists are what the official
-    evaluators use). VOC: the records the dataset serves, in COCO form (difficult = ignore)."""
-    if dataset_format == "voc":
+    evaluators use). VOC, YOLO: the records the dataset serves, in COCO form (VOC difficult = ignore)."""
+    if dataset_format in ("voc", "yolo"):
         return to_coco_dict(DetectionAnnotations(dataset.source, dataset.categories, dataset.records, LoadReport(dataset.source)))
     return str(data_cfg.val_json)
 
