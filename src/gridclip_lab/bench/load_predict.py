@@ -46,8 +46,8 @@ def measure(h: int, w: int, classes: int = 1203, rounds: int = 5, clip_model: st
         with torch.no_grad():
             return detect([to_float_image(image)])[0]
 
-    variants = {"load": lambda: loaded.predict(image)[0], "detect": run_detect,
-                "trainable": lambda: trainable.predict(image)[0]}
+    variants = {"load": lambda: loaded.predict(image), "detect": run_detect,
+                "trainable": lambda: trainable.predict(image)}
     same = [torch.equal(variants["load"]()[k], variants["detect"]()[k]) for k in ("boxes", "scores", "labels")]
     lines.append(f"load().predict == detect's model, bit for bit: {all(same)}")
     times: dict[str, list[float]] = {k: [] for k in variants}
