@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ __all__ = ["Detections", "draw_detections", "detections_to_coco", "color_of", "D
 #: Detections below this score are not drawn (evaluation keeps them: they count towards AP).
 DRAW_SCORE_THRESH = 0.3
 #: Drawn boxes overlapping a better one by this IoU or more are hidden, whatever their class.
-DRAW_DEDUPE_IOU = 0.5
+DRAW_DEDUPE_IOU = 0.3
 
 # Tableau 20 (matplotlib's "tab20"): distinct hues, each in a dark and a light shade.
 _PALETTE = [
@@ -61,17 +61,23 @@ def displayed(result: dict[str, Any], score_thresh: float = DRAW_SCORE_THRESH,
 
 
 def draw_detections(image: Tensor, result: dict[str, Any], score_thresh: float = DRAW_SCORE_THRESH,
-                    dedupe_iou: float | None = DRAW_DEDUPE_IOU) -> Tensor:
+                    dedupe_iou: float | None = DRAW_DEDUPE_IOU, *, scale: int = 1,
+                    colors: Callable[[str], tuple[int, int, int]] = color_of) -> Tensor:
     """uint8 (3, H, W) ``image`` with the shown detections of ``result`` drawn: a box in the name's colour
     and a ``name score`` label on a filled background, sized to the image. ``score_thresh=0`` and
-    ``dedupe_iou=None`` draw every detection."""
+    ``dedupe_iou=None`` draw every detection. ``scale``: the picture enlarged that many times first
+    (nearest neighbour), for small images; ``colors``: name -> RGB (default :func:`color_of`)."""
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"scale: expected an integer >= 1, got {scale!r}")
+    if scale > 1:
+        image = image.repeat_interleave(int(scale), dim=-2).repeat_interleave(int(scale), dim=-1)
     keep = displayed(result, score_thresh, dedupe_iou)
     if keep.numel() == 0:
         return image
     h, w = image.shape[-2:]
-    boxes = result["boxes"][keep].float()
+    boxes = result["boxes"][keep].float() * scale
     names = [result["names"][i] for i in keep.tolist()]
-    colors = [color_of(n) for n in names]
+    colors = [colors(n) for n in names]
     width = max(1, round(min(h, w) / 200))
     drawn = draw_bounding_boxes(image, boxes, colors=colors, width=width)
     # the labels after all boxes, so no box crosses a label; PIL's built-in font at a size of the image
@@ -134,12 +140,13 @@ class Detections(dict):
         return f"Detections({n}: {shown}{', ...' if n > 5 else ''})"
 
     def plot(self, score_thresh: float = DRAW_SCORE_THRESH, dedupe_iou: float | None = DRAW_DEDUPE_IOU,
-             image: Tensor | None = None) -> Tensor:
-        """The picture: uint8 (3, H, W) with the shown detections drawn (:func:`draw_detections`)."""
+             image: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """The picture: uint8 (3, H, W) with the shown detections drawn (:func:`draw_detections`; its
+        keyword arguments ``scale``, ``colors`` too)."""
         image = self.image if image is None else image
         if image is None:
             raise ValueError("Detections.plot: no image is known for these detections; pass image=")
-        return draw_detections(image, self, score_thresh, dedupe_iou)
+        return draw_detections(image, self, score_thresh, dedupe_iou, **kwargs)
 
     def save(self, path: str | os.PathLike, **plot_kwargs: Any) -> Path:
         """Write :meth:`plot` to ``path`` (format from the extension: .png, .jpg, ...); returns the path."""
