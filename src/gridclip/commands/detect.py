@@ -1,4 +1,4 @@
-"""``gridclip detect INPUT... --checkpoint C [--vocab ...] [--out DIR]``: detect objects in image files.
+"""``gridclip detect INPUT... --checkpoint C [--vocab ...] [--out DIR]``: detect objects in images or videos.
 
 Streams files, folders and globs through the model in batches: memory holds one batch of images and its
 detections, whatever the number of files. A bad image is reported on one stderr line and skipped; the
@@ -15,6 +15,10 @@ ground truth's (matched by file name) and category ids its categories' (matched 
 
 Drawn images show the detections from ``--draw-score`` (0.3) up, one name per object
 (:mod:`gridclip.model.results`); the results file keeps every detection the model returns.
+
+Videos (``clip.mp4``, ...; ``pip install 'gridclip[video]'``): frames are decoded one at a time (PyAV),
+batched like images; ``OUT/<stem>.jsonl`` gets one line per frame ``{frame, time, detections}`` (COCO
+entries, ``image_id`` = frame + 1) and ``OUT/<stem>.mp4`` the annotated video.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import datetime
 import glob
 import hashlib
 import io
+import json
 import os
 import sys
 import tempfile
@@ -41,6 +46,7 @@ from gridclip.commands._vocabulary import given as vocabulary_given
 from gridclip.data.images import to_float_image
 from gridclip.data.gt_images import GroundTruthImages
 from gridclip.data.inputs import expand_inputs, iter_images
+from gridclip.data.video import VideoWriter, is_video_path, read_video, video_info
 from gridclip.engine.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, init_distributed
 from gridclip.engine.outputs import to_hf
 from gridclip.engine.predict import resolve_device
@@ -102,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gridclip detect", description="Detect objects in images with any vocabulary.",
                                 epilog="many processes / GPUs: torchrun --nproc_per_node N -m gridclip.cli detect ... "
                                        "(see docs/inference.md)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs; or video "
+                   "files (.mp4, .mov, .avi, .mkv, .webm: pip install 'gridclip[video]')")
     p.add_argument("--checkpoint", required=True, help="GridCLIP checkpoint (.pt)")
     add_vocabulary_args(p)
     p.add_argument("--clip", help="the checkpoint's CLIP, to embed a new vocabulary when the checkpoint cannot: a "
@@ -201,9 +208,10 @@ def main(argv: Sequence[str]) -> int:
 def _run(args: argparse.Namespace, info: DistInfo) -> int:
     """Everything after the process group is set up (see the module docstring)."""
     _check_inputs(args.inputs)
+    videos = _videos(args.inputs, info)
     out = Path(args.out)
     _check_writable_dir(out)
-    gt = GroundTruthImages(args.gt) if args.gt else None
+    gt = GroundTruthImages(args.gt) if args.gt and not videos else None
     model = load_checkpoint(args.checkpoint, device="cpu")
     if args.clip:
         model.set_text_encoder(*parse_clip_spec(args.clip))
@@ -215,6 +223,10 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
     runner = InferenceRunner(_runtime_model(model, args, info.device), batch_size=args.batch, tile=args.tile,
                              overlap=args.overlap, device=info.device, info=info, score_thresh=args.score,
                              nms_thresh=args.nms, max_detections=args.max_det, progress=not args.no_progress)
+    if videos:
+        for video in videos:
+            _detect_video(runner, video, out, args)
+        return 0
     paths = list(expand_inputs(args.inputs))
     image_ids = [index + 1 if gt is None else gt.image_id(path) for index, path in enumerate(paths)]
     results_path = out / args.results_name
@@ -259,6 +271,54 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
               file=sys.stdout)
     barrier(info)
     return 1 if failed else 0
+
+
+def _videos(inputs: Sequence[str], info: DistInfo) -> list[Path]:
+    """The video files among ``inputs``: all of them, or none (videos and images go in separate runs)."""
+    videos = [Path(t) for t in inputs if os.path.isfile(t) and is_video_path(t)]
+    if videos and len(videos) != len(inputs):
+        raise ValueError("give videos and images in separate runs of gridclip detect")
+    if videos and info.distributed:
+        raise ValueError("videos are read in one process: run gridclip detect without torchrun")
+    stems = [v.stem.lower() for v in videos]
+    if len(set(stems)) != len(stems):
+        raise ValueError("two videos with the same file name: their outputs would clash; run them separately")
+    return videos
+
+
+def _detect_video(runner: InferenceRunner, path: Path, out: Path, args: argparse.Namespace) -> None:
+    """``OUT/<stem>.jsonl``: one line per frame ``{frame, time, detections: [COCO entries, image_id = frame
+    + 1]}``; ``OUT/<stem>.mp4``: the frames with the detections drawn (not with --no-draw). Both are
+    written under temporary names and renamed when the video is done."""
+    info = video_info(path)
+    lines_path, video_path = out / f"{path.stem}.jsonl", out / f"{path.stem}.mp4"
+    partial_lines, partial_video = out / f".{path.stem}.partial.jsonl", out / f".{path.stem}.partial.mp4"
+    frames = ((i, seconds, frame) for i, (seconds, frame) in enumerate(read_video(path)))
+    n_frames = n_dets = 0
+    writer = None if args.no_draw else VideoWriter(partial_video, info.fps)
+    done = False
+    try:
+        with open(partial_lines, "w", encoding="utf-8") as f:
+            for (index, seconds, frame), result in runner.run(((key, to_float_image(key[2])) for key in frames),
+                                                              total=info.frames):
+                entries = result.to_coco(index + 1, path.name)
+                f.write(json.dumps({"frame": index, "time": round(seconds, 4), "detections": entries},
+                                   ensure_ascii=False) + "\n")
+                if writer is not None:
+                    writer.write(result.plot(args.draw_score, image=frame))
+                n_frames, n_dets = n_frames + 1, n_dets + len(entries)
+        done = True
+    finally:
+        if writer is not None:
+            writer.close()
+        if not done:
+            partial_lines.unlink(missing_ok=True)
+            partial_video.unlink(missing_ok=True)
+    os.replace(partial_lines, lines_path)
+    if writer is not None:
+        os.replace(partial_video, video_path)
+    print(f"{path}: {n_frames} frame(s), {n_dets} detection(s) -> {lines_path}"
+          + ("" if writer is None else f" + {video_path.name}"), file=sys.stdout)
 
 
 def _images(todo: Sequence[tuple[int, Path, str]]) -> Iterator[tuple[tuple, Any]]:
