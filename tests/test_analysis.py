@@ -427,7 +427,7 @@ def test_results_doc_from_demo_metrics(tmp_path, monkeypatch):
     grid_row = next(line for line in text.splitlines() if line.startswith("| GridCLIP, embedded world, `gridclip-lab demo`"))
     assert "| 41.2 | 13.4 | 40.0 | 50.0 |" in grid_row
     assert "7.2 images/s" in text or "7.3 images/s" in text
-    assert re.search(r"image-level alignment only .*\| not run \|", text)
+    assert re.search(r"w image-align \(image only, learned base classifier\) \| not run \|", text)
     from gridclip_lab.analysis.paper import TABLE1, TABLE3
 
     for name, p in TABLE1.items():

@@ -36,6 +36,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # student's text space): does the freshly initialised projector let z-bar drift?
     "GridCLIP, L1 on z-bar": {"projector_layers": 0},
 }
+# how tables and figures name each variant (the paper's names where the paper has the row)
+LABELS: dict[str, str] = {
+    "FCOS w/o align": "w/o align (FCOS, learned base classifier)",
+    "w/o MHSA w/o align": "w/o MHSA w/o align (adapter on C5)",
+    "grid only": "w grid-align (grid only)",
+    "image only": "w image-align (image only, learned base classifier)",
+    "GridCLIP": "GridCLIP (grid + image), shipped ViT teacher",
+    "GridCLIP, RN teacher": "GridCLIP, the student's own CLIP as teacher",
+    "3x3 embed": "GridCLIP, 3x3 embedding conv",
+    "w/o MHSA": "GridCLIP, adapter on C5 instead of the MHSA",
+    "GridCLIP, L1 on z-bar": "GridCLIP, L1 on z-bar itself (no projector; diagnostic)",
+}
+# the same variant at the paper's scale: its LVIS training command
+LVIS_COMMANDS: dict[str, str] = {
+    "FCOS w/o align": "gridclip train --config lvis_r50 --out runs/lvis_r50_fcos "
+                      "model.grid_align=false model.image_align=false model.num_classes=866",
+    "image only": "gridclip train --config lvis_r50 --out runs/lvis_r50_image_only "
+                  "model.grid_align=false model.num_classes=866",
+    "grid only": "gridclip train --config lvis_r50_no_image_align",
+    "GridCLIP": "gridclip train --config lvis_r50",
+    "w/o MHSA": "gridclip train --config lvis_r50_no_mhsa",
+    "3x3 embed": "gridclip train --config lvis_r50 --out runs/lvis_r50_embed3x3 model.embed_kernel_size=3",
+}
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
 CONFIG_NAME = "shapes_demo"  # the product's packaged gridclip/configs/shapes_demo.yaml
 

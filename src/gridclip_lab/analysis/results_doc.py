@@ -29,22 +29,8 @@ from gridclip.model import GridCLIP
 from gridclip.model.summary import PAPER_RN50_PARAMS
 from gridclip.utils.atomic import atomic_open, atomic_write_json
 from gridclip_lab.utils.doc_sections import read_sections
+from gridclip_lab.variants import LABELS, LVIS_COMMANDS
 
-# demo variant -> (what it is, how to train it on real LVIS)
-VARIANT_ROWS: dict[str, tuple[str, str]] = {
-    "FCOS w/o align": ("no alignment: FCOS with a learned classifier over base classes (closed set)",
-                       "gridclip train --config lvis_r50 --out runs/lvis_r50_fcos "
-                       "model.grid_align=false model.image_align=false model.num_classes=866"),
-    "image only": ("image-level alignment only (learned base classifier + z̄ distillation)",
-                   "gridclip train --config lvis_r50 --out runs/lvis_r50_image_only "
-                   "model.grid_align=false model.num_classes=866"),
-    "grid only": ("grid-level alignment only", "gridclip train --config lvis_r50_no_image_align"),
-    "GridCLIP": ("grid + image-level alignment (GridCLIP)", "gridclip train --config lvis_r50"),
-    "w/o MHSA": ("GridCLIP, adapter on C5 instead of the attnpool MHSA grid tokens",
-                 "gridclip train --config lvis_r50_no_mhsa"),
-    "3x3 embed": ("GridCLIP, 3x3 conv to the CLIP embedding (FCOS's classifier kernel) instead of 1x1",
-                  "gridclip train --config lvis_r50 --out runs/lvis_r50_embed3x3 model.embed_kernel_size=3"),
-}
 RECALL_KS = (1, 3, 5, 10)  # the world has 48 categories (the paper's 10 / 100 / 300 are for LVIS's 1203)
 
 
@@ -252,7 +238,7 @@ def render(run: DemoRun, transfer: dict | None, figures: dict[str, Path], out: P
         "|---|---|---|---|---|---|---|",
     ]
     for name in ("FCOS w/o align", "image only", "grid only", "GridCLIP", "w/o MHSA", "3x3 embed"):
-        what, cmd = VARIANT_ROWS[name]
+        what, cmd = LABELS[name], LVIS_COMMANDS[name]
         row = m.get(name)
         cells = " | ".join(_pct(row, k) for k in ("AP", "APr", "APc", "APf")) if row else "not run | – | – | –"
         speed = row.get("train_images_per_second") if row else None

@@ -18,19 +18,8 @@ from gridclip_lab.analysis.finetune_figure import plot_finetune
 from gridclip_lab.analysis.forgetting import KS, plot_forgetting, study_recall
 from gridclip_lab.analysis.paper import TABLE4, TABLE5, paper_difference
 from gridclip_lab.study.stats import paired_differences, summarize
+from gridclip_lab.variants import LABELS as VARIANT_LABELS
 
-# study variant -> how docs/results.md names it (the paper's names where the paper has the row)
-NAMES = {
-    "FCOS w/o align": "w/o align (FCOS, learned base classifier)",
-    "w/o MHSA w/o align": "w/o MHSA w/o align (adapter on C5)",
-    "grid only": "w grid-align (grid only)",
-    "image only": "w image-align (image only, learned base classifier)",
-    "GridCLIP": "GridCLIP (grid + image), shipped ViT teacher",
-    "GridCLIP, RN teacher": "GridCLIP, the student's own CLIP as teacher",
-    "3x3 embed": "GridCLIP, 3x3 embedding conv",
-    "w/o MHSA": "GridCLIP, adapter on C5 instead of the MHSA",
-    "GridCLIP, L1 on z-bar": "GridCLIP, L1 on z-bar itself (no projector; diagnostic)",
-}
 DIAGNOSTIC = "GridCLIP, L1 on z-bar"  # also compared with GridCLIP: does the projector let z-bar drift?
 LABELS = {"AP": "AP", "APr": "AP_r", "APc": "AP_c", "APf": "AP_f", "APbase": "AP (c + f)"}
 
@@ -102,7 +91,7 @@ def _table(t: StudyTables, variants: Sequence[str], metrics: Sequence[str], pape
         pcells = " / ".join(f"{paper[v][m if m != 'APbase' else 'AP']:.1f}" for m in metrics) if paper and v in paper else "–"
         for iters in t.lengths:
             if t.has(v, iters):
-                lines.append(f"| {NAMES.get(v, v)} | {iters} | " + " | ".join(t.cell(v, iters, m) for m in metrics)
+                lines.append(f"| {VARIANT_LABELS.get(v, v)} | {iters} | " + " | ".join(t.cell(v, iters, m) for m in metrics)
                              + f" | {pcells} |")
     return lines
 
@@ -218,11 +207,11 @@ def _forgetting(t: StudyTables, study_path: Path, figures_dir, rel, start: dict[
         for iters in t.lengths:
             if not t.has(v, iters):
                 continue
-            lines.append(f"| {NAMES.get(v, v)} | {iters} | " + " | ".join(t.cell(v, iters, m) for m in metrics) + " |")
+            lines.append(f"| {VARIANT_LABELS.get(v, v)} | {iters} | " + " | ".join(t.cell(v, iters, m) for m in metrics) + " |")
             for m in metrics:
                 s = summarize(list(t.values(v, iters, m).values()))
                 if s["n"]:
-                    curves.setdefault(NAMES.get(v, v), {}).setdefault(iters, {})[m] = (100 * s["mean"], 100 * (s["std"] or 0))
+                    curves.setdefault(VARIANT_LABELS.get(v, v), {}).setdefault(iters, {})[m] = (100 * s["mean"], 100 * (s["std"] or 0))
     lines.append("")
     if not ks:
         lines += ["No run of this study kept its model file, so there is no recall to show.", ""]
