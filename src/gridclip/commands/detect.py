@@ -211,7 +211,9 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
     videos = _videos(args.inputs, info)
     out = Path(args.out)
     _check_writable_dir(out)
-    gt = GroundTruthImages(args.gt) if args.gt and not videos else None
+    if videos and args.gt:
+        raise ValueError("--gt labels image files with a ground truth's ids; it does not apply to videos")
+    gt = GroundTruthImages(args.gt) if args.gt else None
     model = load_checkpoint(args.checkpoint, device="cpu")
     if args.clip:
         model.set_text_encoder(*parse_clip_spec(args.clip))
