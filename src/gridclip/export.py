@@ -50,6 +50,7 @@ from gridclip.clip.vocabulary import default_cache_dir
 from gridclip.data.images import load_image, to_float_image
 from gridclip.model.head import Subspace
 from gridclip.model.postprocess import DenseOutputs, PostProcess, fcos_anchor_generator
+from gridclip.model.predict import predict_as_given
 from gridclip.model.transform import DetectionTransform
 from gridclip.utils.atomic import atomic_save, atomic_write_json
 from gridclip.utils.extras import require
@@ -208,7 +209,9 @@ def postprocess(outputs: Sequence[Any], meta: dict[str, Any], resized_sizes: Seq
 class OnnxDetector:
     """An exported model in onnxruntime with the model's own pre/post-processing:
     ``OnnxDetector("model.onnx")(images) -> [{boxes, scores, labels, names}]``, images as for
-    :func:`gridclip.model.predict.predict` (paths, PIL, numpy, tensors)."""
+    :func:`gridclip.model.predict.predict` (paths, PIL, numpy, tensors). A detector like the PyTorch model:
+    ``predict`` (and ``gridclip detect --runtime onnxruntime``, through the engine's runner) drive it with
+    the same loop, batching and tiling."""
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int | None = None):
@@ -257,6 +260,12 @@ class OnnxDetector:
         for d in dets:
             d["names"] = [class_names[k] for k in d["labels"].tolist()]
         return dets
+
+    def predict(self, inputs: Any, **kwargs: Any) -> Any:
+        """As ``GridCLIP.predict``: one image -> one :class:`~gridclip.model.results.Detections`, a list ->
+        a list; keyword arguments of :func:`gridclip.model.predict.predict` (thresholds, ``batch_size``,
+        ``tile`` / ``overlap``)."""
+        return predict_as_given(self, inputs, **kwargs)
 
 
 # --------------------------------------------------------------------------- cached export for a runtime

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from gridclip.data.collate import collate_detection
 from gridclip.data.annotations import DetectionAnnotations, LoadReport, to_coco_dict
 from gridclip.data.datasets import build_dataset
 from gridclip.data.transforms import eval_transforms
+from gridclip.engine.distributed import all_gather_object
+from gridclip.engine.runner import InferenceRunner
 from gridclip.utils.files import read_json
 from gridclip.utils.atomic import atomic_write_json
 
@@ -231,12 +232,6 @@ def per_category_ap(
     return evaluate(gt_json_path, results, style=style, max_dets=max_dets).per_category_ap
 
 
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def run_inference(
     model: torch.nn.Module,
@@ -255,8 +250,8 @@ def run_inference(
     Under torch.distributed, rank r scores images r, r + world, ...; the results of all ranks are
     gathered (``all_gather_object``) and every rank returns the same list, sorted by image id.
     """
-    rank, world = _dist_info()
-    indices = list(range(rank, len(dataset), world))
+    runner = InferenceRunner(model, batch_size=batch_size, device=device, progress=progress, desc="eval")
+    indices = [i for i, _ in runner.shard(range(len(dataset)))]
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate_detection)
     category_ids = list(dataset.category_ids)
@@ -264,33 +259,25 @@ def run_inference(
     model.eval()
     local: list[dict] = []
     try:
-        iterator = loader
-        if progress and rank == 0:
-            iterator = tqdm(loader, desc="eval", unit="batch", disable=None)  # None: on a terminal only
-        for images, targets in iterator:
-            outputs = model([im.to(device) for im in images])
-            for image, target, out in zip(images, targets, outputs):
-                h, w = image.shape[-2:]
-                h0, w0 = target["orig_size"]
-                boxes = out["boxes"].detach().float().cpu()
-                boxes = boxes * torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h])
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w0)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h0)
-                labels = out["labels"].detach().cpu().tolist()
-                if labels and (min(labels) < 0 or max(labels) >= len(category_ids)):
-                    raise ValueError(
-                        f"model returned label {max(labels)} but the dataset vocabulary has {len(category_ids)} "
-                        "categories (set the model's vocabulary to the dataset's category names)"
-                    )
-                for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), out["scores"].detach().cpu().tolist(), labels):
-                    local.append({"image_id": int(target["image_id"]), "category_id": int(category_ids[label]),
-                                  "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+        images = (((target, tuple(image.shape[-2:])), image) for images, targets in loader
+                  for image, target in zip(images, targets))
+        for (target, (h, w)), result in runner.run(images, total=len(indices)):
+            h0, w0 = target["orig_size"]
+            boxes = result["boxes"] * torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h])
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w0)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h0)
+            labels = result["labels"].tolist()
+            if labels and (min(labels) < 0 or max(labels) >= len(category_ids)):
+                raise ValueError(
+                    f"model returned label {max(labels)} but the dataset vocabulary has {len(category_ids)} "
+                    "categories (set the model's vocabulary to the dataset's category names)"
+                )
+            for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), result["scores"].tolist(), labels):
+                local.append({"image_id": int(target["image_id"]), "category_id": int(category_ids[label]),
+                              "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     finally:
         model.train(was_training)
-    if world > 1:
-        gathered: list[list[dict] | None] = [None] * world
-        torch.distributed.all_gather_object(gathered, local)
-        local = [d for part in gathered for d in (part or [])]
+    local = [d for part in all_gather_object(local, runner.info) for d in (part or [])]
     local.sort(key=lambda d: d["image_id"])  # stable: each image keeps the model's order
     return local
 

@@ -31,7 +31,7 @@ from gridclip.model import inference
 from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride, valid_cells
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
-from gridclip.model.predict import predict as predict_images
+from gridclip.model.predict import predict_as_given
 from gridclip.model.transform import DetectionTransform
 
 CLIP_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
@@ -249,11 +249,14 @@ class GridCLIP(FCOS):
         cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), nominal_stride(images.shape[-1], c5.shape[-1]))
         return self.backbone.grid_pool(c5, cells)
 
-    def predict(self, inputs: Any, **kwargs) -> list[dict]:
-        """Detect in paths / PIL images / arrays / tensors (one or a list); boxes in original-image pixels
-        (EXIF-rotated view), with class ``names``. See :func:`gridclip.model.predict.predict`. As fast as
-        ``gridclip detect`` once the model is in its inference form (``gridclip.load`` returns it so)."""
-        return predict_images(self, inputs, **kwargs)
+    def predict(self, inputs: Any, **kwargs) -> Any:
+        """Detect in one image (a path, PIL image, array or CHW tensor) -> one
+        :class:`~gridclip.model.results.Detections`; in a list of them (or a 4-D batch tensor) -> a list.
+        Boxes in original-image pixels (EXIF-rotated view), with class ``names``; ``.plot()`` / ``.save()``
+        draw them. Keyword arguments as for :func:`gridclip.model.predict.predict` (thresholds,
+        ``batch_size``, ``device``, ``tile`` / ``overlap``). As fast as ``gridclip detect`` once the model is
+        in its inference form (``gridclip.load`` returns it so)."""
+        return predict_as_given(self, inputs, **kwargs)
 
     # ------------------------------------------------------------------------------------ inference form
     def optimize_for_inference(self, *, channels_last: bool = True) -> "GridCLIP":
