@@ -176,3 +176,13 @@ def test_recipe_settings_are_checked(tiny_root, tmp_path):
     cfg.train.finetune.alpha = 2.0
     with pytest.raises(ValueError, match="train.finetune.alpha"):
         Trainer(cfg, tmp_path / "bad", progress=False).setup()
+
+
+def test_the_recipe_is_a_config_section_with_a_switch_to_plain():
+    from gridclip.config import load_config
+
+    cfg = load_config(overrides=["train.finetune.mode=plain", "train.finetune.ignore_score=null"])
+    assert cfg.train.finetune.mode == "plain" and cfg.train.finetune.ignore_score is None
+    assert load_config().train.finetune.mode == "keep_vocab"  # the default whenever train.init_from is set
+    with pytest.raises(ValueError, match=r"train\.finetune\.mode: expected one of keep_vocab, plain"):
+        load_config(overrides=["train.finetune.mode=bogus"])
