@@ -140,6 +140,27 @@ class DataConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """What ``train.init_from`` fine-tuning does beyond plain training from the start weights
+    (``gridclip.engine.keep_vocab``; docs/training.md). ``mode: plain`` is training from the start weights and
+    nothing else; ``keep_vocab`` keeps the start model's knowledge of the names the custom data leaves out."""
+
+    # plain until the fine-tuning study has measured keep_vocab over seeds (docs/training.md)
+    mode: Literal["keep_vocab", "plain"] = "plain"
+    # locations outside every custom box where the frozen start model scores one of ``keep_names`` at
+    # least this high (sigmoid of its logit) get no classification loss; null: none ignored
+    ignore_score: float | None = 0.3
+    # weight of the L1 distance between the model's and the frozen start model's normalised per-location
+    # embeddings, outside the custom boxes (summed over dimensions, averaged over locations); 0: off
+    distill: float = 1.0
+    # WiSE-FT: the saved weights are (1 - alpha) start + alpha fine-tuned, per tensor; 1: the fine-tuned ones
+    alpha: float = 1.0
+    # the names whose scores decide what is ignored (a vocabulary spec); null: the start model's recorded
+    # vocabulary (checkpoints written by `gridclip train` record it)
+    keep_names: str | None = None
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 24  # "2x" schedule
     batch_size: int = 16  # global batch (per step, after accumulation, over all processes)
@@ -165,6 +186,7 @@ class TrainConfig:
     # fine-tuning: start from the weights of a gridclip model file (a trained `model.pt`); the
     # optimiser, schedule and iteration start afresh (unlike --resume)
     init_from: str | None = None
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # precomputed per-image targets for a detector that asks for them (``training_dataset``), e.g. the
     # region embeddings ViLD-image distils (`gridclip-lab precompute-regions`)
     region_cache: str | None = None

@@ -51,6 +51,7 @@ from gridclip.config import Config, config_to_dict, save_config
 from gridclip.data.collate import collate_detection
 from gridclip.data.datasets import build_train_dataset
 from gridclip.engine import evaluate as ev
+from gridclip.engine import keep_vocab
 from gridclip.engine import state as train_state
 from gridclip.engine.distributed import (DistInfo, TrainBatchSampler, all_gather_object, any_rank, barrier,
                                          cleanup_distributed, init_distributed, repeat_factors)
@@ -178,6 +179,7 @@ class Trainer:
         model.transform.min_size = tuple(int(s) for s in cfg.data.train_min_sizes)
         model.transform.max_size = int(cfg.data.train_max_size)
         self.model = model.to(dev).train()
+        self.finetune = keep_vocab.attach_finetune(self.model, cfg, dev) if t.init_from else None
         self.teacher = None
         self.teacher_cache = None
         if model.projector is not None:
@@ -337,10 +339,16 @@ class Trainer:
         elapsed = time.perf_counter() - timer_start if timer_start is not None else 0.0
         images_per_s = timed_iters * t.batch_size / elapsed if elapsed > 0 else float("nan")
 
+        if self.finetune is not None:
+            self.finetune.finish(self.model)
+            self.finetune.detach(self.model)
         model_path = self.out_dir / "model.pt"
         if self.dist.is_main:
-            save_checkpoint(model_path, self.model, extra={"config": config_to_dict(cfg), "iteration": self.iteration,
-                                                           "vocabulary": "base categories of the training set"})
+            extra = {"config": config_to_dict(cfg), "iteration": self.iteration,
+                     "vocabulary": "base categories of the training set"}
+            if t.init_from:
+                extra["finetune"] = keep_vocab.recipe_record(cfg)
+            save_checkpoint(model_path, self.model, extra=extra)
         barrier(self.dist)
         return {"out_dir": str(self.out_dir), "iterations": self.iteration, "total_iters": self.total_iters,
                 "iters_per_epoch": self.iters_per_epoch, "model": str(model_path),

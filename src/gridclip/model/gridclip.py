@@ -13,7 +13,7 @@ post-process with :class:`gridclip.model.postprocess.PostProcess` (large vocabul
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import open_clip
 import torch
@@ -191,6 +191,9 @@ class GridCLIP(FCOS):
         self.vocabulary: Vocabulary | None = None
         self.class_names: tuple[str, ...] = ()
         self._inference: inference.InferenceForm | None = None  # set by optimize_for_inference
+        # training only: a function (model, image_list, features, cells, anchors, targets) -> (head outputs,
+        # extra losses) that replaces the head's forward (fine-tuning recipes, gridclip.engine.keep_vocab)
+        self.training_hook: Callable | None = None
 
     # ----------------------------------------------------------------------------------------- vocabulary
     def set_vocabulary(self, vocabulary: Sequence[str] | Vocabulary | Tensor | str, *, cache_dir=None) -> "GridCLIP":
@@ -319,7 +322,11 @@ class GridCLIP(FCOS):
         cells = level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]), features)
 
         if self.training:
-            head_outputs = self.head(features, cells)
+            extra: dict[str, Tensor] = {}
+            if self.training_hook is None:
+                head_outputs = self.head(features, cells)
+            else:
+                head_outputs, extra = self.training_hook(self, image_list, features, cells, anchors, targets)
             fcos = self.compute_loss(targets, head_outputs, anchors, num_per_level)
             c = self.cfg
             losses = {
@@ -329,6 +336,7 @@ class GridCLIP(FCOS):
             }
             if self.projector is not None:
                 losses["loss_image"] = c.loss_image * self.image_alignment_loss(z_global, targets)
+            losses.update(extra)
             return losses
 
         detections = self.postprocess_dense(self.dense_outputs(features, cells), anchors, image_list.image_sizes)
