@@ -11,6 +11,7 @@ from gridclip.checkpoint import load_checkpoint, read_checkpoint, save_checkpoin
 from gridclip.config import GridCLIPConfig, load_config
 from gridclip.model import GridCLIP
 from gridclip.model.backbone import CLIPResNetTrunk
+from gridclip.model.summary import summarize
 from gridclip.model.trunk_weights import file_sha256, read_trunk_weights, save_trunk_weights, trunk_state
 from gridclip_lab.cli import main as lab_main
 from gridclip_lab.variants import VARIANTS
@@ -69,9 +70,11 @@ def test_trunk_source_survives_save_and_load(tiny_clip_names, tmp_path):
     assert raw["config"]["trunk_weights"] == "local:other.pt"  # no machine path
     assert str(tmp_path) not in json.dumps({k: raw[k] for k in ("config", "trunk_source", "extra")}, default=str)
     assert raw["trunk_source"]["sha256"] == file_sha256(path)
+    file_sha256_before = file_sha256(path)
     path.unlink()  # loading never needs the file: the tensors are in the checkpoint
     loaded = load_checkpoint(tmp_path / "model.pt")
     assert loaded.trunk_source == model.trunk_source
+    assert f"trunk weights: other.pt (test; sha256 {file_sha256_before[:16]})" in "\n".join(summarize(loaded))
     state = loaded.backbone.trunk.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in model.backbone.trunk.state_dict().items())
     save_checkpoint(tmp_path / "again.pt", loaded)  # and a second save keeps the record
@@ -81,6 +84,7 @@ def test_trunk_source_survives_save_and_load(tiny_clip_names, tmp_path):
     save_checkpoint(tmp_path / "plain.pt", plain)
     assert read_checkpoint(tmp_path / "plain.pt")["trunk_source"] is None
     assert load_checkpoint(tmp_path / "plain.pt").trunk_source is None
+    assert "trunk weights" not in "\n".join(summarize(plain))
 
 
 def test_trunk_weights_bad_files_are_one_line_errors(tiny_clip_names, tmp_path):
