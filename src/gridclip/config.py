@@ -48,6 +48,10 @@ class GridCLIPConfig:
     clip_pretrained: str | None = "openai"
     # Ablation switches (paper Tables 4-5).
     use_mhsa: bool = True  # run the attnpool MHSA over the grid (z); off: adapter reads C5 directly
+    # The trunk's weights from another pretraining than the CLIP's (paper Table 4: supervised / SwAV R50):
+    # a trunk weights file (gridclip.model.trunk_weights; ``gridclip:NAME`` for a shipped one). None: the
+    # CLIP's own. Only the trunk is replaced; the attention pool and the text tower stay the CLIP's.
+    trunk_weights: str | None = None
     grid_align: bool = True  # cosine scoring against text embeddings; off: plain FCOS classifier
     image_align: bool = True  # L1 between projected z-bar and the teacher's image embedding
     num_classes: int = 0  # classifier outputs when grid_align is off (closed set)

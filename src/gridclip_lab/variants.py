@@ -32,6 +32,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # diagnostic (not in the paper): the L1 on z-bar itself, no projector (the world's teacher shares the
     # student's text space): does the freshly initialised projector let z-bar drift?
     "GridCLIP, L1 on z-bar": {"projector_layers": 0},
+    # Table 4's top section: FCOS w/o align on visual-only pretrained trunks of the same architecture, same
+    # images (gridclip-lab pretrain-trunk; shipped in assets/shapes/trunks). No attention pool was trained
+    # with them, so the adapter reads C5 as in "w/o MHSA w/o align", their like-for-like CLIP row.
+    "FCOS w/o align, supervised trunk": {"use_mhsa": False, "grid_align": False, "image_align": False,
+                                         "trunk_weights": "gridclip:shapes-RN-tiny-supervised"},
+    "FCOS w/o align, SwAV trunk": {"use_mhsa": False, "grid_align": False, "image_align": False,
+                                   "trunk_weights": "gridclip:shapes-RN-tiny-swav"},
 }
 # how tables and figures name each variant (the paper's names where the paper has the row)
 LABELS: dict[str, str] = {
@@ -44,6 +51,8 @@ LABELS: dict[str, str] = {
     "3x3 embed": "GridCLIP, 3x3 embedding conv",
     "w/o MHSA": "GridCLIP, adapter on C5 instead of the MHSA",
     "GridCLIP, L1 on z-bar": "GridCLIP, L1 on z-bar itself (no projector; diagnostic)",
+    "FCOS w/o align, supervised trunk": "w/o align, supervised trunk (ImageNet-like: multi-label BCE, same images)",
+    "FCOS w/o align, SwAV trunk": "w/o align, SwAV trunk (self-supervised, same images)",
 }
 # the same variant at the paper's scale: its LVIS training command
 LVIS_COMMANDS: dict[str, str] = {

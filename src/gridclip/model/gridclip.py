@@ -33,6 +33,7 @@ from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
 from gridclip.model.predict import predict_as_given
 from gridclip.model.transform import DetectionTransform
+from gridclip.model.trunk_weights import TrunkSource, load_trunk_weights
 
 CLIP_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
 CLIP_STD = tuple(open_clip.OPENAI_DATASET_STD)
@@ -155,6 +156,8 @@ class GridCLIP(FCOS):
         self_clip_config = clip_config if clip_config is not None else model_config(cfg.clip_model)
         trunk = build_clip_trunk(cfg.clip_model, cfg.clip_pretrained, load_clip_weights, self_clip_config)
         attnpool = trunk.take_attnpool()
+        # from a checkpoint (no CLIP weights loaded) the trunk's tensors come with the state dict
+        trunk_source = load_trunk_weights(trunk, cfg.trunk_weights) if cfg.trunk_weights and load_clip_weights else None
         clip_dim = attnpool.c_proj.out_features
         grid_pool = GridAttentionPool.from_attnpool(attnpool) if cfg.use_mhsa else None
         backbone = GridCLIPBackbone(trunk, grid_pool, cfg.adapter_channels, cfg.adapter_layers, cfg.fpn_channels)
@@ -181,6 +184,7 @@ class GridCLIP(FCOS):
             self.projector = image_projector(backbone.global_dim, cfg.projector_hidden, self.teacher_dim,
                                              cfg.projector_layers)
         self.cfg = cfg
+        self.trunk_source: TrunkSource | None = trunk_source  # None: the CLIP's trunk
         self.clip_config = self_clip_config
         self.clip_dim = clip_dim
         # bf16 pass/fail matmul for large levels x vocabularies on CPUs with native bf16 (see scoring.py);
