@@ -31,8 +31,9 @@ from gridclip.model import inference
 from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride, valid_cells
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
-from gridclip.model.predict import predict as predict_images
+from gridclip.model.predict import predict_as_given
 from gridclip.model.transform import DetectionTransform
+from gridclip.model.trunk_weights import TrunkSource, load_trunk_weights
 
 CLIP_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
 CLIP_STD = tuple(open_clip.OPENAI_DATASET_STD)
@@ -155,6 +156,8 @@ class GridCLIP(FCOS):
         self_clip_config = clip_config if clip_config is not None else model_config(cfg.clip_model)
         trunk = build_clip_trunk(cfg.clip_model, cfg.clip_pretrained, load_clip_weights, self_clip_config)
         attnpool = trunk.take_attnpool()
+        # from a checkpoint (no CLIP weights loaded) the trunk's tensors come with the state dict
+        trunk_source = load_trunk_weights(trunk, cfg.trunk_weights) if cfg.trunk_weights and load_clip_weights else None
         clip_dim = attnpool.c_proj.out_features
         grid_pool = GridAttentionPool.from_attnpool(attnpool) if cfg.use_mhsa else None
         backbone = GridCLIPBackbone(trunk, grid_pool, cfg.adapter_channels, cfg.adapter_layers, cfg.fpn_channels)
@@ -181,6 +184,7 @@ class GridCLIP(FCOS):
             self.projector = image_projector(backbone.global_dim, cfg.projector_hidden, self.teacher_dim,
                                              cfg.projector_layers)
         self.cfg = cfg
+        self.trunk_source: TrunkSource | None = trunk_source  # None: the CLIP's trunk
         self.clip_config = self_clip_config
         self.clip_dim = clip_dim
         # bf16 pass/fail matmul for large levels x vocabularies on CPUs with native bf16 (see scoring.py);
@@ -192,7 +196,7 @@ class GridCLIP(FCOS):
         self.class_names: tuple[str, ...] = ()
         self._inference: inference.InferenceForm | None = None  # set by optimize_for_inference
         # training only: a function (model, image_list, features, cells, anchors, targets) -> (head outputs,
-        # extra losses) that replaces the head's forward (fine-tuning recipes, gridclip.engine.finetune)
+        # extra losses) that replaces the head's forward (fine-tuning recipes, gridclip.engine.keep_vocab)
         self.training_hook: Callable | None = None
 
     # ----------------------------------------------------------------------------------------- vocabulary
@@ -252,11 +256,14 @@ class GridCLIP(FCOS):
         cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), nominal_stride(images.shape[-1], c5.shape[-1]))
         return self.backbone.grid_pool(c5, cells)
 
-    def predict(self, inputs: Any, **kwargs) -> list[dict]:
-        """Detect in paths / PIL images / arrays / tensors (one or a list); boxes in original-image pixels
-        (EXIF-rotated view), with class ``names``. See :func:`gridclip.model.predict.predict`. As fast as
-        ``gridclip detect`` once the model is in its inference form (``gridclip.load`` returns it so)."""
-        return predict_images(self, inputs, **kwargs)
+    def predict(self, inputs: Any, **kwargs) -> Any:
+        """Detect in one image (a path, PIL image, array or CHW tensor) -> one
+        :class:`~gridclip.model.results.Detections`; in a list of them (or a 4-D batch tensor) -> a list.
+        Boxes in original-image pixels (EXIF-rotated view), with class ``names``; ``.plot()`` / ``.save()``
+        draw them. Keyword arguments as for :func:`gridclip.model.predict.predict` (thresholds,
+        ``batch_size``, ``device``, ``tile`` / ``overlap``). As fast as ``gridclip detect`` once the model is
+        in its inference form (``gridclip.load`` returns it so)."""
+        return predict_as_given(self, inputs, **kwargs)
 
     # ------------------------------------------------------------------------------------ inference form
     def optimize_for_inference(self, *, channels_last: bool = True) -> "GridCLIP":

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gridclip.checkpoint import checkpoint_extra, load_checkpoint, save_checkpoint
-from gridclip.engine.finetune import interpolate_state_dicts
+from gridclip.engine.keep_vocab import interpolate_state_dicts
 from gridclip.config import save_config
 from gridclip.data.annotations import load_lvis_json
 from gridclip_lab.world.shapes import load_world, make_world
@@ -48,7 +48,7 @@ ARMS: dict[str, dict[str, Any]] = {
     PLAIN: {"image_align": False},
     "with image alignment": {"image_align": True},
 }
-# The fine-tuning recipes (train.finetune, gridclip.engine.finetune): arm -> (model switches, recipe).
+# The fine-tuning recipes (train.finetune, gridclip.engine.keep_vocab): arm -> (model switches, recipe).
 # The arms above are plain fine-tuning; these keep the vocabulary in one way or several.
 RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     PLAIN: ({"image_align": False}, {"mode": "plain"}),
