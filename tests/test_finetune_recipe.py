@@ -7,7 +7,7 @@ import torch
 import torchvision.models.detection.fcos as tv_fcos
 from torchvision.ops import sigmoid_focal_loss
 
-from gridclip.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from gridclip.checkpoint import read_checkpoint, save_checkpoint
 from gridclip.engine import keep_vocab as ft
 from gridclip.engine import train as train_module
 from gridclip.engine.train import Trainer
@@ -65,6 +65,7 @@ def test_the_models_focal_loss_leaves_out_exactly_the_ignored_locations(tiny_roo
     the hook equals torchvision's focal loss of the plain logits over the locations it did not ignore."""
     _, path = _start_file(tiny_root, tmp_path)
     cfg = tiny_config(tiny_root, init_from=str(path))
+    cfg.train.finetune.mode = "keep_vocab"  # the recipe (plain is the default)
     cfg.train.finetune.ignore_score = 0.005  # low enough that some background locations are ignored
     cfg.train.finetune.distill = 0.0
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
@@ -132,6 +133,7 @@ def test_interpolation_is_exact_at_0_and_1_and_keeps_one_sided_tensors():
 
 def _fine_tune(tiny_root, tmp_path, name, path, **recipe):
     cfg = tiny_config(tiny_root, init_from=str(path), max_iters=2)
+    cfg.train.finetune.mode = "keep_vocab"  # the recipe (plain is the default)
     for k, v in recipe.items():
         setattr(cfg.train.finetune, k, v)
     summary = Trainer(cfg, tmp_path / name, progress=False).run()
@@ -149,20 +151,17 @@ def test_alpha_0_saves_the_start_weights_and_alpha_1_the_fine_tuned_ones(tiny_ro
 
 
 def test_plain_mode_is_training_from_the_start_weights_bit_for_bit(tiny_root, tmp_path, monkeypatch):
-    """mode=plain adds nothing to fine-tuning: the same weights as a run whose model is built already
-    holding the start weights (what init_from did before the recipe existed); keep_vocab differs."""
+    """mode=plain adds nothing to fine-tuning: the same weights as the same fine-tuning run with no recipe
+    attached at all (what init_from does without the recipe); keep_vocab differs."""
     _, path = _start_file(tiny_root, tmp_path)
     plain = _fine_tune(tiny_root, tmp_path, "plain", path, mode="plain")
-    keep = _fine_tune(tiny_root, tmp_path, "keep", path)
+    keep = _fine_tune(tiny_root, tmp_path, "keep", path, mode="keep_vocab")
     assert plain["extra"]["finetune"] == {"mode": "plain"}
 
-    def build_holding_start(cfg):
-        model = build_model(cfg)
-        load_weights(model, path)
-        return model
+    from gridclip.engine import keep_vocab
 
-    monkeypatch.setattr(train_module, "build_model", build_holding_start)
-    cfg = tiny_config(tiny_root, max_iters=2)
+    monkeypatch.setattr(keep_vocab, "attach_finetune", lambda *args, **kwargs: None)
+    cfg = tiny_config(tiny_root, init_from=str(path), max_iters=2)
     reference = read_checkpoint(Trainer(cfg, tmp_path / "reference", progress=False).run()["model"])
     want = reference["state_dict"]
     assert set(plain["state_dict"]) == set(want)
@@ -173,6 +172,7 @@ def test_plain_mode_is_training_from_the_start_weights_bit_for_bit(tiny_root, tm
 def test_recipe_settings_are_checked(tiny_root, tmp_path):
     _, path = _start_file(tiny_root, tmp_path)
     cfg = tiny_config(tiny_root, init_from=str(path))
+    cfg.train.finetune.mode = "keep_vocab"  # the recipe (plain is the default)
     cfg.train.finetune.alpha = 2.0
     with pytest.raises(ValueError, match="train.finetune.alpha"):
         Trainer(cfg, tmp_path / "bad", progress=False).setup()
