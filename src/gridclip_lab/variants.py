@@ -35,6 +35,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # diagnostic (not in the paper): the L1 on z-bar itself, no projector (the world's teacher shares the
     # student's text space): does the freshly initialised projector let z-bar drift?
     "GridCLIP, L1 on z-bar": {"projector_layers": 0},
+    # F-VLM (weights: F-VLM's 0.35 / 0.65 until chosen on a held-out split of the training images)
+    "grid only + ensemble": {"image_align": False, "clip_ensemble": "roi"},
+    "frozen trunk": {"image_align": False, "freeze_trunk": True},
+    "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, "clip_ensemble": "roi"},
 }
 # how tables and figures name each variant (the paper's names where the paper has the row)
 LABELS: dict[str, str] = {
@@ -47,6 +51,9 @@ LABELS: dict[str, str] = {
     "3x3 embed": "GridCLIP, 3x3 embedding conv",
     "w/o MHSA": "GridCLIP, adapter on C5 instead of the MHSA",
     "GridCLIP, L1 on z-bar": "GridCLIP, L1 on z-bar itself (no projector; diagnostic)",
+    "grid only + ensemble": "grid only + frozen-CLIP ensemble (F-VLM, RoI)",
+    "frozen trunk": "grid only, frozen CLIP trunk and attnpool",
+    "frozen trunk + ensemble": "frozen trunk + frozen-CLIP ensemble (F-VLM)",
 }
 # the same variant at the paper's scale: its LVIS training command
 LVIS_COMMANDS: dict[str, str] = {
