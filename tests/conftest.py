@@ -126,3 +126,20 @@ def tiny_root(tmp_path_factory) -> Path:
 def shapes_world(tmp_path_factory):
     """The embedded shape world, small size, seed 0 (read-only: tests that write make their own)."""
     return make_world(tmp_path_factory.mktemp("world") / "w", seed=0, size="small")
+
+
+@pytest.fixture(scope="session")
+def world_checkpoint(shapes_world, tmp_path_factory) -> Path:
+    """A small model of the shape world as ``gridclip-lab demo`` writes one (shipped CLIP and teacher,
+    shapes_demo sizes, no vocabulary), with head weights no fresh initialisation has (read-only)."""
+    from gridclip.model import build_model
+    from gridclip_lab.variants import world_config
+
+    torch.manual_seed(7)
+    model = build_model(world_config(shapes_world.root))
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    path = tmp_path_factory.mktemp("world_model") / "model.pt"
+    save_checkpoint(path, model)
+    return path

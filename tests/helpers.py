@@ -5,6 +5,8 @@
   ``save_clip_dir``: subprocesses load them without any registration);
 * tiny worlds: ``make_tiny_world`` (coloured boxes, LVIS format, the training tests' world) with
   ``tiny_config_dict`` / ``tiny_config`` / ``write_config``, ``make_lvis`` and ``make_voc`` (reader tests);
+* ``custom_dataset``: a COCO / YOLO / VOC dataset of the shape world's images and the ``data.*`` overrides
+  that train and evaluate on it;
 * images: ``rand_image``, ``write_image``, ``write_noise_image``;
 * comparisons: ``assert_same_detections`` (same order), ``assert_matching_detections`` (one-to-one
   within tolerances, near-ties may swap), ``state_dicts_equal``;
@@ -196,6 +198,23 @@ def make_voc(tmp_path: Path, objects: dict[str, list[tuple[str, tuple[int, int, 
         )
     (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(objects) + "\n")
     return root
+
+
+def custom_dataset(world: Path, out: Path, fmt: str, **kwargs) -> list[str]:
+    """A small ``fmt`` (coco / yolo / voc) dataset of the shape world's images with the world's names
+    (``gridclip_lab.world.formats.export_world``; ``kwargs`` go there) written to ``out``, and the
+    ``data.*`` overrides that train and evaluate on it, e.g. ``gridclip train --config shapes_demo
+    train.init_from=runs/demo/model.pt *overrides``. Paths are as given (relative stays relative)."""
+    from gridclip_lab.world.formats import export_world
+
+    path = export_world(world, out, fmt, **kwargs)
+    if fmt == "coco":
+        images = Path(out) / "images"
+        return ["data.format=coco", f"data.train_json={path}", f"data.val_json={Path(out) / 'val.json'}",
+                f"data.train_images={images}", f"data.val_images={images}"]
+    # the other formats read their images from the layout; empty values clear a base config's image folders
+    return [f"data.format={fmt}", f"data.train_json={path}", f"data.val_json={path}", "data.train_images=",
+            "data.val_images="]
 
 
 # -------------------------------------------------------------------------------------------- images

@@ -537,6 +537,30 @@ def test_study_sections_cells_differences_and_verdicts_by_hand(tmp_path):
     assert direction(1.0, None).startswith("undecided")
 
 
+def test_table4_top_section_rows_and_trunk_comparisons_by_hand(tmp_path):
+    from gridclip_lab.analysis.study_doc import render_study_sections
+
+    path = _made_up_study(tmp_path)
+    study = json.loads(path.read_text())
+    per = {"FCOS w/o align, supervised trunk": [0.30, 0.31, 0.32], "FCOS w/o align, SwAV trunk": [0.36, 0.38, 0.40]}
+    for v, apc in per.items():
+        for s in range(3):
+            study["runs"].append({"variant": v, "seed": s, "iters": 400, "key": f"{v}-{s}", "run_dir": f"runs/{v}-{s}",
+                                  "metrics": {"AP": 0.4, "APr": -1.0, "APc": apc[s], "APf": 0.60}, "seconds": 60.0})
+    path.write_text(json.dumps(study))
+    text = "\n".join(render_study_sections(path, None, None, tmp_path / "results.md"))
+    row = next(line for line in text.splitlines() if line.startswith("| w/o align, supervised trunk"))
+    assert "| 31.0 ± 1.0 (n=3) |" in row and row.endswith("| 14.6 / 26.2 / 16.6 |")
+    assert next(line for line in text.splitlines() if line.startswith("| w/o align, SwAV trunk")).endswith("| 19.5 / 29.2 / 20.0 |")
+    # FCOS w/o align APc 40, 42, 44 - supervised 30, 31, 32: +10, +11, +12 -> +11.0 [+8.5, +13.5]; paper 19.4 - 14.6
+    assert ("FCOS w/o align − FCOS w/o align, supervised trunk, AP_c, 400 iterations: paper +4.8; "
+            "world +11.0 [+8.5, +13.5] (n=3): **reproduced**") in text
+    # SwAV - supervised, AP (c + f) = (APc + APf) / 2: +3.0, +3.5, +4.0 -> +3.5 [+2.3, +4.7]; paper 20.0 - 16.6
+    assert ("FCOS w/o align, SwAV trunk − FCOS w/o align, supervised trunk, AP (c + f), 400 iterations: paper +3.4; "
+            "world +3.5 [+2.3, +4.7] (n=3): **reproduced**") in text
+    assert "w/o MHSA w/o align − FCOS w/o align, SwAV trunk" not in text  # no such runs in this study
+
+
 def test_study_section_cli_replaces_only_its_section(tmp_path):
     from gridclip_lab.analysis.study_doc import render_study_sections
 

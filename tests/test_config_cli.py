@@ -44,7 +44,7 @@ def test_config_errors_name_the_file_and_field(tmp_path, text, match):
 
 
 @pytest.mark.parametrize("key,allowed", [
-    ("data.format", "lvis, coco, voc"), ("train.optimizer", "sgd, adamw"), ("train.amp", "none, bf16, fp16"),
+    ("data.format", "lvis, coco, voc, yolo"), ("train.optimizer", "sgd, adamw"), ("train.amp", "none, bf16, fp16"),
     ("train.device", "auto, cpu, cuda"),
 ])
 def test_enumerations_are_checked_at_load(key, allowed):

@@ -160,7 +160,7 @@ def test_bad_files_raise_clear_errors(tmp_path):
     bad.write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="'annotations' list"):
         load_coco_json(bad, tmp_path)
-    with pytest.raises(ValueError, match="expected 'coco', 'lvis' or 'voc'"):
+    with pytest.raises(ValueError, match="expected one of lvis, coco, voc, yolo"):
         build_dataset("kitti", bad)
 
 
@@ -184,26 +184,32 @@ def test_voc_reader(tmp_path):
         "000007": [("tvmonitor", (3, 4, 64, 48), 0)],
     })
     anns = load_voc(root, "test")
-    assert anns.category_ids == list(range(1, 21)) and [c.name for c in anns.categories] == list(VOC_CLASSES)
+    names = ["dog", "person", "tvmonitor"]  # the names of the XML files, sorted
+    assert anns.category_ids == [1, 2, 3] and [c.name for c in anns.categories] == names
     assert [r.image_id for r in anns.images] == [5, 7]
     r = anns.images[0]
     assert r.boxes.tolist() == [[0.0, 0.0, 20.0, 30.0], [9.0, 4.0, 40.0, 40.0]]
-    assert r.category_ids.tolist() == [VOC_CLASSES.index("dog") + 1, VOC_CLASSES.index("person") + 1]
+    assert r.category_ids.tolist() == [1, 2]
     assert r.ignore.tolist() == [False, True]
     ds = build_dataset("voc", root, split="test")
     _, target = ds[0]
-    assert target["labels"].tolist() == [VOC_CLASSES.index("dog")]  # difficult object left out
+    assert target["labels"].tolist() == [0]  # difficult object left out
     coco = to_coco_dict(anns)
     assert [a["iscrowd"] for a in coco["annotations"]] == [0, 1, 0]
+    # VOC's own 20 classes, given as the list: ids 1..20 in the standard order
+    voc = load_voc(root, "test", names=VOC_CLASSES)
+    assert voc.category_ids == list(range(1, 21)) and [c.name for c in voc.categories] == list(VOC_CLASSES)
+    assert voc.images[0].category_ids.tolist() == [VOC_CLASSES.index("dog") + 1, VOC_CLASSES.index("person") + 1]
 
 
 def test_voc_bad_objects_both_ways(tmp_path):
-    root = make_voc(tmp_path, {"000001": [("unicorn", (1, 1, 20, 30), 0), ("cat", (5, 5, 4, 20), 0),
-                                          ("cat", (2, 2, 30, 30), 0)]})
-    anns = load_voc(root, "test")
-    assert dict(anns.report.skipped_annotations) == {"unknown category id": 1, "zero-area": 1}
-    assert anns.num_annotations() == 1
-    with pytest.raises(ValueError, match="image 000001 object 0 \\('unicorn'\\): unknown category id"):
-        load_voc(root, "test", strict=True)
+    good = [("cat", (2 + k, 2, 30, 30), 0) for k in range(3)]
+    root = make_voc(tmp_path, {"000001": [("unicorn", (1, 1, 20, 30), 0), ("cat", (5, 5, 4, 20), 0), *good]})
+    anns = load_voc(root, "test", names=VOC_CLASSES)
+    assert dict(anns.report.skipped_annotations) == {"unknown class name": 1, "zero-area": 1}
+    assert anns.num_annotations() == 3
+    with pytest.raises(ValueError, match="image 000001 object 0 \\('unicorn'\\): unknown class name"):
+        load_voc(root, "test", strict=True, names=VOC_CLASSES)
+    assert [c.name for c in load_voc(root, "test").categories] == ["cat", "unicorn"]  # any names
     with pytest.raises(FileNotFoundError, match="VOC split list"):
         load_voc(root, "trainval")

@@ -17,7 +17,7 @@ from helpers import subprocess_env
 from gridclip.cli import main
 from gridclip.engine.outputs import from_hf, from_supervision, to_hf, to_supervision
 from gridclip.engine.predict import predict
-from gridclip.engine.tiling import detect_tiled, tile_windows
+from gridclip.model.tiling import detect_tiled, tile_windows
 
 NAMES = ["red star", "blue ring", "green box"]
 

@@ -338,7 +338,6 @@ def test_eval_cli_checkpoint_needs_a_data_config(tiny_checkpoint, capsys):
 
 def test_voc_scored_in_coco_form_with_difficult_ignored(tmp_path):
     from gridclip.data.annotations import load_voc, to_coco_dict
-    from gridclip.data.annotations import VOC_CLASSES
 
     root = make_voc(tmp_path, {
         "000005": [("dog", (1, 1, 20, 30), 0), ("person", (10, 5, 40, 40), 1)],
@@ -351,5 +350,6 @@ def test_voc_scored_in_coco_form_with_difficult_ignored(tmp_path):
                     for a in gt["annotations"] if a["iscrowd"]]
     assert evaluate(gt, exact, style="coco").metrics["AP50"] == pytest.approx(1.0)
     assert evaluate(gt, exact + on_difficult, style="coco").metrics["AP50"] == pytest.approx(1.0)
-    fp_dog = [{"image_id": 5, "category_id": VOC_CLASSES.index("dog") + 1, "bbox": [40.0, 30.0, 10.0, 10.0], "score": 0.99}]
+    dog = next(c["id"] for c in gt["categories"] if c["name"] == "dog")
+    fp_dog = [{"image_id": 5, "category_id": dog, "bbox": [40.0, 30.0, 10.0, 10.0], "score": 0.99}]
     assert evaluate(gt, exact + fp_dog, style="coco").metrics["AP50"] < 1.0

@@ -206,3 +206,35 @@ def test_finetune_section_draws_each_arm_per_group(tmp_path):
     assert list(by_arm) == [BEFORE, without, with_]
     assert by_arm[BEFORE] == pytest.approx([71.0, 60.0, 30.0, 60.0])  # means over seeds, in %
     assert by_arm[with_] == pytest.approx([100 * ft["arms"][with_][g]["mean"] for g in groups])
+
+
+def test_finetune_study_recipe_arms_and_the_wise_ft_ends(tmp_path, small_world, tiny_clip_names):
+    """Recipe arms train through train.finetune; the plain arm's WiSE-FT curve is exact at its ends:
+    alpha 0 evaluates the start model, alpha 1 the fine-tuned one."""
+    import json
+
+    from gridclip_lab.cli import main
+    from gridclip_lab.study.finetune import PLAIN, alpha_arm
+
+    rn, vit = tiny_clip_names
+    out = tmp_path / "ft"
+    argv = ["finetune-study", "--out", str(out), "--world", str(small_world), "--start-variant", "GridCLIP",
+            "--start-iters", "2", "--iters", "2", "--seeds", "0", "--custom", "red", "--clip", rn, "--teacher", vit,
+            "--arms", f"{PLAIN},ignore + distill", "--alphas", "0,1", "--no-progress",
+            "train.batch_size=2", "train.warmup_iters=1", "model.projector_hidden=32"]
+    assert main(argv) == 0
+    study = json.loads((out / "finetune.json").read_text())
+    rows = {r["arm"]: r["metrics"] for r in study["rows"]}
+    assert set(rows) == {BEFORE, PLAIN, "ignore + distill", alpha_arm(0.0), alpha_arm(1.0)}
+    assert rows[alpha_arm(0.0)] == rows[BEFORE] and rows[alpha_arm(1.0)] == rows[PLAIN]
+    configs = [yaml_load(p) for p in (out / "runs").glob("*/config.yaml")]
+    modes = sorted(c["train"]["finetune"]["mode"] for c in configs)
+    assert modes == ["keep_vocab", "plain"]
+    assert {(p["a"], p["b"]) for p in study["pairs"]} >= {("ignore + distill", PLAIN), ("ignore + distill", BEFORE)}
+    assert set(study["other_kept"]) == {PLAIN, "ignore + distill", alpha_arm(0.0), alpha_arm(1.0)}
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())

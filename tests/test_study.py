@@ -365,3 +365,16 @@ def test_subsets_restrict_variants_and_seeds_per_schedule_length(tmp_path, small
                          ({"40": {"variants": []}}, "variants")):
         with pytest.raises(ValueError, match=message):
             StudySpec(variants=spec.variants, iters=spec.iters, pairs=(), subsets=bad)
+
+
+def test_run_key_follows_the_trunk_weights_file_contents(tmp_path):
+    from gridclip_lab.study import run_key
+
+    (tmp_path / "trunk.pt").write_bytes(b"trunk v1")
+    spec = StudySpec(variants=("FCOS w/o align", "t"), pairs=(),
+                     custom_variants={"t": {**VARIANTS["FCOS w/o align, SwAV trunk"], "trunk_weights": str(tmp_path / "trunk.pt")}})
+    cfg = run_config(spec, tmp_path, "t", 0, 10, 38)
+    key = run_key(cfg, tmp_path)
+    assert key != run_key(run_config(spec, tmp_path, "FCOS w/o align", 0, 10, 38), tmp_path)
+    (tmp_path / "trunk.pt").write_bytes(b"trunk v2")  # retrained, same path
+    assert run_key(cfg, tmp_path) != key

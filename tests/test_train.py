@@ -221,15 +221,19 @@ def test_teacher_cache_roundtrip_and_training(tiny_root, tmp_path, capsys):
     assert out["iterations"] == 2 and used["teacher"] is None and used["cache"] is not None
 
 
-def test_existing_run_needs_resume_and_config_errors(tiny_root, tmp_path):
-    from gridclip.engine.train import train
+def test_existing_run_needs_resume_and_config_errors(tiny_root, tmp_path, caplog):
+    from gridclip.engine.train import Trainer, train
 
     cfg = tiny_config(tiny_root)
     train(cfg, tmp_path / "run", max_iters=2, progress=False)
     with pytest.raises(ValueError, match="--resume"):
         train(cfg, tmp_path / "run", max_iters=2, progress=False)
-    with pytest.raises(ValueError, match="train.amp"):
-        train(tiny_config(tiny_root, amp="bf16"), tmp_path / "other", progress=False)
+    on_cpu = Trainer(tiny_config(tiny_root, amp="bf16"), tmp_path / "amp", progress=False)
+    with caplog.at_level("WARNING", logger="gridclip"):
+        on_cpu.setup()  # a GPU config on a CPU: float32, said once
+    assert on_cpu.cfg.train.amp == "none"
+    assert [r.getMessage() for r in caplog.records if "train.amp" in r.getMessage()] == [
+        "train.amp=bf16 needs CUDA; this run is on cpu: training in float32 (train.amp=none)"]
     with pytest.raises(ValueError, match="train.batch_size"):
         train(tiny_config(tiny_root, batch_size=3, accumulate=2), tmp_path / "other", progress=False)
     changed = tiny_config(tiny_root)

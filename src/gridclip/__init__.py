@@ -1,11 +1,21 @@
 """GridCLIP: one-stage open-vocabulary object detection on the CLIP ResNet image encoder.
 
 ``import gridclip`` is light: the public names below are imported on first use.
+
+OpenMP threads that spin while they wait make torch's CPU kernels several times slower whenever other
+processes share the cores; waiting passively costs little on an idle machine. The runtime reads
+``OMP_WAIT_POLICY`` once, when torch is first imported, so it is set here (unless already set or torch is
+already imported), as the ``gridclip`` command does: the Python API then runs as fast as ``gridclip detect``.
 """
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING
+
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 

@@ -7,6 +7,9 @@ Portable (format version 2): nothing in the file depends on the machine that wro
   hub CLIPs by model name and pretrained tag (or ``None``: seeded random init).
 * Any other CLIP (a local directory, a weights file) is recorded as ``stored:<name>`` and its text tower
   is stored in the checkpoint (fp16, ``clip_text``), so a new vocabulary can be embedded anywhere.
+* A trunk from another pretraining than the CLIP's (``model.trunk_weights``) is in the state dict; the
+  config names its file ``local:<file name>`` (or ``gridclip:NAME`` when shipped) and ``trunk_source``
+  records the file's name, sha256 and how it was made.
 * The teacher (training only) is recorded by name, its embedding size by ``teacher_dim``: loading
   never needs it. Other absolute paths (e.g. data paths in ``extra``) are written relative to the
   working directory when under it, else as ``local:<file name>``.
@@ -32,6 +35,8 @@ from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import GridCLIPConfig, config_from_dict, config_to_dict
 from gridclip.model import build_model
 from gridclip.model.gridclip import GridCLIP
+from gridclip.model.trunk_weights import BUILTIN_PREFIX as TRUNK_BUILTIN_PREFIX
+from gridclip.model.trunk_weights import TrunkSource
 from gridclip.utils.atomic import atomic_save
 from gridclip.utils.files import read_marked
 
@@ -79,6 +84,9 @@ def portable_model_config(cfg: dict, teacher_dim: int | None = None) -> dict:
                                                                             cfg.get("teacher_pretrained"))
     if teacher_dim is not None:
         cfg["teacher_dim"] = int(teacher_dim)
+    trunk = cfg.get("trunk_weights")
+    if trunk and not str(trunk).startswith((TRUNK_BUILTIN_PREFIX, LOCAL_PREFIX)):
+        cfg["trunk_weights"] = f"{LOCAL_PREFIX}{Path(str(trunk)).name}"  # its tensors are in the state dict
     return cfg
 
 
@@ -130,6 +138,8 @@ def checkpoint_dict(model: GridCLIP, extra: dict | None = None) -> dict:
         "clip_text_source": list(portable_clip_name(encoder.model, encoder.pretrained)),
         "clip_text": text,
         "teacher_config": getattr(model, "teacher_config", None),  # the peers' target CLIP (gridclip_lab.peers)
+        # where the trunk's weights came from when not from the CLIP (model.trunk_weights): name, sha256, meta
+        "trunk_source": model.trunk_source.to_dict() if getattr(model, "trunk_source", None) else None,
         "state_dict": state,
         "vocabulary": vocab,
         "extra": _portable_path(extra),
@@ -198,12 +208,18 @@ def _projector_out(state: dict) -> int | None:
     return int(state[keys[-1]].shape[0]) if keys else None
 
 
-def model_from_checkpoint(data: dict, source: str = "checkpoint") -> GridCLIP:
-    data = migrate(data)
+def model_values(data: dict) -> dict:
+    """The model config of a (migrated) checkpoint dict, as a plain dict; ``teacher_dim`` filled in."""
     values = dict(data["config"])
     if values.get("image_align", True) and values.get("teacher_dim") is None:
         values["teacher_dim"] = _projector_out(data["state_dict"])  # loading never needs the teacher
-    cfg: GridCLIPConfig = config_from_dict(values, GridCLIPConfig, f"{source}:config")
+    return values
+
+
+def build_like_checkpoint(data: dict, cfg: GridCLIPConfig) -> GridCLIP:
+    """A fresh model of ``cfg`` with the CLIP of the (migrated) checkpoint dict ``data``: its open_clip
+    config and its text encoder (stored tower, shipped CLIP or hub tag). No CLIP weights are read: the
+    image tower's come with the checkpoint's ``state_dict``, so nothing is downloaded."""
     model = build_model(cfg, load_clip_weights=False, clip_config=data.get("clip_config"),
                         teacher_config=data.get("teacher_config"))
     text = data.get("clip_text")
@@ -212,9 +228,18 @@ def model_from_checkpoint(data: dict, source: str = "checkpoint") -> GridCLIP:
     elif data.get("clip_text_source"):
         text_model, text_pretrained = data["clip_text_source"]
         model.text_encoder = TextEncoder(text_model, text_pretrained)
+    return model
+
+
+def model_from_checkpoint(data: dict, source: str = "checkpoint") -> GridCLIP:
+    data = migrate(data)
+    cfg: GridCLIPConfig = config_from_dict(model_values(data), GridCLIPConfig, f"{source}:config")
+    model = build_like_checkpoint(data, cfg)
     missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if data.get("trunk_source"):
+        model.trunk_source = TrunkSource.from_dict(data["trunk_source"])
     vocab = data.get("vocabulary")
     if vocab:
         if vocab.get("embeddings") is not None:

@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+from gridclip.utils.extras import MissingExtra
 from gridclip.utils.logs import setup_logging
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # The lab's commands (the embedded world, demo, studies, benchmarks, peers) have their own entry point.
 LAB_HINT = "the embedded world, the demo, studies and benchmarks are `gridclip-lab <command>` (gridclip-lab --help)"
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, OSError)
+USER_ERRORS = (MissingExtra, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, OSError)
 
 
 def _usage(prog: str, commands: dict[str, tuple[str, str]], hint: str | None) -> str:

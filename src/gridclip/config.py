@@ -48,6 +48,10 @@ class GridCLIPConfig:
     clip_pretrained: str | None = "openai"
     # Ablation switches (paper Tables 4-5).
     use_mhsa: bool = True  # run the attnpool MHSA over the grid (z); off: adapter reads C5 directly
+    # The trunk's weights from another pretraining than the CLIP's (paper Table 4: supervised / SwAV R50):
+    # a trunk weights file (gridclip.model.trunk_weights; ``gridclip:NAME`` for a shipped one). None: the
+    # CLIP's own. Only the trunk is replaced; the attention pool and the text tower stay the CLIP's.
+    trunk_weights: str | None = None
     grid_align: bool = True  # cosine scoring against text embeddings; off: plain FCOS classifier
     image_align: bool = True  # L1 between projected z-bar and the teacher's image embedding
     num_classes: int = 0  # classifier outputs when grid_align is off (closed set)
@@ -129,11 +133,18 @@ register_model_config(GridCLIPConfig)
 
 @dataclass
 class DataConfig:
-    format: Literal["lvis", "coco", "voc"] = "lvis"
+    # lvis / coco: train_json, val_json are the JSON files, images under train_images / val_images (default:
+    # the JSON's folder). voc: the VOC folder (split trainval for training, test for evaluation) or its
+    # ImageSets/Main/<split>.txt. yolo: the data.yaml (or its folder); training reads its `train`, evaluation
+    # its `val`. docs/datasets.md shows each layout.
+    format: Literal["lvis", "coco", "voc", "yolo"] = "lvis"
     train_json: str | None = None
     train_images: str | None = None
     val_json: str | None = None
     val_images: str | None = None
+    # voc: the class names, ids 1..K in this order (objects named otherwise are skipped); default: every
+    # <name> in the folder's XML files, sorted. The other formats name their classes themselves.
+    names: tuple[str, ...] | None = None
     # Open-vocabulary split: default base = LVIS frequent + common, novel = rare (the JSON's `frequency`).
     base_list: str | None = None
     novel_list: str | None = None
@@ -145,6 +156,27 @@ class DataConfig:
     repeat_factor_threshold: float | None = None  # e.g. 0.001 for LVIS repeat-factor sampling
     num_workers: int = 4
     strict: bool = False
+
+
+@dataclass
+class FinetuneConfig:
+    """What ``train.init_from`` fine-tuning does beyond plain training from the start weights
+    (``gridclip.engine.keep_vocab``; docs/training.md). ``mode: plain`` is training from the start weights and
+    nothing else; ``keep_vocab`` keeps the start model's knowledge of the names the custom data leaves out."""
+
+    # plain until the fine-tuning study has measured keep_vocab over seeds (docs/training.md)
+    mode: Literal["keep_vocab", "plain"] = "plain"
+    # locations outside every custom box where the frozen start model scores one of ``keep_names`` at
+    # least this high (sigmoid of its logit) get no classification loss; null: none ignored
+    ignore_score: float | None = 0.3
+    # weight of the L1 distance between the model's and the frozen start model's normalised per-location
+    # embeddings, outside the custom boxes (summed over dimensions, averaged over locations); 0: off
+    distill: float = 1.0
+    # WiSE-FT: the saved weights are (1 - alpha) start + alpha fine-tuned, per tensor; 1: the fine-tuned ones
+    alpha: float = 1.0
+    # the names whose scores decide what is ignored (a vocabulary spec); null: the start model's recorded
+    # vocabulary (checkpoints written by `gridclip train` record it)
+    keep_names: str | None = None
 
 
 @dataclass
@@ -173,6 +205,7 @@ class TrainConfig:
     # fine-tuning: start from the weights of a gridclip model file (a trained `model.pt`); the
     # optimiser, schedule and iteration start afresh (unlike --resume)
     init_from: str | None = None
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # precomputed per-image targets for a detector that asks for them (``training_dataset``), e.g. the
     # region embeddings ViLD-image distils (`gridclip-lab precompute-regions`)
     region_cache: str | None = None
@@ -182,7 +215,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # The evaluation protocol follows data.format (lvis: LVIS AP; coco, voc: COCO AP), or `gridclip eval
+    # The evaluation protocol follows data.format (lvis: LVIS AP; coco, voc, yolo: COCO AP), or `gridclip eval
     # --style`; there is no config key for it (see REMOVED_KEYS).
     batch_size: int = 4
     max_dets: int = 300
@@ -206,7 +239,7 @@ class Config:
 REMOVED_KEYS: dict[str, dict[str, str]] = {
     "model": {"peers": "the settings of ViLD and CLIP on crops, which register config classes of their own; "
                        "GridCLIP never read them"},
-    "eval": {"style": "the evaluation protocol follows data.format (lvis: LVIS AP; coco, voc: COCO AP); "
+    "eval": {"style": "the evaluation protocol follows data.format (lvis: LVIS AP; coco, voc, yolo: COCO AP); "
                       "`gridclip eval --style` overrides it"},
 }
 
@@ -354,6 +387,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
+def with_overrides(values: dict, overrides: list[str] | None) -> dict:
+    """A config dict (e.g. the one a checkpoint stores) with ``key=value`` overrides applied."""
+    return _deep_merge(values, parse_overrides(overrides)) if overrides else dict(values)
+
+
 def _deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -414,6 +452,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         values = _deep_merge(values, parse_overrides(overrides))
     where = str(path) if path is not None else "overrides"
     return config_from_dict(values, Config, where)
+
+
+def explicit_keys(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> frozenset[str]:
+    """The dotted keys (``model.clip_model``, ...) that the config file (with its ``_base_`` chain) or the
+    overrides set, as opposed to those left at the schema's defaults."""
+    values: dict = _read_yaml_chain(resolve_config(path), seen=()) if path is not None else {}
+    if overrides:
+        values = _deep_merge(values, parse_overrides(overrides))
+
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+    return frozenset(walk(values, ""))
 
 
 def _read_yaml_chain(path: Path, seen: tuple) -> dict:

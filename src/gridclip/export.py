@@ -50,8 +50,10 @@ from gridclip.clip.vocabulary import default_cache_dir
 from gridclip.data.images import load_image, to_float_image
 from gridclip.model.head import Subspace
 from gridclip.model.postprocess import DenseOutputs, PostProcess, fcos_anchor_generator
+from gridclip.model.predict import predict_as_given
 from gridclip.model.transform import DetectionTransform
 from gridclip.utils.atomic import atomic_save, atomic_write_json
+from gridclip.utils.extras import require
 
 __all__ = ["DenseGridCLIP", "export_onnx", "preprocess", "postprocess", "OnnxDetector", "cached_export", "export_key",
            "onnx_cache_dir", "quantize_onnx", "calibration_batches", "QUANTIZATION_MODES"]
@@ -111,6 +113,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, vocab_input: bool = F
 
     Returns the ONNX path. ``model`` is a GridCLIP with its vocabulary set (baked in unless
     ``vocab_input``), in either form (trainable or ``optimize_for_inference``); it is left in eval mode."""
+    require("onnx", "export", "ONNX export")
     path = Path(path)
     model = model.eval()
     dense = DenseGridCLIP(model, vocab_input=vocab_input).eval()
@@ -209,12 +212,13 @@ def postprocess(outputs: Sequence[Any], meta: dict[str, Any], resized_sizes: Seq
 class OnnxDetector:
     """An exported model in onnxruntime with the model's own pre/post-processing:
     ``OnnxDetector("model.onnx")(images) -> [{boxes, scores, labels, names}]``, images as for
-    :func:`gridclip.model.predict.predict` (paths, PIL, numpy, tensors)."""
+    :func:`gridclip.model.predict.predict` (paths, PIL, numpy, tensors). A detector like the PyTorch model:
+    ``predict`` (and ``gridclip detect --runtime onnxruntime``, through the engine's runner) drive it with
+    the same loop, batching and tiling."""
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int | None = None):
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", "export", "running an ONNX export")
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: ONNX model not found")
@@ -259,6 +263,12 @@ class OnnxDetector:
         for d in dets:
             d["names"] = [class_names[k] for k in d["labels"].tolist()]
         return dets
+
+    def predict(self, inputs: Any, **kwargs: Any) -> Any:
+        """As ``GridCLIP.predict``: one image -> one :class:`~gridclip.model.results.Detections`, a list ->
+        a list; keyword arguments of :func:`gridclip.model.predict.predict` (thresholds, ``batch_size``,
+        ``tile`` / ``overlap``)."""
+        return predict_as_given(self, inputs, **kwargs)
 
 
 # --------------------------------------------------------------------------- cached export for a runtime

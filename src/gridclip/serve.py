@@ -10,11 +10,11 @@ import os
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from gridclip.clip.vocabulary import is_existing_file, parse_vocabulary
-from gridclip.engine.predict import draw_detections, predict
+from gridclip.engine.predict import predict
+from gridclip.utils.extras import require
 
 __all__ = ["detect_image", "build_demo"]
 
@@ -40,10 +40,7 @@ def detect_image(model: nn.Module, image: np.ndarray | None, vocabulary: str,
     elif not getattr(model, "class_names", None):
         raise ValueError("vocabulary: empty; type class names separated by commas")
     (result,) = predict(model, image, score_thresh=score_thresh)
-    chw = torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8)[..., :3])).permute(2, 0, 1)
-    if chw.shape[0] == 1:
-        chw = chw.expand(3, -1, -1)
-    drawn = draw_detections(chw.contiguous(), result).permute(1, 2, 0).numpy()
+    drawn = result.plot().permute(1, 2, 0).numpy()
     rows = [[name, round(score, 3), *[round(v, 1) for v in box]]
             for name, score, box in zip(result["names"], result["scores"].tolist(), result["boxes"].tolist())]
     return drawn, rows
@@ -53,7 +50,7 @@ def build_demo(model: nn.Module, default_vocabulary: str = "", default_score: fl
     """The Gradio Blocks page (not launched). Element ids: ``input-image``, ``vocabulary``, ``score``,
     ``detect-button``, ``output-image``, ``detections``."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
-    import gradio as gr
+    gr = require("gradio", "serve", "the web demo")
 
     model.eval()
     if not default_vocabulary and getattr(model, "class_names", None):

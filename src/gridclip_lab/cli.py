@@ -10,7 +10,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "demo": ("gridclip_lab.commands.demo", "the embedded open-vocabulary world, end to end"),
     "make-world": ("gridclip_lab.commands.make_world", "generate the embedded shape world (LVIS-format JSON + PNGs)"),
+    "export-world": ("gridclip_lab.commands.export_world",
+                     "some of the world's images as a COCO, YOLO or VOC dataset (to try data.format=...)"),
     "pretrain-clip": ("gridclip_lab.commands.pretrain_clip", "pretrain the tiny CLIP and ViT teacher on world captions"),
+    "pretrain-trunk": ("gridclip_lab.commands.pretrain_trunk",
+                       "visual-only pretraining of the tiny CLIP's trunk: supervised or SwAV (paper Table 4)"),
     "study": ("gridclip_lab.commands.study", "ablation study: variants x seeds x schedule lengths, with CIs"),
     "finetune-study": ("gridclip_lab.commands.finetune_study",
                        "fine-tuning without forgetting: custom categories, with / without image alignment"),

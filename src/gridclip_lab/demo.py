@@ -16,8 +16,6 @@ from pathlib import Path
 
 import torch
 from torchvision.io import write_png
-from torchvision.ops import nms
-from torchvision.utils import draw_bounding_boxes
 
 from gridclip.checkpoint import load_checkpoint, save_checkpoint
 from gridclip.clip.loader import builtin_clip_dir
@@ -27,19 +25,14 @@ from gridclip.data.images import load_image
 from gridclip_lab.world.shapes import make_world
 from gridclip_lab.world.clip_pretrain import PretrainConfig, train_clip
 from gridclip.engine.evaluate import build_eval_dataset
+from gridclip.model.results import Detections
 from gridclip.utils.atomic import atomic_write_json
 from gridclip.utils.logs import setup_logging
-from gridclip_lab.variants import VARIANTS, apply_variant, evaluate_variant, run_side_by_side, run_variant, world_config
+from gridclip_lab.variants import (ABLATIONS, DEFAULT_ITERS, DEMO_VARIANTS, VARIANTS, apply_variant,  # noqa: F401
+                                   evaluate_variant, run_side_by_side, run_variant, world_config)
 
 CLIP_NAME, TEACHER_NAME = "shapes-RN-tiny", "shapes-ViT-tiny"
 
-# GridCLIP and the closed-set detector it is measured against: the demo's claim is that GridCLIP names
-# categories it never saw boxes of, which a closed-set FCOS cannot. The paper's other ablations (grid only,
-# image only, w/o MHSA, ...) are decided with seeds by `gridclip-lab study`; `--ablations` trains them here too.
-DEMO_VARIANTS = ("GridCLIP", "FCOS w/o align")
-# `--ablations`: Tables 4-5 as the demo trains them (seed 0), and the 3x3 embedding conv
-ABLATIONS = ("GridCLIP", "grid only", "FCOS w/o align", "w/o MHSA", "image only", "3x3 embed")
-DEFAULT_ITERS = 400
 # What one seed is worth: the sample std over seeds of the same runs in `gridclip-lab study` (written by
 # `gridclip-lab study ... --write-demo-spread`; docs/results.md has the study itself).
 SEED_SPREAD = Path(__file__).parent / "configs" / "demo_seed_spread.json"
@@ -88,15 +81,9 @@ def _draw_examples(model, cfg, out_dir: Path, novel_ids: set[int], count: int = 
         path = Path(cfg.data.val_images) / images[image_id]["file_name"]
         image = load_image(path)
         with torch.no_grad():
-            det = model([image.float() / 255])[0]
-        # one label per object for a readable picture: class-agnostic NMS over the confident detections
-        confident = (det["scores"] > 0.3).nonzero().flatten()
-        keep = confident[nms(det["boxes"][confident], det["scores"][confident], 0.5)]
-        names = [model.class_names[int(k)] for k in det["labels"][keep]]
-        labels = [f"{n} {float(s):.2f}" for n, s in zip(names, det["scores"][keep])]
-        colors = ["red" if n in novel_names else "yellow" for n in names]  # red: a novel category
-        big = torch.nn.functional.interpolate(image[None].float(), scale_factor=3, mode="nearest")[0].to(torch.uint8)
-        drawn = draw_bounding_boxes(big, det["boxes"][keep] * 3, labels=labels, colors=colors, width=2)
+            result = Detections.from_output(model([image.float() / 255])[0], model.class_names)
+        # red: a novel category (never seen as a box in training)
+        drawn = result.plot(image=image, scale=3, colors=lambda n: (255, 0, 0) if n in novel_names else (255, 230, 0))
         target = out_dir / f"val_{image_id}.png"
         write_png(drawn, str(target))
         written.append(str(target))

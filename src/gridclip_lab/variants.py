@@ -3,6 +3,9 @@ config, and the one way to train and evaluate them (``gridclip-lab demo`` and ``
 
 A run trains with one torch thread, so its numbers do not depend on how many runs share the machine nor
 on its core count; several runs go side by side in spawned worker processes.
+
+Importing this module is light (no torch): command-line help lists its tables; the training and
+evaluation functions import what they run on first use.
 """
 from __future__ import annotations
 
@@ -12,14 +15,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from gridclip.checkpoint import load_checkpoint
-from gridclip.clip.loader import builtin_name_of
 from gridclip.config import Config, load_config
-from gridclip.engine.evaluate import evaluate_base_trained
-from gridclip.engine.train import train
 from gridclip.utils.atomic import atomic_write_json
-from gridclip.utils.threads import torch_threads
-from gridclip_lab.world.clip_pretrain import shipped_model_dir
 
 # name -> model settings. ``teacher``: "student" aligns to the student's own CLIP image tower (frozen), any
 # other value names a CLIP (a directory or open_clip name).
@@ -35,6 +32,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # diagnostic (not in the paper): the L1 on z-bar itself, no projector (the world's teacher shares the
     # student's text space): does the freshly initialised projector let z-bar drift?
     "GridCLIP, L1 on z-bar": {"projector_layers": 0},
+    # Table 4's top section: FCOS w/o align on visual-only pretrained trunks of the same architecture, same
+    # images (gridclip-lab pretrain-trunk; shipped in assets/shapes/trunks). No attention pool was trained
+    # with them, so the adapter reads C5 as in "w/o MHSA w/o align", their like-for-like CLIP row.
+    "FCOS w/o align, supervised trunk": {"use_mhsa": False, "grid_align": False, "image_align": False,
+                                         "trunk_weights": "gridclip:shapes-RN-tiny-supervised"},
+    "FCOS w/o align, SwAV trunk": {"use_mhsa": False, "grid_align": False, "image_align": False,
+                                   "trunk_weights": "gridclip:shapes-RN-tiny-swav"},
     # F-VLM (weights: F-VLM's 0.35 / 0.65 until chosen on a held-out split of the training images)
     "grid only + ensemble": {"image_align": False, "clip_ensemble": "roi"},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
@@ -51,6 +55,8 @@ LABELS: dict[str, str] = {
     "3x3 embed": "GridCLIP, 3x3 embedding conv",
     "w/o MHSA": "GridCLIP, adapter on C5 instead of the MHSA",
     "GridCLIP, L1 on z-bar": "GridCLIP, L1 on z-bar itself (no projector; diagnostic)",
+    "FCOS w/o align, supervised trunk": "w/o align, supervised trunk (ImageNet-like: multi-label BCE, same images)",
+    "FCOS w/o align, SwAV trunk": "w/o align, SwAV trunk (self-supervised, same images)",
     "grid only + ensemble": "grid only + frozen-CLIP ensemble (F-VLM, RoI)",
     "frozen trunk": "grid only, frozen CLIP trunk and attnpool",
     "frozen trunk + ensemble": "frozen trunk + frozen-CLIP ensemble (F-VLM)",
@@ -67,6 +73,13 @@ LVIS_COMMANDS: dict[str, str] = {
     "3x3 embed": "gridclip train --config lvis_r50 --out runs/lvis_r50_embed3x3 model.embed_kernel_size=3",
 }
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
+# GridCLIP and the closed-set detector it is measured against: the demo's claim is that GridCLIP names
+# categories it never saw boxes of, which a closed-set FCOS cannot. The paper's other ablations (grid only,
+# image only, w/o MHSA, ...) are decided with seeds by `gridclip-lab study`; `--ablations` trains them there too.
+DEMO_VARIANTS = ("GridCLIP", "FCOS w/o align")
+# `gridclip-lab demo --ablations`: Tables 4-5 as the demo trains them (seed 0), and the 3x3 embedding conv
+ABLATIONS = ("GridCLIP", "grid only", "FCOS w/o align", "w/o MHSA", "image only", "3x3 embed")
+DEFAULT_ITERS = 400  # the demo's iterations per variant
 CONFIG_NAME = "shapes_demo"  # the product's packaged gridclip/configs/shapes_demo.yaml
 
 
@@ -75,6 +88,9 @@ def world_config(world_dir: str | Path, clip: str | Path | None = None, teacher:
     """The world's training config: ``shapes_demo.yaml`` with the world's files, the tiny CLIP and teacher
     (default: the shipped ones, named ``gridclip:NAME`` so configs and checkpoints hold no machine path)
     and ``key=value`` overrides."""
+    from gridclip.clip.loader import builtin_name_of
+    from gridclip_lab.world.clip_pretrain import shipped_model_dir
+
     world = Path(world_dir)
     cfg = load_config(CONFIG_NAME, list(overrides))
     clip, teacher = str(clip or shipped_model_dir("rn")), str(teacher or shipped_model_dir("vit"))
@@ -87,6 +103,8 @@ def world_config(world_dir: str | Path, clip: str | Path | None = None, teacher:
 
 def apply_variant(cfg: Config, variant: str, settings: dict[str, Any], num_base_classes: int) -> Config:
     """``cfg`` with a variant's model settings; a closed-set variant classifies the base categories."""
+    from gridclip.clip.loader import builtin_name_of
+
     for key, value in settings.items():
         if key == "teacher":
             if not isinstance(value, str) or not value:
@@ -108,6 +126,9 @@ def evaluate_variant(model_path: str, cfg: Config, base_category_ids: list[int],
                      write_results: bool = False) -> dict[str, float]:
     """LVIS-style metrics of a trained run on the world's val split (every category; AP_r = novel);
     ``write_results``: its detections also to ``<cfg.out_dir>/results.json``."""
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.engine.evaluate import evaluate_base_trained
+
     evaluation, results = evaluate_base_trained(load_checkpoint(model_path), cfg, base_category_ids)
     if write_results:
         atomic_write_json(Path(cfg.out_dir) / "results.json", results, indent=None)
@@ -118,10 +139,14 @@ TrainFn = Callable[..., dict]
 EvaluateFn = Callable[[str, Any, list], dict]
 
 
-def run_variant(cfg: Config, base_category_ids: list[int], *, train_fn: TrainFn = train,
+def run_variant(cfg: Config, base_category_ids: list[int], *, train_fn: TrainFn | None = None,
                 evaluate_fn: EvaluateFn = evaluate_variant, progress: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` into ``cfg.out_dir`` and evaluate it, with one torch thread: ``{"summary" (the
-    trainer's), "metrics", "train_seconds", "seconds"}``."""
+    """Train ``cfg`` into ``cfg.out_dir`` (``train_fn``, default :func:`gridclip.engine.train.train`) and
+    evaluate it, with one torch thread: ``{"summary" (the trainer's), "metrics", "train_seconds", "seconds"}``."""
+    from gridclip.engine.train import train
+    from gridclip.utils.threads import torch_threads
+
+    train_fn = train_fn or train
     t0 = time.perf_counter()
     with torch_threads(1):
         summary = train_fn(cfg, cfg.out_dir, progress=progress)

@@ -28,6 +28,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from gridclip.clip.known_words import warn_outside_names
 from gridclip.clip.prompts import VILD_TEMPLATES
 from gridclip.clip.text import TextEncoder
 from gridclip.utils.files import read_torch_file
@@ -283,6 +284,7 @@ class Vocabulary:
         names = validate_names(names)
         encoder = encoder if encoder is not None else TextEncoder(clip_model, clip_pretrained, seed=seed)
         identity = encoder.identity
+        warn_outside_names(identity, names)
         key = hashlib.sha256(
             json.dumps({"clip": identity, "names": [clean_name(n) for n in names], "templates": list(templates)}).encode()
         ).hexdigest()

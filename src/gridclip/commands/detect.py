@@ -1,4 +1,4 @@
-"""``gridclip detect INPUT... --checkpoint C [--vocab ...] [--out DIR]``: detect objects in image files.
+"""``gridclip detect INPUT... --checkpoint C [--vocab ...] [--out DIR]``: detect objects in images or videos.
 
 Streams files, folders and globs through the model in batches: memory holds one batch of images and its
 detections, whatever the number of files. A bad image is reported on one stderr line and skipped; the
@@ -10,24 +10,29 @@ its detections, one JSON line per image, to ``OUT/.<results-name>.parts/rank<r>.
 rank 0 merges the parts in input order into one COCO-format results file (written atomically; an earlier
 file of that name stays intact until then) and removes the parts. An interrupted run, started again with
 the same settings (any number of processes), skips the images already done. Image ids are input
-positions + 1, so results do not depend on the number of processes.
+positions + 1, so results do not depend on the number of processes; with ``--gt GT.json`` they are the
+ground truth's (matched by file name) and category ids its categories' (matched by name).
+
+Drawn images show the detections from ``--draw-score`` (0.3) up, one name per object
+(:mod:`gridclip.model.results`); the results file keeps every detection the model returns.
+
+Videos (``clip.mp4``, ...; ``pip install 'gridclip[video]'``): frames are decoded one at a time (PyAV),
+batched like images; ``OUT/<stem>.jsonl`` gets one line per frame ``{frame, time, detections}`` (COCO
+entries, ``image_id`` = frame + 1) and ``OUT/<stem>.mp4`` the annotated video.
 """
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import datetime
 import glob
 import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -37,17 +42,19 @@ from tqdm import tqdm
 from gridclip.checkpoint import load_checkpoint
 from gridclip.clip.loader import parse_clip_spec
 from gridclip.commands._vocabulary import add_vocabulary_args, set_vocabulary_from_args
+from gridclip.commands._vocabulary import given as vocabulary_given
 from gridclip.data.images import to_float_image
+from gridclip.data.gt_images import GroundTruthImages
 from gridclip.data.inputs import expand_inputs, iter_images
-from gridclip.engine.distributed import (DistInfo, all_gather_object, barrier, broadcast_object, cleanup_distributed,
-                                         init_distributed)
+from gridclip.data.video import VideoWriter, is_video_path, read_video, video_info
+from gridclip.engine.distributed import DistInfo, all_gather_object, barrier, cleanup_distributed, init_distributed
 from gridclip.engine.outputs import to_hf
-from gridclip.engine.predict import (class_names_of, detections_to_coco, draw_detections, override_thresholds,
-                                     resolve_device, to_result)
-from gridclip.engine.tiling import detect_tiled
+from gridclip.engine.predict import resolve_device
+from gridclip.engine.runner import InferenceRunner, ShardedJsonLines, write_json_list
 from gridclip.export import OnnxDetector, cached_export
 from gridclip.model import GridCLIP
-from gridclip.utils.atomic import atomic_open, atomic_write_bytes
+from gridclip.model.results import DRAW_SCORE_THRESH
+from gridclip.utils.atomic import atomic_write_bytes
 
 # ranks wait for each other at the end (the slowest shard) and at the start (the model loads)
 _COLLECTIVE_TIMEOUT = datetime.timedelta(hours=12)
@@ -84,17 +91,6 @@ class _DrawnNames:
         return name
 
 
-def _batched(iterable: Iterable, n: int) -> Iterator[list]:
-    batch: list = []
-    for item in iterable:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 RUNTIMES = ("torch", "onnxruntime")
 
 
@@ -112,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gridclip detect", description="Detect objects in images with any vocabulary.",
                                 epilog="many processes / GPUs: torchrun --nproc_per_node N -m gridclip.cli detect ... "
                                        "(see docs/inference.md)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs; or video "
+                   "files (.mp4, .mov, .avi, .mkv, .webm: pip install 'gridclip[video]')")
     p.add_argument("--checkpoint", required=True, help="GridCLIP checkpoint (.pt)")
     add_vocabulary_args(p)
     p.add_argument("--clip", help="the checkpoint's CLIP, to embed a new vocabulary when the checkpoint cannot: a "
@@ -123,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "zero-shot-object-detection pipeline dicts {score, label, box: {xmin, ymin, xmax, ymax}}")
     p.add_argument("--score", type=float, help="score threshold (default: the model's, 0.05)")
     p.add_argument("--nms", type=float, help="NMS IoU threshold (default: the model's, 0.5)")
-    p.add_argument("--max-det", type=int, help="detections per image (default: the model's, 300)")
+    p.add_argument("--max-det", type=int, help="detections per image (default: the checkpoint's "
+                   "model.detections_per_img: 300 for the paper's configs, 100 for the demo's shapes_demo)")
     p.add_argument("--tile", type=int, help="tiled inference for small objects: SIZE x SIZE crops (pixels) plus the "
                    "whole image, merged by NMS")
     p.add_argument("--overlap", type=float, default=0.25, help="overlap of neighbouring tiles, fraction (default 0.25)")
@@ -135,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "post-processing")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--no-draw", action="store_true", help="do not write drawn images")
+    p.add_argument("--draw-score", type=float, default=DRAW_SCORE_THRESH,
+                   help=f"score from which detections are drawn (default {DRAW_SCORE_THRESH}; the results file keeps "
+                   "every detection above --score); overlapping boxes show only the best name")
+    p.add_argument("--gt", help="COCO/LVIS ground truth: results carry its image ids (matched by file name) and "
+                   "category ids (matched by name; without --vocab its categories are the vocabulary), so "
+                   "`gridclip eval --gt GT --results ...` scores them as they are")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -149,6 +153,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-det: expected an integer >= 1, got {args.max_det}")
     if args.tile is not None and args.tile < 1:
         raise ValueError(f"--tile: expected a tile size >= 1 pixel, got {args.tile}")
+    if not 0.0 <= args.draw_score <= 1.0:
+        raise ValueError(f"--draw-score: expected a number in [0, 1], got {args.draw_score}")
     if not 0.0 <= args.overlap < 1.0:
         raise ValueError(f"--overlap: expected a fraction in [0, 1), got {args.overlap}")
 
@@ -174,116 +180,15 @@ def _file_sha256(path: str) -> str:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """What the results depend on: a resumed run must match it."""
     keep = ("inputs", "vocab", "vocab_file", "vocab_embeddings", "clip", "score", "nms", "max_det", "tile",
-            "overlap", "no_draw", "hf", "runtime")
+            "overlap", "no_draw", "hf", "runtime", "draw_score", "gt")
     values = {k: getattr(args, k) for k in keep}
     values["checkpoint_sha256"] = _file_sha256(args.checkpoint)
     return values
 
 
-class _Parts:
-    """The per-rank JSON-lines files of a run (see module docstring)."""
-
-    def __init__(self, out: Path, results_name: str):
-        self.dir = out / f".{results_name}.parts"
-
-    def files(self) -> list[Path]:
-        return sorted(self.dir.glob("rank*.jsonl"))
-
-    def start(self, settings: dict, info: DistInfo) -> None:
-        """Rank 0 checks (or writes) the settings; every rank learns the outcome (no one hangs)."""
-        problem = None
-        if info.is_main:
-            path = self.dir / "settings.json"
-            if path.is_file():
-                try:
-                    previous = json.loads(path.read_text(encoding="utf-8"))
-                except ValueError:
-                    previous = None
-                if previous != settings:
-                    changed = sorted(k for k in set(settings) | set(previous or {})
-                                     if (previous or {}).get(k) != settings.get(k))
-                    problem = (f"{self.dir} holds an interrupted run with other settings ({', '.join(changed)}); "
-                               "delete that folder to start afresh, or rerun with the same settings to resume")
-            else:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                with atomic_open(path, "w") as f:
-                    json.dump(settings, f)
-        problem = broadcast_object(problem, info)
-        if problem:
-            raise ValueError(problem)
-
-    @staticmethod
-    def _complete_lines(path: Path) -> Iterator[tuple[int, int, dict]]:
-        """``(byte offset, length, record)`` of each complete line (a line cut by a kill is skipped)."""
-        offset = 0
-        with open(path, "rb") as f:
-            for line in f:
-                if line.endswith(b"\n"):
-                    try:
-                        yield offset, len(line), json.loads(line)
-                    except ValueError:
-                        pass
-                offset += len(line)
-
-    def done(self) -> dict[int, str]:
-        """``{input index: file name}`` of the images already done (by any rank of any earlier run)."""
-        return {rec["index"]: rec["file_name"] for path in self.files() for _, _, rec in self._complete_lines(path)}
-
-    def open(self, rank: int):
-        """This rank's file, for appending (a line cut by a kill is cut off first)."""
-        path = self.dir / f"rank{rank}.jsonl"
-        if path.is_file():
-            data = path.read_bytes()
-            keep = data.rfind(b"\n") + 1
-            if keep != len(data):
-                with open(path, "r+b") as f:
-                    f.truncate(keep)
-        return open(path, "a", encoding="utf-8")
-
-    def merge(self, results_path: Path, hf_path: Path | None) -> tuple[int, int]:
-        """Write the results file(s) in input order; returns (images, detections)."""
-        where: dict[int, tuple[Path, int, int]] = {}
-        for path in self.files():
-            for offset, length, rec in self._complete_lines(path):
-                where.setdefault(rec["index"], (path, offset, length))
-        n_dets = 0
-        handles: dict[Path, Any] = {}
-        try:
-            with atomic_open(results_path, "w") as f, \
-                    (atomic_open(hf_path, "w") if hf_path else contextlib.nullcontext()) as g:
-                f.write("[")
-                sep = "\n"
-                if g is not None:
-                    g.write("[")
-                gsep = "\n"
-                for index in sorted(where):
-                    path, offset, length = where[index]
-                    handle = handles.setdefault(path, open(path, "rb"))
-                    handle.seek(offset)
-                    rec = json.loads(handle.read(length))
-                    for entry in rec["coco"]:
-                        f.write(sep + json.dumps(entry, ensure_ascii=False))
-                        sep = ",\n"
-                        n_dets += 1
-                    if g is not None:
-                        g.write(gsep + json.dumps({"image_id": index + 1, "file_name": rec["file_name"],
-                                                   "detections": rec["hf"]}, ensure_ascii=False))
-                        gsep = ",\n"
-                f.write("\n]\n")
-                if g is not None:
-                    g.write("\n]\n")
-        finally:
-            for handle in handles.values():
-                handle.close()
-        return len(where), n_dets
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _check_same_inputs(done: dict[int, str], inputs: Sequence[str], where: Path) -> None:
+def _check_same_inputs(done: dict[int, str], paths: Sequence[Path], where: Path) -> None:
     """A resumed run must see the inputs in the same order (every rank checks the same, so all stop)."""
-    for index, path in enumerate(expand_inputs(inputs)):
+    for index, path in enumerate(paths):
         if index in done and done[index] != str(path):
             raise ValueError(f"the inputs changed since the interrupted run in {where}: input {index + 1} was "
                              f"{done[index]}, now {path}; delete that folder to start afresh")
@@ -303,80 +208,126 @@ def main(argv: Sequence[str]) -> int:
 
 def _run(args: argparse.Namespace, info: DistInfo) -> int:
     """Everything after the process group is set up (see the module docstring)."""
-    device = info.device
     _check_inputs(args.inputs)
+    videos = _videos(args.inputs, info)
     out = Path(args.out)
     _check_writable_dir(out)
+    if videos and args.gt:
+        raise ValueError("--gt labels image files with a ground truth's ids; it does not apply to videos")
+    gt = GroundTruthImages(args.gt) if args.gt else None
     model = load_checkpoint(args.checkpoint, device="cpu")
     if args.clip:
         model.set_text_encoder(*parse_clip_spec(args.clip))
-    set_vocabulary_from_args(model, args)
-    model = _runtime_model(model, args, device)
+    if gt is not None and not vocabulary_given(args):
+        model.set_vocabulary(gt.category_names)
+    else:
+        set_vocabulary_from_args(model, args)
+    category_ids = gt.category_ids(model.class_names) if gt is not None else None
+    runner = InferenceRunner(_runtime_model(model, args, info.device), batch_size=args.batch, tile=args.tile,
+                             overlap=args.overlap, device=info.device, info=info, score_thresh=args.score,
+                             nms_thresh=args.nms, max_detections=args.max_det, progress=not args.no_progress)
+    if videos:
+        for video in videos:
+            _detect_video(runner, video, out, args)
+        return 0
+    paths = list(expand_inputs(args.inputs))
+    image_ids = [index + 1 if gt is None else gt.image_id(path) for index, path in enumerate(paths)]
     results_path = out / args.results_name
     hf_path = results_path.with_suffix(".hf.json") if args.hf else None
-    parts = _Parts(out, args.results_name)
-    parts.start(_settings(args), info)
+    parts = ShardedJsonLines(out / f".{args.results_name}.parts", info)
+    parts.start(_settings(args))
     done = parts.done()
-    resumed = len(done)
     if done:
-        _check_same_inputs(done, args.inputs, parts.dir)
+        _check_same_inputs(done, paths, parts.dir)
     barrier(info)  # every rank has read the earlier parts before any appends
+    if info.is_main and done:
+        print(f"gridclip detect: resuming: {len(done)} image(s) already done in {parts.dir}", file=sys.stderr)
 
-    draw_names = _DrawnNames()
-    pending: collections.deque = collections.deque()
-
-    def my_paths() -> Iterator[Path]:
-        for index, path in enumerate(expand_inputs(args.inputs)):
-            name = draw_names(path)  # from every input, so names do not depend on the sharding
-            if index not in done and index % info.world_size == info.rank:
-                pending.append((index, name))
-                yield path
-
-    if info.is_main and resumed:
-        print(f"gridclip detect: resuming: {resumed} image(s) already done in {parts.dir}", file=sys.stderr)
+    draw_names = _DrawnNames()  # from every input, so names do not depend on the sharding
+    todo = [(index, path, draw_names(path)) for index, path in enumerate(paths)]
+    todo = [item for item in todo if item[0] not in done and runner.mine(item[0])]
     failed = 0
-    bar = tqdm(desc="detect", unit="img", disable=True if (args.no_progress or not info.is_main) else None,
-               file=sys.stderr)
-    names = class_names_of(model)
-    with parts.open(info.rank) as f, override_thresholds(model, args.score, args.nms, args.max_det):
-        for batch in _batched(iter_images(my_paths(), on_error="report"), args.batch):
-            metas = [pending.popleft() for _ in batch]
-            good = []
-            for (path, image, err), (index, name) in zip(batch, metas):
-                if err is not None:
-                    failed += 1
-                    bar.write(f"gridclip detect: skipped {err}", file=sys.stderr)
-                else:
-                    good.append((path, image, index, name))
-            if good:
-                floats = [to_float_image(img).to(device) for _, img, _, _ in good]
-                with torch.no_grad():
-                    if args.tile is None:
-                        dets = model(floats)
-                    else:
-                        dets = [detect_tiled(model, im, args.tile, args.overlap) for im in floats]
-                for (path, image, index, name), det in zip(good, dets):
-                    result = to_result(det, names)
-                    if not args.no_draw:
-                        _save_image(out / name, draw_detections(image, result))
-                    record = {"index": index, "file_name": str(path),
-                              "coco": detections_to_coco(result, index + 1, str(path))}
-                    if args.hf:
-                        record["hf"] = to_hf(result)
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                f.flush()
-            bar.update(len(batch))
-    bar.close()
+    with parts.writer() as write:
+        for (index, path, name, image, err), result in runner.run(_images(todo), total=len(todo)):
+            if result is None:
+                failed += 1
+                runner.report(f"gridclip detect: skipped {err}")
+                continue
+            if not args.no_draw:
+                _save_image(out / name, result.plot(args.draw_score, image=image))
+            record = {"index": index, "file_name": str(path),
+                      "coco": result.to_coco(image_ids[index], str(path), category_ids)}
+            if args.hf:
+                record["hf"] = to_hf(result)
+            write(record)
     failed = sum(all_gather_object(failed, info))
     barrier(info)  # every shard is written
     if info.is_main:
-        n_images, n_dets = parts.merge(results_path, hf_path)
+        n_dets = write_json_list(results_path, (e for rec in parts.records() for e in rec["coco"]))
+        n_images = len(parts.done())
+        if hf_path:
+            write_json_list(hf_path, ({"image_id": image_ids[rec["index"]], "file_name": rec["file_name"],
+                                       "detections": rec["hf"]} for rec in parts.records()))
         parts.remove()
         print(f"{n_images} image(s), {n_dets} detection(s) -> {results_path}"
               + (f" (+ {hf_path.name})" if hf_path else "") + (f"; {failed} failed" if failed else ""),
               file=sys.stdout)
     barrier(info)
     return 1 if failed else 0
+
+
+def _videos(inputs: Sequence[str], info: DistInfo) -> list[Path]:
+    """The video files among ``inputs``: all of them, or none (videos and images go in separate runs)."""
+    videos = [Path(t) for t in inputs if os.path.isfile(t) and is_video_path(t)]
+    if videos and len(videos) != len(inputs):
+        raise ValueError("give videos and images in separate runs of gridclip detect")
+    if videos and info.distributed:
+        raise ValueError("videos are read in one process: run gridclip detect without torchrun")
+    stems = [v.stem.lower() for v in videos]
+    if len(set(stems)) != len(stems):
+        raise ValueError("two videos with the same file name: their outputs would clash; run them separately")
+    return videos
+
+
+def _detect_video(runner: InferenceRunner, path: Path, out: Path, args: argparse.Namespace) -> None:
+    """``OUT/<stem>.jsonl``: one line per frame ``{frame, time, detections: [COCO entries, image_id = frame
+    + 1]}``; ``OUT/<stem>.mp4``: the frames with the detections drawn (not with --no-draw). Both are
+    written under temporary names and renamed when the video is done."""
+    info = video_info(path)
+    lines_path, video_path = out / f"{path.stem}.jsonl", out / f"{path.stem}.mp4"
+    partial_lines, partial_video = out / f".{path.stem}.partial.jsonl", out / f".{path.stem}.partial.mp4"
+    frames = ((i, seconds, frame) for i, (seconds, frame) in enumerate(read_video(path)))
+    n_frames = n_dets = 0
+    writer = None if args.no_draw else VideoWriter(partial_video, info.fps)
+    done = False
+    try:
+        with open(partial_lines, "w", encoding="utf-8") as f:
+            for (index, seconds, frame), result in runner.run(((key, to_float_image(key[2])) for key in frames),
+                                                              total=info.frames):
+                entries = result.to_coco(index + 1, path.name)
+                f.write(json.dumps({"frame": index, "time": round(seconds, 4), "detections": entries},
+                                   ensure_ascii=False) + "\n")
+                if writer is not None:
+                    writer.write(result.plot(args.draw_score, image=frame))
+                n_frames, n_dets = n_frames + 1, n_dets + len(entries)
+        done = True
+    finally:
+        if writer is not None:
+            writer.close()
+        if not done:
+            partial_lines.unlink(missing_ok=True)
+            partial_video.unlink(missing_ok=True)
+    os.replace(partial_lines, lines_path)
+    if writer is not None:
+        os.replace(partial_video, video_path)
+    print(f"{path}: {n_frames} frame(s), {n_dets} detection(s) -> {lines_path}"
+          + ("" if writer is None else f" + {video_path.name}"), file=sys.stdout)
+
+
+def _images(todo: Sequence[tuple[int, Path, str]]) -> Iterator[tuple[tuple, Any]]:
+    """``((index, path, drawn name, uint8 image, error), float image or None)``, loaded one at a time."""
+    for (index, path, name), (_, image, err) in zip(todo, iter_images((p for _, p, _ in todo), on_error="report")):
+        yield (index, path, name, image, err), (None if image is None else to_float_image(image))
 
 
 def _check_inputs(inputs: Sequence[str]) -> None:

@@ -1,10 +1,13 @@
 """``gridclip eval``: score a COCO-format results file, or run a checkpoint on its evaluation dataset.
 
     gridclip eval --gt GT.json --results DT.json [--out DIR] [--style lvis|coco] [--max-dets N]
-    gridclip eval --checkpoint C [--config F] [--out DIR] [--batch-size B] [--device D] [--strict]
+    gridclip eval --checkpoint C [--config F] [--out DIR] [--batch-size B] [--device D] [--strict] [key=value ...]
 
 The checkpoint form takes the data and eval settings from ``--config`` (or the config the trainer stored
-in the checkpoint's ``extra["config"]``) and writes DIR/results.json as well.
+in the checkpoint's ``extra["config"]``) with ``key=value`` overrides as ``gridclip train`` takes them
+(e.g. ``data.val_json=... data.val_images=...``), and writes DIR/results.json as well. The results form
+matches detections to ground-truth images by id, or by ``file_name`` as ``gridclip detect`` writes it
+(and categories by ``category_name``): see :func:`gridclip.engine.evaluate.load_results`.
 """
 from __future__ import annotations
 
@@ -15,17 +18,21 @@ from typing import Sequence
 import torch
 
 from gridclip.checkpoint import checkpoint_extra, load_checkpoint
-from gridclip.config import Config, config_from_dict, load_config
+from gridclip.config import Config, config_from_dict, load_config, with_overrides
 from gridclip.engine.evaluate import Evaluation, evaluate, evaluate_model, format_table, write_outputs
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dict]]:
     if args.config:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
     elif isinstance(checkpoint_extra(args.checkpoint).get("config"), dict):
-        cfg = config_from_dict(checkpoint_extra(args.checkpoint)["config"], Config, f"{args.checkpoint}:extra.config")
+        cfg = config_from_dict(with_overrides(checkpoint_extra(args.checkpoint)["config"], args.overrides), Config,
+                               f"{args.checkpoint}:extra.config")
+    elif args.overrides:
+        cfg = load_config(None, args.overrides)
     else:
-        raise ValueError(f"{args.checkpoint}: holds no data config; give --config F naming data.val_json")
+        raise ValueError(f"{args.checkpoint}: holds no data config; give --config F or data.val_json=... "
+                         "data.val_images=... (and data.format=...)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_checkpoint(args.checkpoint, device=device).optimize_for_inference()
     return evaluate_model(model, cfg, batch_size=args.batch_size, device=device, style=args.style,
@@ -45,12 +52,17 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--batch-size", type=int, help="default: the config's eval.batch_size")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--strict", action="store_true", help="bad annotations raise instead of being skipped")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides (with --checkpoint), e.g. data.val_json=val.json data.val_images=images")
     args = p.parse_args(list(argv))
 
     results = None
     if args.gt or args.results:
         if not (args.gt and args.results) or args.checkpoint:
             raise ValueError("gridclip eval: give --gt and --results together, or --checkpoint (without them)")
+        if args.overrides:
+            raise ValueError(f"gridclip eval: key=value overrides ({args.overrides[0]}) go with --checkpoint; "
+                             "--gt/--results scores a file as it is")
         evaluation = evaluate(args.gt, args.results, style=args.style, max_dets=args.max_dets)
     elif args.checkpoint:
         evaluation, results = _evaluate_checkpoint(args)

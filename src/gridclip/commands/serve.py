@@ -9,6 +9,7 @@ from gridclip.checkpoint import load_checkpoint
 from gridclip.clip.vocabulary import parse_vocabulary
 from gridclip.engine.predict import resolve_device
 from gridclip.serve import build_demo
+from gridclip.utils.extras import require
 
 
 def main(argv: Sequence[str]) -> int:
@@ -26,10 +27,7 @@ def main(argv: Sequence[str]) -> int:
         raise ValueError(f"--score: expected a number in [0, 1], got {args.score}")
     device = resolve_device(args.device)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio  # noqa: F401  (optional dependency)
-    except ImportError:
-        raise ValueError("gridclip serve needs gradio: pip install 'gridclip[serve]'") from None
+    require("gradio", "serve", "gridclip serve")
     model = load_checkpoint(args.checkpoint, device=device).optimize_for_inference()
     if args.vocab:
         model.set_vocabulary(parse_vocabulary(args.vocab))

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Sequence
 
-from gridclip.config import load_config
+from gridclip.config import explicit_keys, load_config
 from gridclip.engine.train import NonFiniteError, train
 
 
@@ -23,7 +23,10 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     cfg = load_config(args.config, args.overrides)
     try:
-        summary = train(cfg, args.out, resume=args.resume, max_iters=args.max_iters, progress=not args.no_progress)
+        # fine-tuning: the model is the file's; a model value the config sets otherwise is reported once
+        explicit = explicit_keys(args.config, args.overrides) if cfg.train.init_from else None
+        summary = train(cfg, args.out, resume=args.resume, max_iters=args.max_iters, progress=not args.no_progress,
+                        explicit=explicit)
     except NonFiniteError as exc:
         print(f"gridclip train: error: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""Detection annotations: COCO / LVIS v1 JSON and Pascal VOC XML readers, checked, as plain records.
+"""Detection annotations: COCO / LVIS v1 JSON and Pascal VOC XML readers, checked, as plain records
+(the YOLO reader, :mod:`gridclip.data.yolo`, gives the same records).
 
 Reading and checking annotations (``load_coco_json``, ``load_lvis_json``, ``load_voc``) is separate
 from serving samples (:class:`gridclip.data.datasets.DetectionDataset`), so the open-vocabulary split
@@ -8,7 +9,10 @@ Bad annotations are never silent. Boxes that stick out of the image by more than
 pixels are clipped (fixed, counted); zero-area, non-finite and malformed boxes, annotations with an
 unknown category or image id, and images whose file is missing are skipped and counted. The counts
 are logged as one line per file (``LoadReport.summary``). With ``strict=True`` each of these raises
-``ValueError`` naming the file and the annotation / image id instead.
+``ValueError`` naming the file and the annotation / image id instead. A source that loses more than
+half of its annotations or images that way is refused (``ValueError``, one line: how many, why, where
+first; ``MAX_SKIPPED_FRACTION``), and the dataset builders refuse one with no annotation left
+(:func:`check_usable`): a model is never trained or scored on what little survived.
 
 Crowd annotations (COCO ``iscrowd=1``) and VOC ``difficult`` objects are kept as *ignore* flags: they
 never reach training targets, and the COCO-form ground truth written for evaluation marks them
@@ -72,6 +76,9 @@ class LoadReport:
     skipped_annotations: Counter = field(default_factory=Counter)
     skipped_images: Counter = field(default_factory=Counter)
     clipped_boxes: int = 0
+    annotations_read: int = 0  # annotations / images the source lists, skipped ones included
+    images_read: int = 0
+    first_skipped: dict[str, str] = field(default_factory=dict)  # reason -> where it first happened
 
     @property
     def clean(self) -> bool:
@@ -107,7 +114,27 @@ class DetectionAnnotations:
         return int(sum(len(r.category_ids) for r in self.images))
 
 
-class _Checker:
+# More than this fraction of a source's annotations (or images) skipped means the data and what it is
+# read with disagree (a wrong class list, image folder or coordinate convention): what is left would
+# train or score a model on a fraction of the data, quietly. Skipping a few bad boxes stays a warning.
+MAX_SKIPPED_FRACTION = 0.5
+
+
+def refuse_mostly_skipped(report: LoadReport) -> None:
+    """``ValueError`` (one line: the source, how many of how many, why, where first) when more than
+    ``MAX_SKIPPED_FRACTION`` of a source's annotations or images were skipped."""
+    for what, counts, read in (("annotations", report.skipped_annotations, report.annotations_read),
+                               ("images", report.skipped_images, report.images_read)):
+        skipped = sum(counts.values())
+        if skipped and skipped > MAX_SKIPPED_FRACTION * read:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
+            first = report.first_skipped.get(counts.most_common(1)[0][0])
+            raise ValueError(f"{report.source}: {skipped} of {read} {what} skipped ({reasons}; first: {first}); "
+                             f"more than {MAX_SKIPPED_FRACTION:.0%} of the data is unusable, so nothing is trained "
+                             "or scored on it: check the class names, image folder and box format")
+
+
+class AnnotationChecker:
     """Applies the fix / skip / strict policy and counts what happened."""
 
     def __init__(self, source: str, strict: bool):
@@ -118,11 +145,13 @@ class _Checker:
         if self.strict:
             raise ValueError(f"{self.report.source}: {where}: {reason}")
         self.report.skipped_annotations[reason] += 1
+        self.report.first_skipped.setdefault(reason, where)
 
     def skip_image(self, reason: str, where: str) -> None:
         if self.strict:
             raise ValueError(f"{self.report.source}: {where}: {reason}")
         self.report.skipped_images[reason] += 1
+        self.report.first_skipped.setdefault(reason, where)
 
     def check_box(self, xyxy: Sequence[float], width: int, height: int, where: str) -> list[float] | None:
         """Return a valid, clipped xyxy box, or None when the annotation must be skipped."""
@@ -149,6 +178,9 @@ class _Checker:
         return [cx1, cy1, cx2, cy2]
 
     def finish(self) -> LoadReport:
+        """The report; logged as one warning line when something was fixed or skipped, a ``ValueError``
+        when more than ``MAX_SKIPPED_FRACTION`` of the annotations or images were skipped."""
+        refuse_mostly_skipped(self.report)
         if not self.report.clean:
             logger.warning(self.report.summary())
         return self.report
@@ -194,7 +226,8 @@ def load_coco_json(
     path = Path(path)
     image_root = Path(image_root)
     data = _read_json(path)
-    check = _Checker(path.name, strict)
+    check = AnnotationChecker(path.name, strict)
+    check.report.annotations_read, check.report.images_read = len(data["annotations"]), len(data["images"])
 
     categories = []
     for c in data["categories"]:
@@ -280,26 +313,67 @@ def _voc_image_id(stem: str, index: int) -> int:
     return int(digits) if digits.isdigit() else index + 1
 
 
+def _read_voc_xml(xml_file: Path) -> ET.Element:
+    try:
+        tree = ET.parse(xml_file).getroot()
+        int(tree.findtext("size/width"))
+        int(tree.findtext("size/height"))
+    except (ET.ParseError, TypeError, ValueError):
+        raise ValueError(f"{xml_file}: expected VOC XML with size/width and size/height") from None
+    return tree
+
+
+def _voc_object_name(obj: ET.Element) -> str:
+    return (obj.findtext("name") or "").strip()
+
+
+def voc_class_names(root: str | os.PathLike) -> list[str]:
+    """The class names of a VOC folder: every ``<object><name>`` of every ``Annotations/*.xml`` (all splits,
+    so that training and evaluation agree on the ids), sorted. Pascal VOC itself gives its 20 classes in
+    the standard order (``VOC_CLASSES`` is alphabetical)."""
+    folder = Path(root) / "Annotations"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"VOC annotation folder not found: {folder}")
+    names = {_voc_object_name(obj) for xml_file in sorted(folder.glob("*.xml"))
+             for obj in _read_voc_xml(xml_file).findall("object")}
+    return sorted(names - {""})
+
+
+def _checked_names(names: Sequence[str], where: str) -> list[str]:
+    names = [str(n).strip() for n in names]
+    if not names or not all(names):
+        raise ValueError(f"{where}: expected a non-empty list of non-empty class names, got {names!r}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{where}: duplicate class names {dup[:5]}")
+    return names
+
+
 def load_voc(
     root: str | os.PathLike,
     split: str = "test",
     strict: bool = False,
     check_images: bool = True,
+    names: Sequence[str] | None = None,
 ) -> DetectionAnnotations:
-    """Read a Pascal VOC 2007/2012 folder (``Annotations/``, ``JPEGImages/``,
-    ``ImageSets/Main/{split}.txt``) with VOC's 20 classes, ids 1..20 in the standard order.
+    """Read a Pascal VOC-layout folder (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/{split}.txt``).
 
-    VOC's 1-based inclusive pixel corners become 0-based continuous xyxy (x1 - 1, y1 - 1, x2, y2).
-    ``difficult`` objects are kept with ``ignore=True``: not trained on, ignored at evaluation.
+    Class names: ``names`` (ids 1..K in that order; objects with other names are skipped as
+    ``unknown class name``), or else :func:`voc_class_names` (sorted; for Pascal VOC its 20 classes, ids
+    1..20 in the standard order). VOC's 1-based inclusive pixel corners become 0-based continuous xyxy
+    (x1 - 1, y1 - 1, x2, y2). ``difficult`` objects are kept with ``ignore=True``: not trained on, ignored
+    at evaluation.
     """
     root = Path(root)
     list_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if not list_file.is_file():
         raise FileNotFoundError(f"VOC split list not found: {list_file}")
-    check = _Checker(f"{root.name}/{split}", strict)
-    categories = [Category(i + 1, name) for i, name in enumerate(VOC_CLASSES)]
+    check = AnnotationChecker(f"{root.name}/{split}", strict)
+    names = _checked_names(names, "data.names") if names is not None else voc_class_names(root)
+    categories = [Category(i + 1, name) for i, name in enumerate(names)]
     name_to_id = {c.name: c.id for c in categories}
     stems = [s.split()[0] for s in list_file.read_text().splitlines() if s.strip()]
+    check.report.images_read = len(stems)
 
     records = []
     for index, stem in enumerate(stems):
@@ -308,22 +382,20 @@ def load_voc(
         if not xml_file.is_file():
             check.skip_image("missing annotation file", f"image {stem} ({xml_file})")
             continue
-        try:
-            tree = ET.parse(xml_file).getroot()
-            width = int(tree.findtext("size/width"))
-            height = int(tree.findtext("size/height"))
-        except (ET.ParseError, TypeError, ValueError):
-            raise ValueError(f"{xml_file}: expected VOC XML with size/width and size/height") from None
+        tree = _read_voc_xml(xml_file)
+        width, height = int(tree.findtext("size/width")), int(tree.findtext("size/height"))
+        objects = tree.findall("object")
+        check.report.annotations_read += len(objects)
         file = root / "JPEGImages" / (tree.findtext("filename") or f"{stem}.jpg")
         if check_images and not file.is_file():
             check.skip_image("missing file", f"image {stem} ({file})")
             continue
         boxes, cats, ignore = [], [], []
-        for k, obj in enumerate(tree.findall("object")):
+        for k, obj in enumerate(objects):
             where = f"image {stem} object {k}"
-            name = (obj.findtext("name") or "").strip()
+            name = _voc_object_name(obj)
             if name not in name_to_id:
-                check.skip_annotation("unknown category id", f"{where} ('{name}')")
+                check.skip_annotation("unknown class name", f"{where} ('{name}')")
                 continue
             try:
                 x1, y1, x2, y2 = (float(obj.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax"))
@@ -349,6 +421,15 @@ def load_voc(
     if len({r.image_id for r in records}) != len(records):
         raise ValueError(f"{list_file}: image names map to duplicate image ids")
     return DetectionAnnotations(str(list_file), categories, records, check.finish())
+
+
+def check_usable(annotations: DetectionAnnotations) -> None:
+    """Refuse (``ValueError``, one line) a source that is mostly skipped (:func:`refuse_mostly_skipped`)
+    or has no annotation to train on or score against."""
+    refuse_mostly_skipped(annotations.report)
+    if not any((~r.ignore).any() for r in annotations.images):
+        raise ValueError(f"{annotations.report.source}: no usable annotation in its {len(annotations.images)} "
+                         "images; nothing to train on or score against")
 
 
 def to_coco_dict(annotations: DetectionAnnotations) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -15,10 +15,16 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from gridclip.data.annotations import (DetectionAnnotations, ImageRecord, load_coco_json, load_lvis_json,
-                                       load_voc, voc_root_and_split)
+from gridclip.data.annotations import (DetectionAnnotations, ImageRecord, check_usable, load_coco_json,
+                                       load_lvis_json, load_voc, voc_root_and_split)
 from gridclip.data.splits import apply_split, split_by_frequency, split_from_file
 from gridclip.data.transforms import train_transforms
+from gridclip.data.yolo import load_yolo
+
+FORMATS = ("lvis", "coco", "voc", "yolo")
+# The split each folder format reads when its path does not name one (VOC: a list file may).
+TRAIN_SPLIT = {"voc": "trainval", "yolo": "train"}
+EVAL_SPLIT = {"voc": "test", "yolo": "val"}
 
 logger = logging.getLogger("gridclip.data")
 
@@ -112,53 +118,83 @@ class DetectionDataset(Dataset):
         return image, target
 
 
-def build_dataset(
+def load_annotations(
     kind: str,
     ann_file: str | os.PathLike,
     image_root: str | os.PathLike | None = None,
     *,
-    split: str = "test",
-    transforms: Callable | None = None,
+    split: str | None = None,
+    names: Sequence[str] | None = None,
     strict: bool = False,
     check_images: bool = True,
-    drop_empty: bool = False,
-) -> DetectionDataset:
-    """One-call construction: ``kind`` is "coco" / "lvis" (``ann_file`` a JSON, images under
-    ``image_root``) or "voc" (``ann_file`` the VOC year folder with ``split``, or the split's
-    ``ImageSets/Main/<split>.txt``)."""
+) -> DetectionAnnotations:
+    """Read and check one annotation source: its reader refuses one that is mostly skipped, and one
+    without any annotation is refused here (``check_usable``).
+
+    ``kind`` (``data.format``): "coco" / "lvis" (``ann_file`` a JSON, images under ``image_root``, default
+    its folder); "voc" (``ann_file`` the VOC folder, read at ``split``, or its
+    ``ImageSets/Main/<split>.txt``; ``names``: an explicit class list instead of the XML's names); "yolo"
+    (``ann_file`` the ``data.yaml`` or its folder, read at ``split``). ``split`` defaults to the
+    evaluation split (``EVAL_SPLIT``)."""
+    if names is not None and kind != "voc":
+        raise ValueError(f"data.names: only data.format=voc reads a class list from the config (format {kind} "
+                         "names its classes itself: COCO / LVIS categories, YOLO data.yaml's names)")
     if kind == "coco":
         anns = load_coco_json(ann_file, image_root or Path(ann_file).parent, strict, check_images)
     elif kind == "lvis":
         anns = load_lvis_json(ann_file, image_root or Path(ann_file).parent, strict, check_images)
     elif kind == "voc":
-        anns = load_voc(*voc_root_and_split(ann_file, split), strict=strict, check_images=check_images)
+        anns = load_voc(*voc_root_and_split(ann_file, split or EVAL_SPLIT["voc"]), strict=strict,
+                        check_images=check_images, names=names)
+    elif kind == "yolo":
+        anns = load_yolo(ann_file, split or EVAL_SPLIT["yolo"], strict=strict)
     else:
-        raise ValueError(f"dataset kind: expected 'coco', 'lvis' or 'voc', got {kind!r}")
+        raise ValueError(f"data.format: expected one of {', '.join(FORMATS)}, got {kind!r}")
+    check_usable(anns)
+    return anns
+
+
+def build_dataset(
+    kind: str,
+    ann_file: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    split: str | None = None,
+    names: Sequence[str] | None = None,
+    transforms: Callable | None = None,
+    strict: bool = False,
+    check_images: bool = True,
+    drop_empty: bool = False,
+) -> DetectionDataset:
+    """One-call construction: :func:`load_annotations` (see there for ``kind``, ``split`` and ``names``),
+    then a :class:`DetectionDataset`."""
+    anns = load_annotations(kind, ann_file, image_root, split=split, names=names, strict=strict,
+                            check_images=check_images)
     return DetectionDataset(anns, transforms=transforms, drop_empty=drop_empty, strict=strict)
 
 
 def load_train_annotations(data_cfg: Any, strict: bool = False) -> DetectionAnnotations:
-    """The training annotations of a ``gridclip.config.DataConfig`` (``format`` lvis / coco / voc), after
-    the open-vocabulary split: ``novel_list`` or ``base_list`` file if given, else LVIS frequency (base =
-    f + c) when every category has one, else no split. Their categories are the training vocabulary."""
+    """The training annotations of a ``gridclip.config.DataConfig`` (``format`` lvis / coco / voc / yolo;
+    VOC and YOLO read their training split, ``TRAIN_SPLIT``), after the open-vocabulary split:
+    ``novel_list`` or ``base_list`` file if given, else LVIS frequency (base = f + c) when every category
+    has one, else no split. Their categories are the training vocabulary. A source that is mostly skipped,
+    or a split that leaves no training box, is a ``ValueError``."""
     if not getattr(data_cfg, "train_json", None):
         raise ValueError("config: data.train_json is required for training")
-    strict = strict or bool(getattr(data_cfg, "strict", False))
-    fmt = data_cfg.format
-    if fmt in ("lvis", "coco"):
-        root = data_cfg.train_images or Path(data_cfg.train_json).parent
-        anns = (load_lvis_json if fmt == "lvis" else load_coco_json)(data_cfg.train_json, root, strict=strict)
-    elif fmt == "voc":
-        anns = load_voc(*voc_root_and_split(data_cfg.train_json, "trainval"), strict=strict)
-    else:
-        raise ValueError(f"data.format: expected 'lvis', 'coco' or 'voc', got {fmt!r}")
     if data_cfg.novel_list and data_cfg.base_list:
         raise ValueError("config: give data.novel_list or data.base_list, not both")
+    strict = strict or bool(getattr(data_cfg, "strict", False))
+    fmt = data_cfg.format
+    anns = load_annotations(fmt, data_cfg.train_json, data_cfg.train_images, split=TRAIN_SPLIT.get(fmt),
+                            names=getattr(data_cfg, "names", None), strict=strict)
     if data_cfg.novel_list or data_cfg.base_list:
         kind = "novel" if data_cfg.novel_list else "base"
         anns = apply_split(anns, split_from_file(data_cfg.novel_list or data_cfg.base_list, anns.categories, kind))
     elif all(c.frequency in ("f", "c", "r") for c in anns.categories):
         anns = apply_split(anns, split_by_frequency(anns.categories))
+    if not any((~r.ignore).any() for r in anns.images):
+        raise ValueError(f"{anns.source}: the open-vocabulary split leaves no training annotation "
+                         f"(base categories: {len(anns.categories)})")
     return anns
 
 

@@ -81,6 +81,15 @@ def init_distributed(device: str = "auto", timeout: datetime.timedelta | None = 
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+def current_dist_info() -> DistInfo:
+    """This process's place in the process group already initialised (by :func:`init_distributed` or the
+    caller), or rank 0 of 1; ``device`` is left at its default (the caller knows where it runs)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                        local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo()
+
+
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

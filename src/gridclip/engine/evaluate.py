@@ -4,7 +4,7 @@ Scoring uses faster-coco-eval:
 - LVIS style (federated): ``COCOeval_faster(gt, dt, "bbox", lvis_style=True)`` with ``maxDets = [300]``
   after keeping each image's 300 best detections, as ``lvis.LVISResults`` does. This reproduces
   ``lvis.LVISEval(gt, dt, "bbox")`` (tests compare all metrics to 1e-6).
-- COCO style (also VOC, converted with ``gridclip.data.annotations.to_coco_dict``): pycocotools' protocol,
+- COCO style (also VOC and YOLO, converted with ``gridclip.data.annotations.to_coco_dict``): pycocotools' protocol,
   ``maxDets = [1, 10, 100]``; the paper's Table 3 reports AP50 / AP75 for VOC and COCO transfer.
 
 Metrics are a flat dict ``AP, AP50, AP75, APs, APm, APl`` (+ ``APr, APc, APf`` for LVIS), values in
@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from gridclip.data.collate import collate_detection
 from gridclip.data.annotations import DetectionAnnotations, LoadReport, to_coco_dict
 from gridclip.data.datasets import build_dataset
 from gridclip.data.transforms import eval_transforms
+from gridclip.engine.distributed import all_gather_object
+from gridclip.engine.runner import InferenceRunner
 from gridclip.utils.files import read_json
 from gridclip.utils.atomic import atomic_write_json
 
@@ -60,16 +61,67 @@ class Evaluation:
     num_detections: int = 0
 
 
-def load_results(results: str | os.PathLike | Iterable[dict], image_ids: set[int], category_ids: set[int]) -> list[dict]:
+def _unique_map(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """name -> id for the names that occur once."""
+    out: dict[str, int] = {}
+    seen: set[str] = set()
+    for name, id_ in pairs:
+        if name in seen:
+            out.pop(name, None)
+        else:
+            out[name] = id_
+        seen.add(name)
+    return out
+
+
+def _image_name_map(gt: dict) -> dict[str, int]:
+    """Ground-truth image names -> ids: ``file_name`` (or the last part of LVIS's ``coco_url``) as written,
+    and its last path component where that is unique."""
+    names = [(str(i.get("file_name") or str(i.get("coco_url", "")).rsplit("/", 1)[-1]).replace("\\", "/"), int(i["id"]))
+             for i in gt["images"]]
+    names = [(n, i) for n, i in names if n]
+    return {**_unique_map((n.rsplit("/", 1)[-1], i) for n, i in names), **_unique_map(names)}
+
+
+def _match_by_name(raw: list, key: str, names: dict[str, int], basename: bool) -> list[int] | None:
+    """The ids of ``raw``'s entries found by their ``key`` (a file or category name) in ``names``; None
+    unless every entry has a name found there."""
+    ids = []
+    for det in raw:
+        name = det.get(key) if isinstance(det, dict) else None
+        if not isinstance(name, str):
+            return None
+        name = name.replace("\\", "/")
+        found = names.get(name)
+        if found is None and basename:
+            found = names.get(name.rsplit("/", 1)[-1])
+        if found is None:
+            return None
+        ids.append(found)
+    return ids
+
+
+def load_results(results: str | os.PathLike | Iterable[dict], image_ids: set[int], category_ids: set[int],
+                 gt: dict | None = None) -> list[dict]:
     """Checked copies of COCO-format detections ``{image_id, category_id, bbox [x, y, w, h], score}``.
 
-    Raises ``ValueError`` naming the entry when a field is missing or not finite, or when an image or
-    category id is not in the ground truth (a label -> category mapping bug would otherwise score 0).
+    With the ground truth ``gt`` (a COCO/LVIS dict), detections that carry names are matched by name, as
+    ``gridclip detect`` writes them (it numbers its inputs itself and labels by its own vocabulary): when
+    every entry's ``file_name`` names a ground-truth image (its ``file_name``, else its last path part),
+    that image's id is used; likewise ``category_name`` for the category id. Otherwise the ids are taken
+    as they are. Raises ``ValueError`` naming the entry when a field is missing or not finite, or when an
+    image or category is not in the ground truth by id nor by name (a label -> category mapping bug would
+    otherwise score 0).
     """
     name = str(results) if isinstance(results, (str, os.PathLike)) else "results"
     raw = read_json(results, "results file") if isinstance(results, (str, os.PathLike)) else list(results)
     if not isinstance(raw, list):
         raise ValueError(f"{name}: expected a JSON list of detections")
+    image_by_name = category_by_name = None
+    if gt is not None:
+        image_by_name = _match_by_name(raw, "file_name", _image_name_map(gt), basename=True)
+        category_by_name = _match_by_name(raw, "category_name", _unique_map((str(c.get("name")), int(c["id"]))
+                                                                            for c in gt["categories"]), basename=False)
     out = []
     for k, det in enumerate(raw):
         try:
@@ -80,10 +132,15 @@ def load_results(results: str | os.PathLike | Iterable[dict], image_ids: set[int
             raise ValueError(f"{name}: detection {k}: expected image_id, category_id, bbox [x, y, w, h], score") from None
         if len(bbox) != 4 or not all(math.isfinite(v) for v in (*bbox, score)):
             raise ValueError(f"{name}: detection {k}: bbox must be 4 finite numbers and score finite, got {det['bbox']}, {det['score']}")
+        image_id = image_by_name[k] if image_by_name is not None else image_id
+        category_id = category_by_name[k] if category_by_name is not None else category_id
         if image_id not in image_ids:
-            raise ValueError(f"{name}: detection {k}: image_id {image_id} is not in the ground truth")
+            named = f", nor is its file_name {det['file_name']!r}" if isinstance(det.get("file_name"), str) else ""
+            raise ValueError(f"{name}: detection {k}: image_id {image_id} is not in the ground truth{named} "
+                             "(images are matched by id, or by file name when every detection's file_name is one)")
         if category_id not in category_ids:
-            raise ValueError(f"{name}: detection {k}: category_id {category_id} is not in the ground truth")
+            named = f", nor is its category_name {det['category_name']!r}" if isinstance(det.get("category_name"), str) else ""
+            raise ValueError(f"{name}: detection {k}: category_id {category_id} is not in the ground truth{named}")
         out.append({"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score})
     return out
 
@@ -128,7 +185,8 @@ def evaluate(
     if max_dets <= 0:
         raise ValueError(f"max_dets: expected a positive number, got {max_dets}")
 
-    dets = load_results(results, {int(i["id"]) for i in gt_dict["images"]}, {int(c["id"]) for c in gt_dict["categories"]})
+    dets = load_results(results, {int(i["id"]) for i in gt_dict["images"]}, {int(c["id"]) for c in gt_dict["categories"]},
+                        gt=gt_dict)
     if style == "lvis":
         dets = limit_detections_per_image(dets, max_dets)
 
@@ -174,12 +232,6 @@ def per_category_ap(
     return evaluate(gt_json_path, results, style=style, max_dets=max_dets).per_category_ap
 
 
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def run_inference(
     model: torch.nn.Module,
@@ -198,8 +250,8 @@ def run_inference(
     Under torch.distributed, rank r scores images r, r + world, ...; the results of all ranks are
     gathered (``all_gather_object``) and every rank returns the same list, sorted by image id.
     """
-    rank, world = _dist_info()
-    indices = list(range(rank, len(dataset), world))
+    runner = InferenceRunner(model, batch_size=batch_size, device=device, progress=progress, desc="eval")
+    indices = [i for i, _ in runner.shard(range(len(dataset)))]
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=collate_detection)
     category_ids = list(dataset.category_ids)
@@ -207,33 +259,25 @@ def run_inference(
     model.eval()
     local: list[dict] = []
     try:
-        iterator = loader
-        if progress and rank == 0:
-            iterator = tqdm(loader, desc="eval", unit="batch")
-        for images, targets in iterator:
-            outputs = model([im.to(device) for im in images])
-            for image, target, out in zip(images, targets, outputs):
-                h, w = image.shape[-2:]
-                h0, w0 = target["orig_size"]
-                boxes = out["boxes"].detach().float().cpu()
-                boxes = boxes * torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h])
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w0)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h0)
-                labels = out["labels"].detach().cpu().tolist()
-                if labels and (min(labels) < 0 or max(labels) >= len(category_ids)):
-                    raise ValueError(
-                        f"model returned label {max(labels)} but the dataset vocabulary has {len(category_ids)} "
-                        "categories (set the model's vocabulary to the dataset's category names)"
-                    )
-                for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), out["scores"].detach().cpu().tolist(), labels):
-                    local.append({"image_id": int(target["image_id"]), "category_id": int(category_ids[label]),
-                                  "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+        images = (((target, tuple(image.shape[-2:])), image) for images, targets in loader
+                  for image, target in zip(images, targets))
+        for (target, (h, w)), result in runner.run(images, total=len(indices)):
+            h0, w0 = target["orig_size"]
+            boxes = result["boxes"] * torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h])
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w0)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h0)
+            labels = result["labels"].tolist()
+            if labels and (min(labels) < 0 or max(labels) >= len(category_ids)):
+                raise ValueError(
+                    f"model returned label {max(labels)} but the dataset vocabulary has {len(category_ids)} "
+                    "categories (set the model's vocabulary to the dataset's category names)"
+                )
+            for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), result["scores"].tolist(), labels):
+                local.append({"image_id": int(target["image_id"]), "category_id": int(category_ids[label]),
+                              "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     finally:
         model.train(was_training)
-    if world > 1:
-        gathered: list[list[dict] | None] = [None] * world
-        torch.distributed.all_gather_object(gathered, local)
-        local = [d for part in gathered for d in (part or [])]
+    local = [d for part in all_gather_object(local, runner.info) for d in (part or [])]
     local.sort(key=lambda d: d["image_id"])  # stable: each image keeps the model's order
     return local
 
@@ -256,19 +300,20 @@ def write_outputs(out_dir: str | os.PathLike, evaluation: Evaluation, results: l
 
 
 def build_eval_dataset(data_cfg: Any, strict: bool = False):
-    """The evaluation dataset of a ``DataConfig``: ``format`` lvis / coco (``val_json`` + ``val_images``)
-    or voc (``val_json`` the VOC year folder or its ``ImageSets/Main/<split>.txt``), identity eval
-    transform (the model's transform resizes)."""
+    """The evaluation dataset of a ``DataConfig``: ``format`` lvis / coco (``val_json`` + ``val_images``),
+    voc (``val_json`` the VOC folder, split test, or its ``ImageSets/Main/<split>.txt``) or yolo
+    (``val_json`` the data.yaml, its ``val``), identity eval transform (the model's transform resizes)."""
     if not getattr(data_cfg, "val_json", None):
         raise ValueError("config: data.val_json is required for evaluation")
     return build_dataset(data_cfg.format, data_cfg.val_json, data_cfg.val_images, transforms=eval_transforms(),
+                         names=getattr(data_cfg, "names", None),
                          strict=strict or bool(getattr(data_cfg, "strict", False)))
 
 
 def ground_truth_for(dataset_format: str, data_cfg: Any, dataset) -> str | dict:
     """LVIS / COCO: the JSON itself (its ``area`` fields and federated lists are what the official
-    evaluators use). VOC: the records the dataset serves, in COCO form (difficult = ignore)."""
-    if dataset_format == "voc":
+    evaluators use). VOC, YOLO: the records the dataset serves, in COCO form (VOC difficult = ignore)."""
+    if dataset_format in ("voc", "yolo"):
         return to_coco_dict(DetectionAnnotations(dataset.source, dataset.categories, dataset.records, LoadReport(dataset.source)))
     return str(data_cfg.val_json)
 

@@ -59,11 +59,17 @@ class WarmupMultiStep:
         return factor
 
 
+def warmup_length(warmup_iters: int, total_iters: int) -> int:
+    """The warmup a schedule of ``total_iters`` gets: ``train.warmup_iters``, at most a quarter of the
+    schedule, so that a short run (``--max-iters``, a small fine-tuning) is not all warmup."""
+    return min(warmup_iters, total_iters // 4)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_iters: int):
     t = cfg.train
     if any(not 0 < f <= 1 for f in t.lr_steps):
         raise ValueError(f"train.lr_steps: expected fractions of the schedule in (0, 1], got {list(t.lr_steps)}")
     milestones = tuple(sorted(round(f * total_iters) for f in t.lr_steps))
-    schedule = WarmupMultiStep(t.warmup_iters, t.warmup_factor, milestones, t.lr_gamma)
+    schedule = WarmupMultiStep(warmup_length(t.warmup_iters, total_iters), t.warmup_factor, milestones, t.lr_gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 

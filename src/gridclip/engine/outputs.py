@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from gridclip.utils.extras import require
+
 
 def to_hf(result: dict[str, Any], *, integer_boxes: bool = False) -> list[dict[str, Any]]:
     """One image's detections as HF zero-shot-object-detection pipeline dicts (same order: by score)."""
@@ -44,12 +46,7 @@ def from_hf(dicts: Sequence[dict[str, Any]], class_names: Sequence[str]) -> dict
 
 
 def _supervision():
-    try:
-        import supervision
-    except ImportError:
-        raise ImportError("supervision is not installed: pip install 'gridclip[supervision]' "
-                          "(or pip install supervision)") from None
-    return supervision
+    return require("supervision", "supervision", "supervision output")
 
 
 def to_supervision(result: dict[str, Any]):

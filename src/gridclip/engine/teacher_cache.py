@@ -96,7 +96,7 @@ def compute_embeddings(teacher, dataset, batch_size: int = 32, device: str | tor
     whose transform yields float images in [0, 1]), in dataset order, duplicates removed."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_detection)
     if progress:
-        loader = tqdm(loader, desc="teacher", unit="batch")
+        loader = tqdm(loader, desc="teacher", unit="batch", disable=None)  # None: on a terminal only
     teacher = teacher.to(device)
     ids, chunks, seen = [], [], set()
     for images, targets in loader:

@@ -3,7 +3,8 @@
 Everything comes from the config: the detector (:func:`gridclip.model.build_model`: the registered
 architecture of ``model.arch``), the training set
 with the open-vocabulary split (training vocabulary = base categories; labels index the base list),
-the teacher (run on each augmented batch, or read from a ``gridclip cache-teacher`` file).
+the teacher (run on each augmented batch, or read from a ``gridclip cache-teacher`` file). A fine-tuning
+run (``train.init_from``) takes its model section from the file it starts from (:mod:`gridclip.engine.finetune`).
 
 Schedule (paper: FCOS 2x on LVIS): ``train.epochs`` epochs of ``train.batch_size`` images per step
 (global, over all processes and accumulation steps), linear warmup over ``warmup_iters`` from
@@ -30,13 +31,14 @@ Outputs in ``OUT``: ``config.yaml``, ``checkpoints/iter_*.pt`` (training state, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import numpy as np
 import torch
@@ -49,10 +51,12 @@ from gridclip.config import Config, config_to_dict, save_config
 from gridclip.data.collate import collate_detection
 from gridclip.data.datasets import build_train_dataset
 from gridclip.engine import evaluate as ev
+from gridclip.engine import keep_vocab
 from gridclip.engine import state as train_state
 from gridclip.engine.distributed import (DistInfo, TrainBatchSampler, all_gather_object, any_rank, barrier,
                                          cleanup_distributed, init_distributed, repeat_factors)
-from gridclip.engine.optim import build_optimizer, build_scheduler
+from gridclip.engine.finetune import finetuning_config, finetuning_model
+from gridclip.engine.optim import build_optimizer, build_scheduler, warmup_length
 from gridclip.engine.teacher_cache import TeacherCache, build_teacher
 from gridclip.model import build_model
 
@@ -123,16 +127,19 @@ class Trainer:
 
     def __init__(self, cfg: Config, out_dir: str | os.PathLike | None = None, *, resume: bool = False,
                  max_iters: int | None = None, progress: bool = True,
-                 step_callback: Callable[["Trainer", int], None] | None = None):
+                 step_callback: Callable[["Trainer", int], None] | None = None,
+                 explicit: Collection[str] | None = None):
         _check_train_config(cfg)
-        self.cfg = cfg
+        self.cfg = cfg = copy.deepcopy(cfg)
         self.out_dir = Path(out_dir or cfg.out_dir)
         self.resume = resume
         self.max_iters = max_iters if max_iters is not None else cfg.train.max_iters
         if self.max_iters is not None and self.max_iters < 1:
             raise ValueError(f"--max-iters: expected a positive number of iterations, got {self.max_iters}")
+        cfg.train.max_iters = self.max_iters  # config.yaml and model.pt record the schedule this run has
         self.progress = progress
         self.step_callback = step_callback
+        self.explicit = explicit  # the config keys the user set (fine-tuning reports those the file overrides)
         self.dist = DistInfo()
         self.iteration = 0
         self.last_checkpoint: Path | None = None
@@ -140,13 +147,17 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
+        if self.cfg.train.init_from:
+            self.cfg = finetuning_config(self.cfg, self.explicit)
         cfg, t = self.cfg, self.cfg.train
         had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.dist = init_distributed(t.device)
         self._owns_process_group = self.dist.distributed and not had_group
         dev = self.dist.device
         if t.amp != "none" and dev.type != "cuda":
-            raise ValueError(f"train.amp={t.amp} needs CUDA (this run is on {dev.type}); use train.amp=none")
+            logger.warning("train.amp=%s needs CUDA; this run is on %s: training in float32 (train.amp=none)",
+                           t.amp, dev.type)
+            t.amp = "none"
 
         existing = train_state.list_checkpoints(self.out_dir)
         if existing and not self.resume:
@@ -155,7 +166,8 @@ class Trainer:
 
         _seed_everything(t.seed)  # same initial weights on every rank
         self.dataset = build_train_dataset(cfg.data)
-        model = build_model(cfg)  # the registered detector of model.arch
+        # the registered detector of model.arch; fine-tuning: with the CLIP of the file it starts from
+        model = finetuning_model(cfg) if t.init_from else build_model(cfg)
         model.set_vocabulary(self.dataset.category_names)
         self.vocabulary = model.vocabulary
         if getattr(model.cfg, "clip_ensemble", "off") != "off" and not model.cfg.ensemble_trained_names:
@@ -169,6 +181,7 @@ class Trainer:
         model.transform.min_size = tuple(int(s) for s in cfg.data.train_min_sizes)
         model.transform.max_size = int(cfg.data.train_max_size)
         self.model = model.to(dev).train()
+        self.finetune = keep_vocab.attach_finetune(self.model, cfg, dev) if t.init_from else None
         self.teacher = None
         self.teacher_cache = None
         if model.projector is not None:
@@ -189,6 +202,9 @@ class Trainer:
 
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_iters)
+        if warmup_length(t.warmup_iters, self.total_iters) < t.warmup_iters:
+            logger.info("warmup: %d iterations (train.warmup_iters=%d, at most a quarter of the %d-iteration schedule)",
+                        warmup_length(t.warmup_iters, self.total_iters), t.warmup_iters, self.total_iters)
         self.scaler = torch.amp.GradScaler(dev.type, enabled=t.amp == "fp16")
         self.ddp_model: nn.Module = self.model
         if self.dist.distributed:
@@ -258,7 +274,10 @@ class Trainer:
         writer = _summary_writer(self.out_dir / "tensorboard", start) if self.dist.is_main else None
         bar = None
         if self.progress and self.dist.is_main:
-            bar = tqdm(total=self.total_iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
+            # on a terminal only (disable=None): in a log file the redraws are carriage-return spam, and the
+            # iteration lines (train.log_every) report the progress there
+            bar = tqdm(total=self.total_iters, initial=start, desc="train", unit="it", dynamic_ncols=True,
+                       disable=None)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
         window: dict[str, list[float]] = {}
@@ -322,10 +341,16 @@ class Trainer:
         elapsed = time.perf_counter() - timer_start if timer_start is not None else 0.0
         images_per_s = timed_iters * t.batch_size / elapsed if elapsed > 0 else float("nan")
 
+        if self.finetune is not None:
+            self.finetune.finish(self.model)
+            self.finetune.detach(self.model)
         model_path = self.out_dir / "model.pt"
         if self.dist.is_main:
-            save_checkpoint(model_path, self.model, extra={"config": config_to_dict(cfg), "iteration": self.iteration,
-                                                           "vocabulary": "base categories of the training set"})
+            extra = {"config": config_to_dict(cfg), "iteration": self.iteration,
+                     "vocabulary": "base categories of the training set"}
+            if t.init_from:
+                extra["finetune"] = keep_vocab.recipe_record(cfg)
+            save_checkpoint(model_path, self.model, extra=extra)
         barrier(self.dist)
         return {"out_dir": str(self.out_dir), "iterations": self.iteration, "total_iters": self.total_iters,
                 "iters_per_epoch": self.iters_per_epoch, "model": str(model_path),
@@ -452,14 +477,18 @@ def _init_from(model: nn.Module, path: str) -> None:
 
 
 def train(cfg: Config, out_dir: str | os.PathLike | None = None, resume: bool = False, max_iters: int | None = None,
-          *, progress: bool = True, step_callback: Callable[[Trainer, int], None] | None = None) -> dict[str, Any]:
+          *, progress: bool = True, step_callback: Callable[[Trainer, int], None] | None = None,
+          explicit: Collection[str] | None = None) -> dict[str, Any]:
     """Train GridCLIP as ``cfg`` says; returns a summary (iterations, paths, last losses, images/s).
 
     ``out_dir`` defaults to ``cfg.out_dir``. ``resume``: continue from the newest training checkpoint in
     ``out_dir`` (start from scratch if there is none). ``max_iters`` overrides the schedule length
     (``train.max_iters``, else ``epochs x iterations per epoch``); ``lr_steps`` are fractions of it.
+    ``explicit``: the dotted config keys the user set (:func:`gridclip.config.explicit_keys`), for
+    ``train.init_from`` (:func:`gridclip.engine.finetune.finetuning_config`; None: values other than the
+    schema's defaults count as set).
     """
     return Trainer(cfg, out_dir, resume=resume, max_iters=max_iters, progress=progress,
-                   step_callback=step_callback).run()
+                   step_callback=step_callback, explicit=explicit).run()
 
 

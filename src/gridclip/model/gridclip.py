@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import open_clip
 import torch
@@ -34,8 +34,9 @@ from gridclip.model.clip_ensemble import CLIPEnsemble, FrozenCLIP
 from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride, valid_cells
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
-from gridclip.model.predict import predict as predict_images
+from gridclip.model.predict import predict_as_given
 from gridclip.model.transform import DetectionTransform
+from gridclip.model.trunk_weights import TrunkSource, load_trunk_weights
 
 CLIP_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
 CLIP_STD = tuple(open_clip.OPENAI_DATASET_STD)
@@ -163,6 +164,8 @@ class GridCLIP(FCOS):
         self_clip_config = clip_config if clip_config is not None else model_config(cfg.clip_model)
         trunk = build_clip_trunk(cfg.clip_model, cfg.clip_pretrained, load_clip_weights, self_clip_config)
         attnpool = trunk.take_attnpool()
+        # from a checkpoint (no CLIP weights loaded) the trunk's tensors come with the state dict
+        trunk_source = load_trunk_weights(trunk, cfg.trunk_weights) if cfg.trunk_weights and load_clip_weights else None
         clip_dim = attnpool.c_proj.out_features
         grid_pool = GridAttentionPool.from_attnpool(attnpool) if cfg.use_mhsa else None
         backbone = GridCLIPBackbone(trunk, grid_pool, cfg.adapter_channels, cfg.adapter_layers, cfg.fpn_channels)
@@ -193,6 +196,8 @@ class GridCLIP(FCOS):
         if cfg.clip_ensemble != "off":
             if not cfg.grid_align:
                 raise ValueError("model.clip_ensemble needs a grid-aligned (open-vocabulary) model; grid_align is off")
+            if cfg.trunk_weights:
+                raise ValueError("model.clip_ensemble needs CLIP's own trunk; model.trunk_weights replaces it")
             if not (cfg.freeze_trunk and grid_pool is not None):
                 self.frozen_clip = FrozenCLIP(freeze_batch_norm_2d(copy.deepcopy(trunk)),
                                               GridAttentionPool.from_attnpool(attnpool))
@@ -206,6 +211,7 @@ class GridCLIP(FCOS):
             self.projector = image_projector(backbone.global_dim, cfg.projector_hidden, self.teacher_dim,
                                              cfg.projector_layers)
         self.cfg = cfg
+        self.trunk_source: TrunkSource | None = trunk_source  # None: the CLIP's trunk
         self.clip_config = self_clip_config
         self.clip_dim = clip_dim
         # bf16 pass/fail matmul for large levels x vocabularies on CPUs with native bf16 (see scoring.py);
@@ -216,6 +222,9 @@ class GridCLIP(FCOS):
         self.vocabulary: Vocabulary | None = None
         self.class_names: tuple[str, ...] = ()
         self._inference: inference.InferenceForm | None = None  # set by optimize_for_inference
+        # training only: a function (model, image_list, features, cells, anchors, targets) -> (head outputs,
+        # extra losses) that replaces the head's forward (fine-tuning recipes, gridclip.engine.keep_vocab)
+        self.training_hook: Callable | None = None
 
     # ----------------------------------------------------------------------------------------- vocabulary
     def set_vocabulary(self, vocabulary: Sequence[str] | Vocabulary | Tensor | str, *, cache_dir=None) -> "GridCLIP":
@@ -274,11 +283,14 @@ class GridCLIP(FCOS):
         cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), nominal_stride(images.shape[-1], c5.shape[-1]))
         return self.backbone.grid_pool(c5, cells)
 
-    def predict(self, inputs: Any, **kwargs) -> list[dict]:
-        """Detect in paths / PIL images / arrays / tensors (one or a list); boxes in original-image pixels
-        (EXIF-rotated view), with class ``names``. See :func:`gridclip.model.predict.predict`. As fast as
-        ``gridclip detect`` once the model is in its inference form (``gridclip.load`` returns it so)."""
-        return predict_images(self, inputs, **kwargs)
+    def predict(self, inputs: Any, **kwargs) -> Any:
+        """Detect in one image (a path, PIL image, array or CHW tensor) -> one
+        :class:`~gridclip.model.results.Detections`; in a list of them (or a 4-D batch tensor) -> a list.
+        Boxes in original-image pixels (EXIF-rotated view), with class ``names``; ``.plot()`` / ``.save()``
+        draw them. Keyword arguments as for :func:`gridclip.model.predict.predict` (thresholds,
+        ``batch_size``, ``device``, ``tile`` / ``overlap``). As fast as ``gridclip detect`` once the model is
+        in its inference form (``gridclip.load`` returns it so)."""
+        return predict_as_given(self, inputs, **kwargs)
 
     # ------------------------------------------------------------------------------------ inference form
     def optimize_for_inference(self, *, channels_last: bool = True) -> "GridCLIP":
@@ -341,7 +353,11 @@ class GridCLIP(FCOS):
         cells = level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]), features)
 
         if self.training:
-            head_outputs = self.head(features, cells)
+            extra: dict[str, Tensor] = {}
+            if self.training_hook is None:
+                head_outputs = self.head(features, cells)
+            else:
+                head_outputs, extra = self.training_hook(self, image_list, features, cells, anchors, targets)
             fcos = self.compute_loss(targets, head_outputs, anchors, num_per_level)
             c = self.cfg
             losses = {
@@ -351,6 +367,7 @@ class GridCLIP(FCOS):
             }
             if self.projector is not None:
                 losses["loss_image"] = c.loss_image * self.image_alignment_loss(z_global, targets)
+            losses.update(extra)
             return losses
 
         rescore = self.clip_ensemble(image_list.tensors, image_list.image_sizes) if self.cfg.clip_ensemble != "off" else None

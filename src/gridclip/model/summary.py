@@ -27,6 +27,10 @@ def summarize(model) -> list[str]:
         f"input: shorter side {c.min_size}, longer side <= {c.max_size}; score {c.score_thresh}, "
         f"NMS {c.nms_thresh}, {c.detections_per_img} detections",
     ]
+    source = getattr(model, "trunk_source", None)
+    if source is not None:
+        method = source.meta.get("method", "?")
+        lines.append(f"trunk weights: {source.name} ({method}; sha256 {source.sha256[:16]}), not the CLIP's")
     width = max(map(len, counts))
     lines += [f"  {name:<{width}}  {n / 1e6:8.2f}M" for name, n in counts.items()]
     total = model.inference_parameter_count()

@@ -20,7 +20,9 @@ from gridclip_lab.analysis.paper import TABLE4, TABLE5, paper_difference
 from gridclip_lab.study.stats import paired_differences, summarize
 from gridclip_lab.variants import LABELS as VARIANT_LABELS
 
-DIAGNOSTIC = "GridCLIP, L1 on z-bar"  # also compared with GridCLIP: does the projector let z-bar drift?
+DIAGNOSTIC = "GridCLIP, L1 on z-bar"
+# Table 4's top section: FCOS w/o align on the visual-only pretrained trunks (supervised, then SSL)
+TRUNK_ROWS = ("FCOS w/o align, supervised trunk", "FCOS w/o align, SwAV trunk")  # also compared with GridCLIP: does the projector let z-bar drift?
 LABELS = {"AP": "AP", "APr": "AP_r", "APc": "AP_c", "APf": "AP_f", "APbase": "AP (c + f)"}
 
 
@@ -130,13 +132,14 @@ def render_study_sections(study_path: str | os.PathLike, finetune_path: str | os
         "are evaluated with the full vocabulary, so novel names compete).",
         "",
     ]
-    t4 = ["FCOS w/o align", "w/o MHSA w/o align", "grid only", "image only", "GridCLIP"]
+    t4 = [*TRUNK_ROWS, "FCOS w/o align", "w/o MHSA w/o align", "grid only", "image only", "GridCLIP"]
     lines += _table(t, t4, ("APc", "APf", "APbase"), TABLE4, "paper AP_c / AP_f / AP")
     lines.append("")
     for iters in t.lengths:
         for a in ("grid only", "GridCLIP", "image only", "w/o MHSA w/o align"):
             if t.has(a, iters) and t.has("FCOS w/o align", iters):
                 lines.append("* " + _comparison(t, a, "FCOS w/o align", iters, "APbase", _as_ap(TABLE4)))
+    lines += _trunk_comparisons(t)
     lines += ["", "### Table 5: the effect of image-level alignment on novel categories (open set)", ""]
     t5 = ["grid only", *_aligned(t)]
     lines += _table(t, t5, ("APr", "APc", "APf", "AP"), TABLE5, "paper AP_r / AP_c / AP_f / AP")
@@ -157,6 +160,25 @@ def render_study_sections(study_path: str | os.PathLike, finetune_path: str | os
     lines += _forgetting(t, study_path, figures_dir, rel, clip_recall_start)
     if finetune_path is not None and Path(finetune_path).is_file():
         lines += _finetune(json.loads(Path(finetune_path).read_text()), Path(finetune_path), figures_dir, rel)
+    return lines
+
+
+def _trunk_comparisons(t: StudyTables) -> list[str]:
+    """Table 4's top section: the CLIP trunk against the visual-only ones, and SSL against supervised
+    (AP (c + f) and AP_c: the paper's claim is about the undersampled categories)."""
+    pairs = [(clip, trunk) for clip in ("w/o MHSA w/o align", "FCOS w/o align") for trunk in TRUNK_ROWS]
+    pairs.append(TRUNK_ROWS[::-1])
+    lines = []
+    for iters in t.lengths:
+        for a, b in pairs:
+            if t.has(a, iters) and t.has(b, iters):
+                for m in ("APbase", "APc"):
+                    lines.append("* " + _comparison(t, a, b, iters, m, _as_ap(TABLE4)))
+    if lines:
+        lines = ["", "Pretrained trunks (the top section): the CLIP trunk w/o align (with and without its MHSA; "
+                 "without it the architecture is the visual-only trunks' exactly) against the supervised and the "
+                 "self-supervised trunk (`gridclip-lab pretrain-trunk`, docs/world.md), and SSL against supervised:",
+                 ""] + lines
     return lines
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from gridclip.data.images import load_image, to_float_image
 from gridclip.engine.evaluate import evaluate
-from gridclip.engine.tiling import detect_tiled
+from gridclip.model.tiling import detect_tiled
 
 
 def make_canvases(gt_json: str | Path, images_dir: str | Path, grid: int = 4, seed: int = 0

@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from gridclip_lab.demo import ABLATIONS, DEFAULT_ITERS, DEMO_VARIANTS, run_demo
-from gridclip_lab.variants import VARIANTS
+from gridclip_lab.variants import ABLATIONS, DEFAULT_ITERS, DEMO_VARIANTS, VARIANTS
 
 
 def main(argv: Sequence[str]) -> int:
@@ -30,6 +29,8 @@ def main(argv: Sequence[str]) -> int:
             raise ValueError(f"--variants: unknown {unknown or '(none given)'}; expected some of {', '.join(VARIANTS)}")
     if a.jobs is not None and a.jobs < 1:
         raise ValueError(f"--jobs: expected a positive number of processes, got {a.jobs}")
+    from gridclip_lab.demo import run_demo  # torch and the world: not for --help
+
     if a.mini:
         run_demo(a.out, from_scratch=a.from_scratch, iters=min(a.iters, 20), variants=variants, world_size="small",
                  clip_steps=20, examples=2, jobs=a.jobs)

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from gridclip_lab.study import VARIANTS
-from gridclip_lab.study.finetune import FinetuneSpec, format_finetune, run_finetune_study
+from gridclip_lab.study.finetune import RECIPE_ARMS, FinetuneSpec, format_finetune, run_finetune_study
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (0,1,2)")
     p.add_argument("--custom", default=d.custom,
                    help=f"the custom dataset's categories: a colour (its base categories) or a comma list ({d.custom})")
+    p.add_argument("--arms", default=",".join(d.arms),
+                   help=f"comma list of arms, of: {', '.join(RECIPE_ARMS)} ({','.join(d.arms)})")
+    p.add_argument("--alphas", default="",
+                   help="WiSE-FT curve: comma list of alphas at which the plain arm's weights are interpolated with "
+                        "the start model's and evaluated (none)")
     p.add_argument("--world", help="an existing world folder (default: generate one into OUT/world)")
     p.add_argument("--world-size", choices=("small", "default"), default=d.world_size)
     p.add_argument("--clip", help="CLIP backbone dir (default: the shipped shapes-RN-tiny)")
@@ -41,7 +46,9 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--seeds: expected a comma list of integers, got {a.seeds!r}") from None
     spec = FinetuneSpec(start_variant=a.start_variant, start_iters=a.start_iters, seeds=seeds,
                         custom=a.custom, iters=a.iters, world_size=a.world_size, clip_model=a.clip,
-                        teacher_model=a.teacher, overrides=tuple(a.overrides))
+                        teacher_model=a.teacher, overrides=tuple(a.overrides),
+                        arms=tuple(x.strip() for x in a.arms.split(",") if x.strip()),
+                        alphas=tuple(float(x) for x in a.alphas.split(",") if x.strip()))
     study = run_finetune_study(spec, a.out, world_dir=a.world, progress=not a.no_progress)
     print(format_finetune(study))
     print(f"[finetune-study] -> {Path(a.out) / 'finetune.json'}")

@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gridclip.checkpoint import load_checkpoint
+from gridclip.checkpoint import checkpoint_extra, load_checkpoint, save_checkpoint
+from gridclip.engine.keep_vocab import interpolate_state_dicts
 from gridclip.config import save_config
 from gridclip.data.annotations import load_lvis_json
 from gridclip_lab.world.shapes import load_world, make_world
@@ -42,9 +43,19 @@ from gridclip_lab.utils.environment import fingerprint
 from gridclip.utils.threads import torch_threads
 
 BEFORE = "start model"
+PLAIN = "without image alignment"  # plain fine-tuning (train.finetune.mode=plain), the reference arm
 ARMS: dict[str, dict[str, Any]] = {
-    "without image alignment": {"image_align": False},
+    PLAIN: {"image_align": False},
     "with image alignment": {"image_align": True},
+}
+# The fine-tuning recipes (train.finetune, gridclip.engine.keep_vocab): arm -> (model switches, recipe).
+# The arms above are plain fine-tuning; these keep the vocabulary in one way or several.
+RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    PLAIN: ({"image_align": False}, {"mode": "plain"}),
+    "with image alignment": ({"image_align": True}, {"mode": "plain"}),
+    "ignore": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": 0.3, "distill": 0.0}),
+    "distill": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": None, "distill": 1.0}),
+    "ignore + distill": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": 0.3, "distill": 1.0}),
 }
 GROUPS = ("AP", "custom", "other base", "novel", "other")  # other = other base + novel, by category
 FINETUNE_VERSION = 1
@@ -66,9 +77,18 @@ class FinetuneSpec:
     teacher_model: str | None = None
     overrides: tuple[str, ...] = ()
     custom_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    arms: tuple[str, ...] = tuple(ARMS)
+    alphas: tuple[float, ...] = ()  # WiSE-FT curve of the plain arm: its weights interpolated with the start's
 
     def __post_init__(self) -> None:
         self.seeds = tuple(int(s) for s in self.seeds)
+        self.arms = tuple(self.arms)
+        self.alphas = tuple(float(a) for a in self.alphas)
+        unknown = [a for a in self.arms if a not in RECIPE_ARMS]
+        if unknown or not self.arms:
+            raise ValueError(f"finetune study arms: unknown {unknown} (expected some of {list(RECIPE_ARMS)})")
+        if any(not 0.0 <= a <= 1.0 for a in self.alphas) or (self.alphas and PLAIN not in self.arms):
+            raise ValueError(f"finetune study alphas: expected values in [0, 1] and the arm {PLAIN!r}, got {list(self.alphas)}")
         self.overrides = tuple(self.overrides)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"finetune study seeds: expected distinct seeds, got {list(self.seeds)}")
@@ -167,10 +187,13 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
                 before = {"key": eval_key, "metrics": evaluate_fn(str(start_model), base_cfg, groups)}
             atomic_write_json(eval_path, before)
         rows.append({"seed": seed, "arm": BEFORE, "metrics": before["metrics"]})
-        for arm, switches in ARMS.items():
+        for arm in spec.arms:
+            switches, recipe = RECIPE_ARMS[arm]
             cfg = run_config(start_spec, world, spec.start_variant, seed, spec.iters, len(base_ids))
             for k, v in switches.items():
                 setattr(cfg.model, k, v)
+            for k, v in recipe.items():
+                setattr(cfg.train.finetune, k, v)
             cfg.train.init_from = str(start_model)
             cfg.data.base_list = str(custom_file)
             key = _digest({"v": FINETUNE_VERSION, "run": run_key(cfg, world), "start": start_key,
@@ -189,12 +212,27 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
                 with torch_threads(1):  # as the study's runs
                     summary = train_fn(cfg, run_dir, progress=False)
                     metrics = evaluate_fn(summary["model"], cfg, groups)
+                    seconds = round(time.perf_counter() - t0, 1)
+                    interpolated = {}
+                    if arm == PLAIN:
+                        for alpha in spec.alphas:
+                            path = interpolate_model_file(start_model, summary["model"], alpha, run_dir / "alpha.pt")
+                            interpolated[str(alpha)] = evaluate_fn(str(path), cfg, groups)
                 for path in run_dir.rglob("*.pt"):
                     path.unlink()
-                result = {"key": key, "seed": seed, "arm": arm, "metrics": metrics,
-                          "seconds": round(time.perf_counter() - t0, 1), "environment": fingerprint()}
+                result = {"key": key, "seed": seed, "arm": arm, "metrics": metrics, "seconds": seconds,
+                          "interpolated": interpolated, "environment": fingerprint()}
                 atomic_write_json(run_dir / "result.json", result)
             rows.append({"seed": seed, "arm": arm, "metrics": result["metrics"]})
+            if arm == PLAIN:
+                for alpha in spec.alphas:
+                    got = result.get("interpolated", {}).get(str(alpha))
+                    if got is None:
+                        if log:
+                            log(f"[finetune] seed {seed}: no WiSE-FT alpha {alpha} in the cached run {run_dir.name} "
+                                "(its model is gone; remove the run to compute it)")
+                        continue
+                    rows.append({"seed": seed, "arm": alpha_arm(alpha), "metrics": got})
     summary = summarize_finetune(rows)
     study = {"version": FINETUNE_VERSION, "spec": {**asdict(spec), "seeds": list(spec.seeds)},
              "custom_categories": [names[i] for i in custom],
@@ -204,9 +242,25 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
     return study
 
 
+def alpha_arm(alpha: float) -> str:
+    return f"plain, WiSE-FT alpha {alpha:g}"
+
+
+def interpolate_model_file(start: str | os.PathLike, finetuned: str | os.PathLike, alpha: float,
+                           out: str | os.PathLike) -> Path:
+    """The fine-tuned model file with its weights replaced by (1 - alpha) start + alpha fine-tuned."""
+    model = load_checkpoint(finetuned).restore_training_form()
+    begin = load_checkpoint(start).restore_training_form()
+    model.load_state_dict(interpolate_state_dicts(begin.state_dict(), model.state_dict(), alpha))
+    save_checkpoint(out, model, extra={**checkpoint_extra(finetuned), "wise_ft_alpha": alpha})
+    return Path(out)
+
+
 def summarize_finetune(rows: list[dict], level: float = 0.95) -> dict:
-    """Per arm and group: mean / std / CI over seeds; paired (same seed) differences arm - start model
-    and "with" - "without" image alignment."""
+    """Per arm and group: mean / std / CI over seeds; paired (same seed) differences arm - start model,
+    arm - plain fine-tuning and "with" - "without" image alignment; per arm, the other names' AP as a
+    fraction of the start model's (per seed, then mean / CI) and whether the goal is met (other names
+    >= 90 % of the start's and custom >= plain's - 1 point, on the means)."""
     by: dict[str, dict[int, dict]] = {}
     for r in rows:
         by.setdefault(r["arm"], {})[int(r["seed"])] = r["metrics"]
@@ -214,15 +268,29 @@ def summarize_finetune(rows: list[dict], level: float = 0.95) -> dict:
     def values(arm: str, group: str) -> dict[int, float]:
         return {s: m[group] for s, m in by.get(arm, {}).items() if m.get(group, -1) >= 0}
 
-    arms = [a for a in (BEFORE, *ARMS) if a in by]
+    arms = [BEFORE] + [a for a in by if a != BEFORE] if BEFORE in by else list(by)
     table = {arm: {g: summarize(list(values(arm, g).values()), level) for g in GROUPS} for arm in arms}
+    kept, goal = {}, {}
+    start_other = values(BEFORE, "other")
+    for arm in arms:
+        if arm == BEFORE:
+            continue
+        other = values(arm, "other")
+        ratios = [other[s] / start_other[s] for s in other if start_other.get(s)]
+        kept[arm] = summarize(ratios, level)
+        plain_custom = table.get(PLAIN, {}).get("custom", {}).get("mean")
+        custom = table[arm]["custom"]["mean"]
+        if kept[arm]["n"] and plain_custom is not None and custom is not None:
+            goal[arm] = bool(kept[arm]["mean"] >= 0.9 and custom >= plain_custom - 0.01)
     pairs = []
-    for a, b in [(arm, BEFORE) for arm in ARMS] + [("with image alignment", "without image alignment")]:
+    compared = [(arm, BEFORE) for arm in arms if arm != BEFORE]
+    compared += [(arm, PLAIN) for arm in arms if arm not in (BEFORE, PLAIN)]
+    for a, b in compared:
         for g in GROUPS:
             diff = paired_differences(values(a, g), values(b, g), level)
             if diff["n"]:
                 pairs.append({"a": a, "b": b, "group": g, **diff, "verdict": verdict(diff["ci"])})
-    return {"confidence": level, "arms": table, "pairs": pairs}
+    return {"confidence": level, "arms": table, "other_kept": kept, "goal_met": goal, "pairs": pairs}
 
 
 def format_finetune(study: dict, scale: float = 100.0) -> str:
@@ -237,6 +305,11 @@ def format_finetune(study: dict, scale: float = 100.0) -> str:
              f"{'model':<{w}}  " + "  ".join(f"{g:>18}" for g in GROUPS)]
     for arm, groups in study["arms"].items():
         lines.append(f"{arm:<{w}}  " + "  ".join(f"{cell(groups[g]):>18}" for g in GROUPS))
+    if study.get("other_kept"):
+        lines.append("")
+        lines.append("other names' AP as % of the start model's (per seed), goal (>= 90 % kept, custom >= plain - 1):")
+        for arm, s in study["other_kept"].items():
+            lines.append(f"  {arm:<{w}}  {cell(s):>18}  goal {'met' if study['goal_met'].get(arm) else 'not met'}")
     lines.append("")
     lines.append("paired differences (same seed), mean [95 % CI]:")
     for p in study["pairs"]:

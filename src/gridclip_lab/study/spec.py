@@ -12,6 +12,7 @@ from typing import Any
 
 from gridclip.clip.loader import BUILTIN_PREFIX, builtin_clip_dir
 from gridclip.config import Config, config_to_dict
+from gridclip.model.trunk_weights import resolve_trunk_file
 from gridclip_lab.peers.config import PeerConfig
 from gridclip_lab.variants import METRICS, VARIANTS, apply_variant, world_config
 
@@ -20,7 +21,7 @@ STUDY_VERSION = 2  # bump when a change to the runner changes what a cached resu
 # Config settings added after study results were recorded (results/study): at these defaults a run
 # computes exactly what it computed before the setting existed, so they stay out of its key and the
 # recorded results stay valid (tests/test_study.py recomputes every recorded key).
-KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("model", "projector_layers"): 3}
+KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("model", "projector_layers"): 3, ("model", "trunk_weights"): None}
 
 
 @dataclass
@@ -153,7 +154,7 @@ def model_digest(model: str, cache: dict[str, str]) -> str | None:
 def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = None) -> str:
     """sha256 of everything a run's result depends on: the full config (without ``out_dir``), the
     contents of the CLIP and teacher weights and the world's marker (version, seed, size), the
-    runner's version. A run without image-level alignment never reads the teacher, so its key leaves
+    runner's version (and the trunk weights file's, when the run has one). A run without image-level alignment never reads the teacher, so its key leaves
     the teacher out: a new teacher reuses those runs."""
     cache = {} if cache is None else cache
     values = config_to_dict(cfg)
@@ -164,6 +165,10 @@ def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = N
     for (section, name), default in KEY_NEUTRAL_DEFAULTS.items():
         if values.get(section, {}).get(name, default) == default:
             values.get(section, {}).pop(name, None)
+    # The fine-tuning recipe acts only with train.init_from, and not at all in plain mode (the runs
+    # recorded before the recipe existed): then it stays out of the key.
+    if not cfg.train.init_from or cfg.train.finetune.mode == "plain":
+        values["train"].pop("finetune", None)
     uses_teacher = cfg.model.image_align
     if not uses_teacher:
         for section in values.values():
@@ -177,4 +182,6 @@ def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = N
         "teacher": model_digest(cfg.model.teacher_model, cache) if uses_teacher else None,
         "world": json.loads(marker.read_text()) if marker.is_file() else None,
     }
+    if cfg.model.trunk_weights:  # the trunk file's contents (absent from the keys of runs on the CLIP's trunk)
+        blob["trunk"] = _file_digest(resolve_trunk_file(cfg.model.trunk_weights), cache)
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,182 @@
+"""Fine-tuning that keeps the vocabulary (``train.finetune``, applied whenever ``train.init_from`` is set).
+
+A custom dataset has boxes for a few names; every other object in its images is unlabelled. Plain
+fine-tuning (``train.finetune.mode=plain``) teaches those objects as background and moves the
+embeddings away from CLIP's text space: the start model's other names are forgotten. ``keep_vocab``
+runs a frozen copy of the start model beside the one that trains and
+
+- ignores (no classification loss) the locations outside every custom box where the start model
+  confidently sees one of its other names (``ignore_score``; the focal loss stays torchvision's, the
+  ignored locations' logits are replaced by a constant whose loss and gradient are zero);
+- distils the start model's per-location embeddings outside the custom boxes (``distill``: L1 between
+  the normalised embeddings, as LwF does with the old model's outputs);
+- optionally saves the weight-space interpolation (1 - alpha) start + alpha fine-tuned (WiSE-FT).
+
+:func:`interpolate_state_dicts` is the interpolation on its own (also for models already trained).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gridclip.checkpoint import load_checkpoint
+from gridclip.clip.vocabulary import parse_vocabulary
+from gridclip.config import Config, FinetuneConfig
+from gridclip.model.backbone import level_cells
+
+logger = logging.getLogger("gridclip.finetune")
+
+# The logit an ignored location gets: sigmoid gives exactly 0 in float16/32, so its focal loss against a
+# 0 target is exactly 0, and the constant carries no gradient back to the model.
+IGNORED_LOGIT = -1.0e4
+
+
+def check_finetune_config(f: FinetuneConfig) -> None:
+    if f.mode not in ("keep_vocab", "plain"):
+        raise ValueError(f"train.finetune.mode: expected keep_vocab or plain, got {f.mode!r}")
+    if f.ignore_score is not None and not 0.0 < f.ignore_score <= 1.0:
+        raise ValueError(f"train.finetune.ignore_score: expected a score in (0, 1] or null, got {f.ignore_score}")
+    if f.distill < 0:
+        raise ValueError(f"train.finetune.distill: expected a weight >= 0, got {f.distill}")
+    if not 0.0 <= f.alpha <= 1.0:
+        raise ValueError(f"train.finetune.alpha: expected 0 <= alpha <= 1, got {f.alpha}")
+
+
+def ignore_locations(logits: Tensor, ignore: Tensor) -> Tensor:
+    """``logits [N, L, K]`` with every class of the locations where ``ignore [N, L]`` is true set to
+    :data:`IGNORED_LOGIT`: with a 0 target there, their sigmoid focal loss and its gradient are zero."""
+    return torch.where(ignore[..., None], logits.new_full((), IGNORED_LOGIT), logits)
+
+
+def outside_boxes(anchors: list[Tensor], targets: list[dict[str, Tensor]]) -> Tensor:
+    """``[N, L]``: the locations whose centre lies in no box of its image (FCOS's foreground is always
+    inside a box, so these are never positives)."""
+    out = []
+    for a, t in zip(anchors, targets):
+        centres = (a[:, :2] + a[:, 2:]) / 2
+        boxes = t["boxes"]
+        if boxes.numel() == 0:
+            out.append(torch.ones(len(a), dtype=torch.bool, device=a.device))
+            continue
+        x, y = centres[:, None, 0], centres[:, None, 1]
+        inside = (x > boxes[None, :, 0]) & (x < boxes[None, :, 2]) & (y > boxes[None, :, 1]) & (y < boxes[None, :, 3])
+        out.append(~inside.any(dim=1))
+    return torch.stack(out)
+
+
+def distillation_loss(embeddings: Tensor, start_embeddings: Tensor, where: Tensor) -> Tensor:
+    """L1 between normalised embeddings ``[N, L, D]`` summed over D, averaged over the locations of
+    ``where [N, L]`` (0 when there are none)."""
+    per_location = (embeddings - start_embeddings.to(embeddings.dtype)).abs().sum(-1)
+    weights = where.to(per_location.dtype)
+    return (per_location * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def interpolate_state_dicts(start: dict[str, Tensor], finetuned: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """WiSE-FT: ``(1 - alpha) start + alpha finetuned`` for every floating-point tensor both hold with the
+    same shape (parameters and buffers such as batch-norm statistics alike); the fine-tuned tensor for the
+    rest (integer buffers, tensors only it has or of another shape). Exact at alpha 0 and 1 (torch.lerp)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"interpolation alpha: expected 0 <= alpha <= 1, got {alpha}")
+    out = {}
+    for name, tuned in finetuned.items():
+        begin = start.get(name)
+        if begin is not None and begin.shape == tuned.shape and tuned.is_floating_point():
+            out[name] = torch.lerp(begin.to(tuned.device, tuned.dtype), tuned, alpha)
+        else:
+            out[name] = tuned.clone()
+    return out
+
+
+def _start_embeddings(start: nn.Module, image_list) -> Tensor:
+    features, _ = start.backbone(image_list.tensors, image_list.image_sizes)
+    cells = level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]), features)
+    return start.head.classification_head.embeddings(features, cells)
+
+
+class KeepVocabulary:
+    """The ``keep_vocab`` recipe for one run: the model's :attr:`training_hook` (see module docstring)
+    and :meth:`finish` (the interpolation). ``keep_text``: normalised embeddings ``[K, D]`` of the names
+    whose start scores decide what is ignored (None: nothing is ignored)."""
+
+    def __init__(self, recipe: FinetuneConfig, start: nn.Module, start_state: dict[str, Tensor],
+                 keep_text: Tensor | None):
+        self.recipe = recipe
+        self.start = start.eval().requires_grad_(False)
+        self.start_state = start_state
+        self.keep_text = keep_text
+        self.ignores = recipe.ignore_score is not None and keep_text is not None and len(keep_text) > 0
+
+    def __call__(self, model: nn.Module, image_list, features: list[Tensor], cells, anchors: list[Tensor],
+                 targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        cls_head = model.head.classification_head
+        embeddings = cls_head.embeddings(features, cells)
+        logits = cls_head.logits(embeddings)
+        regression, ctrness = model.head.regression_head(features, cells)
+        extra: dict[str, Tensor] = {}
+        if self.ignores or self.recipe.distill > 0:
+            outside = outside_boxes(anchors, targets)
+            with torch.no_grad():
+                start_embeddings = _start_embeddings(self.start, image_list)
+            if self.ignores:
+                with torch.no_grad():
+                    start_head = self.start.head.classification_head
+                    scores = torch.sigmoid(start_head.logits(start_embeddings, self.keep_text)).amax(dim=-1)
+                logits = ignore_locations(logits, outside & (scores >= self.recipe.ignore_score))
+            if self.recipe.distill > 0:
+                extra["loss_distill"] = self.recipe.distill * distillation_loss(embeddings, start_embeddings, outside)
+        return {"cls_logits": logits, "bbox_regression": regression, "bbox_ctrness": ctrness}, extra
+
+    @torch.no_grad()
+    def finish(self, model: nn.Module) -> None:
+        """Replace the fine-tuned weights by the interpolation (nothing at ``alpha`` 1)."""
+        if self.recipe.alpha != 1.0:
+            model.load_state_dict(interpolate_state_dicts(self.start_state, model.state_dict(), self.recipe.alpha))
+
+    def detach(self, model: nn.Module) -> None:
+        model.training_hook = None
+
+
+def _keep_text(recipe: FinetuneConfig, start: nn.Module, model: nn.Module) -> Tensor | None:
+    """The start model's other names (its recorded vocabulary, or ``keep_names``) minus the custom ones."""
+    custom = set(model.class_names)
+    if recipe.keep_names:
+        start.set_vocabulary(parse_vocabulary(recipe.keep_names))
+    vocabulary = start.vocabulary
+    if vocabulary is None:
+        logger.warning("train.finetune: the start model records no vocabulary and train.finetune.keep_names is "
+                       "not set: no location is ignored")
+        return None
+    keep = [i for i, n in enumerate(vocabulary.names) if n not in custom]
+    logger.info("train.finetune: %d names of the start model kept (%d custom)", len(keep), len(vocabulary.names) - len(keep))
+    return torch.nn.functional.normalize(vocabulary.embeddings[keep].float(), dim=-1)
+
+
+def attach_finetune(model: nn.Module, cfg: Config, device: torch.device) -> KeepVocabulary | None:
+    """Set up ``cfg.train.finetune`` on ``model`` (already initialised from ``cfg.train.init_from``);
+    None for ``plain`` and for detectors without the training hook or an open vocabulary."""
+    recipe = cfg.train.finetune
+    check_finetune_config(recipe)
+    if recipe.mode == "plain":
+        return None
+    if not hasattr(model, "training_hook") or not getattr(model.cfg, "grid_align", False):
+        logger.info("train.finetune: %s has no open vocabulary to keep; plain fine-tuning", type(model).__name__)
+        return None
+    start = load_checkpoint(cfg.train.init_from, device)
+    start.restore_training_form()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    keeper = KeepVocabulary(recipe, start, state, _keep_text(recipe, start, model))
+    model.training_hook = keeper
+    return keeper
+
+
+def recipe_record(cfg: Config) -> dict[str, Any] | None:
+    """What the checkpoint records about the fine-tuning (None when not fine-tuned)."""
+    if not cfg.train.init_from:
+        return None
+    f = cfg.train.finetune
+    return {"mode": f.mode} if f.mode == "plain" else {"mode": f.mode, "ignore_score": f.ignore_score,
+                                                        "distill": f.distill, "alpha": f.alpha, "keep_names": f.keep_names}

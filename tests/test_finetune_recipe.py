@@ -1,0 +1,188 @@
+"""The fine-tuning recipe (``train.finetune``, gridclip.engine.keep_vocab): ignored locations, distillation,
+weight-space interpolation, and plain mode as training from the start weights and nothing else."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision.models.detection.fcos as tv_fcos
+from torchvision.ops import sigmoid_focal_loss
+
+from gridclip.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from gridclip.engine import keep_vocab as ft
+from gridclip.engine import train as train_module
+from gridclip.engine.train import Trainer
+from gridclip.model import build_model
+from helpers import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_ignored_locations_have_no_focal_loss_and_no_gradient():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 60, 5, generator=g) * 3).requires_grad_()
+    targets = torch.zeros(2, 60, 5)
+    targets[0, :7, 1] = 1
+    targets[1, 30:33, 4] = 1
+    ignore = (torch.rand(2, 60, generator=g) < 0.4) & (targets.sum(-1) == 0)
+    assert ignore.any() and (~ignore).any()
+
+    got = sigmoid_focal_loss(ft.ignore_locations(logits, ignore), targets, reduction="sum")
+    got.backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    want = sigmoid_focal_loss(logits[~ignore], targets[~ignore], reduction="sum")
+    want.backward()
+    torch.testing.assert_close(got, want)  # sums in another order
+    per_element = sigmoid_focal_loss(ft.ignore_locations(logits, ignore), targets)
+    assert torch.equal(per_element[ignore], torch.zeros_like(per_element[ignore]))
+    assert torch.equal(per_element[~ignore], sigmoid_focal_loss(logits[~ignore], targets[~ignore]))
+    assert torch.equal(grad[ignore], torch.zeros_like(grad[ignore]))
+    torch.testing.assert_close(grad[~ignore], logits.grad[~ignore])
+
+
+def test_outside_boxes_marks_centres_in_no_box():
+    anchors = [torch.tensor([[0., 0., 2., 2.], [4., 4., 6., 6.], [8., 8., 10., 10.]])]
+    targets = [{"boxes": torch.tensor([[3., 3., 7., 7.]])}]
+    assert ft.outside_boxes(anchors, targets).tolist() == [[True, False, True]]
+    assert ft.outside_boxes(anchors, [{"boxes": torch.zeros(0, 4)}]).tolist() == [[True, True, True]]
+
+
+def _start_file(tiny_root, tmp_path):
+    cfg = tiny_config(tiny_root)
+    torch.manual_seed(123)
+    source = build_model(cfg)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    source.set_vocabulary(["red circle", "blue square", "green star", "yellow ring"])  # the recorded vocabulary
+    path = tmp_path / "start.pt"
+    save_checkpoint(path, source)
+    return source, path
+
+
+def test_the_models_focal_loss_leaves_out_exactly_the_ignored_locations(tiny_root, tmp_path, monkeypatch):
+    """Through GridCLIP's forward and torchvision's FCOSHead.compute_loss: the classification loss with
+    the hook equals torchvision's focal loss of the plain logits over the locations it did not ignore."""
+    _, path = _start_file(tiny_root, tmp_path)
+    cfg = tiny_config(tiny_root, init_from=str(path))
+    cfg.train.finetune.ignore_score = 0.005  # low enough that some background locations are ignored
+    cfg.train.finetune.distill = 0.0
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.setup()
+    model = trainer.model
+    calls = []
+    real = tv_fcos.sigmoid_focal_loss
+
+    def spy(inputs, targets, **kw):
+        calls.append((inputs.detach().clone(), targets.clone()))
+        return real(inputs, targets, **kw)
+
+    monkeypatch.setattr(tv_fcos, "sigmoid_focal_loss", spy)
+    images, targets = _two_samples(trainer)
+    images, targets = trainer._to_device(images, targets)
+    torch.manual_seed(0)
+    hooked = model(images, targets)
+    model.training_hook = None
+    torch.manual_seed(0)
+    plain = model(images, targets)
+    (masked_logits, gt), (plain_logits, gt_plain) = calls
+    assert torch.equal(gt, gt_plain)
+    ignored = (masked_logits == ft.IGNORED_LOGIT).all(-1)
+    assert ignored.any() and (~ignored).any()
+    assert (gt[ignored] == 0).all()
+    num_fg = (gt.sum(-1) > 0).sum()
+    want = real(plain_logits[~ignored], gt[~ignored], reduction="sum") / max(1, num_fg.item())
+    torch.testing.assert_close(hooked["loss_grid"] / cfg.model.loss_grid, want)
+    assert not torch.allclose(plain["loss_grid"], hooked["loss_grid"])
+
+
+def _two_samples(trainer):
+    samples = [train_module.SeededSamples(trainer.dataset)[(i, i)] for i in range(2)]
+    return train_module.collate_detection(samples)
+
+
+def test_distillation_is_zero_at_the_start_and_grows_with_change():
+    e = torch.nn.functional.normalize(torch.randn(2, 10, 8), dim=-1)
+    where = torch.ones(2, 10, dtype=torch.bool)
+    assert ft.distillation_loss(e, e, where).item() == 0.0
+    moved = e.clone()
+    moved[0, 3] = -moved[0, 3]
+    assert ft.distillation_loss(moved, e, where).item() == pytest.approx((2 * e[0, 3].abs().sum() / 20).item())
+    where[0, 3] = False
+    assert ft.distillation_loss(moved, e, where).item() == 0.0
+
+
+def test_interpolation_is_exact_at_0_and_1_and_keeps_one_sided_tensors():
+    g = torch.Generator().manual_seed(0)
+    start = {"w": torch.randn(3, 4, generator=g), "bn.running_var": torch.rand(4, generator=g),
+             "count": torch.tensor(3), "old_only": torch.ones(2), "shape": torch.zeros(3)}
+    tuned = {"w": torch.randn(3, 4, generator=g), "bn.running_var": torch.rand(4, generator=g),
+             "count": torch.tensor(9), "new_only": torch.full((2,), 5.0), "shape": torch.zeros(4)}
+    zero, one, half = (ft.interpolate_state_dicts(start, tuned, a) for a in (0.0, 1.0, 0.5))
+    assert set(zero) == set(tuned)
+    for k in ("w", "bn.running_var"):
+        assert torch.equal(zero[k], start[k]) and torch.equal(one[k], tuned[k])
+        torch.testing.assert_close(half[k], (start[k] + tuned[k]) / 2)
+    for out in (zero, one, half):
+        assert torch.equal(out["count"], tuned["count"]) and torch.equal(out["new_only"], tuned["new_only"])
+        assert torch.equal(out["shape"], tuned["shape"])
+    with pytest.raises(ValueError, match="alpha"):
+        ft.interpolate_state_dicts(start, tuned, 1.5)
+
+
+def _fine_tune(tiny_root, tmp_path, name, path, **recipe):
+    cfg = tiny_config(tiny_root, init_from=str(path), max_iters=2)
+    for k, v in recipe.items():
+        setattr(cfg.train.finetune, k, v)
+    summary = Trainer(cfg, tmp_path / name, progress=False).run()
+    return read_checkpoint(summary["model"])
+
+
+def test_alpha_0_saves_the_start_weights_and_alpha_1_the_fine_tuned_ones(tiny_root, tmp_path):
+    source, path = _start_file(tiny_root, tmp_path)
+    at0 = _fine_tune(tiny_root, tmp_path, "a0", path, mode="keep_vocab", alpha=0.0)
+    at1 = _fine_tune(tiny_root, tmp_path, "a1", path, mode="keep_vocab", alpha=1.0)
+    want = source.state_dict()
+    assert all(torch.equal(at0["state_dict"][k], want[k]) for k in want)
+    assert not all(torch.equal(at1["state_dict"][k], want[k]) for k in want)
+    assert at0["extra"]["finetune"]["alpha"] == 0.0 and at1["extra"]["finetune"]["mode"] == "keep_vocab"
+
+
+def test_plain_mode_is_training_from_the_start_weights_bit_for_bit(tiny_root, tmp_path, monkeypatch):
+    """mode=plain adds nothing to fine-tuning: the same weights as a run whose model is built already
+    holding the start weights (what init_from did before the recipe existed); keep_vocab differs."""
+    _, path = _start_file(tiny_root, tmp_path)
+    plain = _fine_tune(tiny_root, tmp_path, "plain", path, mode="plain")
+    keep = _fine_tune(tiny_root, tmp_path, "keep", path)
+    assert plain["extra"]["finetune"] == {"mode": "plain"}
+
+    def build_holding_start(cfg):
+        model = build_model(cfg)
+        load_weights(model, path)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_holding_start)
+    cfg = tiny_config(tiny_root, max_iters=2)
+    reference = read_checkpoint(Trainer(cfg, tmp_path / "reference", progress=False).run()["model"])
+    want = reference["state_dict"]
+    assert set(plain["state_dict"]) == set(want)
+    assert all(torch.equal(plain["state_dict"][k], want[k]) for k in want)
+    assert not all(torch.equal(keep["state_dict"][k], want[k]) for k in want)
+
+
+def test_recipe_settings_are_checked(tiny_root, tmp_path):
+    _, path = _start_file(tiny_root, tmp_path)
+    cfg = tiny_config(tiny_root, init_from=str(path))
+    cfg.train.finetune.alpha = 2.0
+    with pytest.raises(ValueError, match="train.finetune.alpha"):
+        Trainer(cfg, tmp_path / "bad", progress=False).setup()
+
+
+def test_the_recipe_is_a_config_section_with_a_switch_to_plain():
+    from gridclip.config import load_config
+
+    cfg = load_config(overrides=["train.finetune.mode=plain", "train.finetune.ignore_score=null"])
+    assert cfg.train.finetune.mode == "plain" and cfg.train.finetune.ignore_score is None
+    assert load_config().train.finetune.mode == "plain"  # until the study has measured keep_vocab over seeds
+    with pytest.raises(ValueError, match=r"train\.finetune\.mode: expected one of keep_vocab, plain"):
+        load_config(overrides=["train.finetune.mode=bogus"])
