@@ -82,6 +82,21 @@ class GridCLIPConfig:
     logit_scale_init: float = 1 / 0.07
     prior_prob: float = 0.01
     freeze_bn: bool = True
+    # Frozen trunk (F-VLM): the CLIP trunk and attnpool keep CLIP's weights (no gradient, no backward);
+    # only the adapter, FPN, head and projector train.
+    freeze_trunk: bool = False
+    # Frozen-CLIP ensemble at inference (F-VLM): each candidate box before NMS is scored by the frozen
+    # CLIP (see gridclip.model.clip_ensemble) and p = p_det^(1-w) * p_clip^w, w = ensemble_weight_base
+    # for ensemble_trained_names (recorded by training: the names trained with boxes), else
+    # ensemble_weight_novel. "roi": RoIAlign of the frozen C5 + CLIP's attention pool; "dense": the
+    # attnpool's value path on every C5 cell (MaskCLIP), averaged in the box. ensemble_upsample: the
+    # frozen trunk's input scale; ensemble_box_scale: each box enlarged about its centre.
+    clip_ensemble: Literal["off", "roi", "dense"] = "off"
+    ensemble_weight_base: float = 0.35
+    ensemble_weight_novel: float = 0.65
+    ensemble_upsample: float = 1.0
+    ensemble_box_scale: float = 1.0
+    ensemble_trained_names: tuple[str, ...] = ()
     # Pre/post-processing (paper: score 0.05, NMS 0.5, 300 detections).
     min_size: int = 800
     max_size: int = 1333

@@ -72,6 +72,9 @@ class DenseGridCLIP(nn.Module):
         super().__init__()
         if not getattr(model.cfg, "grid_align", True):
             raise ValueError("ONNX export needs a grid-aligned (open-vocabulary) model; grid_align is off")
+        if getattr(model.cfg, "clip_ensemble", "off") != "off":
+            raise ValueError(f"ONNX export does not include the frozen-CLIP ensemble (model.clip_ensemble="
+                             f"{model.cfg.clip_ensemble}); export a model with model.clip_ensemble=off")
         self.backbone = model.backbone
         self.head = model.head
         self.vocab_input = vocab_input

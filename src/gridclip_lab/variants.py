@@ -39,6 +39,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                          "trunk_weights": "gridclip:shapes-RN-tiny-supervised"},
     "FCOS w/o align, SwAV trunk": {"use_mhsa": False, "grid_align": False, "image_align": False,
                                    "trunk_weights": "gridclip:shapes-RN-tiny-swav"},
+    # F-VLM (weights: F-VLM's 0.35 / 0.65 until chosen on a held-out split of the training images)
+    "grid only + ensemble": {"image_align": False, "clip_ensemble": "roi"},
+    "frozen trunk": {"image_align": False, "freeze_trunk": True},
+    "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, "clip_ensemble": "roi"},
 }
 # how tables and figures name each variant (the paper's names where the paper has the row)
 LABELS: dict[str, str] = {
@@ -53,6 +57,9 @@ LABELS: dict[str, str] = {
     "GridCLIP, L1 on z-bar": "GridCLIP, L1 on z-bar itself (no projector; diagnostic)",
     "FCOS w/o align, supervised trunk": "w/o align, supervised trunk (ImageNet-like: multi-label BCE, same images)",
     "FCOS w/o align, SwAV trunk": "w/o align, SwAV trunk (self-supervised, same images)",
+    "grid only + ensemble": "grid only + frozen-CLIP ensemble (F-VLM, RoI)",
+    "frozen trunk": "grid only, frozen CLIP trunk and attnpool",
+    "frozen trunk + ensemble": "frozen trunk + frozen-CLIP ensemble (F-VLM)",
 }
 # the same variant at the paper's scale: its LVIS training command
 LVIS_COMMANDS: dict[str, str] = {

@@ -170,6 +170,8 @@ class Trainer:
         model = finetuning_model(cfg) if t.init_from else build_model(cfg)
         model.set_vocabulary(self.dataset.category_names)
         self.vocabulary = model.vocabulary
+        if getattr(model.cfg, "clip_ensemble", "off") != "off" and not model.cfg.ensemble_trained_names:
+            model.cfg.ensemble_trained_names = tuple(model.class_names)  # the names trained with boxes
         if t.init_from:
             _init_from(model, t.init_from)
         # a detector whose targets carry more than boxes (e.g. precomputed region embeddings) wraps the dataset

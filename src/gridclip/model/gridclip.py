@@ -12,6 +12,8 @@ post-process with :class:`gridclip.model.postprocess.PostProcess` (large vocabul
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
@@ -28,6 +30,7 @@ from gridclip.clip.text import TextEncoder
 from gridclip.clip.vocabulary import Vocabulary, parse_vocabulary
 from gridclip.config import GridCLIPConfig
 from gridclip.model import inference
+from gridclip.model.clip_ensemble import CLIPEnsemble, FrozenCLIP
 from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride, valid_cells
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
@@ -86,16 +89,21 @@ class GridCLIPBackbone(nn.Module):
         self.fpn = FeaturePyramidNetwork([c3, c4, top], fpn_channels, extra_blocks=LastLevelP6P7(top, fpn_channels))
         self.out_channels = fpn_channels
         self.global_dim = z_dim
+        self.frozen_clip = False  # trunk and attnpool frozen: run without autograd (set by GridCLIP)
+        self.last_c5: Tensor | None = None  # the last forward's (masked) C5, kept only for the frozen ensemble
+        self.keep_c5 = False
 
     def forward(self, x: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> tuple[list[Tensor], Tensor]:
-        c3, c4, c5 = self.trunk(x)
-        stride = nominal_stride(x.shape[-1], c5.shape[-1])
-        cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), stride)
-        if cells is not None:  # zero the padded cells, as convolution padding would see them
-            c3, c4, c5 = (self._mask(f, image_sizes, nominal_stride(x.shape[-1], f.shape[-1])) for f in (c3, c4, c5))
-        if self.grid_pool is not None:
-            z_global, z = self.grid_pool(c5, cells)
-        else:  # "w/o MHSA" ablation: the adapter reads C5, z-bar is its (masked) mean
+        with torch.no_grad() if self.frozen_clip else contextlib.nullcontext():
+            c3, c4, c5 = self.trunk(x)
+            stride = nominal_stride(x.shape[-1], c5.shape[-1])
+            cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), stride)
+            if cells is not None:  # zero the padded cells, as convolution padding would see them
+                c3, c4, c5 = (self._mask(f, image_sizes, nominal_stride(x.shape[-1], f.shape[-1])) for f in (c3, c4, c5))
+            if self.grid_pool is not None:
+                z_global, z = self.grid_pool(c5, cells)
+        self.last_c5 = c5 if self.keep_c5 and not self.training else None
+        if self.grid_pool is None:  # "w/o MHSA" ablation: the adapter reads C5, z-bar is its (masked) mean
             z = c5
             if cells is None:
                 z_global = c5.mean(dim=(2, 3))
@@ -175,8 +183,27 @@ class GridCLIP(FCOS):
         )
         # every image with both sides >= 1 px, whatever min_size / max_size (see model/transform.py)
         self.transform = DetectionTransform(cfg.min_size, cfg.max_size, list(CLIP_MEAN), list(CLIP_STD))
-        if cfg.freeze_bn:
+        if cfg.freeze_bn or cfg.freeze_trunk:
             freeze_batch_norm_2d(self.backbone.trunk)
+        if cfg.freeze_trunk:
+            self.backbone.trunk.requires_grad_(False)
+            if grid_pool is not None:
+                grid_pool.requires_grad_(False)
+            self.backbone.frozen_clip = True
+            self.backbone.keep_c5 = cfg.clip_ensemble != "off"
+        # the frozen CLIP of the ensemble: the detector's own trunk when frozen, else a frozen copy
+        self.frozen_clip: FrozenCLIP | None = None
+        if cfg.clip_ensemble != "off":
+            if not cfg.grid_align:
+                raise ValueError("model.clip_ensemble needs a grid-aligned (open-vocabulary) model; grid_align is off")
+            if cfg.trunk_weights:
+                raise ValueError("model.clip_ensemble needs CLIP's own trunk; model.trunk_weights replaces it")
+            if not (cfg.freeze_trunk and grid_pool is not None):
+                self.frozen_clip = FrozenCLIP(freeze_batch_norm_2d(copy.deepcopy(trunk)),
+                                              GridAttentionPool.from_attnpool(attnpool))
+            scale = load_clip(cfg.clip_model, cfg.clip_pretrained).logit_scale.exp() if load_clip_weights \
+                else torch.tensor(1 / 0.07)
+            self.register_buffer("clip_logit_scale", scale.detach().clone().float().reshape(()))
         self.projector = None
         self.teacher_dim: int | None = None  # the teacher embedding's size (image alignment on)
         if cfg.image_align:
@@ -343,8 +370,35 @@ class GridCLIP(FCOS):
             losses.update(extra)
             return losses
 
-        detections = self.postprocess_dense(self.dense_outputs(features, cells), anchors, image_list.image_sizes)
+        rescore = self.clip_ensemble(image_list.tensors, image_list.image_sizes) if self.cfg.clip_ensemble != "off" else None
+        detections = self.postprocess_dense(self.dense_outputs(features, cells), anchors, image_list.image_sizes,
+                                            rescore)
         return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+    def clip_ensemble(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> CLIPEnsemble:
+        """The frozen-CLIP re-scoring of this batch's candidates (``images``: the padded, normalised batch
+        of the forward pass, ``image_sizes`` its real sizes, whose padding C5 sees as zeros, as the
+        detector's own pass; see :mod:`gridclip.model.clip_ensemble`)."""
+        c = self.cfg
+        own = self.frozen_clip is None
+        trunk = self.backbone.trunk if own else self.frozen_clip.trunk
+        pool = self.backbone.grid_pool if own else self.frozen_clip.pool
+        x = images if c.ensemble_upsample == 1.0 else F.interpolate(
+            images, scale_factor=c.ensemble_upsample, mode="bilinear", align_corners=False)
+        if own and c.ensemble_upsample == 1.0 and self.backbone.last_c5 is not None:
+            c5 = self.backbone.last_c5
+        else:
+            with torch.no_grad():
+                c5 = trunk(x)[-1]
+        stride = nominal_stride(x.shape[-1], c5.shape[-1])  # C5's stride in the trunk's input pixels
+        if image_sizes is not None:
+            u = c.ensemble_upsample
+            c5 = GridCLIPBackbone._mask(c5, [(round(h * u), round(w * u)) for h, w in image_sizes], stride)
+        trained = torch.tensor([n in set(c.ensemble_trained_names) for n in self.class_names], dtype=torch.bool,
+                               device=c5.device)
+        return CLIPEnsemble(c.clip_ensemble, c5, pool, stride, c.ensemble_upsample, c.ensemble_box_scale,
+                            self.vocabulary.embeddings.to(c5.device), self.clip_logit_scale, trained,
+                            c.ensemble_weight_base, c.ensemble_weight_novel)
 
     def dense_outputs(self, features: list[Tensor], cells: list | None = None) -> DenseOutputs:
         """The head's per-location outputs for inference (``cells``: per level, the padding, see
@@ -358,10 +412,11 @@ class GridCLIP(FCOS):
         return DenseOutputs(regression, ctrness, num_per_level, vectors=vectors, text=text,
                             logit_scale=cls_head.logit_scale.exp(), logit_bias=cls_head.logit_bias)
 
-    def postprocess_dense(self, dense: DenseOutputs, anchors: list[Tensor],
-                          image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        """Dense outputs -> per image ``{boxes, scores, labels}`` in resized-image pixels."""
-        return self.postprocessor()(dense, anchors, image_sizes)
+    def postprocess_dense(self, dense: DenseOutputs, anchors: list[Tensor], image_sizes: list[tuple[int, int]],
+                          rescore=None) -> list[dict[str, Tensor]]:
+        """Dense outputs -> per image ``{boxes, scores, labels}`` in resized-image pixels (``rescore``: see
+        :class:`PostProcess`)."""
+        return self.postprocessor()(dense, anchors, image_sizes, rescore)
 
     def postprocessor(self) -> PostProcess:
         """Dense outputs -> detections with the current settings (``score_thresh``, ``nms_thresh``,

@@ -16,6 +16,7 @@ torchvision does. Anchors always come from :class:`PyramidAnchorGenerator`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -93,10 +94,12 @@ class PostProcess:
         if self.box_coder is None:
             self.box_coder = BoxLinearCoder(normalize_by_size=True)
 
-    def __call__(self, outputs: DenseOutputs, anchors: list[Tensor],
-                 image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    def __call__(self, outputs: DenseOutputs, anchors: list[Tensor], image_sizes: list[tuple[int, int]],
+                 rescore: Callable[[int, Tensor, Tensor, Tensor], Tensor] | None = None) -> list[dict[str, Tensor]]:
         """Per image ``{boxes [n, 4] xyxy in pixels of the resized image, scores [n], labels [n]}``;
-        ``anchors`` per image ``[N, 4]``, ``image_sizes`` the resized (unpadded) sizes."""
+        ``anchors`` per image ``[N, 4]``, ``image_sizes`` the resized (unpadded) sizes. ``rescore(image
+        index, boxes, scores, labels) -> scores`` replaces the candidates' scores before NMS (e.g.
+        :class:`gridclip.model.clip_ensemble.CLIPEnsemble`)."""
         n = outputs.num_per_level
         results = []
         for i, image_size in enumerate(image_sizes):
@@ -106,7 +109,8 @@ class PostProcess:
             else:
                 scored = [self._open_candidates(vec, outputs, ctr)
                           for vec, ctr in zip(outputs.vectors[i].split(n), outputs.bbox_ctrness[i].split(n))]
-            results.append(self._boxes(scored, outputs.bbox_regression[i].split(n), anchors[i].split(n), image_size))
+            results.append(self._boxes(scored, outputs.bbox_regression[i].split(n), anchors[i].split(n), image_size,
+                                       None if rescore is None else (lambda b, s, c, i=i: rescore(i, b, s, c))))
         return results
 
     def _open_candidates(self, vectors: Tensor, outputs: DenseOutputs, ctr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -118,7 +122,7 @@ class PostProcess:
                                            pass_dtype)
         return probs.sqrt(), loc, cls
 
-    def _boxes(self, scored, regressions, anchors, image_size) -> dict[str, Tensor]:
+    def _boxes(self, scored, regressions, anchors, image_size, rescore=None) -> dict[str, Tensor]:
         all_boxes, all_scores, all_labels = [], [], []
         for (scores, loc, cls), reg, anc in zip(scored, regressions, anchors):
             boxes = self.box_coder.decode(reg[loc].float(), anc[loc])
@@ -126,6 +130,8 @@ class PostProcess:
             all_scores.append(scores)
             all_labels.append(cls)
         boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
+        if rescore is not None:
+            scores = rescore(boxes, scores, labels)
         keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 

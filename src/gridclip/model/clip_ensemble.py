@@ -1,0 +1,112 @@
+"""A frozen CLIP's score of each candidate box, ensembled with the detector's (F-VLM, Kuo et al. 2023).
+
+For each candidate (box, class) of the FCOS head before NMS:
+
+    "roi":   e = AttnPool(RoIAlign(C5_frozen, box, S x S))      (S: the attnpool's positional grid, 7 for RN)
+    "dense": e = mean over the box of c_proj(v_proj(C5_frozen))  (MaskCLIP: the value path as 1x1 convs)
+    p_clip = softmax_k(logit_scale * cos(e, t_k))[class]
+    score  = p_det^(1 - w) * p_clip^w,  w = w_base for names trained with boxes, else w_novel
+
+C5_frozen is the original CLIP trunk's, computed on the (optionally upsampled) image; boxes may be
+enlarged about their centre (context). The detector's own pass provides C5 when its trunk is frozen
+and no upsampling is asked for.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from gridclip.model.backbone import GridAttentionPool
+
+MODES = ("roi", "dense")
+
+
+class FrozenCLIP(nn.Module):
+    """The original CLIP trunk and attention pool, frozen (no gradient, frozen batch norms)."""
+
+    def __init__(self, trunk: nn.Module, pool: GridAttentionPool):
+        super().__init__()
+        self.trunk = trunk
+        self.pool = pool
+        self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenCLIP":
+        return super().train(False)
+
+
+def enlarge_boxes(boxes: Tensor, scale: float) -> Tensor:
+    """xyxy boxes scaled by ``scale`` about their centres."""
+    if scale == 1.0:
+        return boxes
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) * (scale / 2)
+    return torch.cat([centre - half, centre + half], dim=1)
+
+
+def roi_embeddings(c5: Tensor, boxes: list[Tensor], pool: GridAttentionPool, spatial_scale: float) -> Tensor:
+    """[n, D] CLIP embeddings of the boxes (all images' boxes concatenated): RoIAlign of C5 to the
+    attnpool's S x S grid, then CLIP's attention pool (its pooled token)."""
+    S = pool.spatial_dim
+    rois = roi_align(c5, boxes, output_size=(S, S), spatial_scale=spatial_scale, sampling_ratio=2, aligned=True)
+    return pool(rois)[0]
+
+
+def dense_embeddings(c5: Tensor, pool: GridAttentionPool) -> Tensor:
+    """[B, D, H, W]: the attnpool's value path (v_proj, then c_proj) on every C5 cell (MaskCLIP)."""
+    tokens = c5.flatten(2).transpose(1, 2)
+    out = pool.c_proj(pool.v_proj(tokens))
+    B, _, H, W = c5.shape
+    return out.transpose(1, 2).reshape(B, -1, H, W)
+
+
+def box_mean_embeddings(dense: Tensor, boxes: list[Tensor], spatial_scale: float, samples: int = 7) -> Tensor:
+    """[n, D]: the dense embeddings bilinearly sampled on a ``samples`` x ``samples`` grid in each box, averaged."""
+    rois = roi_align(dense, boxes, output_size=(samples, samples), spatial_scale=spatial_scale, sampling_ratio=2,
+                     aligned=True)
+    return rois.mean(dim=(2, 3))
+
+
+def clip_probabilities(embeddings: Tensor, text: Tensor, logit_scale: Tensor, labels: Tensor) -> Tensor:
+    """p_clip of each (embedding, label): softmax over the vocabulary of ``logit_scale * cos``."""
+    logits = logit_scale * F.normalize(embeddings.float(), dim=-1) @ F.normalize(text.float(), dim=-1).t()
+    return logits.softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)
+
+
+def geometric_ensemble(p_det: Tensor, p_clip: Tensor, weights: Tensor) -> Tensor:
+    """p_det^(1-w) * p_clip^w per candidate (``weights``: w of each candidate's class)."""
+    return p_det.clamp(min=1e-12) ** (1 - weights) * p_clip.clamp(min=1e-12) ** weights
+
+
+class CLIPEnsemble:
+    """Re-scores the candidates of one batch: built per forward from the frozen C5 of the batch.
+
+    ``c5`` [B, C, h, w] of the image scaled by ``upsample`` (boxes are in the unscaled image's pixels,
+    ``stride`` the C5 stride there); ``text`` [K, D] the vocabulary's CLIP text embeddings;
+    ``trained`` [K] bool, the names trained with boxes."""
+
+    def __init__(self, mode: str, c5: Tensor, pool: GridAttentionPool, stride: float, upsample: float,
+                 box_scale: float, text: Tensor, logit_scale: Tensor, trained: Tensor, w_base: float, w_novel: float):
+        if mode not in MODES:
+            raise ValueError(f"model.clip_ensemble: expected one of off, {', '.join(MODES)}, got {mode!r}")
+        self.mode, self.c5, self.pool = mode, c5, pool
+        self.spatial_scale = upsample / stride
+        self.box_scale, self.text, self.logit_scale = box_scale, text, logit_scale
+        self.weights = torch.where(trained, torch.tensor(float(w_base)), torch.tensor(float(w_novel))).to(text.device)
+        self._dense = dense_embeddings(c5, pool) if mode == "dense" else None
+
+    @torch.no_grad()
+    def embeddings(self, image_index: int, boxes: Tensor) -> Tensor:
+        """[n, D] frozen-CLIP embeddings of one image's boxes (xyxy, unscaled image pixels)."""
+        boxes = [enlarge_boxes(boxes.float(), self.box_scale)]
+        if self.mode == "roi":
+            return roi_embeddings(self.c5[image_index:image_index + 1], boxes, self.pool, self.spatial_scale)
+        return box_mean_embeddings(self._dense[image_index:image_index + 1], boxes, self.spatial_scale)
+
+    @torch.no_grad()
+    def __call__(self, image_index: int, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
+        if boxes.numel() == 0:
+            return scores
+        p_clip = clip_probabilities(self.embeddings(image_index, boxes), self.text, self.logit_scale, labels)
+        return geometric_ensemble(scores.float(), p_clip, self.weights[labels]).to(scores.dtype)

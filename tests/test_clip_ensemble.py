@@ -1,0 +1,214 @@
+"""The frozen-CLIP ensemble (F-VLM) and the frozen trunk: the ensemble's detections against an independent
+reference (torchvision RoIAlign + open_clip's AttentionPool2d + the geometric mean, then torchvision's
+batched NMS), the frozen trunk bit-identical after training, the paper's configs untouched."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.modified_resnet import AttentionPool2d
+from torchvision.ops import roi_align
+
+from gridclip import GridCLIP
+from gridclip.checkpoint import load_checkpoint, save_checkpoint
+from gridclip.config import load_config
+from gridclip.export import DenseGridCLIP
+from gridclip.model import CLIPTeacher
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "gridclip" / "configs"
+
+
+def _revive(trunk):
+    for name, buf in trunk.named_buffers():
+        if name.endswith("bn3.weight"):  # open_clip's random init zeroes them; CLIP's weights do not
+            buf.fill_(100.0 if name.startswith("layer4") else 1.0)
+
+
+def _model(tiny_cfg, **overrides):
+    torch.manual_seed(0)
+    model = GridCLIP(dataclasses.replace(tiny_cfg, detections_per_img=50, score_thresh=0.0, **overrides))
+    _revive(model.backbone.trunk)
+    pools = [model.backbone.grid_pool]
+    if model.frozen_clip is not None:
+        _revive(model.frozen_clip.trunk)
+        pools.append(model.frozen_clip.pool)
+    with torch.no_grad():  # a random tiny trunk's C5 is ~0.03 against positional embeddings ~1: let content count
+        for pool in pools:
+            pool.positional_embedding.mul_(0.01)
+            pool.v_proj.bias.zero_()
+            pool.c_proj.bias.zero_()
+    torch.nn.init.normal_(model.head.regression_head.bbox_reg.weight, std=0.05)
+    torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
+    g = torch.Generator().manual_seed(3)
+    model.set_vocabulary(torch.randn(5, model.clip_dim, generator=g))
+    return model.eval()
+
+
+def _reference_detections(model, images, trained, w_base, w_novel, upsample=1.0, box_scale=1.0):
+    """The same model's candidates (ensemble off), re-scored independently, then the same NMS."""
+    c = model.cfg
+    frozen_trunk = model.backbone.trunk if model.frozen_clip is None else model.frozen_clip.trunk
+    frozen_pool = model.backbone.grid_pool if model.frozen_clip is None else model.frozen_clip.pool
+    pool = AttentionPool2d(frozen_pool.spatial_dim, frozen_pool.positional_embedding.shape[1],
+                           frozen_pool.num_heads, frozen_pool.output_dim)
+    pool.load_state_dict(frozen_pool.state_dict())
+    text = F.normalize(model.vocabulary.embeddings, dim=-1)
+    model.cfg = dataclasses.replace(c, clip_ensemble="off")
+    try:
+        image_list, _ = model.transform(images)
+        x = image_list.tensors
+        if upsample != 1.0:
+            x = F.interpolate(x, scale_factor=upsample, mode="bilinear", align_corners=False)
+        c5 = frozen_trunk(x)[-1].clone()
+        for i, (h, w) in enumerate(image_list.image_sizes):  # the padding: zero cells, as the detector's pass
+            c5[i, :, -(-round(h * upsample) // 32):] = 0
+            c5[i, :, :, -(-round(w * upsample) // 32):] = 0
+
+        def rescore(i, boxes, scores, labels):
+            centre, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) * box_scale / 2
+            rois = roi_align(c5[i:i + 1], [torch.cat([centre - half, centre + half], 1)], frozen_pool.spatial_dim,
+                             spatial_scale=upsample / 32, sampling_ratio=2, aligned=True)
+            emb = F.normalize(pool(rois), dim=-1)
+            p_clip = (model.clip_logit_scale * emb @ text.t()).softmax(-1)[torch.arange(len(labels)), labels]
+            w = torch.where(trained[labels], w_base, w_novel)
+            return scores ** (1 - w) * p_clip ** w
+
+        features, _ = model.backbone(image_list.tensors, image_list.image_sizes)
+        anchors = model.anchor_generator(image_list, features)
+        from gridclip.model.backbone import level_cells
+        cells = level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]), features)
+        dets = model.postprocess_dense(model.dense_outputs(features, cells), anchors, image_list.image_sizes, rescore)
+        return model.transform.postprocess(dets, image_list.image_sizes, [tuple(i.shape[-2:]) for i in images])
+    finally:
+        model.cfg = c
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"ensemble_upsample": 2.0, "ensemble_box_scale": 1.5},
+    {"freeze_trunk": True},
+])
+@torch.no_grad()
+def test_roi_ensemble_equals_reference(tiny_cfg, overrides):
+    model = _model(tiny_cfg, clip_ensemble="roi", ensemble_weight_base=0.3, ensemble_weight_novel=0.7,
+                   ensemble_trained_names=("", ), **overrides)
+    model.cfg = dataclasses.replace(model.cfg, ensemble_trained_names=model.class_names[:2])
+    assert (model.frozen_clip is None) == bool(overrides.get("freeze_trunk"))
+    g = torch.Generator().manual_seed(5)
+    images = [torch.rand(3, 128, 128, generator=g), torch.rand(3, 128, 160, generator=g)]
+    got = model(images)
+    trained = torch.tensor([True, True, False, False, False])
+    want = _reference_detections(model, images, trained, 0.3, 0.7, overrides.get("ensemble_upsample", 1.0),
+                                 overrides.get("ensemble_box_scale", 1.0))
+    plain = dataclasses.replace(model.cfg, clip_ensemble="off")
+    model.cfg, c = plain, model.cfg
+    without = model(images)
+    model.cfg = c
+    for g_, w_, o_ in zip(got, want, without):
+        assert g_["scores"].numel() > 5
+        torch.testing.assert_close(g_["scores"], w_["scores"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g_["boxes"], w_["boxes"])
+        assert torch.equal(g_["labels"], w_["labels"])
+        assert not torch.allclose(g_["scores"][:5], o_["scores"][:5])  # the ensemble changed the scores
+    boxes = torch.tensor([[10.0, 20.0, 90.0, 100.0], [0.0, 0.0, 128.0, 128.0], [50.0, 50.0, 70.0, 70.0]])
+    e = F.normalize(model.clip_ensemble(model.transform(images)[0].tensors).embeddings(0, boxes), dim=-1)
+    assert (e @ e.t()).triu(1).max() < 0.999  # boxes see different content
+
+
+@torch.no_grad()
+def test_dense_ensemble_is_the_value_path_averaged_in_the_box(tiny_cfg):
+    model = _model(tiny_cfg, clip_ensemble="dense")
+    images = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(2))]
+    ens = model.clip_ensemble(model.transform(images)[0].tensors)
+    boxes = torch.tensor([[10.0, 20.0, 90.0, 100.0], [0.0, 0.0, 128.0, 128.0]])
+    pool = model.frozen_clip.pool
+    c5 = model.frozen_clip.trunk(model.transform(images)[0].tensors)[-1]
+    dense = F.conv2d(F.conv2d(c5, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias),
+                     pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
+    want = roi_align(dense, [boxes], 7, spatial_scale=1 / 32, sampling_ratio=2, aligned=True).mean(dim=(2, 3))
+    torch.testing.assert_close(ens.embeddings(0, boxes), want, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_trunk_gets_no_gradient_and_stays_bit_identical(tiny_cfg):
+    torch.manual_seed(0)
+    model = GridCLIP(dataclasses.replace(tiny_cfg, freeze_trunk=True))
+    _revive(model.backbone.trunk)
+    model.set_vocabulary(torch.randn(3, model.clip_dim))
+    frozen = {k: v.clone() for k, v in model.backbone.trunk.state_dict().items()}
+    frozen.update({f"pool.{k}": v.clone() for k, v in model.backbone.grid_pool.state_dict().items()})
+    head_before = model.head.classification_head.cls_logits.weight.clone() \
+        if hasattr(model.head.classification_head, "cls_logits") else next(model.head.parameters()).clone()
+    teacher = CLIPTeacher.from_pretrained(tiny_cfg.teacher_model, None)
+    images = [torch.rand(3, 128, 128), torch.rand(3, 128, 160)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([0])},
+               {"boxes": torch.tensor([[30.0, 30.0, 100.0, 110.0]]), "labels": torch.tensor([2])}]
+    for t, e in zip(targets, teacher(images)):
+        t["teacher_embedding"] = e
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        sum(model(images, targets).values()).backward()
+        optimizer.step()
+    clip_params = [p for n, p in model.named_parameters() if n in model.clip_parameter_names()]
+    assert clip_params and all(not p.requires_grad and p.grad is None for p in clip_params)
+    after = dict(model.backbone.trunk.state_dict())
+    after.update({f"pool.{k}": v for k, v in model.backbone.grid_pool.state_dict().items()})
+    assert frozen.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in frozen.items())
+    head_after = model.head.classification_head.cls_logits.weight \
+        if hasattr(model.head.classification_head, "cls_logits") else next(model.head.parameters())
+    assert not torch.equal(head_before, head_after)  # the rest trains
+
+
+def test_unfrozen_trunk_does_change(tiny_cfg):
+    """The counterpart: the same steps without the switch move the trunk (the check above can fail)."""
+    torch.manual_seed(0)
+    model = GridCLIP(dataclasses.replace(tiny_cfg, image_align=False))
+    _revive(model.backbone.trunk)
+    model.set_vocabulary(torch.randn(3, model.clip_dim))
+    before = model.backbone.trunk.layer4[0].conv1.weight.clone()
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([0])}]
+    sum(model([torch.rand(3, 128, 128)], targets).values()).backward()
+    optimizer.step()
+    assert not torch.equal(before, model.backbone.trunk.layer4[0].conv1.weight)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_paper_configs_keep_the_detector_unchanged(path):
+    cfg = load_config(path).model
+    assert getattr(cfg, "clip_ensemble", "off") == "off" and not getattr(cfg, "freeze_trunk", False)
+
+
+@torch.no_grad()
+def test_ensemble_off_adds_nothing(tiny_cfg):
+    """Off (the default): no frozen copy, no extra state, the post-processing without re-scoring."""
+    model = _model(tiny_cfg)
+    assert model.frozen_clip is None and not hasattr(model, "clip_logit_scale")
+    assert not any(k.startswith("frozen_clip.") for k in model.state_dict())
+    images = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(4))]
+    got = model(images)[0]
+    image_list, _ = model.transform(images)
+    features, _ = model.backbone(image_list.tensors, image_list.image_sizes)
+    dets = model.postprocessor()(model.dense_outputs(features), model.anchor_generator(image_list, features),
+                                 image_list.image_sizes)
+    want = model.transform.postprocess(dets, image_list.image_sizes, [(128, 128)])[0]
+    assert torch.equal(got["scores"], want["scores"]) and torch.equal(got["boxes"], want["boxes"])
+
+
+@torch.no_grad()
+def test_checkpoint_records_the_ensemble_and_onnx_refuses_it(tiny_cfg, tmp_path):
+    model = _model(tiny_cfg, clip_ensemble="roi", ensemble_trained_names=("a",), ensemble_box_scale=1.5)
+    save_checkpoint(tmp_path / "m.pt", model)
+    loaded = load_checkpoint(tmp_path / "m.pt").eval()
+    assert loaded.cfg.clip_ensemble == "roi" and loaded.cfg.ensemble_trained_names == ("a",)
+    assert loaded.cfg.ensemble_box_scale == 1.5
+    images = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(6))]
+    a, b = model(images)[0], loaded(images)[0]
+    torch.testing.assert_close(a["scores"], b["scores"])
+    with pytest.raises(ValueError, match="ONNX export does not include the frozen-CLIP ensemble"):
+        DenseGridCLIP(loaded)
