@@ -37,7 +37,6 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 from torch import Tensor
-from tqdm import tqdm
 
 from gridclip.checkpoint import load_checkpoint
 from gridclip.clip.loader import parse_clip_spec

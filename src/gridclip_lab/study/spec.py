@@ -21,8 +21,12 @@ STUDY_VERSION = 2  # bump when a change to the runner changes what a cached resu
 # Config settings added after study results were recorded (results/study): at these defaults a run
 # computes exactly what it computed before the setting existed, so they stay out of its key and the
 # recorded results stay valid (tests/test_study.py recomputes every recorded key).
-KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("model", "projector_layers"): 3, ("model", "trunk_weights"): None,
-                                                 ("data", "names"): None}
+KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("model", "projector_layers"): 3, ("model", "trunk_weights"): None, ("data", "names"): None,
+    ("model", "freeze_trunk"): False, ("model", "clip_ensemble"): "off", ("model", "ensemble_weight_base"): 0.35,
+    ("model", "ensemble_weight_novel"): 0.65, ("model", "ensemble_upsample"): 1.0, ("model", "ensemble_box_scale"): 1.0,
+    ("model", "ensemble_trained_names"): [],  # as config_to_dict writes the empty tuple
+}
 
 
 @dataclass
