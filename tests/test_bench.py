@@ -104,6 +104,8 @@ def test_bench_train_steps_train_each_variant_as_the_study_does(shapes_world, tm
         same_trunk = all(torch.equal(trunk[k], v) for k, v in model.backbone.trunk.state_dict().items())
         assert same_trunk == (name == "frozen trunk"), name
         assert any(not torch.equal(a, b) for a, b in zip(head, model.head.parameters())), name
+    rn50_like = train_variants.rn50_steps(variants, 64, 64, 1, 5, clip_model="shapes-RN-tiny")
+    assert all(torch.isfinite(torch.tensor(step())) for step in rn50_like.values())
     data = {"machine": train_variants.machine(),
             "cases": [{"case": "world", "size": "128x128", "batch": 16, "rounds": 2,
                        "results": train_variants.ratios({v: [1.0, 2.0] for v in variants}, 16)}]}

@@ -56,6 +56,8 @@ def build_gridclip(spec: ModelSpec, num_classes: int, seed: int = 0, optimize: b
     """GridCLIP with random weights; ``optimize``: as ``gridclip detect/eval/serve`` run it
     (``optimize_for_inference``: trunk batch norms folded, channels-last). ``overrides``: config fields."""
     torch.manual_seed(seed)
+    if not overrides.get("grid_align", True):  # closed set: a classifier over the K classes
+        overrides = {"num_classes": num_classes, **overrides}
     cfg = GridCLIPConfig(clip_model=spec.clip_model, clip_pretrained=None, teacher_pretrained=None,
                          teacher_dim=spec.teacher_dim, **overrides)
     model = GridCLIP(cfg, load_clip_weights=False)

@@ -78,8 +78,6 @@ def rn50_steps(variants: Sequence[str], height: int, width: int, batch: int, num
     steps = {}
     for variant in variants:
         overrides = dict(VARIANTS[variant])
-        if not overrides.get("grid_align", True):
-            overrides["num_classes"] = num_classes
         _, steps[variant] = cases.training_step("gridclip", spec, batch, height, width, num_classes, seed,
                                                 overrides=overrides)
     return steps
@@ -103,7 +101,9 @@ def machine() -> dict[str, Any]:
 
 def run(world_dir: str | Path | None, variants: Sequence[str] = DEFAULT_VARIANTS, rounds: int = 5, warmup: int = 1,
         rn50_size: tuple[int, int] | None = None, rn50_batch: int = 2, rn50_rounds: int = 2, num_classes: int = 866,
-        seed: int = 0, log=None) -> dict[str, Any]:
+        seed: int = 0, log=None, save: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Both cases (``world_dir`` None: no world case; ``rn50_size`` None: no RN50 case); ``save(result)``
+    after each case."""
     if REFERENCE not in variants:
         variants = (REFERENCE, *variants)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -116,6 +116,8 @@ def run(world_dir: str | Path | None, variants: Sequence[str] = DEFAULT_VARIANTS
             times = measure.time_rounds(steps, rounds, warmup, log=log)
         out["cases"].append({"case": "world", "size": "128x128 (multi-scale 112-144, max 160)", "batch": 16,
                              "rounds": rounds, "results": ratios(times, 16)})
+        if save:
+            save(out)
     if rn50_size is not None:
         h, w = rn50_size
         steps = rn50_steps(variants, h, w, rn50_batch, num_classes, seed)

@@ -41,7 +41,8 @@ def main(argv: Sequence[str]) -> int:
         variants = tuple(v.strip() for v in a.variants.split(",") if v.strip())
         torch.set_num_threads(a.threads)
         data = run(a.world, variants, rounds=a.rounds, rn50_size=parse_size(a.rn50) if a.rn50 else None,
-                   rn50_batch=a.rn50_batch, rn50_rounds=a.rn50_rounds, log=print)
+                   rn50_batch=a.rn50_batch, rn50_rounds=a.rn50_rounds, log=print,
+                   save=lambda partial: atomic_write_json(a.json, partial))
         atomic_write_json(a.json, data)
     write_section(a.doc, "train-variants", render(data))
     print(render(data))
