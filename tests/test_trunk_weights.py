@@ -113,8 +113,6 @@ def test_trunk_weights_is_a_model_option():
 
 @pytest.mark.parametrize("method", ["supervised", "swav"])
 def test_pretrain_trunk_runs_end_to_end_on_the_mini_world(shapes_world, tmp_path, method, one_thread):
-    if method == "swav":
-        pytest.importorskip("lightly", reason="SwAV's loss, head and prototypes come from lightly (extra 'lab-ssl')")
     files = []
     for run in ("a", "b"):
         out = tmp_path / run / f"{method}.pt"
