@@ -17,9 +17,10 @@ import gridclip
 from gridclip.checkpoint import read_checkpoint, save_checkpoint
 from gridclip.cli import main as cli
 from gridclip.config import GridCLIPConfig
-from gridclip.model import GridCLIP
+from gridclip.engine.train import Trainer
+from gridclip.model import GridCLIP, build_model
 from gridclip.utils.extras import MissingExtra
-from helpers import LOCAL_RN, LOCAL_VIT, NAMES, rand_image, save_clip_dir, write_image
+from helpers import LOCAL_RN, LOCAL_VIT, NAMES, rand_image, save_clip_dir, tiny_config, write_image
 
 NEW_NAMES = ["purple thing", "orange blob", "grey square"]
 RECORD = {"iteration": 30, "vocabulary": "base categories of the training set",
@@ -274,3 +275,19 @@ def test_export_hub_sets_the_vocabulary_and_refuses_onnx_flags(model_file, tmp_p
     assert cli(["export", "--checkpoint", str(model_file), "--format", "hub", "--out", str(model_file)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("gridclip export: error:") for line in err)
+
+
+def test_finetuning_starts_from_a_hub_name(tiny_root, tmp_path, monkeypatch, one_thread):
+    """``train.init_from=hf-hub:ORG/NAME``: the run starts from the shared model's weights."""
+    hub = pytest.importorskip("huggingface_hub")
+    torch.manual_seed(123)
+    source = build_model(tiny_config(tiny_root))
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # weights no fresh initialisation has
+    folder = gridclip.save_pretrained(source, tmp_path / "start")
+    monkeypatch.setattr(hub, "snapshot_download", lambda **kwargs: str(folder))
+    trainer = Trainer(tiny_config(tiny_root, init_from="hf-hub:org/start"), tmp_path / "run", progress=False)
+    trainer.setup()
+    got, want = trainer.model.state_dict(), source.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(see docs/inference.md)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs; or video "
                    "files (.mp4, .mov, .avi, .mkv, .webm: pip install 'gridclip[video]')")
-    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", metavar="MODEL", required=True,
                    help="model file (.pt), model folder, or hf-hub:ORG/NAME[@REVISION]")
     add_vocabulary_args(p)
     p.add_argument("--clip", help="the checkpoint's CLIP, to embed a new vocabulary when the checkpoint cannot: a "

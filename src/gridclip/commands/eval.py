@@ -46,7 +46,7 @@ def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="gridclip eval", description=main.__doc__)
     p.add_argument("--gt", help="ground-truth COCO/LVIS JSON (with --results)")
     p.add_argument("--results", help="COCO-format detections JSON (with --gt)")
-    p.add_argument("--checkpoint", "--model", dest="checkpoint",
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", metavar="MODEL",
                    help="model to run on the config's evaluation dataset: model file (.pt), model folder, or "
                         "hf-hub:ORG/NAME[@REVISION]")
     p.add_argument("--config", help="YAML config overriding the checkpoint's (with --checkpoint)")

@@ -58,7 +58,7 @@ def _export_onnx(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="gridclip export", description="Export a GridCLIP model: its dense part to "
                                 "ONNX, or the model as a folder to share on the Hugging Face Hub (--format hub).")
-    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", metavar="MODEL", required=True,
                    help="model file (.pt), model folder, or hf-hub:ORG/NAME[@REVISION]")
     add_vocabulary_args(p)
     p.add_argument("--format", choices=FORMATS, default="onnx",
