@@ -161,7 +161,7 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
              if world_dir is None
              else load_world(world_dir)).root
     start = run_study(spec.start_study(), out / "start", world_dir=world, train_fn=train_fn, progress=progress,
-                      keep_models=True, log=log)
+                      keep_models=True, require_models=True, log=log)
     start_runs = {r["seed"]: r for r in start["runs"]}
 
     anns = load_lvis_json(world / "det_train.json", world / "det_train" / "images", check_images=False)
