@@ -51,11 +51,12 @@ ARMS: dict[str, dict[str, Any]] = {
 # The fine-tuning recipes (train.finetune, gridclip.engine.keep_vocab): arm -> (model switches, recipe).
 # The arms above are plain fine-tuning; these keep the vocabulary in one way or several.
 RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    PLAIN: ({"image_align": False}, {"mode": "plain"}),
-    "with image alignment": ({"image_align": True}, {"mode": "plain"}),
-    "ignore": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": 0.3, "distill": 0.0}),
-    "distill": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": None, "distill": 1.0}),
-    "ignore + distill": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": 0.3, "distill": 1.0}),
+    PLAIN: ({"image_align": False}, {"mode": "plain", "alpha": 1.0}),
+    "with image alignment": ({"image_align": True}, {"mode": "plain", "alpha": 1.0}),
+    "ignore": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": 0.3, "distill": 0.0, "alpha": 1.0}),
+    "distill": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": None, "distill": 1.0, "alpha": 1.0}),
+    "ignore + distill": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": 0.3, "distill": 1.0,
+                                                  "alpha": 1.0}),
 }
 GROUPS = ("AP", "custom", "other base", "novel", "other")  # other = other base + novel, by category
 FINETUNE_VERSION = 1
