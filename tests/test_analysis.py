@@ -559,6 +559,18 @@ def test_table4_top_section_rows_and_trunk_comparisons_by_hand(tmp_path):
     assert ("FCOS w/o align, SwAV trunk − FCOS w/o align, supervised trunk, AP (c + f), 400 iterations: paper +3.4; "
             "world +3.5 [+2.3, +4.7] (n=3): **reproduced**") in text
     assert "w/o MHSA w/o align − FCOS w/o align, SwAV trunk" not in text  # no such runs in this study
+    # order of the means, AP (c + f): FCOS 51.0 > SwAV 49.0 > supervised 45.5; the paper's by AP 20.1 > 20.0 > 16.6
+    assert ("* AP (c + f), 400 iterations: world FCOS w/o align 51.0 > FCOS w/o align, SwAV trunk 49.0 > "
+            "FCOS w/o align, supervised trunk 45.5; paper (AP) FCOS w/o align 20.1 > FCOS w/o align, SwAV trunk 20.0 > "
+            "FCOS w/o align, supervised trunk 16.6: **the paper's order**") in text
+    for run in study["runs"]:  # the supervised trunk above SwAV: no longer the paper's order
+        if run["variant"] == "FCOS w/o align, supervised trunk":
+            run["metrics"]["APc"] += 0.10
+    path.write_text(json.dumps(study))
+    text = "\n".join(render_study_sections(path, None, None, tmp_path / "results.md"))
+    assert ("world FCOS w/o align 51.0 > FCOS w/o align, supervised trunk 50.5 > FCOS w/o align, SwAV trunk 49.0; "
+            "paper (AP) FCOS w/o align 20.1 > FCOS w/o align, SwAV trunk 20.0 > FCOS w/o align, supervised trunk 16.6: "
+            "**not the paper's order**") in text
 
 
 def test_study_section_cli_replaces_only_its_section(tmp_path):

@@ -154,9 +154,9 @@ def test_plain_mode_is_training_from_the_start_weights_bit_for_bit(tiny_root, tm
     """mode=plain adds nothing to fine-tuning: the same weights as the same fine-tuning run with no recipe
     attached at all (what init_from does without the recipe); keep_vocab differs."""
     _, path = _start_file(tiny_root, tmp_path)
-    plain = _fine_tune(tiny_root, tmp_path, "plain", path, mode="plain")
+    plain = _fine_tune(tiny_root, tmp_path, "plain", path, mode="plain", alpha=1.0)
     keep = _fine_tune(tiny_root, tmp_path, "keep", path, mode="keep_vocab")
-    assert plain["extra"]["finetune"] == {"mode": "plain"}
+    assert plain["extra"]["finetune"] == {"mode": "plain", "alpha": 1.0}
 
     from gridclip.engine import keep_vocab
 
@@ -167,6 +167,25 @@ def test_plain_mode_is_training_from_the_start_weights_bit_for_bit(tiny_root, tm
     assert set(plain["state_dict"]) == set(want)
     assert all(torch.equal(plain["state_dict"][k], want[k]) for k in want)
     assert not all(torch.equal(keep["state_dict"][k], want[k]) for k in want)
+
+
+def test_plain_fine_tuning_saves_the_wise_ft_interpolation_of_its_alpha(tiny_root, tmp_path):
+    """Plain mode's default alpha (null) and an explicit one save exactly the interpolation between the
+    start weights and plain fine-tuning's (alpha 1) weights."""
+    from gridclip.config import DEFAULT_FINETUNE_ALPHA
+    from gridclip.engine import keep_vocab
+
+    source, path = _start_file(tiny_root, tmp_path)
+    start = source.state_dict()
+    tuned = _fine_tune(tiny_root, tmp_path, "tuned", path, mode="plain", alpha=1.0)["state_dict"]
+    default = _fine_tune(tiny_root, tmp_path, "default", path, mode="plain", alpha=None)
+    at0 = _fine_tune(tiny_root, tmp_path, "at0", path, mode="plain", alpha=0.0)["state_dict"]
+    alpha = DEFAULT_FINETUNE_ALPHA["plain"]
+    assert 0.0 < alpha < 1.0 and default["extra"]["finetune"] == {"mode": "plain", "alpha": alpha}
+    want = keep_vocab.interpolate_state_dicts(start, tuned, alpha)
+    assert all(torch.equal(default["state_dict"][k], want[k]) for k in want)
+    assert not all(torch.equal(default["state_dict"][k], tuned[k]) for k in tuned)
+    assert all(torch.equal(at0[k], start[k]) for k in start)
 
 
 def test_recipe_settings_are_checked(tiny_root, tmp_path):
@@ -183,6 +202,12 @@ def test_the_recipe_is_a_config_section_with_a_switch_to_plain():
 
     cfg = load_config(overrides=["train.finetune.mode=plain", "train.finetune.ignore_score=null"])
     assert cfg.train.finetune.mode == "plain" and cfg.train.finetune.ignore_score is None
-    assert load_config().train.finetune.mode == "plain"  # until the study has measured keep_vocab over seeds
+    assert load_config().train.finetune.mode == "plain"  # keep_vocab missed the study's rule
+    from gridclip.config import DEFAULT_FINETUNE_ALPHA, finetune_alpha
+
+    recipe = load_config().train.finetune
+    assert recipe.alpha is None and finetune_alpha(recipe) == DEFAULT_FINETUNE_ALPHA["plain"]
+    assert finetune_alpha(load_config(overrides=["train.finetune.mode=keep_vocab"]).train.finetune) == 1.0
+    assert finetune_alpha(load_config(overrides=["train.finetune.alpha=0.3"]).train.finetune) == 0.3
     with pytest.raises(ValueError, match=r"train\.finetune\.mode: expected one of keep_vocab, plain"):
         load_config(overrides=["train.finetune.mode=bogus"])

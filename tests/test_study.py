@@ -237,6 +237,28 @@ def test_killed_study_resumes_without_redoing_finished_runs(tmp_path, small_worl
     assert len(fourth) == 1
 
 
+def test_committed_results_without_model_files_are_retrained_when_models_are_required(tmp_path, small_world):
+    # results/ keeps result.json but never model.pt: a caller that goes on from the models (the
+    # fine-tuning study's start models) must get them back, everyone else reuses the result
+    spec = StudySpec(variants=("grid only",), seeds=(0, 1), iters=(5,), pairs=(), world_size="small")
+    out = tmp_path / "study"
+    first: list = []
+    run_study(spec, out, world_dir=small_world, train_fn=_fake_train(first), evaluate_fn=_fake_evaluate,
+              progress=False, log=None, keep_models=True)
+    models = sorted((out / "runs").rglob("model.pt"))
+    assert len(first) == 2 and len(models) == 2
+    models[0].unlink()  # as after a fresh clone
+    reuse: list = []
+    run_study(spec, out, world_dir=small_world, train_fn=_fake_train(reuse), evaluate_fn=_fake_evaluate,
+              progress=False, log=None, keep_models=True)
+    assert reuse == []
+    again: list = []
+    study = run_study(spec, out, world_dir=small_world, train_fn=_fake_train(again), evaluate_fn=_fake_evaluate,
+                      progress=False, log=None, keep_models=True, require_models=True)
+    lost_seed = json.loads(models[1].read_text())["seed"] ^ 1
+    assert [c[0] for c in again] == [lost_seed] and models[0].is_file() and study["runs_done"] == 2
+
+
 def test_mini_study_end_to_end(tmp_path, small_world, tiny_clip_names, capsys):
     """Real training (2 iterations) and evaluation through the CLI with the fixture's tiny CLIPs."""
     from gridclip_lab.cli import main

@@ -12,7 +12,7 @@ from gridclip.config import GridCLIPConfig, load_config
 from gridclip.model import GridCLIP
 from gridclip.model.backbone import CLIPResNetTrunk
 from gridclip.model.summary import summarize
-from gridclip.model.trunk_weights import file_sha256, read_trunk_weights, save_trunk_weights, trunk_state
+from gridclip.model.trunk_weights import file_sha256, read_trunk_weights, resolve_trunk_file, save_trunk_weights, trunk_state
 from gridclip_lab.cli import main as lab_main
 from gridclip_lab.variants import VARIANTS
 from gridclip_lab.world.trunk_pretrain import build_trunk
@@ -113,8 +113,6 @@ def test_trunk_weights_is_a_model_option():
 
 @pytest.mark.parametrize("method", ["supervised", "swav"])
 def test_pretrain_trunk_runs_end_to_end_on_the_mini_world(shapes_world, tmp_path, method, one_thread):
-    if method == "swav":
-        pytest.importorskip("lightly", reason="SwAV's loss, head and prototypes come from lightly (extra 'lab-ssl')")
     files = []
     for run in ("a", "b"):
         out = tmp_path / run / f"{method}.pt"
@@ -148,3 +146,17 @@ def test_table4_trunk_variants_name_shipped_trunks():
         settings = VARIANTS[name]
         assert settings["trunk_weights"].startswith("gridclip:")
         assert not settings["grid_align"] and not settings["image_align"] and not settings["use_mhsa"]
+
+
+def test_shipped_trunks_match_their_records_and_the_assets_readme():
+    """Each trunk variant's file is shipped; its sha256 is its record's and the assets README's."""
+    for name in ("FCOS w/o align, supervised trunk", "FCOS w/o align, SwAV trunk"):
+        path = resolve_trunk_file(VARIANTS[name]["trunk_weights"])
+        record = json.loads(path.with_suffix(".json").read_text())
+        digest = file_sha256(path)
+        assert record["sha256"] == digest, path.name
+        assert record["trunk_image_passes"] == 2400 * 128  # the tiny CLIP's budget
+        data, source = read_trunk_weights(path)
+        assert source.meta["method"] == record["method"] and data["clip_model"] == "shapes-RN-tiny"
+        readme = (path.parent.parent / "README.md").read_text()
+        assert f"`trunks/{path.name}`" in readme and f"`{digest}`" in readme, path.name

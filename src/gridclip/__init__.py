@@ -27,16 +27,20 @@ _LAZY = {
     "load_config": "gridclip.config",
     "Vocabulary": "gridclip.clip",
     "load_clip": "gridclip.clip",
+    "save_pretrained": "gridclip.checkpoint",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from gridclip.checkpoint import save_pretrained
     from gridclip.clip import Vocabulary, load_clip
     from gridclip.config import Config, GridCLIPConfig, load_config
     from gridclip.model import GridCLIP, build_model
 
 
 def load(path, device="cpu", *, optimize: bool = True):
-    """Load a GridCLIP checkpoint (config + weights + vocabulary) in eval mode.
+    """Load a GridCLIP model (config + weights + vocabulary) in eval mode, from a model file (``model.pt``),
+    a model folder (``model.safetensors`` + ``config.json``, as :func:`save_pretrained` writes) or the
+    Hugging Face Hub: ``"hf-hub:ORG/NAME"`` or ``"hf-hub:ORG/NAME@REVISION"`` (``pip install 'gridclip[hub]'``).
 
     ``optimize`` (default): in its inference form (``GridCLIP.optimize_for_inference``), so ``predict``
     runs as fast as ``gridclip detect`` with the same detections; ``train()`` and saving still work (they

@@ -16,6 +16,11 @@ Portable (format version 2): nothing in the file depends on the machine that wro
 
 Version 1 files (absolute paths) still load: shipped CLIPs are recognised by folder name and checksum,
 the teacher's size comes from the projector's weights.
+
+A model is read from a file, from a model folder in the Hugging Face Hub layout (``model.safetensors`` +
+``config.json`` + ``README.md``: the same dict split in two, :mod:`gridclip.hub`; written by
+:func:`save_pretrained`) or from the Hub by name (``hf-hub:ORG/NAME[@REVISION]``): every reader here
+(``gridclip.load``, fine-tuning's ``train.init_from``, the commands' ``--checkpoint``) takes all three.
 """
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ from gridclip.clip.loader import (BUILTIN_PREFIX, builtin_clips, builtin_name_of
 from gridclip.clip.text import TextEncoder, TextEncoderUnavailable
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import GridCLIPConfig, config_from_dict, config_to_dict
+from gridclip.hub import CONFIG as FOLDER_CONFIG
+from gridclip.hub import WEIGHTS as FOLDER_WEIGHTS
+from gridclip.hub import local_model_path, model_card, read_model_folder, write_model_folder
 from gridclip.model import build_model
 from gridclip.model.gridclip import GridCLIP
 from gridclip.model.trunk_weights import BUILTIN_PREFIX as TRUNK_BUILTIN_PREFIX
@@ -152,9 +160,35 @@ def save_checkpoint(path: str | os.PathLike, model: GridCLIP, extra: dict | None
     atomic_save(path, lambda f: torch.save(data, f))
 
 
+def save_pretrained(model: GridCLIP | str | os.PathLike, folder: str | os.PathLike, extra: dict | None = None,
+                    *, repo_id: str | None = None) -> Path:
+    """Write ``model`` (a detector, or a model file / folder / ``hf-hub:`` name) into ``folder`` in the
+    Hugging Face Hub layout: ``model.safetensors``, ``config.json``, ``README.md`` (:mod:`gridclip.hub`).
+    ``gridclip.load(folder)`` gives the same model; uploaded as the Hub repository ``ORG/NAME``,
+    ``gridclip.load("hf-hub:ORG/NAME")``. ``extra``: the training record (default: a loaded file's;
+    a model object carries none); ``repo_id``: the repository ``ORG/NAME`` the model card names (else a
+    placeholder)."""
+    if not isinstance(model, torch.nn.Module):
+        data = read_checkpoint(model)
+        extra = data.get("extra") if extra is None else extra
+        model = model_from_checkpoint(data, str(model))  # checked, and written back in today's portable form
+    data = checkpoint_dict(model, extra)
+    return write_model_folder(folder, data, model_card(data, repo_id))
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """The raw checkpoint dict, validated; clear errors for missing, truncated or foreign files."""
-    return read_marked(path, FORMAT, "checkpoint", version=VERSION, required=("config", "state_dict"))
+    """The raw checkpoint dict, validated; clear errors for missing, truncated or foreign files. ``path``:
+    a model file, a model folder or an ``hf-hub:ORG/NAME[@REVISION]`` name (see the module docstring)."""
+    local = local_model_path(path)
+    if not local.is_dir():
+        return read_marked(local, FORMAT, "checkpoint", version=VERSION, required=("config", "state_dict"))
+    data = read_model_folder(local)
+    where = local / FOLDER_CONFIG
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{where}: checkpoint_format {data.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(data.get("version"), int) or data["version"] > VERSION:
+        raise ValueError(f"{where}: checkpoint_version {data.get('version')!r}; this gridclip reads <= {VERSION}")
+    return data
 
 
 _V1_LOCAL_IDENTITY = re.compile(r"^local-dir:(?P<path>.*)@(?P<digest>[0-9a-f]{16})$")
@@ -231,11 +265,17 @@ def build_like_checkpoint(data: dict, cfg: GridCLIPConfig) -> GridCLIP:
     return model
 
 
-def model_from_checkpoint(data: dict, source: str = "checkpoint") -> GridCLIP:
+def model_from_checkpoint(data: dict, source: str = "checkpoint", *, config_source: str | None = None) -> GridCLIP:
+    """The model of a checkpoint dict; errors name ``source`` (the weights) and ``config_source`` (its
+    config; default ``SOURCE:config``)."""
     data = migrate(data)
-    cfg: GridCLIPConfig = config_from_dict(model_values(data), GridCLIPConfig, f"{source}:config")
+    cfg: GridCLIPConfig = config_from_dict(model_values(data), GridCLIPConfig, config_source or f"{source}:config")
     model = build_like_checkpoint(data, cfg)
-    missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
+    except RuntimeError as exc:  # same names, other shapes
+        detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise ValueError(f"{source}: weights do not fit its config ({detail})") from None
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if data.get("trunk_source"):
@@ -279,8 +319,13 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> LoadedWeigh
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GridCLIP:
     """``gridclip.load(path)``: the model in eval mode, with the checkpoint's vocabulary if it holds one."""
-    data = read_checkpoint(path)
-    return model_from_checkpoint(data, str(path)).to(device)
+    local = local_model_path(path)  # an hf-hub: name, fetched once
+    data = read_checkpoint(local)
+    if local.is_dir():
+        model = model_from_checkpoint(data, str(local / FOLDER_WEIGHTS), config_source=str(local / FOLDER_CONFIG))
+    else:
+        model = model_from_checkpoint(data, str(path))
+    return model.to(device)
 
 
 def checkpoint_extra(path: str | os.PathLike) -> dict[str, Any]:

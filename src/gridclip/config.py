@@ -164,7 +164,7 @@ class FinetuneConfig:
     (``gridclip.engine.keep_vocab``; docs/training.md). ``mode: plain`` is training from the start weights and
     nothing else; ``keep_vocab`` keeps the start model's knowledge of the names the custom data leaves out."""
 
-    # plain until the fine-tuning study has measured keep_vocab over seeds (docs/training.md)
+    # plain: keep_vocab missed the fine-tuning study's rule for a default (docs/training.md)
     mode: Literal["keep_vocab", "plain"] = "plain"
     # locations outside every custom box where the frozen start model scores one of ``keep_names`` at
     # least this high (sigmoid of its logit) get no classification loss; null: none ignored
@@ -172,11 +172,22 @@ class FinetuneConfig:
     # weight of the L1 distance between the model's and the frozen start model's normalised per-location
     # embeddings, outside the custom boxes (summed over dimensions, averaged over locations); 0: off
     distill: float = 1.0
-    # WiSE-FT: the saved weights are (1 - alpha) start + alpha fine-tuned, per tensor; 1: the fine-tuned ones
-    alpha: float = 1.0
+    # WiSE-FT: the saved weights are (1 - alpha) start + alpha fine-tuned, per tensor; 1: the fine-tuned
+    # ones; null: the measured default of the mode (:func:`finetune_alpha`)
+    alpha: float | None = None
     # the names whose scores decide what is ignored (a vocabulary spec); null: the start model's recorded
     # vocabulary (checkpoints written by `gridclip train` record it)
     keep_names: str | None = None
+
+
+# The WiSE-FT alpha that ``train.finetune.alpha: null`` means, per mode: plain's was chosen by the
+# fine-tuning study's rule (results/finetune_keep/DECISION.md); keep_vocab was measured at 1 only.
+DEFAULT_FINETUNE_ALPHA = {"plain": 0.75, "keep_vocab": 1.0}
+
+
+def finetune_alpha(f: FinetuneConfig) -> float:
+    """The WiSE-FT alpha a fine-tuning run saves with (``alpha`` or, when null, the mode's default)."""
+    return DEFAULT_FINETUNE_ALPHA[f.mode] if f.alpha is None else float(f.alpha)
 
 
 @dataclass

@@ -48,6 +48,7 @@ from torch.onnx.operators import shape_as_tensor
 from gridclip import __version__ as gridclip_version
 from gridclip.clip.vocabulary import default_cache_dir
 from gridclip.data.images import load_image, to_float_image
+from gridclip.hub import model_files
 from gridclip.model.head import Subspace
 from gridclip.model.postprocess import DenseOutputs, PostProcess, fcos_anchor_generator
 from gridclip.model.predict import predict_as_given
@@ -281,9 +282,10 @@ def export_key(checkpoint: str | os.PathLike, model: nn.Module, opset: int = 17)
     """What an exported graph depends on: the checkpoint's bytes, the vocabulary (names and embeddings),
     the settings in the sidecar, the export format and the torch / gridclip versions that traced it."""
     digest = hashlib.sha256()
-    with open(checkpoint, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for file in model_files(checkpoint):  # a model file, or a model folder's config and weights
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     text = model.head.classification_head.text_embeddings.detach().float().cpu().contiguous()
     digest.update(text.numpy().tobytes())
     digest.update(json.dumps([metadata(model, False, opset), torch.__version__, gridclip_version],

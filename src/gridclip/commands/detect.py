@@ -1,4 +1,4 @@
-"""``gridclip detect INPUT... --checkpoint C [--vocab ...] [--out DIR]``: detect objects in images or videos.
+"""``gridclip detect INPUT... --checkpoint MODEL [--vocab ...] [--out DIR]``: detect objects in images or videos.
 
 Streams files, folders and globs through the model in batches: memory holds one batch of images and its
 detections, whatever the number of files. A bad image is reported on one stderr line and skipped; the
@@ -51,6 +51,7 @@ from gridclip.engine.outputs import to_hf
 from gridclip.engine.predict import resolve_device
 from gridclip.engine.runner import InferenceRunner, ShardedJsonLines, write_json_list
 from gridclip.export import OnnxDetector, cached_export
+from gridclip.hub import local_model_path, model_files
 from gridclip.model import GridCLIP
 from gridclip.model.results import DRAW_SCORE_THRESH
 from gridclip.utils.atomic import atomic_write_bytes
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(see docs/inference.md)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or globs; or video "
                    "files (.mp4, .mov, .avi, .mkv, .webm: pip install 'gridclip[video]')")
-    p.add_argument("--checkpoint", required=True, help="GridCLIP checkpoint (.pt)")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", metavar="MODEL", required=True,
+                   help="model file (.pt), model folder, or hf-hub:ORG/NAME[@REVISION]")
     add_vocabulary_args(p)
     p.add_argument("--clip", help="the checkpoint's CLIP, to embed a new vocabulary when the checkpoint cannot: a "
                    "local open_clip directory, gridclip:NAME or MODEL[:PRETRAINED]")
@@ -168,11 +170,13 @@ def _processes(args: argparse.Namespace) -> DistInfo:
     return init_distributed(args.device or "auto", timeout=_COLLECTIVE_TIMEOUT)
 
 
-def _file_sha256(path: str) -> str:
+def _model_sha256(path: str) -> str:
+    """sha256 of the model's bytes: the model file's, or a model folder's config and weights in turn."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for file in model_files(path):
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -181,7 +185,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keep = ("inputs", "vocab", "vocab_file", "vocab_embeddings", "clip", "score", "nms", "max_det", "tile",
             "overlap", "no_draw", "hf", "runtime", "draw_score", "gt")
     values = {k: getattr(args, k) for k in keep}
-    values["checkpoint_sha256"] = _file_sha256(args.checkpoint)
+    values["checkpoint_sha256"] = _model_sha256(args.checkpoint)
     return values
 
 
@@ -214,6 +218,7 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
     if videos and args.gt:
         raise ValueError("--gt labels image files with a ground truth's ids; it does not apply to videos")
     gt = GroundTruthImages(args.gt) if args.gt else None
+    args.checkpoint = str(local_model_path(args.checkpoint))  # an hf-hub: name, fetched once
     model = load_checkpoint(args.checkpoint, device="cpu")
     if args.clip:
         model.set_text_encoder(*parse_clip_spec(args.clip))

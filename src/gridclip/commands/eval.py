@@ -20,9 +20,11 @@ import torch
 from gridclip.checkpoint import checkpoint_extra, load_checkpoint
 from gridclip.config import Config, config_from_dict, load_config, with_overrides
 from gridclip.engine.evaluate import Evaluation, evaluate, evaluate_model, format_table, write_outputs
+from gridclip.hub import local_model_path
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dict]]:
+    args.checkpoint = str(local_model_path(args.checkpoint))  # an hf-hub: name, fetched once
     if args.config:
         cfg = load_config(args.config, args.overrides)
     elif isinstance(checkpoint_extra(args.checkpoint).get("config"), dict):
@@ -44,7 +46,9 @@ def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="gridclip eval", description=main.__doc__)
     p.add_argument("--gt", help="ground-truth COCO/LVIS JSON (with --results)")
     p.add_argument("--results", help="COCO-format detections JSON (with --gt)")
-    p.add_argument("--checkpoint", help="model checkpoint to run on the config's evaluation dataset")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", metavar="MODEL",
+                   help="model to run on the config's evaluation dataset: model file (.pt), model folder, or "
+                        "hf-hub:ORG/NAME[@REVISION]")
     p.add_argument("--config", help="YAML config overriding the checkpoint's (with --checkpoint)")
     p.add_argument("--out", help="output folder for metrics.json, per_category_ap.json (and results.json)")
     p.add_argument("--style", choices=("lvis", "coco"), help="default: lvis if categories carry 'frequency'")

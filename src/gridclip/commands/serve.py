@@ -14,7 +14,8 @@ from gridclip.utils.extras import require
 
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="gridclip serve", description="Web demo (Gradio) for a checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="GridCLIP checkpoint (.pt)")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", metavar="MODEL", required=True,
+                   help="model file (.pt), model folder, or hf-hub:ORG/NAME[@REVISION]")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0: all)")
     p.add_argument("--vocab", help="initial vocabulary (default: the checkpoint's)")

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from gridclip.checkpoint import load_checkpoint
 from gridclip.clip.vocabulary import parse_vocabulary
-from gridclip.config import Config, FinetuneConfig
+from gridclip.config import Config, FinetuneConfig, finetune_alpha
 from gridclip.model.backbone import level_cells
 
 logger = logging.getLogger("gridclip.finetune")
@@ -41,8 +41,8 @@ def check_finetune_config(f: FinetuneConfig) -> None:
         raise ValueError(f"train.finetune.ignore_score: expected a score in (0, 1] or null, got {f.ignore_score}")
     if f.distill < 0:
         raise ValueError(f"train.finetune.distill: expected a weight >= 0, got {f.distill}")
-    if not 0.0 <= f.alpha <= 1.0:
-        raise ValueError(f"train.finetune.alpha: expected 0 <= alpha <= 1, got {f.alpha}")
+    if f.alpha is not None and not 0.0 <= f.alpha <= 1.0:
+        raise ValueError(f"train.finetune.alpha: expected 0 <= alpha <= 1 or null, got {f.alpha}")
 
 
 def ignore_locations(logits: Tensor, ignore: Tensor) -> Tensor:
@@ -130,14 +130,32 @@ class KeepVocabulary:
                 extra["loss_distill"] = self.recipe.distill * distillation_loss(embeddings, start_embeddings, outside)
         return {"cls_logits": logits, "bbox_regression": regression, "bbox_ctrness": ctrness}, extra
 
-    @torch.no_grad()
     def finish(self, model: nn.Module) -> None:
         """Replace the fine-tuned weights by the interpolation (nothing at ``alpha`` 1)."""
-        if self.recipe.alpha != 1.0:
-            model.load_state_dict(interpolate_state_dicts(self.start_state, model.state_dict(), self.recipe.alpha))
+        interpolate_with_start(model, self.start_state, finetune_alpha(self.recipe))
 
     def detach(self, model: nn.Module) -> None:
         model.training_hook = None
+
+
+class WeightInterpolation:
+    """Plain fine-tuning's only addition: WiSE-FT at the end (``alpha`` < 1); no training hook."""
+
+    def __init__(self, start_state: dict[str, Tensor], alpha: float):
+        self.start_state = start_state
+        self.alpha = alpha
+
+    def finish(self, model: nn.Module) -> None:
+        interpolate_with_start(model, self.start_state, self.alpha)
+
+    def detach(self, model: nn.Module) -> None:
+        pass
+
+
+@torch.no_grad()
+def interpolate_with_start(model: nn.Module, start_state: dict[str, Tensor], alpha: float) -> None:
+    if alpha != 1.0:
+        model.load_state_dict(interpolate_state_dicts(start_state, model.state_dict(), alpha))
 
 
 def _keep_text(recipe: FinetuneConfig, start: nn.Module, model: nn.Module) -> Tensor | None:
@@ -155,16 +173,22 @@ def _keep_text(recipe: FinetuneConfig, start: nn.Module, model: nn.Module) -> Te
     return torch.nn.functional.normalize(vocabulary.embeddings[keep].float(), dim=-1)
 
 
-def attach_finetune(model: nn.Module, cfg: Config, device: torch.device) -> KeepVocabulary | None:
+def attach_finetune(model: nn.Module, cfg: Config,
+                    device: torch.device) -> KeepVocabulary | WeightInterpolation | None:
     """Set up ``cfg.train.finetune`` on ``model`` (already initialised from ``cfg.train.init_from``);
-    None for ``plain`` and for detectors without the training hook or an open vocabulary."""
+    None for ``plain`` at alpha 1. Detectors without the training hook or an open vocabulary get plain
+    fine-tuning (with its alpha)."""
     recipe = cfg.train.finetune
     check_finetune_config(recipe)
-    if recipe.mode == "plain":
-        return None
-    if not hasattr(model, "training_hook") or not getattr(model.cfg, "grid_align", False):
+    mode = recipe.mode
+    if mode == "keep_vocab" and (not hasattr(model, "training_hook") or not getattr(model.cfg, "grid_align", False)):
         logger.info("train.finetune: %s has no open vocabulary to keep; plain fine-tuning", type(model).__name__)
-        return None
+        mode = "plain"
+    alpha = finetune_alpha(recipe)
+    if mode == "plain":
+        if alpha == 1.0:
+            return None
+        return WeightInterpolation({k: v.detach().clone() for k, v in model.state_dict().items()}, alpha)
     start = load_checkpoint(cfg.train.init_from, device)
     start.restore_training_form()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -178,5 +202,8 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
     if not cfg.train.init_from:
         return None
     f = cfg.train.finetune
-    return {"mode": f.mode} if f.mode == "plain" else {"mode": f.mode, "ignore_score": f.ignore_score,
-                                                        "distill": f.distill, "alpha": f.alpha, "keep_names": f.keep_names}
+    alpha = finetune_alpha(f)
+    if f.mode == "plain":
+        return {"mode": f.mode, "alpha": alpha}
+    return {"mode": f.mode, "ignore_score": f.ignore_score, "distill": f.distill, "alpha": alpha,
+            "keep_names": f.keep_names}

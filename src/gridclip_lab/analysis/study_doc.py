@@ -23,6 +23,8 @@ from gridclip_lab.variants import LABELS as VARIANT_LABELS
 DIAGNOSTIC = "GridCLIP, L1 on z-bar"
 # Table 4's top section: FCOS w/o align on the visual-only pretrained trunks (supervised, then SSL)
 TRUNK_ROWS = ("FCOS w/o align, supervised trunk", "FCOS w/o align, SwAV trunk")  # also compared with GridCLIP: does the projector let z-bar drift?
+# the top section: the CLIP trunk w/o align (without and with its MHSA) and the visual-only trunks
+TOP_SECTION = ("w/o MHSA w/o align", "FCOS w/o align", *TRUNK_ROWS)
 LABELS = {"AP": "AP", "APr": "AP_r", "APc": "AP_c", "APf": "AP_f", "APbase": "AP (c + f)"}
 
 
@@ -168,18 +170,37 @@ def _trunk_comparisons(t: StudyTables) -> list[str]:
     (AP (c + f) and AP_c: the paper's claim is about the undersampled categories)."""
     pairs = [(clip, trunk) for clip in ("w/o MHSA w/o align", "FCOS w/o align") for trunk in TRUNK_ROWS]
     pairs.append(TRUNK_ROWS[::-1])
-    lines = []
+    lines, orders = [], []
     for iters in t.lengths:
         for a, b in pairs:
             if t.has(a, iters) and t.has(b, iters):
                 for m in ("APbase", "APc"):
                     lines.append("* " + _comparison(t, a, b, iters, m, _as_ap(TABLE4)))
+        order = trunk_ordering(t, iters)
+        if order:
+            orders.append("* " + order)
     if lines:
         lines = ["", "Pretrained trunks (the top section): the CLIP trunk w/o align (with and without its MHSA; "
                  "without it the architecture is the visual-only trunks' exactly) against the supervised and the "
                  "self-supervised trunk (`gridclip-lab pretrain-trunk`, docs/world.md), and SSL against supervised:",
                  ""] + lines
+        lines += ["", "The top section's order of the means (the comparisons above say which gaps the CIs resolve):",
+                  ""] + orders
     return lines
+
+
+def trunk_ordering(t: StudyTables, iters: int) -> str | None:
+    """The top section's rows at ``iters`` ordered by mean AP (c + f), beside the paper's order by AP;
+    None unless a visual-only trunk row and another top-section row were run."""
+    present = [v for v in TOP_SECTION if t.values(v, iters, "APbase")]
+    if len(present) < 2 or not any(v in TRUNK_ROWS for v in present):
+        return None
+    mean = {v: sum(t.values(v, iters, "APbase").values()) / len(t.values(v, iters, "APbase")) for v in present}
+    world = sorted(present, key=lambda v: -mean[v])
+    paper = sorted(present, key=lambda v: -TABLE4[v]["AP"])
+    verdict = "the paper's order" if world == paper else "not the paper's order"
+    return (f"AP (c + f), {iters} iterations: world " + " > ".join(f"{v} {100 * mean[v]:.1f}" for v in world)
+            + "; paper (AP) " + " > ".join(f"{v} {TABLE4[v]['AP']:.1f}" for v in paper) + f": **{verdict}**")
 
 
 def _environments(study: dict) -> str:

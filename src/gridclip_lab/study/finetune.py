@@ -51,11 +51,12 @@ ARMS: dict[str, dict[str, Any]] = {
 # The fine-tuning recipes (train.finetune, gridclip.engine.keep_vocab): arm -> (model switches, recipe).
 # The arms above are plain fine-tuning; these keep the vocabulary in one way or several.
 RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    PLAIN: ({"image_align": False}, {"mode": "plain"}),
-    "with image alignment": ({"image_align": True}, {"mode": "plain"}),
-    "ignore": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": 0.3, "distill": 0.0}),
-    "distill": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": None, "distill": 1.0}),
-    "ignore + distill": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": 0.3, "distill": 1.0}),
+    PLAIN: ({"image_align": False}, {"mode": "plain", "alpha": 1.0}),
+    "with image alignment": ({"image_align": True}, {"mode": "plain", "alpha": 1.0}),
+    "ignore": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": 0.3, "distill": 0.0, "alpha": 1.0}),
+    "distill": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": None, "distill": 1.0, "alpha": 1.0}),
+    "ignore + distill": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": 0.3, "distill": 1.0,
+                                                  "alpha": 1.0}),
 }
 GROUPS = ("AP", "custom", "other base", "novel", "other")  # other = other base + novel, by category
 FINETUNE_VERSION = 1
@@ -161,7 +162,7 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
              if world_dir is None
              else load_world(world_dir)).root
     start = run_study(spec.start_study(), out / "start", world_dir=world, train_fn=train_fn, progress=progress,
-                      keep_models=True, log=log)
+                      keep_models=True, require_models=True, log=log)
     start_runs = {r["seed"]: r for r in start["runs"]}
 
     anns = load_lvis_json(world / "det_train.json", world / "det_train" / "images", check_images=False)

@@ -62,7 +62,7 @@ def read_result(path: Path, key: str) -> dict | None:
 def run_study(spec: StudySpec, out_dir: str | os.PathLike, *, world_dir: str | os.PathLike | None = None,
               train_fn: TrainFn = train, evaluate_fn: EvaluateFn = evaluate_variant, progress: bool = True,
               keep_models: bool = False, log: Callable[[str], None] | None = print,
-              train_missing: bool = True, jobs: int = 1) -> dict:
+              train_missing: bool = True, jobs: int = 1, require_models: bool = False) -> dict:
     """Run (or resume) ``spec`` in ``out_dir``; returns the study dict, also written to OUT/study.json.
 
     ``world_dir``: an existing world (default: generate ``spec``'s into OUT/world, cached). Runs live
@@ -70,6 +70,8 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike, *, world_dir: str | o
     ``train_fn(cfg, out_dir, progress=False) -> summary with "model"`` and ``evaluate_fn(model_path,
     cfg, base_category_ids) -> metrics`` default to the library's trainer and :func:`gridclip_lab.variants.evaluate_variant`.
     ``train_missing`` False: only gather the finished runs (the study's report so far; trains nothing).
+    ``require_models``: a finished run whose folder lacks its model.pt (results are committed, model files
+    are not) is trained again, for callers that go on from the models (the fine-tuning study).
     ``jobs``: runs trained side by side in spawned worker processes (``train_fn`` and ``evaluate_fn``
     must then be importable functions). Every run uses one torch thread, so its numbers do not depend
     on ``jobs``; study.json is written by this process alone, after each finished run.
@@ -86,7 +88,10 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike, *, world_dir: str | o
     base_ids = list(build_train_dataset(runs[0].config.data).category_ids)
     results: list[dict | None] = []
     for run in runs:
-        results.append(read_result(out / "runs" / run.key[:16] / "result.json", run.key))
+        result = read_result(out / "runs" / run.key[:16] / "result.json", run.key)
+        if result is not None and require_models and not (out / "runs" / run.key[:16] / "model.pt").is_file():
+            result = None
+        results.append(result)
     total = sum(r.iters for r in runs)
     done = sum(r.iters for r, res in zip(runs, results) if res is not None)
     if log:
