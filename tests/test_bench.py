@@ -84,3 +84,30 @@ def test_gpu_fps_goal_is_read_from_fp16_rows():
     assert "H100" in gpu[0]["measured_text"]
     results["environment"]["device"] = "cpu"
     assert not [g for g in report.goals(results, 1203) if g["goal"].startswith("GPU")]
+
+
+def test_bench_train_steps_train_each_variant_as_the_study_does(shapes_world, tmp_path, one_thread):
+    """`gridclip-lab bench-train`'s world case: one real training step per variant through the product's
+    trainer (a frozen trunk stays bit-identical, the others' trunks and every head move), and its report
+    section names every variant against FCOS w/o align (no timing is asserted)."""
+    import torch
+
+    from gridclip_lab.bench import train_variants
+
+    variants = ("FCOS w/o align", "frozen trunk", "GridCLIP")
+    steps = train_variants.world_steps(shapes_world.root, variants, tmp_path)
+    for name, step in steps.items():
+        model = step.trainer.model
+        trunk = {k: v.clone() for k, v in model.backbone.trunk.state_dict().items()}
+        head = [p.detach().clone() for p in model.head.parameters()]
+        assert torch.isfinite(torch.tensor(step()))
+        same_trunk = all(torch.equal(trunk[k], v) for k, v in model.backbone.trunk.state_dict().items())
+        assert same_trunk == (name == "frozen trunk"), name
+        assert any(not torch.equal(a, b) for a, b in zip(head, model.head.parameters())), name
+    rn50_like = train_variants.rn50_steps(variants, 64, 64, 1, 5, clip_model="shapes-RN-tiny")
+    assert all(torch.isfinite(torch.tensor(step())) for step in rn50_like.values())
+    data = {"machine": train_variants.machine(),
+            "cases": [{"case": "world", "size": "128x128", "batch": 16, "rounds": 2,
+                       "results": train_variants.ratios({v: [1.0, 2.0] for v in variants}, 16)}]}
+    text = train_variants.render(data)
+    assert all(f"| {v} |" in text for v in variants) and "vs FCOS w/o align" in text

@@ -56,6 +56,8 @@ def build_gridclip(spec: ModelSpec, num_classes: int, seed: int = 0, optimize: b
     """GridCLIP with random weights; ``optimize``: as ``gridclip detect/eval/serve`` run it
     (``optimize_for_inference``: trunk batch norms folded, channels-last). ``overrides``: config fields."""
     torch.manual_seed(seed)
+    if not overrides.get("grid_align", True):  # closed set: a classifier over the K classes
+        overrides = {"num_classes": num_classes, **overrides}
     cfg = GridCLIPConfig(clip_model=spec.clip_model, clip_pretrained=None, teacher_pretrained=None,
                          teacher_dim=spec.teacher_dim, **overrides)
     model = GridCLIP(cfg, load_clip_weights=False)
@@ -174,13 +176,20 @@ def inference_case(name: str, spec: ModelSpec, height: int, width: int, num_clas
 
 
 def training_step(name: str, spec: ModelSpec, batch: int, height: int, width: int, num_classes: int,
-                  seed: int = 0, device: str = "cpu") -> tuple[nn.Module, Callable[[], float]]:
+                  seed: int = 0, device: str = "cpu", overrides: dict | None = None
+                  ) -> tuple[nn.Module, Callable[[], float]]:
     """One SGD step (forward, backward, update) on ``batch`` HxW images with 3 boxes each.
 
     GridCLIP trains with both alignments (grid + image; the teacher embedding is precomputed, as with
-    ``gridclip cache-teacher``); torchvision FCOS is the baseline. The call returns the total loss.
+    ``gridclip cache-teacher``) unless ``overrides`` (GridCLIP config fields, e.g. a study variant's
+    switches) say otherwise; torchvision FCOS is the baseline. The call returns the total loss.
     """
-    model = build_gridclip(spec, num_classes, seed, optimize=False) if name == "gridclip" else build_fcos(num_classes, seed)
+    if name == "gridclip":
+        model = build_gridclip(spec, num_classes, seed, optimize=False, **(overrides or {}))
+    elif overrides:
+        raise ValueError(f"training_step: overrides are GridCLIP config fields; {name!r} takes none")
+    else:
+        model = build_fcos(num_classes, seed)
     set_input_size(model, height, width)
     model.train().to(device)
     g = torch.Generator().manual_seed(seed + 3)
@@ -189,7 +198,7 @@ def training_step(name: str, spec: ModelSpec, batch: int, height: int, width: in
     for i in range(batch):
         t = {"boxes": random_boxes(3, height, width, seed + 10 + i),
              "labels": torch.randint(0, num_classes, (3,), generator=g)}
-        if name == "gridclip":
+        if name == "gridclip" and model.projector is not None:
             t["teacher_embedding"] = F.normalize(torch.randn(spec.teacher_dim, generator=g), dim=0)
         targets.append({k: v.to(device) for k, v in t.items()})
     images = [image.to(device) for image in images]

@@ -170,6 +170,9 @@ def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = N
     for (section, name), default in KEY_NEUTRAL_DEFAULTS.items():
         if values.get(section, {}).get(name, default) == default:
             values.get(section, {}).pop(name, None)
+    # training's record of the names it trained with boxes (the trainer writes it into the run's
+    # config.yaml): an output of the run, not one of its inputs
+    values["model"].pop("ensemble_trained_names", None)
     # The fine-tuning recipe acts only with train.init_from, and not at all in plain mode at alpha 1 (the
     # runs recorded before the recipe existed): then it stays out of the key.
     if not cfg.train.init_from or (cfg.train.finetune.mode == "plain" and cfg.train.finetune.alpha == 1.0):

@@ -1,0 +1,50 @@
+"""``gridclip-lab bench-train``: training images/s of the study's variants as ratios in one process
+(:mod:`gridclip_lab.bench.train_variants`); writes its section of docs/benchmarks.md and the raw times as JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from gridclip_lab.bench.train_variants import DEFAULT_VARIANTS, render, run
+from gridclip_lab.commands.bench import parse_size
+from gridclip_lab.utils.doc_sections import write_section
+from gridclip.utils.atomic import atomic_write_json
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="gridclip-lab bench-train", description=__doc__.split("\n")[0])
+    p.add_argument("--world", help="the world folder: the variants as the study trains them")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma list of study variants (default: {','.join(DEFAULT_VARIANTS)}; FCOS w/o align, the "
+                        "reference, is always added)")
+    p.add_argument("--rounds", type=int, default=5, help="timed steps per variant, world case (default 5)")
+    p.add_argument("--rn50", metavar="HxW", help="also GridCLIP RN50 (random weights) at this size, e.g. 512x512")
+    p.add_argument("--rn50-batch", type=int, default=2)
+    p.add_argument("--rn50-rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the study trains)")
+    p.add_argument("--json", default="bench_train.json", help="raw results (default ./bench_train.json)")
+    p.add_argument("--report-from", help="render the section from an earlier --json file instead of measuring")
+    p.add_argument("--doc", default="benchmarks.md", help="document whose train-variants section is replaced "
+                                                          "(default ./benchmarks.md; the repository's is docs/benchmarks.md)")
+    a = p.parse_args(list(argv))
+    if a.report_from:
+        data = json.loads(Path(a.report_from).read_text(encoding="utf-8"))
+    else:
+        if a.world is None and a.rn50 is None:
+            raise ValueError("nothing to run: give --world and / or --rn50 HxW")
+        if min(a.rounds, a.rn50_rounds, a.rn50_batch, a.threads) < 1:
+            raise ValueError("--rounds, --rn50-rounds, --rn50-batch and --threads: expected integers >= 1")
+        variants = tuple(v.strip() for v in a.variants.split(",") if v.strip())
+        torch.set_num_threads(a.threads)
+        data = run(a.world, variants, rounds=a.rounds, rn50_size=parse_size(a.rn50) if a.rn50 else None,
+                   rn50_batch=a.rn50_batch, rn50_rounds=a.rn50_rounds, log=print,
+                   save=lambda partial: atomic_write_json(a.json, partial))
+        atomic_write_json(a.json, data)
+    write_section(a.doc, "train-variants", render(data))
+    print(render(data))
+    print(f"wrote {a.doc} (train-variants section)" + ("" if a.report_from else f" and {a.json}"))
+    return 0

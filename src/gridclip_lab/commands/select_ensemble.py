@@ -1,0 +1,44 @@
+"""``gridclip-lab select-ensemble``: choose the frozen-CLIP ensemble's settings on a held-out split."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from typing import Sequence
+
+from gridclip_lab.variants import VARIANTS
+
+ENSEMBLE_VARIANTS = tuple(v for v, s in VARIANTS.items() if s.get("clip_ensemble", "off") != "off")
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="gridclip-lab select-ensemble",
+        description="Train an ensemble variant's base model on the training world (as the study does) and "
+                    "choose model.clip_ensemble and its ensemble_* settings on the val split of an independently "
+                    "drawn world (same categories), by a rule fixed beforehand (see "
+                    "gridclip_lab.study.ensemble_selection).")
+    p.add_argument("--variant", default=ENSEMBLE_VARIANTS[0], help=f"one of {', '.join(ENSEMBLE_VARIANTS)}")
+    p.add_argument("--world", default="runs/world0", help="the training world (its val is never read)")
+    p.add_argument("--held-out", required=True,
+                   help="another world (e.g. `gridclip-lab make-world --out runs/world1 --seed 1 --no-captions`)")
+    p.add_argument("--out", required=True, help="folder for selection.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iters", type=int, default=400)
+    p.add_argument("--model", help="a model of the variant already trained (default: train it into --work-dir)")
+    p.add_argument("--work-dir", help="the base model and the evaluations cache "
+                                      "(default: runs/ensemble_selection/<variant>)")
+    p.add_argument("--jobs", type=int, default=1, help="processes evaluating side by side (same numbers)")
+    a = p.parse_args(list(argv))
+    if a.jobs < 1:
+        raise ValueError(f"--jobs: expected a positive number of processes, got {a.jobs}")
+    if a.variant not in ENSEMBLE_VARIANTS:
+        raise ValueError(f"--variant: expected one of {', '.join(ENSEMBLE_VARIANTS)}, got {a.variant!r}")
+    from gridclip_lab.study.ensemble_selection import run_selection  # torch: not for --help
+
+    work = a.work_dir or f"runs/ensemble_selection/{re.sub(r'[^a-z0-9]+', '_', a.variant.lower()).strip('_')}"
+    report = run_selection(a.variant, a.world, a.held_out, a.out, seed=a.seed, iters=a.iters, model=a.model,
+                           work_dir=work, jobs=a.jobs)
+    print(f"chosen: {report['chosen_id']}")
+    print(json.dumps(report["chosen"]))
+    return 0

@@ -1,0 +1,241 @@
+"""Choose the frozen-CLIP ensemble's settings (``model.clip_ensemble`` and its ``ensemble_*`` fields) on a
+held-out split: the val split of an independently drawn world, whose categories (names, ids, frequency
+groups, hence which are novel) are those of the training world by design, and whose images none of the
+reported splits hold. World0's val, on which the study reports, is never read.
+
+One base model (an ensemble variant of :data:`gridclip_lab.variants.VARIANTS`, trained on the training
+world's det_train as the study trains it: same config, seed and length) is evaluated with every setting
+by the product's evaluator; the settings change only how candidates are re-scored at inference, so one
+trained model serves them all. The rule (:data:`RULE`) is fixed before any number is seen:
+
+1. with ``w_base`` at F-VLM's 0.35: mode, upsample, box scale and ``w_novel`` by held-out AP_r;
+2. with those: ``w_base`` by held-out AP of the base categories (mean per-category AP over the names
+   trained with boxes);
+
+in each step the settings within :data:`TIE` of the best count as tied, and the cheapest of them wins
+(dense before roi, upsample 1 before 2, box scale 1 before 1.5), then the weight nearest F-VLM's.
+The detector alone (ensemble off) and p_clip alone (both weights 1, the chosen geometry) are recorded as
+reference points.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from gridclip.utils.atomic import atomic_write_json
+
+MODES = ("dense", "roi")  # cheapest first
+UPSAMPLES = (1.0, 2.0)
+BOX_SCALES = (1.0, 1.5)
+W_NOVEL = (0.35, 0.5, 0.65, 0.8)
+W_BASE = (0.0, 0.2, 0.35, 0.5)
+FVLM_W_BASE, FVLM_W_NOVEL = 0.35, 0.65
+TIE = 0.005  # metrics are in [0, 1]: half an AP point
+RULE = (
+    "Step 1, w_base = 0.35 (F-VLM's): among clip_ensemble {dense, roi} x ensemble_upsample {1, 2} x "
+    "ensemble_box_scale {1, 1.5} x w_novel {0.35, 0.5, 0.65, 0.8}, the best held-out AP_r; settings within "
+    "0.5 AP points of it are tied and the cheapest wins (dense before roi, upsample 1 before 2, box scale 1 "
+    "before 1.5), then w_novel nearest 0.65. Step 2, with step 1's choice: w_base in {0, 0.2, 0.35, 0.5} by "
+    "held-out AP of the base categories (mean per-category AP over the names trained with boxes), ties "
+    "(0.5 points) to the w_base nearest 0.35. Held-out split: the val split of an independent world "
+    "(same categories); the reporting world's val is never read.")
+
+Setting = dict[str, Any]
+EvaluateSetting = Callable[[Setting], dict[str, float]]
+
+
+def setting(mode: str, upsample: float = 1.0, box_scale: float = 1.0, w_novel: float = FVLM_W_NOVEL,
+            w_base: float = FVLM_W_BASE) -> Setting:
+    """A model-config fragment (``model.*`` field names) for one ensemble setting."""
+    return {"clip_ensemble": mode, "ensemble_upsample": float(upsample), "ensemble_box_scale": float(box_scale),
+            "ensemble_weight_novel": float(w_novel), "ensemble_weight_base": float(w_base)}
+
+
+def setting_id(s: Setting) -> str:
+    if s["clip_ensemble"] == "off":
+        return "off"
+    return (f"{s['clip_ensemble']} up{s['ensemble_upsample']:g} box{s['ensemble_box_scale']:g} "
+            f"wn{s['ensemble_weight_novel']:g} wb{s['ensemble_weight_base']:g}")
+
+
+def _cost(s: Setting) -> tuple:
+    return (MODES.index(s["clip_ensemble"]), s["ensemble_upsample"], s["ensemble_box_scale"])
+
+
+def _pick(candidates: list[tuple[Setting, dict]], metric: str, weight: str, preferred: float) -> Setting:
+    best = max(m[metric] for _, m in candidates)
+    tied = [(s, m) for s, m in candidates if m[metric] >= best - TIE]
+    return min(tied, key=lambda sm: (_cost(sm[0]), abs(sm[0][weight] - preferred), -sm[1][metric]))[0]
+
+
+def step1_settings() -> list[Setting]:
+    return [setting(m, u, b, wn) for m, u, b, wn in itertools.product(MODES, UPSAMPLES, BOX_SCALES, W_NOVEL)]
+
+
+def select(evaluate: EvaluateSetting, prefetch: Callable[[list[Setting]], None] | None = None) -> dict[str, Any]:
+    """Run the rule with ``evaluate(setting) -> metrics`` (held-out; ``APbase`` among them); returns
+    ``{"rule", "chosen", "step1", "step2", "references", "evaluations": [{"setting", "metrics"}, ...]}``.
+    ``prefetch(settings)`` (optional) is told step 1's settings first, e.g. to evaluate them side by side
+    into the cache ``evaluate`` reads."""
+    evaluations: list[dict] = []
+    if prefetch is not None:
+        prefetch([setting("off"), *step1_settings()])
+
+    def run(s: Setting) -> dict[str, float]:
+        metrics = evaluate(s)
+        evaluations.append({"id": setting_id(s), "setting": s, "metrics": metrics})
+        return metrics
+
+    detector_alone = run(setting("off"))
+    step1 = [(s, run(s)) for s in step1_settings()]
+    first = _pick(step1, "APr", "ensemble_weight_novel", FVLM_W_NOVEL)
+    step2 = [(s, m) for s, m in step1 if s == first]
+    for wb in W_BASE:
+        s = {**first, "ensemble_weight_base": wb}
+        if s != first:
+            step2.append((s, run(s)))
+    chosen = _pick(step2, "APbase", "ensemble_weight_base", FVLM_W_BASE)
+    clip_alone = setting(chosen["clip_ensemble"], chosen["ensemble_upsample"], chosen["ensemble_box_scale"], 1.0, 1.0)
+    return {"rule": RULE, "chosen": chosen, "chosen_id": setting_id(chosen),
+            "step1_choice": setting_id(first), "step2": [setting_id(s) for s, _ in step2],
+            "references": {"detector alone (off)": detector_alone,
+                           f"p_clip alone (w = 1): {setting_id(clip_alone)}": run(clip_alone)},
+            "evaluations": evaluations}
+
+
+def base_ap(per_category_ap: dict[int, float], base_category_ids: Sequence[int]) -> float:
+    """Mean per-category AP over the base categories that have ground truth (LVIS's average, on them)."""
+    values = [per_category_ap[c] for c in base_category_ids if c in per_category_ap]
+    return sum(values) / len(values) if values else -1.0
+
+
+def held_out_evaluator(model_path: str | Path, cfg: Any, base_category_ids: Sequence[int],
+                       log: Callable[[str], None] | None = print) -> EvaluateSetting:
+    """``evaluate(setting)``: the model of ``model_path`` with ``setting`` applied to its config, scored
+    by the product's evaluator on ``cfg``'s val split (the held-out one). Needs a model trained with an
+    ensemble on (it holds the frozen CLIP and its logit scale)."""
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.engine.evaluate import evaluate_base_trained
+    from gridclip_lab.variants import METRICS
+
+    model = load_checkpoint(model_path)
+    if model.cfg.clip_ensemble == "off":
+        raise ValueError(f"{model_path}: trained with model.clip_ensemble=off; the selection needs a model of an "
+                         "ensemble variant (it holds the frozen CLIP)")
+
+    def evaluate(s: Setting) -> dict[str, float]:
+        for key, value in s.items():
+            setattr(model.cfg, key, value)
+        evaluation, _ = evaluate_base_trained(model, cfg, base_category_ids)
+        metrics = {k: float(evaluation.metrics[k]) for k in METRICS}
+        metrics["APbase"] = base_ap(evaluation.per_category_ap, base_category_ids)
+        if log:
+            log(f"[select-ensemble] {setting_id(s)}: " + " ".join(f"{k} {100 * v:.1f}" for k, v in metrics.items()))
+        return metrics
+
+    return evaluate
+
+
+def cached(evaluate: EvaluateSetting, path: Path) -> EvaluateSetting:
+    """``evaluate`` remembered in ``path`` (JSON: setting id -> metrics), so a killed selection resumes;
+    the file is read again before each evaluation (other processes may have added to it)."""
+
+    def read() -> dict:
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def wrapped(s: Setting) -> dict[str, float]:
+        key = setting_id(s)
+        done = read()
+        if key not in done:
+            metrics = evaluate(s)
+            done = read()
+            done[key] = metrics
+            atomic_write_json(path, done)
+        return done[key]
+
+    return wrapped
+
+
+def evaluate_settings(model_path: str, cfg: Any, base_category_ids: list, settings: list[Setting], cache: str) -> int:
+    """Evaluate ``settings`` into ``cache`` (a worker process of a side-by-side selection; one torch thread)."""
+    from gridclip.utils.threads import torch_threads
+
+    with torch_threads(1):
+        evaluate = cached(held_out_evaluator(model_path, cfg, base_category_ids), Path(cache))
+        for s in settings:
+            evaluate(s)
+    return len(settings)
+
+
+def run_selection(variant: str, world_dir: str | Path, held_out_dir: str | Path, out_dir: str | Path, *,
+                  seed: int = 0, iters: int = 400, model: str | Path | None = None,
+                  work_dir: str | Path = "runs/ensemble_selection", clip: str | None = None,
+                  teacher: str | None = None, overrides: Sequence[str] = (), jobs: int = 1) -> dict[str, Any]:
+    """Train ``variant`` (seed, iters) on ``world_dir``'s det_train as the study does (or take the trained
+    ``model``), evaluate the grid on ``held_out_dir``'s val, write ``out_dir/selection.json``.
+    ``clip`` / ``teacher`` / ``overrides``: as the study's (default: the shipped CLIPs, no overrides).
+    ``jobs``: step 1's settings evaluated side by side in that many spawned processes (same numbers)."""
+    from gridclip.data.datasets import build_train_dataset
+    from gridclip_lab.study.spec import StudySpec, run_config
+    from gridclip_lab.variants import VARIANTS, run_side_by_side, run_variant
+    from gridclip_lab.world.shapes import load_world
+
+    if VARIANTS.get(variant, {}).get("clip_ensemble", "off") == "off":
+        ensembles = [v for v, s in VARIANTS.items() if s.get("clip_ensemble", "off") != "off"]
+        raise ValueError(f"--variant: {variant!r} has no ensemble; expected one of {ensembles}")
+    world, held_out = load_world(world_dir), load_world(held_out_dir)
+    train_categories = json.loads((world.root / "val.json").read_text())["categories"]
+    held_categories = json.loads((held_out.root / "val.json").read_text())["categories"]
+    if [(c["id"], c["name"], c.get("frequency")) for c in train_categories] != \
+            [(c["id"], c["name"], c.get("frequency")) for c in held_categories]:
+        raise ValueError(f"{held_out.root}: its categories differ from {world.root}'s; a held-out split needs the same ones")
+    if held_out.root.resolve() == world.root.resolve() or held_out.seed == world.seed:
+        raise ValueError("held-out world: must be drawn with another seed than the training world "
+                         "(whose val is the reported split)")
+
+    spec = StudySpec(variants=(variant,), seeds=(seed,), iters=(iters,), pairs=(), clip_model=clip,
+                     teacher_model=teacher, overrides=tuple(overrides))
+    cfg = run_config(spec, world.root, variant, seed, iters, 0)
+    base_ids = list(build_train_dataset(cfg.data).category_ids)
+    cfg = run_config(spec, world.root, variant, seed, iters, len(base_ids))
+    cfg.data.val_json, cfg.data.val_images = str(held_out.root / "val.json"), str(held_out.root / "val" / "images")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(work_dir) / "evaluations.json"
+    cfg.out_dir = str(work_dir)
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    selection: dict[str, Any] = {}
+
+    def evaluate_grid(model_path: str, run_cfg: Any, ids: list) -> dict:
+        def prefetch(settings: list[Setting]) -> None:
+            if jobs > 1:
+                done = json.loads(cache.read_text()) if cache.is_file() else {}
+                todo = [s for s in settings if setting_id(s) not in done]
+                chunks = [todo[k::jobs] for k in range(jobs)]
+                run_side_by_side(evaluate_settings, [(model_path, run_cfg, ids, c, str(cache)) for c in chunks if c],
+                                 jobs, lambda i, n: None)
+
+        selection.update(select(cached(held_out_evaluator(model_path, run_cfg, ids), cache), prefetch))
+        return selection["chosen"]
+
+    kept = Path(model) if model else Path(work_dir) / "model.pt"
+    if not kept.is_file():
+        cache.unlink(missing_ok=True)  # the evaluations of an earlier model
+    if kept.is_file():
+        from gridclip.utils.threads import torch_threads
+
+        with torch_threads(1):
+            evaluate_grid(str(kept), cfg, base_ids)
+        trained = f"reused {kept.name}"
+    else:
+        run_variant(cfg, base_ids, evaluate_fn=evaluate_grid)
+        trained = "trained"
+    report = {"variant": variant, "seed": seed, "iters": iters, "base_model": trained,
+              "world": {"folder": world.root.name, "seed": world.seed, "version": world.version, "design": world.design},
+              "held_out_world": {"folder": held_out.root.name, "seed": held_out.seed, "version": held_out.version,
+                                 "design": held_out.design},
+              "held_out_split": "val", "base_category_ids": base_ids, **selection}
+    atomic_write_json(out / "selection.json", report)
+    return report
