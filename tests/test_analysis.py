@@ -641,3 +641,28 @@ def test_study_sections_leave_out_what_a_study_did_not_run(tmp_path):
     assert "No run of this study kept its model file" in text
     full = "\n".join(render_study_sections(_made_up_study(tmp_path / "again"), None, None, tmp_path / "results.md"))
     assert "### The head's embedding conv: 1x1 (default) vs 3x3" in full
+
+
+def test_knowledge_section_comparisons_and_goal_by_hand(tmp_path):
+    from gridclip_lab.analysis.study_doc import render_study_sections
+
+    path = _made_up_study(tmp_path)
+    study = json.loads(path.read_text())
+    text = "\n".join(render_study_sections(path, None, None, tmp_path / "results.md"))
+    assert "Keeping CLIP's knowledge" not in text  # no ensemble / frozen-trunk run in the study
+    # grid only APr 48, 44, 48; the ensemble +6, +7, +8 over it; the frozen trunk +1, -1, +3
+    per = {"grid only + ensemble": [0.54, 0.51, 0.56], "frozen trunk": [0.49, 0.43, 0.51]}
+    for v, apr in per.items():
+        for s in range(3):
+            study["runs"].append({"variant": v, "seed": s, "iters": 400, "key": f"{v}-{s}", "run_dir": f"runs/{v}-{s}",
+                                  "metrics": {"AP": 0.5, "APr": apr[s], "APc": 0.45, "APf": 0.6}, "seconds": 60.0})
+    path.write_text(json.dumps(study))
+    text = "\n".join(render_study_sections(path, None, None, tmp_path / "results.md"))
+    # +6, +7, +8 -> +7.0, CI 7.0 +- 4.303 * 1.0 / sqrt(3) = [+4.5, +9.5]
+    assert ("grid only + ensemble − grid only, AP_r, 400 iterations: not in the paper; world +7.0 [+4.5, +9.5] "
+            "(n=3): **higher**") in text
+    assert "goal (AP_r +5 over grid only, CI excluding 0), grid only + ensemble, 400 iterations: **met**" in text
+    # +1, -1, +3 -> +1.0, within noise, goal not met
+    assert "frozen trunk − grid only, AP_r, 400 iterations: not in the paper; world +1.0" in text
+    assert "goal (AP_r +5 over grid only, CI excluding 0), frozen trunk, 400 iterations: **not met**" in text
+    assert "frozen trunk + ensemble" not in text  # not run

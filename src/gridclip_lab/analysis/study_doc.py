@@ -159,9 +159,46 @@ def render_study_sections(study_path: str | os.PathLike, finetune_path: str | os
             if t.has("3x3 embed", iters) and t.has("GridCLIP", iters):
                 for m in ("APr", "AP"):
                     lines.append("* " + _comparison(t, "GridCLIP", "3x3 embed", iters, m, None))
+    lines += knowledge_section(t)
     lines += _forgetting(t, study_path, figures_dir, rel, clip_recall_start)
     if finetune_path is not None and Path(finetune_path).is_file():
         lines += _finetune(json.loads(Path(finetune_path).read_text()), Path(finetune_path), figures_dir, rel)
+    return lines
+
+
+# Keeping CLIP's knowledge (not in the paper): the frozen-CLIP ensemble (F-VLM) and the frozen trunk,
+# each against grid only (the issue's reference) and the ensembles against their own base model
+KNOWLEDGE_ROWS = ("grid only", "GridCLIP", "frozen trunk", "grid only + ensemble", "frozen trunk + ensemble")
+KNOWLEDGE_PAIRS = (("grid only + ensemble", "grid only"), ("frozen trunk", "grid only"),
+                   ("frozen trunk + ensemble", "grid only"), ("frozen trunk + ensemble", "frozen trunk"),
+                   ("grid only + ensemble", "GridCLIP"))
+KNOWLEDGE_GOAL_APR = 0.05  # the goal: AP_r +5 points over grid only, CI excluding 0
+
+
+def knowledge_section(t: StudyTables) -> list[str]:
+    """The ensemble / frozen-trunk rows, their paired comparisons and whether the AP_r goal is met;
+    nothing when none of them was run."""
+    if not any(t.has(v, iters) for v in KNOWLEDGE_ROWS[2:] for iters in t.lengths):
+        return []
+    lines = ["", "### Keeping CLIP's knowledge: frozen-CLIP ensemble and frozen trunk (not in the paper)", "",
+             "`grid only + ensemble`: grid only's detector with its scores combined with the frozen CLIP's at "
+             "inference (F-VLM; settings chosen on a held-out world's val, `results/ensemble_selection/`); "
+             "`frozen trunk`: grid only with the CLIP trunk and attnpool frozen. Goal: AP_r at least +5 over grid "
+             "only with the CI excluding 0.", ""]
+    lines += _table(t, [v for v in KNOWLEDGE_ROWS if any(t.has(v, i) for i in t.lengths)],
+                    ("APr", "APc", "APf", "AP"), None, "paper")
+    lines.append("")
+    for iters in t.lengths:
+        for a, b in KNOWLEDGE_PAIRS:
+            if t.has(a, iters) and t.has(b, iters):
+                for m in ("APr", "AP"):
+                    lines.append("* " + _comparison(t, a, b, iters, m, None))
+        for a in ("grid only + ensemble", "frozen trunk + ensemble", "frozen trunk"):
+            if t.has(a, iters) and t.has("grid only", iters):
+                d = t.diff(a, "grid only", iters, "APr")
+                met = d["ci"] is not None and d["mean"] >= KNOWLEDGE_GOAL_APR and d["ci"][0] > 0
+                lines.append(f"* goal (AP_r +5 over grid only, CI excluding 0), {a}, {iters} iterations: "
+                             f"**{'met' if met else 'not met'}** ({_fmt_diff(d)})")
     return lines
 
 
