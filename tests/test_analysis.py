@@ -666,3 +666,70 @@ def test_knowledge_section_comparisons_and_goal_by_hand(tmp_path):
     assert "frozen trunk − grid only, AP_r, 400 iterations: not in the paper; world +1.0" in text
     assert "goal (AP_r +5 over grid only, CI excluding 0), frozen trunk, 400 iterations: **not met**" in text
     assert "frozen trunk + ensemble" not in text  # not run
+
+
+def test_close_set_frequency_figure_means_over_seeds_and_least_frequent_half_by_hand(tmp_path):
+    """Fig. 3(a) of a study: per-category AP averaged over seeds, base categories only, in order of
+    training image count; the least frequent half's AP per seed and its paired CI, by hand."""
+    from gridclip_lab.analysis.study_doc import render_study_sections
+
+    path = _made_up_study(tmp_path)
+    study = json.loads(path.read_text())
+    # training images per category: c1 5, c2 1, c3 3, c4 2, c5 (novel) 0 -> base order c2, c4, c3, c1
+    train_anns = [{"id": 100 + 10 * c + i, "image_id": i, "category_id": c, "bbox": [0, 0, 4, 4], "area": 16}
+                  for c, n in {1: 5, 2: 1, 3: 3, 4: 2}.items() for i in range(n)]
+    cats = json.loads((tmp_path / "world" / "val.json").read_text())["categories"]
+    (tmp_path / "world" / "det_train.json").write_text(json.dumps({"images": [], "annotations": train_anns, "categories": cats}))
+    per_category = {
+        "FCOS w/o align": lambda s: {1: 0.9, 2: 0.5 + 0.1 * s, 3: 0.7, 4: 0.3, 5: 0.2},
+        "FCOS w/o align, supervised trunk": lambda s: {1: 0.8, 2: 0.1, 3: 0.6, 4: 0.1 + 0.05 * s},
+    }
+    for s in range(3):
+        study["runs"].append({"variant": "FCOS w/o align, supervised trunk", "seed": s, "iters": 400,
+                              "key": f"sup-{s}", "run_dir": f"runs/sup-{s}",
+                              "metrics": {"AP": 0.4, "APr": -1.0, "APc": 0.3, "APf": 0.6}, "seconds": 60.0})
+    for run in study["runs"]:
+        if run["variant"] in per_category:
+            d = tmp_path / run["run_dir"]
+            d.mkdir(parents=True)
+            (d / "per_category_ap.json").write_text(json.dumps({str(k): v for k, v in per_category[run["variant"]](run["seed"]).items()}))
+    path.write_text(json.dumps(study))
+    figures = tmp_path / "figures"
+    text = "\n".join(render_study_sections(path, None, figures, tmp_path / "results.md"))
+
+    assert (figures / "fig3a_trunks_400.png").stat().st_size > 0
+    with open(figures / "fig3a_trunks_400.csv") as f:
+        table = list(csv.reader(f))
+    assert [r[0] for r in table[1:]] == ["2", "4", "3", "1"]  # by training count; the novel c5 left out
+    assert [r[3] for r in table[1:]] == ["1", "2", "3", "5"]
+    assert table[0][4].endswith("(n=3)") and len(table[0]) == 6  # two variants drawn, the others had no runs
+    assert [float(r[4]) for r in table[1:]] == pytest.approx([0.6, 0.3, 0.7, 0.9])  # FCOS: mean over seeds
+    assert [float(r[5]) for r in table[1:]] == pytest.approx([0.1, 0.15, 0.6, 0.8])
+    # least frequent half (c2, c4): FCOS 0.40, 0.45, 0.50; supervised 0.100, 0.125, 0.150
+    assert "| 45.0 ± 5.0 (n=3) |" in text and "| 12.5 ± 2.5 (n=3) |" in text
+    # differences 0.300, 0.325, 0.350: mean 32.5, CI 32.5 +- 4.303 * 2.5 / sqrt(3) = [+26.3, +38.7]
+    assert ("FCOS w/o align − FCOS w/o align, supervised trunk, AP of the least frequent half, 400 iterations: "
+            "+32.5 [+26.3, +38.7] (n=3): **higher**") in text
+    assert "![Fig. 3(a), world](figures/fig3a_trunks_400.png)" in text
+    # without per-category files (runs recorded before they were written): no figure, no section
+    for f in tmp_path.rglob("per_category_ap.json"):
+        f.unlink()
+    assert "Fig. 3(a)" not in "\n".join(render_study_sections(path, None, tmp_path / "none", tmp_path / "results.md"))
+
+
+def test_study_runs_record_their_per_category_ap(tmp_path, monkeypatch):
+    """evaluate_variant writes the evaluator's per-category AP beside the run, keys as strings."""
+    import gridclip.checkpoint as checkpoint_module
+    import gridclip.engine.evaluate as evaluate_module
+    from gridclip.config import Config
+    from gridclip_lab.variants import evaluate_variant
+
+    evaluation = evaluate_module.Evaluation(style="lvis", metrics={"AP": 0.5, "AP50": 0.6, "APr": 0.1, "APc": 0.4, "APf": 0.7},
+                                            per_category_ap={7: 0.25, 3: 0.75})
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", lambda path: path)
+    monkeypatch.setattr(evaluate_module, "evaluate_base_trained", lambda model, cfg, base: (evaluation, []))
+    cfg = Config()
+    cfg.out_dir = str(tmp_path)
+    metrics = evaluate_variant("model.pt", cfg, [3])
+    assert metrics["APc"] == 0.4
+    assert json.loads((tmp_path / "per_category_ap.json").read_text()) == {"3": 0.75, "7": 0.25}

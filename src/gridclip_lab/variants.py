@@ -129,12 +129,15 @@ def apply_variant(cfg: Config, variant: str, settings: dict[str, Any], num_base_
 
 def evaluate_variant(model_path: str, cfg: Config, base_category_ids: list[int], *,
                      write_results: bool = False) -> dict[str, float]:
-    """LVIS-style metrics of a trained run on the world's val split (every category; AP_r = novel);
+    """LVIS-style metrics of a trained run on the world's val split (every category; AP_r = novel); its
+    per-category AP to ``<cfg.out_dir>/per_category_ap.json`` (for AP-vs-frequency figures);
     ``write_results``: its detections also to ``<cfg.out_dir>/results.json``."""
     from gridclip.checkpoint import load_checkpoint
     from gridclip.engine.evaluate import evaluate_base_trained
 
     evaluation, results = evaluate_base_trained(load_checkpoint(model_path), cfg, base_category_ids)
+    atomic_write_json(Path(cfg.out_dir) / "per_category_ap.json",
+                      {str(k): v for k, v in sorted(evaluation.per_category_ap.items())})
     if write_results:
         atomic_write_json(Path(cfg.out_dir) / "results.json", results, indent=None)
     return {k: evaluation.metrics[k] for k in METRICS}

@@ -17,6 +17,7 @@ from typing import Sequence
 from gridclip_lab.analysis.finetune_figure import plot_finetune
 from gridclip_lab.analysis.forgetting import KS, plot_forgetting, study_recall
 from gridclip_lab.analysis.paper import TABLE4, TABLE5, paper_difference
+from gridclip_lab.analysis.study_frequency import least_frequent_ap, write_close_set_figure
 from gridclip_lab.study.stats import paired_differences, summarize
 from gridclip_lab.variants import LABELS as VARIANT_LABELS
 
@@ -142,6 +143,7 @@ def render_study_sections(study_path: str | os.PathLike, finetune_path: str | os
             if t.has(a, iters) and t.has("FCOS w/o align", iters):
                 lines.append("* " + _comparison(t, a, "FCOS w/o align", iters, "APbase", _as_ap(TABLE4)))
     lines += _trunk_comparisons(t)
+    lines += _close_set_frequency(t, study_path, figures_dir, rel)
     lines += ["", "### Table 5: the effect of image-level alignment on novel categories (open set)", ""]
     t5 = ["grid only", *_aligned(t)]
     lines += _table(t, t5, ("APr", "APc", "APf", "AP"), TABLE5, "paper AP_r / AP_c / AP_f / AP")
@@ -223,6 +225,41 @@ def _trunk_comparisons(t: StudyTables) -> list[str]:
                  ""] + lines
         lines += ["", "The top section's order of the means (the comparisons above say which gaps the CIs resolve):",
                   ""] + orders
+    return lines
+
+
+def _close_set_frequency(t: StudyTables, study_path: Path, figures_dir, rel) -> list[str]:
+    """Fig. 3(a) for the top section at the longest schedule whose runs wrote per-category AP, with the
+    AP of the least frequent half of the base categories per variant and the trunk comparisons on it."""
+    if figures_dir is None:
+        return []
+    for iters in reversed(t.lengths):
+        path = Path(figures_dir) / f"fig3a_trunks_{iters}.png"
+        rows, per_variant = write_close_set_figure(study_path, TOP_SECTION, iters, path,
+                                                   [VARIANT_LABELS.get(v, v) for v in TOP_SECTION])
+        if per_variant:
+            break
+    else:
+        return []
+    low = {v: least_frequent_ap(s, rows) for v, s in per_variant.items()}
+    half = len(rows) // 2
+    lines = ["", f"Fig. 3(a) on the world (close set, {iters} iterations): per-category AP of the top section's "
+             f"rows, mean over seeds, against each base category's training image count; the paper reads it for "
+             f"the least frequent categories, so the AP of the least frequent half ({half} of {len(rows)} base "
+             f"categories, at most {rows[half - 1].train_image_count if half else 0} training images each) is "
+             "given per seed below.", "", f"![Fig. 3(a), world]({rel(path)})", "",
+             "| variant | iterations | AP, least frequent half |", "|---|---|---|"]
+    for v, values in low.items():
+        s = summarize(list(values.values()))
+        cell = f"{100 * s['mean']:.1f} ± {100 * (s['std'] or 0):.1f} (n={s['n']})"
+        lines.append(f"| {VARIANT_LABELS.get(v, v)} | {iters} | {cell} |")
+    lines.append("")
+    for clip in ("w/o MHSA w/o align", "FCOS w/o align"):
+        for trunk in TRUNK_ROWS:
+            if clip in low and trunk in low:
+                d = paired_differences(low[clip], low[trunk])
+                lines.append(f"* {clip} − {trunk}, AP of the least frequent half, {iters} iterations: "
+                             f"{_fmt_diff(d)}: **{direction(None, d['ci'])}**")
     return lines
 
 

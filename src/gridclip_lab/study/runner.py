@@ -66,7 +66,7 @@ def run_study(spec: StudySpec, out_dir: str | os.PathLike, *, world_dir: str | o
     """Run (or resume) ``spec`` in ``out_dir``; returns the study dict, also written to OUT/study.json.
 
     ``world_dir``: an existing world (default: generate ``spec``'s into OUT/world, cached). Runs live
-    in OUT/runs/<key[:16]>/ (config.yaml, result.json; model.pt only with ``keep_models``).
+    in OUT/runs/<key[:16]>/ (config.yaml, result.json, per_category_ap.json; model.pt only with ``keep_models``).
     ``train_fn(cfg, out_dir, progress=False) -> summary with "model"`` and ``evaluate_fn(model_path,
     cfg, base_category_ids) -> metrics`` default to the library's trainer and :func:`gridclip_lab.variants.evaluate_variant`.
     ``train_missing`` False: only gather the finished runs (the study's report so far; trains nothing).
