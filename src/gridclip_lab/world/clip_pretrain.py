@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from gridclip.clip.loader import builtin_clip_dir, get_tokenizer, load_clip, register_model_configs
 from gridclip.clip.prompts import VILD_TEMPLATES
 from gridclip.clip.vocabulary import encode_names
+from gridclip_lab.world.pretrain_recipe import RecipeConfig, make_optimizer
 from gridclip_lab.world.shapes import ensure_captions, load_world, single_object_images
 from gridclip.engine.distributed import DistInfo, barrier, init_distributed
 
@@ -60,19 +61,11 @@ ZERO_SHOT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a {}.", "a picture 
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RecipeConfig):
     """Hyper-parameters of one contrastive run (defaults: docs/world.md, notes/tiny-clip-feasibility.md)."""
     model: str = "shapes-RN-tiny"
     steps: int | None = None        # reproducible length; None -> run for ``minutes``
     minutes: float | None = None
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    seed: int = 0
-    # torch intra-op threads. 1 by default: on a shared 2-core machine two OpenMP threads ran 3.7x
-    # slower than one (159 vs 43 img/s), and the thread count is part of bit-reproducibility.
-    threads: int | None = 1
     # LiT-style option for the teacher: copy the text tower of this trained CLIP dir and freeze it, so
     # only the image tower learns (into an already well-separated text space).
     text_from: str | None = None
@@ -98,18 +91,6 @@ def _normalise(images_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, s
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # open_clip's training recipe: no decay on gains, biases, norms and the temperature
-    def no_decay(n: str, p: torch.Tensor) -> bool:
-        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [
-        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
-        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": weight_decay},
-    ]
 
 
 def train_clip(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: PretrainConfig,
@@ -148,7 +129,7 @@ def train_clip(world_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Pr
     size = model_cfg["vision_cfg"]["image_size"]
     channels_last = isinstance(model_cfg["vision_cfg"]["layers"], (list, tuple))  # ResNet: 2.6x faster on CPU
     mean, std = torch.tensor(open_clip.OPENAI_DATASET_MEAN), torch.tensor(open_clip.OPENAI_DATASET_STD)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = make_optimizer(model, cfg)
     loss_fn = open_clip.ClipLoss(gather_with_grad=True, rank=info.rank, world_size=info.world_size)
     gen = torch.Generator().manual_seed(cfg.seed)
 

@@ -46,6 +46,7 @@ from gridclip.model.backbone import CLIPResNetTrunk
 from gridclip.model.trunk_weights import save_trunk_weights, trunk_state
 from gridclip.utils.files import read_json
 from gridclip_lab.world.clip_pretrain import _normalise
+from gridclip_lab.world.pretrain_recipe import RecipeConfig, make_optimizer
 from gridclip_lab.world.shapes import ensure_captions, load_world
 
 METHODS = ("supervised", "swav")
@@ -56,15 +57,9 @@ CLIP_BUDGET_IMAGES = 2400 * 128  # the shipped tiny CLIP's: 2400 steps x batch 1
 
 
 @dataclass
-class TrunkPretrainConfig:
+class TrunkPretrainConfig(RecipeConfig):
     method: str = "supervised"
     steps: int | None = None  # None: the CLIP's budget in trunk image passes (2400 supervised, 1200 SwAV)
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    seed: int = 0
-    threads: int | None = 1
     prototypes: int = 128
     frozen_prototype_steps: int | None = None  # None: one epoch of the caption split
 
@@ -101,13 +96,6 @@ class PooledTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)[-1].mean(dim=(2, 3))
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    named = list(model.named_parameters())
-    no_decay = [p for n, p in named if p.ndim < 2 or "bias" in n or "bn" in n]
-    decay = [p for n, p in named if not (p.ndim < 2 or "bias" in n or "bn" in n)]
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
 def _ssl_views(size: int) -> v2.Compose:
@@ -161,7 +149,7 @@ def pretrain_trunk(world_dir: str | os.PathLike, out_file: str | os.PathLike, cf
     model = nn.ModuleDict({"encoder": encoder, "head": head, **({"prototypes": prototypes} if prototypes else {})})
     model.train()
     trunk.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = make_optimizer(model, cfg)
     mean, std = torch.tensor(open_clip.OPENAI_DATASET_MEAN), torch.tensor(open_clip.OPENAI_DATASET_STD)
 
     def prepare(x_u8: torch.Tensor) -> torch.Tensor:
@@ -176,7 +164,7 @@ def pretrain_trunk(world_dir: str | os.PathLike, out_file: str | os.PathLike, cf
         pos += cfg.batch_size
         warm = min(1.0, (step + 1) / cfg.warmup_steps)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))  # as the shipped trunks: bit-exact
         if cfg.method == "supervised":
             flip = torch.rand(len(idx)) < 0.5
             x = images[idx]
