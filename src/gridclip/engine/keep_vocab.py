@@ -97,16 +97,31 @@ def _start_embeddings(start: nn.Module, image_list) -> Tensor:
     return start.head.classification_head.embeddings(features, cells)
 
 
-class KeepVocabulary:
+class WeightInterpolation:
+    """Plain fine-tuning's only addition: WiSE-FT at the end (``alpha`` < 1); no training hook."""
+
+    def __init__(self, start_state: dict[str, Tensor], alpha: float):
+        self.start_state = start_state
+        self.alpha = alpha
+
+    def finish(self, model: nn.Module) -> None:
+        """Replace the fine-tuned weights by the interpolation (nothing at ``alpha`` 1)."""
+        interpolate_with_start(model, self.start_state, self.alpha)
+
+    def detach(self, model: nn.Module) -> None:
+        pass
+
+
+class KeepVocabulary(WeightInterpolation):
     """The ``keep_vocab`` recipe for one run: the model's :attr:`training_hook` (see module docstring)
     and :meth:`finish` (the interpolation). ``keep_text``: normalised embeddings ``[K, D]`` of the names
     whose start scores decide what is ignored (None: nothing is ignored)."""
 
     def __init__(self, recipe: FinetuneConfig, start: nn.Module, start_state: dict[str, Tensor],
                  keep_text: Tensor | None):
+        super().__init__(start_state, finetune_alpha(recipe))
         self.recipe = recipe
         self.start = start.eval().requires_grad_(False)
-        self.start_state = start_state
         self.keep_text = keep_text
         self.ignores = recipe.ignore_score is not None and keep_text is not None and len(keep_text) > 0
 
@@ -130,26 +145,8 @@ class KeepVocabulary:
                 extra["loss_distill"] = self.recipe.distill * distillation_loss(embeddings, start_embeddings, outside)
         return {"cls_logits": logits, "bbox_regression": regression, "bbox_ctrness": ctrness}, extra
 
-    def finish(self, model: nn.Module) -> None:
-        """Replace the fine-tuned weights by the interpolation (nothing at ``alpha`` 1)."""
-        interpolate_with_start(model, self.start_state, finetune_alpha(self.recipe))
-
     def detach(self, model: nn.Module) -> None:
         model.training_hook = None
-
-
-class WeightInterpolation:
-    """Plain fine-tuning's only addition: WiSE-FT at the end (``alpha`` < 1); no training hook."""
-
-    def __init__(self, start_state: dict[str, Tensor], alpha: float):
-        self.start_state = start_state
-        self.alpha = alpha
-
-    def finish(self, model: nn.Module) -> None:
-        interpolate_with_start(model, self.start_state, self.alpha)
-
-    def detach(self, model: nn.Module) -> None:
-        pass
 
 
 @torch.no_grad()
@@ -185,13 +182,13 @@ def attach_finetune(model: nn.Module, cfg: Config,
         logger.info("train.finetune: %s has no open vocabulary to keep; plain fine-tuning", type(model).__name__)
         mode = "plain"
     alpha = finetune_alpha(recipe)
+    if mode == "plain" and alpha == 1.0:
+        return None
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if mode == "plain":
-        if alpha == 1.0:
-            return None
-        return WeightInterpolation({k: v.detach().clone() for k, v in model.state_dict().items()}, alpha)
+        return WeightInterpolation(state, alpha)
     start = load_checkpoint(cfg.train.init_from, device)
     start.restore_training_form()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     keeper = KeepVocabulary(recipe, start, state, _keep_text(recipe, start, model))
     model.training_hook = keeper
     return keeper
