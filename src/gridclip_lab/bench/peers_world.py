@@ -36,10 +36,18 @@ from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
 from gridclip.engine.train import train
 from gridclip.model import build_model
 from gridclip_lab.plugin import CONFIG_DIR
+from gridclip_lab.study.stats import paired_differences
+from gridclip_lab.variants import VARIANTS, apply_variant
 
-METHODS = ("clip_crops", "vild_text", "vild", "gridclip")
+METHODS = ("clip_crops", "vild_text", "vild", "gridclip", "grid_only", "grid_ensemble")
 LABELS = {"clip_crops": "CLIP on cropped regions", "vild_text": "ViLD-text", "vild": "ViLD (text + image)",
-          "gridclip": "GridCLIP"}
+          "gridclip": "GridCLIP", "grid_only": "GridCLIP w/o image align (grid only)",
+          "grid_ensemble": "grid only + frozen-CLIP ensemble"}
+# GridCLIP's study variants on the bench: the keeping-CLIP's-knowledge recipe beside the peers (issue 23)
+GRIDCLIP_VARIANTS = {"gridclip": "GridCLIP", "grid_only": "grid only", "grid_ensemble": "grid only + ensemble"}
+# paired by seed in the report: each of GridCLIP's variants against the strongest peer on novel categories
+COMPARISONS = (("grid_ensemble", "vild_text"), ("grid_ensemble", "grid_only"), ("grid_only", "vild_text"),
+               ("gridclip", "vild_text"))
 PAPER = {  # paper Table 1 (LVIS v1 val, mask AP for the peers) and Table 2
     "clip_crops": {"APr": 19.5, "APc": 19.7, "APf": 17.0, "AP": 18.6},
     "vild": {"APr": 16.3, "APc": 21.2, "APf": 31.6, "AP": 24.4, "params_m": 60.5, "gpu_hours": 3064, "fps": 3.3},
@@ -51,7 +59,10 @@ def _config(world: Path, run_dir: Path, method: str, seed: int, iters: int):
     cfg = demo_config(world, builtin_clip_dir(CLIP_NAME), builtin_clip_dir(TEACHER_NAME), run_dir, iters)
     cfg.train.seed = seed
     cfg.train.warmup_iters = min(cfg.train.warmup_iters, iters // 5)  # short schedules: warmup <= 20 % of the run
-    if method != "gridclip":
+    if method in GRIDCLIP_VARIANTS:
+        variant = GRIDCLIP_VARIANTS[method]
+        cfg = apply_variant(cfg, variant, VARIANTS[variant], cfg.model.num_classes)
+    else:
         peers = yaml.safe_load((CONFIG_DIR / "shapes_peers.yaml").read_text())["model"]
         model = {**config_to_dict(cfg.model), **peers}
         model["arch"] = "vild" if method.startswith("vild") else "clip_crops"
@@ -151,6 +162,16 @@ def report(results: dict, speed: dict | None = None) -> str:
                   f"{speed['vild_over_gridclip']:.2f}x (paper, GPU: 19.5 / 3.3 = 5.9x FPS). Inference parameters: "
                   f"GridCLIP {speed['params']['gridclip'] / 1e6:.1f} M, ViLD {speed['params']['vild'] / 1e6:.1f} M "
                   "(paper: 56.4 M and 60.5 M with ViLD's mask head)."]
+    pairs = []
+    for a, b in COMPARISONS:
+        for k in ("APr", "AP"):
+            d = paired_differences({r["seed"]: r[k] for r in by[a]}, {r["seed"]: r[k] for r in by[b]})
+            if d["n"]:
+                ci = f" [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]" if d["ci"] else " (no CI)"
+                pairs.append(f"* {LABELS[a]} − {LABELS[b]}, {'AP_r' if k == 'APr' else k}: "
+                             f"{100 * d['mean']:+.1f}{ci} (n={d['n']}, paired by seed)")
+    if pairs:
+        lines += ["", "Paired by seed, mean [95 % Student-t CI]:", "", *pairs]
     g, v = by["gridclip"], by["vild"]
     if g and v:
         cost = statistics.mean(r["total_train_cpu_s"] for r in v) / statistics.mean(r["total_train_cpu_s"] for r in g)

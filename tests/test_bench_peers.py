@@ -1,0 +1,47 @@
+"""gridclip-lab bench-peers: GridCLIP's study variants on the peers bench get exactly the study's model
+settings, and the report's paired comparisons are computed by seed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gridclip.config import config_to_dict
+from gridclip_lab.bench.peers_world import GRIDCLIP_VARIANTS, _config, report
+from gridclip_lab.variants import ENSEMBLE_SETTINGS, VARIANTS
+
+
+@pytest.mark.parametrize("method", sorted(GRIDCLIP_VARIANTS))
+def test_gridclip_variants_on_the_bench_are_the_study_variants(tmp_path, method):
+    base = config_to_dict(_config(tmp_path / "world", tmp_path / "run", "gridclip", 1, 100))
+    cfg = _config(tmp_path / "world", tmp_path / "run", method, 1, 100)
+    got = config_to_dict(cfg)
+    changed = {k for k in got["model"] if got["model"][k] != base["model"][k]}
+    assert changed == {k for k, v in VARIANTS[GRIDCLIP_VARIANTS[method]].items() if base["model"][k] != v}
+    assert {k: v for k, v in got.items() if k != "model"} == {k: v for k, v in base.items() if k != "model"}
+    assert cfg.train.seed == 1 and cfg.train.max_iters == 100 and cfg.train.warmup_iters == 20
+    if method == "grid_ensemble":
+        assert {k: getattr(cfg.model, k) for k in ENSEMBLE_SETTINGS} == ENSEMBLE_SETTINGS
+        assert cfg.model.image_align is False and cfg.model.grid_align is True
+
+
+def _record(method: str, seed: int, apr: float, ap: float) -> dict:
+    return {"method": method, "seed": seed, "iters": 100, "AP": ap, "AP50": ap, "APr": apr, "APc": ap, "APf": ap,
+            "params": 2e6, "total_train_cpu_s": 60.0, "train_cpu_s": 60.0, "infer_images": 10, "infer_cpu_s": 1.0,
+            "infer_wall_s": 1.0}
+
+
+def test_report_pairs_by_seed_by_hand():
+    results = {}
+    for s, (ens, vild) in enumerate([(0.33, 0.30), (0.35, 0.31), (0.34, 0.29)]):
+        results[f"grid_ensemble/{s}"] = _record("grid_ensemble", s, ens, 0.40)
+        results[f"vild_text/{s}"] = _record("vild_text", s, vild, 0.38 + 0.01 * s)
+    results["grid_only/0"] = _record("grid_only", 0, 0.30, 0.40)  # one seed: a difference without a CI
+    text = report(results)
+    # AP_r differences +3, +4, +5: mean +4.0, CI 4.0 +- 4.303 * 1 / sqrt(3) = [+1.5, +6.5]
+    assert "* grid only + frozen-CLIP ensemble − ViLD-text, AP_r: +4.0 [+1.5, +6.5] (n=3, paired by seed)" in text
+    # AP differences +2, +1, 0: mean +1.0 [-1.5, +3.5]
+    assert "* grid only + frozen-CLIP ensemble − ViLD-text, AP: +1.0 [-1.5, +3.5] (n=3, paired by seed)" in text
+    assert "* grid only + frozen-CLIP ensemble − GridCLIP w/o image align (grid only), AP_r: +3.0 (no CI) (n=1" in text
+    assert "| grid only + frozen-CLIP ensemble | 0,1,2 |" in text
+    assert "GridCLIP − ViLD-text" not in text  # no GridCLIP runs
