@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                      "per-stage CPU times, GridCLIP vs FCOS-R50 under the same rewrites"),
     "bench-train": ("gridclip_lab.commands.bench_train",
                     "training images/s of the study's variants (frozen trunk, GridCLIP, ...) vs FCOS w/o align"),
+    "bench-infer": ("gridclip_lab.commands.bench_infer",
+                    "inference time of the study's variants (frozen-CLIP ensemble) vs GridCLIP at 800x1333"),
     "bench-load-predict": ("gridclip_lab.commands.bench_load_predict",
                            "gridclip.load().predict vs the model gridclip detect runs"),
     "bench-peers": ("gridclip_lab.commands.bench_peers", "GridCLIP vs ViLD and CLIP-on-crops on the world (paper Tables 1-2)"),

@@ -1,0 +1,46 @@
+"""``gridclip-lab bench-infer``: inference time of the study's variants (the frozen-CLIP ensemble) at the
+paper's scale, as ratios in one process (:mod:`gridclip_lab.bench.infer_variants`); writes its section of
+docs/benchmarks.md and the raw times as JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from gridclip_lab.bench.infer_variants import DEFAULT_VARIANTS, render, run
+from gridclip_lab.commands.bench import parse_size
+from gridclip_lab.utils.doc_sections import write_section
+from gridclip.utils.atomic import atomic_write_json
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="gridclip-lab bench-infer", description=__doc__.split("\n")[0])
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma list of study variants (default: {','.join(DEFAULT_VARIANTS)}; GridCLIP, the "
+                        "reference, is always added)")
+    p.add_argument("--size", default="800x1333", help="HxW (default 800x1333)")
+    p.add_argument("--classes", type=int, default=1203, help="vocabulary size K (default 1203, LVIS)")
+    p.add_argument("--rounds", type=int, default=3, help="timed calls per variant (default 3)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--json", default="bench_infer.json", help="raw results (default ./bench_infer.json)")
+    p.add_argument("--report-from", help="render the section from an earlier --json file instead of measuring")
+    p.add_argument("--doc", default="benchmarks.md", help="document whose infer-variants section is replaced "
+                                                          "(default ./benchmarks.md; the repository's is docs/benchmarks.md)")
+    a = p.parse_args(list(argv))
+    if a.report_from:
+        data = json.loads(Path(a.report_from).read_text(encoding="utf-8"))
+    else:
+        if min(a.rounds, a.classes, a.threads) < 1:
+            raise ValueError("--rounds, --classes and --threads: expected integers >= 1")
+        variants = tuple(v.strip() for v in a.variants.split(",") if v.strip())
+        height, width = parse_size(a.size)
+        torch.set_num_threads(a.threads)
+        data = run(variants, height, width, a.classes, rounds=a.rounds, log=print)
+        atomic_write_json(a.json, data)
+    write_section(a.doc, "infer-variants", render(data))
+    print(render(data))
+    print(f"wrote {a.doc} (infer-variants section)" + ("" if a.report_from else f" and {a.json}"))
+    return 0
