@@ -400,3 +400,15 @@ def test_run_key_follows_the_trunk_weights_file_contents(tmp_path):
     assert key != run_key(run_config(spec, tmp_path, "FCOS w/o align", 0, 10, 38), tmp_path)
     (tmp_path / "trunk.pt").write_bytes(b"trunk v2")  # retrained, same path
     assert run_key(cfg, tmp_path) != key
+
+
+def test_variants_on_the_command_line_drop_the_spec_pairs_they_leave_out(tmp_path):
+    from gridclip_lab.commands.study import build_parser, spec_from_args
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"variants": ["GridCLIP", "grid only", "FCOS w/o align"],
+                                     "pairs": [["GridCLIP", "grid only"], ["grid only", "FCOS w/o align"]]}))
+    args = build_parser().parse_args(["--spec", str(spec_file), "--variants", "grid only,FCOS w/o align"])
+    spec = spec_from_args(args)
+    assert spec.variants == ("grid only", "FCOS w/o align")
+    assert [tuple(p) for p in spec.pairs] == [("grid only", "FCOS w/o align")]

@@ -90,6 +90,8 @@ def spec_from_args(a: argparse.Namespace) -> StudySpec:
         values["iters"] = _ints(a.iters, "iters")
     if a.variants or a.seeds or a.iters:
         values.pop("subsets", None)  # the flags define a plain grid: every variant x seed x length
+    if a.variants and "pairs" in values:  # a spec's pairs that the flags' variants leave out are dropped
+        values["pairs"] = [p for p in values["pairs"] if all(v in values["variants"] for v in p)]
     if a.pair is not None:
         values["pairs"] = _pairs(a.pair)
     if a.metrics:
