@@ -132,6 +132,24 @@ def test_dense_ensemble_is_the_value_path_averaged_in_the_box(tiny_cfg):
     torch.testing.assert_close(ens.embeddings(0, boxes), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels,height,width,scale", [(3, 4, 6, 1 / 32), (16, 9, 5, 1 / 8), (8, 1, 1, 1 / 32)])
+def test_box_mean_equals_roi_align_for_any_box(channels, height, width, scale):
+    from gridclip.model.clip_ensemble import box_mean_embeddings
+
+    g = torch.Generator().manual_seed(channels)
+    dense = torch.randn(1, channels, height, width, generator=g, dtype=torch.float64)
+    extent = torch.tensor([width, height], dtype=torch.float64) / scale
+    corner = torch.rand(300, 2, generator=g, dtype=torch.float64) * extent * 1.4 - extent * 0.2  # some outside
+    size = torch.rand(300, 2, generator=g, dtype=torch.float64) ** 3 * extent  # many smaller than a cell
+    edge_cases = torch.tensor([[-300.0, -300.0, -200.0, -200.0], [0.0, 0.0, 1e4, 1e4], [5.0, 5.0, 5.0, 5.0]],
+                              dtype=torch.float64)  # outside the map, over all of it, empty
+    boxes = torch.cat([torch.cat([corner, corner + size], dim=1), edge_cases])
+    want = roi_align(dense, [boxes], 7, spatial_scale=scale, sampling_ratio=2, aligned=True).mean(dim=(2, 3))
+    got = box_mean_embeddings(dense, [boxes], scale, chunk=64)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert box_mean_embeddings(dense, [boxes[:0]], scale).shape == (0, channels)
+
+
 def test_frozen_trunk_gets_no_gradient_and_stays_bit_identical(tiny_cfg):
     torch.manual_seed(0)
     model = GridCLIP(dataclasses.replace(tiny_cfg, freeze_trunk=True))
