@@ -1,4 +1,4 @@
-"""The frozen-CLIP ensemble (F-VLM) and the frozen trunk: the ensemble's detections against an independent
+"""The frozen-CLIP ensemble (F-VLM) and the frozen trunk: the ensemble's detections (roi and dense) against an independent
 reference (torchvision RoIAlign + open_clip's AttentionPool2d + the geometric mean, then torchvision's
 batched NMS), the frozen trunk bit-identical after training, the paper's configs untouched."""
 from __future__ import annotations
@@ -69,9 +69,16 @@ def _reference_detections(model, images, trained, w_base, w_novel, upsample=1.0,
 
         def rescore(i, boxes, scores, labels):
             centre, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) * box_scale / 2
-            rois = roi_align(c5[i:i + 1], [torch.cat([centre - half, centre + half], 1)], frozen_pool.spatial_dim,
-                             spatial_scale=upsample / 32, sampling_ratio=2, aligned=True)
-            emb = F.normalize(pool(rois), dim=-1)
+            enlarged = [torch.cat([centre - half, centre + half], 1)]
+            if c.clip_ensemble == "dense":  # MaskCLIP: the value path as 1x1 convs, averaged in the box
+                dense = F.conv2d(F.conv2d(c5[i:i + 1], pool.v_proj.weight[:, :, None, None], pool.v_proj.bias),
+                                 pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
+                emb = roi_align(dense, enlarged, 7, spatial_scale=upsample / 32, sampling_ratio=2,
+                                aligned=True).mean(dim=(2, 3))
+            else:
+                emb = pool(roi_align(c5[i:i + 1], enlarged, frozen_pool.spatial_dim, spatial_scale=upsample / 32,
+                                     sampling_ratio=2, aligned=True))
+            emb = F.normalize(emb, dim=-1)
             p_clip = (model.clip_logit_scale * emb @ text.t()).softmax(-1)[torch.arange(len(labels)), labels]
             w = torch.where(trained[labels], w_base, w_novel)
             return scores ** (1 - w) * p_clip ** w
@@ -90,10 +97,13 @@ def _reference_detections(model, images, trained, w_base, w_novel, upsample=1.0,
     {},
     {"ensemble_upsample": 2.0, "ensemble_box_scale": 1.5},
     {"freeze_trunk": True},
+    {"clip_ensemble": "dense"},
+    {"clip_ensemble": "dense", "freeze_trunk": True, "ensemble_upsample": 2.0},
 ])
 @torch.no_grad()
-def test_roi_ensemble_equals_reference(tiny_cfg, overrides):
-    model = _model(tiny_cfg, clip_ensemble="roi", ensemble_weight_base=0.3, ensemble_weight_novel=0.7,
+def test_ensemble_equals_reference(tiny_cfg, overrides):
+    overrides = {"clip_ensemble": "roi", **overrides}
+    model = _model(tiny_cfg, ensemble_weight_base=0.3, ensemble_weight_novel=0.7,
                    ensemble_trained_names=("", ), **overrides)
     model.cfg = dataclasses.replace(model.cfg, ensemble_trained_names=model.class_names[:2])
     assert (model.frozen_clip is None) == bool(overrides.get("freeze_trunk"))
@@ -115,7 +125,7 @@ def test_roi_ensemble_equals_reference(tiny_cfg, overrides):
         assert not torch.allclose(g_["scores"][:5], o_["scores"][:5])  # the ensemble changed the scores
     boxes = torch.tensor([[10.0, 20.0, 90.0, 100.0], [0.0, 0.0, 128.0, 128.0], [50.0, 50.0, 70.0, 70.0]])
     e = F.normalize(model.clip_ensemble(model.transform(images)[0].tensors).embeddings(0, boxes), dim=-1)
-    assert (e @ e.t()).triu(1).max() < 0.999  # boxes see different content
+    assert (e @ e.t()).triu(1).max() < (0.999 if overrides["clip_ensemble"] == "roi" else 1 - 1e-5)  # boxes differ
 
 
 @torch.no_grad()

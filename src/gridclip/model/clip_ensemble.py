@@ -96,10 +96,10 @@ def box_mean_embeddings(dense: Tensor, boxes: list[Tensor], spatial_scale: float
     return torch.cat(out) / (points * points) if out else dense.new_zeros(0, channels)
 
 
-def clip_probabilities(embeddings: Tensor, text: Tensor, logit_scale: Tensor, labels: Tensor) -> Tensor:
-    """p_clip of each (embedding, label): softmax over the vocabulary of ``logit_scale * cos``."""
+def clip_probabilities(embeddings: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
+    """[n, K] p_clip: softmax over the vocabulary of ``logit_scale * cos(embedding, text)``."""
     logits = logit_scale * F.normalize(embeddings.float(), dim=-1) @ F.normalize(text.float(), dim=-1).t()
-    return logits.softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)
+    return logits.softmax(dim=-1)
 
 
 def geometric_ensemble(p_det: Tensor, p_clip: Tensor, weights: Tensor) -> Tensor:
@@ -136,5 +136,7 @@ class CLIPEnsemble:
     def __call__(self, image_index: int, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
         if boxes.numel() == 0:
             return scores
-        p_clip = clip_probabilities(self.embeddings(image_index, boxes), self.text, self.logit_scale, labels)
+        # the candidates of one location (one per class) share its box: each distinct box is scored once
+        distinct, which = torch.unique(boxes, dim=0, return_inverse=True)
+        p_clip = clip_probabilities(self.embeddings(image_index, distinct), self.text, self.logit_scale)[which, labels]
         return geometric_ensemble(scores.float(), p_clip, self.weights[labels]).to(scores.dtype)
