@@ -18,7 +18,9 @@ def test_variant_models_carry_the_study_settings_and_counting_changes_nothing(ti
         again = call()
     for a, b in zip(plain, again):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert isinstance(counted, int) and counted >= len(plain[0]["scores"])  # NMS keeps a subset of what was scored
+    candidates, boxes = counted
+    assert candidates >= len(plain[0]["scores"])  # NMS keeps a subset of what was scored
+    assert 0 < boxes <= candidates
     reference, reference_call = variant_call(REFERENCE, 128, 128, 6, seed=0, clip_model=tiny_clip_names[0])
     assert reference.cfg.clip_ensemble == "off" and rescored_candidates(reference, reference_call) is None
 
