@@ -51,3 +51,18 @@ def test_help_imports_no_torch(argv, tmp_path):
                          env=subprocess_env(tmp_path), timeout=120)
     assert run.returncode == 0, run.stderr
     assert "usage:" in run.stdout and run.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("module", ["gridclip.commands.info", "gridclip_lab.commands.bench_train",
+                                    "gridclip_lab.commands.bench_infer", "gridclip_lab.commands.bench_peers",
+                                    "gridclip_lab.commands.bench_deploy", "gridclip_lab.commands.gpu_check",
+                                    "gridclip_lab.commands.study", "gridclip_lab.commands.finetune_study",
+                                    "gridclip_lab.commands.precompute_regions"])
+def test_help_describes_the_command_in_whole_sentences(module, capsys):
+    import importlib
+
+    mod = importlib.import_module(module)
+    with pytest.raises(SystemExit):
+        mod.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert " ".join(mod.__doc__.split("\n\n")[0].split()) in help_text  # not its first line, cut mid-sentence

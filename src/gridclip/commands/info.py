@@ -10,7 +10,7 @@ from gridclip.model.summary import summarize
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="gridclip info", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="gridclip info", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--config", help="YAML config (default: the paper's RN50 settings)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     a = p.parse_args(list(argv))

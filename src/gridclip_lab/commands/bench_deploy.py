@@ -16,7 +16,7 @@ from gridclip.utils.atomic import atomic_write_json
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="gridclip-lab bench-deploy", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="gridclip-lab bench-deploy", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--checkpoint", help="trained checkpoint for the world case (e.g. runs/demo/.../model.pt)")
     p.add_argument("--world", help="the world folder (val.json, val/images, det_train.json, det_train/images)")
     p.add_argument("--rn50", action="store_true", help="also the random RN50 case at 800x1333, K=1203")

@@ -15,7 +15,7 @@ from gridclip.utils.atomic import atomic_write_json
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="gridclip-lab bench-peers", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="gridclip-lab bench-peers", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--out", default="runs/peers")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=400)

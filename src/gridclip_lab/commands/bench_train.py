@@ -16,7 +16,7 @@ from gridclip.utils.atomic import atomic_write_json
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="gridclip-lab bench-train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="gridclip-lab bench-train", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--world", help="the world folder: the variants as the study trains them")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma list of study variants (default: {','.join(DEFAULT_VARIANTS)}; FCOS w/o align, the "

@@ -14,7 +14,7 @@ from gridclip_lab.study.finetune import RECIPE_ARMS, FinetuneSpec, format_finetu
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gridclip-lab finetune-study", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="gridclip-lab finetune-study", description=" ".join(__doc__.split("\n\n")[0].split()),
                                 epilog="start variants: " + ", ".join(VARIANTS))
     d = FinetuneSpec()
     p.add_argument("--out", default="runs/finetune", help="study folder (OUT/finetune.json)")

@@ -19,7 +19,7 @@ NO_GPU_EXIT = 3
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="gridclip-lab gpu-check", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="gridclip-lab gpu-check", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--gpus", type=int, help="processes of the DDP step (default: every visible GPU)")
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps per precision (default 5)")
     p.add_argument("--fps-calls", type=int, default=20, help="timed inference calls per batch size (default 20)")

@@ -32,7 +32,7 @@ def _file_id(path: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="gridclip-lab precompute-regions", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="gridclip-lab precompute-regions", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--config", required=True, help="YAML config (data.train_*, model.teacher_*, model.peers.*)")
     p.add_argument("--proposer", required=True, help="checkpoint of a trained model.arch=clip_crops proposer")
     p.add_argument("--out", required=True, help="output file (.pt)")

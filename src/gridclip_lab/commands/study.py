@@ -48,7 +48,7 @@ def _pairs(texts: list[str]) -> list[tuple[str, str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gridclip-lab study", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="gridclip-lab study", description=" ".join(__doc__.split("\n\n")[0].split()),
                                 epilog="variants: " + ", ".join(VARIANTS))
     p.add_argument("--out", default="runs/study", help="study folder (runs cached in OUT/runs/, OUT/study.json)")
     p.add_argument("--spec", help="JSON file with StudySpec fields (variants, seeds, iters, pairs, ...); "
