@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -11,7 +10,7 @@ from typing import Sequence
 import torch
 
 from gridclip_lab.bench.deploy import machine, render, rn50_case, world_case
-from gridclip_lab.utils.doc_sections import write_section
+from gridclip_lab.utils.doc_sections import add_report_options, earlier_report, write_report
 from gridclip.utils.atomic import atomic_write_json
 
 
@@ -24,13 +23,10 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--rn50-rounds", type=int, default=3, help="timed rounds of the RN50 case (default 3)")
     p.add_argument("--threads", type=int, default=2, help="threads for torch and onnxruntime alike (default 2)")
     p.add_argument("--workdir", help="folder for the exported and quantised graphs (default: a temporary one)")
-    p.add_argument("--json", default="bench_deploy.json", help="raw results (default ./bench_deploy.json)")
-    p.add_argument("--report-from", help="render the report from an earlier --json file instead of running")
-    p.add_argument("--doc", default="benchmarks.md", help="document whose onnxruntime section is replaced (default ./benchmarks.md; `make` targets pass docs/benchmarks.md)")
+    add_report_options(p, "onnxruntime", "bench_deploy.json")
     args = p.parse_args(list(argv))
-    if args.report_from:
-        data = json.loads(Path(args.report_from).read_text(encoding="utf-8"))
-    else:
+    data = earlier_report(args)
+    if data is None:
         if (args.checkpoint is None) != (args.world is None):
             raise ValueError("give --checkpoint and --world together (the world case), or neither")
         if args.checkpoint is None and not args.rn50:
@@ -48,6 +44,5 @@ def main(argv: Sequence[str]) -> int:
             if args.rn50:
                 data["cases"].append(rn50_case(work / "rn50", rounds=args.rn50_rounds, threads=args.threads))
         atomic_write_json(args.json, data)
-    write_section(args.doc, "onnxruntime", render(data["cases"], data["machine"]))
-    print(f"wrote {args.doc} (onnxruntime section)" + ("" if args.report_from else f" and {args.json}"))
+    write_report(args, "onnxruntime", render(data["cases"], data["machine"]))
     return 0

@@ -4,15 +4,13 @@ docs/benchmarks.md and the raw times as JSON."""
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from gridclip_lab.bench.infer_variants import DEFAULT_VARIANTS, render, run
 from gridclip_lab.commands.bench import parse_size
-from gridclip_lab.utils.doc_sections import write_section
+from gridclip_lab.utils.doc_sections import add_report_options, earlier_report, write_report
 from gridclip.utils.atomic import atomic_write_json
 
 
@@ -25,14 +23,10 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--classes", type=int, default=1203, help="vocabulary size K (default 1203, LVIS)")
     p.add_argument("--rounds", type=int, default=3, help="timed calls per variant (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--json", default="bench_infer.json", help="raw results (default ./bench_infer.json)")
-    p.add_argument("--report-from", help="render the section from an earlier --json file instead of measuring")
-    p.add_argument("--doc", default="benchmarks.md", help="document whose infer-variants section is replaced "
-                                                          "(default ./benchmarks.md; the repository's is docs/benchmarks.md)")
+    add_report_options(p, "infer-variants", "bench_infer.json")
     a = p.parse_args(list(argv))
-    if a.report_from:
-        data = json.loads(Path(a.report_from).read_text(encoding="utf-8"))
-    else:
+    data = earlier_report(a)
+    if data is None:
         if min(a.rounds, a.classes, a.threads) < 1:
             raise ValueError("--rounds, --classes and --threads: expected integers >= 1")
         variants = tuple(v.strip() for v in a.variants.split(",") if v.strip())
@@ -40,7 +34,6 @@ def main(argv: Sequence[str]) -> int:
         torch.set_num_threads(a.threads)
         data = run(variants, height, width, a.classes, rounds=a.rounds, log=print)
         atomic_write_json(a.json, data)
-    write_section(a.doc, "infer-variants", render(data))
     print(render(data))
-    print(f"wrote {a.doc} (infer-variants section)" + ("" if a.report_from else f" and {a.json}"))
+    write_report(a, "infer-variants", render(data))
     return 0

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from gridclip_lab.bench.train_variants import DEFAULT_VARIANTS, render, run
 from gridclip_lab.commands.bench import parse_size
-from gridclip_lab.utils.doc_sections import write_section
+from gridclip_lab.utils.doc_sections import add_report_options, earlier_report, write_report
 from gridclip.utils.atomic import atomic_write_json
 
 
@@ -26,14 +24,10 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--rn50-batch", type=int, default=2)
     p.add_argument("--rn50-rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the study trains)")
-    p.add_argument("--json", default="bench_train.json", help="raw results (default ./bench_train.json)")
-    p.add_argument("--report-from", help="render the section from an earlier --json file instead of measuring")
-    p.add_argument("--doc", default="benchmarks.md", help="document whose train-variants section is replaced "
-                                                          "(default ./benchmarks.md; the repository's is docs/benchmarks.md)")
+    add_report_options(p, "train-variants", "bench_train.json")
     a = p.parse_args(list(argv))
-    if a.report_from:
-        data = json.loads(Path(a.report_from).read_text(encoding="utf-8"))
-    else:
+    data = earlier_report(a)
+    if data is None:
         if a.world is None and a.rn50 is None:
             raise ValueError("nothing to run: give --world and / or --rn50 HxW")
         if min(a.rounds, a.rn50_rounds, a.rn50_batch, a.threads) < 1:
@@ -44,7 +38,6 @@ def main(argv: Sequence[str]) -> int:
                    rn50_batch=a.rn50_batch, rn50_rounds=a.rn50_rounds, log=print,
                    save=lambda partial: atomic_write_json(a.json, partial))
         atomic_write_json(a.json, data)
-    write_section(a.doc, "train-variants", render(data))
     print(render(data))
-    print(f"wrote {a.doc} (train-variants section)" + ("" if a.report_from else f" and {a.json}"))
+    write_report(a, "train-variants", render(data))
     return 0

@@ -6,13 +6,11 @@ Exit codes: 0 done, 2 bad usage, 3 no CUDA GPU (one line on stderr, nothing run 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from gridclip_lab.bench.gpu_check import NoCudaError, render, run_gpu_check
-from gridclip_lab.utils.doc_sections import write_section
+from gridclip_lab.utils.doc_sections import add_report_options, earlier_report, write_report
 from gridclip.utils.atomic import atomic_write_json
 
 NO_GPU_EXIT = 3
@@ -23,13 +21,10 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--gpus", type=int, help="processes of the DDP step (default: every visible GPU)")
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps per precision (default 5)")
     p.add_argument("--fps-calls", type=int, default=20, help="timed inference calls per batch size (default 20)")
-    p.add_argument("--json", default="gpu_check.json", help="raw results (default ./gpu_check.json)")
-    p.add_argument("--report-from", help="render the section from an earlier --json file instead of running")
-    p.add_argument("--doc", default="benchmarks.md", help="document whose gpu-check section is replaced (default ./benchmarks.md; `make` targets pass docs/benchmarks.md)")
+    add_report_options(p, "gpu-check", "gpu_check.json")
     args = p.parse_args(list(argv))
-    if args.report_from:
-        result = json.loads(Path(args.report_from).read_text(encoding="utf-8"))
-    else:
+    result = earlier_report(args)
+    if result is None:
         if args.train_steps < 1 or args.fps_calls < 1 or (args.gpus is not None and args.gpus < 1):
             raise ValueError("--train-steps, --fps-calls and --gpus: expected integers >= 1")
         try:
@@ -38,6 +33,5 @@ def main(argv: Sequence[str]) -> int:
             print(f"gridclip-lab gpu-check: {exc}", file=sys.stderr)
             return NO_GPU_EXIT
         atomic_write_json(args.json, result)
-    write_section(args.doc, "gpu-check", render(result))
-    print(f"wrote {args.doc} (gpu-check section)" + ("" if args.report_from else f" and {args.json}"))
+    write_report(args, "gpu-check", render(result))
     return 0
