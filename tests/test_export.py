@@ -144,3 +144,30 @@ def test_padded_sizes_differ_only_by_the_unmasked_padding(exported):
     got = OnnxDetector(d / "baked.onnx")(imgs)
     for a, b in zip(got, ref):
         assert_same_detections(a, b)
+
+
+def test_tuned_names_are_baked_in_and_refused_as_an_input(exported, tmp_path, capsys):
+    """A model with rows learned by embedding-only fine-tuning: the baked graph scores with them (same
+    detections as PyTorch); a graph taking the vocabulary as an input could not, so that is one line."""
+    import gridclip
+    from gridclip.checkpoint import save_checkpoint
+    from gridclip.cli import main
+    from gridclip.clip.vocabulary import TunedNames
+    from gridclip.engine.predict import predict
+    from gridclip.export import OnnxDetector
+
+    model, d = exported
+    tuned = gridclip.load(d / "tiny.pt")
+    rows = torch.randn(1, tuned.clip_dim, generator=torch.Generator().manual_seed(3))
+    tuned.set_tuned_names(TunedNames((tuned.class_names[0],), rows))
+    assert not torch.equal(tuned.head.classification_head.text_embeddings, model.head.classification_head.text_embeddings)
+    path = tmp_path / "tuned.pt"
+    save_checkpoint(path, tuned)
+    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "baked.onnx")]) == 0
+    img = rand_image(128, 128, seed=5)
+    (ref,) = predict(gridclip.load(path), img)
+    assert_same_detections(OnnxDetector(tmp_path / "baked.onnx")(img)[0], ref)
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "input.onnx"), "--vocab-input"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "mode=embeddings" in err[0] and not (tmp_path / "input.onnx").exists()

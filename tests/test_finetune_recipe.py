@@ -211,3 +211,89 @@ def test_the_recipe_is_a_config_section_with_a_switch_to_plain():
     assert finetune_alpha(load_config(overrides=["train.finetune.alpha=0.3"]).train.finetune) == 0.3
     with pytest.raises(ValueError, match=r"train\.finetune\.mode: expected one of keep_vocab, plain"):
         load_config(overrides=["train.finetune.mode=bogus"])
+
+
+# ------------------------------------------------------------------------- embedding-only tuning
+def _classifier_rows(model, names):
+    model.set_vocabulary(names)
+    return model.head.classification_head.text_embeddings.clone()
+
+
+def test_embedding_tuning_trains_only_the_names_rows(tiny_root, tmp_path):
+    """mode=embeddings: every weight of the saved model is the start model's, bit for bit; the trained
+    names score with learned rows, every other name exactly as the start model scores it."""
+    from gridclip.checkpoint import load_checkpoint
+
+    source, path = _start_file(tiny_root, tmp_path)
+    tuned = _fine_tune(tiny_root, tmp_path, "emb", path, mode="embeddings", alpha=None)
+    want = source.state_dict()
+    assert set(tuned["state_dict"]) == set(want)
+    assert all(torch.equal(tuned["state_dict"][k], want[k]) for k in want)
+    assert tuned["extra"]["finetune"] == {"mode": "embeddings", "alpha": 1.0}
+    trained = list(tuned["tuned_names"]["names"])
+    assert trained  # the training set's names
+
+    start, model = load_checkpoint(path), load_checkpoint(tmp_path / "emb" / "model.pt")
+    other = ["purple hexagon", "orange cross"]
+    vocabulary = [trained[0], *other, *trained[1:]]
+    got, before = _classifier_rows(model, vocabulary), _classifier_rows(start, vocabulary)
+    assert torch.equal(got[1:3], before[1:3])  # names not trained: unchanged
+    rows = torch.nn.functional.normalize(tuned["tuned_names"]["embeddings"], dim=-1)
+    torch.testing.assert_close(got[[0, *range(3, len(vocabulary))]], rows, rtol=0, atol=1e-6)
+    assert not torch.allclose(got[0], before[0], atol=1e-4)  # the trained rows moved
+    assert model.vocabulary.embeddings.equal(start.vocabulary.embeddings)  # the vocabulary stays CLIP's text
+
+
+def test_embedding_tuning_at_alpha_0_scores_as_the_start_model(tiny_root, tmp_path):
+    from gridclip.checkpoint import load_checkpoint
+
+    _, path = _start_file(tiny_root, tmp_path)
+    _fine_tune(tiny_root, tmp_path, "a0", path, mode="embeddings", alpha=0.0)
+    model, start = load_checkpoint(tmp_path / "a0" / "model.pt"), load_checkpoint(path)
+    names = list(model.tuned_names.names) + ["purple hexagon"]
+    assert torch.equal(_classifier_rows(model, names), _classifier_rows(start, names))
+
+
+def test_embedding_tuning_runs_no_teacher_and_freezes_every_weight(tiny_root, tmp_path, monkeypatch):
+    """Image alignment on in the config: the projector is set aside while the rows train (no teacher is
+    built), and no model weight receives a gradient."""
+    _, path = _start_file(tiny_root, tmp_path)
+    cfg = tiny_config(tiny_root, init_from=str(path), max_iters=1)
+    cfg.model.image_align = True
+    cfg.train.finetune.mode = "embeddings"
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.setup()
+    assert trainer.teacher is None and trainer.teacher_cache is None
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable == [f"{ft.NameEmbeddings.ATTRIBUTE}.rows"]
+    assert [p for g in trainer.optimizer.param_groups for p in g["params"]] == [
+        getattr(trainer.model, ft.NameEmbeddings.ATTRIBUTE).rows]
+
+
+def test_tuned_names_survive_the_hub_folder_and_a_further_fine_tuning(tiny_root, tmp_path):
+    """The learned rows are part of the model: a hub folder keeps them, and plain fine-tuning from the
+    tuned model starts from (and keeps) them."""
+    pytest.importorskip("safetensors")
+    from gridclip.checkpoint import load_checkpoint, save_pretrained
+
+    _, path = _start_file(tiny_root, tmp_path)
+    _fine_tune(tiny_root, tmp_path, "emb", path, mode="embeddings", alpha=None)
+    tuned_file = tmp_path / "emb" / "model.pt"
+    save_pretrained(tuned_file, tmp_path / "folder")
+    a, b = load_checkpoint(tuned_file), load_checkpoint(tmp_path / "folder")
+    assert a.tuned_names.names == b.tuned_names.names and torch.equal(a.tuned_names.embeddings, b.tuned_names.embeddings)
+    again = _fine_tune(tiny_root, tmp_path, "again", tuned_file, mode="plain", alpha=1.0)
+    assert again["tuned_names"]["names"] == list(a.tuned_names.names)
+    assert torch.equal(again["tuned_names"]["embeddings"], a.tuned_names.embeddings)
+
+
+def test_embedding_tuning_needs_an_open_vocabulary(tiny_root, tmp_path):
+    cfg = tiny_config(tiny_root)
+    cfg.model.grid_align, cfg.model.num_classes, cfg.model.image_align = False, 3, False
+    path = tmp_path / "closed.pt"
+    save_checkpoint(path, build_model(cfg))
+    cfg = tiny_config(tiny_root, init_from=str(path))
+    cfg.model.grid_align, cfg.model.num_classes, cfg.model.image_align = False, 3, False
+    cfg.train.finetune.mode = "embeddings"
+    with pytest.raises(ValueError, match="mode=embeddings"):
+        Trainer(cfg, tmp_path / "bad", progress=False).setup()

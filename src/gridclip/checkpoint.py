@@ -36,7 +36,7 @@ import torch
 from gridclip.clip.loader import (BUILTIN_PREFIX, builtin_clips, builtin_name_of, dir_digest, is_local_dir, is_portable,
                                   portable_clip_name)
 from gridclip.clip.text import TextEncoder, TextEncoderUnavailable
-from gridclip.clip.vocabulary import Vocabulary
+from gridclip.clip.vocabulary import TunedNames, Vocabulary
 from gridclip.config import GridCLIPConfig, config_from_dict, config_to_dict
 from gridclip.hub import CONFIG as FOLDER_CONFIG
 from gridclip.hub import WEIGHTS as FOLDER_WEIGHTS
@@ -150,6 +150,8 @@ def checkpoint_dict(model: GridCLIP, extra: dict | None = None) -> dict:
         "trunk_source": model.trunk_source.to_dict() if getattr(model, "trunk_source", None) else None,
         "state_dict": state,
         "vocabulary": vocab,
+        # classifier rows learned by embedding-only fine-tuning (train.finetune.mode=embeddings)
+        "tuned_names": model.tuned_names.to_dict() if getattr(model, "tuned_names", None) is not None else None,
         "extra": _portable_path(extra),
     }
 
@@ -280,6 +282,8 @@ def model_from_checkpoint(data: dict, source: str = "checkpoint", *, config_sour
         raise ValueError(f"{source}: weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if data.get("trunk_source"):
         model.trunk_source = TrunkSource.from_dict(data["trunk_source"])
+    if data.get("tuned_names") is not None:
+        model.set_tuned_names(TunedNames.from_dict(data["tuned_names"], f"{source}: tuned_names"))
     vocab = data.get("vocabulary")
     if vocab:
         if vocab.get("embeddings") is not None:

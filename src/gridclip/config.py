@@ -162,10 +162,12 @@ class DataConfig:
 class FinetuneConfig:
     """What ``train.init_from`` fine-tuning does beyond plain training from the start weights
     (``gridclip.engine.keep_vocab``; docs/training.md). ``mode: plain`` is training from the start weights and
-    nothing else; ``keep_vocab`` keeps the start model's knowledge of the names the custom data leaves out."""
+    nothing else; ``keep_vocab`` keeps the start model's knowledge of the names the custom data leaves out;
+    ``embeddings`` trains only the custom names' classifier rows (every other name scores as before)."""
 
     # plain: keep_vocab missed the fine-tuning study's rule for a default (docs/training.md)
-    mode: Literal["keep_vocab", "plain"] = "plain"
+    # embeddings: only the custom names' classifier rows train (the model's weights stay the start's)
+    mode: Literal["keep_vocab", "plain", "embeddings"] = "plain"
     # locations outside every custom box where the frozen start model scores one of ``keep_names`` at
     # least this high (sigmoid of its logit) get no classification loss; null: none ignored
     ignore_score: float | None = 0.3
@@ -182,7 +184,7 @@ class FinetuneConfig:
 
 # The WiSE-FT alpha that ``train.finetune.alpha: null`` means, per mode: plain's was chosen by the
 # fine-tuning study's rule (results/finetune_keep/DECISION.md); keep_vocab was measured at 1 only.
-DEFAULT_FINETUNE_ALPHA = {"plain": 0.75, "keep_vocab": 1.0}
+DEFAULT_FINETUNE_ALPHA = {"plain": 0.75, "keep_vocab": 1.0, "embeddings": 1.0}
 
 
 def finetune_alpha(f: FinetuneConfig) -> float:

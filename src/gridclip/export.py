@@ -76,6 +76,11 @@ class DenseGridCLIP(nn.Module):
         if getattr(model.cfg, "clip_ensemble", "off") != "off":
             raise ValueError(f"ONNX export does not include the frozen-CLIP ensemble (model.clip_ensemble="
                              f"{model.cfg.clip_ensemble}); export a model with model.clip_ensemble=off")
+        tuned = getattr(model, "tuned_names", None)
+        if vocab_input and tuned is not None:
+            raise ValueError(f"ONNX export with the vocabulary as an input would score the {len(tuned.names)} names this "
+                             "model tuned (train.finetune.mode=embeddings) by their text embeddings; export with "
+                             "the vocabulary baked in (it holds the tuned rows)")
         self.backbone = model.backbone
         self.head = model.head
         self.vocab_input = vocab_input

@@ -322,3 +322,48 @@ class Vocabulary:
             return cls.from_tensor(data, names)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------- tuned names
+@dataclass(frozen=True)
+class TunedNames:
+    """Names whose classifier rows were learned (``train.finetune.mode=embeddings``: only these rows
+    trained, from their text embeddings): a detector scores them with these rows whenever its vocabulary
+    holds them (matched by :func:`name_key`) and every other name with its text embedding. The
+    vocabulary itself keeps the text embeddings (what a frozen CLIP scores, e.g. the ensemble)."""
+
+    names: tuple[str, ...]
+    embeddings: torch.Tensor  # [n, D] (the classifier normalises its rows)
+
+    def __post_init__(self):
+        names = validate_names(self.names, "tuned names")
+        emb = self.embeddings
+        if not isinstance(emb, torch.Tensor) or emb.ndim != 2 or emb.shape[0] != len(names):
+            raise ValueError(f"tuned names: expected embeddings [{len(names)}, D], got "
+                             f"{list(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__}")
+        if not torch.isfinite(emb).all():
+            raise ValueError("tuned names: embeddings contain NaN or inf")
+        object.__setattr__(self, "names", tuple(names))
+        object.__setattr__(self, "embeddings", emb.detach().float().cpu())
+
+    def rows(self, vocabulary: Vocabulary) -> torch.Tensor:
+        """The classifier rows for ``vocabulary``: its text embeddings, the tuned ones where a name matches."""
+        own = {name_key(n): i for i, n in enumerate(self.names)}
+        out = vocabulary.embeddings.clone()
+        for row, name in enumerate(vocabulary.names):
+            i = own.get(name_key(name))
+            if i is not None:
+                out[row] = self.embeddings[i].to(out.dtype)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"names": list(self.names), "embeddings": self.embeddings.clone()}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "tuned_names") -> "TunedNames":
+        if not isinstance(data, dict) or not isinstance(data.get("names"), (list, tuple)):
+            raise ValueError(f"{source}: expected {{'names': [n], 'embeddings': [n, D]}}")
+        try:
+            return cls(tuple(data["names"]), data.get("embeddings"))
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None

@@ -12,6 +12,10 @@ runs a frozen copy of the start model beside the one that trains and
   the normalised embeddings, as LwF does with the old model's outputs);
 - optionally saves the weight-space interpolation (1 - alpha) start + alpha fine-tuned (WiSE-FT).
 
+``embeddings`` (:class:`NameEmbeddings`) trains nothing of the model: only the custom names' classifier
+rows, from their text embeddings (YOLO-World's prompt tuning); they are saved as the model's
+:class:`gridclip.clip.vocabulary.TunedNames`, so every other name is scored exactly as before.
+
 :func:`interpolate_state_dicts` is the interpolation on its own (also for models already trained).
 """
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from gridclip.checkpoint import load_checkpoint
-from gridclip.clip.vocabulary import parse_vocabulary
+from gridclip.clip.vocabulary import TunedNames, name_key, parse_vocabulary
 from gridclip.config import Config, FinetuneConfig, finetune_alpha
 from gridclip.model.backbone import level_cells
 
@@ -32,11 +36,12 @@ logger = logging.getLogger("gridclip.finetune")
 # The logit an ignored location gets: sigmoid gives exactly 0 in float16/32, so its focal loss against a
 # 0 target is exactly 0, and the constant carries no gradient back to the model.
 IGNORED_LOGIT = -1.0e4
+FINETUNE_MODES = ("plain", "keep_vocab", "embeddings")
 
 
 def check_finetune_config(f: FinetuneConfig) -> None:
-    if f.mode not in ("keep_vocab", "plain"):
-        raise ValueError(f"train.finetune.mode: expected keep_vocab or plain, got {f.mode!r}")
+    if f.mode not in FINETUNE_MODES:
+        raise ValueError(f"train.finetune.mode: expected one of {', '.join(FINETUNE_MODES)}, got {f.mode!r}")
     if f.ignore_score is not None and not 0.0 < f.ignore_score <= 1.0:
         raise ValueError(f"train.finetune.ignore_score: expected a score in (0, 1] or null, got {f.ignore_score}")
     if f.distill < 0:
@@ -149,6 +154,63 @@ class KeepVocabulary(WeightInterpolation):
         model.training_hook = None
 
 
+class _Rows(nn.Module):
+    """The trainable classifier rows while an ``embeddings`` run trains (a submodule of the model, so the
+    optimiser, the training checkpoints and their resume see them like any weight)."""
+
+    def __init__(self, rows: Tensor):
+        super().__init__()
+        self.rows = nn.Parameter(rows.detach().clone())
+
+
+class NameEmbeddings(WeightInterpolation):
+    """The ``embeddings`` recipe: every weight of the model frozen, the vocabulary's rows trained (see the
+    module docstring). :meth:`finish` saves ``(1 - alpha) start + alpha trained`` rows as the model's
+    tuned names (alpha 0: exactly the rows the start model scores with); the model's weights are not touched."""
+
+    ATTRIBUTE = "finetune_rows"
+
+    def __init__(self, model: nn.Module, alpha: float):
+        super().__init__({}, alpha)
+        vocabulary, tuned = model.vocabulary, model.tuned_names
+        # what the start model hands its classifier for these names (the classifier normalises them)
+        self.start_rows = (vocabulary.embeddings if tuned is None else tuned.rows(vocabulary)).detach().float().clone()
+        self.trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(False)
+        model.add_module(self.ATTRIBUTE, _Rows(model.head.classification_head.text_embeddings))
+        # image alignment has nothing to train here: no teacher runs (the projector comes back at detach)
+        self.projector, model.projector = model.projector, None
+
+    def __call__(self, model: nn.Module, image_list, features: list[Tensor], cells, anchors: list[Tensor],
+                 targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        cls_head = model.head.classification_head
+        rows = torch.nn.functional.normalize(getattr(model, self.ATTRIBUTE).rows, dim=-1)
+        logits = cls_head.logits(cls_head.embeddings(features, cells), rows)
+        regression, ctrness = model.head.regression_head(features, cells)
+        return {"cls_logits": logits, "bbox_regression": regression, "bbox_ctrness": ctrness}, {}
+
+    @torch.no_grad()
+    def finish(self, model: nn.Module) -> None:
+        trained = torch.nn.functional.normalize(getattr(model, self.ATTRIBUTE).rows.float(), dim=-1)
+        rows = torch.lerp(self.start_rows.to(trained.device), trained, self.alpha).cpu()
+        names = list(model.class_names)
+        keys = {name_key(n) for n in names}
+        before = model.tuned_names
+        if before is not None:  # the start model's own tuned names stay, unless trained again here
+            kept = [i for i, n in enumerate(before.names) if name_key(n) not in keys]
+            names = [before.names[i] for i in kept] + names
+            rows = torch.cat([before.embeddings[kept], rows])
+        model.set_tuned_names(TunedNames(tuple(names), rows))
+
+    def detach(self, model: nn.Module) -> None:
+        model.training_hook = None
+        if hasattr(model, self.ATTRIBUTE):
+            delattr(model, self.ATTRIBUTE)
+        model.projector = self.projector
+        for name, p in model.named_parameters():
+            p.requires_grad_(self.trainable.get(name, True))
+
+
 @torch.no_grad()
 def interpolate_with_start(model: nn.Module, start_state: dict[str, Tensor], alpha: float) -> None:
     if alpha != 1.0:
@@ -171,7 +233,7 @@ def _keep_text(recipe: FinetuneConfig, start: nn.Module, model: nn.Module) -> Te
 
 
 def attach_finetune(model: nn.Module, cfg: Config,
-                    device: torch.device) -> KeepVocabulary | WeightInterpolation | None:
+                    device: torch.device) -> KeepVocabulary | NameEmbeddings | WeightInterpolation | None:
     """Set up ``cfg.train.finetune`` on ``model`` (already initialised from ``cfg.train.init_from``);
     None for ``plain`` at alpha 1. Detectors without the training hook or an open vocabulary get plain
     fine-tuning (with its alpha)."""
@@ -182,6 +244,13 @@ def attach_finetune(model: nn.Module, cfg: Config,
         logger.info("train.finetune: %s has no open vocabulary to keep; plain fine-tuning", type(model).__name__)
         mode = "plain"
     alpha = finetune_alpha(recipe)
+    if mode == "embeddings":
+        if not hasattr(model, "training_hook") or not getattr(model.cfg, "grid_align", False):
+            raise ValueError(f"train.finetune.mode=embeddings: {type(model).__name__} has no open vocabulary "
+                             "(no text-embedding rows to tune); use mode=plain")
+        tuner = NameEmbeddings(model, alpha)
+        model.training_hook = tuner
+        return tuner
     if mode == "plain" and alpha == 1.0:
         return None
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -200,7 +269,7 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
         return None
     f = cfg.train.finetune
     alpha = finetune_alpha(f)
-    if f.mode == "plain":
+    if f.mode in ("plain", "embeddings"):
         return {"mode": f.mode, "alpha": alpha}
     return {"mode": f.mode, "ignore_score": f.ignore_score, "distill": f.distill, "alpha": alpha,
             "keep_names": f.keep_names}

@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from gridclip.checkpoint import load_weights, save_checkpoint
+from gridclip.checkpoint import load_weights, migrate, read_checkpoint, save_checkpoint
+from gridclip.clip.vocabulary import TunedNames
 from gridclip.config import Config, config_to_dict, save_config
 from gridclip.data.collate import collate_detection
 from gridclip.data.datasets import build_train_dataset
@@ -469,6 +470,9 @@ def _init_from(model: nn.Module, path: str) -> None:
     """``train.init_from``: start from a trained model's weights (a resumed run then overrides them)."""
     done = load_weights(model, path)
     logger.info("train.init_from %s: %d tensors loaded", path, done.loaded)
+    tuned = migrate(read_checkpoint(path)).get("tuned_names")
+    if tuned is not None and hasattr(model, "set_tuned_names"):  # rows an earlier embedding-only run learned
+        model.set_tuned_names(TunedNames.from_dict(tuned, f"{path}: tuned_names"))
     for what, names in (("kept fresh (not in the file)", done.missing), ("skipped (no place in this model)",
                         done.unexpected), ("skipped (other shape)", done.mismatched)):
         if names:

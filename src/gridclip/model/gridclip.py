@@ -27,7 +27,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from gridclip.clip.loader import load_clip, model_config
 from gridclip.clip.text import TextEncoder
-from gridclip.clip.vocabulary import Vocabulary, parse_vocabulary
+from gridclip.clip.vocabulary import TunedNames, Vocabulary, parse_vocabulary
 from gridclip.config import GridCLIPConfig
 from gridclip.model import inference
 from gridclip.model.clip_ensemble import CLIPEnsemble, FrozenCLIP
@@ -220,6 +220,8 @@ class GridCLIP(FCOS):
         # the text tower that embeds new class names (a plain attribute: not part of the detector's weights)
         self.text_encoder = TextEncoder(cfg.clip_model, cfg.clip_pretrained)
         self.vocabulary: Vocabulary | None = None
+        # names whose classifier rows were learned by embedding-only fine-tuning (saved in the checkpoint)
+        self.tuned_names: TunedNames | None = None
         self.class_names: tuple[str, ...] = ()
         self._inference: inference.InferenceForm | None = None  # set by optimize_for_inference
         # training only: a function (model, image_list, features, cells, anchors, targets) -> (head outputs,
@@ -250,9 +252,21 @@ class GridCLIP(FCOS):
             raise ValueError(
                 f"vocabulary embedding dimension {vocabulary.dim} does not match the model's CLIP embedding "
                 f"dimension {self.clip_dim} ({self.cfg.clip_model})")
-        self.head.classification_head.set_text_embeddings(vocabulary.embeddings)
+        rows = vocabulary.embeddings if self.tuned_names is None else self.tuned_names.rows(vocabulary)
+        self.head.classification_head.set_text_embeddings(rows)
         self.vocabulary = vocabulary
         self.class_names = vocabulary.names
+        return self
+
+    def set_tuned_names(self, tuned: TunedNames | None) -> "GridCLIP":
+        """Score ``tuned``'s names with their learned rows (None: every name by its text embedding again);
+        the current vocabulary is re-applied."""
+        if tuned is not None and tuned.embeddings.shape[1] != self.clip_dim:
+            raise ValueError(f"tuned names: embedding dimension {tuned.embeddings.shape[1]} does not match the "
+                             f"model's CLIP embedding dimension {self.clip_dim}")
+        self.tuned_names = tuned
+        if self.vocabulary is not None:
+            self.set_vocabulary(self.vocabulary)
         return self
 
     def set_text_encoder(self, clip_model: str | TextEncoder, clip_pretrained: str | None = None) -> "GridCLIP":
