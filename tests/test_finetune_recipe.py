@@ -282,6 +282,7 @@ def test_tuned_names_survive_the_hub_folder_and_a_further_fine_tuning(tiny_root,
     save_pretrained(tuned_file, tmp_path / "folder")
     a, b = load_checkpoint(tuned_file), load_checkpoint(tmp_path / "folder")
     assert a.tuned_names.names == b.tuned_names.names and torch.equal(a.tuned_names.embeddings, b.tuned_names.embeddings)
+    assert "learned classifier rows" in (tmp_path / "folder" / "README.md").read_text()
     again = _fine_tune(tiny_root, tmp_path, "again", tuned_file, mode="plain", alpha=1.0)
     assert again["tuned_names"]["names"] == list(a.tuned_names.names)
     assert torch.equal(again["tuned_names"]["embeddings"], a.tuned_names.embeddings)

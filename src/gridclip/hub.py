@@ -269,6 +269,10 @@ def model_card(data: dict, repo_id: str | None = None) -> str:
     if names:
         shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
         lines.append(f"- Vocabulary ({len(names)} classes): {shown}")
+    tuned = (data.get("tuned_names") or {}).get("names") or []
+    if tuned:
+        lines.append(f"- Names with learned classifier rows (embedding-only fine-tuning; every other name is scored "
+                     f"by its text embedding): {', '.join(tuned)}")
     lines += _trained_on(data.get("extra") or {})
     lines += ["", f"Files: `{WEIGHTS}` (weights and text embeddings), `{CONFIG}` (configuration, class names).", ""]
     return "\n".join(lines)
