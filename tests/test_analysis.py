@@ -733,3 +733,56 @@ def test_study_runs_record_their_per_category_ap(tmp_path, monkeypatch):
     metrics = evaluate_variant("model.pt", cfg, [3])
     assert metrics["APc"] == 0.4
     assert json.loads((tmp_path / "per_category_ap.json").read_text()) == {"3": 0.75, "7": 0.25}
+
+
+def _finetune_json(path: Path, seed_values: dict[str, list[tuple[float, float]]]) -> dict:
+    """A finetune.json from per-arm (custom, other) AP per seed, summarised by the study's own code."""
+    from gridclip_lab.study.finetune import summarize_finetune
+
+    rows = [{"seed": s, "arm": arm, "metrics": {"AP": 0.5, "custom": c, "other base": o, "novel": o, "other": o}}
+            for arm, values in seed_values.items() for s, (c, o) in enumerate(values)]
+    study = {"spec": {"start_variant": "GridCLIP", "start_iters": 400, "iters": 400}, "rows": rows,
+             **summarize_finetune(rows)}
+    path.write_text(json.dumps(study))
+    return study
+
+
+def test_finetune_recipes_section_tables_goal_and_figure(tmp_path, capsys):
+    """The section's cells are the studies' own summaries; the paired differences are the per-seed
+    differences' mean; an arm keeping >= 90 % at the plain custom AP meets the goal, one that does not
+    does not; only the marked section of the document changes; a label count mismatch is one line."""
+    red = _finetune_json(tmp_path / "red.json", {
+        "start model": [(0.60, 0.50), (0.62, 0.52), (0.61, 0.48)],
+        "without image alignment": [(0.70, 0.02), (0.69, 0.03), (0.71, 0.02)],
+        "plain, WiSE-FT alpha 0.75": [(0.70, 0.05), (0.69, 0.06), (0.70, 0.05)],
+        "embeddings only": [(0.70, 0.49), (0.69, 0.51), (0.71, 0.47)],
+    })
+    _finetune_json(tmp_path / "circle.json", {
+        "start model": [(0.50, 0.50), (0.52, 0.52), (0.51, 0.48)],
+        "without image alignment": [(0.60, 0.10), (0.61, 0.12), (0.62, 0.11)],
+        "plain, WiSE-FT alpha 0.75": [(0.60, 0.15), (0.61, 0.16), (0.61, 0.15)],
+        "embeddings only": [(0.55, 0.50), (0.56, 0.52), (0.57, 0.48)],
+    })
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nkept text\n")
+    args = ["analyze", "finetune-recipes", "--finetune", str(tmp_path / "red.json"), str(tmp_path / "circle.json"),
+            "--labels", "red", "circle", "--out", str(doc), "--figures", str(tmp_path / "figures")]
+    assert gridclip_main(args) == 0
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nkept text\n") and "<!-- finetune-recipes:end -->" in text
+    rows: dict[str, str] = {}
+    for line in text.splitlines():  # the first table's row of each arm
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0].lstrip("| ").strip("*"), line)
+    s = red["arms"]["embeddings only"]["custom"]
+    assert f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" in rows["embeddings only"]
+    diff = np.mean([0.49 - 0.02, 0.51 - 0.03, 0.47 - 0.02])  # red, other names, embeddings - plain
+    assert f"+{100 * diff:.1f} [" in text
+    assert "* embeddings only: red met; circle not met" in text  # circle: custom 5 points below plain
+    assert "* **plain, alpha 0.75 (default)**: red not met; circle not met" in text
+    with Image.open(tmp_path / "figures" / "finetune_alpha_curve.png") as im:
+        assert im.size[0] > 500
+    assert gridclip_main(args) == 0 and doc.read_text() == text  # idempotent
+    assert gridclip_main(args[:-7] + ["--labels", "red", "--out", str(doc)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--labels" in err[0]

@@ -1,4 +1,4 @@
-"""``gridclip-lab analyze <frequency|clip-recall|transfer|results|study-section> ...``: the paper's analyses as tools.
+"""``gridclip-lab analyze <frequency|clip-recall|transfer|results|study-section|finetune-recipes> ...``: the paper's analyses as tools.
 
     gridclip-lab analyze frequency --gt GT.json --results A.json [B.json ...] [--labels A B] [--train TRAIN.json]
                                --out plot.png [--csv table.csv] [--size W H]
@@ -7,14 +7,18 @@
     gridclip-lab analyze transfer --checkpoint C --world DIR [--seed S] [--num-images N] [--out DIR]
     gridclip-lab analyze results --demo runs/demo --out docs/results.md [--figures docs/figures] [--no-transfer] [--study S.json] [--finetune F.json]
     gridclip-lab analyze study-section --study S.json --section NAME --title T [--out docs/results.md] [--clip-recall R.json]
+    gridclip-lab analyze finetune-recipes --finetune A.json [B.json ...] --labels A [B ...] [--out docs/results.md]
+                                      [--figures docs/figures]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
+from gridclip_lab.analysis.finetune_recipes import recipe_section
 from gridclip_lab.analysis.frequency import default_labels, run_frequency, summarize
 from gridclip_lab.analysis.recall import clip_recall, detector_recall, format_recall_table, write_recall_outputs
 from gridclip_lab.analysis.results_doc import write_results_doc
@@ -24,7 +28,7 @@ from gridclip.engine.evaluate import format_table
 from gridclip.utils.atomic import atomic_write_json
 from gridclip_lab.utils.doc_sections import write_section
 
-SUBCOMMANDS = ("frequency", "clip-recall", "transfer", "results", "study-section")
+SUBCOMMANDS = ("frequency", "clip-recall", "transfer", "results", "study-section", "finetune-recipes")
 
 
 def _size(values: Sequence[int]) -> tuple[int, int]:
@@ -159,6 +163,29 @@ def _study_section(argv: list[str]) -> int:
     return 0
 
 
+def _finetune_recipes(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gridclip-lab analyze finetune-recipes",
+                                description="the fine-tuning recipes of one `gridclip-lab finetune-study` per custom set "
+                                            "side by side (table, paired differences, alpha-curve figure) as the marked "
+                                            "section finetune-recipes of a Markdown file")
+    p.add_argument("--finetune", required=True, nargs="+", help="finetune.json files, one per custom set")
+    p.add_argument("--labels", required=True, nargs="+", help="one label per file (e.g. red circle)")
+    p.add_argument("--out", default="runs/results.md", help="the document written (the repository's: docs/results.md)")
+    p.add_argument("--figures", help="folder for the figure (default: none drawn)")
+    a = p.parse_args(argv)
+    if len(a.labels) != len(a.finetune):
+        raise ValueError(f"--labels: expected one per --finetune file ({len(a.finetune)}), got {len(a.labels)}")
+    for path in a.finetune:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--finetune {path}: no such file")
+    out = Path(a.out)
+    rel = lambda f: os.path.relpath(f, out.parent).replace(os.sep, "/")  # noqa: E731
+    lines = recipe_section(list(zip(a.labels, a.finetune)), a.figures, rel)
+    write_section(out, "finetune-recipes", "\n".join(lines))
+    print(f"wrote section finetune-recipes of {out}")
+    return 0
+
+
 def main(argv: Sequence[str]) -> int:
     """``gridclip-lab analyze <subcommand>``."""
     argv = list(argv)
@@ -167,7 +194,7 @@ def main(argv: Sequence[str]) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     handlers = {"frequency": _frequency, "clip-recall": _clip_recall, "transfer": _transfer, "results": _results,
-                "study-section": _study_section}
+                "study-section": _study_section, "finetune-recipes": _finetune_recipes}
     if name not in handlers:
         raise ValueError(f"unknown analysis '{name}' (expected one of: {', '.join(SUBCOMMANDS)})")
     return handlers[name](rest)

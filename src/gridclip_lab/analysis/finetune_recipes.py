@@ -1,0 +1,187 @@
+"""The fine-tuning recipes side by side (``gridclip-lab analyze finetune-recipes``): one
+``gridclip-lab finetune-study`` JSON per custom set, as a table of every arm (the start model, plain
+fine-tuning with its WiSE-FT alpha curve, the vocabulary-keeping recipes), the paired differences that
+decide the default, and the alpha curve as a figure (custom AP against the share of the other names'
+AP kept, with the goal's corner)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+from gridclip.config import DEFAULT_FINETUNE_ALPHA
+from gridclip.utils.files import read_json
+from gridclip_lab.analysis.figures import pyplot, save_png
+from gridclip_lab.study.finetune import BEFORE, PLAIN, alpha_arm
+from gridclip_lab.study.stats import paired_differences
+
+GOAL_KEPT = 0.9  # issue 23: the other names' AP >= 90 % of the start model's ...
+GOAL_CUSTOM = 0.01  # ... and custom AP >= plain fine-tuning's - 1 point
+
+
+def arm_label(arm: str) -> str:
+    """How the document names an arm: plain fine-tuning by its alpha, the default marked."""
+    default = alpha_arm(DEFAULT_FINETUNE_ALPHA["plain"])
+    label = "plain, alpha 1" if arm == PLAIN else arm.replace("plain, WiSE-FT alpha", "plain, alpha")
+    return f"**{label} (default)**" if arm == default else label
+
+
+def _per_seed(study: dict, arm: str, group: str) -> dict[int, float]:
+    return {int(r["seed"]): r["metrics"][group] for r in study["rows"]
+            if r["arm"] == arm and r["metrics"].get(group, -1) >= 0}
+
+
+def _kept(study: dict, arm: str) -> dict[int, float]:
+    """Per seed: the other names' AP as a fraction of the start model's."""
+    start, other = _per_seed(study, BEFORE, "other"), _per_seed(study, arm, "other")
+    return {s: other[s] / start[s] for s in other if start.get(s)}
+
+
+def _arms(studies: Sequence[dict]) -> list[str]:
+    """Every arm of the studies: the start model, plain fine-tuning from alpha 1 down, then the recipes."""
+    seen = [a for s in studies for a in s["arms"]]
+    alphas = sorted({a for a in seen if a.startswith("plain, WiSE-FT alpha")},
+                    key=lambda a: -float(a.rsplit(" ", 1)[1]))
+    recipes = [a for a in dict.fromkeys(seen) if a not in (BEFORE, PLAIN) and a not in alphas]
+    return [a for a in (BEFORE, PLAIN) if a in seen] + alphas + recipes
+
+
+def _cell(study: dict, arm: str, group: str) -> str:
+    s = study["arms"].get(arm, {}).get(group)
+    if not s or not s["n"]:
+        return "–"
+    text = f"{100 * s['mean']:.1f}" + ("" if s["std"] is None else f" ± {100 * s['std']:.1f}")
+    return text + ("" if s["n"] > 1 else " (n=1)")
+
+
+def _kept_cell(study: dict, arm: str) -> str:
+    if arm == BEFORE:
+        return "100 %"
+    k = study.get("other_kept", {}).get(arm)
+    return "–" if not k or not k["n"] else f"{100 * k['mean']:.0f} %"
+
+
+def _diff(d: dict) -> str:
+    if not d["n"]:
+        return "–"
+    if d["ci"] is None:
+        return f"{100 * d['mean']:+.1f} (n=1)"
+    return f"{100 * d['mean']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]"
+
+
+def recipe_section(studies: Sequence[tuple[str, str | os.PathLike]], figures_dir: str | os.PathLike | None = None,
+                   rel: Callable[[Path], str] = lambda p: p.as_posix(), title: str = "Fine-tuning recipes") -> list[str]:
+    """Markdown lines of the section for ``studies`` (label, finetune.json path) in the given order."""
+    loaded = [(label, read_json(path, "finetune study"), Path(path)) for label, path in studies]
+    data = [s for _, s, _ in loaded]
+    arms = _arms(data)
+    default = alpha_arm(DEFAULT_FINETUNE_ALPHA["plain"])
+    first = data[0]["spec"]
+    lines = [f"## {title}", "",
+             "From " + ", ".join(f"`{p.as_posix()}`" for _, _, p in loaded) + f". Start models: `{first['start_variant']}`, "
+             f"{first['start_iters']} iterations on the whole world; each fine-tuned {first['iters']} iterations "
+             "(`train.init_from`) on the world's training images with boxes for the custom set only, then evaluated "
+             "with every name. AP x100, mean ± sd over seeds; \"other\" = every name outside the custom set (other base "
+             "+ novel), \"kept\" = the other names' AP as a share of the start model's (per seed, then the mean). "
+             "Plain fine-tuning's alpha rows are its weights interpolated with the start model's (WiSE-FT); alpha 0 "
+             "is the start model.", ""]
+    header = ["model"]
+    for label, s, _ in loaded:
+        header += [f"{label}: custom", f"{label}: other (kept)", f"{label}: novel"]
+    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for arm in arms:
+        cells = [arm_label(arm)]
+        for _, s, _ in loaded:
+            cells += [_cell(s, arm, "custom"), f"{_cell(s, arm, 'other')} ({_kept_cell(s, arm)})", _cell(s, arm, "novel")]
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = sorted({int(r["seed"]) for s in data for r in s["rows"]})
+    lines += ["", f"Seeds: {', '.join(map(str, seeds))}; (n=1): one seed only.", "",
+              "Paired differences (same seed, mean [95 % CI]) against plain fine-tuning at alpha 1, and the other "
+              "names against the default:", ""]
+    header = ["model"]
+    for label, _, _ in loaded:
+        header += [f"{label}: custom", f"{label}: other", f"{label}: other vs default"]
+    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for arm in arms:
+        if arm in (BEFORE, PLAIN):
+            continue
+        cells = [arm_label(arm)]
+        for _, s, _ in loaded:
+            custom = paired_differences(_per_seed(s, arm, "custom"), _per_seed(s, PLAIN, "custom"))
+            other = paired_differences(_per_seed(s, arm, "other"), _per_seed(s, PLAIN, "other"))
+            vs_default = paired_differences(_per_seed(s, arm, "other"), _per_seed(s, default, "other"))
+            cells += [_diff(custom), _diff(other), "–" if arm == default else _diff(vs_default)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"The goal (issue 23): the other names' AP >= {100 * GOAL_KEPT:.0f} % of the start model's and custom "
+              f"AP >= plain fine-tuning's - {100 * GOAL_CUSTOM:.0f}, on both sets (means):", ""]
+    for arm in arms:
+        if arm in (BEFORE, PLAIN):
+            continue
+        met = [(label, goal_met(s, arm)) for label, s, _ in loaded]
+        lines.append(f"* {arm_label(arm)}: " + "; ".join(
+            f"{label} {'met' if m else 'not met' if m is not None else 'not run'}" for label, m in met))
+    if figures_dir is not None:
+        figure = Path(figures_dir) / "finetune_alpha_curve.png"
+        plot_alpha_curve([(label, s) for label, s, _ in loaded], figure)
+        lines += ["", f"![fine-tuning: custom AP against the other names' AP kept, WiSE-FT's alpha curve and the "
+                      f"recipes, mean ± sd over seeds; shaded: the goal]({rel(figure)})"]
+    return lines
+
+
+def goal_met(study: dict, arm: str) -> bool | None:
+    """The goal on the means (None when the arm or plain fine-tuning was not run)."""
+    kept = _kept(study, arm)
+    custom, plain = _per_seed(study, arm, "custom"), _per_seed(study, PLAIN, "custom")
+    if not kept or not custom or not plain:
+        return None
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+    return mean(kept) >= GOAL_KEPT and mean(custom) >= mean(plain) - GOAL_CUSTOM
+
+
+def plot_alpha_curve(studies: Sequence[tuple[str, dict]], path: str | os.PathLike, size: tuple[int, int] = (960, 420),
+                     dpi: int = 100) -> None:
+    """One panel per custom set: custom AP (x) against the other names' AP kept (y), both in %; plain
+    fine-tuning's alpha curve from the start model (alpha 0) to alpha 1 as a line, each other recipe a
+    marker; error bars: sd over seeds; the goal's corner shaded."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(studies), figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, squeeze=False)
+    for ax, (label, study) in zip(axes[0], studies):
+        def point(arm: str) -> tuple[float, float, float, float] | None:
+            custom = list(_per_seed(study, arm, "custom").values())
+            kept = [1.0] * len(custom) if arm == BEFORE else list(_kept(study, arm).values())
+            if not custom or not kept:
+                return None
+            sd = lambda v: (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0  # noqa: E731
+            return (100 * sum(custom) / len(custom), 100 * sum(kept) / len(kept), 100 * sd(custom), 100 * sd(kept))
+
+        curve = [(0.0, BEFORE)] + sorted((float(a.rsplit(" ", 1)[1]), a) for a in study["arms"]
+                                         if a.startswith("plain, WiSE-FT alpha")) + [(1.0, PLAIN)]
+        pts = [(alpha, point(arm)) for alpha, arm in curve]
+        pts = [(alpha, p) for alpha, p in pts if p is not None]
+        if pts:
+            ax.errorbar([p[0] for _, p in pts], [p[1] for _, p in pts], xerr=[p[2] for _, p in pts],
+                        yerr=[p[3] for _, p in pts], fmt="o-", capsize=3, label="plain, WiSE-FT alpha")
+            for alpha, p in pts:
+                ax.annotate(f"{alpha:g}", (p[0], p[1]), textcoords="offset points", xytext=(5, 4), fontsize="small")
+        markers, xs = iter("s^Dv<>"), [p[0] for _, p in pts]
+        for arm in study["arms"]:
+            if arm in (BEFORE, PLAIN) or arm.startswith("plain, WiSE-FT alpha"):
+                continue
+            p = point(arm)
+            if p is not None:
+                xs.append(p[0])
+                ax.errorbar([p[0]], [p[1]], xerr=[p[2]], yerr=[p[3]], fmt=next(markers, "o"), capsize=3, label=arm)
+        plain = point(PLAIN)
+        if plain is not None:
+            ax.fill_between([plain[0] - 100 * GOAL_CUSTOM, 100], 100 * GOAL_KEPT, 105, color="tab:green", alpha=0.12,
+                            label="goal")
+        xs = xs or [0.0]
+        ax.set_xlim(min(xs) - 6, max(xs) + 6)
+        ax.set_ylim(0, 105)
+        ax.set_title(f"custom set: {label}")
+        ax.set_xlabel("custom AP (%)")
+        ax.set_ylabel("other names' AP kept (% of the start model's)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="lower left")
+    fig.tight_layout()
+    save_png(fig, path, dpi)
