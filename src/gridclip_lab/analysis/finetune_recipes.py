@@ -69,8 +69,11 @@ def _diff(d: dict) -> str:
     return f"{100 * d['mean']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]"
 
 
+TITLE = "Fine-tuning recipes: what fine-tuning keeps of the other names (issue 23)"
+
+
 def recipe_section(studies: Sequence[tuple[str, str | os.PathLike]], figures_dir: str | os.PathLike | None = None,
-                   rel: Callable[[Path], str] = lambda p: p.as_posix(), title: str = "Fine-tuning recipes") -> list[str]:
+                   rel: Callable[[Path], str] = lambda p: p.as_posix(), title: str = TITLE) -> list[str]:
     """Markdown lines of the section for ``studies`` (label, finetune.json path) in the given order."""
     loaded = [(label, read_json(path, "finetune study"), Path(path)) for label, path in studies]
     data = [s for _, s, _ in loaded]
