@@ -298,3 +298,21 @@ def test_embedding_tuning_needs_an_open_vocabulary(tiny_root, tmp_path):
     cfg.train.finetune.mode = "embeddings"
     with pytest.raises(ValueError, match="mode=embeddings"):
         Trainer(cfg, tmp_path / "bad", progress=False).setup()
+
+
+def test_an_evaluation_during_embedding_tuning_scores_with_the_rows_trained_so_far(tiny_root, tmp_path):
+    _, path = _start_file(tiny_root, tmp_path)
+    cfg = tiny_config(tiny_root, init_from=str(path), max_iters=2)
+    cfg.train.finetune.mode = "embeddings"
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.setup()
+    model, tuner = trainer.model, trainer.finetune
+    start = model.head.classification_head.text_embeddings.clone()
+    with torch.no_grad():
+        getattr(model, ft.NameEmbeddings.ATTRIBUTE).rows.add_(0.5)  # as if trained
+    trained = torch.nn.functional.normalize(getattr(model, ft.NameEmbeddings.ATTRIBUTE).rows, dim=-1)
+    with tuner.evaluating(model):
+        model.set_vocabulary(model.class_names)  # what _evaluate does with the training vocabulary
+        torch.testing.assert_close(model.head.classification_head.text_embeddings, trained, rtol=0, atol=1e-6)
+    model.set_vocabulary(model.class_names)
+    assert torch.equal(model.head.classification_head.text_embeddings, start) and model.tuned_names is None

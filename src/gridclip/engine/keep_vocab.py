@@ -20,6 +20,7 @@ rows, from their text embeddings (YOLO-World's prompt tuning); they are saved as
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -116,6 +117,10 @@ class WeightInterpolation:
     def detach(self, model: nn.Module) -> None:
         pass
 
+    def evaluating(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """What an evaluation during training scores with: the model as it is."""
+        return contextlib.nullcontext()
+
 
 class KeepVocabulary(WeightInterpolation):
     """The ``keep_vocab`` recipe for one run: the model's :attr:`training_hook` (see module docstring)
@@ -173,6 +178,7 @@ class NameEmbeddings(WeightInterpolation):
     def __init__(self, model: nn.Module, alpha: float):
         super().__init__({}, alpha)
         vocabulary, tuned = model.vocabulary, model.tuned_names
+        self.start_tuned = tuned
         # what the start model hands its classifier for these names (the classifier normalises them)
         self.start_rows = (vocabulary.embeddings if tuned is None else tuned.rows(vocabulary)).detach().float().clone()
         self.trainable = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -190,17 +196,31 @@ class NameEmbeddings(WeightInterpolation):
         return {"cls_logits": logits, "bbox_regression": regression, "bbox_ctrness": ctrness}, {}
 
     @torch.no_grad()
-    def finish(self, model: nn.Module) -> None:
+    def _tuned(self, model: nn.Module) -> TunedNames:
+        """The tuned names the model would be saved with now (the start model's own ones kept, unless
+        trained again here)."""
         trained = torch.nn.functional.normalize(getattr(model, self.ATTRIBUTE).rows.float(), dim=-1)
         rows = torch.lerp(self.start_rows.to(trained.device), trained, self.alpha).cpu()
         names = list(model.class_names)
         keys = {name_key(n) for n in names}
-        before = model.tuned_names
-        if before is not None:  # the start model's own tuned names stay, unless trained again here
+        before = self.start_tuned
+        if before is not None:
             kept = [i for i, n in enumerate(before.names) if name_key(n) not in keys]
             names = [before.names[i] for i in kept] + names
             rows = torch.cat([before.embeddings[kept], rows])
-        model.set_tuned_names(TunedNames(tuple(names), rows))
+        return TunedNames(tuple(names), rows)
+
+    def finish(self, model: nn.Module) -> None:
+        model.set_tuned_names(self._tuned(model))
+
+    @contextlib.contextmanager
+    def evaluating(self, model: nn.Module):
+        """An evaluation during training scores with the rows trained so far."""
+        model.set_tuned_names(self._tuned(model))
+        try:
+            yield
+        finally:
+            model.set_tuned_names(self.start_tuned)
 
     def detach(self, model: nn.Module) -> None:
         model.training_hook = None

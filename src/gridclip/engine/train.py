@@ -427,7 +427,8 @@ class Trainer:
         cfg, model = self.cfg, self.model
         train_sizes = (model.transform.min_size, model.transform.max_size)
         dataset = ev.build_eval_dataset(cfg.data)
-        with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
+        scoring = self.finetune.evaluating(model) if self.finetune is not None else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []), scoring:
             try:
                 model.transform.min_size, model.transform.max_size = (cfg.model.min_size,), cfg.model.max_size
                 model.set_vocabulary(cfg.eval.vocabulary or dataset.category_names)

@@ -72,6 +72,12 @@ def _diff(d: dict) -> str:
 TITLE = "Fine-tuning recipes: what fine-tuning keeps of the other names (issue 23)"
 
 
+def _table(labels: Sequence[str], columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table: the model column, then ``columns`` per custom set."""
+    header = ["model"] + [f"{label}: {c}" for label in labels for c in columns]
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|", *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def recipe_section(studies: Sequence[tuple[str, str | os.PathLike]], figures_dir: str | os.PathLike | None = None,
                    rel: Callable[[Path], str] = lambda p: p.as_posix(), title: str = TITLE) -> list[str]:
     """Markdown lines of the section for ``studies`` (label, finetune.json path) in the given order."""
@@ -88,23 +94,16 @@ def recipe_section(studies: Sequence[tuple[str, str | os.PathLike]], figures_dir
              "+ novel), \"kept\" = the other names' AP as a share of the start model's (per seed, then the mean). "
              "Plain fine-tuning's alpha rows are its weights interpolated with the start model's (WiSE-FT); alpha 0 "
              "is the start model.", ""]
-    header = ["model"]
-    for label, s, _ in loaded:
-        header += [f"{label}: custom", f"{label}: other (kept)", f"{label}: novel"]
-    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for arm in arms:
-        cells = [arm_label(arm)]
-        for _, s, _ in loaded:
-            cells += [_cell(s, arm, "custom"), f"{_cell(s, arm, 'other')} ({_kept_cell(s, arm)})", _cell(s, arm, "novel")]
-        lines.append("| " + " | ".join(cells) + " |")
+    labels = [label for label, _, _ in loaded]
+    rows = [[arm_label(arm)] + [c for _, s, _ in loaded for c in (
+        _cell(s, arm, "custom"), f"{_cell(s, arm, 'other')} ({_kept_cell(s, arm)})", _cell(s, arm, "novel"))]
+        for arm in arms]
+    lines += _table(labels, ("custom", "other (kept)", "novel"), rows)
     seeds = sorted({int(r["seed"]) for s in data for r in s["rows"]})
     lines += ["", f"Seeds: {', '.join(map(str, seeds))}; (n=1): one seed only.", "",
               "Paired differences (same seed, mean [95 % CI]) against plain fine-tuning at alpha 1, and the other "
               "names against the default:", ""]
-    header = ["model"]
-    for label, _, _ in loaded:
-        header += [f"{label}: custom", f"{label}: other", f"{label}: other vs default"]
-    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    rows = []
     for arm in arms:
         if arm in (BEFORE, PLAIN):
             continue
@@ -114,7 +113,8 @@ def recipe_section(studies: Sequence[tuple[str, str | os.PathLike]], figures_dir
             other = paired_differences(_per_seed(s, arm, "other"), _per_seed(s, PLAIN, "other"))
             vs_default = paired_differences(_per_seed(s, arm, "other"), _per_seed(s, default, "other"))
             cells += [_diff(custom), _diff(other), "–" if arm == default else _diff(vs_default)]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines += _table(labels, ("custom", "other", "other vs default"), rows)
     lines += ["", f"The goal (issue 23): the other names' AP >= {100 * GOAL_KEPT:.0f} % of the start model's and custom "
               f"AP >= plain fine-tuning's - {100 * GOAL_CUSTOM:.0f}, on both sets (means):", ""]
     for arm in arms:
