@@ -22,7 +22,7 @@ GOAL_CUSTOM = 0.01  # ... and custom AP >= plain fine-tuning's - 1 point
 def arm_label(arm: str) -> str:
     """How the document names an arm: plain fine-tuning by its alpha, the default marked."""
     default = alpha_arm(DEFAULT_FINETUNE_ALPHA["plain"])
-    label = "plain, alpha 1" if arm == PLAIN else arm.replace("plain, WiSE-FT alpha", "plain, alpha")
+    label = "plain, alpha 1" if arm == PLAIN else arm.replace(", WiSE-FT alpha", ", alpha")
     return f"**{label} (default)**" if arm == default else label
 
 
@@ -37,13 +37,25 @@ def _kept(study: dict, arm: str) -> dict[int, float]:
     return {s: other[s] / start[s] for s in other if start.get(s)}
 
 
+def _curve_of(arm: str) -> tuple[str, float] | None:
+    """``(base arm, alpha)`` of a WiSE-FT row (``"<base>, WiSE-FT alpha A"``; plain's base is its arm)."""
+    if ", WiSE-FT alpha " not in arm:
+        return None
+    base, alpha = arm.rsplit(", WiSE-FT alpha ", 1)
+    return (PLAIN if base == "plain" else base), float(alpha)
+
+
 def _arms(studies: Sequence[dict]) -> list[str]:
-    """Every arm of the studies: the start model, plain fine-tuning from alpha 1 down, then the recipes."""
-    seen = [a for s in studies for a in s["arms"]]
-    alphas = sorted({a for a in seen if a.startswith("plain, WiSE-FT alpha")},
-                    key=lambda a: -float(a.rsplit(" ", 1)[1]))
-    recipes = [a for a in dict.fromkeys(seen) if a not in (BEFORE, PLAIN) and a not in alphas]
-    return [a for a in (BEFORE, PLAIN) if a in seen] + alphas + recipes
+    """Every arm of the studies: the start model, then each trained arm followed by its WiSE-FT rows from
+    alpha 1 down (plain fine-tuning first)."""
+    seen = list(dict.fromkeys(a for s in studies for a in s["arms"]))
+    curves = {a: _curve_of(a) for a in seen}
+    bases = [a for a in (BEFORE, PLAIN) if a in seen] + [a for a in seen if a not in (BEFORE, PLAIN) and not curves[a]]
+    out = []
+    for base in bases:
+        out.append(base)
+        out += sorted((a for a, c in curves.items() if c and c[0] == base), key=lambda a: -curves[a][1])
+    return out
 
 
 def _cell(study: dict, arm: str, group: str) -> str:
@@ -143,8 +155,8 @@ def goal_met(study: dict, arm: str) -> bool | None:
 
 def plot_alpha_curve(studies: Sequence[tuple[str, dict]], path: str | os.PathLike, size: tuple[int, int] = (960, 420),
                      dpi: int = 100) -> None:
-    """One panel per custom set: custom AP (x) against the other names' AP kept (y), both in %; plain
-    fine-tuning's alpha curve from the start model (alpha 0) to alpha 1 as a line, each other recipe a
+    """One panel per custom set: custom AP (x) against the other names' AP kept (y), both in %; each arm
+    with a WiSE-FT curve as a line from the start model (alpha 0) to the arm (alpha 1), each other arm a
     marker; error bars: sd over seeds; the goal's corner shaded."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(studies), figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, squeeze=False)
@@ -157,23 +169,22 @@ def plot_alpha_curve(studies: Sequence[tuple[str, dict]], path: str | os.PathLik
             sd = lambda v: (sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0  # noqa: E731
             return (100 * sum(custom) / len(custom), 100 * sum(kept) / len(kept), 100 * sd(custom), 100 * sd(kept))
 
-        curve = [(0.0, BEFORE)] + sorted((float(a.rsplit(" ", 1)[1]), a) for a in study["arms"]
-                                         if a.startswith("plain, WiSE-FT alpha")) + [(1.0, PLAIN)]
-        pts = [(alpha, point(arm)) for alpha, arm in curve]
-        pts = [(alpha, p) for alpha, p in pts if p is not None]
-        if pts:
-            ax.errorbar([p[0] for _, p in pts], [p[1] for _, p in pts], xerr=[p[2] for _, p in pts],
-                        yerr=[p[3] for _, p in pts], fmt="o-", capsize=3, label="plain, WiSE-FT alpha")
-            for alpha, p in pts:
-                ax.annotate(f"{alpha:g}", (p[0], p[1]), textcoords="offset points", xytext=(5, 4), fontsize="small")
-        markers, xs = iter("s^Dv<>"), [p[0] for _, p in pts]
-        for arm in study["arms"]:
-            if arm in (BEFORE, PLAIN) or arm.startswith("plain, WiSE-FT alpha"):
+        markers, xs = iter("os^Dv<>"), []
+        bases = [a for a in _arms([study]) if a != BEFORE and not _curve_of(a)]
+        for base in bases:
+            alphas = sorted((c[1], a) for a, c in ((a, _curve_of(a)) for a in study["arms"]) if c and c[0] == base)
+            curve = [(0.0, BEFORE)] + alphas + [(1.0, base)] if alphas else [(1.0, base)]
+            pts = [(alpha, p) for alpha, p in ((alpha, point(arm)) for alpha, arm in curve) if p is not None]
+            if not pts:
                 continue
-            p = point(arm)
-            if p is not None:
-                xs.append(p[0])
-                ax.errorbar([p[0]], [p[1]], xerr=[p[2]], yerr=[p[3]], fmt=next(markers, "o"), capsize=3, label=arm)
+            xs += [p[0] for _, p in pts]
+            name = "plain" if base == PLAIN else base
+            ax.errorbar([p[0] for _, p in pts], [p[1] for _, p in pts], xerr=[p[2] for _, p in pts],
+                        yerr=[p[3] for _, p in pts], fmt=next(markers, "o") + ("-" if alphas else ""), capsize=3,
+                        label=f"{name}, WiSE-FT alpha" if alphas else name)
+            if alphas:
+                for alpha, p in pts:
+                    ax.annotate(f"{alpha:g}", (p[0], p[1]), textcoords="offset points", xytext=(5, 4), fontsize="small")
         plain = point(PLAIN)
         if plain is not None:
             ax.fill_between([plain[0] - 100 * GOAL_CUSTOM, 100], 100 * GOAL_KEPT, 105, color="tab:green", alpha=0.12,

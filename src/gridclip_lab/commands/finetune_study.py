@@ -27,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default=",".join(d.arms),
                    help=f"comma list of arms, of: {', '.join(RECIPE_ARMS)} ({','.join(d.arms)})")
     p.add_argument("--alphas", default="",
-                   help="WiSE-FT curve: comma list of alphas at which the plain arm's weights are interpolated with "
+                   help="WiSE-FT curve: comma list of alphas at which the --alpha-arms' weights are interpolated with "
                         "the start model's and evaluated (none)")
+    p.add_argument("--alpha-arms", default=",".join(d.alpha_arms),
+                   help=f"comma list of the arms that get the alpha curve ({','.join(d.alpha_arms)})")
     p.add_argument("--world", help="an existing world folder (default: generate one into OUT/world)")
     p.add_argument("--world-size", choices=("small", "default"), default=d.world_size)
     p.add_argument("--clip", help="CLIP backbone dir (default: the shipped shapes-RN-tiny)")
@@ -48,7 +50,8 @@ def main(argv: list[str]) -> int:
                         custom=a.custom, iters=a.iters, world_size=a.world_size, clip_model=a.clip,
                         teacher_model=a.teacher, overrides=tuple(a.overrides),
                         arms=tuple(x.strip() for x in a.arms.split(",") if x.strip()),
-                        alphas=tuple(float(x) for x in a.alphas.split(",") if x.strip()))
+                        alphas=tuple(float(x) for x in a.alphas.split(",") if x.strip()),
+                        alpha_arms=tuple(x.strip() for x in a.alpha_arms.split(",") if x.strip()))
     study = run_finetune_study(spec, a.out, world_dir=a.world, progress=not a.no_progress)
     print(format_finetune(study))
     print(f"[finetune-study] -> {Path(a.out) / 'finetune.json'}")

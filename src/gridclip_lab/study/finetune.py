@@ -80,17 +80,24 @@ class FinetuneSpec:
     overrides: tuple[str, ...] = ()
     custom_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     arms: tuple[str, ...] = tuple(ARMS)
-    alphas: tuple[float, ...] = ()  # WiSE-FT curve of the plain arm: its weights interpolated with the start's
+    alphas: tuple[float, ...] = ()  # WiSE-FT curve: an arm's weights interpolated with the start model's
+    alpha_arms: tuple[str, ...] = (PLAIN,)  # the arms that get the curve
 
     def __post_init__(self) -> None:
         self.seeds = tuple(int(s) for s in self.seeds)
         self.arms = tuple(self.arms)
         self.alphas = tuple(float(a) for a in self.alphas)
+        self.alpha_arms = tuple(self.alpha_arms)
         unknown = [a for a in self.arms if a not in RECIPE_ARMS]
         if unknown or not self.arms:
             raise ValueError(f"finetune study arms: unknown {unknown} (expected some of {list(RECIPE_ARMS)})")
-        if any(not 0.0 <= a <= 1.0 for a in self.alphas) or (self.alphas and PLAIN not in self.arms):
-            raise ValueError(f"finetune study alphas: expected values in [0, 1] and the arm {PLAIN!r}, got {list(self.alphas)}")
+        if any(not 0.0 <= a <= 1.0 for a in self.alphas):
+            raise ValueError(f"finetune study alphas: expected values in [0, 1], got {list(self.alphas)}")
+        if self.alphas:
+            bad = [a for a in self.alpha_arms if a not in self.arms or RECIPE_ARMS[a][1].get("mode") == "embeddings"]
+            if bad or not self.alpha_arms:
+                raise ValueError(f"finetune study alpha arms: {bad or 'none'}; expected arms of the study that train "
+                                 f"weights (e.g. {PLAIN!r}; not embedding-only tuning, whose weights do not change)")
         self.overrides = tuple(self.overrides)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"finetune study seeds: expected distinct seeds, got {list(self.seeds)}")
@@ -216,7 +223,7 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
                     metrics = evaluate_fn(summary["model"], cfg, groups)
                     seconds = round(time.perf_counter() - t0, 1)
                     interpolated = {}
-                    if arm == PLAIN:
+                    if arm in spec.alpha_arms:
                         for alpha in spec.alphas:
                             path = interpolate_model_file(start_model, summary["model"], alpha, run_dir / "alpha.pt")
                             interpolated[str(alpha)] = evaluate_fn(str(path), cfg, groups)
@@ -226,7 +233,7 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
                           "interpolated": interpolated, "environment": fingerprint()}
                 atomic_write_json(run_dir / "result.json", result)
             rows.append({"seed": seed, "arm": arm, "metrics": result["metrics"]})
-            if arm == PLAIN:
+            if arm in spec.alpha_arms:
                 for alpha in spec.alphas:
                     got = result.get("interpolated", {}).get(str(alpha))
                     if got is None:
@@ -234,7 +241,7 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
                             log(f"[finetune] seed {seed}: no WiSE-FT alpha {alpha} in the cached run {run_dir.name} "
                                 "(its model is gone; remove the run to compute it)")
                         continue
-                    rows.append({"seed": seed, "arm": alpha_arm(alpha), "metrics": got})
+                    rows.append({"seed": seed, "arm": alpha_arm(alpha, arm), "metrics": got})
     summary = summarize_finetune(rows)
     study = {"version": FINETUNE_VERSION, "spec": {**asdict(spec), "seeds": list(spec.seeds)},
              "custom_categories": [names[i] for i in custom],
@@ -244,8 +251,9 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
     return study
 
 
-def alpha_arm(alpha: float) -> str:
-    return f"plain, WiSE-FT alpha {alpha:g}"
+def alpha_arm(alpha: float, arm: str = PLAIN) -> str:
+    """The row of ``arm``'s weights interpolated with the start model's at ``alpha``."""
+    return f"{'plain' if arm == PLAIN else arm}, WiSE-FT alpha {alpha:g}"
 
 
 def interpolate_model_file(start: str | os.PathLike, finetuned: str | os.PathLike, alpha: float,
