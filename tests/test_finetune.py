@@ -208,9 +208,9 @@ def test_finetune_section_draws_each_arm_per_group(tmp_path):
     assert by_arm[with_] == pytest.approx([100 * ft["arms"][with_][g]["mean"] for g in groups])
 
 
-def test_finetune_study_recipe_arms_and_the_wise_ft_ends(tmp_path, small_world, tiny_clip_names):
-    """Recipe arms train through train.finetune; the plain arm's WiSE-FT curve is exact at its ends:
-    alpha 0 evaluates the start model, alpha 1 the fine-tuned one."""
+def test_finetune_study_recipe_arms_and_the_wise_ft_ends(tmp_path, small_world, tiny_clip_names, capsys):
+    """Recipe arms train through train.finetune; each --alpha-arms arm's WiSE-FT curve is exact at its
+    ends: alpha 0 evaluates the start model, alpha 1 the fine-tuned one."""
     import json
 
     from gridclip_lab.cli import main
@@ -220,18 +220,28 @@ def test_finetune_study_recipe_arms_and_the_wise_ft_ends(tmp_path, small_world, 
     out = tmp_path / "ft"
     argv = ["finetune-study", "--out", str(out), "--world", str(small_world), "--start-variant", "GridCLIP",
             "--start-iters", "2", "--iters", "2", "--seeds", "0", "--custom", "red", "--clip", rn, "--teacher", vit,
-            "--arms", f"{PLAIN},ignore + distill", "--alphas", "0,1", "--no-progress",
+            "--arms", f"{PLAIN},ignore + distill,embeddings only", "--alphas", "0,1",
+            "--alpha-arms", f"{PLAIN},ignore + distill", "--no-progress",
             "train.batch_size=2", "train.warmup_iters=1", "model.projector_hidden=32"]
     assert main(argv) == 0
     study = json.loads((out / "finetune.json").read_text())
     rows = {r["arm"]: r["metrics"] for r in study["rows"]}
-    assert set(rows) == {BEFORE, PLAIN, "ignore + distill", alpha_arm(0.0), alpha_arm(1.0)}
-    assert rows[alpha_arm(0.0)] == rows[BEFORE] and rows[alpha_arm(1.0)] == rows[PLAIN]
+    keep = "ignore + distill"
+    curves = {alpha_arm(a, arm) for a in (0.0, 1.0) for arm in (PLAIN, keep)}
+    assert curves == {alpha_arm(0.0), alpha_arm(1.0), f"{keep}, WiSE-FT alpha 0", f"{keep}, WiSE-FT alpha 1"}
+    assert set(rows) == {BEFORE, PLAIN, keep, "embeddings only"} | curves
+    for arm in (PLAIN, keep):
+        assert rows[alpha_arm(0.0, arm)] == rows[BEFORE] and rows[alpha_arm(1.0, arm)] == rows[arm]
     configs = [yaml_load(p) for p in (out / "runs").glob("*/config.yaml")]
     modes = sorted(c["train"]["finetune"]["mode"] for c in configs)
-    assert modes == ["keep_vocab", "plain"]
-    assert {(p["a"], p["b"]) for p in study["pairs"]} >= {("ignore + distill", PLAIN), ("ignore + distill", BEFORE)}
-    assert set(study["other_kept"]) == {PLAIN, "ignore + distill", alpha_arm(0.0), alpha_arm(1.0)}
+    assert modes == ["embeddings", "keep_vocab", "plain"]
+    assert {(p["a"], p["b"]) for p in study["pairs"]} >= {(keep, PLAIN), (keep, BEFORE), ("embeddings only", PLAIN)}
+    assert set(study["other_kept"]) == {PLAIN, keep, "embeddings only"} | curves
+    capsys.readouterr()
+    at = argv.index("--alpha-arms") + 1  # embedding-only tuning changes no weight to interpolate
+    assert main(argv[:at] + ["embeddings only"] + argv[at + 1:]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "alpha arms" in err[0]
 
 
 def yaml_load(path):
