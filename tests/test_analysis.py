@@ -783,6 +783,11 @@ def test_finetune_recipes_section_tables_goal_and_figure(tmp_path, capsys):
     with Image.open(tmp_path / "figures" / "finetune_alpha_curve.png") as im:
         assert im.size[0] > 500
     assert gridclip_main(args) == 0 and doc.read_text() == text  # idempotent
+    other = args + ["--section", "finetune-other", "--title", "Another study"]
+    assert gridclip_main(other) == 0
+    both = doc.read_text()
+    assert both.startswith(text) and "<!-- finetune-other:start -->\n## Another study\n" in both
+    assert (tmp_path / "figures" / "finetune_other.png").is_file()
     assert gridclip_main(args[:-7] + ["--labels", "red", "--out", str(doc)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--labels" in err[0]

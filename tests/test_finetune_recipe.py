@@ -97,6 +97,78 @@ def test_the_models_focal_loss_leaves_out_exactly_the_ignored_locations(tiny_roo
     assert not torch.allclose(plain["loss_grid"], hooked["loss_grid"])
 
 
+def test_pseudo_boxes_are_the_confident_detections_one_name_per_object_away_from_the_data_boxes():
+    targets = [{"boxes": torch.tensor([[0., 0., 10., 10.]]), "labels": torch.tensor([0]), "image_id": 7},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": 8}]
+    detections = [
+        {"boxes": torch.tensor([[0., 0., 10., 9.],  # on the data's box (IoU 0.9): the data's label wins
+                                [20., 20., 30., 30.],  # kept
+                                [21., 21., 31., 31.],  # the same object, another name, lower score: dropped
+                                [40., 40., 50., 50.],  # below the score: dropped
+                                [60., 60., 70., 70.],  # kept
+                                [80., 80., 80.5, 90.]]),  # under a pixel wide: dropped
+         "scores": torch.tensor([0.9, 0.8, 0.7, 0.4, 0.6, 0.9]), "labels": torch.tensor([1, 0, 2, 1, 2, 0])},
+        {"boxes": torch.tensor([[5., 5., 15., 15.]]), "scores": torch.tensor([0.5]), "labels": torch.tensor([1])},
+    ]
+    out = ft.add_pseudo_boxes(targets, detections, min_score=0.5, first_label=3)
+    assert torch.equal(out[0]["boxes"], torch.tensor([[0., 0., 10., 10.], [20., 20., 30., 30.], [60., 60., 70., 70.]]))
+    assert out[0]["labels"].tolist() == [0, 3, 5] and out[0]["image_id"] == 7
+    assert torch.equal(out[1]["boxes"], torch.tensor([[5., 5., 15., 15.]])) and out[1]["labels"].tolist() == [4]
+    assert targets[0]["labels"].tolist() == [0]  # the data's targets are not changed in place
+
+
+def test_pseudo_boxes_are_trained_as_their_names(tiny_root, tmp_path, monkeypatch):
+    """With pseudo_score, the start model's detections of its other names join the batch: the logits gain
+    one column per kept name (the custom columns unchanged), and the focal loss's targets hold positives
+    in those columns exactly when pseudo-boxes were added, with every added label a kept name's."""
+    _, path = _start_file(tiny_root, tmp_path)
+    cfg = tiny_config(tiny_root, init_from=str(path))
+    cfg.train.finetune.mode = "keep_vocab"
+    cfg.train.finetune.ignore_score = None
+    cfg.train.finetune.distill = 0.0
+    cfg.train.finetune.pseudo_score = 1e-6  # the random start model's every detection
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.setup()
+    model = trainer.model
+    hook = model.training_hook
+    custom = list(model.class_names)
+    kept = [n for n in ("red circle", "blue square", "green star", "yellow ring") if n not in custom]
+    assert list(hook.start.class_names) == kept and hook.pseudo
+    # the random start model's own boxes are degenerate: it "detects" two objects per image instead
+    found = {"boxes": torch.tensor([[4., 4., 30., 30.], [34., 30., 60., 56.]]), "scores": torch.tensor([0.9, 0.8]),
+             "labels": torch.tensor([0, len(kept) - 1])}
+    monkeypatch.setattr(hook.start, "postprocess_dense", lambda dense, anchors, sizes, *a: [found] * len(sizes))
+    calls, added = [], []
+    real_loss, real_add = tv_fcos.sigmoid_focal_loss, ft.add_pseudo_boxes
+
+    def spy_loss(inputs, targets, **kw):
+        calls.append((inputs.detach().clone(), targets.clone()))
+        return real_loss(inputs, targets, **kw)
+
+    def spy_add(targets, detections, *args, **kw):
+        out = real_add(targets, detections, *args, **kw)
+        added.append([(len(a["labels"]), b["labels"][len(a["labels"]):]) for a, b in zip(targets, out)])
+        return out
+
+    monkeypatch.setattr(tv_fcos, "sigmoid_focal_loss", spy_loss)
+    monkeypatch.setattr(ft, "add_pseudo_boxes", spy_add)
+    images, targets = trainer._to_device(*_two_samples(trainer))
+    torch.manual_seed(0)
+    model(images, targets)
+    model.training_hook = None
+    torch.manual_seed(0)
+    model(images, targets)
+    (hooked_logits, gt), (plain_logits, _) = calls
+    k = len(custom)
+    assert hooked_logits.shape[-1] == k + len(kept) and plain_logits.shape[-1] == k
+    torch.testing.assert_close(hooked_logits[..., :k], plain_logits)
+    labels = torch.cat([new for _, new in added[0]])
+    assert len(labels) > 0 and set(labels.tolist()) <= {k, k + len(kept) - 1}
+    positives = gt.sum(dim=(0, 1))
+    assert all(positives[label] > 0 for label in labels.tolist())
+    assert all(positives[c] == 0 for c in range(k, k + len(kept)) if c not in labels.tolist())
+
+
 def _two_samples(trainer):
     samples = [train_module.SeededSamples(trainer.dataset)[(i, i)] for i in range(2)]
     return train_module.collate_detection(samples)
@@ -188,6 +260,22 @@ def test_plain_fine_tuning_saves_the_wise_ft_interpolation_of_its_alpha(tiny_roo
     assert all(torch.equal(at0[k], start[k]) for k in start)
 
 
+def test_pseudo_boxes_mode_is_keep_vocab_with_only_its_pseudo_boxes(tiny_root, tmp_path):
+    """mode=pseudo_boxes trains exactly as keep_vocab with ignore and distill off and the default threshold,
+    and the checkpoint records the mode with the threshold it used."""
+    from gridclip.config import DEFAULT_PSEUDO_SCORE
+
+    _, path = _start_file(tiny_root, tmp_path)
+    named = _fine_tune(tiny_root, tmp_path, "named", path, mode="pseudo_boxes")
+    spelled = _fine_tune(tiny_root, tmp_path, "spelled", path, mode="keep_vocab", ignore_score=None, distill=0.0,
+                         pseudo_score=DEFAULT_PSEUDO_SCORE, alpha=1.0)
+    assert all(torch.equal(named["state_dict"][k], v) for k, v in spelled["state_dict"].items())
+    assert named["extra"]["finetune"] == {"mode": "pseudo_boxes", "pseudo_score": DEFAULT_PSEUDO_SCORE, "alpha": 1.0,
+                                          "keep_names": None}
+    lower = _fine_tune(tiny_root, tmp_path, "lower", path, mode="pseudo_boxes", pseudo_score=0.2)
+    assert lower["extra"]["finetune"]["pseudo_score"] == 0.2
+
+
 def test_recipe_settings_are_checked(tiny_root, tmp_path):
     _, path = _start_file(tiny_root, tmp_path)
     cfg = tiny_config(tiny_root, init_from=str(path))
@@ -195,6 +283,10 @@ def test_recipe_settings_are_checked(tiny_root, tmp_path):
     cfg.train.finetune.alpha = 2.0
     with pytest.raises(ValueError, match="train.finetune.alpha"):
         Trainer(cfg, tmp_path / "bad", progress=False).setup()
+    cfg.train.finetune.alpha = None
+    cfg.train.finetune.pseudo_score = 0.0
+    with pytest.raises(ValueError, match=r"train\.finetune\.pseudo_score: expected a score in \(0, 1\]"):
+        Trainer(cfg, tmp_path / "bad2", progress=False).setup()
 
 
 def test_the_recipe_is_a_config_section_with_a_switch_to_plain():

@@ -167,13 +167,17 @@ class FinetuneConfig:
 
     # plain: keep_vocab missed the fine-tuning study's rule for a default (docs/training.md)
     # embeddings: only the custom names' classifier rows train (the model's weights stay the start's)
-    mode: Literal["keep_vocab", "plain", "embeddings"] = "plain"
+    # pseudo_boxes: keep_vocab with only its pseudo-boxes (pseudo_score, null: 0.5; ignore and distill off)
+    mode: Literal["keep_vocab", "plain", "embeddings", "pseudo_boxes"] = "plain"
     # locations outside every custom box where the frozen start model scores one of ``keep_names`` at
     # least this high (sigmoid of its logit) get no classification loss; null: none ignored
     ignore_score: float | None = 0.3
     # weight of the L1 distance between the model's and the frozen start model's normalised per-location
     # embeddings, outside the custom boxes (summed over dimensions, averaged over locations); 0: off
     distill: float = 1.0
+    # the frozen start model's detections of ``keep_names`` scoring at least this high (after its NMS) are
+    # trained as boxes of those names, except where they overlap a box of the data (IoU >= 0.5); null: off
+    pseudo_score: float | None = None
     # WiSE-FT: the saved weights are (1 - alpha) start + alpha fine-tuned, per tensor; 1: the fine-tuned
     # ones; null: the measured default of the mode (:func:`finetune_alpha`)
     alpha: float | None = None
@@ -184,7 +188,10 @@ class FinetuneConfig:
 
 # The WiSE-FT alpha that ``train.finetune.alpha: null`` means, per mode: plain's was chosen by the
 # fine-tuning study's rule (results/finetune_keep/DECISION.md); keep_vocab was measured at 1 only.
-DEFAULT_FINETUNE_ALPHA = {"plain": 0.75, "keep_vocab": 1.0, "embeddings": 1.0}
+DEFAULT_FINETUNE_ALPHA = {"plain": 0.75, "keep_vocab": 1.0, "embeddings": 1.0, "pseudo_boxes": 1.0}
+# pseudo_boxes' threshold when ``pseudo_score`` is null: the best F1 of the start model's pseudo-boxes on
+# the world's training split (results/finetune_keep/pseudo_score.json), chosen before any run
+DEFAULT_PSEUDO_SCORE = 0.5
 
 
 def finetune_alpha(f: FinetuneConfig) -> float:

@@ -10,6 +10,9 @@ runs a frozen copy of the start model beside the one that trains and
   ignored locations' logits are replaced by a constant whose loss and gradient are zero);
 - distils the start model's per-location embeddings outside the custom boxes (``distill``: L1 between
   the normalised embeddings, as LwF does with the old model's outputs);
+- trains the start model's confident detections of its other names as boxes of those names
+  (``pseudo_score``: self-training on pseudo-boxes; the names join the batch's classes, so the loss
+  teaches them instead of background);
 - optionally saves the weight-space interpolation (1 - alpha) start + alpha fine-tuned (WiSE-FT).
 
 ``embeddings`` (:class:`NameEmbeddings`) trains nothing of the model: only the custom names' classifier
@@ -21,15 +24,17 @@ rows, from their text embeddings (YOLO-World's prompt tuning); they are saved as
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import box_iou, nms, remove_small_boxes
 
 from gridclip.checkpoint import load_checkpoint
-from gridclip.clip.vocabulary import TunedNames, name_key, parse_vocabulary
-from gridclip.config import Config, FinetuneConfig, finetune_alpha
+from gridclip.clip.vocabulary import TunedNames, Vocabulary, name_key, parse_vocabulary
+from gridclip.config import DEFAULT_PSEUDO_SCORE, Config, FinetuneConfig, finetune_alpha
 from gridclip.model.backbone import level_cells
 
 logger = logging.getLogger("gridclip.finetune")
@@ -37,7 +42,9 @@ logger = logging.getLogger("gridclip.finetune")
 # The logit an ignored location gets: sigmoid gives exactly 0 in float16/32, so its focal loss against a
 # 0 target is exactly 0, and the constant carries no gradient back to the model.
 IGNORED_LOGIT = -1.0e4
-FINETUNE_MODES = ("plain", "keep_vocab", "embeddings")
+# a pseudo-box overlapping a box of the data at least this much is dropped (the standard match IoU)
+PSEUDO_MAX_IOU = 0.5
+FINETUNE_MODES = ("plain", "keep_vocab", "embeddings", "pseudo_boxes")
 
 
 def check_finetune_config(f: FinetuneConfig) -> None:
@@ -45,6 +52,8 @@ def check_finetune_config(f: FinetuneConfig) -> None:
         raise ValueError(f"train.finetune.mode: expected one of {', '.join(FINETUNE_MODES)}, got {f.mode!r}")
     if f.ignore_score is not None and not 0.0 < f.ignore_score <= 1.0:
         raise ValueError(f"train.finetune.ignore_score: expected a score in (0, 1] or null, got {f.ignore_score}")
+    if f.pseudo_score is not None and not 0.0 < f.pseudo_score <= 1.0:
+        raise ValueError(f"train.finetune.pseudo_score: expected a score in (0, 1] or null, got {f.pseudo_score}")
     if f.distill < 0:
         raise ValueError(f"train.finetune.distill: expected a weight >= 0, got {f.distill}")
     if f.alpha is not None and not 0.0 <= f.alpha <= 1.0:
@@ -73,6 +82,26 @@ def outside_boxes(anchors: list[Tensor], targets: list[dict[str, Tensor]]) -> Te
     return torch.stack(out)
 
 
+def add_pseudo_boxes(targets: list[dict[str, Tensor]], detections: list[dict[str, Tensor]], min_score: float,
+                     first_label: int, max_iou: float = PSEUDO_MAX_IOU) -> list[dict[str, Tensor]]:
+    """``targets`` with the ``detections`` (per image ``boxes``, ``scores``, ``labels`` into the kept
+    names) scoring >= ``min_score`` added as boxes with labels ``first_label + label``: one name per
+    object (class-agnostic NMS at ``max_iou``: the best-scoring name), none overlapping a box of the
+    image at IoU >= ``max_iou`` (the data's own label wins there); boxes under a pixel wide or high are
+    no objects to train on."""
+    out = []
+    for t, d in zip(targets, detections):
+        keep = torch.nonzero(d["scores"] >= min_score).flatten()
+        keep = keep[remove_small_boxes(d["boxes"][keep], 1.0)]
+        keep = keep[nms(d["boxes"][keep].float(), d["scores"][keep].float(), max_iou)]
+        boxes, labels = d["boxes"][keep].to(t["boxes"]), d["labels"][keep].to(t["labels"]) + first_label
+        if len(t["boxes"]) and len(boxes):
+            free = box_iou(boxes, t["boxes"]).amax(dim=1) < max_iou
+            boxes, labels = boxes[free], labels[free]
+        out.append({**t, "boxes": torch.cat([t["boxes"], boxes]), "labels": torch.cat([t["labels"], labels])})
+    return out
+
+
 def distillation_loss(embeddings: Tensor, start_embeddings: Tensor, where: Tensor) -> Tensor:
     """L1 between normalised embeddings ``[N, L, D]`` summed over D, averaged over the locations of
     ``where [N, L]`` (0 when there are none)."""
@@ -97,10 +126,9 @@ def interpolate_state_dicts(start: dict[str, Tensor], finetuned: dict[str, Tenso
     return out
 
 
-def _start_embeddings(start: nn.Module, image_list) -> Tensor:
+def _start_features(start: nn.Module, image_list) -> tuple[list[Tensor], Any]:
     features, _ = start.backbone(image_list.tensors, image_list.image_sizes)
-    cells = level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]), features)
-    return start.head.classification_head.embeddings(features, cells)
+    return features, level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]), features)
 
 
 class WeightInterpolation:
@@ -124,36 +152,50 @@ class WeightInterpolation:
 
 class KeepVocabulary(WeightInterpolation):
     """The ``keep_vocab`` recipe for one run: the model's :attr:`training_hook` (see module docstring)
-    and :meth:`finish` (the interpolation). ``keep_text``: normalised embeddings ``[K, D]`` of the names
-    whose start scores decide what is ignored (None: nothing is ignored)."""
+    and :meth:`finish` (the interpolation). ``keep``: the names (normalised text embeddings) whose start
+    scores decide what is ignored and which pseudo-boxes are trained (None: neither happens)."""
 
     def __init__(self, recipe: FinetuneConfig, start: nn.Module, start_state: dict[str, Tensor],
-                 keep_text: Tensor | None):
+                 keep: Vocabulary | None):
         super().__init__(start_state, finetune_alpha(recipe))
         self.recipe = recipe
         self.start = start.eval().requires_grad_(False)
-        self.keep_text = keep_text
-        self.ignores = recipe.ignore_score is not None and keep_text is not None and len(keep_text) > 0
+        kept = keep is not None and len(keep) > 0
+        self.keep_text = keep.embeddings if kept else None
+        self.ignores = recipe.ignore_score is not None and kept
+        self.pseudo = recipe.pseudo_score is not None and kept
+        if self.pseudo:  # the start model detects the kept names (its labels index keep_text)
+            self.start.set_vocabulary(keep)
 
     def __call__(self, model: nn.Module, image_list, features: list[Tensor], cells, anchors: list[Tensor],
-                 targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                 targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], dict[str, Tensor], list[dict[str, Tensor]]]:
         cls_head = model.head.classification_head
         embeddings = cls_head.embeddings(features, cells)
-        logits = cls_head.logits(embeddings)
+        text = cls_head.text_embeddings
         regression, ctrness = model.head.regression_head(features, cells)
         extra: dict[str, Tensor] = {}
-        if self.ignores or self.recipe.distill > 0:
-            outside = outside_boxes(anchors, targets)
+        if not (self.ignores or self.pseudo or self.recipe.distill > 0):
+            return {"cls_logits": cls_head.logits(embeddings), "bbox_regression": regression,
+                    "bbox_ctrness": ctrness}, extra, targets
+        with torch.no_grad():
+            start_features, start_cells = _start_features(self.start, image_list)
+            if self.ignores or self.recipe.distill > 0:
+                start_embeddings = self.start.head.classification_head.embeddings(start_features, start_cells)
+            if self.pseudo:
+                dense = self.start.dense_outputs(start_features, start_cells)
+                detections = self.start.postprocess_dense(dense, anchors, image_list.image_sizes)
+                targets = add_pseudo_boxes(targets, detections, self.recipe.pseudo_score, len(text))
+                text = torch.cat([text, self.keep_text.to(text)])
+        logits = cls_head.logits(embeddings, text)
+        outside = outside_boxes(anchors, targets)
+        if self.ignores:
             with torch.no_grad():
-                start_embeddings = _start_embeddings(self.start, image_list)
-            if self.ignores:
-                with torch.no_grad():
-                    start_head = self.start.head.classification_head
-                    scores = torch.sigmoid(start_head.logits(start_embeddings, self.keep_text)).amax(dim=-1)
-                logits = ignore_locations(logits, outside & (scores >= self.recipe.ignore_score))
-            if self.recipe.distill > 0:
-                extra["loss_distill"] = self.recipe.distill * distillation_loss(embeddings, start_embeddings, outside)
-        return {"cls_logits": logits, "bbox_regression": regression, "bbox_ctrness": ctrness}, extra
+                start_head = self.start.head.classification_head
+                scores = torch.sigmoid(start_head.logits(start_embeddings, self.keep_text)).amax(dim=-1)
+            logits = ignore_locations(logits, outside & (scores >= self.recipe.ignore_score))
+        if self.recipe.distill > 0:
+            extra["loss_distill"] = self.recipe.distill * distillation_loss(embeddings, start_embeddings, outside)
+        return {"cls_logits": logits, "bbox_regression": regression, "bbox_ctrness": ctrness}, extra, targets
 
     def detach(self, model: nn.Module) -> None:
         model.training_hook = None
@@ -188,12 +230,12 @@ class NameEmbeddings(WeightInterpolation):
         self.projector, model.projector = model.projector, None
 
     def __call__(self, model: nn.Module, image_list, features: list[Tensor], cells, anchors: list[Tensor],
-                 targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                 targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], dict[str, Tensor], list[dict[str, Tensor]]]:
         cls_head = model.head.classification_head
         rows = torch.nn.functional.normalize(getattr(model, self.ATTRIBUTE).rows, dim=-1)
         logits = cls_head.logits(cls_head.embeddings(features, cells), rows)
         regression, ctrness = model.head.regression_head(features, cells)
-        return {"cls_logits": logits, "bbox_regression": regression, "bbox_ctrness": ctrness}, {}
+        return {"cls_logits": logits, "bbox_regression": regression, "bbox_ctrness": ctrness}, {}, targets
 
     @torch.no_grad()
     def _tuned(self, model: nn.Module) -> TunedNames:
@@ -237,7 +279,7 @@ def interpolate_with_start(model: nn.Module, start_state: dict[str, Tensor], alp
         model.load_state_dict(interpolate_state_dicts(start_state, model.state_dict(), alpha))
 
 
-def _keep_text(recipe: FinetuneConfig, start: nn.Module, model: nn.Module) -> Tensor | None:
+def _kept_names(recipe: FinetuneConfig, start: nn.Module, model: nn.Module) -> Vocabulary | None:
     """The start model's other names (its recorded vocabulary, or ``keep_names``) minus the custom ones."""
     custom = set(model.class_names)
     if recipe.keep_names:
@@ -249,7 +291,9 @@ def _keep_text(recipe: FinetuneConfig, start: nn.Module, model: nn.Module) -> Te
         return None
     keep = [i for i, n in enumerate(vocabulary.names) if n not in custom]
     logger.info("train.finetune: %d names of the start model kept (%d custom)", len(keep), len(vocabulary.names) - len(keep))
-    return torch.nn.functional.normalize(vocabulary.embeddings[keep].float(), dim=-1)
+    if not keep:
+        return None
+    return Vocabulary.from_tensor(vocabulary.embeddings[keep], [vocabulary.names[i] for i in keep])
 
 
 def attach_finetune(model: nn.Module, cfg: Config,
@@ -260,10 +304,13 @@ def attach_finetune(model: nn.Module, cfg: Config,
     recipe = cfg.train.finetune
     check_finetune_config(recipe)
     mode = recipe.mode
-    if mode == "keep_vocab" and (not hasattr(model, "training_hook") or not getattr(model.cfg, "grid_align", False)):
+    if mode in ("keep_vocab", "pseudo_boxes") and (not hasattr(model, "training_hook")
+                                                  or not getattr(model.cfg, "grid_align", False)):
         logger.info("train.finetune: %s has no open vocabulary to keep; plain fine-tuning", type(model).__name__)
         mode = "plain"
     alpha = finetune_alpha(recipe)
+    if mode == "pseudo_boxes":
+        recipe, mode = pseudo_boxes_recipe(recipe), "keep_vocab"
     if mode == "embeddings":
         if not hasattr(model, "training_hook") or not getattr(model.cfg, "grid_align", False):
             raise ValueError(f"train.finetune.mode=embeddings: {type(model).__name__} has no open vocabulary "
@@ -278,9 +325,17 @@ def attach_finetune(model: nn.Module, cfg: Config,
         return WeightInterpolation(state, alpha)
     start = load_checkpoint(cfg.train.init_from, device)
     start.restore_training_form()
-    keeper = KeepVocabulary(recipe, start, state, _keep_text(recipe, start, model))
+    keeper = KeepVocabulary(recipe, start, state, _kept_names(recipe, start, model))
     model.training_hook = keeper
     return keeper
+
+
+def pseudo_boxes_recipe(f: FinetuneConfig) -> FinetuneConfig:
+    """``mode: pseudo_boxes`` as the ``keep_vocab`` recipe it is: pseudo-boxes only (ignore and distill off),
+    at ``pseudo_score`` or, when null, :data:`gridclip.config.DEFAULT_PSEUDO_SCORE`."""
+    score = DEFAULT_PSEUDO_SCORE if f.pseudo_score is None else f.pseudo_score
+    return dataclasses.replace(f, mode="keep_vocab", ignore_score=None, distill=0.0, pseudo_score=score,
+                               alpha=finetune_alpha(f))
 
 
 def recipe_record(cfg: Config) -> dict[str, Any] | None:
@@ -291,5 +346,8 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
     alpha = finetune_alpha(f)
     if f.mode in ("plain", "embeddings"):
         return {"mode": f.mode, "alpha": alpha}
-    return {"mode": f.mode, "ignore_score": f.ignore_score, "distill": f.distill, "alpha": alpha,
-            "keep_names": f.keep_names}
+    if f.mode == "pseudo_boxes":
+        return {"mode": f.mode, "pseudo_score": pseudo_boxes_recipe(f).pseudo_score, "alpha": alpha,
+                "keep_names": f.keep_names}
+    return {"mode": f.mode, "ignore_score": f.ignore_score, "distill": f.distill, "pseudo_score": f.pseudo_score,
+            "alpha": alpha, "keep_names": f.keep_names}

@@ -225,7 +225,8 @@ class GridCLIP(FCOS):
         self.class_names: tuple[str, ...] = ()
         self._inference: inference.InferenceForm | None = None  # set by optimize_for_inference
         # training only: a function (model, image_list, features, cells, anchors, targets) -> (head outputs,
-        # extra losses) that replaces the head's forward (fine-tuning recipes, gridclip.engine.keep_vocab)
+        # extra losses, targets) that replaces the head's forward and may add targets (fine-tuning recipes,
+        # gridclip.engine.keep_vocab)
         self.training_hook: Callable | None = None
 
     # ----------------------------------------------------------------------------------------- vocabulary
@@ -371,7 +372,7 @@ class GridCLIP(FCOS):
             if self.training_hook is None:
                 head_outputs = self.head(features, cells)
             else:
-                head_outputs, extra = self.training_hook(self, image_list, features, cells, anchors, targets)
+                head_outputs, extra, targets = self.training_hook(self, image_list, features, cells, anchors, targets)
             fcos = self.compute_loss(targets, head_outputs, anchors, num_per_level)
             c = self.cfg
             losses = {

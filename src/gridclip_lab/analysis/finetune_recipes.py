@@ -82,6 +82,7 @@ def _diff(d: dict) -> str:
 
 
 TITLE = "Fine-tuning recipes: what fine-tuning keeps of the other names (issue 23)"
+RECIPES_SECTION = "finetune-recipes"
 
 
 def _table(labels: Sequence[str], columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -91,8 +92,10 @@ def _table(labels: Sequence[str], columns: Sequence[str], rows: Sequence[Sequenc
 
 
 def recipe_section(studies: Sequence[tuple[str, str | os.PathLike]], figures_dir: str | os.PathLike | None = None,
-                   rel: Callable[[Path], str] = lambda p: p.as_posix(), title: str = TITLE) -> list[str]:
-    """Markdown lines of the section for ``studies`` (label, finetune.json path) in the given order."""
+                   rel: Callable[[Path], str] = lambda p: p.as_posix(), title: str = TITLE,
+                   section: str = RECIPES_SECTION) -> list[str]:
+    """Markdown lines of the section for ``studies`` (label, finetune.json path) in the given order; the
+    figure is FIGURES/finetune_alpha_curve.png for the default ``section``, else FIGURES/<section>.png."""
     loaded = [(label, read_json(path, "finetune study"), Path(path)) for label, path in studies]
     data = [s for _, s, _ in loaded]
     arms = _arms(data)
@@ -136,7 +139,8 @@ def recipe_section(studies: Sequence[tuple[str, str | os.PathLike]], figures_dir
         lines.append(f"* {arm_label(arm)}: " + "; ".join(
             f"{label} {'met' if m else 'not met' if m is not None else 'not run'}" for label, m in met))
     if figures_dir is not None:
-        figure = Path(figures_dir) / "finetune_alpha_curve.png"
+        name = "finetune_alpha_curve" if section == RECIPES_SECTION else section.replace("-", "_")
+        figure = Path(figures_dir) / f"{name}.png"
         plot_alpha_curve([(label, s) for label, s, _ in loaded], figure)
         lines += ["", f"![fine-tuning: custom AP against the other names' AP kept, WiSE-FT's alpha curve and the "
                       f"recipes, mean ± sd over seeds; shaded: the goal]({rel(figure)})"]

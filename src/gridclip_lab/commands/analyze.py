@@ -8,7 +8,7 @@
     gridclip-lab analyze results --demo runs/demo --out docs/results.md [--figures docs/figures] [--no-transfer] [--study S.json] [--finetune F.json]
     gridclip-lab analyze study-section --study S.json --section NAME --title T [--out docs/results.md] [--clip-recall R.json]
     gridclip-lab analyze finetune-recipes --finetune A.json [B.json ...] --labels A [B ...] [--out docs/results.md]
-                                      [--figures docs/figures]
+                                      [--figures docs/figures] [--section NAME] [--title T]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from gridclip_lab.analysis.finetune_recipes import recipe_section
+from gridclip_lab.analysis.finetune_recipes import RECIPES_SECTION, TITLE, recipe_section
 from gridclip_lab.analysis.frequency import default_labels, run_frequency, summarize
 from gridclip_lab.analysis.recall import clip_recall, detector_recall, format_recall_table, write_recall_outputs
 from gridclip_lab.analysis.results_doc import write_results_doc
@@ -172,6 +172,9 @@ def _finetune_recipes(argv: list[str]) -> int:
     p.add_argument("--labels", required=True, nargs="+", help="one label per file (e.g. red circle)")
     p.add_argument("--out", default="runs/results.md", help="the document written (the repository's: docs/results.md)")
     p.add_argument("--figures", help="folder for the figure (default: none drawn)")
+    p.add_argument("--section", default=RECIPES_SECTION,
+                   help=f"the marked section written, also the figure's name (default: {RECIPES_SECTION})")
+    p.add_argument("--title", default=TITLE, help="the section's heading")
     a = p.parse_args(argv)
     if len(a.labels) != len(a.finetune):
         raise ValueError(f"--labels: expected one per --finetune file ({len(a.finetune)}), got {len(a.labels)}")
@@ -180,9 +183,9 @@ def _finetune_recipes(argv: list[str]) -> int:
             raise FileNotFoundError(f"--finetune {path}: no such file")
     out = Path(a.out)
     rel = lambda f: os.path.relpath(f, out.parent).replace(os.sep, "/")  # noqa: E731
-    lines = recipe_section(list(zip(a.labels, a.finetune)), a.figures, rel)
-    write_section(out, "finetune-recipes", "\n".join(lines))
-    print(f"wrote section finetune-recipes of {out}")
+    lines = recipe_section(list(zip(a.labels, a.finetune)), a.figures, rel, a.title, a.section)
+    write_section(out, a.section, "\n".join(lines))
+    print(f"wrote section {a.section} of {out}")
     return 0
 
 

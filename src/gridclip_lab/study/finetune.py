@@ -58,6 +58,8 @@ RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ignore + distill": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": 0.3, "distill": 1.0,
                                                   "alpha": 1.0}),
     "embeddings only": ({"image_align": False}, {"mode": "embeddings", "alpha": 1.0}),
+    "pseudo-boxes": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": None, "distill": 0.0,
+                                              "pseudo_score": 0.5, "alpha": 1.0}),
 }
 GROUPS = ("AP", "custom", "other base", "novel", "other")  # other = other base + novel, by category
 FINETUNE_VERSION = 1
