@@ -274,6 +274,9 @@ def test_pseudo_boxes_mode_is_keep_vocab_with_only_its_pseudo_boxes(tiny_root, t
                                           "keep_names": None}
     lower = _fine_tune(tiny_root, tmp_path, "lower", path, mode="pseudo_boxes", pseudo_score=0.2)
     assert lower["extra"]["finetune"]["pseudo_score"] == 0.2
+    from gridclip.hub import model_card
+
+    assert "- Fine-tuning recipe (`train.finetune`): pseudo_boxes (pseudo_score 0.2, WiSE-FT alpha 1.0)" in model_card(lower)
 
 
 def test_recipe_settings_are_checked(tiny_root, tmp_path):

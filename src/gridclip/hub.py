@@ -219,6 +219,11 @@ def _trained_on(extra: dict) -> list[str]:
                                                              if train.get("batch_size") else ""))
     if train.get("init_from"):
         lines.append(f"- Fine-tuned from: `{train['init_from']}`")
+    recipe = extra.get("finetune") if isinstance(extra.get("finetune"), dict) else {}
+    if recipe.get("mode"):
+        settings = [f"{k} {recipe[k]}" for k in ("ignore_score", "distill", "pseudo_score") if recipe.get(k) is not None]
+        settings.append(f"WiSE-FT alpha {recipe.get('alpha', 1.0)}")
+        lines.append(f"- Fine-tuning recipe (`train.finetune`): {recipe['mode']} ({', '.join(settings)})")
     if extra.get("vocabulary"):
         lines.append(f"- Vocabulary at training: {extra['vocabulary']}")
     return lines
