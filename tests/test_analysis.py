@@ -791,3 +791,19 @@ def test_finetune_recipes_section_tables_goal_and_figure(tmp_path, capsys):
     assert gridclip_main(args[:-7] + ["--labels", "red", "--out", str(doc)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--labels" in err[0]
+
+
+def test_finetune_recipes_section_states_each_studys_schedule(tmp_path):
+    """Studies of different fine-tuning lengths side by side: the text gives each one's length, not the first's."""
+    from gridclip_lab.analysis.finetune_recipes import recipe_section
+
+    values = {"start model": [(0.5, 0.5), (0.6, 0.6)], "without image alignment": [(0.7, 0.1), (0.8, 0.1)]}
+    _finetune_json(tmp_path / "short.json", values)
+    study = _finetune_json(tmp_path / "long.json", values)
+    study["spec"]["iters"] = 800
+    (tmp_path / "long.json").write_text(json.dumps(study))
+    text = "\n".join(recipe_section([("a", tmp_path / "short.json"), ("b", tmp_path / "long.json")]))
+    assert "each fine-tuned (a: 400 iterations; b: 800 iterations) " in text
+    assert "Start models: `GridCLIP`, 400 iterations on the whole world" in text
+    same = "\n".join(recipe_section([("a", tmp_path / "short.json"), ("b", tmp_path / "short.json")]))
+    assert "each fine-tuned 400 iterations " in same

@@ -81,6 +81,14 @@ def _diff(d: dict) -> str:
     return f"{100 * d['mean']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]"
 
 
+def _per_study(loaded: Sequence[tuple[str, dict, Path]], describe: Callable[[dict], str]) -> str:
+    """``describe(spec)`` once when every study shares it, else per study with its label."""
+    texts = [describe(s["spec"]) for _, s, _ in loaded]
+    if len(set(texts)) == 1:
+        return texts[0]
+    return "(" + "; ".join(f"{label}: {t}" for (label, _, _), t in zip(loaded, texts)) + ")"
+
+
 TITLE = "Fine-tuning recipes: what fine-tuning keeps of the other names (issue 23)"
 RECIPES_SECTION = "finetune-recipes"
 
@@ -100,10 +108,10 @@ def recipe_section(studies: Sequence[tuple[str, str | os.PathLike]], figures_dir
     data = [s for _, s, _ in loaded]
     arms = _arms(data)
     default = alpha_arm(DEFAULT_FINETUNE_ALPHA["plain"])
-    first = data[0]["spec"]
     lines = [f"## {title}", "",
-             "From " + ", ".join(f"`{p.as_posix()}`" for _, _, p in loaded) + f". Start models: `{first['start_variant']}`, "
-             f"{first['start_iters']} iterations on the whole world; each fine-tuned {first['iters']} iterations "
+             "From " + ", ".join(f"`{p.as_posix()}`" for _, _, p in loaded) + ". Start models: "
+             + _per_study(loaded, lambda s: f"`{s['start_variant']}`, {s['start_iters']} iterations") + " on the whole "
+             "world; each fine-tuned " + _per_study(loaded, lambda s: f"{s['iters']} iterations") + " "
              "(`train.init_from`) on the world's training images with boxes for the custom set only, then evaluated "
              "with every name. AP x100, mean ± sd over seeds; \"other\" = every name outside the custom set (other base "
              "+ novel), \"kept\" = the other names' AP as a share of the start model's (per seed, then the mean). "
@@ -131,7 +139,7 @@ def recipe_section(studies: Sequence[tuple[str, str | os.PathLike]], figures_dir
         rows.append(cells)
     lines += _table(labels, ("custom", "other", "other vs default"), rows)
     lines += ["", f"The goal (issue 23): the other names' AP >= {100 * GOAL_KEPT:.0f} % of the start model's and custom "
-              f"AP >= plain fine-tuning's - {100 * GOAL_CUSTOM:.0f}, on both sets (means):", ""]
+              f"AP >= plain fine-tuning's - {100 * GOAL_CUSTOM:.0f}, for each custom set (means):", ""]
     for arm in arms:
         if arm in (BEFORE, PLAIN):
             continue
