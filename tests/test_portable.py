@@ -189,3 +189,16 @@ def test_detect_names_a_missing_text_encoder_and_takes_it_with_clip(tmp_path, ca
     assert len(err) == 1 and "my-clip" in err[0] and "--clip" in err[0], err
     rc = main([*base, "--vocab", "purple thing", "--clip", "gridclip:shapes-RN-tiny", "--out", str(tmp_path / "new")])
     assert rc == 0
+
+
+def test_recorded_results_hold_no_machine_paths():
+    """What results/ records (run configs, results, study JSON, notes) names files relative to the repository."""
+    import re
+    from pathlib import Path
+
+    machine_path = re.compile(r"(^|[^\w.~-])/(work|home|tmp|root|Users|mnt|private|var)/")
+    root = Path(__file__).resolve().parents[1] / "results"
+    files = [p for p in root.rglob("*") if p.suffix in {".json", ".yaml", ".txt", ".md", ".csv"}]
+    assert files
+    offenders = [p.relative_to(root).as_posix() for p in files if machine_path.search(p.read_text(errors="replace"))]
+    assert not offenders, offenders
