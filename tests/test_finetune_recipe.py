@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision.models.detection.fcos as tv_fcos
+from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import sigmoid_focal_loss
 
 from gridclip.checkpoint import read_checkpoint, save_checkpoint
@@ -169,6 +170,59 @@ def test_pseudo_boxes_are_trained_as_their_names(tiny_root, tmp_path, monkeypatc
     assert all(positives[c] == 0 for c in range(k, k + len(kept)) if c not in labels.tolist())
 
 
+def test_separate_pseudo_loss_is_plain_fine_tunings_loss_plus_the_pseudo_boxes_own(tiny_root, tmp_path, monkeypatch):
+    """pseudo_loss=separate: the data's boxes get exactly the loss the model computes without the recipe, and
+    the pseudo-boxes the loss the model computes when its vocabulary is the kept names and its boxes are
+    only them (each normalised by its own positives); joint mixes them into one loss."""
+    _, path = _start_file(tiny_root, tmp_path)
+    cfg = tiny_config(tiny_root, init_from=str(path))
+    cfg.train.finetune.mode = "pseudo_boxes"
+    cfg.train.finetune.pseudo_loss = "separate"
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.setup()
+    model = trainer.model
+    hook = model.training_hook
+    custom, kept = list(model.class_names), list(hook.start.class_names)
+    found = {"boxes": torch.tensor([[4., 4., 30., 30.], [34., 30., 60., 56.]]), "scores": torch.tensor([0.9, 0.8]),
+             "labels": torch.tensor([0, len(kept) - 1])}
+    monkeypatch.setattr(hook.start, "postprocess_dense", lambda dense, anchors, sizes, *a: [found] * len(sizes))
+    images, targets = trainer._to_device(*_two_samples(trainer))
+    seen = []
+    real_split = ft.split_pseudo_boxes
+    monkeypatch.setattr(ft, "split_pseudo_boxes", lambda *a: seen.append(real_split(*a)) or seen[-1])
+    torch.manual_seed(0)
+    separate = model(images, targets)
+    assert {"loss_pseudo_grid", "loss_pseudo_box", "loss_pseudo_ctr"} <= separate.keys()
+    pseudo_targets = seen[0]
+    assert sum(len(t["boxes"]) for t in pseudo_targets) > 0
+    assert all(len(t["labels"]) == 0 or 0 <= int(t["labels"].min()) <= int(t["labels"].max()) < len(kept)
+               for t in pseudo_targets)
+
+    model.training_hook = None
+    torch.manual_seed(0)
+    plain = model(images, targets)
+    for name in ("loss_grid", "loss_box", "loss_ctr"):
+        torch.testing.assert_close(separate[name], plain[name])
+
+    # the pseudo-boxes alone, as the model trains any boxes of the kept names (the hook sees them in the
+    # resized images, at the multi-scale size the seed draws: back to the images' own sizes)
+    torch.manual_seed(0)
+    sizes = model.transform(images)[0].image_sizes
+    boxes = [resize_boxes(p["boxes"], size, tuple(im.shape[-2:])) for p, size, im in zip(pseudo_targets, sizes, images)]
+    model.set_vocabulary(hook.start.vocabulary)  # the kept names' embeddings as the hook scores them
+    torch.manual_seed(0)
+    alone = model(images, [{**t, "boxes": b, "labels": p["labels"]} for t, b, p in zip(targets, boxes, pseudo_targets)])
+    for name in ("grid", "box", "ctr"):
+        torch.testing.assert_close(separate[f"loss_pseudo_{name}"], alone[f"loss_{name}"])
+
+    model.set_vocabulary(custom)
+    model.training_hook = hook
+    hook.recipe = ft.dataclasses.replace(hook.recipe, pseudo_loss="joint")
+    torch.manual_seed(0)
+    joint = model(images, targets)
+    assert "loss_pseudo_grid" not in joint and not torch.allclose(joint["loss_grid"], plain["loss_grid"])
+
+
 def _two_samples(trainer):
     samples = [train_module.SeededSamples(trainer.dataset)[(i, i)] for i in range(2)]
     return train_module.collate_detection(samples)
@@ -270,8 +324,8 @@ def test_pseudo_boxes_mode_is_keep_vocab_with_only_its_pseudo_boxes(tiny_root, t
     spelled = _fine_tune(tiny_root, tmp_path, "spelled", path, mode="keep_vocab", ignore_score=None, distill=0.0,
                          pseudo_score=DEFAULT_PSEUDO_SCORE, alpha=1.0)
     assert all(torch.equal(named["state_dict"][k], v) for k, v in spelled["state_dict"].items())
-    assert named["extra"]["finetune"] == {"mode": "pseudo_boxes", "pseudo_score": DEFAULT_PSEUDO_SCORE, "alpha": 1.0,
-                                          "keep_names": None}
+    assert named["extra"]["finetune"] == {"mode": "pseudo_boxes", "pseudo_score": DEFAULT_PSEUDO_SCORE,
+                                          "pseudo_loss": "joint", "alpha": 1.0, "keep_names": None}
     lower = _fine_tune(tiny_root, tmp_path, "lower", path, mode="pseudo_boxes", pseudo_score=0.2)
     assert lower["extra"]["finetune"]["pseudo_score"] == 0.2
     from gridclip.hub import model_card
@@ -290,6 +344,10 @@ def test_recipe_settings_are_checked(tiny_root, tmp_path):
     cfg.train.finetune.pseudo_score = 0.0
     with pytest.raises(ValueError, match=r"train\.finetune\.pseudo_score: expected a score in \(0, 1\]"):
         Trainer(cfg, tmp_path / "bad2", progress=False).setup()
+    cfg.train.finetune.pseudo_score = 0.5
+    cfg.train.finetune.pseudo_loss = "both"
+    with pytest.raises(ValueError, match=r"train\.finetune\.pseudo_loss: expected one of joint, separate, got 'both'"):
+        Trainer(cfg, tmp_path / "bad3", progress=False).setup()
 
 
 def test_the_recipe_is_a_config_section_with_a_switch_to_plain():

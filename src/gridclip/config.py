@@ -178,6 +178,10 @@ class FinetuneConfig:
     # the frozen start model's detections of ``keep_names`` scoring at least this high (after its NMS) are
     # trained as boxes of those names, except where they overlap a box of the data (IoU >= 0.5); null: off
     pseudo_score: float | None = None
+    # joint: the pseudo-boxes join the data's boxes in one FCOS loss (normalised by all positives);
+    # separate: the data's boxes get plain fine-tuning's loss on their names' columns and the pseudo-boxes
+    # the same loss on the other names' columns, each normalised by its own positives, added
+    pseudo_loss: Literal["joint", "separate"] = "joint"
     # WiSE-FT: the saved weights are (1 - alpha) start + alpha fine-tuned, per tensor; 1: the fine-tuned
     # ones; null: the measured default of the mode (:func:`finetune_alpha`)
     alpha: float | None = None

@@ -12,7 +12,8 @@ runs a frozen copy of the start model beside the one that trains and
   the normalised embeddings, as LwF does with the old model's outputs);
 - trains the start model's confident detections of its other names as boxes of those names
   (``pseudo_score``: self-training on pseudo-boxes; the names join the batch's classes, so the loss
-  teaches them instead of background);
+  teaches them instead of background), in the data's loss (``pseudo_loss: joint``) or in a loss of
+  their own beside it (``separate``: see :func:`split_pseudo_boxes`);
 - optionally saves the weight-space interpolation (1 - alpha) start + alpha fine-tuned (WiSE-FT).
 
 ``embeddings`` (:class:`NameEmbeddings`) trains nothing of the model: only the custom names' classifier
@@ -45,6 +46,7 @@ IGNORED_LOGIT = -1.0e4
 # a pseudo-box overlapping a box of the data at least this much is dropped (the standard match IoU)
 PSEUDO_MAX_IOU = 0.5
 FINETUNE_MODES = ("plain", "keep_vocab", "embeddings", "pseudo_boxes")
+PSEUDO_LOSSES = ("joint", "separate")
 
 
 def check_finetune_config(f: FinetuneConfig) -> None:
@@ -54,6 +56,8 @@ def check_finetune_config(f: FinetuneConfig) -> None:
         raise ValueError(f"train.finetune.ignore_score: expected a score in (0, 1] or null, got {f.ignore_score}")
     if f.pseudo_score is not None and not 0.0 < f.pseudo_score <= 1.0:
         raise ValueError(f"train.finetune.pseudo_score: expected a score in (0, 1] or null, got {f.pseudo_score}")
+    if f.pseudo_loss not in PSEUDO_LOSSES:
+        raise ValueError(f"train.finetune.pseudo_loss: expected one of {', '.join(PSEUDO_LOSSES)}, got {f.pseudo_loss!r}")
     if f.distill < 0:
         raise ValueError(f"train.finetune.distill: expected a weight >= 0, got {f.distill}")
     if f.alpha is not None and not 0.0 <= f.alpha <= 1.0:
@@ -99,6 +103,17 @@ def add_pseudo_boxes(targets: list[dict[str, Tensor]], detections: list[dict[str
             free = box_iou(boxes, t["boxes"]).amax(dim=1) < max_iou
             boxes, labels = boxes[free], labels[free]
         out.append({**t, "boxes": torch.cat([t["boxes"], boxes]), "labels": torch.cat([t["labels"], labels])})
+    return out
+
+
+def split_pseudo_boxes(joined: list[dict[str, Tensor]], data: list[dict[str, Tensor]],
+                       first_label: int) -> list[dict[str, Tensor]]:
+    """The pseudo-boxes of :func:`add_pseudo_boxes`'s ``joined`` targets on their own (the boxes after
+    each image's ``data`` boxes), labels back to indices into the kept names."""
+    out = []
+    for j, t in zip(joined, data):
+        n = len(t["boxes"])
+        out.append({**j, "boxes": j["boxes"][n:], "labels": j["labels"][n:] - first_label})
     return out
 
 
@@ -181,10 +196,11 @@ class KeepVocabulary(WeightInterpolation):
             start_features, start_cells = _start_features(self.start, image_list)
             if self.ignores or self.recipe.distill > 0:
                 start_embeddings = self.start.head.classification_head.embeddings(start_features, start_cells)
+            data_targets, num_custom = targets, len(text)
             if self.pseudo:
                 dense = self.start.dense_outputs(start_features, start_cells)
                 detections = self.start.postprocess_dense(dense, anchors, image_list.image_sizes)
-                targets = add_pseudo_boxes(targets, detections, self.recipe.pseudo_score, len(text))
+                targets = add_pseudo_boxes(targets, detections, self.recipe.pseudo_score, num_custom)
                 text = torch.cat([text, self.keep_text.to(text)])
         logits = cls_head.logits(embeddings, text)
         outside = outside_boxes(anchors, targets)
@@ -195,6 +211,17 @@ class KeepVocabulary(WeightInterpolation):
             logits = ignore_locations(logits, outside & (scores >= self.recipe.ignore_score))
         if self.recipe.distill > 0:
             extra["loss_distill"] = self.recipe.distill * distillation_loss(embeddings, start_embeddings, outside)
+        if self.pseudo and self.recipe.pseudo_loss == "separate":
+            # the data's boxes: plain fine-tuning's loss (returned to the model); the pseudo-boxes: the same
+            # FCOS loss on the other names' columns, normalised by their own positives
+            pseudo = model.compute_loss(split_pseudo_boxes(targets, data_targets, num_custom),
+                                        {"cls_logits": logits[..., num_custom:], "bbox_regression": regression,
+                                         "bbox_ctrness": ctrness}, anchors, [f.shape[2] * f.shape[3] for f in features])
+            c = model.cfg
+            extra.update({"loss_pseudo_grid": c.loss_grid * pseudo["classification"],
+                          "loss_pseudo_box": c.loss_box * pseudo["bbox_regression"],
+                          "loss_pseudo_ctr": c.loss_ctr * pseudo["bbox_ctrness"]})
+            logits, targets = logits[..., :num_custom], data_targets
         return {"cls_logits": logits, "bbox_regression": regression, "bbox_ctrness": ctrness}, extra, targets
 
     def detach(self, model: nn.Module) -> None:
@@ -347,7 +374,8 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
     if f.mode in ("plain", "embeddings"):
         return {"mode": f.mode, "alpha": alpha}
     if f.mode == "pseudo_boxes":
-        return {"mode": f.mode, "pseudo_score": pseudo_boxes_recipe(f).pseudo_score, "alpha": alpha,
-                "keep_names": f.keep_names}
+        return {"mode": f.mode, "pseudo_score": pseudo_boxes_recipe(f).pseudo_score, "pseudo_loss": f.pseudo_loss,
+                "alpha": alpha, "keep_names": f.keep_names}
     return {"mode": f.mode, "ignore_score": f.ignore_score, "distill": f.distill, "pseudo_score": f.pseudo_score,
-            "alpha": alpha, "keep_names": f.keep_names}
+            "pseudo_loss": f.pseudo_loss if f.pseudo_score is not None else None, "alpha": alpha,
+            "keep_names": f.keep_names}

@@ -177,8 +177,12 @@ def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = N
     # runs recorded before the recipe existed): then it stays out of the key.
     if not cfg.train.init_from or (cfg.train.finetune.mode == "plain" and cfg.train.finetune.alpha == 1.0):
         values["train"].pop("finetune", None)
-    elif values["train"]["finetune"].get("pseudo_score") is None:  # recorded before pseudo-boxes existed
-        values["train"]["finetune"].pop("pseudo_score", None)
+    else:
+        finetune = values["train"]["finetune"]
+        if finetune.get("pseudo_score") is None:  # recorded before pseudo-boxes existed
+            finetune.pop("pseudo_score", None)
+        if finetune.get("pseudo_score") is None or finetune.get("pseudo_loss", "joint") == "joint":
+            finetune.pop("pseudo_loss", None)  # recorded before pseudo_loss existed (joint was the only one)
     uses_teacher = cfg.model.image_align
     if not uses_teacher:
         for section in values.values():
