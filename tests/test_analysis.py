@@ -779,7 +779,7 @@ def test_finetune_recipes_section_tables_goal_and_figure(tmp_path, capsys):
     diff = np.mean([0.49 - 0.02, 0.51 - 0.03, 0.47 - 0.02])  # red, other names, embeddings - plain
     assert f"+{100 * diff:.1f} [" in text
     assert "* embeddings only: red met; circle not met" in text  # circle: custom 5 points below plain
-    assert "* **plain, alpha 0.75 (default)**: red not met; circle not met" in text
+    assert "* plain, alpha 0.75 (plain's default): red not met; circle not met" in text
     with Image.open(tmp_path / "figures" / "finetune_alpha_curve.png") as im:
         assert im.size[0] > 500
     assert gridclip_main(args) == 0 and doc.read_text() == text  # idempotent

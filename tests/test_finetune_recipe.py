@@ -66,7 +66,7 @@ def test_the_models_focal_loss_leaves_out_exactly_the_ignored_locations(tiny_roo
     the hook equals torchvision's focal loss of the plain logits over the locations it did not ignore."""
     _, path = _start_file(tiny_root, tmp_path)
     cfg = tiny_config(tiny_root, init_from=str(path))
-    cfg.train.finetune.mode = "keep_vocab"  # the recipe (plain is the default)
+    cfg.train.finetune.mode = "keep_vocab"  # the recipe that combines ignore, distill and pseudo-boxes
     cfg.train.finetune.ignore_score = 0.005  # low enough that some background locations are ignored
     cfg.train.finetune.distill = 0.0
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
@@ -119,15 +119,16 @@ def test_pseudo_boxes_are_the_confident_detections_one_name_per_object_away_from
 
 
 def test_pseudo_boxes_are_trained_as_their_names(tiny_root, tmp_path, monkeypatch):
-    """With pseudo_score, the start model's detections of its other names join the batch: the logits gain
-    one column per kept name (the custom columns unchanged), and the focal loss's targets hold positives
-    in those columns exactly when pseudo-boxes were added, with every added label a kept name's."""
+    """With pseudo_score and pseudo_loss joint, the start model's detections of its other names join the
+    batch: the logits gain one column per kept name (the custom columns unchanged), and the focal loss's
+    targets hold positives in those columns exactly when pseudo-boxes were added, with every added label a kept name's."""
     _, path = _start_file(tiny_root, tmp_path)
     cfg = tiny_config(tiny_root, init_from=str(path))
     cfg.train.finetune.mode = "keep_vocab"
     cfg.train.finetune.ignore_score = None
     cfg.train.finetune.distill = 0.0
     cfg.train.finetune.pseudo_score = 1e-6  # the random start model's every detection
+    cfg.train.finetune.pseudo_loss = "joint"  # one loss over both (separate: the next test)
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     trainer.setup()
     model = trainer.model
@@ -259,7 +260,7 @@ def test_interpolation_is_exact_at_0_and_1_and_keeps_one_sided_tensors():
 
 def _fine_tune(tiny_root, tmp_path, name, path, **recipe):
     cfg = tiny_config(tiny_root, init_from=str(path), max_iters=2)
-    cfg.train.finetune.mode = "keep_vocab"  # the recipe (plain is the default)
+    cfg.train.finetune.mode = "keep_vocab"  # the recipe that combines ignore, distill and pseudo-boxes
     for k, v in recipe.items():
         setattr(cfg.train.finetune, k, v)
     summary = Trainer(cfg, tmp_path / name, progress=False).run()
@@ -325,18 +326,34 @@ def test_pseudo_boxes_mode_is_keep_vocab_with_only_its_pseudo_boxes(tiny_root, t
                          pseudo_score=DEFAULT_PSEUDO_SCORE, alpha=1.0)
     assert all(torch.equal(named["state_dict"][k], v) for k, v in spelled["state_dict"].items())
     assert named["extra"]["finetune"] == {"mode": "pseudo_boxes", "pseudo_score": DEFAULT_PSEUDO_SCORE,
-                                          "pseudo_loss": "joint", "alpha": 1.0, "keep_names": None}
+                                          "pseudo_loss": "separate", "alpha": 1.0, "keep_names": None}
     lower = _fine_tune(tiny_root, tmp_path, "lower", path, mode="pseudo_boxes", pseudo_score=0.2)
     assert lower["extra"]["finetune"]["pseudo_score"] == 0.2
     from gridclip.hub import model_card
 
-    assert "- Fine-tuning recipe (`train.finetune`): pseudo_boxes (pseudo_score 0.2, WiSE-FT alpha 1.0)" in model_card(lower)
+    assert ("- Fine-tuning recipe (`train.finetune`): pseudo_boxes (pseudo_score 0.2, pseudo_loss separate, "
+            "WiSE-FT alpha 1.0)") in model_card(lower)
+    joint = _fine_tune(tiny_root, tmp_path, "joint", path, mode="pseudo_boxes", pseudo_loss="joint")
+    assert not all(torch.equal(joint["state_dict"][k], v) for k, v in named["state_dict"].items())
+    assert "(pseudo_score 0.5, WiSE-FT alpha 1.0)" in model_card(joint)  # joint: the first design, not named
+
+
+def test_fine_tuning_without_a_recipe_setting_is_pseudo_boxes_with_their_own_loss(tiny_root, tmp_path):
+    """The command a user types (train.init_from and nothing about the recipe) trains exactly as
+    mode=pseudo_boxes with pseudo_loss=separate at alpha 1, and the file says so."""
+    _, path = _start_file(tiny_root, tmp_path)
+    cfg = tiny_config(tiny_root, init_from=str(path), max_iters=2)
+    default = read_checkpoint(Trainer(cfg, tmp_path / "default", progress=False).run()["model"])
+    spelled = _fine_tune(tiny_root, tmp_path, "spelled", path, mode="pseudo_boxes", pseudo_loss="separate", alpha=1.0)
+    assert all(torch.equal(default["state_dict"][k], v) for k, v in spelled["state_dict"].items())
+    assert default["extra"]["finetune"]["mode"] == "pseudo_boxes"
+    assert default["extra"]["finetune"]["pseudo_loss"] == "separate" and default["extra"]["finetune"]["alpha"] == 1.0
 
 
 def test_recipe_settings_are_checked(tiny_root, tmp_path):
     _, path = _start_file(tiny_root, tmp_path)
     cfg = tiny_config(tiny_root, init_from=str(path))
-    cfg.train.finetune.mode = "keep_vocab"  # the recipe (plain is the default)
+    cfg.train.finetune.mode = "keep_vocab"  # the recipe that combines ignore, distill and pseudo-boxes
     cfg.train.finetune.alpha = 2.0
     with pytest.raises(ValueError, match="train.finetune.alpha"):
         Trainer(cfg, tmp_path / "bad", progress=False).setup()
@@ -355,11 +372,13 @@ def test_the_recipe_is_a_config_section_with_a_switch_to_plain():
 
     cfg = load_config(overrides=["train.finetune.mode=plain", "train.finetune.ignore_score=null"])
     assert cfg.train.finetune.mode == "plain" and cfg.train.finetune.ignore_score is None
-    assert load_config().train.finetune.mode == "plain"  # keep_vocab missed the study's rule
+    default = load_config().train.finetune  # the recipe that met the study's rule (DECISION.md)
+    assert default.mode == "pseudo_boxes" and default.pseudo_loss == "separate"
     from gridclip.config import DEFAULT_FINETUNE_ALPHA, finetune_alpha
 
-    recipe = load_config().train.finetune
-    assert recipe.alpha is None and finetune_alpha(recipe) == DEFAULT_FINETUNE_ALPHA["plain"]
+    assert default.alpha is None and finetune_alpha(default) == DEFAULT_FINETUNE_ALPHA["pseudo_boxes"] == 1.0
+    plain = load_config(overrides=["train.finetune.mode=plain"]).train.finetune  # the previous default
+    assert finetune_alpha(plain) == DEFAULT_FINETUNE_ALPHA["plain"] == 0.75
     assert finetune_alpha(load_config(overrides=["train.finetune.mode=keep_vocab"]).train.finetune) == 1.0
     assert finetune_alpha(load_config(overrides=["train.finetune.alpha=0.3"]).train.finetune) == 0.3
     with pytest.raises(ValueError, match=r"train\.finetune\.mode: expected one of keep_vocab, plain"):
@@ -469,3 +488,15 @@ def test_an_evaluation_during_embedding_tuning_scores_with_the_rows_trained_so_f
         torch.testing.assert_close(model.head.classification_head.text_embeddings, trained, rtol=0, atol=1e-6)
     model.set_vocabulary(model.class_names)
     assert torch.equal(model.head.classification_head.text_embeddings, start) and model.tuned_names is None
+
+
+def test_the_studys_default_arm_spells_the_products_default_recipe():
+    """The arm the study's documents mark as the default is the recipe `train.init_from` gets by default."""
+    import dataclasses
+
+    from gridclip.config import FinetuneConfig
+    from gridclip_lab.study.finetune import DEFAULT_ARM, RECIPE_ARMS
+
+    switches, recipe = RECIPE_ARMS[DEFAULT_ARM]
+    assert dataclasses.replace(FinetuneConfig(), **recipe) == ft.pseudo_boxes_recipe(FinetuneConfig())
+    assert RECIPE_ARMS["pseudo-boxes"][1]["pseudo_loss"] == "joint"  # the first design, as it was recorded

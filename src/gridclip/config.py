@@ -161,14 +161,16 @@ class DataConfig:
 @dataclass
 class FinetuneConfig:
     """What ``train.init_from`` fine-tuning does beyond plain training from the start weights
-    (``gridclip.engine.keep_vocab``; docs/training.md). ``mode: plain`` is training from the start weights and
-    nothing else; ``keep_vocab`` keeps the start model's knowledge of the names the custom data leaves out;
-    ``embeddings`` trains only the custom names' classifier rows (every other name scores as before)."""
+    (``gridclip.engine.keep_vocab``; docs/training.md). ``mode: pseudo_boxes`` (the default) trains the
+    frozen start model's confident detections of its other names beside the custom boxes; ``plain`` is
+    training from the start weights and nothing else (WiSE-FT aside); ``keep_vocab`` combines ignoring,
+    distillation and pseudo-boxes; ``embeddings`` trains only the custom names' classifier rows (every other
+    name scores as before)."""
 
-    # plain: keep_vocab missed the fine-tuning study's rule for a default (docs/training.md)
-    # embeddings: only the custom names' classifier rows train (the model's weights stay the start's)
-    # pseudo_boxes: keep_vocab with only its pseudo-boxes (pseudo_score, null: 0.5; ignore and distill off)
-    mode: Literal["keep_vocab", "plain", "embeddings", "pseudo_boxes"] = "plain"
+    # pseudo_boxes: keep_vocab with only its pseudo-boxes (pseudo_score, null: 0.5; ignore and distill off);
+    #   the default: the only recipe that met the fine-tuning study's rule (results/finetune_keep/DECISION.md)
+    # plain: the default before it (with alpha 0.75); embeddings: only the custom names' classifier rows train
+    mode: Literal["keep_vocab", "plain", "embeddings", "pseudo_boxes"] = "pseudo_boxes"
     # locations outside every custom box where the frozen start model scores one of ``keep_names`` at
     # least this high (sigmoid of its logit) get no classification loss; null: none ignored
     ignore_score: float | None = 0.3
@@ -178,10 +180,11 @@ class FinetuneConfig:
     # the frozen start model's detections of ``keep_names`` scoring at least this high (after its NMS) are
     # trained as boxes of those names, except where they overlap a box of the data (IoU >= 0.5); null: off
     pseudo_score: float | None = None
-    # joint: the pseudo-boxes join the data's boxes in one FCOS loss (normalised by all positives);
     # separate: the data's boxes get plain fine-tuning's loss on their names' columns and the pseudo-boxes
-    # the same loss on the other names' columns, each normalised by its own positives, added
-    pseudo_loss: Literal["joint", "separate"] = "joint"
+    # the same loss on the other names' columns, each normalised by its own positives, added (measured
+    # better than joint on both custom sets); joint: the pseudo-boxes join the data's boxes in one FCOS
+    # loss, normalised by all positives
+    pseudo_loss: Literal["joint", "separate"] = "separate"
     # WiSE-FT: the saved weights are (1 - alpha) start + alpha fine-tuned, per tensor; 1: the fine-tuned
     # ones; null: the measured default of the mode (:func:`finetune_alpha`)
     alpha: float | None = None

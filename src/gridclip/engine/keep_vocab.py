@@ -3,7 +3,8 @@
 A custom dataset has boxes for a few names; every other object in its images is unlabelled. Plain
 fine-tuning (``train.finetune.mode=plain``) teaches those objects as background and moves the
 embeddings away from CLIP's text space: the start model's other names are forgotten. ``keep_vocab``
-runs a frozen copy of the start model beside the one that trains and
+(and ``pseudo_boxes``, the default: its pseudo-boxes alone, with their own loss) runs a frozen copy of
+the start model beside the one that trains and
 
 - ignores (no classification loss) the locations outside every custom box where the start model
   confidently sees one of its other names (``ignore_score``; the focal loss stays torchvision's, the

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 from gridclip.config import DEFAULT_FINETUNE_ALPHA
 from gridclip.utils.files import read_json
 from gridclip_lab.analysis.figures import pyplot, save_png
-from gridclip_lab.study.finetune import BEFORE, PLAIN, alpha_arm
+from gridclip_lab.study.finetune import BEFORE, DEFAULT_ARM, PLAIN, alpha_arm
 from gridclip_lab.study.stats import paired_differences
 
 GOAL_KEPT = 0.9  # issue 23: the other names' AP >= 90 % of the start model's ...
@@ -20,10 +20,12 @@ GOAL_CUSTOM = 0.01  # ... and custom AP >= plain fine-tuning's - 1 point
 
 
 def arm_label(arm: str) -> str:
-    """How the document names an arm: plain fine-tuning by its alpha, the default marked."""
-    default = alpha_arm(DEFAULT_FINETUNE_ALPHA["plain"])
+    """How the document names an arm: plain fine-tuning by its alpha, the product's default recipe marked,
+    and plain mode's own default alpha (the default before it, the baseline of the rule that chose it)."""
     label = "plain, alpha 1" if arm == PLAIN else arm.replace(", WiSE-FT alpha", ", alpha")
-    return f"**{label} (default)**" if arm == default else label
+    if arm == DEFAULT_ARM:
+        return f"**{label} (default)**"
+    return f"{label} (plain's default)" if arm == alpha_arm(DEFAULT_FINETUNE_ALPHA["plain"]) else label
 
 
 def _per_seed(study: dict, arm: str, group: str) -> dict[int, float]:
@@ -125,7 +127,8 @@ def recipe_section(studies: Sequence[tuple[str, str | os.PathLike]], figures_dir
     seeds = sorted({int(r["seed"]) for s in data for r in s["rows"]})
     lines += ["", f"Seeds: {', '.join(map(str, seeds))}; (n=1): one seed only.", "",
               "Paired differences (same seed, mean [95 % CI]) against plain fine-tuning at alpha 1, and the other "
-              "names against the default:", ""]
+              "names against plain's default alpha (the default before pseudo-boxes; the baseline of the rule that "
+              "chose the default, results/finetune_keep/DECISION.md):", ""]
     rows = []
     for arm in arms:
         if arm in (BEFORE, PLAIN):
@@ -137,7 +140,7 @@ def recipe_section(studies: Sequence[tuple[str, str | os.PathLike]], figures_dir
             vs_default = paired_differences(_per_seed(s, arm, "other"), _per_seed(s, default, "other"))
             cells += [_diff(custom), _diff(other), "–" if arm == default else _diff(vs_default)]
         rows.append(cells)
-    lines += _table(labels, ("custom", "other", "other vs default"), rows)
+    lines += _table(labels, ("custom", "other", "other vs plain's default"), rows)
     lines += ["", f"The goal (issue 23): the other names' AP >= {100 * GOAL_KEPT:.0f} % of the start model's and custom "
               f"AP >= plain fine-tuning's - {100 * GOAL_CUSTOM:.0f}, for each custom set (means):", ""]
     for arm in arms:

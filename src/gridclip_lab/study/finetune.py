@@ -59,11 +59,13 @@ RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                                   "alpha": 1.0}),
     "embeddings only": ({"image_align": False}, {"mode": "embeddings", "alpha": 1.0}),
     "pseudo-boxes": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": None, "distill": 0.0,
-                                              "pseudo_score": 0.5, "alpha": 1.0}),
+                                              "pseudo_score": 0.5, "pseudo_loss": "joint", "alpha": 1.0}),
     "pseudo-boxes (separate loss)": ({"image_align": False}, {"mode": "keep_vocab", "ignore_score": None, "distill": 0.0,
                                                              "pseudo_score": 0.5, "pseudo_loss": "separate",
                                                              "alpha": 1.0}),
 }
+# the arm that spells the product's default recipe (``FinetuneConfig()``; tests/test_finetune_recipe.py)
+DEFAULT_ARM = "pseudo-boxes (separate loss)"
 GROUPS = ("AP", "custom", "other base", "novel", "other")  # other = other base + novel, by category
 FINETUNE_VERSION = 1
 
