@@ -2,9 +2,10 @@
 re-scored candidates leaves the detections unchanged."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from gridclip_lab.bench.infer_variants import REFERENCE, render, rescored_candidates, run, variant_call
+from gridclip_lab.bench.infer_variants import REFERENCE, render, rescored_candidates, run, section, variant_call
 from gridclip_lab.variants import ENSEMBLE_SETTINGS
 
 def test_variant_models_carry_the_study_settings_and_counting_changes_nothing(tiny_clip_names):
@@ -34,3 +35,18 @@ def test_run_ratios_against_the_reference(tiny_clip_names):
     assert r["vs_reference"] == r["median_s"] / rows[REFERENCE]["median_s"]
     text = render(data)
     assert f"| frozen trunk + ensemble | {r['median_s']:.2f} | {r['vs_reference']:.2f}x |" in text
+
+
+def test_cuda_results_get_their_own_section_with_images_per_second(tiny_clip_names):
+    data = run((), 64, 64, 4, rounds=1, warmup=0, clip_model=tiny_clip_names[0])
+    assert section(data) == "infer-variants" and "images/s" not in render(data)
+    data = {**data, "device": "cuda:0", "amp": "fp16", "machine": {**data["machine"], "gpu": "Some GPU"}}
+    text = render(data)
+    assert section(data) == "infer-variants-cuda" and "**Some GPU**, fp16 autocast" in text
+    ref = data["results"][0]
+    assert f"| {REFERENCE} | {ref['median_s']:.4f} | {1 / ref['median_s']:.1f} | 1.00x |" in text
+
+
+def test_autocast_is_refused_off_cuda(tiny_clip_names):
+    with pytest.raises(ValueError, match="amp: 'fp16' is timed on a CUDA device only"):
+        run((), 64, 64, 4, rounds=1, warmup=0, clip_model=tiny_clip_names[0], amp="fp16")

@@ -7,7 +7,8 @@ LVIS), each variant with its model switches (:data:`gridclip_lab.variants.VARIAN
 re-scoring of the candidates before NMS where the variant has it). Calls are interleaved round by round,
 order rotated (``measure.time_rounds``); the result is each variant's median time over the reference's
 (``GridCLIP``). How many candidates the ensemble re-scores per image is recorded (it depends on the
-weights: random ones, here; at most the top 1000 per FPN level).
+weights: random ones, here; at most the top 1000 per FPN level). On a CUDA device the calls may run under
+autocast (``amp``: fp16 / bf16), as ``make gpu-check`` times GridCLIP; the section then also gives images/s.
 """
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ DEFAULT_VARIANTS = ("GridCLIP", "grid only + ensemble", "frozen trunk + ensemble
 
 
 def variant_call(variant: str, height: int, width: int, num_classes: int, seed: int = 0,
-                 clip_model: str = "RN50-quickgelu") -> tuple[torch.nn.Module, Callable[[], object]]:
+                 clip_model: str = "RN50-quickgelu", device: str = "cpu"
+                 ) -> tuple[torch.nn.Module, Callable[[], object]]:
     """The variant's inference model (random weights, inference form) and one call on one HxW image."""
     overrides = {k: v for k, v in VARIANTS[variant].items() if k != "teacher"}
     model = cases.build_gridclip(cases.ModelSpec(clip_model=clip_model), num_classes, seed, **overrides)
     return cases.inference_case("gridclip", cases.ModelSpec(clip_model=clip_model), height, width, num_classes, 0,
-                                seed, model=model)
+                                seed, model=model, device=device)
 
 
 def rescored_candidates(model: torch.nn.Module, call: Callable[[], object]) -> tuple[int, int] | None:
@@ -58,7 +60,10 @@ def rescored_candidates(model: torch.nn.Module, call: Callable[[], object]) -> t
 
 
 def run(variants: Sequence[str] = DEFAULT_VARIANTS, height: int = 800, width: int = 1333, num_classes: int = 1203,
-        rounds: int = 3, warmup: int = 1, seed: int = 0, clip_model: str = "RN50-quickgelu", log=None) -> dict[str, Any]:
+        rounds: int = 3, warmup: int = 1, seed: int = 0, clip_model: str = "RN50-quickgelu", log=None,
+        device: str = "cpu", amp: str = "none") -> dict[str, Any]:
+    if amp != "none" and not device.startswith("cuda"):
+        raise ValueError(f"amp: {amp!r} is timed on a CUDA device only (device {device!r}); expected none")
     if REFERENCE not in variants:
         variants = (REFERENCE, *variants)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -67,19 +72,21 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, height: int = 800, width: in
     start = machine()
     calls, candidates = {}, {}
     for v in variants:
-        model, call = variant_call(v, height, width, num_classes, seed, clip_model)
+        model, call = variant_call(v, height, width, num_classes, seed, clip_model, device)
         candidates[v] = rescored_candidates(model, call)
 
         def timed(call=call):
-            with torch.inference_mode():
+            with torch.inference_mode(), measure.autocast(device, amp):
                 return call()
         calls[v] = timed
-    times = measure.time_rounds(calls, rounds, warmup, log=log)
+    times = measure.time_rounds(calls, rounds, warmup, device=device, log=log)
     ref = measure.median(times[REFERENCE])
     results = [{"variant": v, "median_s": measure.median(ts), "vs_reference": measure.median(ts) / ref,
                 "per_round": [ts[r] / times[REFERENCE][r] for r in range(rounds)], "rescored": candidates[v]}
                for v, ts in times.items()]
-    return {"machine": {**start, "load_at_end": machine()["load"]}, "model": clip_model, "size": f"{height}x{width}",
+    if device.startswith("cuda"):
+        start["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return {"machine": {**start, "load_at_end": machine()["load"]}, "device": device, "amp": amp, "model": clip_model, "size": f"{height}x{width}",
             "classes": num_classes, "rounds": rounds, "results": results}
 
 
@@ -91,21 +98,36 @@ def _rescored(value) -> str:
     return f"{value[0]} ({value[1]})"
 
 
+def section(data: dict[str, Any]) -> str:
+    """The section of docs/benchmarks.md a result belongs to: one for the CPU, one for CUDA."""
+    return "infer-variants-cuda" if data.get("device", "cpu").startswith("cuda") else "infer-variants"
+
+
 def render(data: dict[str, Any]) -> str:
-    """The ``infer-variants`` section of docs/benchmarks.md."""
+    """The ``infer-variants`` (CPU) or ``infer-variants-cuda`` section of docs/benchmarks.md."""
     m = data["machine"]
-    lines = ["## Inference cost of the study's variants (frozen-CLIP ensemble)", "",
-             machine_sentence(m, "gridclip-lab bench-infer")
-             + ": absolute times are noisy on a shared machine, the ratios are the result). GridCLIP "
+    device, amp = data.get("device", "cpu"), data.get("amp", "none")
+    cuda = device.startswith("cuda")
+    if cuda:
+        precision = f"{amp} autocast" if amp != "none" else "fp32"
+        opening = (machine_sentence(m, f"gridclip-lab bench-infer --device {device} --amp {amp}")
+                   + f") on **{m['gpu']}**, {precision}. GridCLIP ")
+    else:
+        opening = (machine_sentence(m, "gridclip-lab bench-infer")
+                   + ": absolute times are noisy on a shared machine, the ratios are the result). GridCLIP ")
+    lines = ["## Inference cost of the study's variants (frozen-CLIP ensemble)" + (", CUDA" if cuda else ""), "",
+             opening +
              f"{data.get('model', 'RN50-quickgelu')}, random weights, "
              f"{data['size']}, K = {data['classes']}, one image per call in the inference form, variants interleaved "
              f"round by round (order rotated), median of {data['rounds']} rounds after a warm-up round. `vs {REFERENCE}`: "
              "time over GridCLIP's (above 1: slower; the issue's goal for the recommended recipe: at most 1.3x); "
              "`re-scored`: candidates the ensemble scored with the frozen CLIP in one call (random weights), and the "
              "distinct boxes among them (each embedded once).", "",
-             f"| variant | median s / image | vs {REFERENCE} | per round | re-scored (boxes) |", "|---|---|---|---|---|"]
+             f"| variant | median s / image |{' images/s |' if cuda else ''} vs {REFERENCE} | per round | "
+             "re-scored (boxes) |", "|---|---|" + ("---|" if cuda else "") + "---|---|---|"]
     for r in data["results"]:
         per_round = ", ".join(f"{x:.2f}" for x in r["per_round"])
-        lines.append(f"| {r['variant']} | {r['median_s']:.2f} | {r['vs_reference']:.2f}x | {per_round} | "
+        seconds = f"{r['median_s']:.4f} | {1 / r['median_s']:.1f}" if cuda else f"{r['median_s']:.2f}"
+        lines.append(f"| {r['variant']} | {seconds} | {r['vs_reference']:.2f}x | {per_round} | "
                      f"{_rescored(r['rescored'])} |")
     return "\n".join(lines)

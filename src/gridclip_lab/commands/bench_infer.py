@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from gridclip_lab.bench.infer_variants import DEFAULT_VARIANTS, render, run
+from gridclip_lab.bench.infer_variants import DEFAULT_VARIANTS, render, run, section
 from gridclip_lab.commands.bench import parse_size
 from gridclip_lab.utils.doc_sections import add_report_options, earlier_report, write_report
 from gridclip.utils.atomic import atomic_write_json
@@ -23,6 +23,10 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--classes", type=int, default=1203, help="vocabulary size K (default 1203, LVIS)")
     p.add_argument("--rounds", type=int, default=3, help="timed calls per variant (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu; CUDA results get a section "
+                   "of their own, infer-variants-cuda)")
+    p.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none",
+                   help="autocast dtype of the timed calls (CUDA only; default none)")
     add_report_options(p, "infer-variants", "bench_infer.json")
     a = p.parse_args(list(argv))
     data = earlier_report(a)
@@ -32,8 +36,12 @@ def main(argv: Sequence[str]) -> int:
         variants = tuple(v.strip() for v in a.variants.split(",") if v.strip())
         height, width = parse_size(a.size)
         torch.set_num_threads(a.threads)
-        data = run(variants, height, width, a.classes, rounds=a.rounds, log=print)
+        if a.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {a.device}: no CUDA GPU on this machine; expected cpu")
+            torch.backends.cudnn.benchmark = True
+        data = run(variants, height, width, a.classes, rounds=a.rounds, log=print, device=a.device, amp=a.amp)
         atomic_write_json(a.json, data)
     print(render(data))
-    write_report(a, "infer-variants", render(data))
+    write_report(a, section(data), render(data))
     return 0
