@@ -12,6 +12,7 @@ from gridclip.checkpoint import read_checkpoint, save_checkpoint
 from gridclip.engine import keep_vocab as ft
 from gridclip.engine import train as train_module
 from gridclip.engine.train import Trainer
+from gridclip.model.ignore import IGNORED_LOGIT, ignore_locations
 from gridclip.model import build_model
 from helpers import tiny_config
 
@@ -27,14 +28,14 @@ def test_ignored_locations_have_no_focal_loss_and_no_gradient():
     ignore = (torch.rand(2, 60, generator=g) < 0.4) & (targets.sum(-1) == 0)
     assert ignore.any() and (~ignore).any()
 
-    got = sigmoid_focal_loss(ft.ignore_locations(logits, ignore), targets, reduction="sum")
+    got = sigmoid_focal_loss(ignore_locations(logits, ignore), targets, reduction="sum")
     got.backward()
     grad = logits.grad.clone()
     logits.grad = None
     want = sigmoid_focal_loss(logits[~ignore], targets[~ignore], reduction="sum")
     want.backward()
     torch.testing.assert_close(got, want)  # sums in another order
-    per_element = sigmoid_focal_loss(ft.ignore_locations(logits, ignore), targets)
+    per_element = sigmoid_focal_loss(ignore_locations(logits, ignore), targets)
     assert torch.equal(per_element[ignore], torch.zeros_like(per_element[ignore]))
     assert torch.equal(per_element[~ignore], sigmoid_focal_loss(logits[~ignore], targets[~ignore]))
     assert torch.equal(grad[ignore], torch.zeros_like(grad[ignore]))
@@ -89,7 +90,7 @@ def test_the_models_focal_loss_leaves_out_exactly_the_ignored_locations(tiny_roo
     plain = model(images, targets)
     (masked_logits, gt), (plain_logits, gt_plain) = calls
     assert torch.equal(gt, gt_plain)
-    ignored = (masked_logits == ft.IGNORED_LOGIT).all(-1)
+    ignored = (masked_logits == IGNORED_LOGIT).all(-1)
     assert ignored.any() and (~ignored).any()
     assert (gt[ignored] == 0).all()
     num_fg = (gt.sum(-1) > 0).sum()

@@ -105,6 +105,11 @@ class GridCLIPConfig:
     detections_per_img: int = 300
     topk_candidates: int = 1000
     center_sampling_radius: float = 1.5
+    # The classification loss of the cells a batch pads its images with (torchvision FCOS's loss covers
+    # them as background). Off: the padding carries no loss, so an image's loss does not depend on what
+    # it is batched with, and the embeddings there (zero vectors: the head's masked norms zero the padding)
+    # send no 1/eps gradient through their normalisation (docs/training.md, "Padding").
+    loss_on_padding: bool = False
     # Inference scores locations x classes in chunks of at most this many logits (bounded memory for
     # very large vocabularies; results identical to unchunked scoring).
     score_chunk_elements: int = 1 << 24

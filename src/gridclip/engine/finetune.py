@@ -27,7 +27,7 @@ logger = logging.getLogger("gridclip.train")
 
 #: Model-section keys a fine-tuning run takes from its own config (how it trains, not what the model is).
 TRAINING_CHOICES = frozenset({"image_align", "num_classes", "loss_grid", "loss_image", "loss_box", "loss_ctr",
-                              "center_sampling_radius"})
+                              "center_sampling_radius", "loss_on_padding"})
 _TEACHER_KEYS = ("teacher_model", "teacher_pretrained", "teacher_dim")
 
 

@@ -38,12 +38,10 @@ from gridclip.checkpoint import load_checkpoint
 from gridclip.clip.vocabulary import TunedNames, Vocabulary, name_key, parse_vocabulary
 from gridclip.config import DEFAULT_PSEUDO_SCORE, Config, FinetuneConfig, finetune_alpha
 from gridclip.model.backbone import level_cells
+from gridclip.model.ignore import ignore_locations
 
 logger = logging.getLogger("gridclip.finetune")
 
-# The logit an ignored location gets: sigmoid gives exactly 0 in float16/32, so its focal loss against a
-# 0 target is exactly 0, and the constant carries no gradient back to the model.
-IGNORED_LOGIT = -1.0e4
 # a pseudo-box overlapping a box of the data at least this much is dropped (the standard match IoU)
 PSEUDO_MAX_IOU = 0.5
 FINETUNE_MODES = ("plain", "keep_vocab", "embeddings", "pseudo_boxes")
@@ -63,12 +61,6 @@ def check_finetune_config(f: FinetuneConfig) -> None:
         raise ValueError(f"train.finetune.distill: expected a weight >= 0, got {f.distill}")
     if f.alpha is not None and not 0.0 <= f.alpha <= 1.0:
         raise ValueError(f"train.finetune.alpha: expected 0 <= alpha <= 1 or null, got {f.alpha}")
-
-
-def ignore_locations(logits: Tensor, ignore: Tensor) -> Tensor:
-    """``logits [N, L, K]`` with every class of the locations where ``ignore [N, L]`` is true set to
-    :data:`IGNORED_LOGIT`: with a 0 target there, their sigmoid focal loss and its gradient are zero."""
-    return torch.where(ignore[..., None], logits.new_full((), IGNORED_LOGIT), logits)
 
 
 def outside_boxes(anchors: list[Tensor], targets: list[dict[str, Tensor]]) -> Tensor:
@@ -217,7 +209,8 @@ class KeepVocabulary(WeightInterpolation):
             # FCOS loss on the other names' columns, normalised by their own positives
             pseudo = model.compute_loss(split_pseudo_boxes(targets, data_targets, num_custom),
                                         {"cls_logits": logits[..., num_custom:], "bbox_regression": regression,
-                                         "bbox_ctrness": ctrness}, anchors, [f.shape[2] * f.shape[3] for f in features])
+                                         "bbox_ctrness": ctrness}, anchors, [f.shape[2] * f.shape[3] for f in features],
+                                        model.loss_padding(features, cells))
             c = model.cfg
             extra.update({"loss_pseudo_grid": c.loss_grid * pseudo["classification"],
                           "loss_pseudo_box": c.loss_box * pseudo["bbox_regression"],

@@ -33,6 +33,7 @@ from gridclip.model import inference
 from gridclip.model.clip_ensemble import CLIPEnsemble, FrozenCLIP
 from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride, valid_cells
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
+from gridclip.model.ignore import ignore_locations, padded_locations
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
 from gridclip.model.predict import predict_as_given
 from gridclip.model.transform import DetectionTransform
@@ -373,7 +374,7 @@ class GridCLIP(FCOS):
                 head_outputs = self.head(features, cells)
             else:
                 head_outputs, extra, targets = self.training_hook(self, image_list, features, cells, anchors, targets)
-            fcos = self.compute_loss(targets, head_outputs, anchors, num_per_level)
+            fcos = self.compute_loss(targets, head_outputs, anchors, num_per_level, self.loss_padding(features, cells))
             c = self.cfg
             losses = {
                 "loss_grid": c.loss_grid * fcos["classification"],
@@ -438,6 +439,21 @@ class GridCLIP(FCOS):
         ``detections_per_img``, ``topk_candidates``: torchvision FCOS's attributes)."""
         return PostProcess(self.score_thresh, self.nms_thresh, self.detections_per_img, self.topk_candidates,
                            self.cfg.score_chunk_elements, self.fast_scoring_pass, self.box_coder)
+
+    def loss_padding(self, features: list[Tensor], cells: Sequence) -> Tensor | None:
+        """``[N, L]``: the padded locations the classification loss leaves out (:func:`padded_locations`);
+        None when nothing is padded or ``model.loss_on_padding`` is on."""
+        if self.cfg.loss_on_padding:
+            return None
+        return padded_locations(cells, [tuple(f.shape[-2:]) for f in features], features[0].device)
+
+    def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor],
+                     num_anchors_per_level: list[int], padded: Tensor | None = None) -> dict[str, Tensor]:
+        """torchvision FCOS's losses, with no classification loss at the ``padded`` locations
+        (:meth:`loss_padding`; FCOS never makes them positives, so the box losses never see them)."""
+        if padded is not None:
+            head_outputs = {**head_outputs, "cls_logits": ignore_locations(head_outputs["cls_logits"], padded)}
+        return super().compute_loss(targets, head_outputs, anchors, num_anchors_per_level)
 
     def image_alignment_loss(self, z_global: Tensor, targets: list[dict[str, Tensor]]) -> Tensor:
         """L1 between the projected z-bar and the teacher's embedding, both L2-normalised (Sec. 3.4)."""

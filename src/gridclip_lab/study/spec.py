@@ -26,6 +26,7 @@ KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("model", "freeze_trunk"): False, ("model", "clip_ensemble"): "off", ("model", "ensemble_weight_base"): 0.35,
     ("model", "ensemble_weight_novel"): 0.65, ("model", "ensemble_upsample"): 1.0, ("model", "ensemble_box_scale"): 1.0,
     ("model", "ensemble_trained_names"): [],  # as config_to_dict writes the empty tuple
+    ("model", "loss_on_padding"): True,  # what every run recorded before the setting existed trained with
 }
 
 
