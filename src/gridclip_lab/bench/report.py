@@ -199,10 +199,11 @@ def markdown(results: dict) -> str:
     if results.get("flops"):
         lines += ["", *flops_markdown(results["flops"])]
     if not st["device"].startswith("cuda"):
-        lines += ["", "## GPU", "", "Not run: no CUDA on this machine (and no GPU was lent to this project's "
-                  "sessions so far). Run `gridclip-lab bench --device cuda` (fp32, fp16 and bf16 autocast; "
-                  "batch 1 and 8; CUDA peak memory per case) and add its results with `--report-from`; `make gpu-check` "
-                  "(AMP training steps, fp16 FPS, a NCCL DDP step) writes its own section below, with the card's name."]
+        lines += ["", "## GPU", "", "Not measured by this run (no CUDA on its machine). On a GPU, `gridclip-lab bench "
+                  "--device cuda` (fp32, fp16 and bf16 autocast; batch 1 and 8; CUDA peak memory per case) writes a "
+                  "report of its own (an H200's: docs/benchmarks-gpu.md); `make gpu-check` (AMP training steps, fp16 "
+                  "FPS, a NCCL DDP step) and `gridclip-lab bench-infer --device cuda` write their sections below, "
+                  "with the card's name."]
     return "\n".join(lines) + "\n"
 
 
