@@ -116,7 +116,7 @@ def training(spec: ModelSpec, batch: int, height: int, width: int, num_classes: 
             warmup += 1
             _sync(device)
         records = []
-        samples, _ = _timed(lambda: records.append(step()), warmup=0, repeats=steps, device=device)
+        samples, _ = _timed(lambda run=step: records.append(run()), warmup=0, repeats=steps, device=device)
         losses = [loss for loss, _ in records]
         out["fp32" if amp == "none" else amp] = {
             "step_s": samples, "median_step_s": median(samples), "losses": losses,
