@@ -807,3 +807,16 @@ def test_finetune_recipes_section_states_each_studys_schedule(tmp_path):
     assert "Start models: `GridCLIP`, 400 iterations on the whole world" in text
     same = "\n".join(recipe_section([("a", tmp_path / "short.json"), ("b", tmp_path / "short.json")]))
     assert "each fine-tuned 400 iterations " in same
+    assert "Seeds: 0, 1; (n=1)" in same and "Seeds: 0, 1; (n=1)" in text
+
+
+def test_finetune_recipes_section_states_each_studys_seeds(tmp_path):
+    """A study run with more seeds beside one with fewer: the seeds are given per study, not pooled."""
+    from gridclip_lab.analysis.finetune_recipes import recipe_section
+
+    _finetune_json(tmp_path / "few.json", {"start model": [(0.5, 0.5), (0.6, 0.6)],
+                                           "without image alignment": [(0.7, 0.1), (0.8, 0.1)]})
+    _finetune_json(tmp_path / "many.json", {"start model": [(0.5, 0.5), (0.6, 0.6), (0.55, 0.5)],
+                                            "without image alignment": [(0.7, 0.1), (0.8, 0.1), (0.75, 0.1)]})
+    text = "\n".join(recipe_section([("a", tmp_path / "many.json"), ("b", tmp_path / "few.json")]))
+    assert "Seeds: a: 0, 1, 2; b: 0, 1; (n=1)" in text

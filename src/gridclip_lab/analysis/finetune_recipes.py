@@ -124,8 +124,9 @@ def recipe_section(studies: Sequence[tuple[str, str | os.PathLike]], figures_dir
         _cell(s, arm, "custom"), f"{_cell(s, arm, 'other')} ({_kept_cell(s, arm)})", _cell(s, arm, "novel"))]
         for arm in arms]
     lines += _table(labels, ("custom", "other (kept)", "novel"), rows)
-    seeds = sorted({int(r["seed"]) for s in data for r in s["rows"]})
-    lines += ["", f"Seeds: {', '.join(map(str, seeds))}; (n=1): one seed only.", "",
+    seeds = [", ".join(map(str, sorted({int(r["seed"]) for r in s["rows"]}))) for s in data]
+    seeds_text = seeds[0] if len(set(seeds)) == 1 else "; ".join(f"{label}: {t}" for label, t in zip(labels, seeds))
+    lines += ["", f"Seeds: {seeds_text}; (n=1): one seed only.", "",
               "Paired differences (same seed, mean [95 % CI]) against plain fine-tuning at alpha 1, and the other "
               "names against plain's default alpha (the default before pseudo-boxes; the baseline of the rule that "
               "chose the default, results/finetune_keep/DECISION.md):", ""]
