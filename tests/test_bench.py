@@ -111,3 +111,30 @@ def test_bench_train_steps_train_each_variant_as_the_study_does(shapes_world, tm
                        "results": train_variants.ratios({v: [1.0, 2.0] for v in variants}, 16)}]}
     text = train_variants.render(data)
     assert all(f"| {v} |" in text for v in variants) and "vs FCOS w/o align" in text
+    assert train_variants.section(data) == "train-variants" and "CUDA" not in text
+
+
+def test_bench_train_cuda_results_get_their_own_section(tmp_path, capsys):
+    """A CUDA result renders into train-variants-cuda with the GPU named; a device other than cpu / cuda is
+    refused by name; --device cuda on a machine without one is one line and exit code 2."""
+    import torch
+
+    from gridclip_lab.bench import train_variants
+    from gridclip_lab.cli import main as lab_main
+
+    variants = ("FCOS w/o align", "frozen trunk")
+    data = {"machine": {**train_variants.machine(), "gpu": "Some GPU"}, "device": "cuda",
+            "cases": [{"case": "rn50", "size": "800x1333", "batch": 2, "rounds": 2,
+                       "results": train_variants.ratios({v: [1.0, 2.0] for v in variants}, 2)}]}
+    text = train_variants.render(data)
+    assert train_variants.section(data) == "train-variants-cuda"
+    assert text.startswith("## Training throughput of the study's variants, CUDA") and "**Some GPU**, float32" in text
+    assert "`rn50`: GridCLIP RN50" in text and "`world`:" not in text  # only the cases measured are described
+    with pytest.raises(ValueError, match="device: expected cpu or cuda"):
+        train_variants.run(None, variants, device="cuda:1")
+    if not torch.cuda.is_available():
+        code = lab_main(["bench-train", "--rn50", "64x64", "--device", "cuda", "--json", str(tmp_path / "b.json"),
+                         "--doc", str(tmp_path / "b.md")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "--device cuda: no CUDA GPU" in err[0]
+        assert not (tmp_path / "b.md").exists()

@@ -9,6 +9,8 @@
 * ``rn50``: the same switches on GridCLIP RN50 with random weights (``cases.training_step``, SGD, batch 2
   at 512x512 by default, teacher embeddings precomputed), the arithmetic at the paper's scale.
 
+Both cases run on the CPU or on a CUDA device (``device``, float32; CUDA results get a section of their own).
+
 Cases are interleaved round by round, order rotated (``measure.time_rounds``); the result is each
 variant's median step time over the reference variant's (``FCOS w/o align``).
 """
@@ -31,8 +33,8 @@ REFERENCE = "FCOS w/o align"
 DEFAULT_VARIANTS = ("FCOS w/o align", "grid only", "GridCLIP", "frozen trunk")
 
 
-def world_steps(world_dir: str | Path, variants: Sequence[str], work_dir: str | Path, seed: int = 0
-                ) -> dict[str, Callable[[], float]]:
+def world_steps(world_dir: str | Path, variants: Sequence[str], work_dir: str | Path, seed: int = 0,
+                device: str = "cpu") -> dict[str, Callable[[], float]]:
     """``{variant: step}``: one training step of each variant as the study trains it, on the same batch."""
     from gridclip.data.collate import collate_detection
     from gridclip.data.datasets import build_train_dataset
@@ -45,6 +47,7 @@ def world_steps(world_dir: str | Path, variants: Sequence[str], work_dir: str | 
         apply_variant(cfg, variant, VARIANTS[variant], num_base)
         cfg.train.seed = seed
         cfg.train.max_iters = 1000
+        cfg.train.device = device
         out = Path(work_dir) / re.sub(r"[^a-z0-9]+", "_", variant.lower())
         trainer = Trainer(cfg, out, progress=False)
         trainer.setup()
@@ -72,14 +75,14 @@ def _trainer_step(trainer, images, targets) -> Callable[[], float]:
 
 
 def rn50_steps(variants: Sequence[str], height: int, width: int, batch: int, num_classes: int, seed: int = 0,
-               clip_model: str = "RN50-quickgelu") -> dict[str, Callable[[], float]]:
+               clip_model: str = "RN50-quickgelu", device: str = "cpu") -> dict[str, Callable[[], float]]:
     """``{variant: step}`` on GridCLIP RN50 with random weights and the variant's switches."""
     spec = cases.ModelSpec(clip_model=clip_model)
     steps = {}
     for variant in variants:
         overrides = dict(VARIANTS[variant])
         _, steps[variant] = cases.training_step("gridclip", spec, batch, height, width, num_classes, seed,
-                                                overrides=overrides)
+                                                device=device, overrides=overrides)
     return steps
 
 
@@ -108,46 +111,63 @@ def machine_sentence(m: dict[str, Any], command: str) -> str:
 
 def run(world_dir: str | Path | None, variants: Sequence[str] = DEFAULT_VARIANTS, rounds: int = 5, warmup: int = 1,
         rn50_size: tuple[int, int] | None = None, rn50_batch: int = 2, rn50_rounds: int = 2, num_classes: int = 866,
-        seed: int = 0, log=None, save: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Both cases (``world_dir`` None: no world case; ``rn50_size`` None: no RN50 case); ``save(result)``
-    after each case."""
+        seed: int = 0, log=None, save: Callable[[dict], None] | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Both cases (``world_dir`` None: no world case; ``rn50_size`` None: no RN50 case) on ``device`` (cpu or
+    cuda); ``save(result)`` after each case."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected cpu or cuda, got {device!r}")
     if REFERENCE not in variants:
         variants = (REFERENCE, *variants)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"variants: unknown {unknown}; expected some of {', '.join(VARIANTS)}")
-    out: dict[str, Any] = {"machine": machine(), "cases": []}
+    out: dict[str, Any] = {"machine": machine(), "device": device, "cases": []}
+    if device == "cuda":
+        out["machine"]["gpu"] = torch.cuda.get_device_name()
     if world_dir is not None:
         with tempfile.TemporaryDirectory(prefix="gridclip-bench-train.") as work:
-            steps = world_steps(world_dir, variants, work, seed)
-            times = measure.time_rounds(steps, rounds, warmup, log=log)
+            steps = world_steps(world_dir, variants, work, seed, device)
+            times = measure.time_rounds(steps, rounds, warmup, device=device, log=log)
         out["cases"].append({"case": "world", "size": "128x128 (multi-scale 112-144, max 160)", "batch": 16,
                              "rounds": rounds, "results": ratios(times, 16)})
         if save:
             save(out)
     if rn50_size is not None:
         h, w = rn50_size
-        steps = rn50_steps(variants, h, w, rn50_batch, num_classes, seed)
-        times = measure.time_rounds(steps, rn50_rounds, min(warmup, 1), log=log)
+        steps = rn50_steps(variants, h, w, rn50_batch, num_classes, seed, device=device)
+        times = measure.time_rounds(steps, rn50_rounds, min(warmup, 1), device=device, log=log)
         out["cases"].append({"case": "rn50", "size": f"{h}x{w}", "batch": rn50_batch, "classes": num_classes,
                              "rounds": rn50_rounds, "results": ratios(times, rn50_batch)})
     out["machine"]["load_at_end"] = machine()["load"]
     return out
 
 
+def section(data: dict[str, Any]) -> str:
+    """The section of docs/benchmarks.md a result belongs to: one for the CPU, one for CUDA."""
+    return "train-variants-cuda" if data.get("device", "cpu") == "cuda" else "train-variants"
+
+
 def render(data: dict[str, Any]) -> str:
-    """The ``train-variants`` section of docs/benchmarks.md."""
+    """The ``train-variants`` (CPU) or ``train-variants-cuda`` section of docs/benchmarks.md."""
     m = data["machine"]
-    lines = ["## Training throughput of the study's variants", "",
-             machine_sentence(m, "gridclip-lab bench-train")
-             + ": the machine was shared with other jobs, so absolute times are noisy and the "
-             "ratios are the result). One training step per call, variants interleaved round by round in one "
-             "process (order rotated), median over rounds after a warm-up round. `world`: each variant as "
-             "`gridclip-lab study` trains it (the product's trainer: the world's config, tiny CLIP, ViT teacher run "
-             "on the batch when the variant aligns to it, AdamW), one fixed batch of 16 training images, data loading "
-             "left out. `rn50`: GridCLIP RN50 with random weights and the same switches (SGD, teacher embeddings "
-             f"precomputed). `vs {REFERENCE}`: images/s over {REFERENCE}'s (above 1: faster); `per round`: the same "
-             "ratio within each round.", ""]
+    if data.get("device", "cpu") == "cuda":
+        title = "## Training throughput of the study's variants, CUDA"
+        opening = machine_sentence(m, "gridclip-lab bench-train --device cuda") + f") on **{m['gpu']}**, float32."
+    else:
+        title = "## Training throughput of the study's variants"
+        opening = (machine_sentence(m, "gridclip-lab bench-train")
+                   + ": the machine was shared with other jobs, so absolute times are noisy and the ratios are the result).")
+    case_text = {
+        "world": "`world`: each variant as `gridclip-lab study` trains it (the product's trainer: the world's config, "
+                 "tiny CLIP, ViT teacher run on the batch when the variant aligns to it, AdamW), one fixed batch of 16 "
+                 "training images, data loading left out.",
+        "rn50": "`rn50`: GridCLIP RN50 with random weights and the same switches (SGD, teacher embeddings "
+                "precomputed)."}
+    present = " ".join(case_text[c["case"]] for c in data["cases"] if c["case"] in case_text)
+    lines = [title, "",
+             opening + " One training step per call, variants interleaved round by round in one "
+             f"process (order rotated), median over rounds after a warm-up round. {present} `vs {REFERENCE}`: "
+             f"images/s over {REFERENCE}'s (above 1: faster); `per round`: the same ratio within each round.", ""]
     lines += [f"| case | size | batch | variant | median step s | images/s | vs {REFERENCE} | per round |",
               "|---|---|---|---|---|---|---|---|"]
     for case in data["cases"]:

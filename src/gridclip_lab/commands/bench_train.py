@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from gridclip_lab.bench.train_variants import DEFAULT_VARIANTS, render, run
+from gridclip_lab.bench.train_variants import DEFAULT_VARIANTS, render, run, section
 from gridclip_lab.commands.bench import parse_size
 from gridclip_lab.utils.doc_sections import add_report_options, earlier_report, write_report
 from gridclip.utils.atomic import atomic_write_json
@@ -24,6 +24,8 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--rn50-batch", type=int, default=2)
     p.add_argument("--rn50-rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the study trains)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where both cases train (default cpu; CUDA results get a section of their own, train-variants-cuda)")
     add_report_options(p, "train-variants", "bench_train.json")
     a = p.parse_args(list(argv))
     data = earlier_report(a)
@@ -34,10 +36,14 @@ def main(argv: Sequence[str]) -> int:
             raise ValueError("--rounds, --rn50-rounds, --rn50-batch and --threads: expected integers >= 1")
         variants = tuple(v.strip() for v in a.variants.split(",") if v.strip())
         torch.set_num_threads(a.threads)
+        if a.device == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda: no CUDA GPU on this machine; expected cpu")
+            torch.backends.cudnn.benchmark = True
         data = run(a.world, variants, rounds=a.rounds, rn50_size=parse_size(a.rn50) if a.rn50 else None,
                    rn50_batch=a.rn50_batch, rn50_rounds=a.rn50_rounds, log=print,
-                   save=lambda partial: atomic_write_json(a.json, partial))
+                   save=lambda partial: atomic_write_json(a.json, partial), device=a.device)
         atomic_write_json(a.json, data)
     print(render(data))
-    write_report(a, "train-variants", render(data))
+    write_report(a, section(data), render(data))
     return 0
