@@ -2,7 +2,9 @@
 ensemble off, with the 400-iteration settings and with the settings chosen at 4000 (selection.json here);
 "off" and the 400-iteration settings are checked against the study's recorded grid only and grid only +
 ensemble runs. From the repository root: `python results/ensemble_selection/grid_only_4000/report.py`
-(world0 in runs/world0, the models kept in results/study/runs/, `--keep-models`)."""
+(world0 in runs/world0, the models kept in results/study/runs/, `--keep-models`); the addendum's 1600
+iterations: `... report.py --iters 1600 --models runs/study_1600/runs` (selection_1600.json -> report_1600.json)."""
+import argparse
 import json
 from pathlib import Path
 
@@ -15,11 +17,23 @@ from gridclip_lab.study.stats import paired_differences
 from gridclip_lab.variants import ENSEMBLE_SETTINGS
 
 HERE = Path(__file__).parent
-VARIANT, ITERS, SEEDS = "grid only + ensemble", 4000, (0, 1, 2)
+args = argparse.ArgumentParser()
+args.add_argument("--iters", type=int, default=4000)
+args.add_argument("--models", default="results/study/runs", help="the study runs folder holding the kept models")
+a = args.parse_args()
+VARIANT, ITERS, SEEDS = "grid only + ensemble", a.iters, (0, 1, 2)
+suffix = "" if ITERS == 4000 else f"_{ITERS}"
 world = Path("runs/world0")
-runs = [json.loads(p.read_text()) | {"dir": p.parent} for p in sorted(Path("results/study/runs").glob("*/result.json"))]
-recorded = {(r["variant"], r["seed"]): r for r in runs if r.get("iters") == ITERS}
-chosen = json.loads((HERE / "selection.json").read_text())["chosen"]
+
+
+def study_runs(folder: str) -> dict:
+    runs = [json.loads(p.read_text()) | {"dir": p.parent} for p in sorted(Path(folder).glob("*/result.json"))]
+    return {(r["variant"], r["seed"]): r for r in runs if r.get("iters") == ITERS}
+
+
+recorded = study_runs("results/study/runs")
+models = study_runs(a.models)
+chosen = json.loads((HERE / f"selection{suffix}.json").read_text())["chosen"]
 settings = {"off": {"clip_ensemble": "off"}, "400 settings": dict(ENSEMBLE_SETTINGS), "chosen at 4000": chosen}
 
 spec = StudySpec(variants=(VARIANT,), seeds=SEEDS, iters=(ITERS,), pairs=())
@@ -29,7 +43,7 @@ for seed in SEEDS:
     base_ids = list(build_train_dataset(cfg.data).category_ids)
     cfg = run_config(spec, world, VARIANT, seed, ITERS, len(base_ids))  # val: world0's, the reported split
     with torch_threads(1):
-        evaluate = held_out_evaluator(recorded[(VARIANT, seed)]["dir"] / "model.pt", cfg, base_ids)
+        evaluate = held_out_evaluator(models[(VARIANT, seed)]["dir"] / "model.pt", cfg, base_ids)
         for name, s in settings.items():
             metrics[name][seed] = evaluate(s)
 
@@ -43,7 +57,7 @@ for a, b in (("chosen at 4000", "off"), ("chosen at 4000", "400 settings"), ("40
         d = paired_differences({s: 100 * metrics[a][s][m] for s in SEEDS}, {s: 100 * metrics[b][s][m] for s in SEEDS})
         pairs[f"{a} - {b}, {m}"] = {"mean": d["mean"], "ci": d["ci"], "n": d["n"]}
 report = {"chosen": chosen, "settings": settings, "metrics": metrics, "checks": checks, "pairs": pairs}
-atomic_write_json(HERE / "report.json", report)
+atomic_write_json(HERE / f"report{suffix}.json", report)
 for k, v in checks.items():
     print(("ok   " if v else "DIFF ") + k)
 for k, d in pairs.items():
