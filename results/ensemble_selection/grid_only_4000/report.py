@@ -34,7 +34,8 @@ def study_runs(folder: str) -> dict:
 recorded = study_runs("results/study/runs")
 models = study_runs(a.models)
 chosen = json.loads((HERE / f"selection{suffix}.json").read_text())["chosen"]
-settings = {"off": {"clip_ensemble": "off"}, "400 settings": dict(ENSEMBLE_SETTINGS), "chosen at 4000": chosen}
+CHOSEN = f"chosen at {ITERS}"
+settings = {"off": {"clip_ensemble": "off"}, "400 settings": dict(ENSEMBLE_SETTINGS), CHOSEN: chosen}
 
 spec = StudySpec(variants=(VARIANT,), seeds=SEEDS, iters=(ITERS,), pairs=())
 metrics: dict = {name: {} for name in settings}
@@ -52,7 +53,7 @@ checks = {f"off = recorded grid only, seed {s}": metrics["off"][s]["AP"] == reco
 checks |= {f"400 settings = recorded {VARIANT}, seed {s}":
            metrics["400 settings"][s]["AP"] == recorded[(VARIANT, s)]["metrics"]["AP"] for s in SEEDS}
 pairs = {}
-for a, b in (("chosen at 4000", "off"), ("chosen at 4000", "400 settings"), ("400 settings", "off")):
+for a, b in ((CHOSEN, "off"), (CHOSEN, "400 settings"), ("400 settings", "off")):
     for m in ("AP", "APr", "APbase"):
         d = paired_differences({s: 100 * metrics[a][s][m] for s in SEEDS}, {s: 100 * metrics[b][s][m] for s in SEEDS})
         pairs[f"{a} - {b}, {m}"] = {"mean": d["mean"], "ci": d["ci"], "n": d["n"]}
