@@ -1,0 +1,90 @@
+"""PLAN.md's study: every kept `grid only + ensemble` model of `runs/study_box` (seeds 0-2; 400, 1600, 4000
+iterations) on world0's val three ways on the same weights: the ensemble off (= grid only), the gated
+ensemble with the settings chosen for its schedule, box candidates with the weights chosen here at 400.
+From the repository root: `python results/ensemble_box_candidates/report.py` (world0 in runs/world0;
+evaluations cached in runs/study_box/box_report_cache.json; writes report.json here)."""
+import argparse
+import json
+from pathlib import Path
+
+from gridclip.data.datasets import build_train_dataset
+from gridclip.utils.atomic import atomic_write_json
+from gridclip.utils.threads import torch_threads
+from gridclip_lab.study.ensemble_selection import held_out_evaluator
+from gridclip_lab.study.spec import StudySpec, run_config
+from gridclip_lab.study.stats import paired_differences
+from gridclip_lab.variants import ENSEMBLE_SETTINGS
+
+HERE = Path(__file__).parent
+SELECTIONS = Path("results/ensemble_selection/grid_only_4000")
+args = argparse.ArgumentParser()
+args.add_argument("--models", default="runs/study_box/runs", help="the study runs folder holding the kept models")
+args.add_argument("--iters", default="400,1600,4000")
+a = args.parse_args()
+VARIANT, SEEDS = "grid only + ensemble", (0, 1, 2)
+ITERS = tuple(int(i) for i in a.iters.split(","))
+world = Path("runs/world0")
+cache_path = Path(a.models).parent / "box_report_cache.json"
+
+
+def study_runs(folder: str) -> dict:
+    runs = [json.loads(p.read_text()) | {"dir": p.parent} for p in sorted(Path(folder).glob("*/result.json"))]
+    return {(r["variant"], r["seed"], r["iters"]): r for r in runs}
+
+
+recorded, models = study_runs("results/study/runs"), study_runs(a.models)
+box = json.loads((HERE / "selection_400" / "selection.json").read_text())["chosen"]
+gated = {400: dict(ENSEMBLE_SETTINGS),
+         1600: json.loads((SELECTIONS / "selection_1600.json").read_text())["chosen"],
+         4000: json.loads((SELECTIONS / "selection.json").read_text())["chosen"]}
+cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+metrics: dict = {}
+for iters in ITERS:
+    settings = {"off": {"clip_ensemble": "off"}, "gated": gated[iters], "box": box}
+    spec = StudySpec(variants=(VARIANT,), seeds=SEEDS, iters=(iters,), pairs=())
+    for seed in SEEDS:
+        run = models.get((VARIANT, seed, iters))
+        if run is None or not (run["dir"] / "model.pt").is_file():
+            continue
+        cfg = run_config(spec, world, VARIANT, seed, iters, 0)
+        base_ids = list(build_train_dataset(cfg.data).category_ids)
+        cfg = run_config(spec, world, VARIANT, seed, iters, len(base_ids))  # val: world0's, the reported split
+        with torch_threads(1):
+            evaluate = None
+            for name, s in settings.items():
+                key = f"{iters}/{seed}/{name}"
+                if key not in cache:
+                    evaluate = evaluate or held_out_evaluator(run["dir"] / "model.pt", cfg, base_ids)
+                    cache[key] = evaluate(s)
+                    atomic_write_json(cache_path, cache)
+                metrics.setdefault(str(iters), {}).setdefault(name, {})[seed] = cache[key]
+
+checks, pairs = {}, {}
+for iters, by_name in metrics.items():
+    for seed, m in by_name["off"].items():
+        rec = recorded.get(("grid only", seed, int(iters)))
+        if rec:
+            checks[f"{iters}: off = recorded grid only, seed {seed}"] = m["AP"] == rec["metrics"]["AP"] \
+                and m["APr"] == rec["metrics"]["APr"]
+    seeds = sorted(by_name["off"])
+    for x, y in (("box", "off"), ("box", "gated"), ("gated", "off")):
+        for m in ("AP", "APr", "APc", "APf", "APbase"):
+            d = paired_differences({s: 100 * by_name[x][s][m] for s in seeds}, {s: 100 * by_name[y][s][m] for s in seeds})
+            pairs[f"{iters}: {x} - {y}, {m}"] = {"mean": d["mean"], "ci": d["ci"], "n": d["n"]}
+if "1600" in metrics and "4000" in metrics:
+    for name in ("box", "off", "gated"):
+        seeds = sorted(set(metrics["1600"][name]) & set(metrics["4000"][name]))
+        d = paired_differences({s: 100 * metrics["4000"][name][s]["APr"] for s in seeds},
+                               {s: 100 * metrics["1600"][name][s]["APr"] for s in seeds})
+        pairs[f"{name}: 4000 - 1600, APr"] = {"mean": d["mean"], "ci": d["ci"], "n": d["n"]}
+report = {"box": box, "gated": {str(k): v for k, v in gated.items()}, "metrics": metrics, "checks": checks,
+          "pairs": pairs}
+atomic_write_json(HERE / "report.json", report)
+for k, v in checks.items():
+    print(("ok   " if v else "DIFF ") + k)
+for iters, by_name in metrics.items():
+    for name, per_seed in by_name.items():
+        print(f"{iters} {name}: " + " ".join(f"{m} " + "/".join(f"{100 * per_seed[s][m]:.1f}" for s in sorted(per_seed))
+                                             for m in ("AP", "APr", "APbase")))
+for k, d in pairs.items():
+    print(f"{k}: {d['mean']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}] (n={d['n']})")
