@@ -240,3 +240,93 @@ def test_checkpoint_records_the_ensemble_and_onnx_refuses_it(tiny_cfg, tmp_path)
     torch.testing.assert_close(a["scores"], b["scores"])
     with pytest.raises(ValueError, match="ONNX export does not include the frozen-CLIP ensemble"):
         DenseGridCLIP(loaded)
+
+
+def _independent_p_clip(model, c5, boxes):
+    """[n, K] p_clip of one image's boxes from its frozen C5 [1, C, h, w] (stride 32): open_clip's
+    AttentionPool2d on torchvision's RoIAlign (roi), or the value path as 1x1 convs averaged in the box (dense)."""
+    frozen_pool = model.backbone.grid_pool if model.frozen_clip is None else model.frozen_clip.pool
+    pool = AttentionPool2d(frozen_pool.spatial_dim, frozen_pool.positional_embedding.shape[1],
+                           frozen_pool.num_heads, frozen_pool.output_dim)
+    pool.load_state_dict(frozen_pool.state_dict())
+    if model.cfg.clip_ensemble == "dense":
+        dense = F.conv2d(F.conv2d(c5, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias),
+                         pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
+        emb = roi_align(dense, [boxes], 7, spatial_scale=1 / 32, sampling_ratio=2, aligned=True).mean(dim=(2, 3))
+    else:
+        emb = pool(roi_align(c5, [boxes], frozen_pool.spatial_dim, spatial_scale=1 / 32, sampling_ratio=2,
+                             aligned=True))
+    text = F.normalize(model.vocabulary.embeddings, dim=-1)
+    return (model.clip_logit_scale * F.normalize(emb, dim=-1) @ text.t()).softmax(-1)
+
+
+@pytest.mark.parametrize("mode", ["roi", "dense"])
+@torch.no_grad()
+def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode):
+    """ensemble_candidates=box (F-VLM's candidate set) against a brute-force reference: every location's
+    every name scored, the locations whose best name passes the threshold, every name re-scored by the
+    geometric mean there, the pairs that pass, torchvision's batched NMS."""
+    from torchvision.ops import batched_nms
+
+    from gridclip.model.backbone import level_cells
+
+    model = _model(tiny_cfg, clip_ensemble=mode, ensemble_candidates="box", ensemble_weight_base=0.3,
+                   ensemble_weight_novel=0.7)
+    model.cfg = dataclasses.replace(model.cfg, ensemble_trained_names=model.class_names[:2])
+    w = torch.tensor([0.3, 0.3, 0.7, 0.7, 0.7])
+    thresh, topk = 0.1, 40
+    model.score_thresh, model.topk_candidates = thresh, topk
+    images = [torch.rand(3, 128, 160, generator=torch.Generator().manual_seed(6))]
+    got = model(images)[0]
+
+    image_list, _ = model.transform(images)
+    (h, w_img), = image_list.image_sizes
+    features, _ = model.backbone(image_list.tensors, image_list.image_sizes)
+    anchors = model.anchor_generator(image_list, features)[0]
+    dense = model.dense_outputs(features, level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]),
+                                                      features))
+    c5 = model.frozen_clip.trunk(image_list.tensors)[-1]
+    p_all = torch.sigmoid(dense.logit_scale * dense.vectors[0] @ dense.text.t() + dense.logit_bias) \
+        * torch.sigmoid(dense.bbox_ctrness[0])  # [N, K]
+    boxes, scores, labels, gated_out = [], [], [], 0
+    for p, reg, anc in zip(p_all.split(dense.num_per_level), dense.bbox_regression[0].split(dense.num_per_level),
+                           anchors.split(dense.num_per_level)):
+        best = p.max(dim=1).values
+        loc = torch.nonzero(best > thresh ** 2).squeeze(1)
+        loc = loc[best[loc].argsort(descending=True)[:topk]]
+        b = model.box_coder.decode(reg[loc], anc[loc])
+        b[:, 0::2], b[:, 1::2] = b[:, 0::2].clamp(0, w_img), b[:, 1::2].clamp(0, h)
+        s = p[loc].sqrt() ** (1 - w) * _independent_p_clip(model, c5, b) ** w
+        gated_out += int(((s > thresh) & (p[loc].sqrt() <= thresh)).sum())
+        pairs = torch.nonzero(s > thresh)
+        order = s[pairs[:, 0], pairs[:, 1]].argsort(descending=True)[:topk]
+        pairs = pairs[order]
+        boxes.append(b[pairs[:, 0]]), scores.append(s[pairs[:, 0], pairs[:, 1]]), labels.append(pairs[:, 1])
+    boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+    keep = batched_nms(boxes, scores, labels, model.nms_thresh)[: model.detections_per_img]
+    want = model.transform.postprocess([{"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}],
+                                       image_list.image_sizes, [tuple(images[0].shape[-2:])])[0]
+    assert got["scores"].numel() > 5 and gated_out > 0  # pairs the detector's own score would have dropped
+    torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got["boxes"], want["boxes"])
+    assert torch.equal(got["labels"], want["labels"])
+    model.cfg = dataclasses.replace(model.cfg, ensemble_candidates="class")
+    gated = model(images)[0]
+    assert gated["scores"].numel() != got["scores"].numel() or not torch.equal(gated["labels"], got["labels"])
+
+
+def test_box_candidates_of_a_level_equal_full_scoring():
+    from gridclip.model.scoring import box_candidates
+
+    g = torch.Generator().manual_seed(1)
+    vectors, text = torch.randn(300, 16, generator=g), F.normalize(torch.randn(7, 16, generator=g), dim=-1)
+    ctr = torch.rand(300, generator=g)
+    scale, bias = torch.tensor(4.0), torch.tensor(-1.0)
+    full = torch.sigmoid(scale * vectors @ text.t() + bias) * ctr[:, None]
+    for thresh_sq, topk, chunk in [(0.05, 1000, 1 << 20), (0.2, 25, 600), (0.99, 10, 300)]:
+        probs, loc = box_candidates(vectors, text, scale, bias, ctr, thresh_sq, topk, chunk)
+        best = full.max(dim=1).values
+        want = torch.nonzero(best > thresh_sq).squeeze(1)
+        want = want[best[want].argsort(descending=True)[:topk]]
+        assert torch.equal(loc, want)
+        torch.testing.assert_close(probs, full[want])

@@ -130,3 +130,23 @@ def test_the_held_out_world_must_differ_from_the_training_world(tmp_path, two_wo
         es.run_selection("grid only + ensemble", world, world, tmp_path / "out", iters=2, work_dir=tmp_path / "w")
     with pytest.raises(ValueError, match="has no ensemble"):
         es.run_selection("grid only", world, world, tmp_path / "out", iters=2, work_dir=tmp_path / "w")
+
+
+def test_a_fixed_geometry_chooses_only_the_weights_and_carries_the_extra_fields():
+    grid = es.step1_settings(("dense", 1.0, 1.0), {"ensemble_candidates": "box"})
+    assert [s["ensemble_weight_novel"] for s in grid] == list(es.W_NOVEL)
+    assert all((s["clip_ensemble"], s["ensemble_upsample"], s["ensemble_box_scale"], s["ensemble_candidates"])
+               == ("dense", 1.0, 1.0, "box") for s in grid)
+    assert len(es.step1_settings()) == len(es.MODES) * len(es.UPSAMPLES) * len(es.BOX_SCALES) * len(es.W_NOVEL)
+    assert es.setting_id(grid[0]) == es.setting_id(es.setting("dense", 1, 1, es.W_NOVEL[0])) + " box-candidates"
+    seen = []
+
+    def evaluate(s):
+        seen.append(s)
+        return {"APr": s["ensemble_weight_novel"] if s["clip_ensemble"] != "off" else 0.0,
+                "APbase": -abs(s.get("ensemble_weight_base", 0) - 0.2)}
+
+    report = es.select(evaluate, geometry=("dense", 1.0, 1.0), extra={"ensemble_candidates": "box"})
+    assert report["chosen"] == {**es.setting("dense", 1, 1, max(es.W_NOVEL), 0.2), "ensemble_candidates": "box"}
+    assert report["geometry_fixed"] == ["dense", 1.0, 1.0]
+    assert all(s.get("ensemble_candidates") == "box" for s in seen if s["clip_ensemble"] != "off")

@@ -97,6 +97,10 @@ class GridCLIPConfig:
     ensemble_upsample: float = 1.0
     ensemble_box_scale: float = 1.0
     ensemble_trained_names: tuple[str, ...] = ()
+    # Which candidates the ensemble scores. "class": the head's (location, name) pairs that pass
+    # score_thresh on the detector's own score (a name the detector scores low never reaches the CLIP).
+    # "box" (F-VLM's candidate set): the locations whose best name passes, each scored for every name.
+    ensemble_candidates: Literal["class", "box"] = "class"
     # Pre/post-processing (paper: score 0.05, NMS 0.5, 300 detections).
     min_size: int = 800
     max_size: int = 1333

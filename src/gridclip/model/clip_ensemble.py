@@ -133,6 +133,14 @@ class CLIPEnsemble:
         return box_mean_embeddings(self._dense[image_index:image_index + 1], boxes, self.spatial_scale)
 
     @torch.no_grad()
+    def score_all(self, image_index: int, boxes: Tensor, p_det: Tensor) -> Tensor:
+        """[n, K]: the ensemble score of every name on each of one image's boxes (``p_det`` [n, K])."""
+        if boxes.numel() == 0:
+            return p_det
+        p_clip = clip_probabilities(self.embeddings(image_index, boxes), self.text, self.logit_scale)
+        return geometric_ensemble(p_det.float(), p_clip, self.weights[None, :]).to(p_det.dtype)
+
+    @torch.no_grad()
     def __call__(self, image_index: int, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
         if boxes.numel() == 0:
             return scores

@@ -432,6 +432,8 @@ class GridCLIP(FCOS):
                           rescore=None) -> list[dict[str, Tensor]]:
         """Dense outputs -> per image ``{boxes, scores, labels}`` in resized-image pixels (``rescore``: see
         :class:`PostProcess`)."""
+        if rescore is not None and self.cfg.ensemble_candidates == "box":
+            return self.postprocessor()(dense, anchors, image_sizes, rescore_all=rescore.score_all)
         return self.postprocessor()(dense, anchors, image_sizes, rescore)
 
     def postprocessor(self) -> PostProcess:

@@ -25,7 +25,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import boxes as box_ops
 
 from gridclip.model.backbone import nominal_stride
-from gridclip.model.scoring import fast_pass_dtype, level_candidates
+from gridclip.model.scoring import box_candidates, fast_pass_dtype, level_candidates
 
 ANCHOR_SIZES = ((8,), (16,), (32,), (64,), (128,))  # FCOS: one anchor per location, its size = the stride
 
@@ -95,14 +95,26 @@ class PostProcess:
             self.box_coder = BoxLinearCoder(normalize_by_size=True)
 
     def __call__(self, outputs: DenseOutputs, anchors: list[Tensor], image_sizes: list[tuple[int, int]],
-                 rescore: Callable[[int, Tensor, Tensor, Tensor], Tensor] | None = None) -> list[dict[str, Tensor]]:
+                 rescore: Callable[[int, Tensor, Tensor, Tensor], Tensor] | None = None,
+                 rescore_all: Callable[[int, Tensor, Tensor], Tensor] | None = None) -> list[dict[str, Tensor]]:
         """Per image ``{boxes [n, 4] xyxy in pixels of the resized image, scores [n], labels [n]}``;
         ``anchors`` per image ``[N, 4]``, ``image_sizes`` the resized (unpadded) sizes. ``rescore(image
         index, boxes, scores, labels) -> scores`` replaces the candidates' scores before NMS (e.g.
-        :class:`gridclip.model.clip_ensemble.CLIPEnsemble`)."""
+        :class:`gridclip.model.clip_ensemble.CLIPEnsemble`). ``rescore_all(image index, boxes [n, 4],
+        p [n, K]) -> [n, K]`` (open vocabulary only) switches to class-agnostic candidates: per level the
+        ``topk_candidates`` locations whose best name passes ``score_thresh``, every name re-scored there,
+        then the pairs above ``score_thresh``, the ``topk_candidates`` best (e.g.
+        :meth:`~gridclip.model.clip_ensemble.CLIPEnsemble.score_all`)."""
         n = outputs.num_per_level
         results = []
         for i, image_size in enumerate(image_sizes):
+            if rescore_all is not None and outputs.cls_logits is None:
+                levels = [self._box_candidates(vec, outputs, ctr, reg, anc, image_size,
+                                               lambda b, p, i=i: rescore_all(i, b, p))
+                          for vec, ctr, reg, anc in zip(outputs.vectors[i].split(n), outputs.bbox_ctrness[i].split(n),
+                                                        outputs.bbox_regression[i].split(n), anchors[i].split(n))]
+                results.append(self._nms(*(torch.cat(parts) for parts in zip(*levels))))
+                continue
             if outputs.cls_logits is not None:
                 scored = [_closed_set_candidates(lg, ctr, self.score_thresh, self.topk_candidates)
                           for lg, ctr in zip(outputs.cls_logits[i].split(n), outputs.bbox_ctrness[i].split(n))]
@@ -122,6 +134,24 @@ class PostProcess:
                                            pass_dtype)
         return probs.sqrt(), loc, cls
 
+    def _box_candidates(self, vectors: Tensor, outputs: DenseOutputs, ctr: Tensor, reg: Tensor, anchors: Tensor,
+                        image_size, rescore_all) -> tuple[Tensor, Tensor, Tensor]:
+        """One level's class-agnostic candidates, re-scored for every name: ``(boxes, scores, labels)``."""
+        ctr_prob = torch.sigmoid(ctr.float()).flatten()
+        probs, loc = box_candidates(vectors, outputs.text, outputs.logit_scale, outputs.logit_bias, ctr_prob,
+                                    self.score_thresh ** 2, self.topk_candidates, self.score_chunk_elements)
+        boxes = box_ops.clip_boxes_to_image(self.box_coder.decode(reg[loc].float(), anchors[loc]), image_size)
+        scores = rescore_all(boxes, probs.sqrt()).flatten()
+        K = probs.shape[1]
+        idx = (scores > self.score_thresh).nonzero().squeeze(1)
+        top = scores[idx].topk(min(self.topk_candidates, idx.numel()))
+        idx = idx[top.indices]
+        return boxes[torch.div(idx, K, rounding_mode="floor")], top.values, idx % K
+
+    def _nms(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
     def _boxes(self, scored, regressions, anchors, image_size, rescore=None) -> dict[str, Tensor]:
         all_boxes, all_scores, all_labels = [], [], []
         for (scores, loc, cls), reg, anc in zip(scored, regressions, anchors):
@@ -132,8 +162,7 @@ class PostProcess:
         boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
         if rescore is not None:
             scores = rescore(boxes, scores, labels)
-        keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+        return self._nms(boxes, scores, labels)
 
 
 def _closed_set_candidates(logits: Tensor, ctr: Tensor, score_thresh: float, topk: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -110,3 +110,18 @@ def _cosine_thresholds(q: Tensor, ctr_prob: Tensor, scale: Tensor, bias: Tensor,
     rows = (need <= 1).nonzero().squeeze(1)  # sigmoid < 1: p_ctr <= q can never win (== kept: rounding)
     need = need[rows].clamp(max=1 - 2.0 ** -24)
     return rows, (torch.logit(need) - bias) / scale - margin
+
+
+def box_candidates(vectors: Tensor, text: Tensor, scale: Tensor, bias: Tensor, ctr_prob: Tensor, thresh_sq: float,
+                   topk: int, chunk_elements: int) -> tuple[Tensor, Tensor]:
+    """Class-agnostic candidates of one level (F-VLM's candidate set): the ``topk`` locations whose best
+    name has ``p > thresh_sq``, best first, with every name's ``p`` there. Returns ``(p [n, K], location [n])``."""
+    vectors, text = vectors.float(), text.float()
+    L, K = vectors.shape[0], text.shape[0]
+    chunk = max(1, chunk_elements // max(1, L))
+    best_cos = torch.stack([cosines(vectors, text[s:s + chunk]).amax(dim=1) for s in range(0, K, chunk)]).amax(dim=0) \
+        if K and L else vectors.new_zeros(L)
+    best = _probs(best_cos, scale, bias, ctr_prob)  # sigmoid is increasing: the best name's p
+    loc = (best > thresh_sq).nonzero().squeeze(1)
+    loc = loc[best[loc].topk(min(topk, loc.numel())).indices]
+    return _probs(cosines(vectors[loc], text), scale, bias, ctr_prob[loc, None]), loc

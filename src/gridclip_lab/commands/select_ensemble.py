@@ -29,6 +29,10 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--work-dir", help="the base model and the evaluations cache "
                                       "(default: runs/ensemble_selection/<variant>)")
     p.add_argument("--jobs", type=int, default=1, help="processes evaluating side by side (same numbers)")
+    p.add_argument("--candidates", choices=("class", "box"), default="class",
+                   help="model.ensemble_candidates of every setting (box: F-VLM's class-agnostic candidates)")
+    p.add_argument("--geometry", nargs=3, metavar=("MODE", "UPSAMPLE", "BOX_SCALE"),
+                   help="fix model.clip_ensemble / ensemble_upsample / ensemble_box_scale (only the weights are chosen)")
     a = p.parse_args(list(argv))
     if a.jobs < 1:
         raise ValueError(f"--jobs: expected a positive number of processes, got {a.jobs}")
@@ -36,9 +40,17 @@ def main(argv: Sequence[str]) -> int:
         raise ValueError(f"--variant: expected one of {', '.join(ENSEMBLE_VARIANTS)}, got {a.variant!r}")
     from gridclip_lab.study.ensemble_selection import run_selection  # torch: not for --help
 
+    geometry = None
+    if a.geometry:
+        from gridclip_lab.study.ensemble_selection import MODES
+
+        if a.geometry[0] not in MODES:
+            raise ValueError(f"--geometry: expected a mode in {', '.join(MODES)}, got {a.geometry[0]!r}")
+        geometry = (a.geometry[0], float(a.geometry[1]), float(a.geometry[2]))
+    extra = {"ensemble_candidates": a.candidates} if a.candidates != "class" else None
     work = a.work_dir or f"runs/ensemble_selection/{re.sub(r'[^a-z0-9]+', '_', a.variant.lower()).strip('_')}"
     report = run_selection(a.variant, a.world, a.held_out, a.out, seed=a.seed, iters=a.iters, model=a.model,
-                           work_dir=work, jobs=a.jobs)
+                           work_dir=work, jobs=a.jobs, geometry=geometry, extra=extra)
     print(f"chosen: {report['chosen_id']}")
     print(json.dumps(report["chosen"]))
     return 0

@@ -56,8 +56,9 @@ def setting(mode: str, upsample: float = 1.0, box_scale: float = 1.0, w_novel: f
 def setting_id(s: Setting) -> str:
     if s["clip_ensemble"] == "off":
         return "off"
+    candidates = " box-candidates" if s.get("ensemble_candidates", "class") == "box" else ""
     return (f"{s['clip_ensemble']} up{s['ensemble_upsample']:g} box{s['ensemble_box_scale']:g} "
-            f"wn{s['ensemble_weight_novel']:g} wb{s['ensemble_weight_base']:g}")
+            f"wn{s['ensemble_weight_novel']:g} wb{s['ensemble_weight_base']:g}{candidates}")
 
 
 def _cost(s: Setting) -> tuple:
@@ -70,18 +71,23 @@ def _pick(candidates: list[tuple[Setting, dict]], metric: str, weight: str, pref
     return min(tied, key=lambda sm: (_cost(sm[0]), abs(sm[0][weight] - preferred), -sm[1][metric]))[0]
 
 
-def step1_settings() -> list[Setting]:
-    return [setting(m, u, b, wn) for m, u, b, wn in itertools.product(MODES, UPSAMPLES, BOX_SCALES, W_NOVEL)]
+def step1_settings(geometry: tuple[str, float, float] | None = None, extra: Setting | None = None) -> list[Setting]:
+    """Step 1's grid; ``geometry`` (mode, upsample, box scale) fixes those three; ``extra``: further
+    ``model.*`` fields every setting carries (e.g. ``ensemble_candidates``)."""
+    grid = itertools.product(*((m,) for m in geometry), W_NOVEL) if geometry else \
+        itertools.product(MODES, UPSAMPLES, BOX_SCALES, W_NOVEL)
+    return [{**setting(m, u, b, wn), **(extra or {})} for m, u, b, wn in grid]
 
 
-def select(evaluate: EvaluateSetting, prefetch: Callable[[list[Setting]], None] | None = None) -> dict[str, Any]:
+def select(evaluate: EvaluateSetting, prefetch: Callable[[list[Setting]], None] | None = None, *,
+           geometry: tuple[str, float, float] | None = None, extra: Setting | None = None) -> dict[str, Any]:
     """Run the rule with ``evaluate(setting) -> metrics`` (held-out; ``APbase`` among them); returns
     ``{"rule", "chosen", "step1", "step2", "references", "evaluations": [{"setting", "metrics"}, ...]}``.
     ``prefetch(settings)`` (optional) is told step 1's settings first, e.g. to evaluate them side by side
-    into the cache ``evaluate`` reads."""
+    into the cache ``evaluate`` reads. ``geometry`` / ``extra``: see :func:`step1_settings`."""
     evaluations: list[dict] = []
     if prefetch is not None:
-        prefetch([setting("off"), *step1_settings()])
+        prefetch([setting("off"), *step1_settings(geometry, extra)])
 
     def run(s: Setting) -> dict[str, float]:
         metrics = evaluate(s)
@@ -89,7 +95,7 @@ def select(evaluate: EvaluateSetting, prefetch: Callable[[list[Setting]], None] 
         return metrics
 
     detector_alone = run(setting("off"))
-    step1 = [(s, run(s)) for s in step1_settings()]
+    step1 = [(s, run(s)) for s in step1_settings(geometry, extra)]
     first = _pick(step1, "APr", "ensemble_weight_novel", FVLM_W_NOVEL)
     step2 = [(s, m) for s, m in step1 if s == first]
     for wb in W_BASE:
@@ -97,8 +103,11 @@ def select(evaluate: EvaluateSetting, prefetch: Callable[[list[Setting]], None] 
         if s != first:
             step2.append((s, run(s)))
     chosen = _pick(step2, "APbase", "ensemble_weight_base", FVLM_W_BASE)
-    clip_alone = setting(chosen["clip_ensemble"], chosen["ensemble_upsample"], chosen["ensemble_box_scale"], 1.0, 1.0)
-    return {"rule": RULE, "chosen": chosen, "chosen_id": setting_id(chosen),
+    clip_alone = {**setting(chosen["clip_ensemble"], chosen["ensemble_upsample"], chosen["ensemble_box_scale"], 1.0, 1.0),
+                  **(extra or {})}
+    fixed = {"geometry_fixed": list(geometry)} if geometry else {}
+    return {"rule": RULE, **fixed, **({"every_setting": extra} if extra else {}), "chosen": chosen,
+            "chosen_id": setting_id(chosen),
             "step1_choice": setting_id(first), "step2": [setting_id(s) for s, _ in step2],
             "references": {"detector alone (off)": detector_alone,
                            f"p_clip alone (w = 1): {setting_id(clip_alone)}": run(clip_alone)},
@@ -172,7 +181,8 @@ def evaluate_settings(model_path: str, cfg: Any, base_category_ids: list, settin
 def run_selection(variant: str, world_dir: str | Path, held_out_dir: str | Path, out_dir: str | Path, *,
                   seed: int = 0, iters: int = 400, model: str | Path | None = None,
                   work_dir: str | Path = "runs/ensemble_selection", clip: str | None = None,
-                  teacher: str | None = None, overrides: Sequence[str] = (), jobs: int = 1) -> dict[str, Any]:
+                  teacher: str | None = None, overrides: Sequence[str] = (), jobs: int = 1,
+                  geometry: tuple[str, float, float] | None = None, extra: Setting | None = None) -> dict[str, Any]:
     """Train ``variant`` (seed, iters) on ``world_dir``'s det_train as the study does (or take the trained
     ``model``), evaluate the grid on ``held_out_dir``'s val, write ``out_dir/selection.json``.
     ``clip`` / ``teacher`` / ``overrides``: as the study's (default: the shipped CLIPs, no overrides).
@@ -217,7 +227,8 @@ def run_selection(variant: str, world_dir: str | Path, held_out_dir: str | Path,
                 run_side_by_side(evaluate_settings, [(model_path, run_cfg, ids, c, str(cache)) for c in chunks if c],
                                  jobs, lambda i, n: None)
 
-        selection.update(select(cached(held_out_evaluator(model_path, run_cfg, ids), cache), prefetch))
+        selection.update(select(cached(held_out_evaluator(model_path, run_cfg, ids), cache), prefetch,
+                                geometry=geometry, extra=extra))
         return selection["chosen"]
 
     kept = Path(model) if model else Path(work_dir) / "model.pt"
