@@ -1,9 +1,11 @@
-"""``gridclip-lab analyze <frequency|clip-recall|transfer|results|study-section|finetune-recipes> ...``: the paper's analyses as tools.
+"""``gridclip-lab analyze <frequency|clip-recall|clip-ceiling|transfer|results|study-section|finetune-recipes> ...``: the paper's analyses as tools.
 
     gridclip-lab analyze frequency --gt GT.json --results A.json [B.json ...] [--labels A B] [--train TRAIN.json]
                                --out plot.png [--csv table.csv] [--size W H]
     gridclip-lab analyze clip-recall --gt GT.json [--images DIR] --clip MODEL[:PRETRAINED] [...] [--k 10 100 300]
                                  [--out DIR] [--batch-size B] [--max-images N]
+    gridclip-lab analyze clip-ceiling --world DIR [DIR ...] --out ceiling.json [--clip C] [--max-images N]
+    gridclip-lab analyze clip-ceiling --report-from ceiling.json --study S.json --doc docs/results.md
     gridclip-lab analyze transfer --checkpoint C --world DIR [--seed S] [--num-images N] [--out DIR]
     gridclip-lab analyze results --demo runs/demo --out docs/results.md [--figures docs/figures] [--no-transfer] [--study S.json] [--finetune F.json]
     gridclip-lab analyze study-section --study S.json --section NAME --title T [--out docs/results.md] [--clip-recall R.json]
@@ -28,7 +30,7 @@ from gridclip.engine.evaluate import format_table
 from gridclip.utils.atomic import atomic_write_json
 from gridclip_lab.utils.doc_sections import write_section
 
-SUBCOMMANDS = ("frequency", "clip-recall", "transfer", "results", "study-section", "finetune-recipes")
+SUBCOMMANDS = ("frequency", "clip-recall", "clip-ceiling", "transfer", "results", "study-section", "finetune-recipes")
 
 
 def _size(values: Sequence[int]) -> tuple[int, int]:
@@ -86,6 +88,40 @@ def _clip_recall(argv: list[str]) -> int:
     print(format_recall_table(results))
     paths = write_recall_outputs(results, a.out, size=_size(a.size))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _clip_ceiling(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gridclip-lab analyze clip-ceiling",
+                                description="box AP of the ensemble's frozen CLIP on a world's val ground-truth boxes "
+                                            "(each box scored once per name): what keeping CLIP's knowledge can add")
+    p.add_argument("--world", nargs="+", default=[], help="world folders (`gridclip-lab make-world`)")
+    p.add_argument("--out", help="the JSON written (a list: one report per world)")
+    p.add_argument("--clip", help="the frozen CLIP (default: the world's shipped RN CLIP)")
+    p.add_argument("--max-images", type=int, help="only the first N val images")
+    p.add_argument("--report-from", help="a JSON of this command: render it instead of measuring")
+    p.add_argument("--study", help="with --report-from: a study.json whose grid only AP_r is the reference")
+    p.add_argument("--doc", help="with --report-from: the Markdown file whose section clip-ceiling is written")
+    a = p.parse_args(argv)
+    from gridclip_lab.analysis.clip_ceiling import ceiling_section, clip_ceiling, format_ceiling_table
+
+    if a.report_from:
+        reports = json.loads(Path(a.report_from).read_text())
+        study = json.loads(Path(a.study).read_text()) if a.study else None
+        if a.doc:
+            write_section(a.doc, "clip-ceiling", ceiling_section(reports, study))
+            print(f"wrote section clip-ceiling of {a.doc}")
+        else:
+            print(format_ceiling_table(reports))
+        return 0
+    if not a.world or not a.out:
+        raise ValueError("clip-ceiling: give --world DIR ... and --out FILE.json (or --report-from FILE.json)")
+    if a.max_images is not None and a.max_images < 1:
+        raise ValueError(f"--max-images: expected a positive integer, got {a.max_images}")
+    reports = [clip_ceiling(w, clip=a.clip, max_images=a.max_images) for w in a.world]
+    atomic_write_json(a.out, reports)
+    print(format_ceiling_table(reports))
+    print(f"wrote {a.out}")
     return 0
 
 
@@ -196,7 +232,7 @@ def main(argv: Sequence[str]) -> int:
         print(__doc__)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    handlers = {"frequency": _frequency, "clip-recall": _clip_recall, "transfer": _transfer, "results": _results,
+    handlers = {"frequency": _frequency, "clip-recall": _clip_recall, "clip-ceiling": _clip_ceiling, "transfer": _transfer, "results": _results,
                 "study-section": _study_section, "finetune-recipes": _finetune_recipes}
     if name not in handlers:
         raise ValueError(f"unknown analysis '{name}' (expected one of: {', '.join(SUBCOMMANDS)})")
