@@ -260,18 +260,19 @@ def _independent_p_clip(model, c5, boxes):
     return (model.clip_logit_scale * F.normalize(emb, dim=-1) @ text.t()).softmax(-1)
 
 
-@pytest.mark.parametrize("mode", ["roi", "dense"])
+@pytest.mark.parametrize("mode,novel_score", [("roi", "name"), ("dense", "name"), ("dense", "objectness")])
 @torch.no_grad()
-def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode):
+def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode, novel_score):
     """ensemble_candidates=box (F-VLM's candidate set) against a brute-force reference: every location's
     every name scored, the locations whose best name passes the threshold, every name re-scored by the
-    geometric mean there, the pairs that pass, torchvision's batched NMS."""
+    geometric mean there (objectness: a name without boxes takes the location's best score as p_det), the
+    pairs that pass, torchvision's batched NMS."""
     from torchvision.ops import batched_nms
 
     from gridclip.model.backbone import level_cells
 
     model = _model(tiny_cfg, clip_ensemble=mode, ensemble_candidates="box", ensemble_weight_base=0.3,
-                   ensemble_weight_novel=0.7)
+                   ensemble_weight_novel=0.7, ensemble_novel_score=novel_score)
     model.cfg = dataclasses.replace(model.cfg, ensemble_trained_names=model.class_names[:2])
     w = torch.tensor([0.3, 0.3, 0.7, 0.7, 0.7])
     thresh, topk = 0.1, 40
@@ -296,7 +297,10 @@ def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode):
         loc = loc[best[loc].argsort(descending=True)[:topk]]
         b = model.box_coder.decode(reg[loc], anc[loc])
         b[:, 0::2], b[:, 1::2] = b[:, 0::2].clamp(0, w_img), b[:, 1::2].clamp(0, h)
-        s = p[loc].sqrt() ** (1 - w) * _independent_p_clip(model, c5, b) ** w
+        p_det = p[loc].sqrt()
+        if novel_score == "objectness":
+            p_det[:, 2:] = p_det.max(dim=1, keepdim=True).values
+        s = p_det ** (1 - w) * _independent_p_clip(model, c5, b) ** w
         gated_out += int(((s > thresh) & (p[loc].sqrt() <= thresh)).sum())
         pairs = torch.nonzero(s > thresh)
         order = s[pairs[:, 0], pairs[:, 1]].argsort(descending=True)[:topk]
@@ -310,6 +314,13 @@ def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode):
     torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got["boxes"], want["boxes"])
     assert torch.equal(got["labels"], want["labels"])
+    if novel_score == "objectness":
+        model.cfg = dataclasses.replace(model.cfg, ensemble_novel_score="name")
+        by_name = model(images)[0]
+        assert not torch.equal(by_name["scores"], got["scores"])
+        with pytest.raises(ValueError, match="needs model.ensemble_candidates=box"):
+            _model(tiny_cfg, clip_ensemble=mode, ensemble_novel_score="objectness")
+        return
     model.cfg = dataclasses.replace(model.cfg, ensemble_candidates="class")
     gated = model(images)[0]
     assert gated["scores"].numel() != got["scores"].numel() or not torch.equal(gated["labels"], got["labels"])

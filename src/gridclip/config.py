@@ -101,6 +101,10 @@ class GridCLIPConfig:
     # score_thresh on the detector's own score (a name the detector scores low never reaches the CLIP).
     # "box" (F-VLM's candidate set): the locations whose best name passes, each scored for every name.
     ensemble_candidates: Literal["class", "box"] = "class"
+    # With box candidates, the detector's score in the geometric mean of the names not trained with
+    # boxes: "name" its own p_det of that name; "objectness" the location's class-agnostic score (its best
+    # name's), so the detector says where and the frozen CLIP which name (RegionCLIP's zero-shot scoring).
+    ensemble_novel_score: Literal["name", "objectness"] = "name"
     # Pre/post-processing (paper: score 0.05, NMS 0.5, 300 detections).
     min_size: int = 800
     max_size: int = 1333

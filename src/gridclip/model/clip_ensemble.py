@@ -115,7 +115,8 @@ class CLIPEnsemble:
     ``trained`` [K] bool, the names trained with boxes."""
 
     def __init__(self, mode: str, c5: Tensor, pool: GridAttentionPool, stride: float, upsample: float,
-                 box_scale: float, text: Tensor, logit_scale: Tensor, trained: Tensor, w_base: float, w_novel: float):
+                 box_scale: float, text: Tensor, logit_scale: Tensor, trained: Tensor, w_base: float, w_novel: float,
+                 novel_score: str = "name"):
         if mode not in MODES:
             raise ValueError(f"model.clip_ensemble: expected one of off, {', '.join(MODES)}, got {mode!r}")
         self.mode, self.c5, self.pool = mode, c5, pool
@@ -123,6 +124,10 @@ class CLIPEnsemble:
         self.box_scale, self.text, self.logit_scale = box_scale, text, logit_scale
         self.weights = torch.where(trained, torch.tensor(float(w_base)), torch.tensor(float(w_novel))).to(text.device)
         self._dense = dense_embeddings(c5, pool) if mode == "dense" else None
+        if novel_score not in ("name", "objectness"):
+            raise ValueError(f"model.ensemble_novel_score: expected name or objectness, got {novel_score!r}")
+        self.trained = trained.to(text.device)
+        self.novel_objectness = novel_score == "objectness"
 
     @torch.no_grad()
     def embeddings(self, image_index: int, boxes: Tensor) -> Tensor:
@@ -134,10 +139,13 @@ class CLIPEnsemble:
 
     @torch.no_grad()
     def score_all(self, image_index: int, boxes: Tensor, p_det: Tensor) -> Tensor:
-        """[n, K]: the ensemble score of every name on each of one image's boxes (``p_det`` [n, K])."""
+        """[n, K]: the ensemble score of every name on each of one image's boxes (``p_det`` [n, K]); with
+        ``novel_score`` objectness the names not trained with boxes take each box's best p_det instead."""
         if boxes.numel() == 0:
             return p_det
         p_clip = clip_probabilities(self.embeddings(image_index, boxes), self.text, self.logit_scale)
+        if self.novel_objectness:
+            p_det = torch.where(self.trained[None, :], p_det, p_det.max(dim=1, keepdim=True).values)
         return geometric_ensemble(p_det.float(), p_clip, self.weights[None, :]).to(p_det.dtype)
 
     @torch.no_grad()

@@ -31,6 +31,8 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--jobs", type=int, default=1, help="processes evaluating side by side (same numbers)")
     p.add_argument("--candidates", choices=("class", "box"), default="class",
                    help="model.ensemble_candidates of every setting (box: F-VLM's class-agnostic candidates)")
+    p.add_argument("--novel-score", choices=("name", "objectness"), default="name",
+                   help="model.ensemble_novel_score of every setting (objectness: with --candidates box)")
     p.add_argument("--geometry", nargs=3, metavar=("MODE", "UPSAMPLE", "BOX_SCALE"),
                    help="fix model.clip_ensemble / ensemble_upsample / ensemble_box_scale (only the weights are chosen)")
     a = p.parse_args(list(argv))
@@ -47,7 +49,8 @@ def main(argv: Sequence[str]) -> int:
         if a.geometry[0] not in MODES:
             raise ValueError(f"--geometry: expected a mode in {', '.join(MODES)}, got {a.geometry[0]!r}")
         geometry = (a.geometry[0], float(a.geometry[1]), float(a.geometry[2]))
-    extra = {"ensemble_candidates": a.candidates} if a.candidates != "class" else None
+    extra = {**({"ensemble_candidates": a.candidates} if a.candidates != "class" else {}),
+             **({"ensemble_novel_score": a.novel_score} if a.novel_score != "name" else {})} or None
     work = a.work_dir or f"runs/ensemble_selection/{re.sub(r'[^a-z0-9]+', '_', a.variant.lower()).strip('_')}"
     report = run_selection(a.variant, a.world, a.held_out, a.out, seed=a.seed, iters=a.iters, model=a.model,
                            work_dir=work, jobs=a.jobs, geometry=geometry, extra=extra)
