@@ -184,6 +184,7 @@ def ceiling_section(reports: Sequence[dict[str, Any]], study: dict[str, Any] | N
                      "CLIP that knows the novel names better.")
     else:
         lines.append(f"**C ≥ grid only's AP_r at {shortest} iterations ({target:.1f})**: the ceiling does not rule the "
-                     f"+5 AP_r goal out; {ceiling - target:.1f} points of AP_r are knowledge the mechanisms so far "
-                     "leave unused.")
+                     f"+5 AP_r goal out. The {ceiling - target:.1f} points between them bound what the mechanisms so "
+                     "far leave unused from above: they also hold the detector's localisation errors, which perfect "
+                     "boxes do not make.")
     return "\n".join(lines)
