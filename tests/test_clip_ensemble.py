@@ -260,9 +260,11 @@ def _independent_p_clip(model, c5, boxes):
     return (model.clip_logit_scale * F.normalize(emb, dim=-1) @ text.t()).softmax(-1)
 
 
-@pytest.mark.parametrize("mode,novel_score", [("roi", "name"), ("dense", "name"), ("dense", "objectness")])
+@pytest.mark.parametrize("mode,novel_score,centerness", [("roi", "name", "inside"), ("dense", "name", "inside"),
+                                                         ("dense", "objectness", "inside"),
+                                                         ("roi", "name", "outside")])
 @torch.no_grad()
-def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode, novel_score):
+def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode, novel_score, centerness):
     """ensemble_candidates=box (F-VLM's candidate set) against a brute-force reference: every location's
     every name scored, the locations whose best name passes the threshold, every name re-scored by the
     geometric mean there (objectness: a name without boxes takes the location's best score as p_det), the
@@ -272,7 +274,7 @@ def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode, novel_scor
     from gridclip.model.backbone import level_cells
 
     model = _model(tiny_cfg, clip_ensemble=mode, ensemble_candidates="box", ensemble_weight_base=0.3,
-                   ensemble_weight_novel=0.7, ensemble_novel_score=novel_score)
+                   ensemble_weight_novel=0.7, ensemble_novel_score=novel_score, ensemble_centerness=centerness)
     model.cfg = dataclasses.replace(model.cfg, ensemble_trained_names=model.class_names[:2])
     w = torch.tensor([0.3, 0.3, 0.7, 0.7, 0.7])
     thresh, topk = 0.1, 40
@@ -287,11 +289,11 @@ def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode, novel_scor
     dense = model.dense_outputs(features, level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]),
                                                       features))
     c5 = model.frozen_clip.trunk(image_list.tensors)[-1]
-    p_all = torch.sigmoid(dense.logit_scale * dense.vectors[0] @ dense.text.t() + dense.logit_bias) \
-        * torch.sigmoid(dense.bbox_ctrness[0])  # [N, K]
+    ctr_all = torch.sigmoid(dense.bbox_ctrness[0])  # [N, 1]
+    p_all = torch.sigmoid(dense.logit_scale * dense.vectors[0] @ dense.text.t() + dense.logit_bias) * ctr_all
     boxes, scores, labels, gated_out = [], [], [], 0
-    for p, reg, anc in zip(p_all.split(dense.num_per_level), dense.bbox_regression[0].split(dense.num_per_level),
-                           anchors.split(dense.num_per_level)):
+    for p, ctr, reg, anc in zip(p_all.split(dense.num_per_level), ctr_all.split(dense.num_per_level),
+                                dense.bbox_regression[0].split(dense.num_per_level), anchors.split(dense.num_per_level)):
         best = p.max(dim=1).values
         loc = torch.nonzero(best > thresh ** 2).squeeze(1)
         loc = loc[best[loc].argsort(descending=True)[:topk]]
@@ -300,7 +302,11 @@ def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode, novel_scor
         p_det = p[loc].sqrt()
         if novel_score == "objectness":
             p_det[:, 2:] = p_det.max(dim=1, keepdim=True).values
-        s = p_det ** (1 - w) * _independent_p_clip(model, c5, b) ** w
+        p_clip = _independent_p_clip(model, c5, b)
+        if centerness == "outside":  # FCOS's score with the ensemble as its class probability
+            s = ((p[loc] / ctr[loc]) ** (1 - w) * p_clip ** w * ctr[loc]).sqrt()
+        else:
+            s = p_det ** (1 - w) * p_clip ** w
         gated_out += int(((s > thresh) & (p[loc].sqrt() <= thresh)).sum())
         pairs = torch.nonzero(s > thresh)
         order = s[pairs[:, 0], pairs[:, 1]].argsort(descending=True)[:topk]
@@ -314,6 +320,12 @@ def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode, novel_scor
     torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got["boxes"], want["boxes"])
     assert torch.equal(got["labels"], want["labels"])
+    if centerness == "outside":
+        model.cfg = dataclasses.replace(model.cfg, ensemble_centerness="inside")
+        assert not torch.equal(model(images)[0]["scores"], got["scores"])
+        with pytest.raises(ValueError, match="needs model.ensemble_candidates=box"):
+            _model(tiny_cfg, clip_ensemble=mode, ensemble_centerness="outside")
+        return
     if novel_score == "objectness":
         model.cfg = dataclasses.replace(model.cfg, ensemble_novel_score="name")
         by_name = model(images)[0]

@@ -105,6 +105,10 @@ class GridCLIPConfig:
     # boxes: "name" its own p_det of that name; "objectness" the location's class-agnostic score (its best
     # name's), so the detector says where and the frozen CLIP which name (RegionCLIP's zero-shot scoring).
     ensemble_novel_score: Literal["name", "objectness"] = "name"
+    # With box candidates, where FCOS's centerness goes: "inside" the geometric mean with the class score
+    # (p_det = sqrt(p_cls p_ctr)); "outside": the ensemble replaces only the class probability,
+    # score = sqrt(p_cls^(1-w) p_clip^w p_ctr), so box placement keeps its full weight.
+    ensemble_centerness: Literal["inside", "outside"] = "inside"
     # Pre/post-processing (paper: score 0.05, NMS 0.5, 300 detections).
     min_size: int = 800
     max_size: int = 1333

@@ -116,7 +116,7 @@ class CLIPEnsemble:
 
     def __init__(self, mode: str, c5: Tensor, pool: GridAttentionPool, stride: float, upsample: float,
                  box_scale: float, text: Tensor, logit_scale: Tensor, trained: Tensor, w_base: float, w_novel: float,
-                 novel_score: str = "name"):
+                 novel_score: str = "name", centerness: str = "inside"):
         if mode not in MODES:
             raise ValueError(f"model.clip_ensemble: expected one of off, {', '.join(MODES)}, got {mode!r}")
         self.mode, self.c5, self.pool = mode, c5, pool
@@ -128,6 +128,9 @@ class CLIPEnsemble:
             raise ValueError(f"model.ensemble_novel_score: expected name or objectness, got {novel_score!r}")
         self.trained = trained.to(text.device)
         self.novel_objectness = novel_score == "objectness"
+        if centerness not in ("inside", "outside"):
+            raise ValueError(f"model.ensemble_centerness: expected inside or outside, got {centerness!r}")
+        self.centerness_outside = centerness == "outside"
 
     @torch.no_grad()
     def embeddings(self, image_index: int, boxes: Tensor) -> Tensor:
@@ -138,14 +141,22 @@ class CLIPEnsemble:
         return box_mean_embeddings(self._dense[image_index:image_index + 1], boxes, self.spatial_scale)
 
     @torch.no_grad()
-    def score_all(self, image_index: int, boxes: Tensor, p_det: Tensor) -> Tensor:
-        """[n, K]: the ensemble score of every name on each of one image's boxes (``p_det`` [n, K]); with
-        ``novel_score`` objectness the names not trained with boxes take each box's best p_det instead."""
+    def score_all(self, image_index: int, boxes: Tensor, p_det: Tensor, p_ctr: Tensor | None = None) -> Tensor:
+        """[n, K]: the ensemble score of every name on each of one image's boxes (``p_det`` [n, K] the
+        detector's sqrt(p_cls p_ctr), ``p_ctr`` [n] the centerness probabilities); with ``novel_score``
+        objectness the names not trained with boxes take each box's best p_det instead; with
+        ``centerness`` outside the ensemble combines p_cls and p_clip, and sqrt(. p_ctr) follows."""
         if boxes.numel() == 0:
             return p_det
         p_clip = clip_probabilities(self.embeddings(image_index, boxes), self.text, self.logit_scale)
         if self.novel_objectness:
             p_det = torch.where(self.trained[None, :], p_det, p_det.max(dim=1, keepdim=True).values)
+        if self.centerness_outside:
+            if p_ctr is None:
+                raise ValueError("model.ensemble_centerness=outside: the candidates' centerness is needed")
+            ctr = p_ctr.float()[:, None]
+            p_cls = p_det.float() ** 2 / ctr
+            return (geometric_ensemble(p_cls, p_clip, self.weights[None, :]) * ctr).sqrt().to(p_det.dtype)
         return geometric_ensemble(p_det.float(), p_clip, self.weights[None, :]).to(p_det.dtype)
 
     @torch.no_grad()

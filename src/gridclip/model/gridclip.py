@@ -199,9 +199,10 @@ class GridCLIP(FCOS):
                 raise ValueError("model.clip_ensemble needs a grid-aligned (open-vocabulary) model; grid_align is off")
             if cfg.trunk_weights:
                 raise ValueError("model.clip_ensemble needs CLIP's own trunk; model.trunk_weights replaces it")
-            if cfg.ensemble_novel_score != "name" and cfg.ensemble_candidates != "box":
-                raise ValueError("model.ensemble_novel_score=objectness needs model.ensemble_candidates=box "
-                                 f"(got {cfg.ensemble_candidates})")
+            for field, value in (("ensemble_novel_score", "objectness"), ("ensemble_centerness", "outside")):
+                if getattr(cfg, field) == value and cfg.ensemble_candidates != "box":
+                    raise ValueError(f"model.{field}={value} needs model.ensemble_candidates=box "
+                                     f"(got {cfg.ensemble_candidates})")
             if not (cfg.freeze_trunk and grid_pool is not None):
                 self.frozen_clip = FrozenCLIP(freeze_batch_norm_2d(copy.deepcopy(trunk)),
                                               GridAttentionPool.from_attnpool(attnpool))
@@ -417,7 +418,8 @@ class GridCLIP(FCOS):
                                device=c5.device)
         return CLIPEnsemble(c.clip_ensemble, c5, pool, stride, c.ensemble_upsample, c.ensemble_box_scale,
                             self.vocabulary.embeddings.to(c5.device), self.clip_logit_scale, trained,
-                            c.ensemble_weight_base, c.ensemble_weight_novel, c.ensemble_novel_score)
+                            c.ensemble_weight_base, c.ensemble_weight_novel, c.ensemble_novel_score,
+                            c.ensemble_centerness)
 
     def dense_outputs(self, features: list[Tensor], cells: list | None = None) -> DenseOutputs:
         """The head's per-location outputs for inference (``cells``: per level, the padding, see

@@ -101,7 +101,7 @@ class PostProcess:
         ``anchors`` per image ``[N, 4]``, ``image_sizes`` the resized (unpadded) sizes. ``rescore(image
         index, boxes, scores, labels) -> scores`` replaces the candidates' scores before NMS (e.g.
         :class:`gridclip.model.clip_ensemble.CLIPEnsemble`). ``rescore_all(image index, boxes [n, 4],
-        p [n, K]) -> [n, K]`` (open vocabulary only) switches to class-agnostic candidates: per level the
+        p [n, K], p_ctr [n]) -> [n, K]`` (open vocabulary only) switches to class-agnostic candidates: per level the
         ``topk_candidates`` locations whose best name passes ``score_thresh``, every name re-scored there,
         then the pairs above ``score_thresh``, the ``topk_candidates`` best (e.g.
         :meth:`~gridclip.model.clip_ensemble.CLIPEnsemble.score_all`)."""
@@ -110,7 +110,7 @@ class PostProcess:
         for i, image_size in enumerate(image_sizes):
             if rescore_all is not None and outputs.cls_logits is None:
                 levels = [self._box_candidates(vec, outputs, ctr, reg, anc, image_size,
-                                               lambda b, p, i=i: rescore_all(i, b, p))
+                                               lambda b, p, c, i=i: rescore_all(i, b, p, c))
                           for vec, ctr, reg, anc in zip(outputs.vectors[i].split(n), outputs.bbox_ctrness[i].split(n),
                                                         outputs.bbox_regression[i].split(n), anchors[i].split(n))]
                 results.append(self._nms(*(torch.cat(parts) for parts in zip(*levels))))
@@ -141,7 +141,7 @@ class PostProcess:
         probs, loc = box_candidates(vectors, outputs.text, outputs.logit_scale, outputs.logit_bias, ctr_prob,
                                     self.score_thresh ** 2, self.topk_candidates, self.score_chunk_elements)
         boxes = box_ops.clip_boxes_to_image(self.box_coder.decode(reg[loc].float(), anchors[loc]), image_size)
-        scores = rescore_all(boxes, probs.sqrt()).flatten()
+        scores = rescore_all(boxes, probs.sqrt(), ctr_prob[loc]).flatten()
         K = probs.shape[1]
         idx = (scores > self.score_thresh).nonzero().squeeze(1)
         top = scores[idx].topk(min(self.topk_candidates, idx.numel()))

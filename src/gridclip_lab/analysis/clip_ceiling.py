@@ -59,14 +59,58 @@ def gt_box_probabilities(model: torch.nn.Module, image: Tensor, boxes: Tensor) -
     return clip_probabilities(embeddings, ensemble.text, ensemble.logit_scale)
 
 
+class GroundTruthSplit:
+    """A split's images with their ground-truth boxes (first ``max_images``) and the LVIS ground truth of
+    those images, for scoring ground-truth boxes by any function of (image, boxes)."""
+
+    def __init__(self, data_cfg: Any, max_images: int | None = None):
+        import json
+
+        from gridclip.engine.evaluate import build_eval_dataset
+
+        gt = json.loads(Path(data_cfg.val_json).read_text())
+        self.dataset = build_eval_dataset(data_cfg)
+        if [int(c["id"]) for c in gt["categories"]] != list(self.dataset.category_ids):
+            raise ValueError(f"{data_cfg.val_json}: categories out of the dataset's order")
+        self.rare = torch.tensor([c.get("frequency") == "r" for c in gt["categories"]])
+        count = len(self.dataset) if max_images is None else min(len(self.dataset), int(max_images))
+        self.samples = [self.dataset[i] for i in range(count)]
+        if count < len(self.dataset):
+            kept = {int(t["image_id"]) for _, t in self.samples}
+            gt = {**gt, "images": [i for i in gt["images"] if int(i["id"]) in kept],
+                  "annotations": [a for a in gt["annotations"] if int(a["image_id"]) in kept]}
+        self.gt = gt
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.dataset.category_names)
+
+    def score(self, probabilities, max_dets: int = 300) -> dict[str, Any]:
+        """``probabilities(image, boxes) -> [n, K]`` on every image's ground-truth boxes (xyxy, original
+        pixels): ``{"metrics", "top1_novel", "top1_base", "boxes"}`` by the product's LVIS evaluator."""
+        from gridclip.engine.evaluate import evaluate
+
+        dets, probs, labels = [], [], []
+        for image, target in self.samples:
+            boxes = torch.as_tensor(target["boxes"]).float()
+            if boxes.numel() == 0:
+                continue
+            p = probabilities(torch.as_tensor(image), boxes)
+            dets += box_detections(int(target["image_id"]), boxes, p, self.dataset.category_ids)
+            probs.append(p)
+            labels.append(torch.as_tensor(target["labels"]))
+        p_all, l_all = torch.cat(probs), torch.cat(labels)
+        evaluation = evaluate(self.gt, dets, style="lvis", max_dets=max_dets)
+        return {"metrics": {k: float(evaluation.metrics[k]) for k in METRICS},
+                "top1_novel": top1_accuracy(p_all, l_all, self.rare[l_all]),
+                "top1_base": top1_accuracy(p_all, l_all, ~self.rare[l_all]), "boxes": int(l_all.numel())}
+
+
 def clip_ceiling(world_dir: str | Path, settings: Sequence[dict[str, Any]] | None = None, *,
                  clip: str | None = None, max_images: int | None = None, log=print) -> dict[str, Any]:
     """Box AP of the frozen CLIP on ``world_dir``'s val ground-truth boxes, per geometry:
     ``{"world", "clip", "images", "boxes", "settings": [{"setting", "id", "metrics", "top1_novel",
     "top1_base"}]}`` (metrics in [0, 1], LVIS style: AP_r over the world's novel names)."""
-    import json
-
-    from gridclip.engine.evaluate import build_eval_dataset, evaluate
     from gridclip.model.gridclip import GridCLIP
     from gridclip.utils.threads import torch_threads
     from gridclip_lab.variants import world_config
@@ -74,19 +118,8 @@ def clip_ceiling(world_dir: str | Path, settings: Sequence[dict[str, Any]] | Non
 
     world = load_world(world_dir)
     cfg = world_config(world.root, clip)
-    gt = json.loads(Path(cfg.data.val_json).read_text())
-    rare = torch.tensor([c.get("frequency") == "r" for c in gt["categories"]])
-    dataset = build_eval_dataset(cfg.data)
-    if [int(c["id"]) for c in gt["categories"]] != list(dataset.category_ids):
-        raise ValueError(f"{cfg.data.val_json}: categories out of the dataset's order")
-    count = len(dataset) if max_images is None else min(len(dataset), int(max_images))
-    samples = [dataset[i] for i in range(count)]
-    gt_eval = gt
-    if count < len(dataset):
-        kept = {int(t["image_id"]) for _, t in samples}
-        gt_eval = {**gt, "images": [i for i in gt["images"] if int(i["id"]) in kept],
-                   "annotations": [a for a in gt["annotations"] if int(a["image_id"]) in kept]}
-    rows = []
+    split = GroundTruthSplit(cfg.data, max_images)
+    rows, boxes = [], 0
     with torch_threads(1):
         for geometry in settings or geometries():
             cfg.model.clip_ensemble = geometry["clip_ensemble"]
@@ -94,30 +127,51 @@ def clip_ceiling(world_dir: str | Path, settings: Sequence[dict[str, Any]] | Non
             cfg.model.ensemble_box_scale = float(geometry["ensemble_box_scale"])
             torch.manual_seed(0)  # the detector's untrained head is built too; only the frozen CLIP is read
             model = GridCLIP(cfg.model).eval()
-            model.set_vocabulary(dataset.category_names)
-            dets, probs, labels = [], [], []
-            for image, target in samples:
-                boxes = torch.as_tensor(target["boxes"]).float()
-                if boxes.numel() == 0:
-                    continue
-                p = gt_box_probabilities(model, torch.as_tensor(image), boxes)
-                dets += box_detections(int(target["image_id"]), boxes, p, dataset.category_ids)
-                probs.append(p)
-                labels.append(torch.as_tensor(target["labels"]))
-            p_all, l_all = torch.cat(probs), torch.cat(labels)
-            evaluation = evaluate(gt_eval, dets, style="lvis", max_dets=cfg.eval.max_dets)
-            row = {"setting": dict(geometry), "id": geometry_id(geometry),
-                   "metrics": {k: float(evaluation.metrics[k]) for k in METRICS},
-                   "top1_novel": top1_accuracy(p_all, l_all, rare[l_all]),
-                   "top1_base": top1_accuracy(p_all, l_all, ~rare[l_all])}
+            model.set_vocabulary(split.names)
+            scored = split.score(lambda image, b: gt_box_probabilities(model, image, b), cfg.eval.max_dets)
+            boxes = scored.pop("boxes")
+            row = {"setting": dict(geometry), "id": geometry_id(geometry), **scored}
             rows.append(row)
             if log:
                 log(f"[clip-ceiling] {world.root.name} {row['id']}: " + " ".join(
                     f"{k} {100 * v:.1f}" for k, v in row["metrics"].items())
                     + f" top1 novel {100 * row['top1_novel']:.1f} base {100 * row['top1_base']:.1f}")
     return {"world": {"folder": world.root.name, "seed": world.seed, "version": world.version, "design": world.design},
-            "clip": cfg.model.clip_model, "split": "val", "images": count, "boxes": int(l_all.numel()),
+            "clip": cfg.model.clip_model, "split": "val", "images": len(split.samples), "boxes": boxes,
             "settings": rows}
+
+
+@torch.no_grad()
+def detector_gt_probabilities(model: torch.nn.Module, image: Tensor, boxes: Tensor) -> dict[str, Tensor]:
+    """The trained detector's names of ground-truth ``boxes`` (xyxy, pixels of ``image``): for each box, the
+    location (any level) whose decoded box overlaps it most, and its score of every name, sqrt(p_cls p_ctr)
+    [n, K] (``"detector"``); when ``model.cfg`` has the ensemble on, also the ensemble's score there with
+    p_clip on the ground-truth box (``"ensemble"``) and on the location's own decoded box
+    (``"ensemble, own box"``), and that box's IoU with the ground truth (``"iou"`` [n])."""
+    from torchvision.ops import box_iou, clip_boxes_to_image
+
+    from gridclip.model.backbone import level_cells
+    from gridclip.model.clip_ensemble import clip_probabilities, geometric_ensemble
+
+    image_list, targets = model.transform([image], [{"boxes": boxes.float().clone()}])
+    scaled = targets[0]["boxes"]
+    features, _ = model.backbone(image_list.tensors, image_list.image_sizes)
+    anchors = model.anchor_generator(image_list, features)[0]
+    cells = level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]), features)
+    dense = model.dense_outputs(features, cells)
+    decoded = clip_boxes_to_image(model.box_coder.decode(dense.bbox_regression[0].float(), anchors),
+                                  image_list.image_sizes[0])
+    iou, best = box_iou(scaled, decoded).max(dim=1)
+    cos = dense.vectors[0][best].float() @ dense.text.float().t()
+    p_det = (torch.sigmoid(dense.logit_scale * cos + dense.logit_bias)
+             * torch.sigmoid(dense.bbox_ctrness[0][best].float())).sqrt()
+    out = {"detector": p_det, "iou": iou}
+    if model.cfg.clip_ensemble != "off":
+        ensemble = model.clip_ensemble(image_list.tensors, image_list.image_sizes)
+        for name, at in (("ensemble", scaled), ("ensemble, own box", decoded[best])):
+            p_clip = clip_probabilities(ensemble.embeddings(0, at), ensemble.text, ensemble.logit_scale)
+            out[name] = geometric_ensemble(p_det, p_clip, ensemble.weights[None, :])
+    return out
 
 
 def format_ceiling_table(reports: Sequence[dict[str, Any]]) -> str:

@@ -33,6 +33,8 @@ def main(argv: Sequence[str]) -> int:
                    help="model.ensemble_candidates of every setting (box: F-VLM's class-agnostic candidates)")
     p.add_argument("--novel-score", choices=("name", "objectness"), default="name",
                    help="model.ensemble_novel_score of every setting (objectness: with --candidates box)")
+    p.add_argument("--centerness", choices=("inside", "outside"), default="inside",
+                   help="model.ensemble_centerness of every setting (outside: with --candidates box)")
     p.add_argument("--geometry", nargs=3, metavar=("MODE", "UPSAMPLE", "BOX_SCALE"),
                    help="fix model.clip_ensemble / ensemble_upsample / ensemble_box_scale (only the weights are chosen)")
     a = p.parse_args(list(argv))
@@ -50,7 +52,8 @@ def main(argv: Sequence[str]) -> int:
             raise ValueError(f"--geometry: expected a mode in {', '.join(MODES)}, got {a.geometry[0]!r}")
         geometry = (a.geometry[0], float(a.geometry[1]), float(a.geometry[2]))
     extra = {**({"ensemble_candidates": a.candidates} if a.candidates != "class" else {}),
-             **({"ensemble_novel_score": a.novel_score} if a.novel_score != "name" else {})} or None
+             **({"ensemble_novel_score": a.novel_score} if a.novel_score != "name" else {}),
+             **({"ensemble_centerness": a.centerness} if a.centerness != "inside" else {})} or None
     work = a.work_dir or f"runs/ensemble_selection/{re.sub(r'[^a-z0-9]+', '_', a.variant.lower()).strip('_')}"
     report = run_selection(a.variant, a.world, a.held_out, a.out, seed=a.seed, iters=a.iters, model=a.model,
                            work_dir=work, jobs=a.jobs, geometry=geometry, extra=extra)

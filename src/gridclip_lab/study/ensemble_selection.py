@@ -58,6 +58,7 @@ def setting_id(s: Setting) -> str:
         return "off"
     candidates = " box-candidates" if s.get("ensemble_candidates", "class") == "box" else ""
     candidates += " novel-objectness" if s.get("ensemble_novel_score", "name") == "objectness" else ""
+    candidates += " centerness-outside" if s.get("ensemble_centerness", "inside") == "outside" else ""
     return (f"{s['clip_ensemble']} up{s['ensemble_upsample']:g} box{s['ensemble_box_scale']:g} "
             f"wn{s['ensemble_weight_novel']:g} wb{s['ensemble_weight_base']:g}{candidates}")
 
