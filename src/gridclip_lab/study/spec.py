@@ -27,6 +27,8 @@ KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("model", "ensemble_weight_novel"): 0.65, ("model", "ensemble_upsample"): 1.0, ("model", "ensemble_box_scale"): 1.0,
     ("model", "ensemble_trained_names"): [],  # as config_to_dict writes the empty tuple
     ("model", "loss_on_padding"): True,  # what every run recorded before the setting existed trained with
+    ("model", "ensemble_candidates"): "class", ("model", "ensemble_novel_score"): "name",
+    ("model", "ensemble_centerness"): "inside",
 }
 
 
