@@ -8,9 +8,11 @@ import torch
 from gridclip_lab.bench.infer_variants import REFERENCE, render, rescored_candidates, run, section, variant_call
 from gridclip_lab.variants import ENSEMBLE_SETTINGS
 
-def test_variant_models_carry_the_study_settings_and_counting_changes_nothing(tiny_clip_names):
-    model, call = variant_call("grid only + ensemble", 128, 128, 6, seed=0, clip_model=tiny_clip_names[0])
+@pytest.mark.parametrize("variant", ["grid only + ensemble", "grid only + ensemble, box candidates"])
+def test_variant_models_carry_the_study_settings_and_counting_changes_nothing(tiny_clip_names, variant):
+    model, call = variant_call(variant, 128, 128, 6, seed=0, clip_model=tiny_clip_names[0])
     assert {k: getattr(model.cfg, k) for k in ENSEMBLE_SETTINGS} == ENSEMBLE_SETTINGS and not model.cfg.image_align
+    assert model.cfg.ensemble_candidates == ("box" if "box" in variant else "class")
     assert model.inference_optimized
     with torch.inference_mode():
         plain = call()

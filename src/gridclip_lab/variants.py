@@ -46,6 +46,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # categories; `gridclip-lab select-ensemble`, results/ensemble_selection/grid_only/selection.json):
     # MaskCLIP's dense scores on the image's own C5 and box, w_novel 0.35, w_base 0.2.
     "grid only + ensemble": {"image_align": False, **ENSEMBLE_SETTINGS},
+    # results/ensemble_box_candidates/: every name re-scored on each class-agnostic candidate (F-VLM's
+    # candidate set) and FCOS's centerness kept outside the ensemble; same weights (chosen there again
+    # on the held-out split).
+    "grid only + ensemble, box candidates": {"image_align": False, **ENSEMBLE_SETTINGS, "ensemble_candidates": "box",
+                                              "ensemble_centerness": "outside"},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
 }
@@ -63,6 +68,7 @@ LABELS: dict[str, str] = {
     "FCOS w/o align, supervised trunk": "w/o align, supervised trunk (ImageNet-like: multi-label BCE, same images)",
     "FCOS w/o align, SwAV trunk": "w/o align, SwAV trunk (self-supervised, same images)",
     "grid only + ensemble": "grid only + frozen-CLIP ensemble (F-VLM; dense scores, weights from a held-out split)",
+    "grid only + ensemble, box candidates": "grid only + frozen-CLIP ensemble on box candidates, centerness outside",
     "frozen trunk": "grid only, frozen CLIP trunk and attnpool",
     "frozen trunk + ensemble": "frozen trunk + frozen-CLIP ensemble (F-VLM)",
 }

@@ -21,7 +21,8 @@ from gridclip_lab.bench.train_variants import machine, machine_sentence
 from gridclip_lab.variants import VARIANTS
 
 REFERENCE = "GridCLIP"
-DEFAULT_VARIANTS = ("GridCLIP", "grid only + ensemble", "frozen trunk + ensemble")
+DEFAULT_VARIANTS = ("GridCLIP", "grid only + ensemble", "grid only + ensemble, box candidates",
+                    "frozen trunk + ensemble")
 
 
 def variant_call(variant: str, height: int, width: int, num_classes: int, seed: int = 0,
@@ -42,13 +43,20 @@ def rescored_candidates(model: torch.nn.Module, call: Callable[[], object]) -> t
     counts: list[tuple[int, int]] = []
     build = model.clip_ensemble
 
-    def counting(*args, **kwargs):
-        ensemble = build(*args, **kwargs)
+    class Counting:
+        def __init__(self, ensemble):
+            self.ensemble = ensemble
 
-        def rescore(i, boxes, scores, labels):
+        def __call__(self, i, boxes, scores, labels):
             counts.append((len(boxes), len(torch.unique(boxes, dim=0))))
-            return ensemble(i, boxes, scores, labels)
-        return rescore
+            return self.ensemble(i, boxes, scores, labels)
+
+        def score_all(self, i, boxes, p_det, p_ctr=None):  # box candidates: every name on each box
+            counts.append((boxes.shape[0] * p_det.shape[1], len(torch.unique(boxes, dim=0))))
+            return self.ensemble.score_all(i, boxes, p_det, p_ctr)
+
+    def counting(*args, **kwargs):
+        return Counting(build(*args, **kwargs))
 
     model.clip_ensemble = counting  # an instance attribute shadows the method for this one call
     try:
