@@ -52,3 +52,25 @@ def test_cuda_results_get_their_own_section_with_images_per_second(tiny_clip_nam
 def test_autocast_is_refused_off_cuda(tiny_clip_names):
     with pytest.raises(ValueError, match="amp: 'fp16' is timed on a CUDA device only"):
         run((), 64, 64, 4, rounds=1, warmup=0, clip_model=tiny_clip_names[0], amp="fp16")
+
+
+@pytest.mark.parametrize("command", ["bench_infer", "bench_train"])
+def test_the_default_variant_list_reaches_the_bench_whole(monkeypatch, command):
+    """Names holding a comma ("grid only + ensemble, box candidates") survive the --variants comma list."""
+    import importlib
+
+    module = importlib.import_module(f"gridclip_lab.commands.{command}")
+    defaults = importlib.import_module(f"gridclip_lab.bench.{command[6:]}_variants").DEFAULT_VARIANTS
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(*args, **kwargs):
+        seen["variants"] = tuple(args[1] if command == "bench_train" else args[0])
+        raise Stop
+
+    monkeypatch.setattr(module, "run", fake_run)
+    with pytest.raises(Stop):
+        module.main(["--world", "unused"] if command == "bench_train" else [])
+    assert seen["variants"] == tuple(defaults)

@@ -321,11 +321,17 @@ def test_shipped_ablation_spec_covers_the_issue():
 
 
 def test_variant_list_keeps_names_that_hold_a_comma():
-    from gridclip_lab.commands.study import _variant_list
+    from gridclip_lab.bench.infer_variants import DEFAULT_VARIANTS as INFER_DEFAULTS
+    from gridclip_lab.bench.train_variants import DEFAULT_VARIANTS as TRAIN_DEFAULTS
+    from gridclip_lab.variants import VARIANTS, variant_list
 
-    assert _variant_list("grid only,GridCLIP, RN teacher") == ["grid only", "GridCLIP, RN teacher"]
-    assert _variant_list("GridCLIP,GridCLIP, RN teacher, 3x3 embed") == ["GridCLIP", "GridCLIP, RN teacher", "3x3 embed"]
-    assert _variant_list("GridCLIP, grid only") == ["GridCLIP", "grid only"]
+    assert variant_list("grid only,GridCLIP, RN teacher") == ["grid only", "GridCLIP, RN teacher"]
+    assert variant_list("GridCLIP,GridCLIP, RN teacher, 3x3 embed") == ["GridCLIP", "GridCLIP, RN teacher", "3x3 embed"]
+    assert variant_list("GridCLIP, grid only") == ["GridCLIP", "grid only"]
+    # every command's default list (joined with commas, as its --variants default) and every name read back
+    for names in (list(VARIANTS), list(INFER_DEFAULTS), list(TRAIN_DEFAULTS)):
+        assert variant_list(",".join(names)) == names
+        assert variant_list(", ".join(names)) == names
 
 
 def test_a_variant_may_name_another_teacher(tmp_path):

@@ -47,13 +47,28 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # MaskCLIP's dense scores on the image's own C5 and box, w_novel 0.35, w_base 0.2.
     "grid only + ensemble": {"image_align": False, **ENSEMBLE_SETTINGS},
     # results/ensemble_box_candidates/: every name re-scored on each class-agnostic candidate (F-VLM's
-    # candidate set) and FCOS's centerness kept outside the ensemble; same weights (chosen there again
-    # on the held-out split).
+    # candidate set) and FCOS's centerness kept outside the ensemble; the held-out selection at 400
+    # iterations chose the same weights (at 1600 and 4000 it chose w_base 0, as for the gated ensemble).
     "grid only + ensemble, box candidates": {"image_align": False, **ENSEMBLE_SETTINGS, "ensemble_candidates": "box",
                                               "ensemble_centerness": "outside"},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
 }
+
+def variant_list(text: str) -> list[str]:
+    """A command line's comma list of variant names, some of which hold a comma themselves
+    ("GridCLIP, RN teacher"): a token joins the name before it when only the joined name is a variant."""
+    out: list[str] = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        if out and token not in VARIANTS and f"{out[-1]}, {token}" in VARIANTS:
+            out[-1] = f"{out[-1]}, {token}"
+        else:
+            out.append(token)
+    return out
+
+
 # how tables and figures name each variant (the paper's names where the paper has the row)
 LABELS: dict[str, str] = {
     "FCOS w/o align": "w/o align (FCOS, learned base classifier)",

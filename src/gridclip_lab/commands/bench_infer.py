@@ -11,6 +11,7 @@ import torch
 from gridclip_lab.bench.infer_variants import DEFAULT_VARIANTS, render, run, section
 from gridclip_lab.commands.bench import parse_size
 from gridclip_lab.utils.doc_sections import add_report_options, earlier_report, write_report
+from gridclip_lab.variants import variant_list
 from gridclip.utils.atomic import atomic_write_json
 
 
@@ -33,7 +34,7 @@ def main(argv: Sequence[str]) -> int:
     if data is None:
         if min(a.rounds, a.classes, a.threads) < 1:
             raise ValueError("--rounds, --classes and --threads: expected integers >= 1")
-        variants = tuple(v.strip() for v in a.variants.split(",") if v.strip())
+        variants = tuple(variant_list(a.variants))
         height, width = parse_size(a.size)
         torch.set_num_threads(a.threads)
         if a.device.startswith("cuda"):

@@ -10,6 +10,7 @@ import torch
 from gridclip_lab.bench.train_variants import DEFAULT_VARIANTS, render, run, section
 from gridclip_lab.commands.bench import parse_size
 from gridclip_lab.utils.doc_sections import add_report_options, earlier_report, write_report
+from gridclip_lab.variants import variant_list
 from gridclip.utils.atomic import atomic_write_json
 
 
@@ -34,7 +35,7 @@ def main(argv: Sequence[str]) -> int:
             raise ValueError("nothing to run: give --world and / or --rn50 HxW")
         if min(a.rounds, a.rn50_rounds, a.rn50_batch, a.threads) < 1:
             raise ValueError("--rounds, --rn50-rounds, --rn50-batch and --threads: expected integers >= 1")
-        variants = tuple(v.strip() for v in a.variants.split(",") if v.strip())
+        variants = tuple(variant_list(a.variants))
         torch.set_num_threads(a.threads)
         if a.device == "cuda":
             if not torch.cuda.is_available():

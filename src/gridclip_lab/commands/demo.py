@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from gridclip_lab.variants import ABLATIONS, DEFAULT_ITERS, DEMO_VARIANTS, VARIANTS
+from gridclip_lab.variants import ABLATIONS, DEFAULT_ITERS, DEMO_VARIANTS, VARIANTS, variant_list
 
 
 def main(argv: Sequence[str]) -> int:
@@ -23,7 +23,7 @@ def main(argv: Sequence[str]) -> int:
         raise ValueError("--variants and --ablations: give one of them")
     variants = ABLATIONS if a.ablations else DEMO_VARIANTS
     if a.variants:
-        variants = tuple(v.strip() for v in a.variants.split(",") if v.strip())
+        variants = tuple(variant_list(a.variants))
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown or not variants:
             raise ValueError(f"--variants: unknown {unknown or '(none given)'}; expected some of {', '.join(VARIANTS)}")

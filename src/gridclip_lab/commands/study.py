@@ -12,22 +12,12 @@ from gridclip.utils.files import read_json
 from gridclip_lab.demo import DEFAULT_ITERS
 from gridclip_lab.study import VARIANTS, StudySpec, format_study, run_study
 from gridclip_lab.study.aggregate import seed_spread
+from gridclip_lab.variants import variant_list
 from gridclip.utils.atomic import atomic_write_json
 
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _variant_list(text: str) -> list[str]:
-    """A comma list of variant names, some of which hold a comma themselves ("GridCLIP, RN teacher")."""
-    out: list[str] = []
-    for token in _csv(text):
-        if out and token not in VARIANTS and f"{out[-1]}, {token}" in VARIANTS:
-            out[-1] = f"{out[-1]}, {token}"
-        else:
-            out.append(token)
-    return out
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -83,7 +73,7 @@ def spec_from_args(a: argparse.Namespace) -> StudySpec:
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a JSON object of StudySpec fields")
     if a.variants:
-        values["variants"] = _variant_list(a.variants)
+        values["variants"] = variant_list(a.variants)
     if a.seeds:
         values["seeds"] = _ints(a.seeds, "seeds")
     if a.iters:
