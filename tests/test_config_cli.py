@@ -55,6 +55,18 @@ def test_enumerations_are_checked_at_load(key, allowed):
     assert getattr(getattr(load_config(overrides=[f"{key}={value}"]), section), field) == value
 
 
+def test_an_enumeration_word_that_yaml_reads_as_a_boolean_is_that_word(tmp_path):
+    """YAML 1.1 reads `off` as False: `model.clip_ensemble=off` (override or file) means the word."""
+    assert load_config(overrides=["model.clip_ensemble=off"]).model.clip_ensemble == "off"
+    (tmp_path / "c.yaml").write_text("model:\n  clip_ensemble: off\n")
+    assert load_config(tmp_path / "c.yaml").model.clip_ensemble == "off"
+    # a boolean that is no word of the enumeration is still an error
+    with pytest.raises(ValueError, match=r"^overrides\.model\.clip_ensemble: expected one of off, roi, dense, got True$"):
+        load_config(overrides=["model.clip_ensemble=on"])
+    with pytest.raises(ValueError, match=r"^overrides\.train\.optimizer: expected one of sgd, adamw, got False$"):
+        load_config(overrides=["train.optimizer=no"])
+
+
 def test_removed_eval_style_loads_when_it_agrees_and_fails_when_it_contradicts(tmp_path):
     assert not hasattr(EvalConfig(), "style")
     ok = load_config(overrides=["eval.style=lvis", "data.format=lvis"])

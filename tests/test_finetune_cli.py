@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from gridclip.checkpoint import read_checkpoint
+from gridclip.checkpoint import load_checkpoint, read_checkpoint
 from gridclip.cli import main as cli
 from gridclip.config import Config, GridCLIPConfig, explicit_keys, load_config
 from gridclip.engine.finetune import finetuning_config
@@ -50,6 +50,10 @@ def test_finetuning_the_demo_model_from_a_packaged_config(world_checkpoint, shap
     assert saved["model"]["clip_model"] == "gridclip:shapes-RN-tiny"
     assert saved["train"]["max_iters"] == 2
     assert read_checkpoint(out / "model.pt")["config"]["clip_model"] == "gridclip:shapes-RN-tiny"
+    # the names trained with boxes: the start model's, then the fine-tuning data's (for a later ensemble)
+    tuned = load_checkpoint(out / "model.pt")
+    before = tuple(start.get("ensemble_trained_names") or ())
+    assert tuned.cfg.ensemble_trained_names == before + tuple(n for n in tuned.class_names if n not in before)
     warnings = [r.getMessage() for r in caplog.records if "init_from" in r.getMessage()]
     if config == "lvis_r50":  # says RN50 / openai / ViT-B-32 explicitly: one line names what is not used
         assert len(warnings) == 1 and "model.clip_model=RN50-quickgelu (file: gridclip:shapes-RN-tiny)" in warnings[0]

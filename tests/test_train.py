@@ -146,6 +146,9 @@ def test_train_gradients_frozen_parts_and_outputs(tiny_root, tmp_path):
     loaded = load_checkpoint(out["model"])
     assert state_dicts_equal(loaded.state_dict(), model.state_dict()) == []
     assert list(loaded.class_names) == [n for n, f in CATEGORIES if f != "r"]  # base vocabulary
+    # the names trained with boxes are recorded with the ensemble off, so it can be switched on later
+    assert cfg.model.clip_ensemble == "off"
+    assert list(loaded.cfg.ensemble_trained_names) == [n for n, f in CATEGORIES if f != "r"]
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     assert np.isfinite(out["images_per_second"]) and out["images_per_second"] > 0

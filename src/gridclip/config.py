@@ -314,6 +314,9 @@ def _drop_removed_keys(values: dict, where: str, model_cls: type = GridCLIPConfi
     return out
 
 
+_YAML_BOOL_WORDS = {False: {"off", "no", "false", "n"}, True: {"on", "yes", "true", "y"}}
+
+
 def _coerce(value: Any, type_hint: Any, where: str) -> Any:
     """Check/convert a YAML value against a dataclass field type (the few types used here)."""
     origin = typing.get_origin(type_hint)
@@ -321,6 +324,10 @@ def _coerce(value: Any, type_hint: Any, where: str) -> Any:
     if type_hint is Any:
         return value
     if origin is Literal:
+        if isinstance(value, bool):
+            # YAML 1.1 reads off / on / no / yes as booleans: `clip_ensemble: off` arrives as False
+            spelled = [a for a in args if isinstance(a, str) and a.lower() in _YAML_BOOL_WORDS[value]]
+            value = spelled[0] if len(spelled) == 1 else value
         if isinstance(value, bool) or value not in args:
             allowed = ", ".join(str(a) for a in args)
             raise ValueError(f"{where}: expected one of {allowed}, got {value!r}")

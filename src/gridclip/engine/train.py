@@ -171,8 +171,12 @@ class Trainer:
         model = finetuning_model(cfg) if t.init_from else build_model(cfg)
         model.set_vocabulary(self.dataset.category_names)
         self.vocabulary = model.vocabulary
-        if getattr(model.cfg, "clip_ensemble", "off") != "off" and not model.cfg.ensemble_trained_names:
-            model.cfg.ensemble_trained_names = tuple(model.class_names)  # the names trained with boxes
+        if hasattr(model.cfg, "ensemble_trained_names"):
+            # the names trained with boxes (a fine-tuned model's: its start model's and its own), recorded
+            # whether or not the ensemble is on now: it can be switched on at inference
+            # (`gridclip eval ... model.clip_ensemble=dense`)
+            known = tuple(model.cfg.ensemble_trained_names)
+            model.cfg.ensemble_trained_names = known + tuple(n for n in model.class_names if n not in known)
         if t.init_from:
             _init_from(model, t.init_from)
         # a detector whose targets carry more than boxes (e.g. precomputed region embeddings) wraps the dataset
