@@ -14,9 +14,11 @@ from torchvision.ops import roi_align
 
 from gridclip import GridCLIP
 from gridclip.checkpoint import load_checkpoint, save_checkpoint
+from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import load_config
 from gridclip.export import DenseGridCLIP
 from gridclip.model import CLIPTeacher
+from helpers import state_dicts_equal
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "gridclip" / "configs"
 
@@ -353,3 +355,48 @@ def test_box_candidates_of_a_level_equal_full_scoring():
         want = want[best[want].argsort(descending=True)[:topk]]
         assert torch.equal(loc, want)
         torch.testing.assert_close(probs, full[want])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("freeze_trunk", [False, True])
+def test_the_ensemble_switched_on_after_training_equals_one_trained_with_it(tiny_cfg, freeze_trunk):
+    """set_clip_ensemble on a model trained without the ensemble gives the detections of the same weights
+    in a model built with it (its frozen copy: the original CLIP); off again gives the detector alone."""
+    settings = dict(clip_ensemble="dense", ensemble_weight_base=0.2, ensemble_weight_novel=0.35,
+                    ensemble_candidates="box", ensemble_centerness="outside")
+    base = dataclasses.replace(tiny_cfg, detections_per_img=50, score_thresh=0.0, freeze_trunk=freeze_trunk,
+                               ensemble_trained_names=("n0", "n1"))
+    torch.manual_seed(0)
+    trained = GridCLIP(base)
+    g = torch.Generator().manual_seed(5)
+    for name, p in trained.named_parameters():  # "training": every weight that training moves
+        if not (freeze_trunk and name.startswith(("backbone.trunk.", "backbone.grid_pool."))):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    torch.nn.init.constant_(trained.head.regression_head.bbox_reg.bias, 1.0)
+    with_it = GridCLIP(dataclasses.replace(base, **settings))
+    missing, unexpected = with_it.load_state_dict(trained.state_dict(), strict=False)
+    assert unexpected == [] and all(k.startswith("frozen_clip.") or k == "clip_logit_scale" for k in missing)
+    vocabulary = torch.randn(5, trained.clip_dim, generator=g)
+    names = ("n0", "n1", "n2", "n3", "n4")
+    for m in (trained, with_it):
+        m.set_vocabulary(Vocabulary(names, F.normalize(vocabulary, dim=-1)))
+        m.eval()
+    images = [torch.rand(3, 128, 160, generator=torch.Generator().manual_seed(6))]
+    alone = trained(images)[0]
+
+    trained.set_clip_ensemble(**settings)
+    assert trained.cfg == with_it.cfg
+    assert (trained.frozen_clip is None) == freeze_trunk
+    if not freeze_trunk:
+        assert state_dicts_equal(trained.frozen_clip.state_dict(), with_it.frozen_clip.state_dict()) == []
+    got, want = trained(images)[0], with_it(images)[0]
+    assert torch.equal(got["boxes"], want["boxes"]) and torch.equal(got["scores"], want["scores"])
+    assert not torch.equal(got["scores"], alone["scores"][:len(got["scores"])])  # the ensemble did change them
+
+    trained.set_clip_ensemble(clip_ensemble="off")
+    back = trained(images)[0]
+    assert torch.equal(back["boxes"], alone["boxes"]) and torch.equal(back["scores"], alone["scores"])
+    with pytest.raises(ValueError, match=r"^model\.fpn_channels: not an ensemble setting"):
+        trained.set_clip_ensemble(fpn_channels=8)
+    with pytest.raises(ValueError, match=r"model\.ensemble_centerness=outside needs model\.ensemble_candidates=box"):
+        trained.set_clip_ensemble(clip_ensemble="dense", ensemble_centerness="outside", ensemble_candidates="class")

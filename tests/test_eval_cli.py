@@ -71,3 +71,36 @@ def test_eval_takes_key_value_overrides(world_checkpoint, shapes_world, tmp_path
     assert set(json.loads((tmp_path / "ev" / "metrics.json").read_text())) >= {"AP", "APr"}
     with pytest.raises(ValueError, match="overrides .* go with --checkpoint"):
         cli(["--debug", "eval", "--gt", "a.json", "--results", "b.json", "data.format=coco"])
+
+
+def test_eval_switches_the_ensemble_on_for_the_trained_weights_and_refuses_other_model_keys(
+        world_checkpoint, shapes_world, tmp_path, capsys):
+    """model.clip_ensemble / ensemble_* overrides reach the model (the same detections as the Python API's
+    set_clip_ensemble on the loaded model); any other model key is fixed by training: one-line error."""
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.config import load_config
+    from gridclip.engine.evaluate import evaluate_model
+
+    gt = json.loads((shapes_world.root / "val.json").read_text())
+    keep = {im["id"] for im in gt["images"][:3]}
+    small = dict(gt, images=[im for im in gt["images"] if im["id"] in keep],
+                 annotations=[a for a in gt["annotations"] if a["image_id"] in keep])
+    (tmp_path / "val3.json").write_text(json.dumps(small))
+    data = ["data.format=lvis", f"data.val_json={tmp_path / 'val3.json'}",
+            f"data.val_images={shapes_world.root / 'val' / 'images'}", "data.num_workers=0"]
+    ensemble = ["model.clip_ensemble=dense", "model.ensemble_weight_novel=0.35", "model.ensemble_weight_base=0.2"]
+    for name, extra in (("off", ["model.clip_ensemble=off"]), ("on", ensemble)):
+        assert cli(["eval", "--checkpoint", str(world_checkpoint), "--out", str(tmp_path / name), "--device", "cpu",
+                    *data, *extra]) == 0
+    got = {n: json.loads((tmp_path / n / "results.json").read_text()) for n in ("off", "on")}
+    model = load_checkpoint(world_checkpoint)
+    model.set_clip_ensemble(clip_ensemble="dense", ensemble_weight_novel=0.35, ensemble_weight_base=0.2)
+    _, want = evaluate_model(model.optimize_for_inference(), load_config(None, data))
+    assert got["on"] != got["off"]
+    assert [(d["image_id"], d["category_id"]) for d in got["on"]] == [(d["image_id"], d["category_id"]) for d in want]
+    assert [d["score"] for d in got["on"]] == pytest.approx([d["score"] for d in want], abs=1e-6)
+
+    capsys.readouterr()
+    rc = cli(["eval", "--checkpoint", str(world_checkpoint), "--out", str(tmp_path / "bad"), *data, "model.fpn_channels=8"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "model.fpn_channels: fixed by the trained model" in err

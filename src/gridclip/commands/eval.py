@@ -5,7 +5,9 @@
 
 The checkpoint form takes the data and eval settings from ``--config`` (or the config the trainer stored
 in the checkpoint's ``extra["config"]``) with ``key=value`` overrides as ``gridclip train`` takes them
-(e.g. ``data.val_json=... data.val_images=...``), and writes DIR/results.json as well. The results form
+(e.g. ``data.val_json=... data.val_images=...``), and writes DIR/results.json as well. ``model.*`` overrides
+may change the frozen-CLIP ensemble's settings only (``model.clip_ensemble=dense``, ``model.ensemble_*``):
+the rest of the model is what was trained. The results form
 matches detections to ground-truth images by id, or by ``file_name`` as ``gridclip detect`` writes it
 (and categories by ``category_name``): see :func:`gridclip.engine.evaluate.load_results`.
 """
@@ -18,9 +20,21 @@ from typing import Sequence
 import torch
 
 from gridclip.checkpoint import checkpoint_extra, load_checkpoint
-from gridclip.config import Config, config_from_dict, load_config, with_overrides
+from gridclip.config import Config, config_from_dict, load_config, parse_overrides, with_overrides
 from gridclip.engine.evaluate import Evaluation, evaluate, evaluate_model, format_table, write_outputs
 from gridclip.hub import local_model_path
+from gridclip.model.gridclip import ENSEMBLE_KEYS
+
+
+def _set_inference_settings(model, settings: dict) -> None:
+    """``model.*`` overrides: the trained model fixes everything but the frozen-CLIP ensemble's settings."""
+    if not settings:
+        return
+    fixed = sorted(set(settings) - set(ENSEMBLE_KEYS)) if hasattr(model, "set_clip_ensemble") else sorted(settings)
+    if fixed:
+        raise ValueError(f"model.{fixed[0]}: fixed by the trained model; at eval only the frozen-CLIP ensemble's "
+                         f"settings of a GridCLIP model change ({', '.join('model.' + k for k in ENSEMBLE_KEYS)})")
+    model.set_clip_ensemble(**settings)
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dict]]:
@@ -36,7 +50,9 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dic
         raise ValueError(f"{args.checkpoint}: holds no data config; give --config F or data.val_json=... "
                          "data.val_images=... (and data.format=...)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_checkpoint(args.checkpoint, device=device).optimize_for_inference()
+    model = load_checkpoint(args.checkpoint, device=device)
+    _set_inference_settings(model, parse_overrides(args.overrides or []).get("model") or {})
+    model.optimize_for_inference()
     return evaluate_model(model, cfg, batch_size=args.batch_size, device=device, style=args.style,
                           max_dets=args.max_dets, strict=args.strict, progress=True)
 
@@ -57,7 +73,8 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--strict", action="store_true", help="bad annotations raise instead of being skipped")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides (with --checkpoint), e.g. data.val_json=val.json data.val_images=images")
+                   help="config overrides (with --checkpoint), e.g. data.val_json=val.json data.val_images=images; "
+                        "model.clip_ensemble=dense and model.ensemble_* set the frozen-CLIP ensemble")
     args = p.parse_args(list(argv))
 
     results = None

@@ -235,9 +235,12 @@ class Trainer:
             return None
         data, path = found
         saved = data.get("config", {})
-        if saved.get("model") != config_to_dict(self.cfg.model):
-            raise ValueError(f"{path}: its model config differs from the current config's; resume with the same "
-                             "model settings (or start a new run in another --out)")
+        mine, theirs = config_to_dict(self.cfg.model), saved.get("model") or {}
+        if theirs != mine:
+            key = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))[0]
+            raise ValueError(f"{path}: its model config differs from the current config's (model.{key}: "
+                             f"{theirs.get(key)!r} there, {mine.get(key)!r} here); resume with the same model "
+                             "settings (or start a new run in another --out)")
         diffs = _diff(saved.get("train", {}), config_to_dict(self.cfg.train), "train") + \
             _diff(saved.get("data", {}), config_to_dict(self.cfg.data), "data")
         if data.get("total_iters") != self.total_iters:

@@ -147,6 +147,21 @@ def image_projector(in_dim: int, hidden: int, out_dim: int, layers: int = 3) -> 
     return nn.Sequential(*modules)
 
 
+# the settings the frozen-CLIP ensemble reads at inference (GridCLIP.set_clip_ensemble changes them)
+ENSEMBLE_KEYS = ("clip_ensemble", "ensemble_weight_base", "ensemble_weight_novel", "ensemble_upsample",
+                 "ensemble_box_scale", "ensemble_candidates", "ensemble_novel_score", "ensemble_centerness")
+
+
+def _check_ensemble(cfg: GridCLIPConfig) -> None:
+    if not cfg.grid_align:
+        raise ValueError("model.clip_ensemble needs a grid-aligned (open-vocabulary) model; grid_align is off")
+    if cfg.trunk_weights:
+        raise ValueError("model.clip_ensemble needs CLIP's own trunk; model.trunk_weights replaces it")
+    for field, value in (("ensemble_novel_score", "objectness"), ("ensemble_centerness", "outside")):
+        if getattr(cfg, field) == value and cfg.ensemble_candidates != "box":
+            raise ValueError(f"model.{field}={value} needs model.ensemble_candidates=box (got {cfg.ensemble_candidates})")
+
+
 class GridCLIP(FCOS):
     """The detector. ``GridCLIP(cfg)``; torchvision contract in train and eval mode.
 
@@ -195,14 +210,7 @@ class GridCLIP(FCOS):
         # the frozen CLIP of the ensemble: the detector's own trunk when frozen, else a frozen copy
         self.frozen_clip: FrozenCLIP | None = None
         if cfg.clip_ensemble != "off":
-            if not cfg.grid_align:
-                raise ValueError("model.clip_ensemble needs a grid-aligned (open-vocabulary) model; grid_align is off")
-            if cfg.trunk_weights:
-                raise ValueError("model.clip_ensemble needs CLIP's own trunk; model.trunk_weights replaces it")
-            for field, value in (("ensemble_novel_score", "objectness"), ("ensemble_centerness", "outside")):
-                if getattr(cfg, field) == value and cfg.ensemble_candidates != "box":
-                    raise ValueError(f"model.{field}={value} needs model.ensemble_candidates=box "
-                                     f"(got {cfg.ensemble_candidates})")
+            _check_ensemble(cfg)
             if not (cfg.freeze_trunk and grid_pool is not None):
                 self.frozen_clip = FrozenCLIP(freeze_batch_norm_2d(copy.deepcopy(trunk)),
                                               GridAttentionPool.from_attnpool(attnpool))
@@ -394,6 +402,37 @@ class GridCLIP(FCOS):
         detections = self.postprocess_dense(self.dense_outputs(features, cells), anchors, image_list.image_sizes,
                                             rescore)
         return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+    def set_clip_ensemble(self, **settings: Any) -> None:
+        """Change the frozen-CLIP ensemble's settings (:data:`ENSEMBLE_KEYS`) of a built or loaded model:
+        it changes nothing the detector learned, so it can be switched on, off or re-weighted after
+        training. Switching it on for a model trained without it loads the original CLIP's image tower
+        from ``model.clip_model`` / ``clip_pretrained`` (the frozen copy a model trained with it stores)."""
+        from gridclip.config import config_from_dict, config_to_dict
+
+        unknown = sorted(set(settings) - set(ENSEMBLE_KEYS))
+        if unknown:
+            raise ValueError(f"model.{unknown[0]}: not an ensemble setting; expected one of "
+                             f"{', '.join('model.' + k for k in ENSEMBLE_KEYS)}")
+        cfg = config_from_dict({**config_to_dict(self.cfg), **settings}, GridCLIPConfig, "model")
+        form = self.inference_optimizations  # the inference form is left and taken again around the change
+        self.restore_training_form()
+        if cfg.clip_ensemble != "off":
+            _check_ensemble(cfg)
+            if self.cfg.clip_ensemble == "off":
+                own = cfg.freeze_trunk and self.backbone.grid_pool is not None
+                clip = load_clip(cfg.clip_model, cfg.clip_pretrained)
+                if not own:
+                    trunk = build_clip_trunk(cfg.clip_model, cfg.clip_pretrained, True, self.clip_config)
+                    device = next(self.parameters()).device
+                    self.frozen_clip = FrozenCLIP(freeze_batch_norm_2d(trunk),
+                                                  GridAttentionPool.from_attnpool(trunk.take_attnpool())).to(device).eval()
+                self.backbone.keep_c5 = own
+                scale = clip.logit_scale.exp().detach().clone().float().reshape(())
+                self.register_buffer("clip_logit_scale", scale.to(next(self.parameters()).device))
+        self.cfg = cfg
+        if form is not None:
+            self.optimize_for_inference(channels_last=form["channels_last"])
 
     def clip_ensemble(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> CLIPEnsemble:
         """The frozen-CLIP re-scoring of this batch's candidates (``images``: the padded, normalised batch
