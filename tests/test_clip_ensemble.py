@@ -396,6 +396,12 @@ def test_the_ensemble_switched_on_after_training_equals_one_trained_with_it(tiny
     trained.set_clip_ensemble(clip_ensemble="off")
     back = trained(images)[0]
     assert torch.equal(back["boxes"], alone["boxes"]) and torch.equal(back["scores"], alone["scores"])
+    # in the inference form (gridclip.load's): left and taken again around the change
+    trained.optimize_for_inference()
+    trained.set_clip_ensemble(**settings)
+    assert trained.inference_optimized
+    fast = trained(images)[0]
+    assert torch.allclose(fast["scores"], want["scores"], atol=1e-5) and torch.allclose(fast["boxes"], want["boxes"], atol=1e-3)
     with pytest.raises(ValueError, match=r"^model\.fpn_channels: not an ensemble setting"):
         trained.set_clip_ensemble(fpn_channels=8)
     with pytest.raises(ValueError, match=r"model\.ensemble_centerness=outside needs model\.ensemble_candidates=box"):
