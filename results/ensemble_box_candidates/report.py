@@ -1,17 +1,14 @@
 """PLAN.md's study: every kept `grid only + ensemble` model of `runs/study_box` (seeds 0-2; 400, 1600, 4000
-iterations) on world0's val three ways on the same weights: the ensemble off (= grid only), the gated
-ensemble with the settings chosen for its schedule, box candidates with the weights chosen here at 400.
-From the repository root: `python results/ensemble_box_candidates/report.py` (world0 in runs/world0;
-evaluations cached in runs/study_box/box_report_cache.json; writes report.json here)."""
+iterations) on world0's val, evaluated every way on the same weights: the ensemble off (= grid only), the
+gated ensemble with the settings chosen for its schedule, and the box designs (weights chosen at 400, and
+per schedule: the fourth addendum). From the repository root: `python results/ensemble_box_candidates/report.py`
+(world0 in runs/world0; evaluations cached in runs/study_box/box_report_cache.json; writes report.json here)."""
 import argparse
 import json
 from pathlib import Path
 
-from gridclip.data.datasets import build_train_dataset
 from gridclip.utils.atomic import atomic_write_json
-from gridclip.utils.threads import torch_threads
-from gridclip_lab.study.ensemble_selection import held_out_evaluator
-from gridclip_lab.study.spec import StudySpec, run_config
+from gridclip_lab.study.ensemble_selection import evaluate_kept_models, kept_runs
 from gridclip_lab.study.stats import paired_differences
 from gridclip_lab.variants import ENSEMBLE_SETTINGS
 
@@ -26,14 +23,7 @@ VARIANT, SEEDS = "grid only + ensemble", (0, 1, 2)
 ITERS = tuple(int(i) for i in a.iters.split(","))
 world = Path("runs/world0")
 cache_path = Path(a.models).parent / "box_report_cache.json"
-
-
-def study_runs(folder: str) -> dict:
-    runs = [json.loads(p.read_text()) | {"dir": p.parent} for p in sorted(Path(folder).glob("*/result.json"))]
-    return {(r["variant"], r["seed"], r["iters"]): r for r in runs}
-
-
-recorded, models = study_runs("results/study/runs"), study_runs(a.models)
+recorded = kept_runs("results/study/runs")
 box = json.loads((HERE / "selection_400" / "selection.json").read_text())["chosen"]
 objectness = json.loads((HERE / "selection_400_objectness" / "selection.json").read_text())["chosen"]
 outside = json.loads((HERE / "selection_400_centerness" / "selection.json").read_text())["chosen"]
@@ -48,28 +38,14 @@ for it in (1600, 4000):
 gated = {400: dict(ENSEMBLE_SETTINGS),
          1600: json.loads((SELECTIONS / "selection_1600.json").read_text())["chosen"],
          4000: json.loads((SELECTIONS / "selection.json").read_text())["chosen"]}
-cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-metrics: dict = {}
-for iters in ITERS:
-    settings = {"off": {"clip_ensemble": "off"}, "gated": gated[iters], "box": box, "box + objectness": objectness,
-                "box, centerness outside": outside} | per_schedule.get(iters, {})
-    spec = StudySpec(variants=(VARIANT,), seeds=SEEDS, iters=(iters,), pairs=())
-    for seed in SEEDS:
-        run = models.get((VARIANT, seed, iters))
-        if run is None or not (run["dir"] / "model.pt").is_file():
-            continue
-        cfg = run_config(spec, world, VARIANT, seed, iters, 0)
-        base_ids = list(build_train_dataset(cfg.data).category_ids)
-        cfg = run_config(spec, world, VARIANT, seed, iters, len(base_ids))  # val: world0's, the reported split
-        with torch_threads(1):
-            evaluate = None
-            for name, s in settings.items():
-                key = f"{iters}/{seed}/{name}"
-                if key not in cache:
-                    evaluate = evaluate or held_out_evaluator(run["dir"] / "model.pt", cfg, base_ids)
-                    cache[key] = evaluate(s)
-                    atomic_write_json(cache_path, cache)
-                metrics.setdefault(str(iters), {}).setdefault(name, {})[seed] = cache[key]
+
+
+def settings(iters: int) -> dict:
+    return {"off": {"clip_ensemble": "off"}, "gated": gated[iters], "box": box, "box + objectness": objectness,
+            "box, centerness outside": outside} | per_schedule.get(iters, {})
+
+
+metrics = evaluate_kept_models(a.models, VARIANT, world, SEEDS, settings, cache_path, ITERS)
 
 checks, pairs = {}, {}
 for iters, by_name in metrics.items():

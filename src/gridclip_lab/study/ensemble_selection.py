@@ -252,3 +252,44 @@ def run_selection(variant: str, world_dir: str | Path, held_out_dir: str | Path,
               "held_out_split": "val", "base_category_ids": base_ids, **selection}
     atomic_write_json(out / "selection.json", report)
     return report
+
+
+def kept_runs(folder: str | Path) -> dict[tuple[str, int, int], dict]:
+    """A study's finished runs, ``(variant, seed, iters) -> result.json`` with its folder as ``dir``."""
+    runs = [json.loads(p.read_text()) | {"dir": p.parent} for p in sorted(Path(folder).glob("*/result.json"))]
+    return {(r["variant"], r["seed"], r["iters"]): r for r in runs}
+
+
+def evaluate_kept_models(models: str | Path, variant: str, world: str | Path, seeds: Sequence[int],
+                         settings: Callable[[int], dict[str, Setting]], cache_path: Path,
+                         iters: Sequence[int]) -> dict[str, dict[str, dict[int, dict[str, float]]]]:
+    """Every kept model of ``variant`` (a ``--keep-models`` study folder's runs) scored on the reporting
+    world's val with each of ``settings(iters)`` (name -> setting), through the product's evaluator:
+    ``{iters: {name: {seed: metrics}}}``. Evaluations are remembered in ``cache_path``
+    (``"iters/seed/name"``), so a report is rendered again without evaluating."""
+    from gridclip.data.datasets import build_train_dataset
+    from gridclip.utils.threads import torch_threads
+    from gridclip_lab.study.spec import StudySpec, run_config
+
+    runs = kept_runs(models)
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    metrics: dict = {}
+    for length in iters:
+        spec = StudySpec(variants=(variant,), seeds=tuple(seeds), iters=(length,), pairs=())
+        for seed in seeds:
+            run = runs.get((variant, seed, length))
+            if run is None or not (run["dir"] / "model.pt").is_file():
+                continue
+            cfg = run_config(spec, world, variant, seed, length, 0)
+            base_ids = list(build_train_dataset(cfg.data).category_ids)
+            cfg = run_config(spec, world, variant, seed, length, len(base_ids))  # the reporting world's val
+            evaluate = None
+            with torch_threads(1):
+                for name, s in settings(length).items():
+                    key = f"{length}/{seed}/{name}"
+                    if key not in cache:
+                        evaluate = evaluate or held_out_evaluator(run["dir"] / "model.pt", cfg, base_ids)
+                        cache[key] = evaluate(s)
+                        atomic_write_json(cache_path, cache)
+                    metrics.setdefault(str(length), {}).setdefault(name, {})[seed] = cache[key]
+    return metrics
