@@ -45,7 +45,7 @@ __all__ = ["GridCLIP", "GridCLIPBackbone", "PyramidAnchorGenerator", "build_clip
 
 
 def build_clip_trunk(clip_model: str, clip_pretrained: str | None, load_weights: bool = True,
-                     clip_config: dict | None = None) -> CLIPResNetTrunk:
+                     clip_config: dict | None = None, clip: nn.Module | None = None) -> CLIPResNetTrunk:
     """The open_clip ``ModifiedResNet`` image tower as a :class:`CLIPResNetTrunk` (attention pool still
     attached), pretrained or randomly initialised.
 
@@ -53,14 +53,14 @@ def build_clip_trunk(clip_model: str, clip_pretrained: str | None, load_weights:
     weights, ``load_clip`` (any source: tag, file, local directory) provides them and the trunk that
     receives them is built without further draws from the global RNG. ``clip_config`` (the open_clip model
     config) avoids looking the model up, e.g. when a checkpoint built on a local CLIP directory is loaded on
-    a machine without it.
+    a machine without it. ``clip``: that CLIP already loaded (its image tower gives the weights).
     """
     cfg = clip_config if clip_config is not None else model_config(clip_model)
     if not isinstance(cfg["vision_cfg"].get("layers"), (list, tuple)):
         raise ValueError(f"CLIP model '{clip_model}' has no ResNet image tower: GridCLIP needs a ModifiedResNet (RN50, RN101, RN50x4, ...)")
     if not load_weights:
         return CLIPResNetTrunk.from_config(cfg["embed_dim"], cfg["vision_cfg"])
-    visual = load_clip(clip_model, clip_pretrained).visual
+    visual = (clip if clip is not None else load_clip(clip_model, clip_pretrained)).visual
     with torch.random.fork_rng(devices=[]):
         trunk = CLIPResNetTrunk.from_config(cfg["embed_dim"], cfg["vision_cfg"])
     try:
@@ -423,7 +423,7 @@ class GridCLIP(FCOS):
                 own = cfg.freeze_trunk and self.backbone.grid_pool is not None
                 clip = load_clip(cfg.clip_model, cfg.clip_pretrained)
                 if not own:
-                    trunk = build_clip_trunk(cfg.clip_model, cfg.clip_pretrained, True, self.clip_config)
+                    trunk = build_clip_trunk(cfg.clip_model, cfg.clip_pretrained, True, self.clip_config, clip)
                     device = next(self.parameters()).device
                     self.frozen_clip = FrozenCLIP(freeze_batch_norm_2d(trunk),
                                                   GridAttentionPool.from_attnpool(trunk.take_attnpool())).to(device).eval()
