@@ -55,6 +55,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
 }
 
+
 def variant_list(text: str) -> list[str]:
     """A command line's comma list of variant names, some of which hold a comma themselves
     ("GridCLIP, RN teacher"): a token joins the name before it when only the joined name is a variant."""
