@@ -134,3 +134,26 @@ def test_interrupt_keeps_previous_results_and_the_rerun_resumes(checkpoint, tmp_
     for name in ("detections.json", "detections.hf.json"):
         assert (out / name).read_text() == (fresh / name).read_text()
     assert "4 image(s)" in stdout
+
+
+def test_set_switches_the_ensemble_for_the_run_as_predict_does(checkpoint, tmp_path, capsys):
+    """--set model.clip_ensemble=... gives the detections of the loaded model with set_clip_ensemble; other
+    keys are refused in one line."""
+    import gridclip
+    from gridclip.engine.predict import predict
+
+    image = write_image(tmp_path / "a.png", 90, 130, 1)
+    settings = {"clip_ensemble": "dense", "ensemble_candidates": "box", "ensemble_centerness": "outside"}
+    rc, _, err = run([image, "--checkpoint", checkpoint, "--no-draw", "--device", "cpu", "--out", tmp_path / "on",
+                      *[a for k, v in settings.items() for a in ("--set", f"model.{k}={v}")]], capsys)
+    assert rc == 0 and err == []
+    got = json.loads((tmp_path / "on" / "detections.json").read_text(encoding="utf-8"))
+    model = gridclip.load(checkpoint)
+    (alone,) = predict(model, image)
+    model.set_clip_ensemble(**settings)
+    (want,) = predict(model, image)
+    assert [r["score"] for r in got] == pytest.approx(want["scores"].tolist(), abs=1e-5)
+    assert want["scores"].tolist() != alone["scores"].tolist()
+    for bad in ("model.fpn_channels=8", "data.val_json=x.json"):
+        rc, _, err = run([image, "--checkpoint", checkpoint, "--no-draw", "--out", tmp_path / "bad", "--set", bad], capsys)
+        assert rc == 2 and len(err) == 1 and bad.split("=")[0].split(".")[0] in err[0]

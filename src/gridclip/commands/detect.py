@@ -40,8 +40,10 @@ from torch import Tensor
 
 from gridclip.checkpoint import load_checkpoint
 from gridclip.clip.loader import parse_clip_spec
+from gridclip.commands._model_settings import set_model_settings
 from gridclip.commands._vocabulary import add_vocabulary_args, set_vocabulary_from_args
 from gridclip.commands._vocabulary import given as vocabulary_given
+from gridclip.config import parse_overrides
 from gridclip.data.images import to_float_image
 from gridclip.data.gt_images import GroundTruthImages
 from gridclip.data.inputs import expand_inputs, iter_images
@@ -126,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, help="tiled inference for small objects: SIZE x SIZE crops (pixels) plus the "
                    "whole image, merged by NMS")
     p.add_argument("--overlap", type=float, default=0.25, help="overlap of neighbouring tiles, fraction (default 0.25)")
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="the frozen-CLIP ensemble's settings for this run (repeatable), e.g. --set "
+                        "model.clip_ensemble=dense --set model.ensemble_candidates=box (docs/training.md)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available; under torchrun: "
                    "cuda:LOCAL_RANK or cpu)")
     p.add_argument("--runtime", choices=RUNTIMES, default="torch",
@@ -220,6 +225,10 @@ def _run(args: argparse.Namespace, info: DistInfo) -> int:
     gt = GroundTruthImages(args.gt) if args.gt else None
     args.checkpoint = str(local_model_path(args.checkpoint))  # an hf-hub: name, fetched once
     model = load_checkpoint(args.checkpoint, device="cpu")
+    settings = parse_overrides(args.set)
+    if set(settings) - {"model"}:
+        raise ValueError(f"--set {sorted(set(settings) - {'model'})[0]}.*: only model.* settings apply to detection")
+    set_model_settings(model, settings.get("model") or {})
     if args.clip:
         model.set_text_encoder(*parse_clip_spec(args.clip))
     if gt is not None and not vocabulary_given(args):

@@ -20,21 +20,10 @@ from typing import Sequence
 import torch
 
 from gridclip.checkpoint import checkpoint_extra, load_checkpoint
+from gridclip.commands._model_settings import set_model_settings
 from gridclip.config import Config, config_from_dict, load_config, parse_overrides, with_overrides
 from gridclip.engine.evaluate import Evaluation, evaluate, evaluate_model, format_table, write_outputs
 from gridclip.hub import local_model_path
-from gridclip.model.gridclip import ENSEMBLE_KEYS
-
-
-def _set_inference_settings(model, settings: dict) -> None:
-    """``model.*`` overrides: the trained model fixes everything but the frozen-CLIP ensemble's settings."""
-    if not settings:
-        return
-    fixed = sorted(set(settings) - set(ENSEMBLE_KEYS)) if hasattr(model, "set_clip_ensemble") else sorted(settings)
-    if fixed:
-        raise ValueError(f"model.{fixed[0]}: fixed by the trained model; at eval only the frozen-CLIP ensemble's "
-                         f"settings of a GridCLIP model change ({', '.join('model.' + k for k in ENSEMBLE_KEYS)})")
-    model.set_clip_ensemble(**settings)
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dict]]:
@@ -51,7 +40,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dic
                          "data.val_images=... (and data.format=...)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_checkpoint(args.checkpoint, device=device)
-    _set_inference_settings(model, parse_overrides(args.overrides or []).get("model") or {})
+    set_model_settings(model, parse_overrides(args.overrides or []).get("model") or {})
     model.optimize_for_inference()
     return evaluate_model(model, cfg, batch_size=args.batch_size, device=device, style=args.style,
                           max_dets=args.max_dets, strict=args.strict, progress=True)
