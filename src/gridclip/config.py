@@ -78,6 +78,11 @@ class GridCLIPConfig:
     loss_image: float = 10.0
     loss_box: float = 1.0
     loss_ctr: float = 1.0
+    # What FCOS's third branch learns, the placement term of every score (sqrt(p_cls p_quality)):
+    # "centerness" (FCOS, the paper) from where the location lies in its box; "iou": the IoU of the box the
+    # location predicts with its ground truth (IoU-aware one-stage detectors, Wu et al. 2020; GFL's quality),
+    # so a badly regressed box scores low wherever its location lies (results/quality_iou/).
+    quality_target: Literal["centerness", "iou"] = "centerness"
     # Cosine scoring: logit = scale * cos + bias; scale starts at CLIP's 1/0.07, bias at the focal prior.
     logit_scale_init: float = 1 / 0.07
     prior_prob: float = 0.01

@@ -51,6 +51,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # iterations chose the same weights (at 1600 and 4000 it chose w_base 0, as for the gated ensemble).
     "grid only + ensemble, box candidates": {"image_align": False, **ENSEMBLE_SETTINGS, "ensemble_candidates": "box",
                                               "ensemble_centerness": "outside"},
+    # results/quality_iou/: FCOS's third branch trained on the predicted box's IoU instead of centerness
+    # (the placement term the ensemble keeps outside); kept models are evaluated off and with box candidates
+    "grid only + ensemble, IoU quality": {"image_align": False, **ENSEMBLE_SETTINGS, "quality_target": "iou"},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
 }
@@ -85,6 +88,7 @@ LABELS: dict[str, str] = {
     "FCOS w/o align, SwAV trunk": "w/o align, SwAV trunk (self-supervised, same images)",
     "grid only + ensemble": "grid only + frozen-CLIP ensemble (F-VLM; dense scores, weights from a held-out split)",
     "grid only + ensemble, box candidates": "grid only + frozen-CLIP ensemble on box candidates, centerness outside",
+    "grid only + ensemble, IoU quality": "grid only, quality branch trained on the box's IoU, + frozen-CLIP ensemble",
     "frozen trunk": "grid only, frozen CLIP trunk and attnpool",
     "frozen trunk + ensemble": "frozen trunk + frozen-CLIP ensemble (F-VLM)",
 }

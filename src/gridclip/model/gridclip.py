@@ -186,7 +186,8 @@ class GridCLIP(FCOS):
         grid_pool = GridAttentionPool.from_attnpool(attnpool) if cfg.use_mhsa else None
         backbone = GridCLIPBackbone(trunk, grid_pool, cfg.adapter_channels, cfg.adapter_layers, cfg.fpn_channels)
         num_classes = 1 if cfg.grid_align else cfg.num_classes
-        head = GridCLIPHead(cfg.fpn_channels, num_anchors=1, num_classes=num_classes, num_convs=cfg.head_convs)
+        head = GridCLIPHead(cfg.fpn_channels, num_anchors=1, num_classes=num_classes, num_convs=cfg.head_convs,
+                            quality_target=cfg.quality_target)
         if cfg.grid_align:
             head.classification_head = CLIPClassificationHead(
                 cfg.fpn_channels, clip_dim, cfg.head_convs, cfg.logit_scale_init, cfg.prior_prob, cfg.embed_kernel_size)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+from torchvision.ops import box_area
 
 from gridclip.model.backbone import cells_mask
 
@@ -107,8 +108,15 @@ class GridCLIPHead(FCOSHead):
     closed-set classification head is replaced by :class:`CLIPClassificationHead` for grid alignment.
     """
 
-    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4):
+    QUALITY_TARGETS = ("centerness", "iou")
+
+    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4,
+                 quality_target: str = "centerness"):
         nn.Module.__init__(self)  # FCOSHead.__init__ builds unmasked heads; these are its three attributes
+        if quality_target not in self.QUALITY_TARGETS:
+            raise ValueError(f"model.quality_target: expected one of {', '.join(self.QUALITY_TARGETS)}, "
+                             f"got {quality_target!r}")
+        self.quality_target = quality_target
         self.box_coder = BoxLinearCoder(normalize_by_size=True)
         self.classification_head: nn.Module = MaskedFCOSClassificationHead(in_channels, num_anchors, num_classes, num_convs)
         self.regression_head = MaskedFCOSRegressionHead(in_channels, num_anchors, num_convs)
@@ -117,6 +125,39 @@ class GridCLIPHead(FCOSHead):
         cls_logits = self.classification_head(x, cells)
         bbox_regression, bbox_ctrness = self.regression_head(x, cells)
         return {"cls_logits": cls_logits, "bbox_regression": bbox_regression, "bbox_ctrness": bbox_ctrness}
+
+    def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor],
+                     matched_idxs: list[Tensor]) -> dict[str, Tensor]:
+        """torchvision's FCOS losses; with ``quality_target`` "iou" the third branch's BCE target is the IoU
+        of each positive location's decoded box (detached) with its matched box, not its centerness."""
+        losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
+        if self.quality_target == "iou":
+            losses["bbox_ctrness"] = self.iou_quality_loss(targets, head_outputs, anchors, matched_idxs)
+        return losses
+
+    def iou_quality_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
+                         anchors: list[Tensor], matched_idxs: list[Tensor]) -> Tensor:
+        """BCE between the quality logits of the positive locations and the IoU of their predicted boxes
+        with their matched ground truth, summed and divided by the number of positives (as FCOS's)."""
+        positive = torch.stack([m >= 0 for m in matched_idxs])
+        matched = torch.stack([t["boxes"][m.clip(min=0)] if len(t["boxes"]) else t["boxes"].new_zeros((len(m), 4))
+                               for t, m in zip(targets, matched_idxs)])
+        with torch.no_grad():
+            predicted = self.box_coder.decode(head_outputs["bbox_regression"].float(), torch.stack(anchors))
+            iou = paired_box_iou(predicted[positive], matched[positive].float())
+        logits = head_outputs["bbox_ctrness"].squeeze(2)[positive]
+        loss = F.binary_cross_entropy_with_logits(logits, iou.to(logits.dtype), reduction="sum")
+        return loss / max(1, int(positive.sum()))
+
+
+def paired_box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of each box of ``a`` [n, 4] with the box of ``b`` [n, 4] in the same row (xyxy): the diagonal
+    of torchvision's ``box_iou(a, b)`` without its n x n matrix (0 where both boxes are empty)."""
+    top_left = torch.maximum(a[:, :2], b[:, :2])
+    bottom_right = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+    union = box_area(a) + box_area(b) - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
 
 
 @dataclass(frozen=True)
