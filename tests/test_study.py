@@ -418,3 +418,23 @@ def test_variants_on_the_command_line_drop_the_spec_pairs_they_leave_out(tmp_pat
     spec = spec_from_args(args)
     assert spec.variants == ("grid only", "FCOS w/o align")
     assert [tuple(p) for p in spec.pairs] == [("grid only", "FCOS w/o align")]
+
+
+def test_report_lines_render_the_table_and_the_verdicts():
+    from statistics import mean, stdev
+
+    from gridclip_lab.study.report_lines import difference, difference_lines, evaluation_table
+
+    per_seed = {s: {m: v for m in ("APr", "APc", "APf", "AP", "APbase")} for s, v in ((0, 0.5), (1, 0.6), (2, 0.55))}
+    lines = evaluation_table({"400": {"off": per_seed, "one": {0: per_seed[0]}}}, lambda n: n.upper())
+    values = [50.0, 60.0, 55.0]
+    assert lines[2] == "| OFF | 400 | " + " | ".join([f"{mean(values):.1f} ± {stdev(values):.1f} (n=3)"] * 5) + " |"
+    assert lines[3].startswith("| ONE | 400 | 50.0 ± 0.0 (n=1) |") and len(lines) == 4
+    pairs = {"a - b, APr": {"mean": 2.04, "ci": [0.5, 3.5], "n": 3}, "a - b, APc": {"mean": 1.0, "ci": [0.1, 2.0], "n": 3},
+             "a - b, AP": {"mean": -1.0, "ci": [-2.0, -0.1], "n": 3}, "a - b, APf": {"mean": 0.0, "ci": None, "n": 1},
+             "c - d, AP": {"mean": 0.3, "ci": [-1.0, 1.6], "n": 3}, "e - f, AP": {"mean": 0.3, "ci": None, "n": 1}}
+    assert difference_lines(pairs) == ["* a - b, APr: +2.0 [+0.5, +3.5] (n=3): **higher**",
+                                       "* a - b, AP: -1.0 [-2.0, -0.1] (n=3): **lower**",
+                                       "* c - d, AP: +0.3 [-1.0, +1.6] (n=3): **within noise**",
+                                       "* e - f, AP: +0.3 no CI (n=1): **n < 2**"]
+    assert difference({"mean": 0.0, "ci": None, "n": 1}) == "+0.0 no CI (n=1)"

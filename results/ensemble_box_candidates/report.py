@@ -89,9 +89,7 @@ def fmt(d: dict) -> str:
 
 
 if a.doc:
-    from statistics import mean, stdev
-
-    from gridclip_lab.study.stats import verdict
+    from gridclip_lab.study.report_lines import difference_lines, evaluation_table
     from gridclip_lab.utils.doc_sections import write_section
 
     names = {"off": "grid only (ensemble off)", "gated": "+ ensemble, gated candidates (today's)",
@@ -108,21 +106,7 @@ if a.doc:
              "schedule; the rows 'weights chosen for the schedule' (fourth addendum) use `selection_1600_*` and "
              "`selection_4000_*`. Box AP x100, "
              "mean ± sd over seeds; differences paired by seed on the same weights, mean [95 % CI].", "",
-             "| evaluation | iterations | AP_r | AP_c | AP_f | AP | AP base names |", "|---|---|---|---|---|---|---|"]
-    for iters, by_name in metrics.items():
-        for name, per_seed in by_name.items():
-            cells = []
-            for m in ("APr", "APc", "APf", "AP", "APbase"):
-                v = [100 * per_seed[s][m] for s in sorted(per_seed)]
-                cells.append(f"{mean(v):.1f} ± {stdev(v) if len(v) > 1 else 0.0:.1f} (n={len(v)})")
-            lines.append(f"| {names[name]} | {iters} | " + " | ".join(cells) + " |")
-    lines.append("")
-    for k, d in pairs.items():
-        if k.endswith(", APc") or k.endswith(", APf"):
-            continue
-        word = {"a > b": "higher", "a < b": "lower"}.get(verdict(d["ci"]), verdict(d["ci"]))
-        lines.append(f"* {k}: {fmt(d)}: **{word}**")
-    lines.append("")
+             *evaluation_table(metrics, names.get), "", *difference_lines(pairs), ""]
     same = sum(checks.values())
     lines.append(f"Off equals the study's recorded grid only run (results/study/runs, AP and AP_r) for {same} of "
                  f"{len(checks)} (schedule, seed) pairs; the others were trained on another CPU (float results differ "

@@ -7,11 +7,11 @@ runs/world0; evaluations cached beside each study's runs; writes report.json her
 import argparse
 import json
 from pathlib import Path
-from statistics import mean, stdev
 
 from gridclip.utils.atomic import atomic_write_json
 from gridclip_lab.study.ensemble_selection import evaluate_kept_models
-from gridclip_lab.study.stats import paired_differences, verdict
+from gridclip_lab.study.report_lines import difference, difference_lines, evaluation_table
+from gridclip_lab.study.stats import paired_differences
 
 HERE = Path(__file__).parent
 BOX = Path("results/ensemble_box_candidates")
@@ -69,17 +69,12 @@ atomic_write_json(HERE / "report.json", {"weights": {k: {str(i): w for i, w in v
                                          "metrics": metrics, "pairs": pairs})
 
 
-def fmt(d: dict) -> str:
-    ci = "no CI" if d["ci"] is None else f"[{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}]"
-    return f"{d['mean']:+.1f} {ci} (n={d['n']})"
-
-
 for iters, by_name in metrics.items():
     for name, per_seed in by_name.items():
         print(f"{iters} {name}: " + " ".join(f"{m} " + "/".join(f"{100 * per_seed[s][m]:.1f}" for s in sorted(per_seed))
                                              for m in ("AP", "APr", "APbase")))
 for k, d in pairs.items():
-    print(f"{k}: {fmt(d)}")
+    print(f"{k}: {difference(d)}")
 
 if a.doc:
     from gridclip_lab.utils.doc_sections import write_section
@@ -92,21 +87,7 @@ if a.doc:
              "and with the box ensemble (box candidates, centerness outside); the ensemble's weights chosen on "
              "world1's val for each model kind and schedule. Box AP x100, mean ± sd over seeds; differences paired "
              "by seed, mean [95 % CI].", "",
-             "| evaluation | iterations | AP_r | AP_c | AP_f | AP | AP base names |", "|---|---|---|---|---|---|---|"]
-    for iters, by_name in metrics.items():
-        for name, per_seed in by_name.items():
-            cells = []
-            for m in ("APr", "APc", "APf", "AP", "APbase"):
-                v = [100 * per_seed[s][m] for s in sorted(per_seed)]
-                cells.append(f"{mean(v):.1f} ± {stdev(v) if len(v) > 1 else 0.0:.1f} (n={len(v)})")
-            lines.append(f"| {name} | {iters} | " + " | ".join(cells) + " |")
-    lines.append("")
-    for k, d in pairs.items():
-        if k.endswith((", APc", ", APf")):
-            continue
-        word = {"a > b": "higher", "a < b": "lower"}.get(verdict(d["ci"]), verdict(d["ci"]))
-        lines.append(f"* {k}: {fmt(d)}: **{word}**")
-    lines.append("")
+             *evaluation_table(metrics, str), "", *difference_lines(pairs), ""]
     for iters in metrics:
         key = f"{iters}: IoU quality + box ensemble - grid only, off"
         if f"{key}, APr" not in pairs:
@@ -115,6 +96,6 @@ if a.doc:
         met = d_r["mean"] >= 5 and d_r["ci"] is not None and d_r["ci"][0] > 0 and d_ap["ci"] is not None \
             and d_ap["ci"][1] >= 0
         lines.append(f"* goal (IoU quality + box ensemble − grid only: AP_r ≥ +5 with the CI above 0, AP's CI not "
-                     f"below 0), {iters} iterations: **{'met' if met else 'not met'}** (AP_r {fmt(d_r)}, AP {fmt(d_ap)})")
+                     f"below 0), {iters} iterations: **{'met' if met else 'not met'}** (AP_r {difference(d_r)}, AP {difference(d_ap)})")
     write_section(a.doc, "quality-iou", "\n".join(lines))
     print(f"wrote section quality-iou of {a.doc}")
