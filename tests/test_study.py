@@ -438,3 +438,19 @@ def test_report_lines_render_the_table_and_the_verdicts():
                                        "* c - d, AP: +0.3 [-1.0, +1.6] (n=3): **within noise**",
                                        "* e - f, AP: +0.3 no CI (n=1): **n < 2**"]
     assert difference({"mean": 0.0, "ci": None, "n": 1}) == "+0.0 no CI (n=1)"
+
+
+def test_the_novel_goal_line_needs_plus_5_ap_r_with_its_ci_above_0_and_ap_not_below():
+    from gridclip_lab.study.report_lines import novel_goal_line
+
+    def d(m, lo, hi):
+        return {"mean": m, "ci": [lo, hi], "n": 3}
+
+    assert "**met**" in novel_goal_line("x", 400, d(5.0, 0.1, 9.0), d(0.0, -1.0, 1.0))
+    assert "**not met**" in novel_goal_line("x", 400, d(4.9, 0.1, 9.0), d(0.0, -1.0, 1.0))  # under +5
+    assert "**not met**" in novel_goal_line("x", 400, d(6.0, -0.1, 9.0), d(0.0, -1.0, 1.0))  # CI holds 0
+    assert "**not met**" in novel_goal_line("x", 400, d(6.0, 1.0, 9.0), d(-2.0, -3.0, -0.1))  # AP lower
+    assert "**not met**" in novel_goal_line("x", 400, {"mean": 6.0, "ci": None, "n": 1}, d(0.0, -1.0, 1.0))
+    assert novel_goal_line("box", 1600, d(1.4, -1.5, 4.3), d(0.3, -0.3, 0.9)) == (
+        "* goal (box − grid only: AP_r ≥ +5 with the CI above 0, AP's CI not below 0), 1600 iterations: **not met** "
+        "(AP_r +1.4 [-1.5, +4.3] (n=3), AP +0.3 [-0.3, +0.9] (n=3))")

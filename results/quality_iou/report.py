@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gridclip.utils.atomic import atomic_write_json
 from gridclip_lab.study.ensemble_selection import evaluate_kept_models
-from gridclip_lab.study.report_lines import difference, difference_lines, evaluation_table
+from gridclip_lab.study.report_lines import console_lines, difference_lines, evaluation_table, novel_goal_line
 from gridclip_lab.study.stats import paired_differences
 
 HERE = Path(__file__).parent
@@ -69,12 +69,7 @@ atomic_write_json(HERE / "report.json", {"weights": {k: {str(i): w for i, w in v
                                          "metrics": metrics, "pairs": pairs})
 
 
-for iters, by_name in metrics.items():
-    for name, per_seed in by_name.items():
-        print(f"{iters} {name}: " + " ".join(f"{m} " + "/".join(f"{100 * per_seed[s][m]:.1f}" for s in sorted(per_seed))
-                                             for m in ("AP", "APr", "APbase")))
-for k, d in pairs.items():
-    print(f"{k}: {difference(d)}")
+print("\n".join(console_lines(metrics, pairs)))
 
 if a.doc:
     from gridclip_lab.utils.doc_sections import write_section
@@ -92,10 +87,6 @@ if a.doc:
         key = f"{iters}: IoU quality + box ensemble - grid only, off"
         if f"{key}, APr" not in pairs:
             continue
-        d_r, d_ap = pairs[f"{key}, APr"], pairs[f"{key}, AP"]
-        met = d_r["mean"] >= 5 and d_r["ci"] is not None and d_r["ci"][0] > 0 and d_ap["ci"] is not None \
-            and d_ap["ci"][1] >= 0
-        lines.append(f"* goal (IoU quality + box ensemble − grid only: AP_r ≥ +5 with the CI above 0, AP's CI not "
-                     f"below 0), {iters} iterations: **{'met' if met else 'not met'}** (AP_r {difference(d_r)}, AP {difference(d_ap)})")
+        lines.append(novel_goal_line("IoU quality + box ensemble", iters, pairs[f"{key}, APr"], pairs[f"{key}, AP"]))
     write_section(a.doc, "quality-iou", "\n".join(lines))
     print(f"wrote section quality-iou of {a.doc}")

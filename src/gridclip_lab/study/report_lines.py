@@ -40,3 +40,20 @@ def difference_lines(pairs: Mapping[str, Mapping]) -> list[str]:
         word = {"a > b": "higher", "a < b": "lower"}.get(verdict(d["ci"]), verdict(d["ci"]))
         lines.append(f"* {k}: {difference(d)}: **{word}**")
     return lines
+
+
+def novel_goal_line(design: str, iters, d_apr: Mapping, d_ap: Mapping) -> str:
+    """Issue 23's novel-name goal for one schedule, from ``design`` − grid only's paired differences: AP_r
+    >= +5 with its CI above 0, and AP's CI not below 0."""
+    met = d_apr["mean"] >= 5 and d_apr["ci"] is not None and d_apr["ci"][0] > 0 and d_ap["ci"] is not None \
+        and d_ap["ci"][1] >= 0
+    return (f"* goal ({design} − grid only: AP_r ≥ +5 with the CI above 0, AP's CI not below 0), {iters} iterations: "
+            f"**{'met' if met else 'not met'}** (AP_r {difference(d_apr)}, AP {difference(d_ap)})")
+
+
+def console_lines(metrics: Mapping[str, Mapping[str, Mapping]], pairs: Mapping[str, Mapping]) -> list[str]:
+    """What a report prints: each evaluation's AP, AP_r and base-name AP per seed, then every difference."""
+    lines = [f"{iters} {name}: " + " ".join(f"{m} " + "/".join(f"{100 * per_seed[s][m]:.1f}" for s in sorted(per_seed))
+                                            for m in ("AP", "APr", "APbase"))
+             for iters, by_name in metrics.items() for name, per_seed in by_name.items()]
+    return lines + [f"{k}: {difference(d)}" for k, d in pairs.items()]
