@@ -1,5 +1,6 @@
 """``model.quality_target``: FCOS's third branch trained on centerness (torchvision's loss, the paper) or on
-the IoU of each positive location's own predicted box with its matched box (results/quality_iou/)."""
+the IoU of each positive location's own predicted box with its matched box (results/quality_iou/), or of
+every location inside a box (results/quality_inside/)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,7 @@ from torchvision.ops import box_iou
 
 from gridclip import GridCLIP
 from gridclip.config import GridCLIPConfig, config_from_dict
-from gridclip.model.head import GridCLIPHead, paired_box_iou
+from gridclip.model.head import GridCLIPHead, inside_box_matches, paired_box_iou
 
 
 def test_paired_box_iou_is_the_diagonal_of_torchvisions_box_iou():
@@ -110,3 +111,56 @@ def test_a_bad_quality_target_is_one_clear_error():
         GridCLIPHead(32, 1, 3, 1, quality_target="giou")
     with pytest.raises(ValueError, match="quality_target"):
         config_from_dict({"quality_target": "giou"}, GridCLIPConfig, "model")
+
+
+def test_inside_box_matches_every_location_inside_a_box_to_the_smallest():
+    """Reference: a loop over the locations; a positive keeps FCOS's box even where a smaller box contains it."""
+    g = torch.Generator().manual_seed(1)
+    centres = torch.rand(300, 2, generator=g) * 100
+    anchors = torch.cat([centres - 4, centres + 4], dim=1)
+    boxes = torch.tensor([[0.0, 0.0, 60.0, 60.0], [20.0, 20.0, 50.0, 45.0], [55.0, 10.0, 98.0, 90.0]])
+    fcos = torch.full((300,), -1)
+    fcos[:10] = 0  # positives of the large box (wherever they lie: they keep it)
+    ours = inside_box_matches(boxes, anchors, fcos)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    expected = []
+    for i, (x, y) in enumerate(centres.tolist()):
+        containing = [j for j, (x0, y0, x1, y1) in enumerate(boxes.tolist()) if x0 < x < x1 and y0 < y < y1]
+        expected.append(0 if i < 10 else min(containing, key=lambda j: area[j]) if containing else -1)
+    assert ours.tolist() == expected
+    assert {-1, 0, 1, 2} <= set(expected)  # the case has every kind of location
+    assert torch.equal(inside_box_matches(torch.zeros(0, 4), anchors, fcos), fcos)  # no boxes: FCOS's matching
+
+
+def test_iou_inside_trains_every_location_inside_a_box_and_nothing_outside():
+    targets, outputs, anchors, matched = _case()
+    only_positives = [torch.where(m >= 0, m, -1) for m in matched]
+    only_positives[0][::2] = -1  # fewer positives than locations inside a box
+    ours = GridCLIPHead(32, 1, 3, 1, quality_target="iou_inside").compute_loss(targets, outputs, anchors, only_positives)
+    iou_head = GridCLIPHead(32, 1, 3, 1, quality_target="iou")
+    extended = [inside_box_matches(t["boxes"], a, m) for t, a, m in zip(targets, anchors, only_positives)]
+    trained = extended[0] >= 0
+    assert trained.sum() > (only_positives[0] >= 0).sum() > 0 and not trained.all()
+    # the reference: the IoU target's loss with every location inside a box matched
+    assert torch.equal(ours["bbox_ctrness"], iou_head.iou_quality_loss(targets, outputs, anchors, extended))
+    assert not torch.equal(ours["bbox_ctrness"], iou_head.iou_quality_loss(targets, outputs, anchors, only_positives))
+    # the other losses are FCOS's, on FCOS's positives
+    fcos = GridCLIPHead(32, 1, 3, 1).compute_loss(targets, outputs, anchors, only_positives)
+    for k in ("classification", "bbox_regression"):
+        assert torch.equal(ours[k], fcos[k]), k
+    ours["bbox_ctrness"].backward()
+    grad = outputs["bbox_ctrness"].grad[0, :, 0]
+    assert (grad[trained] != 0).all() and (grad[~trained] == 0).all()
+    assert outputs["bbox_regression"].grad is None
+
+
+def test_iou_inside_reaches_the_model_and_trains(tiny_cfg):
+    torch.manual_seed(0)
+    model = GridCLIP(dataclasses.replace(tiny_cfg, quality_target="iou_inside", image_align=False), load_clip_weights=False)
+    assert model.head.quality_target == "iou_inside"
+    model.set_vocabulary(["red circle", "blue square"])
+    model.train()
+    losses = model([torch.rand(3, 128, 128)], [{"boxes": torch.tensor([[10.0, 12.0, 90.0, 100.0]]), "labels": torch.tensor([1])}])
+    assert torch.isfinite(losses["loss_ctr"]) and losses["loss_ctr"] > 0
+    sum(losses.values()).backward()
+    assert model.head.regression_head.bbox_ctrness.weight.grad.abs().sum() > 0

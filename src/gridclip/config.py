@@ -82,7 +82,9 @@ class GridCLIPConfig:
     # "centerness" (FCOS, the paper) from where the location lies in its box; "iou": the IoU of the box the
     # location predicts with its ground truth (IoU-aware one-stage detectors, Wu et al. 2020; GFL's quality),
     # so a badly regressed box scores low wherever its location lies (results/quality_iou/).
-    quality_target: Literal["centerness", "iou"] = "centerness"
+    # "iou_inside": the same target on every location inside a box, at any level, not only on FCOS's
+    # positives (results/quality_inside/).
+    quality_target: Literal["centerness", "iou", "iou_inside"] = "centerness"
     # Cosine scoring: logit = scale * cos + bias; scale starts at CLIP's 1/0.07, bias at the focal prior.
     logit_scale_init: float = 1 / 0.07
     prior_prob: float = 0.01

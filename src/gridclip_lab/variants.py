@@ -54,6 +54,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # results/quality_iou/: FCOS's third branch trained on the predicted box's IoU instead of centerness
     # (the placement term the ensemble keeps outside); kept models are evaluated off and with box candidates
     "grid only + ensemble, IoU quality": {"image_align": False, **ENSEMBLE_SETTINGS, "quality_target": "iou"},
+    # results/quality_inside/: the same target on every location inside a box, not only FCOS's positives
+    "grid only + ensemble, IoU quality inside boxes": {"image_align": False, **ENSEMBLE_SETTINGS,
+                                                       "quality_target": "iou_inside"},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
 }

@@ -108,7 +108,7 @@ class GridCLIPHead(FCOSHead):
     closed-set classification head is replaced by :class:`CLIPClassificationHead` for grid alignment.
     """
 
-    QUALITY_TARGETS = ("centerness", "iou")
+    QUALITY_TARGETS = ("centerness", "iou", "iou_inside")
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4,
                  quality_target: str = "centerness"):
@@ -129,16 +129,20 @@ class GridCLIPHead(FCOSHead):
     def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor],
                      matched_idxs: list[Tensor]) -> dict[str, Tensor]:
         """torchvision's FCOS losses; with ``quality_target`` "iou" the third branch's BCE target is the IoU
-        of each positive location's decoded box (detached) with its matched box, not its centerness."""
+        of each positive location's decoded box (detached) with its matched box, not its centerness; with
+        "iou_inside" the same target on every location inside a ground-truth box (:func:`inside_box_matches`)."""
         losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
-        if self.quality_target == "iou":
+        if self.quality_target == "iou_inside":
+            matched_idxs = [inside_box_matches(t["boxes"], a, m) for t, a, m in zip(targets, anchors, matched_idxs)]
+        if self.quality_target != "centerness":
             losses["bbox_ctrness"] = self.iou_quality_loss(targets, head_outputs, anchors, matched_idxs)
         return losses
 
     def iou_quality_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
                          anchors: list[Tensor], matched_idxs: list[Tensor]) -> Tensor:
-        """BCE between the quality logits of the positive locations and the IoU of their predicted boxes
-        with their matched ground truth, summed and divided by the number of positives (as FCOS's)."""
+        """BCE between the quality logits of the matched locations (``matched_idxs`` >= 0) and the IoU of
+        their predicted boxes with their matched ground truth, summed and divided by their number (for FCOS's
+        positives, as FCOS's centerness loss)."""
         positive = torch.stack([m >= 0 for m in matched_idxs])
         matched = torch.stack([t["boxes"][m.clip(min=0)] if len(t["boxes"]) else t["boxes"].new_zeros((len(m), 4))
                                for t, m in zip(targets, matched_idxs)])
@@ -148,6 +152,19 @@ class GridCLIPHead(FCOSHead):
         logits = head_outputs["bbox_ctrness"].squeeze(2)[positive]
         loss = F.binary_cross_entropy_with_logits(logits, iou.to(logits.dtype), reduction="sum")
         return loss / max(1, int(positive.sum()))
+
+
+def inside_box_matches(boxes: Tensor, anchors: Tensor, matched_idxs: Tensor) -> Tensor:
+    """FCOS's matching (``matched_idxs`` [L], -1 = unmatched) extended to every location whose centre lies
+    strictly inside a box of ``boxes`` [M, 4], at any level: a positive keeps its box, any other such location
+    gets the smallest-area box containing it (FCOS's rule for ambiguous locations; results/quality_inside/)."""
+    if len(boxes) == 0:
+        return matched_idxs
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    contains = ((centres[:, None] > boxes[None, :, :2]) & (centres[:, None] < boxes[None, :, 2:])).all(dim=2)
+    area = box_area(boxes)
+    smallest = torch.where(contains, area[None], torch.full_like(area, float("inf"))[None]).argmin(dim=1)
+    return torch.where(matched_idxs >= 0, matched_idxs, torch.where(contains.any(dim=1), smallest, -1))
 
 
 def paired_box_iou(a: Tensor, b: Tensor) -> Tensor:
