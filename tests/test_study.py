@@ -454,3 +454,20 @@ def test_the_novel_goal_line_needs_plus_5_ap_r_with_its_ci_above_0_and_ap_not_be
     assert novel_goal_line("box", 1600, d(1.4, -1.5, 4.3), d(0.3, -0.3, 0.9)) == (
         "* goal (box − grid only: AP_r ≥ +5 with the CI above 0, AP's CI not below 0), 1600 iterations: **not met** "
         "(AP_r +1.4 [-1.5, +4.3] (n=3), AP +0.3 [-0.3, +0.9] (n=3))")
+
+
+def test_paired_comparisons_pair_each_schedules_evaluations_over_their_common_seeds():
+    from gridclip_lab.study.report_lines import PAIRED_METRICS, paired_comparisons
+    from gridclip_lab.study.stats import paired_differences
+
+    def seeds(values):
+        return {s: {m: v + 0.01 * i for i, m in enumerate(PAIRED_METRICS)} for s, v in values.items()}
+
+    metrics = {"400": {"a": seeds({0: 0.5, 1: 0.6, 2: 0.7}), "b": seeds({0: 0.4, 1: 0.62, 3: 0.1})},
+               "1600": {"a": seeds({0: 0.5, 1: 0.5})}}
+    pairs = paired_comparisons(metrics, (("a", "b"), ("b", "a"), ("a", "missing")))
+    assert set(pairs) == {f"400: {x} - {y}, {m}" for x, y in (("a", "b"), ("b", "a")) for m in PAIRED_METRICS}
+    reference = paired_differences({0: 50.0, 1: 60.0}, {0: 40.0, 1: 62.0})  # seeds 2 and 3 have no pair
+    got = pairs["400: a - b, AP"]
+    assert got["n"] == 2 and got["mean"] == pytest.approx(reference["mean"]) and got["ci"] == pytest.approx(reference["ci"])
+    assert pairs["400: b - a, APr"]["mean"] == pytest.approx(-reference["mean"])

@@ -4,7 +4,9 @@ is not read), the locations whose centre lies in the object's box each predict a
 (centerness or IoU, whichever the model was trained for). Per object: the Spearman correlation between the
 quality scores and the IoUs of those boxes with the object, and the IoU of the box the best quality picks
 (against the best IoU any of them reaches). Averaged over the objects, separately for base and novel names.
-From the repository root: `python results/quality_iou/diagnose.py` (writes diagnose.json here)."""
+From the repository root: `python results/quality_iou/diagnose.py` (writes diagnose.json here); other kept
+models with `--model NAME FOLDER VARIANT` (repeatable) and `--out FILE` (results/quality_inside/)."""
+import argparse
 import json
 from pathlib import Path
 
@@ -19,8 +21,14 @@ from gridclip_lab.study.ensemble_selection import kept_runs
 
 HERE = Path(__file__).parent
 WORLD = Path("runs/world1")
-MODELS = {"grid only": ("runs/study_box/runs", "grid only + ensemble"),
-          "IoU quality": ("runs/study_iou/runs", "grid only + ensemble, IoU quality")}
+args = argparse.ArgumentParser()
+args.add_argument("--model", nargs=3, action="append", metavar=("NAME", "FOLDER", "VARIANT"),
+                  help="a kind of kept models (default: grid only's and the IoU target's)")
+args.add_argument("--out", default=str(HERE / "diagnose.json"))
+a = args.parse_args()
+MODELS = ({name: (folder, variant) for name, folder, variant in a.model} if a.model else
+          {"grid only": ("runs/study_box/runs", "grid only + ensemble"),
+           "IoU quality": ("runs/study_iou/runs", "grid only + ensemble, IoU quality")})
 
 
 def ranks(x: torch.Tensor) -> torch.Tensor:
@@ -79,4 +87,4 @@ for kind, (folder, variant) in MODELS.items():
             continue
         result[f"{kind}, {iters}"] = diagnose(run["dir"] / "model.pt", data)
         print(kind, iters, json.dumps(result[f"{kind}, {iters}"]))
-atomic_write_json(HERE / "diagnose.json", {"world": "world1 val (held out)", "seed": 0, "result": result})
+atomic_write_json(a.out, {"world": "world1 val (held out)", "seed": 0, "result": result})

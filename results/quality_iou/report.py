@@ -10,8 +10,8 @@ from pathlib import Path
 
 from gridclip.utils.atomic import atomic_write_json
 from gridclip_lab.study.ensemble_selection import evaluate_kept_models
-from gridclip_lab.study.report_lines import console_lines, difference_lines, evaluation_table, novel_goal_line
-from gridclip_lab.study.stats import paired_differences
+from gridclip_lab.study.report_lines import (console_lines, difference_lines, evaluation_table, novel_goal_line,
+                                             paired_comparisons)
 
 HERE = Path(__file__).parent
 BOX = Path("results/ensemble_box_candidates")
@@ -55,15 +55,7 @@ COMPARISONS = (("IoU quality + box ensemble", "grid only, off"),  # the issue's 
                ("IoU quality + box ensemble", "grid only + box ensemble"),  # what it adds to the ensemble (3)
                ("grid only + box ensemble", "grid only, off"),  # the ensemble alone, as measured before
                ("IoU quality + box ensemble", "IoU quality, off"))
-pairs = {}
-for iters, by_name in metrics.items():
-    for x, y in COMPARISONS:
-        if x not in by_name or y not in by_name:
-            continue
-        seeds = sorted(set(by_name[x]) & set(by_name[y]))
-        for m in ("AP", "APr", "APc", "APf", "APbase"):
-            d = paired_differences({s: 100 * by_name[x][s][m] for s in seeds}, {s: 100 * by_name[y][s][m] for s in seeds})
-            pairs[f"{iters}: {x} - {y}, {m}"] = {"mean": d["mean"], "ci": d["ci"], "n": d["n"]}
+pairs = paired_comparisons(metrics, COMPARISONS)
 atomic_write_json(HERE / "report.json", {"weights": {k: {str(i): w for i, w in v.items()} for k, v in WEIGHTS.items()},
                                          "metrics": metrics, "pairs": pairs})
 

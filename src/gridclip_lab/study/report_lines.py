@@ -5,10 +5,27 @@ from __future__ import annotations
 from statistics import mean, stdev
 from typing import Callable, Mapping
 
-from gridclip_lab.study.stats import verdict
+from gridclip_lab.study.stats import paired_differences, verdict
 
 TABLE_METRICS = ("APr", "APc", "APf", "AP", "APbase")
+PAIRED_METRICS = ("AP", "APr", "APc", "APf", "APbase")
 TABLE_HEADER = ["| evaluation | iterations | AP_r | AP_c | AP_f | AP | AP base names |", "|---|---|---|---|---|---|---|"]
+
+
+def paired_comparisons(metrics: Mapping[str, Mapping[str, Mapping]], comparisons) -> dict:
+    """``{"iters: x - y, metric": {mean, ci, n}}``: for each schedule of ``metrics`` {iters: {evaluation:
+    {seed: metrics in [0, 1]}}} and each (x, y) of ``comparisons`` evaluated there, x − y x100 paired over the
+    seeds both have."""
+    pairs = {}
+    for iters, by_name in metrics.items():
+        for x, y in comparisons:
+            if x not in by_name or y not in by_name:
+                continue
+            seeds = sorted(set(by_name[x]) & set(by_name[y]))
+            for m in PAIRED_METRICS:
+                d = paired_differences({s: 100 * by_name[x][s][m] for s in seeds}, {s: 100 * by_name[y][s][m] for s in seeds})
+                pairs[f"{iters}: {x} - {y}, {m}"] = {"mean": d["mean"], "ci": d["ci"], "n": d["n"]}
+    return pairs
 
 
 def difference(d: Mapping) -> str:
