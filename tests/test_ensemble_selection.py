@@ -150,3 +150,56 @@ def test_a_fixed_geometry_chooses_only_the_weights_and_carries_the_extra_fields(
     assert report["chosen"] == {**es.setting("dense", 1, 1, max(es.W_NOVEL), 0.2), "ensemble_candidates": "box"}
     assert report["geometry_fixed"] == ["dense", 1.0, 1.0]
     assert all(s.get("ensemble_candidates") == "box" for s in seen if s["clip_ensemble"] != "off")
+
+
+def test_selections_of_different_models_in_one_work_dir_never_share_evaluations(tmp_path):
+    """Two models selected side by side in one work dir once read each other's cached metrics (the cache was
+    keyed by the setting alone): the cache is now one file per (model bytes, held-out split bytes)."""
+    work = tmp_path / "work"
+    held = tmp_path / "val.json"
+    held.write_text("{}")
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"model a")
+    b.write_bytes(b"model b")
+    setting = es.step1_settings()[0]
+    cache_a = es.evaluations_cache(work, a, held)
+    work.mkdir()
+    es.cached(lambda s: {"AP": 0.1}, cache_a)(setting)
+    cache_b = es.evaluations_cache(work, b, held)
+    assert cache_b != cache_a
+    assert es.cached(lambda s: {"AP": 0.2}, cache_b)(setting) == {"AP": 0.2}
+    assert es.cached(lambda s: {"AP": 0.3}, cache_a)(setting) == {"AP": 0.1}  # resumes its own
+    other_split = tmp_path / "val2.json"
+    other_split.write_text('{"images": []}')
+    assert es.evaluations_cache(work, a, other_split) != cache_a
+
+
+def test_kept_model_evaluations_are_cached_by_setting_and_model_bytes(tmp_path, two_worlds, monkeypatch):
+    """A report's cache once keyed evaluations by the setting's name: a re-chosen weight under the same name
+    kept the old metrics. Now a changed setting or a retrained model (other bytes) is evaluated again."""
+    world, _ = two_worlds
+    run_dir = tmp_path / "runs" / "r0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "model.pt").write_bytes(b"first training")
+    monkeypatch.setattr(es, "kept_runs", lambda folder: {("grid only + ensemble", 0, 400): {"dir": run_dir}})
+    calls = []
+
+    def evaluator(model_path, cfg, base_ids):
+        def evaluate(s):
+            calls.append((Path(model_path).read_bytes(), s["ensemble_weight_base"]))
+            return {"AP": s["ensemble_weight_base"]}
+        return evaluate
+
+    monkeypatch.setattr(es, "held_out_evaluator", evaluator)
+    cache = tmp_path / "cache.json"
+
+    def report(weight):
+        setting = dict(es.step1_settings()[0], ensemble_weight_base=weight)
+        return es.evaluate_kept_models(tmp_path / "runs", "grid only + ensemble", world, (0,),
+                                       lambda iters: {"ensemble": setting}, cache, (400,))
+
+    assert report(0.5)["400"]["ensemble"][0] == {"AP": 0.5} and len(calls) == 1
+    assert report(0.5)["400"]["ensemble"][0] == {"AP": 0.5} and len(calls) == 1  # rendered again from the cache
+    assert report(0.2)["400"]["ensemble"][0] == {"AP": 0.2} and len(calls) == 2  # same name, other weight
+    (run_dir / "model.pt").write_bytes(b"second training")
+    assert report(0.2)["400"]["ensemble"][0] == {"AP": 0.2} and calls[-1][0] == b"second training"

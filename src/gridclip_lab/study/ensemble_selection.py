@@ -19,6 +19,7 @@ reference points.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -169,6 +170,22 @@ def cached(evaluate: EvaluateSetting, path: Path) -> EvaluateSetting:
     return wrapped
 
 
+def evaluations_cache(work_dir: str | Path, model_path: str | Path, held_out_json: str | Path) -> Path:
+    """The evaluations cache of one model on one held-out split: named by the bytes of both, so selections of
+    different models sharing ``work_dir`` (side by side or one after another) never read each other's."""
+    return Path(work_dir) / f"evaluations-{files_digest(model_path, held_out_json)}.json"
+
+
+def files_digest(*paths: str | Path) -> str:
+    """A short digest of the files' bytes (cache keys that change when a model is trained again)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def evaluate_settings(model_path: str, cfg: Any, base_category_ids: list, settings: list[Setting], cache: str) -> int:
     """Evaluate ``settings`` into ``cache`` (a worker process of a side-by-side selection; one torch thread)."""
     from gridclip.utils.threads import torch_threads
@@ -215,12 +232,13 @@ def run_selection(variant: str, world_dir: str | Path, held_out_dir: str | Path,
     cfg.data.val_json, cfg.data.val_images = str(held_out.root / "val.json"), str(held_out.root / "val" / "images")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(work_dir) / "evaluations.json"
     cfg.out_dir = str(work_dir)
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     selection: dict[str, Any] = {}
 
     def evaluate_grid(model_path: str, run_cfg: Any, ids: list) -> dict:
+        cache = evaluations_cache(work_dir, model_path, held_out.root / "val.json")
+
         def prefetch(settings: list[Setting]) -> None:
             if jobs > 1:
                 done = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -234,8 +252,6 @@ def run_selection(variant: str, world_dir: str | Path, held_out_dir: str | Path,
         return selection["chosen"]
 
     kept = Path(model) if model else Path(work_dir) / "model.pt"
-    if not kept.is_file():
-        cache.unlink(missing_ok=True)  # the evaluations of an earlier model
     if kept.is_file():
         from gridclip.utils.threads import torch_threads
 
@@ -265,8 +281,9 @@ def evaluate_kept_models(models: str | Path, variant: str, world: str | Path, se
                          iters: Sequence[int]) -> dict[str, dict[str, dict[int, dict[str, float]]]]:
     """Every kept model of ``variant`` (a ``--keep-models`` study folder's runs) scored on the reporting
     world's val with each of ``settings(iters)`` (name -> setting), through the product's evaluator:
-    ``{iters: {name: {seed: metrics}}}``. Evaluations are remembered in ``cache_path``
-    (``"iters/seed/name"``), so a report is rendered again without evaluating."""
+    ``{iters: {name: {seed: metrics}}}``. Evaluations are remembered in ``cache_path``, keyed by the bytes of
+    the model and of the val split and by the setting (not its name): a report is rendered again without
+    evaluating, and a changed weight or a retrained model is evaluated afresh."""
     from gridclip.data.datasets import build_train_dataset
     from gridclip.utils.threads import torch_threads
     from gridclip_lab.study.spec import StudySpec, run_config
@@ -284,9 +301,10 @@ def evaluate_kept_models(models: str | Path, variant: str, world: str | Path, se
             base_ids = list(build_train_dataset(cfg.data).category_ids)
             cfg = run_config(spec, world, variant, seed, length, len(base_ids))  # the reporting world's val
             evaluate = None
+            model = files_digest(run["dir"] / "model.pt", cfg.data.val_json)
             with torch_threads(1):
                 for name, s in settings(length).items():
-                    key = f"{length}/{seed}/{name}"
+                    key = f"{model}/{json.dumps(s, sort_keys=True)}"
                     if key not in cache:
                         evaluate = evaluate or held_out_evaluator(run["dir"] / "model.pt", cfg, base_ids)
                         cache[key] = evaluate(s)
