@@ -57,6 +57,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # results/quality_inside/: the same target on every location inside a box, not only FCOS's positives
     "grid only + ensemble, IoU quality inside boxes": {"image_align": False, **ENSEMBLE_SETTINGS,
                                                        "quality_target": "iou_inside"},
+    # results/ensemble_low_res/: the box ensemble's frozen CLIP run on the image scaled by 0.75 / 0.5 (its cost)
+    "grid only + ensemble, box candidates, CLIP at 0.75x": {"image_align": False, **ENSEMBLE_SETTINGS,
+                                                             "ensemble_candidates": "box",
+                                                             "ensemble_centerness": "outside", "ensemble_upsample": 0.75},
+    "grid only + ensemble, box candidates, CLIP at 0.5x": {"image_align": False, **ENSEMBLE_SETTINGS,
+                                                            "ensemble_candidates": "box",
+                                                            "ensemble_centerness": "outside", "ensemble_upsample": 0.5},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
 }

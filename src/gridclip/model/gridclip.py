@@ -157,6 +157,12 @@ def _check_ensemble(cfg: GridCLIPConfig) -> None:
         raise ValueError("model.clip_ensemble needs a grid-aligned (open-vocabulary) model; grid_align is off")
     if cfg.trunk_weights:
         raise ValueError("model.clip_ensemble needs CLIP's own trunk; model.trunk_weights replaces it")
+    for field in ("ensemble_upsample", "ensemble_box_scale"):
+        if not getattr(cfg, field) > 0:
+            raise ValueError(f"model.{field}: expected a positive scale, got {getattr(cfg, field)}")
+    for field in ("ensemble_weight_base", "ensemble_weight_novel"):
+        if not 0 <= getattr(cfg, field) <= 1:
+            raise ValueError(f"model.{field}: expected a weight in [0, 1], got {getattr(cfg, field)}")
     for field, value in (("ensemble_novel_score", "objectness"), ("ensemble_centerness", "outside")):
         if getattr(cfg, field) == value and cfg.ensemble_candidates != "box":
             raise ValueError(f"model.{field}={value} needs model.ensemble_candidates=box (got {cfg.ensemble_candidates})")
@@ -416,10 +422,11 @@ class GridCLIP(FCOS):
             raise ValueError(f"model.{unknown[0]}: not an ensemble setting; expected one of "
                              f"{', '.join('model.' + k for k in ENSEMBLE_KEYS)}")
         cfg = config_from_dict({**config_to_dict(self.cfg), **settings}, GridCLIPConfig, "model")
+        if cfg.clip_ensemble != "off":
+            _check_ensemble(cfg)  # before anything changes
         form = self.inference_optimizations  # the inference form is left and taken again around the change
         self.restore_training_form()
         if cfg.clip_ensemble != "off":
-            _check_ensemble(cfg)
             if self.cfg.clip_ensemble == "off":
                 own = cfg.freeze_trunk and self.backbone.grid_pool is not None
                 clip = load_clip(cfg.clip_model, cfg.clip_pretrained)
@@ -443,8 +450,13 @@ class GridCLIP(FCOS):
         own = self.frozen_clip is None
         trunk = self.backbone.trunk if own else self.frozen_clip.trunk
         pool = self.backbone.grid_pool if own else self.frozen_clip.pool
-        x = images if c.ensemble_upsample == 1.0 else F.interpolate(
-            images, scale_factor=c.ensemble_upsample, mode="bilinear", align_corners=False)
+        x = images
+        if c.ensemble_upsample != 1.0:
+            x = F.interpolate(images, scale_factor=c.ensemble_upsample, mode="bilinear", align_corners=False)
+            # padded as the detector's batch is: the trunk's pooling floors, so an input that is not a multiple
+            # of its stride would lose its last cells and its C5 stride would no longer be the nominal one
+            d = self.transform.size_divisible
+            x = F.pad(x, (0, -x.shape[-1] % d, 0, -x.shape[-2] % d))
         if own and c.ensemble_upsample == 1.0 and self.backbone.last_c5 is not None:
             c5 = self.backbone.last_c5
         else:
