@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from gridclip.utils.atomic import atomic_write_json
-from gridclip_lab.study.ensemble_selection import evaluate_kept_models
+from gridclip_lab.study.ensemble_selection import evaluate_kinds_off_and_boxed
 from gridclip_lab.study.report_lines import (console_lines, difference_lines, evaluation_table, novel_goal_line,
                                              paired_comparisons)
 
@@ -38,17 +38,7 @@ WEIGHTS = {"grid only": {400: chosen(BOX / "selection_400_centerness" / "selecti
                            if (HERE / f"selection_{it}" / "selection.json").is_file()}}
 MODELS = {"grid only": (a.baseline, "grid only + ensemble"), "IoU quality": (a.iou, "grid only + ensemble, IoU quality")}
 
-metrics: dict = {}  # iters -> evaluation -> seed -> metrics
-for kind, (folder, variant) in MODELS.items():
-    def settings(iters: int, kind=kind) -> dict:
-        out = {f"{kind}, off": {"clip_ensemble": "off"}}
-        if iters in WEIGHTS[kind]:
-            out[f"{kind} + box ensemble"] = WEIGHTS[kind][iters]
-        return out
-    found = evaluate_kept_models(folder, variant, world, SEEDS, settings, Path(folder).parent / "quality_report_cache.json",
-                                 ITERS)
-    for iters, by_name in found.items():
-        metrics.setdefault(str(iters), {}).update(by_name)
+metrics = evaluate_kinds_off_and_boxed(MODELS, WEIGHTS, world, SEEDS, ITERS)  # iters -> evaluation -> seed
 
 COMPARISONS = (("IoU quality + box ensemble", "grid only, off"),  # the issue's goal (PLAN decision 1)
                ("IoU quality, off", "grid only, off"),  # what the target does alone (2)

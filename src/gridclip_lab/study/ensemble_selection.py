@@ -311,3 +311,23 @@ def evaluate_kept_models(models: str | Path, variant: str, world: str | Path, se
                         atomic_write_json(cache_path, cache)
                     metrics.setdefault(str(length), {}).setdefault(name, {})[seed] = cache[key]
     return metrics
+
+
+def evaluate_kinds_off_and_boxed(models: dict[str, tuple[str, str]], weights: dict[str, dict[int, Setting]],
+                                 world: str | Path, seeds: Sequence[int], iters: Sequence[int],
+                                 cache_name: str = "quality_report_cache.json") -> dict:
+    """Kinds of kept models (``name -> (study runs folder, variant)``), each evaluated with the ensemble off
+    (``"<name>, off"``) and, where ``weights[name]`` holds the schedule, with that setting
+    (``"<name> + box ensemble"``): ``{iters: {evaluation: {seed: metrics}}}`` (see :func:`evaluate_kept_models`;
+    each folder's cache is ``cache_name`` beside it)."""
+    metrics: dict = {}
+    for kind, (folder, variant) in models.items():
+        def settings(length: int, kind=kind) -> dict:
+            out = {f"{kind}, off": {"clip_ensemble": "off"}}
+            if length in weights[kind]:
+                out[f"{kind} + box ensemble"] = weights[kind][length]
+            return out
+        found = evaluate_kept_models(folder, variant, world, seeds, settings, Path(folder).parent / cache_name, iters)
+        for length, by_name in found.items():
+            metrics.setdefault(str(length), {}).update(by_name)
+    return metrics
