@@ -33,7 +33,8 @@ WEIGHTS = {400: {1.0: chosen(BOX / "selection_400_centerness" / "selection.json"
 for iters in ITERS:
     for u in SCALES:
         WEIGHTS[iters][u] = chosen(HERE / f"selection_{iters}_u{u:g}" / "selection.json")
-        assert WEIGHTS[iters][u]["ensemble_upsample"] == u, f"selection_{iters}_u{u:g}: chosen at another scale"
+        if WEIGHTS[iters][u]["ensemble_upsample"] != u:
+            raise SystemExit(f"{HERE}/selection_{iters}_u{u:g}/selection.json: chosen at another scale than {u:g}")
 
 
 def name(u: float) -> str:
