@@ -203,3 +203,19 @@ def test_kept_model_evaluations_are_cached_by_setting_and_model_bytes(tmp_path, 
     assert report(0.2)["400"]["ensemble"][0] == {"AP": 0.2} and len(calls) == 2  # same name, other weight
     (run_dir / "model.pt").write_bytes(b"second training")
     assert report(0.2)["400"]["ensemble"][0] == {"AP": 0.2} and calls[-1][0] == b"second training"
+
+
+def test_a_novel_weight_grid_of_ones_own_replaces_the_rules_and_is_recorded():
+    """A held-out AP_r that peaks below the rule's grid (here at w_novel 0.1) is found only when the grid is
+    extended; the report records the grid used, and the default grid records nothing."""
+    def peaked(s):
+        if s["clip_ensemble"] == "off":
+            return {"APr": 0.3, "APbase": 0.5}
+        return {"APr": 0.4 - 0.1 * abs(s["ensemble_weight_novel"] - 0.1), "APbase": 0.5}
+
+    default = es.select(peaked, geometry=("dense", 1.0, 1.0))
+    assert default["chosen"]["ensemble_weight_novel"] == 0.35 and "w_novel_grid" not in default
+    wider = es.select(peaked, geometry=("dense", 1.0, 1.0), w_novel=(0.1, 0.2, 0.35, 0.5, 0.65, 0.8))
+    # 0.1 is 2.5 points above 0.35 (not a tie) and 1 point above 0.2 (not a tie either)
+    assert wider["chosen"]["ensemble_weight_novel"] == 0.1 and wider["w_novel_grid"] == [0.1, 0.2, 0.35, 0.5, 0.65, 0.8]
+    assert sum(e["setting"].get("ensemble_weight_novel") == 0.1 for e in wider["evaluations"]) >= 1

@@ -37,7 +37,17 @@ def main(argv: Sequence[str]) -> int:
                    help="model.ensemble_centerness of every setting (outside: with --candidates box)")
     p.add_argument("--geometry", nargs=3, metavar=("MODE", "UPSAMPLE", "BOX_SCALE"),
                    help="fix model.clip_ensemble / ensemble_upsample / ensemble_box_scale (only the weights are chosen)")
+    p.add_argument("--w-novel", help="comma list of step 1's novel-name weights in [0, 1] "
+                                     "(default: the rule's 0.35,0.5,0.65,0.8)")
     a = p.parse_args(list(argv))
+    w_novel = None
+    if a.w_novel:
+        try:
+            w_novel = tuple(float(w) for w in a.w_novel.split(","))
+        except ValueError:
+            w_novel = ()
+        if not w_novel or not all(0 <= w <= 1 for w in w_novel):
+            raise ValueError(f"--w-novel: expected a comma list of weights in [0, 1], got {a.w_novel!r}")
     if a.jobs < 1:
         raise ValueError(f"--jobs: expected a positive number of processes, got {a.jobs}")
     if a.variant not in ENSEMBLE_VARIANTS:
@@ -56,7 +66,8 @@ def main(argv: Sequence[str]) -> int:
              **({"ensemble_centerness": a.centerness} if a.centerness != "inside" else {})} or None
     work = a.work_dir or f"runs/ensemble_selection/{re.sub(r'[^a-z0-9]+', '_', a.variant.lower()).strip('_')}"
     report = run_selection(a.variant, a.world, a.held_out, a.out, seed=a.seed, iters=a.iters, model=a.model,
-                           work_dir=work, jobs=a.jobs, geometry=geometry, extra=extra)
+                           work_dir=work, jobs=a.jobs, geometry=geometry, extra=extra,
+                           w_novel=w_novel)
     print(f"chosen: {report['chosen_id']}")
     print(json.dumps(report["chosen"]))
     return 0

@@ -74,23 +74,27 @@ def _pick(candidates: list[tuple[Setting, dict]], metric: str, weight: str, pref
     return min(tied, key=lambda sm: (_cost(sm[0]), abs(sm[0][weight] - preferred), -sm[1][metric]))[0]
 
 
-def step1_settings(geometry: tuple[str, float, float] | None = None, extra: Setting | None = None) -> list[Setting]:
+def step1_settings(geometry: tuple[str, float, float] | None = None, extra: Setting | None = None,
+                   w_novel: Sequence[float] | None = None) -> list[Setting]:
     """Step 1's grid; ``geometry`` (mode, upsample, box scale) fixes those three; ``extra``: further
-    ``model.*`` fields every setting carries (e.g. ``ensemble_candidates``)."""
-    grid = itertools.product(*((m,) for m in geometry), W_NOVEL) if geometry else \
-        itertools.product(MODES, UPSAMPLES, BOX_SCALES, W_NOVEL)
+    ``model.*`` fields every setting carries (e.g. ``ensemble_candidates``); ``w_novel``: its novel weights
+    (default: the rule's, :data:`W_NOVEL`)."""
+    w_novel = W_NOVEL if w_novel is None else tuple(w_novel)
+    grid = itertools.product(*((m,) for m in geometry), w_novel) if geometry else \
+        itertools.product(MODES, UPSAMPLES, BOX_SCALES, w_novel)
     return [{**setting(m, u, b, wn), **(extra or {})} for m, u, b, wn in grid]
 
 
 def select(evaluate: EvaluateSetting, prefetch: Callable[[list[Setting]], None] | None = None, *,
-           geometry: tuple[str, float, float] | None = None, extra: Setting | None = None) -> dict[str, Any]:
+           geometry: tuple[str, float, float] | None = None, extra: Setting | None = None,
+           w_novel: Sequence[float] | None = None) -> dict[str, Any]:
     """Run the rule with ``evaluate(setting) -> metrics`` (held-out; ``APbase`` among them); returns
     ``{"rule", "chosen", "step1", "step2", "references", "evaluations": [{"setting", "metrics"}, ...]}``.
     ``prefetch(settings)`` (optional) is told step 1's settings first, e.g. to evaluate them side by side
-    into the cache ``evaluate`` reads. ``geometry`` / ``extra``: see :func:`step1_settings`."""
+    into the cache ``evaluate`` reads. ``geometry`` / ``extra`` / ``w_novel``: see :func:`step1_settings`."""
     evaluations: list[dict] = []
     if prefetch is not None:
-        prefetch([setting("off"), *step1_settings(geometry, extra)])
+        prefetch([setting("off"), *step1_settings(geometry, extra, w_novel)])
 
     def run(s: Setting) -> dict[str, float]:
         metrics = evaluate(s)
@@ -98,7 +102,7 @@ def select(evaluate: EvaluateSetting, prefetch: Callable[[list[Setting]], None] 
         return metrics
 
     detector_alone = run(setting("off"))
-    step1 = [(s, run(s)) for s in step1_settings(geometry, extra)]
+    step1 = [(s, run(s)) for s in step1_settings(geometry, extra, w_novel)]
     first = _pick(step1, "APr", "ensemble_weight_novel", FVLM_W_NOVEL)
     step2 = [(s, m) for s, m in step1 if s == first]
     for wb in W_BASE:
@@ -109,6 +113,8 @@ def select(evaluate: EvaluateSetting, prefetch: Callable[[list[Setting]], None] 
     clip_alone = {**setting(chosen["clip_ensemble"], chosen["ensemble_upsample"], chosen["ensemble_box_scale"], 1.0, 1.0),
                   **(extra or {})}
     fixed = {"geometry_fixed": list(geometry)} if geometry else {}
+    if w_novel is not None and tuple(w_novel) != W_NOVEL:
+        fixed["w_novel_grid"] = list(w_novel)  # in place of the rule's
     return {"rule": RULE, **fixed, **({"every_setting": extra} if extra else {}), "chosen": chosen,
             "chosen_id": setting_id(chosen),
             "step1_choice": setting_id(first), "step2": [setting_id(s) for s, _ in step2],
@@ -201,11 +207,13 @@ def run_selection(variant: str, world_dir: str | Path, held_out_dir: str | Path,
                   seed: int = 0, iters: int = 400, model: str | Path | None = None,
                   work_dir: str | Path = "runs/ensemble_selection", clip: str | None = None,
                   teacher: str | None = None, overrides: Sequence[str] = (), jobs: int = 1,
-                  geometry: tuple[str, float, float] | None = None, extra: Setting | None = None) -> dict[str, Any]:
+                  geometry: tuple[str, float, float] | None = None, extra: Setting | None = None,
+                  w_novel: Sequence[float] | None = None) -> dict[str, Any]:
     """Train ``variant`` (seed, iters) on ``world_dir``'s det_train as the study does (or take the trained
     ``model``), evaluate the grid on ``held_out_dir``'s val, write ``out_dir/selection.json``.
     ``clip`` / ``teacher`` / ``overrides``: as the study's (default: the shipped CLIPs, no overrides).
-    ``jobs``: step 1's settings evaluated side by side in that many spawned processes (same numbers)."""
+    ``jobs``: step 1's settings evaluated side by side in that many spawned processes (same numbers).
+    ``w_novel``: step 1's novel weights (default: the rule's)."""
     from gridclip.data.datasets import build_train_dataset
     from gridclip_lab.study.spec import StudySpec, run_config
     from gridclip_lab.variants import VARIANTS, run_side_by_side, run_variant
@@ -248,7 +256,7 @@ def run_selection(variant: str, world_dir: str | Path, held_out_dir: str | Path,
                                  jobs, lambda i, n: None)
 
         selection.update(select(cached(held_out_evaluator(model_path, run_cfg, ids), cache), prefetch,
-                                geometry=geometry, extra=extra))
+                                geometry=geometry, extra=extra, w_novel=w_novel))
         return selection["chosen"]
 
     kept = Path(model) if model else Path(work_dir) / "model.pt"
