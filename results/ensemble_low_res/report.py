@@ -7,11 +7,10 @@ The cost of each scale is docs/benchmarks.md's (bench_infer.json here).
 From the repository root: `python results/ensemble_low_res/report.py [--doc docs/results.md]` (world0 in
 runs/world0; evaluations cached beside the study's runs; writes report.json here)."""
 import argparse
-import json
 from pathlib import Path
 
 from gridclip.utils.atomic import atomic_write_json
-from gridclip_lab.study.ensemble_selection import evaluate_kept_models
+from gridclip_lab.study.ensemble_selection import chosen_setting, evaluate_kept_models
 from gridclip_lab.study.report_lines import console_lines, difference_lines, evaluation_table, paired_comparisons
 
 HERE = Path(__file__).parent
@@ -24,15 +23,11 @@ SEEDS, ITERS, SCALES = (0, 1, 2), (400, 1600), (0.75, 0.5)
 world = Path("runs/world0")
 
 
-def chosen(path: Path) -> dict:
-    return json.loads(path.read_text())["chosen"]
-
-
-WEIGHTS = {400: {1.0: chosen(BOX / "selection_400_centerness" / "selection.json")},
-           1600: {1.0: chosen(BOX / "selection_1600_outside" / "selection.json")}}
+WEIGHTS = {400: {1.0: chosen_setting(BOX / "selection_400_centerness" / "selection.json")},
+           1600: {1.0: chosen_setting(BOX / "selection_1600_outside" / "selection.json")}}
 for iters in ITERS:
     for u in SCALES:
-        WEIGHTS[iters][u] = chosen(HERE / f"selection_{iters}_u{u:g}" / "selection.json")
+        WEIGHTS[iters][u] = chosen_setting(HERE / f"selection_{iters}_u{u:g}" / "selection.json")
         if WEIGHTS[iters][u]["ensemble_upsample"] != u:
             raise SystemExit(f"{HERE}/selection_{iters}_u{u:g}/selection.json: chosen at another scale than {u:g}")
 

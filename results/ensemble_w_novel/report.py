@@ -6,11 +6,10 @@ box ensemble (box candidates, centerness outside) at the weights chosen on the r
 From the repository root: `python results/ensemble_w_novel/report.py [--doc docs/results.md]` (world0 in
 runs/world0; evaluations cached beside the study's runs; writes report.json here)."""
 import argparse
-import json
 from pathlib import Path
 
 from gridclip.utils.atomic import atomic_write_json
-from gridclip_lab.study.ensemble_selection import evaluate_kept_models, setting_id
+from gridclip_lab.study.ensemble_selection import chosen_setting, evaluate_kept_models, setting_id
 from gridclip_lab.study.report_lines import (console_lines, difference_lines, evaluation_table, novel_goal_line,
                                              paired_comparisons)
 
@@ -25,14 +24,10 @@ world = Path("runs/world0")
 RULE, EXTENDED = "box ensemble, rule's grid", "box ensemble, extended grid"
 
 
-def chosen(path: Path) -> dict:
-    return json.loads(path.read_text())["chosen"]
-
-
-WEIGHTS = {400: {RULE: chosen(BOX / "selection_400_centerness" / "selection.json")},
-           1600: {RULE: chosen(BOX / "selection_1600_outside" / "selection.json")}}
+WEIGHTS = {400: {RULE: chosen_setting(BOX / "selection_400_centerness" / "selection.json")},
+           1600: {RULE: chosen_setting(BOX / "selection_1600_outside" / "selection.json")}}
 for iters in ITERS:
-    WEIGHTS[iters][EXTENDED] = chosen(HERE / f"selection_{iters}" / "selection.json")
+    WEIGHTS[iters][EXTENDED] = chosen_setting(HERE / f"selection_{iters}" / "selection.json")
 
 
 def settings(iters: int) -> dict:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from gridclip.utils.atomic import atomic_write_json
-from gridclip_lab.study.ensemble_selection import evaluate_kinds_off_and_boxed
+from gridclip_lab.study.ensemble_selection import chosen_setting, evaluate_kinds_off_and_boxed
 from gridclip_lab.study.report_lines import (console_lines, difference_lines, evaluation_table, novel_goal_line,
                                              paired_comparisons)
 
@@ -30,15 +30,11 @@ world = Path("runs/world0")
 NEW = "IoU inside boxes"
 
 
-def chosen(path: Path) -> dict:
-    return json.loads(path.read_text())["chosen"]
-
-
 # the box ensemble's weights: grid only's as chosen before (results/ensemble_box_candidates/), the new models'
 # chosen here by the same rule on the same held-out split (PLAN.md)
-WEIGHTS = {"grid only": {400: chosen(BOX / "selection_400_centerness" / "selection.json"),
-                         1600: chosen(BOX / "selection_1600_outside" / "selection.json")},
-           NEW: {it: chosen(HERE / f"selection_{it}" / "selection.json") for it in ITERS
+WEIGHTS = {"grid only": {400: chosen_setting(BOX / "selection_400_centerness" / "selection.json"),
+                         1600: chosen_setting(BOX / "selection_1600_outside" / "selection.json")},
+           NEW: {it: chosen_setting(HERE / f"selection_{it}" / "selection.json") for it in ITERS
                  if (HERE / f"selection_{it}" / "selection.json").is_file()}}
 MODELS = {"grid only": (a.baseline, "grid only + ensemble"), NEW: (a.inside, "grid only + ensemble, IoU quality inside boxes")}
 

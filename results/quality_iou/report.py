@@ -5,11 +5,10 @@ grid only with the IoU quality target (`runs/study_iou`, "grid only + ensemble, 
 From the repository root: `python results/quality_iou/report.py [--doc docs/results.md]` (world0 in
 runs/world0; evaluations cached beside each study's runs; writes report.json here)."""
 import argparse
-import json
 from pathlib import Path
 
 from gridclip.utils.atomic import atomic_write_json
-from gridclip_lab.study.ensemble_selection import evaluate_kinds_off_and_boxed
+from gridclip_lab.study.ensemble_selection import chosen_setting, evaluate_kinds_off_and_boxed
 from gridclip_lab.study.report_lines import (console_lines, difference_lines, evaluation_table, novel_goal_line,
                                              paired_comparisons)
 
@@ -26,15 +25,11 @@ ITERS = tuple(int(i) for i in a.iters.split(","))
 world = Path("runs/world0")
 
 
-def chosen(path: Path) -> dict:
-    return json.loads(path.read_text())["chosen"]
-
-
 # the box ensemble's weights: grid only's as chosen before (results/ensemble_box_candidates/), the IoU
 # models' chosen here by the same rule on the same held-out split (PLAN.md)
-WEIGHTS = {"grid only": {400: chosen(BOX / "selection_400_centerness" / "selection.json"),
-                         1600: chosen(BOX / "selection_1600_outside" / "selection.json")},
-           "IoU quality": {it: chosen(HERE / f"selection_{it}" / "selection.json") for it in ITERS
+WEIGHTS = {"grid only": {400: chosen_setting(BOX / "selection_400_centerness" / "selection.json"),
+                         1600: chosen_setting(BOX / "selection_1600_outside" / "selection.json")},
+           "IoU quality": {it: chosen_setting(HERE / f"selection_{it}" / "selection.json") for it in ITERS
                            if (HERE / f"selection_{it}" / "selection.json").is_file()}}
 MODELS = {"grid only": (a.baseline, "grid only + ensemble"), "IoU quality": (a.iou, "grid only + ensemble, IoU quality")}
 

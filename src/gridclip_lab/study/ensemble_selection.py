@@ -278,6 +278,11 @@ def run_selection(variant: str, world_dir: str | Path, held_out_dir: str | Path,
     return report
 
 
+def chosen_setting(selection_json: str | Path) -> Setting:
+    """The setting a written selection (``selection.json`` of :func:`run_selection`) chose."""
+    return json.loads(Path(selection_json).read_text())["chosen"]
+
+
 def kept_runs(folder: str | Path) -> dict[tuple[str, int, int], dict]:
     """A study's finished runs, ``(variant, seed, iters) -> result.json`` with its folder as ``dir``."""
     runs = [json.loads(p.read_text()) | {"dir": p.parent} for p in sorted(Path(folder).glob("*/result.json"))]
