@@ -10,10 +10,12 @@
 * images: ``rand_image``, ``write_image``, ``write_noise_image``;
 * comparisons: ``assert_same_detections`` (same order), ``assert_matching_detections`` (one-to-one
   within tolerances, near-ties may swap), ``state_dicts_equal``;
+* ``ensemble_test_model``: the frozen-CLIP ensemble tests' tiny model;
 * ``subprocess_env``: the environment of a gridclip subprocess (own cache, one thread).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
+from gridclip import GridCLIP
 from gridclip.config import Config, config_from_dict
 
 NAMES = ["red star", "blue ring", "green box"]  # the vocabulary of the tiny checkpoints (conftest.tiny_checkpoint)
@@ -293,3 +296,32 @@ def two_coloured_rectangle_images() -> tuple[list[torch.Tensor], list[dict]]:
         images.append(img)
         targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels)})
     return images, targets
+
+
+def revive_clip_trunk(trunk):
+    """Batch-norm scales of a random open_clip ResNet set as a trained one has them (it zeroes them)."""
+    for name, buf in trunk.named_buffers():
+        if name.endswith("bn3.weight"):  # open_clip's random init zeroes them; CLIP's weights do not
+            buf.fill_(100.0 if name.startswith("layer4") else 1.0)
+
+
+def ensemble_test_model(tiny_cfg, **overrides):
+    """A tiny random GridCLIP (config fields ``overrides``) whose random CLIP trunks and pools give content-
+    dependent C5 and embeddings, boxes of a few strides, a 5-name random vocabulary: the ensemble tests' model."""
+    torch.manual_seed(0)
+    model = GridCLIP(dataclasses.replace(tiny_cfg, detections_per_img=50, score_thresh=0.0, **overrides))
+    revive_clip_trunk(model.backbone.trunk)
+    pools = [model.backbone.grid_pool]
+    if model.frozen_clip is not None:
+        revive_clip_trunk(model.frozen_clip.trunk)
+        pools.append(model.frozen_clip.pool)
+    with torch.no_grad():  # a random tiny trunk's C5 is ~0.03 against positional embeddings ~1: let content count
+        for pool in pools:
+            pool.positional_embedding.mul_(0.01)
+            pool.v_proj.bias.zero_()
+            pool.c_proj.bias.zero_()
+    torch.nn.init.normal_(model.head.regression_head.bbox_reg.weight, std=0.05)
+    torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
+    g = torch.Generator().manual_seed(3)
+    model.set_vocabulary(torch.randn(5, model.clip_dim, generator=g))
+    return model.eval()

@@ -18,35 +18,9 @@ from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import load_config
 from gridclip.export import DenseGridCLIP
 from gridclip.model import CLIPTeacher
-from helpers import state_dicts_equal
+from helpers import ensemble_test_model as _model, revive_clip_trunk as _revive, state_dicts_equal
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "gridclip" / "configs"
-
-
-def _revive(trunk):
-    for name, buf in trunk.named_buffers():
-        if name.endswith("bn3.weight"):  # open_clip's random init zeroes them; CLIP's weights do not
-            buf.fill_(100.0 if name.startswith("layer4") else 1.0)
-
-
-def _model(tiny_cfg, **overrides):
-    torch.manual_seed(0)
-    model = GridCLIP(dataclasses.replace(tiny_cfg, detections_per_img=50, score_thresh=0.0, **overrides))
-    _revive(model.backbone.trunk)
-    pools = [model.backbone.grid_pool]
-    if model.frozen_clip is not None:
-        _revive(model.frozen_clip.trunk)
-        pools.append(model.frozen_clip.pool)
-    with torch.no_grad():  # a random tiny trunk's C5 is ~0.03 against positional embeddings ~1: let content count
-        for pool in pools:
-            pool.positional_embedding.mul_(0.01)
-            pool.v_proj.bias.zero_()
-            pool.c_proj.bias.zero_()
-    torch.nn.init.normal_(model.head.regression_head.bbox_reg.weight, std=0.05)
-    torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
-    g = torch.Generator().manual_seed(3)
-    model.set_vocabulary(torch.randn(5, model.clip_dim, generator=g))
-    return model.eval()
 
 
 def _reference_detections(model, images, trained, w_base, w_novel, upsample=1.0, box_scale=1.0):
