@@ -92,6 +92,10 @@ class GridCLIPConfig:
     # Frozen trunk (F-VLM): the CLIP trunk and attnpool keep CLIP's weights (no gradient, no backward);
     # only the adapter, FPN, head and projector train.
     freeze_trunk: bool = False
+    # As torchvision's trainable_backbone_layers: the last n of the trunk's [stem, layer1, layer2, layer3,
+    # layer4] train, the others keep CLIP's weights (5: all train). With n <= 2 the frozen-CLIP ensemble
+    # shares the detector's C4 (n <= 1) or C3 and runs only the remaining stages (results/trunk_layer4/).
+    trainable_trunk_layers: int = 5
     # Frozen-CLIP ensemble at inference (F-VLM): each candidate box before NMS is scored by the frozen
     # CLIP (see gridclip.model.clip_ensemble) and p = p_det^(1-w) * p_clip^w, w = ensemble_weight_base
     # for ensemble_trained_names (recorded by training: the names trained with boxes), else

@@ -66,6 +66,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                                             "ensemble_centerness": "outside", "ensemble_upsample": 0.5},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
+    # results/trunk_layer4/: only the trunk's layer4 trains (and the attention pool), so the ensemble's frozen
+    # C5 is one layer4 pass on the detector's own C4; the box-candidates form for bench-infer
+    "layer4 only + ensemble": {"image_align": False, "trainable_trunk_layers": 1, **ENSEMBLE_SETTINGS},
+    "layer4 only + ensemble, box candidates": {"image_align": False, "trainable_trunk_layers": 1, **ENSEMBLE_SETTINGS,
+                                               "ensemble_candidates": "box", "ensemble_centerness": "outside"},
 }
 
 

@@ -188,3 +188,26 @@ class CLIPResNetTrunk(ModifiedResNet):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.forward_intermediates(x, indices=TRUNK_LEVELS, intermediates_only=True)["image_intermediates"]
+
+    def stages(self) -> list[list[nn.Module]]:
+        """The modules of [stem, layer1, layer2, layer3, layer4] (torchvision's ``trainable_backbone_layers``
+        counts them from the end)."""
+        stem = [self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3]
+        return [stem, [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+
+    def freeze_stages(self, trainable: int) -> None:
+        """Only the last ``trainable`` (0-5) stages keep gradients; the others keep their weights."""
+        for stage in self.stages()[: len(self.stages()) - trainable]:
+            for module in stage:
+                module.requires_grad_(False)
+
+    def from_level(self, level: Tensor, index: int) -> Tensor:
+        """C5 from the trunk's level ``index`` of [C3, C4] (the stages after it)."""
+        for stage in (self.layer3, self.layer4)[index:]:
+            level = stage(level)
+        return level
+
+
+def shared_trunk_level(trainable_trunk_layers: int) -> int | None:
+    """The index in [C3, C4] of the last level that only frozen stages compute (None: C3 is trained)."""
+    return {0: 1, 1: 1, 2: 0}.get(trainable_trunk_layers)

@@ -31,7 +31,8 @@ from gridclip.clip.vocabulary import TunedNames, Vocabulary, parse_vocabulary
 from gridclip.config import GridCLIPConfig
 from gridclip.model import inference
 from gridclip.model.clip_ensemble import CLIPEnsemble, FrozenCLIP
-from gridclip.model.backbone import CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride, valid_cells
+from gridclip.model.backbone import (CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride,
+                                     shared_trunk_level, valid_cells)
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.ignore import ignore_locations, padded_locations
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
@@ -93,10 +94,15 @@ class GridCLIPBackbone(nn.Module):
         self.frozen_clip = False  # trunk and attnpool frozen: run without autograd (set by GridCLIP)
         self.last_c5: Tensor | None = None  # the last forward's (masked) C5, kept only for the frozen ensemble
         self.keep_c5 = False
+        # with stages frozen: the index in [C3, C4] of the last frozen level, kept (unmasked) in eval for the
+        # frozen ensemble, which then runs only the stages after it (GridCLIP.clip_ensemble)
+        self.shared_level: int | None = None
+        self.last_shared: Tensor | None = None
 
     def forward(self, x: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> tuple[list[Tensor], Tensor]:
         with torch.no_grad() if self.frozen_clip else contextlib.nullcontext():
             c3, c4, c5 = self.trunk(x)
+            self.last_shared = (c3, c4)[self.shared_level] if self.shared_level is not None and not self.training else None
             stride = nominal_stride(x.shape[-1], c5.shape[-1])
             cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), stride)
             if cells is not None:  # zero the padded cells, as convolution padding would see them
@@ -208,6 +214,13 @@ class GridCLIP(FCOS):
         self.transform = DetectionTransform(cfg.min_size, cfg.max_size, list(CLIP_MEAN), list(CLIP_STD))
         if cfg.freeze_bn or cfg.freeze_trunk:
             freeze_batch_norm_2d(self.backbone.trunk)
+        if not 0 <= cfg.trainable_trunk_layers <= 5:
+            raise ValueError(f"model.trainable_trunk_layers: expected 0-5 trunk stages, got {cfg.trainable_trunk_layers}")
+        if cfg.trainable_trunk_layers < 5:
+            if cfg.freeze_trunk or not cfg.freeze_bn:
+                raise ValueError("model.trainable_trunk_layers < 5 needs model.freeze_trunk=false (it freezes every "
+                                 "stage) and model.freeze_bn=true (frozen stages keep CLIP's batch statistics)")
+            self.backbone.trunk.freeze_stages(cfg.trainable_trunk_layers)
         if cfg.freeze_trunk:
             self.backbone.trunk.requires_grad_(False)
             if grid_pool is not None:
@@ -234,6 +247,7 @@ class GridCLIP(FCOS):
         self.trunk_source: TrunkSource | None = trunk_source  # None: the CLIP's trunk
         self.clip_config = self_clip_config
         self.clip_dim = clip_dim
+        self._share_trunk_level()
         # bf16 pass/fail matmul for large levels x vocabularies on CPUs with native bf16 (see scoring.py);
         # detections are unchanged: the passing pairs are re-scored in fp32.
         self.fast_scoring_pass = True
@@ -439,8 +453,15 @@ class GridCLIP(FCOS):
                 scale = clip.logit_scale.exp().detach().clone().float().reshape(())
                 self.register_buffer("clip_logit_scale", scale.to(next(self.parameters()).device))
         self.cfg = cfg
+        self._share_trunk_level()
         if form is not None:
             self.optimize_for_inference(channels_last=form["channels_last"])
+
+    def _share_trunk_level(self) -> None:
+        """With the ensemble's frozen copy and the trunk frozen through layer2 or layer3, the detector's C3 or
+        C4 is the frozen CLIP's: the backbone keeps it for :meth:`clip_ensemble`."""
+        on = self.cfg.clip_ensemble != "off" and self.frozen_clip is not None
+        self.backbone.shared_level = shared_trunk_level(self.cfg.trainable_trunk_layers) if on else None
 
     def clip_ensemble(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> CLIPEnsemble:
         """The frozen-CLIP re-scoring of this batch's candidates (``images``: the padded, normalised batch
@@ -459,6 +480,9 @@ class GridCLIP(FCOS):
             x = F.pad(x, (0, -x.shape[-1] % d, 0, -x.shape[-2] % d))
         if own and c.ensemble_upsample == 1.0 and self.backbone.last_c5 is not None:
             c5 = self.backbone.last_c5
+        elif not own and c.ensemble_upsample == 1.0 and self.backbone.last_shared is not None:
+            with torch.no_grad():  # the frozen stages' output is shared: only the stages after it run
+                c5 = trunk.from_level(self.backbone.last_shared, self.backbone.shared_level)
         else:
             with torch.no_grad():
                 c5 = trunk(x)[-1]
