@@ -26,7 +26,8 @@ HERE = Path(__file__).parent
 WORLD, HELD_OUT, VARIANT = Path("runs/world0"), Path("runs/world1"), "grid only + ensemble"
 SEEDS, ITERS = (0, 1, 2), (400, 1600)
 REFERENCE = "box ensemble (as chosen)"
-#: name -> (model.nms_thresh or None, variant, parameters); fixed before the seeds 0-2 runs (PLAN.md)
+#: name -> (model.nms_thresh or None, variant, parameters); fixed from the seed-0 exploration before the seeds
+#: 0-2 runs (PLAN.md: the plan itself was written after them)
 EVALUATIONS = {
     "grid only (ensemble off)": (None, "off", {}),
     REFERENCE: (None, None, {}),
