@@ -97,3 +97,21 @@ def test_bad_values_are_refused_in_one_line(tiny_cfg, overrides, message):
     with pytest.raises(ValueError, match=message) as error:
         GridCLIP(dataclasses.replace(tiny_cfg, **overrides), load_clip_weights=False)
     assert "\n" not in str(error.value)
+
+
+@torch.no_grad()
+def test_the_checkpoint_records_it(tiny_cfg, tmp_path):
+    from gridclip.checkpoint import load_checkpoint, save_checkpoint
+
+    model = ensemble_test_model(tiny_cfg, trainable_trunk_layers=1, clip_ensemble="dense")
+    for p in model.backbone.trunk.layer4.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+    save_checkpoint(tmp_path / "m.pt", model)
+    loaded = load_checkpoint(tmp_path / "m.pt").eval()
+    assert loaded.cfg.trainable_trunk_layers == 1 and loaded.backbone.shared_level == 1
+    assert all(not p.requires_grad for p in loaded.backbone.trunk.layer3.parameters())
+    images = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(6))]
+    a, b = model(images)[0], loaded(images)[0]
+    assert a["scores"].numel() > 0
+    torch.testing.assert_close(a["scores"], b["scores"])
+    assert torch.equal(a["labels"], b["labels"])
