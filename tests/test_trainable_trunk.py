@@ -115,3 +115,11 @@ def test_the_checkpoint_records_it(tiny_cfg, tmp_path):
     assert a["scores"].numel() > 0
     torch.testing.assert_close(a["scores"], b["scores"])
     assert torch.equal(a["labels"], b["labels"])
+
+
+def test_a_bad_value_is_refused_before_any_clip_is_loaded():
+    from gridclip.config import GridCLIPConfig
+
+    # an open_clip tag that would need a download here: the check must come first
+    with pytest.raises(ValueError, match=r"model\.trainable_trunk_layers: expected 0-5"):
+        GridCLIP(GridCLIPConfig(clip_model="RN50", clip_pretrained="openai", trainable_trunk_layers=7))

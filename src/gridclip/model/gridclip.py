@@ -189,6 +189,11 @@ class GridCLIP(FCOS):
         cfg = cfg or GridCLIPConfig()
         if not cfg.grid_align and cfg.num_classes < 1:
             raise ValueError("model.num_classes must be >= 1 when model.grid_align is false (closed-set classifier)")
+        if not 0 <= cfg.trainable_trunk_layers <= 5:  # before any CLIP is loaded
+            raise ValueError(f"model.trainable_trunk_layers: expected 0-5 trunk stages, got {cfg.trainable_trunk_layers}")
+        if cfg.trainable_trunk_layers < 5 and (cfg.freeze_trunk or not cfg.freeze_bn):
+            raise ValueError("model.trainable_trunk_layers < 5 needs model.freeze_trunk=false (it freezes every "
+                             "stage) and model.freeze_bn=true (frozen stages keep CLIP's batch statistics)")
         self_clip_config = clip_config if clip_config is not None else model_config(cfg.clip_model)
         trunk = build_clip_trunk(cfg.clip_model, cfg.clip_pretrained, load_clip_weights, self_clip_config)
         attnpool = trunk.take_attnpool()
@@ -214,12 +219,7 @@ class GridCLIP(FCOS):
         self.transform = DetectionTransform(cfg.min_size, cfg.max_size, list(CLIP_MEAN), list(CLIP_STD))
         if cfg.freeze_bn or cfg.freeze_trunk:
             freeze_batch_norm_2d(self.backbone.trunk)
-        if not 0 <= cfg.trainable_trunk_layers <= 5:
-            raise ValueError(f"model.trainable_trunk_layers: expected 0-5 trunk stages, got {cfg.trainable_trunk_layers}")
         if cfg.trainable_trunk_layers < 5:
-            if cfg.freeze_trunk or not cfg.freeze_bn:
-                raise ValueError("model.trainable_trunk_layers < 5 needs model.freeze_trunk=false (it freezes every "
-                                 "stage) and model.freeze_bn=true (frozen stages keep CLIP's batch statistics)")
             self.backbone.trunk.freeze_stages(cfg.trainable_trunk_layers)
         if cfg.freeze_trunk:
             self.backbone.trunk.requires_grad_(False)
