@@ -225,6 +225,50 @@ def test_separate_pseudo_loss_is_plain_fine_tunings_loss_plus_the_pseudo_boxes_o
     assert "loss_pseudo_grid" not in joint and not torch.allclose(joint["loss_grid"], plain["loss_grid"])
 
 
+def test_pseudo_boxes_without_localization_train_only_the_classification(tiny_root, tmp_path, monkeypatch):
+    """pseudo_localization=false: the pseudo-boxes add their classification loss (the same value as with
+    localisation) and nothing else, so the regression / centerness branch gets exactly plain fine-tuning's
+    gradient, while the classification branch still gets the pseudo-boxes' one."""
+    _, path = _start_file(tiny_root, tmp_path)
+    cfg = tiny_config(tiny_root, init_from=str(path))
+    cfg.train.finetune.mode = "pseudo_boxes"
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.setup()
+    model = trainer.model
+    hook = model.training_hook
+    found = {"boxes": torch.tensor([[4., 4., 30., 30.], [34., 30., 60., 56.]]), "scores": torch.tensor([0.9, 0.8]),
+             "labels": torch.tensor([0, 1])}
+    monkeypatch.setattr(hook.start, "postprocess_dense", lambda dense, anchors, sizes, *a: [found] * len(sizes))
+    images, targets = trainer._to_device(*_two_samples(trainer))
+    regression = dict(model.head.regression_head.named_parameters())
+    classification = dict(model.head.classification_head.named_parameters())
+
+    def gradients(losses):
+        model.zero_grad()
+        sum(losses.values()).backward()
+        return ({k: p.grad.clone() for k, p in regression.items() if p.grad is not None},
+                {k: p.grad.clone() for k, p in classification.items() if p.grad is not None})
+
+    torch.manual_seed(0)
+    full = model(images, targets)
+    full_grads = gradients(full)
+    hook.recipe = ft.dataclasses.replace(hook.recipe, pseudo_localization=False)
+    torch.manual_seed(0)
+    only = model(images, targets)
+    assert "loss_pseudo_grid" in only and not {"loss_pseudo_box", "loss_pseudo_ctr"} & only.keys()
+    for name in ("loss_grid", "loss_box", "loss_ctr", "loss_pseudo_grid"):
+        torch.testing.assert_close(only[name], full[name])
+    only_grads = gradients(only)
+    model.training_hook = None
+    torch.manual_seed(0)
+    plain_grads = gradients(model(images, targets))
+    assert only_grads[0].keys() == plain_grads[0].keys() and only_grads[0]
+    for k in plain_grads[0]:
+        torch.testing.assert_close(only_grads[0][k], plain_grads[0][k])
+    assert any(not torch.allclose(full_grads[0][k], plain_grads[0][k]) for k in plain_grads[0])
+    assert any(not torch.allclose(only_grads[1][k], plain_grads[1][k]) for k in plain_grads[1])
+
+
 def _two_samples(trainer):
     samples = [train_module.SeededSamples(trainer.dataset)[(i, i)] for i in range(2)]
     return train_module.collate_detection(samples)
@@ -334,6 +378,9 @@ def test_pseudo_boxes_mode_is_keep_vocab_with_only_its_pseudo_boxes(tiny_root, t
 
     assert ("- Fine-tuning recipe (`train.finetune`): pseudo_boxes (pseudo_score 0.2, pseudo_loss separate, "
             "WiSE-FT alpha 1.0)") in model_card(lower)
+    cls_only = _fine_tune(tiny_root, tmp_path, "cls_only", path, mode="pseudo_boxes", pseudo_localization=False)
+    assert cls_only["extra"]["finetune"]["pseudo_localization"] is False
+    assert "pseudo_loss separate, pseudo_localization False, WiSE-FT alpha 1.0)" in model_card(cls_only)
     joint = _fine_tune(tiny_root, tmp_path, "joint", path, mode="pseudo_boxes", pseudo_loss="joint")
     assert not all(torch.equal(joint["state_dict"][k], v) for k, v in named["state_dict"].items())
     assert "(pseudo_score 0.5, WiSE-FT alpha 1.0)" in model_card(joint)  # joint: the first design, not named
@@ -366,6 +413,10 @@ def test_recipe_settings_are_checked(tiny_root, tmp_path):
     cfg.train.finetune.pseudo_loss = "both"
     with pytest.raises(ValueError, match=r"train\.finetune\.pseudo_loss: expected one of joint, separate, got 'both'"):
         Trainer(cfg, tmp_path / "bad3", progress=False).setup()
+    cfg.train.finetune.pseudo_loss = "joint"
+    cfg.train.finetune.pseudo_localization = False
+    with pytest.raises(ValueError, match=r"train\.finetune\.pseudo_localization=false: expected pseudo_loss=separate"):
+        Trainer(cfg, tmp_path / "bad4", progress=False).setup()
 
 
 def test_the_recipe_is_a_config_section_with_a_switch_to_plain():
@@ -501,3 +552,4 @@ def test_the_studys_default_arm_spells_the_products_default_recipe():
     switches, recipe = RECIPE_ARMS[DEFAULT_ARM]
     assert dataclasses.replace(FinetuneConfig(), **recipe) == ft.pseudo_boxes_recipe(FinetuneConfig())
     assert RECIPE_ARMS["pseudo-boxes"][1]["pseudo_loss"] == "joint"  # the first design, as it was recorded
+    assert RECIPE_ARMS["pseudo-boxes (separate loss; classification only)"][1] == {**recipe, "pseudo_localization": False}

@@ -471,3 +471,29 @@ def test_paired_comparisons_pair_each_schedules_evaluations_over_their_common_se
     got = pairs["400: a - b, AP"]
     assert got["n"] == 2 and got["mean"] == pytest.approx(reference["mean"]) and got["ci"] == pytest.approx(reference["ci"])
     assert pairs["400: b - a, APr"]["mean"] == pytest.approx(-reference["mean"])
+
+
+def test_pseudo_localization_enters_a_fine_tuning_runs_key_only_when_off(tmp_path, monkeypatch):
+    """Fine-tuning runs recorded before train.finetune.pseudo_localization existed (always on) keep their keys."""
+    from gridclip_lab.study import run_key
+    from gridclip_lab.study import spec as spec_module
+
+    cfg = run_config(StudySpec(variants=("GridCLIP",), pairs=()), tmp_path, "GridCLIP", 0, 10, 38)
+    cfg.train.init_from = "start/model.pt"
+    cfg.train.finetune.mode = "keep_vocab"
+    cfg.train.finetune.pseudo_score = 0.5
+    cfg.train.finetune.pseudo_loss = "separate"
+    today = run_key(cfg, tmp_path)
+    real = spec_module.config_to_dict
+
+    def recorded_before(c):  # the config as a file written before the setting existed reads
+        values = real(c)
+        if "train" in values:  # (also called for other config sections)
+            values["train"]["finetune"].pop("pseudo_localization")
+        return values
+
+    monkeypatch.setattr(spec_module, "config_to_dict", recorded_before)
+    assert run_key(cfg, tmp_path) == today
+    monkeypatch.undo()
+    cfg.train.finetune.pseudo_localization = False
+    assert run_key(cfg, tmp_path) != today

@@ -57,6 +57,9 @@ def check_finetune_config(f: FinetuneConfig) -> None:
         raise ValueError(f"train.finetune.pseudo_score: expected a score in (0, 1] or null, got {f.pseudo_score}")
     if f.pseudo_loss not in PSEUDO_LOSSES:
         raise ValueError(f"train.finetune.pseudo_loss: expected one of {', '.join(PSEUDO_LOSSES)}, got {f.pseudo_loss!r}")
+    if not f.pseudo_localization and f.pseudo_loss != "separate":
+        raise ValueError("train.finetune.pseudo_localization=false: expected pseudo_loss=separate (the joint loss "
+                         f"trains the pseudo-boxes' localisation with the data's), got pseudo_loss={f.pseudo_loss!r}")
     if f.distill < 0:
         raise ValueError(f"train.finetune.distill: expected a weight >= 0, got {f.distill}")
     if f.alpha is not None and not 0.0 <= f.alpha <= 1.0:
@@ -212,9 +215,10 @@ class KeepVocabulary(WeightInterpolation):
                                          "bbox_ctrness": ctrness}, anchors, [f.shape[2] * f.shape[3] for f in features],
                                         model.loss_padding(features, cells))
             c = model.cfg
-            extra.update({"loss_pseudo_grid": c.loss_grid * pseudo["classification"],
-                          "loss_pseudo_box": c.loss_box * pseudo["bbox_regression"],
-                          "loss_pseudo_ctr": c.loss_ctr * pseudo["bbox_ctrness"]})
+            extra["loss_pseudo_grid"] = c.loss_grid * pseudo["classification"]
+            if self.recipe.pseudo_localization:
+                extra.update({"loss_pseudo_box": c.loss_box * pseudo["bbox_regression"],
+                              "loss_pseudo_ctr": c.loss_ctr * pseudo["bbox_ctrness"]})
             logits, targets = logits[..., :num_custom], data_targets
         return {"cls_logits": logits, "bbox_regression": regression, "bbox_ctrness": ctrness}, extra, targets
 
@@ -368,8 +372,12 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
     if f.mode in ("plain", "embeddings"):
         return {"mode": f.mode, "alpha": alpha}
     if f.mode == "pseudo_boxes":
-        return {"mode": f.mode, "pseudo_score": pseudo_boxes_recipe(f).pseudo_score, "pseudo_loss": f.pseudo_loss,
-                "alpha": alpha, "keep_names": f.keep_names}
-    return {"mode": f.mode, "ignore_score": f.ignore_score, "distill": f.distill, "pseudo_score": f.pseudo_score,
-            "pseudo_loss": f.pseudo_loss if f.pseudo_score is not None else None, "alpha": alpha,
-            "keep_names": f.keep_names}
+        record = {"mode": f.mode, "pseudo_score": pseudo_boxes_recipe(f).pseudo_score, "pseudo_loss": f.pseudo_loss,
+                  "alpha": alpha, "keep_names": f.keep_names}
+    else:
+        record = {"mode": f.mode, "ignore_score": f.ignore_score, "distill": f.distill, "pseudo_score": f.pseudo_score,
+                  "pseudo_loss": f.pseudo_loss if f.pseudo_score is not None else None, "alpha": alpha,
+                  "keep_names": f.keep_names}
+    if record["pseudo_loss"] is not None and not f.pseudo_localization:
+        record["pseudo_localization"] = False  # recorded only off its default (files before it existed read the same)
+    return record
