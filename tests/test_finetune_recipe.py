@@ -268,6 +268,22 @@ def test_pseudo_boxes_without_localization_train_only_the_classification(tiny_ro
     assert any(not torch.allclose(full_grads[0][k], plain_grads[0][k]) for k in plain_grads[0])
     assert any(not torch.allclose(only_grads[1][k], plain_grads[1][k]) for k in plain_grads[1])
 
+    # a weight in between scales the pseudo-boxes' localisation losses, so the regression / centerness
+    # branch's gradient lies on the line from plain fine-tuning's (weight 0) to the full one's (weight 1)
+    model.training_hook = hook
+    for weight in (1.0, 0.25):
+        hook.recipe = ft.dataclasses.replace(hook.recipe, pseudo_localization=weight)
+        torch.manual_seed(0)
+        weighted = model(images, targets)
+        for name in ("loss_grid", "loss_box", "loss_ctr", "loss_pseudo_grid"):
+            assert torch.equal(weighted[name], full[name])
+        for name in ("loss_pseudo_box", "loss_pseudo_ctr"):
+            torch.testing.assert_close(weighted[name], weight * full[name])
+        weighted_grads = gradients(weighted)
+        for k in plain_grads[0]:
+            torch.testing.assert_close(weighted_grads[0][k],
+                                       plain_grads[0][k] + weight * (full_grads[0][k] - plain_grads[0][k]))
+
 
 def _two_samples(trainer):
     samples = [train_module.SeededSamples(trainer.dataset)[(i, i)] for i in range(2)]
@@ -381,6 +397,11 @@ def test_pseudo_boxes_mode_is_keep_vocab_with_only_its_pseudo_boxes(tiny_root, t
     cls_only = _fine_tune(tiny_root, tmp_path, "cls_only", path, mode="pseudo_boxes", pseudo_localization=False)
     assert cls_only["extra"]["finetune"]["pseudo_localization"] is False
     assert "pseudo_loss separate, pseudo_localization False, WiSE-FT alpha 1.0)" in model_card(cls_only)
+    cfg = tiny_config(tiny_root, init_from=str(path))
+    cfg.train.finetune.pseudo_localization = 0.25
+    assert ft.recipe_record(cfg)["pseudo_localization"] == 0.25
+    cfg.train.finetune.pseudo_localization = 1.0  # the default's weight: recorded as files before the setting
+    assert "pseudo_localization" not in ft.recipe_record(cfg)
     joint = _fine_tune(tiny_root, tmp_path, "joint", path, mode="pseudo_boxes", pseudo_loss="joint")
     assert not all(torch.equal(joint["state_dict"][k], v) for k, v in named["state_dict"].items())
     assert "(pseudo_score 0.5, WiSE-FT alpha 1.0)" in model_card(joint)  # joint: the first design, not named
@@ -417,6 +438,25 @@ def test_recipe_settings_are_checked(tiny_root, tmp_path):
     cfg.train.finetune.pseudo_localization = False
     with pytest.raises(ValueError, match=r"train\.finetune\.pseudo_localization=false: expected pseudo_loss=separate"):
         Trainer(cfg, tmp_path / "bad4", progress=False).setup()
+    cfg.train.finetune.pseudo_localization = 0.5
+    with pytest.raises(ValueError, match=r"train\.finetune\.pseudo_localization=0\.5: expected pseudo_loss=separate"):
+        Trainer(cfg, tmp_path / "bad5", progress=False).setup()
+    cfg.train.finetune.pseudo_loss = "separate"
+    cfg.train.finetune.pseudo_localization = -0.5
+    with pytest.raises(ValueError, match=r"train\.finetune\.pseudo_localization: expected true, false or a weight >= 0, got -0\.5"):
+        Trainer(cfg, tmp_path / "bad6", progress=False).setup()
+
+
+def test_pseudo_localization_reads_as_a_switch_or_a_weight():
+    from gridclip.config import load_config
+
+    def read(value):
+        return load_config(overrides=[f"train.finetune.pseudo_localization={value}"]).train.finetune.pseudo_localization
+
+    assert read("true") is True and read("false") is False
+    assert read("0.25") == 0.25 and isinstance(read("1"), float)
+    with pytest.raises(ValueError, match="train.finetune.pseudo_localization"):
+        read("some")
 
 
 def test_the_recipe_is_a_config_section_with_a_switch_to_plain():
@@ -553,3 +593,6 @@ def test_the_studys_default_arm_spells_the_products_default_recipe():
     assert dataclasses.replace(FinetuneConfig(), **recipe) == ft.pseudo_boxes_recipe(FinetuneConfig())
     assert RECIPE_ARMS["pseudo-boxes"][1]["pseudo_loss"] == "joint"  # the first design, as it was recorded
     assert RECIPE_ARMS["pseudo-boxes (separate loss; classification only)"][1] == {**recipe, "pseudo_localization": False}
+    for weight in (0.25, 0.5):
+        assert RECIPE_ARMS[f"pseudo-boxes (separate loss; localisation {weight})"][1] == {
+            **recipe, "pseudo_localization": weight}

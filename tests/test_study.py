@@ -495,5 +495,9 @@ def test_pseudo_localization_enters_a_fine_tuning_runs_key_only_when_off(tmp_pat
     monkeypatch.setattr(spec_module, "config_to_dict", recorded_before)
     assert run_key(cfg, tmp_path) == today
     monkeypatch.undo()
+    cfg.train.finetune.pseudo_localization = 1.0  # the default as a weight
+    assert run_key(cfg, tmp_path) == today
     cfg.train.finetune.pseudo_localization = False
-    assert run_key(cfg, tmp_path) != today
+    off = run_key(cfg, tmp_path)
+    cfg.train.finetune.pseudo_localization = 0.25
+    assert len({today, off, run_key(cfg, tmp_path)}) == 3

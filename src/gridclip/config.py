@@ -213,10 +213,11 @@ class FinetuneConfig:
     # better than joint on both custom sets); joint: the pseudo-boxes join the data's boxes in one FCOS
     # loss, normalised by all positives
     pseudo_loss: Literal["joint", "separate"] = "separate"
-    # separate only: the pseudo-boxes also train box regression and centerness (true), or only the
-    # classification on their names (false: the start model's boxes do not teach localisation; Unbiased
-    # Teacher, Liu et al. 2021, Sec. 3.3; results/finetune_pseudo_cls/)
-    pseudo_localization: bool = True
+    # separate only: the weight of the pseudo-boxes' box regression and centerness losses; true = 1 (they
+    # train localisation like the data's boxes), false = 0 (only the classification on their names: the
+    # start model's boxes do not teach localisation; Unbiased Teacher, Liu et al. 2021, Sec. 3.3), or a
+    # number >= 0 in between (results/finetune_pseudo_cls/, results/finetune_pseudo_weight/)
+    pseudo_localization: bool | float = True
     # WiSE-FT: the saved weights are (1 - alpha) start + alpha fine-tuned, per tensor; 1: the fine-tuned
     # ones; null: the measured default of the mode (:func:`finetune_alpha`)
     alpha: float | None = None

@@ -57,9 +57,13 @@ def check_finetune_config(f: FinetuneConfig) -> None:
         raise ValueError(f"train.finetune.pseudo_score: expected a score in (0, 1] or null, got {f.pseudo_score}")
     if f.pseudo_loss not in PSEUDO_LOSSES:
         raise ValueError(f"train.finetune.pseudo_loss: expected one of {', '.join(PSEUDO_LOSSES)}, got {f.pseudo_loss!r}")
-    if not f.pseudo_localization and f.pseudo_loss != "separate":
-        raise ValueError("train.finetune.pseudo_localization=false: expected pseudo_loss=separate (the joint loss "
-                         f"trains the pseudo-boxes' localisation with the data's), got pseudo_loss={f.pseudo_loss!r}")
+    if not isinstance(f.pseudo_localization, bool) and not f.pseudo_localization >= 0:
+        raise ValueError("train.finetune.pseudo_localization: expected true, false or a weight >= 0, "
+                         f"got {f.pseudo_localization}")
+    if f.pseudo_localization != 1 and f.pseudo_loss != "separate":
+        spelled = str(f.pseudo_localization).lower()
+        raise ValueError(f"train.finetune.pseudo_localization={spelled}: expected pseudo_loss=separate (the joint "
+                         f"loss trains the pseudo-boxes' localisation with the data's), got pseudo_loss={f.pseudo_loss!r}")
     if f.distill < 0:
         raise ValueError(f"train.finetune.distill: expected a weight >= 0, got {f.distill}")
     if f.alpha is not None and not 0.0 <= f.alpha <= 1.0:
@@ -216,9 +220,10 @@ class KeepVocabulary(WeightInterpolation):
                                         model.loss_padding(features, cells))
             c = model.cfg
             extra["loss_pseudo_grid"] = c.loss_grid * pseudo["classification"]
-            if self.recipe.pseudo_localization:
-                extra.update({"loss_pseudo_box": c.loss_box * pseudo["bbox_regression"],
-                              "loss_pseudo_ctr": c.loss_ctr * pseudo["bbox_ctrness"]})
+            weight = float(self.recipe.pseudo_localization)
+            if weight > 0:
+                extra.update({"loss_pseudo_box": weight * c.loss_box * pseudo["bbox_regression"],
+                              "loss_pseudo_ctr": weight * c.loss_ctr * pseudo["bbox_ctrness"]})
             logits, targets = logits[..., :num_custom], data_targets
         return {"cls_logits": logits, "bbox_regression": regression, "bbox_ctrness": ctrness}, extra, targets
 
@@ -378,6 +383,7 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
         record = {"mode": f.mode, "ignore_score": f.ignore_score, "distill": f.distill, "pseudo_score": f.pseudo_score,
                   "pseudo_loss": f.pseudo_loss if f.pseudo_score is not None else None, "alpha": alpha,
                   "keep_names": f.keep_names}
-    if record["pseudo_loss"] is not None and not f.pseudo_localization:
-        record["pseudo_localization"] = False  # recorded only off its default (files before it existed read the same)
+    if record["pseudo_loss"] is not None and f.pseudo_localization != 1:
+        # recorded only off its default (files before it existed read the same)
+        record["pseudo_localization"] = f.pseudo_localization
     return record
