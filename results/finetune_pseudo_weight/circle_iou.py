@@ -37,6 +37,7 @@ def score(run: dict) -> dict:
     from gridclip.engine.train import train
     from gridclip.utils.files import read_json
     from gridclip.utils.threads import torch_threads
+    from gridclip_lab.study.finetune import group_metrics
 
     cfg = load_config(STUDY / "runs" / run["key"] / "config.yaml")
     out = Path("runs/circle_iou") / run["key"]
@@ -49,12 +50,12 @@ def score(run: dict) -> dict:
         evaluation, results = evaluate_base_trained(load_checkpoint(model_path), cfg, [])
     gt = read_json(cfg.data.val_json, "val ground truth")
     custom = {c["id"] for c in gt["categories"] if c["name"] in custom_names}
-    custom_ap = sum(evaluation.per_category_ap[i] for i in custom) / len(custom)
+    custom_ap = group_metrics(evaluation.per_category_ap, evaluation.metrics["AP"], {"custom": custom})["custom"]
     only = {**gt, "categories": [c for c in gt["categories"] if c["id"] in custom],
             "annotations": [a for a in gt["annotations"] if a["category_id"] in custom]}
     metrics = evaluate(only, [r for r in results if r["category_id"] in custom], style="lvis",
                        max_dets=cfg.eval.max_dets).metrics
-    return {**run, "custom": custom_ap, "reproduced": custom_ap == run["recorded_custom"],
+    return {**run, "custom": custom_ap, "reproduced": custom_ap == run["recorded_custom"],  # the study's own mean
             "custom_only": {k: metrics[k] for k in ("AP", "AP50", "AP75")}}
 
 
