@@ -7,25 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gridclip_lab.study.finetune import DEFAULT_ARM, PLAIN
-from gridclip_lab.study.stats import paired_differences, verdict
+from gridclip_lab.study.finetune import DEFAULT_ARM, PLAIN, compare_arms
 
 HERE = Path(__file__).resolve().parent
 NEW = "pseudo-boxes (separate loss; classification only)"
 SETS = ("red", "circle")
-GROUPS = ("custom", "other", "novel", "AP")
-
-
-def per_seed(study: dict, arm: str, group: str) -> dict[int, float]:
-    return {int(r["seed"]): 100 * r["metrics"][group] for r in study["rows"] if r["arm"] == arm}
-
-
-def compare(study: dict, a: str, b: str) -> dict[str, dict]:
-    out = {}
-    for g in GROUPS:
-        d = paired_differences(per_seed(study, a, g), per_seed(study, b, g))
-        out[g] = {"n": d["n"], "mean": d["mean"], "ci": d["ci"], "seeds": d["seeds"], "verdict": verdict(d["ci"])}
-    return out
 
 
 def main() -> dict:
@@ -37,9 +23,9 @@ def main() -> dict:
             "seeds": sorted({int(r["seed"]) for r in study["rows"] if r["arm"] == NEW}),
             "kept": {arm: 100 * kept[arm]["mean"] for arm in (DEFAULT_ARM, NEW) if arm in kept},
             "goal_met": {arm: study["goal_met"].get(arm) for arm in (DEFAULT_ARM, NEW)},
-            "new_vs_plain": compare(study, NEW, PLAIN),
-            "default_vs_plain": compare(study, DEFAULT_ARM, PLAIN),
-            "new_vs_default": compare(study, NEW, DEFAULT_ARM),
+            "new_vs_plain": compare_arms(study, NEW, PLAIN),
+            "default_vs_plain": compare_arms(study, DEFAULT_ARM, PLAIN),
+            "new_vs_default": compare_arms(study, NEW, DEFAULT_ARM),
         }
     sets = decision["sets"].values()
     enough = all(len(s["seeds"]) >= 3 for s in sets)

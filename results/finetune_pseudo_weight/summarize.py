@@ -9,25 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gridclip_lab.study.finetune import DEFAULT_ARM, PLAIN
-from gridclip_lab.study.stats import paired_differences, verdict
+from gridclip_lab.study.finetune import DEFAULT_ARM, PLAIN, compare_arms
 
 HERE = Path(__file__).resolve().parent
 SETS = ("red", "circle")
-GROUPS = ("custom", "other", "novel", "AP")
 WEIGHTED = tuple(f"pseudo-boxes (separate loss; localisation {w})" for w in (0.25, 0.5))
-
-
-def per_seed(study: dict, arm: str, group: str) -> dict[int, float]:
-    return {int(r["seed"]): 100 * r["metrics"][group] for r in study["rows"] if r["arm"] == arm}
-
-
-def compare(study: dict, a: str, b: str) -> dict[str, dict]:
-    out = {}
-    for g in GROUPS:
-        d = paired_differences(per_seed(study, a, g), per_seed(study, b, g))
-        out[g] = {"n": d["n"], "mean": d["mean"], "ci": d["ci"], "verdict": verdict(d["ci"])}
-    return out
 
 
 def main() -> dict:
@@ -39,8 +25,8 @@ def main() -> dict:
             "seeds": sorted({int(r["seed"]) for r in study["rows"]}),
             "kept_percent": {a: 100 * study["other_kept"][a]["mean"] for a in study["other_kept"]},
             "goal_met": study["goal_met"],
-            "vs_plain": {a: compare(study, a, PLAIN) for a in arms},
-            "vs_default": {a: compare(study, a, DEFAULT_ARM) for a in WEIGHTED if DEFAULT_ARM in study["other_kept"]},
+            "vs_plain": {a: compare_arms(study, a, PLAIN) for a in arms},
+            "vs_default": {a: compare_arms(study, a, DEFAULT_ARM) for a in WEIGHTED if DEFAULT_ARM in study["other_kept"]},
         }
     (HERE / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for name, s in summary["sets"].items():

@@ -318,6 +318,21 @@ def summarize_finetune(rows: list[dict], level: float = 0.95) -> dict:
     return {"confidence": level, "arms": table, "other_kept": kept, "goal_met": goal, "pairs": pairs}
 
 
+def arm_values(study: dict, arm: str, group: str, scale: float = 100.0) -> dict[int, float]:
+    """``{seed: metric}`` of one arm and group of a finetune.json (AP x ``scale``)."""
+    return {int(r["seed"]): scale * r["metrics"][group] for r in study["rows"] if r["arm"] == arm}
+
+
+def compare_arms(study: dict, a: str, b: str, groups: tuple[str, ...] = ("custom", "other", "novel", "AP"),
+                 level: float = 0.95) -> dict[str, dict]:
+    """Per group, ``a - b`` paired by seed (AP x100): n, mean, CI, seeds and the verdict of the CI."""
+    out = {}
+    for g in groups:
+        d = paired_differences(arm_values(study, a, g), arm_values(study, b, g), level)
+        out[g] = {"n": d["n"], "mean": d["mean"], "ci": d["ci"], "seeds": d["seeds"], "verdict": verdict(d["ci"])}
+    return out
+
+
 def format_finetune(study: dict, scale: float = 100.0) -> str:
     """Text table: AP per group for the start model and each arm (mean +- std, n), then the differences."""
     def cell(s: dict) -> str:
