@@ -252,7 +252,7 @@ def yaml_load(path):
 
 def test_compare_arms_pairs_two_arms_by_seed_per_group():
     from gridclip_lab.study.finetune import compare_arms
-    from gridclip_lab.study.stats import paired_differences
+    from gridclip_lab.study.stats import paired_differences, verdict
 
     rows = [{"seed": s, "arm": arm, "metrics": {"custom": c, "AP": ap}}
             for s, arm, c, ap in [(0, "a", 0.5, 0.4), (1, "a", 0.6, 0.5), (2, "a", 0.55, 0.45),
@@ -261,4 +261,4 @@ def test_compare_arms_pairs_two_arms_by_seed_per_group():
     want = paired_differences({0: 50.0, 1: 60.0, 2: 55.0}, {0: 40.0, 1: 58.0, 3: 10.0})
     assert got["custom"]["seeds"] == [0, 1] and got["custom"]["mean"] == pytest.approx(want["mean"])
     assert got["custom"]["ci"] == pytest.approx(want["ci"]) and got["AP"]["mean"] == pytest.approx(1.0)  # (40 - 41 + 50 - 47) / 2
-    assert got["custom"]["verdict"] in ("a > b", "a < b", "within noise")
+    assert got["custom"]["verdict"] == verdict(want["ci"])
