@@ -32,6 +32,10 @@ def test_overrides_bases_and_round_trip(tmp_path):
 @pytest.mark.parametrize("text,match", [
     ("train:\n  lrr: 1\n", r"train: unknown key 'lrr'"),
     ("train:\n  epochs: many\n", r"train.epochs: expected an integer"),
+    # a field of several types names them all
+    ("train:\n  finetune:\n    pseudo_localization: lots\n",
+     r"train\.finetune\.pseudo_localization: expected true/false or a number, got 'lots'$"),
+    ("train:\n  finetune:\n    alpha: most\n", r"train\.finetune\.alpha: expected a number or null, got 'most'$"),
     ("model: 3\n", r"model: expected a mapping"),
     ("train: [\n", "invalid YAML"),
 ])

@@ -351,15 +351,20 @@ def _coerce(value: Any, type_hint: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        expected = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, where)
             except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(errors[0] if errors else f"{where}: invalid value {value!r}")
+                # each member's message reads "WHERE: expected X, got V": say every X at once
+                message = str(exc).removeprefix(f"{where}: expected ")
+                expected.append(message.rsplit(", got ", 1)[0])
+        if type(None) in args:
+            expected.append("null")
+        raise ValueError(f"{where}: expected {' or '.join(expected)}, got {value!r}" if expected
+                         else f"{where}: invalid value {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where}: expected a list, got {value!r}")
