@@ -284,6 +284,22 @@ def test_pseudo_boxes_without_localization_train_only_the_classification(tiny_ro
             torch.testing.assert_close(weighted_grads[0][k],
                                        plain_grads[0][k] + weight * (full_grads[0][k] - plain_grads[0][k]))
 
+    # pseudo_centerness=false: the pseudo-boxes' box loss stays, their centerness loss goes, so the centerness
+    # output layer gets exactly plain fine-tuning's gradient and the box output layer the full recipe's
+    hook.recipe = ft.dataclasses.replace(hook.recipe, pseudo_localization=True, pseudo_centerness=False)
+    torch.manual_seed(0)
+    no_ctr = model(images, targets)
+    assert "loss_pseudo_ctr" not in no_ctr and torch.equal(no_ctr["loss_pseudo_box"], full["loss_pseudo_box"])
+    no_ctr_grads = gradients(no_ctr)
+    ctr_layer = [k for k in plain_grads[0] if k.startswith("bbox_ctrness")]
+    box_layer = [k for k in plain_grads[0] if k.startswith("bbox_reg")]
+    assert ctr_layer and box_layer
+    for k in ctr_layer:
+        torch.testing.assert_close(no_ctr_grads[0][k], plain_grads[0][k])
+        assert not torch.allclose(full_grads[0][k], plain_grads[0][k])
+    for k in box_layer:
+        torch.testing.assert_close(no_ctr_grads[0][k], full_grads[0][k])
+
 
 def _two_samples(trainer):
     samples = [train_module.SeededSamples(trainer.dataset)[(i, i)] for i in range(2)]
@@ -401,7 +417,11 @@ def test_pseudo_boxes_mode_is_keep_vocab_with_only_its_pseudo_boxes(tiny_root, t
     cfg.train.finetune.pseudo_localization = 0.25
     assert ft.recipe_record(cfg)["pseudo_localization"] == 0.25
     cfg.train.finetune.pseudo_localization = 1.0  # the default's weight: recorded as files before the setting
-    assert "pseudo_localization" not in ft.recipe_record(cfg)
+    assert "pseudo_localization" not in ft.recipe_record(cfg) and "pseudo_centerness" not in ft.recipe_record(cfg)
+    cfg.train.finetune.pseudo_centerness = False
+    assert ft.recipe_record(cfg)["pseudo_centerness"] is False
+    assert "pseudo_loss separate, pseudo_centerness False, WiSE-FT alpha 1.0)" in model_card(
+        {**cls_only, "extra": {**cls_only["extra"], "finetune": ft.recipe_record(cfg)}})
     joint = _fine_tune(tiny_root, tmp_path, "joint", path, mode="pseudo_boxes", pseudo_loss="joint")
     assert not all(torch.equal(joint["state_dict"][k], v) for k, v in named["state_dict"].items())
     assert "(pseudo_score 0.5, WiSE-FT alpha 1.0)" in model_card(joint)  # joint: the first design, not named
@@ -445,6 +465,11 @@ def test_recipe_settings_are_checked(tiny_root, tmp_path):
     cfg.train.finetune.pseudo_localization = -0.5
     with pytest.raises(ValueError, match=r"train\.finetune\.pseudo_localization: expected true, false or a weight >= 0, got -0\.5"):
         Trainer(cfg, tmp_path / "bad6", progress=False).setup()
+    cfg.train.finetune.pseudo_localization = False
+    cfg.train.finetune.pseudo_centerness = False
+    with pytest.raises(ValueError, match=r"train\.finetune\.pseudo_centerness=false: expected pseudo_loss=separate and "
+                                         r"pseudo_localization above 0 .*pseudo_localization=false$"):
+        Trainer(cfg, tmp_path / "bad7", progress=False).setup()
 
 
 def test_pseudo_localization_reads_as_a_switch_or_a_weight():
@@ -596,3 +621,4 @@ def test_the_studys_default_arm_spells_the_products_default_recipe():
     for weight in (0.25, 0.5):
         assert RECIPE_ARMS[f"pseudo-boxes (separate loss; localisation {weight})"][1] == {
             **recipe, "pseudo_localization": weight}
+    assert RECIPE_ARMS["pseudo-boxes (separate loss; no centerness)"][1] == {**recipe, "pseudo_centerness": False}

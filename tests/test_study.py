@@ -490,6 +490,7 @@ def test_pseudo_localization_enters_a_fine_tuning_runs_key_only_when_off(tmp_pat
         values = real(c)
         if "train" in values:  # (also called for other config sections)
             values["train"]["finetune"].pop("pseudo_localization")
+            values["train"]["finetune"].pop("pseudo_centerness")
         return values
 
     monkeypatch.setattr(spec_module, "config_to_dict", recorded_before)
@@ -500,4 +501,7 @@ def test_pseudo_localization_enters_a_fine_tuning_runs_key_only_when_off(tmp_pat
     cfg.train.finetune.pseudo_localization = False
     off = run_key(cfg, tmp_path)
     cfg.train.finetune.pseudo_localization = 0.25
-    assert len({today, off, run_key(cfg, tmp_path)}) == 3
+    weighted = run_key(cfg, tmp_path)
+    cfg.train.finetune.pseudo_localization = True
+    cfg.train.finetune.pseudo_centerness = False
+    assert len({today, off, weighted, run_key(cfg, tmp_path)}) == 4

@@ -218,6 +218,9 @@ class FinetuneConfig:
     # start model's boxes do not teach localisation; Unbiased Teacher, Liu et al. 2021, Sec. 3.3), or a
     # number >= 0 in between (results/finetune_pseudo_cls/, results/finetune_pseudo_weight/)
     pseudo_localization: bool | float = True
+    # separate only: false leaves the pseudo-boxes' centerness loss out (their box regression stays): the
+    # centerness multiplies every score (paper Eq. 2; results/finetune_pseudo_ctr/)
+    pseudo_centerness: bool = True
     # WiSE-FT: the saved weights are (1 - alpha) start + alpha fine-tuned, per tensor; 1: the fine-tuned
     # ones; null: the measured default of the mode (:func:`finetune_alpha`)
     alpha: float | None = None

@@ -64,6 +64,10 @@ def check_finetune_config(f: FinetuneConfig) -> None:
         spelled = str(f.pseudo_localization).lower()
         raise ValueError(f"train.finetune.pseudo_localization={spelled}: expected pseudo_loss=separate (the joint "
                          f"loss trains the pseudo-boxes' localisation with the data's), got pseudo_loss={f.pseudo_loss!r}")
+    if not f.pseudo_centerness and (f.pseudo_loss != "separate" or f.pseudo_localization == 0):
+        raise ValueError("train.finetune.pseudo_centerness=false: expected pseudo_loss=separate and pseudo_localization "
+                         f"above 0 (else there is no pseudo centerness loss to leave out), got pseudo_loss="
+                         f"{f.pseudo_loss!r}, pseudo_localization={str(f.pseudo_localization).lower()}")
     if f.distill < 0:
         raise ValueError(f"train.finetune.distill: expected a weight >= 0, got {f.distill}")
     if f.alpha is not None and not 0.0 <= f.alpha <= 1.0:
@@ -222,8 +226,9 @@ class KeepVocabulary(WeightInterpolation):
             extra["loss_pseudo_grid"] = c.loss_grid * pseudo["classification"]
             weight = float(self.recipe.pseudo_localization)
             if weight > 0:
-                extra.update({"loss_pseudo_box": weight * c.loss_box * pseudo["bbox_regression"],
-                              "loss_pseudo_ctr": weight * c.loss_ctr * pseudo["bbox_ctrness"]})
+                extra["loss_pseudo_box"] = weight * c.loss_box * pseudo["bbox_regression"]
+                if self.recipe.pseudo_centerness:
+                    extra["loss_pseudo_ctr"] = weight * c.loss_ctr * pseudo["bbox_ctrness"]
             logits, targets = logits[..., :num_custom], data_targets
         return {"cls_logits": logits, "bbox_regression": regression, "bbox_ctrness": ctrness}, extra, targets
 
@@ -386,4 +391,6 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
     if record["pseudo_loss"] is not None and f.pseudo_localization != 1:
         # recorded only off its default (files before it existed read the same)
         record["pseudo_localization"] = f.pseudo_localization
+    if record["pseudo_loss"] is not None and not f.pseudo_centerness:
+        record["pseudo_centerness"] = False
     return record

@@ -71,6 +71,10 @@ RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     **{f"pseudo-boxes (separate loss; localisation {w})": ({"image_align": False}, {
         "mode": "keep_vocab", "ignore_score": None, "distill": 0.0, "pseudo_score": 0.5, "pseudo_loss": "separate",
         "pseudo_localization": w, "alpha": 1.0}) for w in (0.25, 0.5)},
+    # results/finetune_pseudo_ctr/PLAN.md: their classification and box regression, not the centerness
+    "pseudo-boxes (separate loss; no centerness)": ({"image_align": False}, {
+        "mode": "keep_vocab", "ignore_score": None, "distill": 0.0, "pseudo_score": 0.5, "pseudo_loss": "separate",
+        "pseudo_centerness": False, "alpha": 1.0}),
 }
 # the arm that spells the product's default recipe (``FinetuneConfig()``; tests/test_finetune_recipe.py)
 DEFAULT_ARM = "pseudo-boxes (separate loss)"

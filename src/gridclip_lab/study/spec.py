@@ -189,6 +189,8 @@ def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = N
             finetune.pop("pseudo_loss", None)  # recorded before pseudo_loss existed (joint was the only one)
         if finetune.get("pseudo_localization", True) == 1:
             finetune.pop("pseudo_localization", None)  # recorded before it existed (always on, weight 1)
+        if finetune.get("pseudo_centerness", True):
+            finetune.pop("pseudo_centerness", None)  # recorded before it existed (always on)
     uses_teacher = cfg.model.image_align
     if not uses_teacher:
         for section in values.values():
