@@ -49,14 +49,16 @@ def test_config_errors_name_the_file_and_field(tmp_path, text, match):
 
 @pytest.mark.parametrize("key,allowed", [
     ("data.format", "lvis, coco, voc, yolo"), ("train.optimizer", "sgd, adamw"), ("train.amp", "none, bf16, fp16"),
-    ("train.device", "auto, cpu, cuda"),
+    ("train.device", "auto, cpu, cuda"), ("train.finetune.pseudo_localization_target", "boxes, start"),
 ])
 def test_enumerations_are_checked_at_load(key, allowed):
     with pytest.raises(ValueError, match=rf"^overrides\.{key}: expected one of {allowed}, got 'bogus'$"):
         load_config(overrides=[f"{key}=bogus"])
-    section, field = key.split(".")
     value = allowed.split(", ")[-1]
-    assert getattr(getattr(load_config(overrides=[f"{key}={value}"]), section), field) == value
+    read = load_config(overrides=[f"{key}={value}"])
+    for part in key.split("."):
+        read = getattr(read, part)
+    assert read == value
 
 
 def test_an_enumeration_word_that_yaml_reads_as_a_boolean_is_that_word(tmp_path):

@@ -422,6 +422,12 @@ def test_pseudo_boxes_mode_is_keep_vocab_with_only_its_pseudo_boxes(tiny_root, t
     assert ft.recipe_record(cfg)["pseudo_centerness"] is False
     assert "pseudo_loss separate, pseudo_centerness False, WiSE-FT alpha 1.0)" in model_card(
         {**cls_only, "extra": {**cls_only["extra"], "finetune": ft.recipe_record(cfg)}})
+    cfg.train.finetune.pseudo_centerness = True
+    assert "pseudo_localization_target" not in ft.recipe_record(cfg)  # boxes, the default: as files before it
+    cfg.train.finetune.pseudo_localization_target = "start"
+    assert ft.recipe_record(cfg)["pseudo_localization_target"] == "start"
+    assert "pseudo_loss separate, pseudo_localization_target start, WiSE-FT alpha 1.0)" in model_card(
+        {**cls_only, "extra": {**cls_only["extra"], "finetune": ft.recipe_record(cfg)}})
     joint = _fine_tune(tiny_root, tmp_path, "joint", path, mode="pseudo_boxes", pseudo_loss="joint")
     assert not all(torch.equal(joint["state_dict"][k], v) for k, v in named["state_dict"].items())
     assert "(pseudo_score 0.5, WiSE-FT alpha 1.0)" in model_card(joint)  # joint: the first design, not named
@@ -470,6 +476,18 @@ def test_recipe_settings_are_checked(tiny_root, tmp_path):
     with pytest.raises(ValueError, match=r"train\.finetune\.pseudo_centerness=false: expected pseudo_loss=separate and "
                                          r"pseudo_localization above 0 .*pseudo_localization=false$"):
         Trainer(cfg, tmp_path / "bad7", progress=False).setup()
+    cfg.train.finetune.pseudo_centerness = True
+    cfg.train.finetune.pseudo_localization_target = "start"
+    with pytest.raises(ValueError, match=r"train\.finetune\.pseudo_localization_target=start: expected pseudo_loss="
+                                         r"separate and pseudo_localization above 0 .*pseudo_localization=false$"):
+        Trainer(cfg, tmp_path / "bad8", progress=False).setup()
+    cfg.train.finetune.pseudo_localization = True
+    cfg.train.finetune.pseudo_loss = "joint"
+    with pytest.raises(ValueError, match=r"pseudo_localization_target=start: .*got pseudo_loss='joint'"):
+        Trainer(cfg, tmp_path / "bad9", progress=False).setup()
+    cfg.train.finetune.pseudo_localization_target = "anchors"  # set in Python, past the config's check
+    with pytest.raises(ValueError, match=r"pseudo_localization_target: expected one of boxes, start, got 'anchors'"):
+        Trainer(cfg, tmp_path / "bad10", progress=False).setup()
 
 
 def test_pseudo_localization_reads_as_a_switch_or_a_weight():
@@ -622,3 +640,100 @@ def test_the_studys_default_arm_spells_the_products_default_recipe():
         assert RECIPE_ARMS[f"pseudo-boxes (separate loss; localisation {weight})"][1] == {
             **recipe, "pseudo_localization": weight}
     assert RECIPE_ARMS["pseudo-boxes (separate loss; no centerness)"][1] == {**recipe, "pseudo_centerness": False}
+    assert RECIPE_ARMS["pseudo-boxes (separate loss; start's localisation)"][1] == {
+        **recipe, "pseudo_localization_target": "start"}
+
+
+def test_start_localization_loss_is_fcos_loss_when_the_start_outputs_are_the_boxes_and_still_where_they_agree():
+    """The start model's outputs as targets (pseudo_localization_target=start): where they encode exactly
+    the matched boxes and their centerness, the losses are torchvision FCOS's; where they equal the
+    model's own outputs, nothing moves (GIoU 0, BCE at its minimum, zero gradient)."""
+    from gridclip.model.head import GridCLIPHead
+
+    torch.manual_seed(0)
+    head = GridCLIPHead(32, 1, 3)
+    anchors = [torch.tensor([[0., 0., 8., 8.], [8., 0., 16., 8.], [0., 8., 8., 16.], [8., 8., 16., 16.]])] * 2
+    targets = [{"boxes": torch.tensor([[1., 1., 15., 14.]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[2., 3., 9., 15.], [9., 1., 15., 7.]]), "labels": torch.tensor([0, 2])}]
+    matched = [torch.tensor([0, 0, -1, 0]), torch.tensor([0, 1, 0, -1])]
+    outputs = {"cls_logits": torch.randn(2, 4, 3), "bbox_regression": torch.rand(2, 4, 4) + 0.5,
+               "bbox_ctrness": torch.randn(2, 4, 1)}
+    reference = tv_fcos.FCOSHead.compute_loss(head, targets, outputs, anchors, matched)
+    # the boxes' own targets, as a model would output them: encoded boxes, logit of the centerness
+    matched_boxes = torch.stack([t["boxes"][m.clip(min=0)] for t, m in zip(targets, matched)])
+    encoded = head.box_coder.encode(torch.stack(anchors), matched_boxes)
+    left_right, top_bottom = encoded[..., [0, 2]], encoded[..., [1, 3]]
+    centerness = torch.sqrt((left_right.min(-1).values / left_right.max(-1).values)
+                            * (top_bottom.min(-1).values / top_bottom.max(-1).values))
+    as_boxes = {**outputs, "start_bbox_regression": encoded,
+                "start_bbox_ctrness": torch.logit(centerness.clamp(1e-6, 1 - 1e-6))[..., None]}
+    losses = head.compute_loss(targets, as_boxes, anchors, matched)
+    for name in ("classification", "bbox_regression", "bbox_ctrness"):
+        torch.testing.assert_close(losses[name], reference[name], rtol=1e-5, atol=1e-5)
+
+    regression = outputs["bbox_regression"].clone().requires_grad_(True)
+    ctrness = outputs["bbox_ctrness"].clone().requires_grad_(True)
+    still = head.start_localization_loss({"bbox_regression": regression, "bbox_ctrness": ctrness,
+                                          "start_bbox_regression": outputs["bbox_regression"],
+                                          "start_bbox_ctrness": outputs["bbox_ctrness"]}, anchors, matched)
+    assert still["bbox_regression"].abs().item() < 1e-6
+    (still["bbox_regression"] + still["bbox_ctrness"]).backward()
+    torch.testing.assert_close(regression.grad, torch.zeros_like(regression), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ctrness.grad, torch.zeros_like(ctrness), rtol=0, atol=1e-6)
+    moved = head.start_localization_loss({"bbox_regression": regression * 1.3, "bbox_ctrness": ctrness + 1,
+                                          "start_bbox_regression": outputs["bbox_regression"],
+                                          "start_bbox_ctrness": outputs["bbox_ctrness"]}, anchors, matched)
+    assert moved["bbox_regression"] > 0.01 and moved["bbox_ctrness"] > still["bbox_ctrness"] + 0.01
+
+
+def test_pseudo_boxes_learning_the_start_localization_leave_a_fresh_fine_tuning_as_plain(tiny_root, tmp_path,
+                                                                                        monkeypatch):
+    """pseudo_localization_target=start: the data's losses and the pseudo-boxes' classification loss are the
+    recipe's; the pseudo-boxes' box and centerness losses take the frozen start model's outputs as targets,
+    so at the first step (the model still is the start model) the regression / centerness branch gets
+    exactly plain fine-tuning's gradient, where the boxes' targets give it another one."""
+    _, path = _start_file(tiny_root, tmp_path)
+    cfg = tiny_config(tiny_root, init_from=str(path))
+    cfg.train.finetune.mode = "pseudo_boxes"
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.setup()
+    model = trainer.model
+    hook = model.training_hook
+    found = {"boxes": torch.tensor([[4., 4., 30., 30.], [34., 30., 60., 56.]]), "scores": torch.tensor([0.9, 0.8]),
+             "labels": torch.tensor([0, 1])}
+    monkeypatch.setattr(hook.start, "postprocess_dense", lambda dense, anchors, sizes, *a: [found] * len(sizes))
+    images, targets = trainer._to_device(*_two_samples(trainer))
+    regression = dict(model.head.regression_head.named_parameters())
+
+    def gradients(losses):
+        model.zero_grad()
+        sum(losses.values()).backward()
+        return {k: p.grad.clone() for k, p in regression.items() if p.grad is not None}
+
+    torch.manual_seed(0)
+    boxes = model(images, targets)
+    boxes_grads = gradients(boxes)
+    hook.recipe = ft.dataclasses.replace(hook.recipe, pseudo_localization_target="start")
+    torch.manual_seed(0)
+    start = model(images, targets)
+    for name in ("loss_grid", "loss_box", "loss_ctr", "loss_pseudo_grid"):
+        assert torch.equal(start[name], boxes[name])
+    assert start["loss_pseudo_box"].abs().item() < 1e-6 < boxes["loss_pseudo_box"].item()
+    start_grads = gradients(start)
+    model.training_hook = None
+    torch.manual_seed(0)
+    plain_grads = gradients(model(images, targets))
+    assert start_grads.keys() == plain_grads.keys() and plain_grads
+    for k in plain_grads:
+        # torchvision's GIoU loss divides by the union + 1e-7: identical boxes leave a gradient of that order
+        off_plain, boxes_off_plain = (start_grads[k] - plain_grads[k]).norm(), (boxes_grads[k] - plain_grads[k]).norm()
+        assert off_plain <= 1e-2 * boxes_off_plain and boxes_off_plain > 1e-3 * plain_grads[k].norm()
+        if k.startswith("bbox_ctrness"):  # the BCE's gradient is sigmoid(logit) - target: exactly 0
+            assert torch.equal(start_grads[k], plain_grads[k])
+
+    # later the model has moved: the start model's outputs then pull it back (a loss above 0)
+    model.training_hook = hook
+    with torch.no_grad():
+        model.head.regression_head.bbox_reg.bias.add_(0.5)
+    torch.manual_seed(0)
+    assert model(images, targets)["loss_pseudo_box"].item() > 1e-3

@@ -491,6 +491,7 @@ def test_pseudo_localization_enters_a_fine_tuning_runs_key_only_when_off(tmp_pat
         if "train" in values:  # (also called for other config sections)
             values["train"]["finetune"].pop("pseudo_localization")
             values["train"]["finetune"].pop("pseudo_centerness")
+            values["train"]["finetune"].pop("pseudo_localization_target")
         return values
 
     monkeypatch.setattr(spec_module, "config_to_dict", recorded_before)
@@ -504,4 +505,9 @@ def test_pseudo_localization_enters_a_fine_tuning_runs_key_only_when_off(tmp_pat
     weighted = run_key(cfg, tmp_path)
     cfg.train.finetune.pseudo_localization = True
     cfg.train.finetune.pseudo_centerness = False
-    assert len({today, off, weighted, run_key(cfg, tmp_path)}) == 4
+    no_ctr = run_key(cfg, tmp_path)
+    cfg.train.finetune.pseudo_centerness = True
+    cfg.train.finetune.pseudo_localization_target = "boxes"  # the default, spelled
+    assert run_key(cfg, tmp_path) == today
+    cfg.train.finetune.pseudo_localization_target = "start"
+    assert len({today, off, weighted, no_ctr, run_key(cfg, tmp_path)}) == 5

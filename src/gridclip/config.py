@@ -221,6 +221,10 @@ class FinetuneConfig:
     # separate only: false leaves the pseudo-boxes' centerness loss out (their box regression stays): the
     # centerness multiplies every score (paper Eq. 2; results/finetune_pseudo_ctr/)
     pseudo_centerness: bool = True
+    # separate only: what the pseudo-boxes' localisation losses learn at their positive locations; boxes:
+    # the pseudo-box and its centerness (FCOS's targets); start: the frozen start model's own box and
+    # centerness outputs there (learning without forgetting on the box branch; results/finetune_pseudo_distill/)
+    pseudo_localization_target: Literal["boxes", "start"] = "boxes"
     # WiSE-FT: the saved weights are (1 - alpha) start + alpha fine-tuned, per tensor; 1: the fine-tuned
     # ones; null: the measured default of the mode (:func:`finetune_alpha`)
     alpha: float | None = None

@@ -46,6 +46,7 @@ logger = logging.getLogger("gridclip.finetune")
 PSEUDO_MAX_IOU = 0.5
 FINETUNE_MODES = ("plain", "keep_vocab", "embeddings", "pseudo_boxes")
 PSEUDO_LOSSES = ("joint", "separate")
+PSEUDO_LOCALIZATION_TARGETS = ("boxes", "start")
 
 
 def check_finetune_config(f: FinetuneConfig) -> None:
@@ -68,6 +69,14 @@ def check_finetune_config(f: FinetuneConfig) -> None:
         raise ValueError("train.finetune.pseudo_centerness=false: expected pseudo_loss=separate and pseudo_localization "
                          f"above 0 (else there is no pseudo centerness loss to leave out), got pseudo_loss="
                          f"{f.pseudo_loss!r}, pseudo_localization={str(f.pseudo_localization).lower()}")
+    if f.pseudo_localization_target not in PSEUDO_LOCALIZATION_TARGETS:
+        raise ValueError("train.finetune.pseudo_localization_target: expected one of "
+                         f"{', '.join(PSEUDO_LOCALIZATION_TARGETS)}, got {f.pseudo_localization_target!r}")
+    if f.pseudo_localization_target != "boxes" and (f.pseudo_loss != "separate" or f.pseudo_localization == 0):
+        raise ValueError(f"train.finetune.pseudo_localization_target={f.pseudo_localization_target}: expected "
+                         "pseudo_loss=separate and pseudo_localization above 0 (else the pseudo-boxes train no "
+                         f"localisation), got pseudo_loss={f.pseudo_loss!r}, "
+                         f"pseudo_localization={str(f.pseudo_localization).lower()}")
     if f.distill < 0:
         raise ValueError(f"train.finetune.distill: expected a weight >= 0, got {f.distill}")
     if f.alpha is not None and not 0.0 <= f.alpha <= 1.0:
@@ -218,10 +227,11 @@ class KeepVocabulary(WeightInterpolation):
         if self.pseudo and self.recipe.pseudo_loss == "separate":
             # the data's boxes: plain fine-tuning's loss (returned to the model); the pseudo-boxes: the same
             # FCOS loss on the other names' columns, normalised by their own positives
-            pseudo = model.compute_loss(split_pseudo_boxes(targets, data_targets, num_custom),
-                                        {"cls_logits": logits[..., num_custom:], "bbox_regression": regression,
-                                         "bbox_ctrness": ctrness}, anchors, [f.shape[2] * f.shape[3] for f in features],
-                                        model.loss_padding(features, cells))
+            outputs = {"cls_logits": logits[..., num_custom:], "bbox_regression": regression, "bbox_ctrness": ctrness}
+            if self.recipe.pseudo_localization_target == "start":
+                outputs.update(start_bbox_regression=dense.bbox_regression, start_bbox_ctrness=dense.bbox_ctrness)
+            pseudo = model.compute_loss(split_pseudo_boxes(targets, data_targets, num_custom), outputs, anchors,
+                                        [f.shape[2] * f.shape[3] for f in features], model.loss_padding(features, cells))
             c = model.cfg
             extra["loss_pseudo_grid"] = c.loss_grid * pseudo["classification"]
             weight = float(self.recipe.pseudo_localization)
@@ -393,4 +403,6 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
         record["pseudo_localization"] = f.pseudo_localization
     if record["pseudo_loss"] is not None and not f.pseudo_centerness:
         record["pseudo_centerness"] = False
+    if record["pseudo_loss"] is not None and f.pseudo_localization_target != "boxes":
+        record["pseudo_localization_target"] = f.pseudo_localization_target
     return record

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
-from torchvision.ops import box_area
+from torchvision.ops import box_area, generalized_box_iou_loss
 
 from gridclip.model.backbone import cells_mask
 
@@ -136,7 +136,30 @@ class GridCLIPHead(FCOSHead):
             matched_idxs = [inside_box_matches(t["boxes"], a, m) for t, a, m in zip(targets, anchors, matched_idxs)]
         if self.quality_target != "centerness":
             losses["bbox_ctrness"] = self.iou_quality_loss(targets, head_outputs, anchors, matched_idxs)
+        if "start_bbox_regression" in head_outputs:
+            losses.update(self.start_localization_loss(head_outputs, anchors, matched_idxs))
         return losses
+
+    def start_localization_loss(self, head_outputs: dict[str, Tensor], anchors: list[Tensor],
+                                matched_idxs: list[Tensor]) -> dict[str, Tensor]:
+        """FCOS's box and quality losses at the matched locations with a frozen model's outputs there as the
+        targets (``start_bbox_regression`` / ``start_bbox_ctrness`` in ``head_outputs``): GIoU against its
+        decoded box, BCE against its quality probability, each summed and divided by the number of those
+        locations; a matched location where the frozen model's box is empty (no width or height: it
+        predicts no box there) has no target. Learning without forgetting (Li & Hoiem 2016) on the box
+        branch: no gradient where the outputs still equal the frozen model's (results/finetune_pseudo_distill/)."""
+        stacked = torch.stack(anchors)
+        predicted = self.box_coder.decode(head_outputs["bbox_regression"].float(), stacked)
+        with torch.no_grad():
+            start_boxes = self.box_coder.decode(head_outputs["start_bbox_regression"].float(), stacked)
+            boxed = (start_boxes[..., 2:] > start_boxes[..., :2]).all(dim=-1)
+            positive = torch.stack([m >= 0 for m in matched_idxs]) & boxed
+            start_quality = torch.sigmoid(head_outputs["start_bbox_ctrness"].squeeze(2)[positive].float())
+        count = max(1, int(positive.sum()))
+        box = generalized_box_iou_loss(predicted[positive], start_boxes[positive], reduction="sum") / count
+        logits = head_outputs["bbox_ctrness"].squeeze(2)[positive]
+        quality = F.binary_cross_entropy_with_logits(logits, start_quality.to(logits.dtype), reduction="sum") / count
+        return {"bbox_regression": box, "bbox_ctrness": quality}
 
     def iou_quality_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
                          anchors: list[Tensor], matched_idxs: list[Tensor]) -> Tensor:

@@ -191,6 +191,8 @@ def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = N
             finetune.pop("pseudo_localization", None)  # recorded before it existed (always on, weight 1)
         if finetune.get("pseudo_centerness", True):
             finetune.pop("pseudo_centerness", None)  # recorded before it existed (always on)
+        if finetune.get("pseudo_localization_target", "boxes") == "boxes":
+            finetune.pop("pseudo_localization_target", None)  # recorded before it existed (always boxes)
     uses_teacher = cfg.model.image_align
     if not uses_teacher:
         for section in values.values():
