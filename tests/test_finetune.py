@@ -262,3 +262,29 @@ def test_compare_arms_pairs_two_arms_by_seed_per_group():
     assert got["custom"]["seeds"] == [0, 1] and got["custom"]["mean"] == pytest.approx(want["mean"])
     assert got["custom"]["ci"] == pytest.approx(want["ci"]) and got["AP"]["mean"] == pytest.approx(1.0)  # (40 - 41 + 50 - 47) / 2
     assert got["custom"]["verdict"] == verdict(want["ci"])
+
+
+def test_the_replication_rule_needs_every_world_and_stops_at_the_first_failed_one():
+    from gridclip_lab.study.finetune import BEFORE, DEFAULT_ARM, PLAIN, replication_rule, summarize_finetune
+
+    def study(new_custom, new_other, seeds):
+        rows = []
+        for s in seeds:
+            jitter = 0.01 * s
+            for arm, custom, other in [(BEFORE, 0.50, 0.60), (PLAIN, 0.66 + jitter, 0.05), (DEFAULT_ARM, 0.64 + jitter, 0.58),
+                                       ("new", new_custom + jitter, new_other)]:
+                rows.append({"seed": s, "arm": arm, "metrics": {"custom": custom, "other": other, "AP": 0.5, "novel": 0.4}})
+        return {"rows": rows, **summarize_finetune(rows)}
+
+    good, short = study(0.655, 0.58, range(3)), study(0.655, 0.58, range(2))
+    passing = replication_rule("new", {"w0": ({"red": good, "circle": good}, 3), "w1": ({"red": good, "circle": good}, 3)})
+    assert passing["outcome"] == "the default" and passing["becomes_default"]
+    assert passing["worlds"]["w0"]["circle"]["new_vs_plain"]["custom"]["mean"] == pytest.approx(-0.5)
+    assert passing["hypothesis_on_circle"] == "a > b"  # +1.5 on every seed
+    waiting = replication_rule("new", {"w0": ({"red": good, "circle": good}, 3), "w1": ({"red": short, "circle": good}, 3)})
+    assert waiting["outcome"] == "not decided yet" and not waiting["complete"]
+    forgets = study(0.655, 0.50, range(3))  # 83 % of the other names kept
+    below_plain = study(0.645, 0.58, range(3))  # -1.5 against plain
+    for bad in (forgets, below_plain):
+        failed = replication_rule("new", {"w0": ({"red": good, "circle": bad}, 3), "w1": ({"red": short, "circle": good}, 3)})
+        assert failed["outcome"] == "not the default" and not failed["becomes_default"]

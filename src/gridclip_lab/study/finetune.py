@@ -341,6 +341,69 @@ def compare_arms(study: dict, a: str, b: str, groups: tuple[str, ...] = ("custom
     return out
 
 
+def study_with_arm_runs(folder: str | os.PathLike, arm: str) -> dict:
+    """``folder``'s finetune.json rows with ``arm``'s rows replaced by the finished runs in its ``runs/``
+    (a study still running has not rewritten finetune.json yet), summarised."""
+    folder = Path(folder)
+    study = json.loads((folder / "finetune.json").read_text())
+    rows = [r for r in study["rows"] if r["arm"] != arm]
+    for path in sorted((folder / "runs").glob("*/result.json")):
+        result = json.loads(path.read_text())
+        if result["arm"] == arm:
+            rows.append({"seed": result["seed"], "arm": arm, "metrics": result["metrics"]})
+    return {"rows": rows, **summarize_finetune(rows)}
+
+
+def replication_rule(arm: str, studies: dict[str, tuple[dict[str, dict], int]], default: str = DEFAULT_ARM) -> dict:
+    """The rule by which a fine-tuning arm replaces the default recipe (results/finetune_pseudo_ctr/PLAN.md):
+    ``studies`` per world (name -> ({custom set: summarised study}, seeds needed)). The arm becomes the
+    default only if every world has its seeds and, on every set, it meets the goal (:func:`summarize_finetune`)
+    with custom AP not below ``default``'s (paired mean >= 0); a complete world that fails on a set decides
+    "not the default" already. The hypothesis reads new - default, custom, on the first world's last set."""
+    decision: dict = {"arm": arm, "worlds": {}}
+    for world, (sets, needed) in studies.items():
+        for name, study in sets.items():
+            seeds = sorted({int(r["seed"]) for r in study["rows"] if r["arm"] == arm})
+            kept = study["other_kept"]
+            decision["worlds"].setdefault(world, {})[name] = {
+                "seeds": seeds, "complete": len(seeds) >= needed,
+                "kept": {a: 100 * kept[a]["mean"] for a in (default, arm) if a in kept},
+                "goal_met": {a: study["goal_met"].get(a) for a in (default, arm)},
+                "new_vs_plain": compare_arms(study, arm, PLAIN) if seeds else None,
+                "new_vs_default": compare_arms(study, arm, default) if seeds else None,
+            }
+    cells = [s for w in decision["worlds"].values() for s in w.values()]
+
+    def passes(s: dict) -> bool:
+        return bool(s["goal_met"][arm] and s["new_vs_default"]["custom"]["mean"] >= 0)
+
+    decision["complete"] = all(s["complete"] for s in cells)
+    decision["becomes_default"] = bool(decision["complete"] and all(passes(s) for s in cells))
+    failed = [s for s in cells if s["complete"] and not passes(s)]
+    decision["outcome"] = ("the default" if decision["becomes_default"] else
+                           "not the default" if failed else "not decided yet")
+    first = next(iter(decision["worlds"].values()))
+    last = list(first.values())[-1]["new_vs_default"]
+    done = all(s["complete"] for s in first.values())
+    decision["hypothesis_on_circle"] = last["custom"]["verdict"] if last and done else "not decided"
+    return decision
+
+
+def print_replication_rule(decision: dict) -> None:
+    """:func:`replication_rule`'s decision as text."""
+    for world, sets in decision["worlds"].items():
+        for name, s in sets.items():
+            print(f"{world} {name} (seeds {s['seeds']}{'' if s['complete'] else ', incomplete'}): kept "
+                  + ", ".join(f"{a} {v:.1f} %" for a, v in s["kept"].items()))
+            for label in ("new_vs_plain", "new_vs_default"):
+                if s[label]:
+                    print(f"  {label}: " + "; ".join(
+                        f"{g} {d['mean']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}]" if d["ci"] else f"{g} n={d['n']}"
+                        for g, d in s[label].items()))
+    print(f"complete: {decision['complete']}; outcome: {decision['outcome']}; "
+          f"hypothesis (first world's circle, new - default, custom): {decision['hypothesis_on_circle']}")
+
+
 def format_finetune(study: dict, scale: float = 100.0) -> str:
     """Text table: AP per group for the start model and each arm (mean +- std, n), then the differences."""
     def cell(s: dict) -> str:
