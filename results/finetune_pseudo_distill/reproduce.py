@@ -1,0 +1,55 @@
+"""PLAN.md's check that this machine reproduces the cached runs the study pairs the new arm with: trains one
+recorded fine-tuning run of results/finetune_pseudo_cls (by set, arm and seed) again from its config file, one
+thread as the study, into runs/reproduce/, and compares its metrics with the recorded result.json. Needs that
+folder's start models and runs/world0. Writes reproduce.json.
+
+    python results/finetune_pseudo_distill/reproduce.py [--set red] [--arm "without image alignment"] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STUDIES = HERE.parent / "finetune_pseudo_cls"
+
+
+def main() -> dict:
+    from gridclip.config import load_config
+    from gridclip.engine.train import train
+    from gridclip.utils.threads import torch_threads
+    from gridclip_lab.study.finetune import evaluate_groups
+    from gridclip_lab.utils.environment import fingerprint
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--set", default="red", choices=("red", "circle"))
+    parser.add_argument("--arm", default="without image alignment")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    folder = STUDIES / args.set / "runs"
+    found = [p.parent for p in sorted(folder.glob("*/result.json"))
+             if (r := json.loads(p.read_text()))["arm"] == args.arm and r["seed"] == args.seed]
+    if len(found) != 1:
+        raise SystemExit(f"{folder}: expected one recorded run of arm {args.arm!r}, seed {args.seed}; found {len(found)}")
+    recorded = json.loads((found[0] / "result.json").read_text())
+    cfg = load_config(found[0] / "config.yaml")
+    out = Path("runs/reproduce") / found[0].name
+    cfg.out_dir = str(out)
+    study = json.loads((STUDIES / args.set / "finetune.json").read_text())
+    names = {c["id"]: c["name"] for c in json.loads(Path(cfg.data.val_json).read_text())["categories"]}
+    groups = {g: {i for i, n in names.items() if n in set(members)} for g, members in study["groups"].items()}
+    groups["other"] = groups["other base"] | groups["novel"]  # as the study (not recorded: it is the union)
+    with torch_threads(1):
+        metrics = evaluate_groups(train(cfg, out, progress=False)["model"], cfg, groups)
+    same = {g: metrics[g] == recorded["metrics"][g] for g in recorded["metrics"] if g in metrics}
+    report = {"set": args.set, "arm": args.arm, "seed": args.seed, "key": found[0].name, "metrics": metrics,
+              "recorded": recorded["metrics"], "equal": same, "reproduced": all(same.values()),
+              "recorded_on": recorded["environment"], "trained_on": fingerprint()}
+    (HERE / "reproduce.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"{args.set} {args.arm} seed {args.seed}: reproduced exactly: {report['reproduced']} ({same})")
+    return report
+
+
+if __name__ == "__main__":
+    main()
