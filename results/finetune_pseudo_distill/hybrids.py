@@ -1,0 +1,111 @@
+"""PLAN.md's diagnostic: world0's circle models of plain fine-tuning and the default (seeds 0-2, trained again
+last session into runs/circle_iou/ by results/finetune_pseudo_weight/circle_iou.py, their custom AP
+reproduced exactly) scored on the custom names alone as hybrids: one model's classification with the other's
+box regression and centerness, each computed by its own model on the same image. A hybrid of a model with
+itself must give that model's recorded custom AP (checked). Writes hybrids.json; prints the paired
+differences against plain.
+
+    python results/finetune_pseudo_distill/hybrids.py [--jobs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RECORDED = HERE.parent / "finetune_pseudo_weight" / "circle_iou.json"
+STUDY = HERE.parent / "finetune_pseudo_cls" / "circle"
+# (classification from, localisation from)
+HYBRIDS = [("plain", "plain"), ("default", "default"), ("default", "plain"), ("plain", "default")]
+
+
+def hybrid(classifier, localizer):
+    """``classifier`` whose box regression and centerness come from ``localizer`` (run on the same input)."""
+    import torch
+
+    class BothTrunks(torch.nn.Module):
+        def __init__(self, own, other):
+            super().__init__()
+            self.own, self.other, self.other_features = own, other, None
+
+        def forward(self, x, image_sizes=None):
+            self.other_features, _ = self.other(x, image_sizes)
+            return self.own(x, image_sizes)
+
+    if localizer is classifier:
+        return classifier
+    trunks = BothTrunks(classifier.backbone, localizer.backbone)
+    classifier.backbone = trunks
+    own_dense = classifier.dense_outputs
+
+    def dense_outputs(features, cells=None):
+        regression, ctrness = localizer.head.regression_head(trunks.other_features, cells)
+        return dataclasses.replace(own_dense(features, cells), bbox_regression=regression, bbox_ctrness=ctrness)
+
+    classifier.dense_outputs = dense_outputs
+    return classifier
+
+
+def score(seed: int, models: dict[str, str], pair: tuple[str, str]) -> dict:
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.config import load_config
+    from gridclip.engine.evaluate import evaluate, evaluate_base_trained
+    from gridclip.utils.files import read_json
+    from gridclip.utils.threads import torch_threads
+
+    cls_from, loc_from = pair
+    cfg = load_config(STUDY / "runs" / Path(models[cls_from]).parent.name / "config.yaml")
+    custom_names = set((STUDY / "custom_categories.txt").read_text().splitlines())
+    with torch_threads(1):
+        classifier = load_checkpoint(models[cls_from])
+        localizer = classifier if loc_from == cls_from else load_checkpoint(models[loc_from]).eval()
+        _, results = evaluate_base_trained(hybrid(classifier, localizer), cfg, [])
+    gt = read_json(cfg.data.val_json, "val ground truth")
+    custom = {c["id"] for c in gt["categories"] if c["name"] in custom_names}
+    only = {**gt, "categories": [c for c in gt["categories"] if c["id"] in custom],
+            "annotations": [a for a in gt["annotations"] if a["category_id"] in custom]}
+    metrics = evaluate(only, [r for r in results if r["category_id"] in custom], style="lvis",
+                       max_dets=cfg.eval.max_dets).metrics
+    return {"seed": seed, "classification": cls_from, "localization": loc_from,
+            "custom_only": {k: metrics[k] for k in ("AP", "AP50", "AP75")}}
+
+
+def main() -> dict:
+    from gridclip_lab.study.stats import paired_differences
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    recorded = json.loads(RECORDED.read_text())["rows"]
+    models = {}
+    for r in recorded:
+        models.setdefault(r["seed"], {})[r["arm"]] = str(Path("runs/circle_iou") / r["key"] / "model.pt")
+    jobs = [(seed, models[seed], pair) for seed in sorted(models) for pair in HYBRIDS]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(score, *zip(*jobs)))
+    own = {(r["seed"], r["arm"]): r["custom_only"]["AP"] for r in recorded}
+    reproduced = all(r["custom_only"]["AP"] == own[(r["seed"], r["classification"])]
+                     for r in rows if r["classification"] == r["localization"])
+    label = {pair: f"{pair[0]} classification + {pair[1]} localisation" for pair in HYBRIDS}
+    values = {label[p]: {r["seed"]: 100 * r["custom_only"]["AP"] for r in rows
+                         if (r["classification"], r["localization"]) == p} for p in HYBRIDS}
+    plain = values[label[("plain", "plain")]]
+    against_plain = {}
+    for name, v in values.items():
+        if name != label[("plain", "plain")]:
+            d = paired_differences(v, plain)
+            against_plain[name] = {"n": d["n"], "mean": d["mean"], "ci": d["ci"]}
+    report = {"rows": rows, "reproduced": reproduced, "custom_AP": {k: sum(v.values()) / len(v) for k, v in values.items()},
+              "minus_plain": against_plain}
+    (HERE / "hybrids.json").write_text(json.dumps(report, indent=1) + "\n")
+    print("a model with itself gives its recorded custom AP:", reproduced)
+    for name, d in against_plain.items():
+        print(f"{name} - plain: {d['mean']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}]")
+    return report
+
+
+if __name__ == "__main__":
+    main()
