@@ -50,6 +50,7 @@ def test_config_errors_name_the_file_and_field(tmp_path, text, match):
 @pytest.mark.parametrize("key,allowed", [
     ("data.format", "lvis, coco, voc, yolo"), ("train.optimizer", "sgd, adamw"), ("train.amp", "none, bf16, fp16"),
     ("train.device", "auto, cpu, cuda"), ("train.finetune.pseudo_localization_target", "boxes, start"),
+    ("train.finetune.pseudo_localization_features", "shared, detached"),
 ])
 def test_enumerations_are_checked_at_load(key, allowed):
     with pytest.raises(ValueError, match=rf"^overrides\.{key}: expected one of {allowed}, got 'bogus'$"):

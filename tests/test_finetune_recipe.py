@@ -428,6 +428,12 @@ def test_pseudo_boxes_mode_is_keep_vocab_with_only_its_pseudo_boxes(tiny_root, t
     assert ft.recipe_record(cfg)["pseudo_localization_target"] == "start"
     assert "pseudo_loss separate, pseudo_localization_target start, WiSE-FT alpha 1.0)" in model_card(
         {**cls_only, "extra": {**cls_only["extra"], "finetune": ft.recipe_record(cfg)}})
+    cfg.train.finetune.pseudo_localization_target = "boxes"
+    assert "pseudo_localization_features" not in ft.recipe_record(cfg)  # shared, the default
+    cfg.train.finetune.pseudo_localization_features = "detached"
+    assert ft.recipe_record(cfg)["pseudo_localization_features"] == "detached"
+    assert "pseudo_loss separate, pseudo_localization_features detached, WiSE-FT alpha 1.0)" in model_card(
+        {**cls_only, "extra": {**cls_only["extra"], "finetune": ft.recipe_record(cfg)}})
     joint = _fine_tune(tiny_root, tmp_path, "joint", path, mode="pseudo_boxes", pseudo_loss="joint")
     assert not all(torch.equal(joint["state_dict"][k], v) for k, v in named["state_dict"].items())
     assert "(pseudo_score 0.5, WiSE-FT alpha 1.0)" in model_card(joint)  # joint: the first design, not named
@@ -488,6 +494,18 @@ def test_recipe_settings_are_checked(tiny_root, tmp_path):
     cfg.train.finetune.pseudo_localization_target = "anchors"  # set in Python, past the config's check
     with pytest.raises(ValueError, match=r"pseudo_localization_target: expected one of boxes, start, got 'anchors'"):
         Trainer(cfg, tmp_path / "bad10", progress=False).setup()
+    cfg.train.finetune.pseudo_localization_target = "boxes"
+    cfg.train.finetune.pseudo_localization_features = "detached"
+    with pytest.raises(ValueError, match=r"pseudo_localization_features=detached: expected pseudo_loss=separate and "
+                                         r"pseudo_localization above 0 .*got pseudo_loss='joint'"):
+        Trainer(cfg, tmp_path / "bad11", progress=False).setup()
+    cfg.train.finetune.pseudo_loss = "separate"
+    cfg.train.finetune.pseudo_localization = 0.0
+    with pytest.raises(ValueError, match=r"pseudo_localization_features=detached: .*pseudo_localization=0\.0$"):
+        Trainer(cfg, tmp_path / "bad12", progress=False).setup()
+    cfg.train.finetune.pseudo_localization_features = "frozen"
+    with pytest.raises(ValueError, match=r"pseudo_localization_features: expected one of shared, detached, got 'frozen'"):
+        Trainer(cfg, tmp_path / "bad13", progress=False).setup()
 
 
 def test_pseudo_localization_reads_as_a_switch_or_a_weight():
@@ -642,6 +660,8 @@ def test_the_studys_default_arm_spells_the_products_default_recipe():
     assert RECIPE_ARMS["pseudo-boxes (separate loss; no centerness)"][1] == {**recipe, "pseudo_centerness": False}
     assert RECIPE_ARMS["pseudo-boxes (separate loss; start's localisation)"][1] == {
         **recipe, "pseudo_localization_target": "start"}
+    assert RECIPE_ARMS["pseudo-boxes (separate loss; localisation on the head only)"][1] == {
+        **recipe, "pseudo_localization_features": "detached"}
 
 
 def test_start_localization_loss_is_fcos_loss_when_the_start_outputs_are_the_boxes_and_still_where_they_agree():
@@ -737,3 +757,41 @@ def test_pseudo_boxes_learning_the_start_localization_leave_a_fresh_fine_tuning_
         model.head.regression_head.bbox_reg.bias.add_(0.5)
     torch.manual_seed(0)
     assert model(images, targets)["loss_pseudo_box"].item() > 1e-3
+
+
+def test_pseudo_localization_on_detached_features_trains_only_the_box_head(tiny_root, tmp_path, monkeypatch):
+    """pseudo_localization_features=detached: the losses are the recipe's, the box head gets exactly the full
+    recipe's gradient, and every other weight (trunk, FPN, classification head) exactly the gradient it gets
+    when the pseudo-boxes train no localisation at all."""
+    _, path = _start_file(tiny_root, tmp_path)
+    cfg = tiny_config(tiny_root, init_from=str(path))
+    cfg.train.finetune.mode = "pseudo_boxes"
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.setup()
+    model = trainer.model
+    hook = model.training_hook
+    found = {"boxes": torch.tensor([[4., 4., 30., 30.], [34., 30., 60., 56.]]), "scores": torch.tensor([0.9, 0.8]),
+             "labels": torch.tensor([0, 1])}
+    monkeypatch.setattr(hook.start, "postprocess_dense", lambda dense, anchors, sizes, *a: [found] * len(sizes))
+    images, targets = trainer._to_device(*_two_samples(trainer))
+    box_head = {f"head.regression_head.{k}" for k, _ in model.head.regression_head.named_parameters()}
+
+    def run(**recipe):
+        hook.recipe = ft.dataclasses.replace(hook.recipe, **recipe)
+        torch.manual_seed(0)
+        losses = model(images, targets)
+        model.zero_grad()
+        sum(losses.values()).backward()
+        return losses, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    full, full_grads = run()
+    detached, detached_grads = run(pseudo_localization_features="detached")
+    _, no_localization_grads = run(pseudo_localization=False, pseudo_localization_features="shared")
+    assert full.keys() == detached.keys()
+    for name in full:
+        torch.testing.assert_close(detached[name], full[name])
+    assert detached_grads.keys() == full_grads.keys() and box_head < detached_grads.keys()
+    for k in detached_grads:
+        torch.testing.assert_close(detached_grads[k], (full_grads if k in box_head else no_localization_grads)[k])
+    features = [k for k in detached_grads if k not in box_head and not k.startswith("head.")]
+    assert features and any(not torch.allclose(full_grads[k], no_localization_grads[k]) for k in features)

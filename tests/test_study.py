@@ -492,6 +492,7 @@ def test_pseudo_localization_enters_a_fine_tuning_runs_key_only_when_off(tmp_pat
             values["train"]["finetune"].pop("pseudo_localization")
             values["train"]["finetune"].pop("pseudo_centerness")
             values["train"]["finetune"].pop("pseudo_localization_target")
+            values["train"]["finetune"].pop("pseudo_localization_features")
         return values
 
     monkeypatch.setattr(spec_module, "config_to_dict", recorded_before)
@@ -510,4 +511,9 @@ def test_pseudo_localization_enters_a_fine_tuning_runs_key_only_when_off(tmp_pat
     cfg.train.finetune.pseudo_localization_target = "boxes"  # the default, spelled
     assert run_key(cfg, tmp_path) == today
     cfg.train.finetune.pseudo_localization_target = "start"
-    assert len({today, off, weighted, no_ctr, run_key(cfg, tmp_path)}) == 5
+    start = run_key(cfg, tmp_path)
+    cfg.train.finetune.pseudo_localization_target = "boxes"
+    cfg.train.finetune.pseudo_localization_features = "shared"  # the default, spelled
+    assert run_key(cfg, tmp_path) == today
+    cfg.train.finetune.pseudo_localization_features = "detached"
+    assert len({today, off, weighted, no_ctr, start, run_key(cfg, tmp_path)}) == 6

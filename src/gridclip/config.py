@@ -225,6 +225,10 @@ class FinetuneConfig:
     # the pseudo-box and its centerness (FCOS's targets); start: the frozen start model's own box and
     # centerness outputs there (learning without forgetting on the box branch; results/finetune_pseudo_distill/)
     pseudo_localization_target: Literal["boxes", "start"] = "boxes"
+    # separate only: what the pseudo-boxes' localisation losses train; shared: the box head and, through the
+    # features it shares with the classification, the trunk and FPN; detached: the box head only (a second
+    # pass of it over the detached features; results/finetune_pseudo_detach/)
+    pseudo_localization_features: Literal["shared", "detached"] = "shared"
     # WiSE-FT: the saved weights are (1 - alpha) start + alpha fine-tuned, per tensor; 1: the fine-tuned
     # ones; null: the measured default of the mode (:func:`finetune_alpha`)
     alpha: float | None = None

@@ -47,6 +47,7 @@ PSEUDO_MAX_IOU = 0.5
 FINETUNE_MODES = ("plain", "keep_vocab", "embeddings", "pseudo_boxes")
 PSEUDO_LOSSES = ("joint", "separate")
 PSEUDO_LOCALIZATION_TARGETS = ("boxes", "start")
+PSEUDO_LOCALIZATION_FEATURES = ("shared", "detached")
 
 
 def check_finetune_config(f: FinetuneConfig) -> None:
@@ -74,6 +75,14 @@ def check_finetune_config(f: FinetuneConfig) -> None:
                          f"{', '.join(PSEUDO_LOCALIZATION_TARGETS)}, got {f.pseudo_localization_target!r}")
     if f.pseudo_localization_target != "boxes" and (f.pseudo_loss != "separate" or f.pseudo_localization == 0):
         raise ValueError(f"train.finetune.pseudo_localization_target={f.pseudo_localization_target}: expected "
+                         "pseudo_loss=separate and pseudo_localization above 0 (else the pseudo-boxes train no "
+                         f"localisation), got pseudo_loss={f.pseudo_loss!r}, "
+                         f"pseudo_localization={str(f.pseudo_localization).lower()}")
+    if f.pseudo_localization_features not in PSEUDO_LOCALIZATION_FEATURES:
+        raise ValueError("train.finetune.pseudo_localization_features: expected one of "
+                         f"{', '.join(PSEUDO_LOCALIZATION_FEATURES)}, got {f.pseudo_localization_features!r}")
+    if f.pseudo_localization_features != "shared" and (f.pseudo_loss != "separate" or f.pseudo_localization == 0):
+        raise ValueError(f"train.finetune.pseudo_localization_features={f.pseudo_localization_features}: expected "
                          "pseudo_loss=separate and pseudo_localization above 0 (else the pseudo-boxes train no "
                          f"localisation), got pseudo_loss={f.pseudo_loss!r}, "
                          f"pseudo_localization={str(f.pseudo_localization).lower()}")
@@ -227,7 +236,11 @@ class KeepVocabulary(WeightInterpolation):
         if self.pseudo and self.recipe.pseudo_loss == "separate":
             # the data's boxes: plain fine-tuning's loss (returned to the model); the pseudo-boxes: the same
             # FCOS loss on the other names' columns, normalised by their own positives
-            outputs = {"cls_logits": logits[..., num_custom:], "bbox_regression": regression, "bbox_ctrness": ctrness}
+            pseudo_regression, pseudo_ctrness = regression, ctrness
+            if self.recipe.pseudo_localization_features == "detached":  # their localisation trains the box head only
+                pseudo_regression, pseudo_ctrness = model.head.regression_head([f.detach() for f in features], cells)
+            outputs = {"cls_logits": logits[..., num_custom:], "bbox_regression": pseudo_regression,
+                       "bbox_ctrness": pseudo_ctrness}
             if self.recipe.pseudo_localization_target == "start":
                 outputs.update(start_bbox_regression=dense.bbox_regression, start_bbox_ctrness=dense.bbox_ctrness)
             pseudo = model.compute_loss(split_pseudo_boxes(targets, data_targets, num_custom), outputs, anchors,
@@ -405,4 +418,6 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
         record["pseudo_centerness"] = False
     if record["pseudo_loss"] is not None and f.pseudo_localization_target != "boxes":
         record["pseudo_localization_target"] = f.pseudo_localization_target
+    if record["pseudo_loss"] is not None and f.pseudo_localization_features != "shared":
+        record["pseudo_localization_features"] = f.pseudo_localization_features
     return record

@@ -79,6 +79,10 @@ RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "pseudo-boxes (separate loss; start's localisation)": ({"image_align": False}, {
         "mode": "keep_vocab", "ignore_score": None, "distill": 0.0, "pseudo_score": 0.5, "pseudo_loss": "separate",
         "pseudo_localization_target": "start", "alpha": 1.0}),
+    # results/finetune_pseudo_detach/PLAN.md: their localisation trains the box head, not the shared features
+    "pseudo-boxes (separate loss; localisation on the head only)": ({"image_align": False}, {
+        "mode": "keep_vocab", "ignore_score": None, "distill": 0.0, "pseudo_score": 0.5, "pseudo_loss": "separate",
+        "pseudo_localization_features": "detached", "alpha": 1.0}),
 }
 # the arm that spells the product's default recipe (``FinetuneConfig()``; tests/test_finetune_recipe.py)
 DEFAULT_ARM = "pseudo-boxes (separate loss)"

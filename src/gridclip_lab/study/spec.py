@@ -193,6 +193,8 @@ def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = N
             finetune.pop("pseudo_centerness", None)  # recorded before it existed (always on)
         if finetune.get("pseudo_localization_target", "boxes") == "boxes":
             finetune.pop("pseudo_localization_target", None)  # recorded before it existed (always boxes)
+        if finetune.get("pseudo_localization_features", "shared") == "shared":
+            finetune.pop("pseudo_localization_features", None)  # recorded before it existed (always shared)
     uses_teacher = cfg.model.image_align
     if not uses_teacher:
         for section in values.values():
