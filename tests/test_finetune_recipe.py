@@ -229,17 +229,7 @@ def test_pseudo_boxes_without_localization_train_only_the_classification(tiny_ro
     """pseudo_localization=false: the pseudo-boxes add their classification loss (the same value as with
     localisation) and nothing else, so the regression / centerness branch gets exactly plain fine-tuning's
     gradient, while the classification branch still gets the pseudo-boxes' one."""
-    _, path = _start_file(tiny_root, tmp_path)
-    cfg = tiny_config(tiny_root, init_from=str(path))
-    cfg.train.finetune.mode = "pseudo_boxes"
-    trainer = Trainer(cfg, tmp_path / "run", progress=False)
-    trainer.setup()
-    model = trainer.model
-    hook = model.training_hook
-    found = {"boxes": torch.tensor([[4., 4., 30., 30.], [34., 30., 60., 56.]]), "scores": torch.tensor([0.9, 0.8]),
-             "labels": torch.tensor([0, 1])}
-    monkeypatch.setattr(hook.start, "postprocess_dense", lambda dense, anchors, sizes, *a: [found] * len(sizes))
-    images, targets = trainer._to_device(*_two_samples(trainer))
+    model, hook, images, targets = _pseudo_boxes_batch(tiny_root, tmp_path, monkeypatch)
     regression = dict(model.head.regression_head.named_parameters())
     classification = dict(model.head.classification_head.named_parameters())
 
@@ -304,6 +294,21 @@ def test_pseudo_boxes_without_localization_train_only_the_classification(tiny_ro
 def _two_samples(trainer):
     samples = [train_module.SeededSamples(trainer.dataset)[(i, i)] for i in range(2)]
     return train_module.collate_detection(samples)
+
+
+def _pseudo_boxes_batch(tiny_root, tmp_path, monkeypatch):
+    """A pseudo_boxes fine-tuning set up from a tiny start model whose detections are always the same two
+    boxes of two kept names, and two training samples: (model, its hook, images, targets)."""
+    _, path = _start_file(tiny_root, tmp_path)
+    cfg = tiny_config(tiny_root, init_from=str(path))
+    cfg.train.finetune.mode = "pseudo_boxes"
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.setup()
+    hook = trainer.model.training_hook
+    found = {"boxes": torch.tensor([[4., 4., 30., 30.], [34., 30., 60., 56.]]), "scores": torch.tensor([0.9, 0.8]),
+             "labels": torch.tensor([0, 1])}
+    monkeypatch.setattr(hook.start, "postprocess_dense", lambda dense, anchors, sizes, *a: [found] * len(sizes))
+    return (trainer.model, hook, *trainer._to_device(*_two_samples(trainer)))
 
 
 def test_distillation_is_zero_at_the_start_and_grows_with_change():
@@ -712,17 +717,7 @@ def test_pseudo_boxes_learning_the_start_localization_leave_a_fresh_fine_tuning_
     recipe's; the pseudo-boxes' box and centerness losses take the frozen start model's outputs as targets,
     so at the first step (the model still is the start model) the regression / centerness branch gets
     exactly plain fine-tuning's gradient, where the boxes' targets give it another one."""
-    _, path = _start_file(tiny_root, tmp_path)
-    cfg = tiny_config(tiny_root, init_from=str(path))
-    cfg.train.finetune.mode = "pseudo_boxes"
-    trainer = Trainer(cfg, tmp_path / "run", progress=False)
-    trainer.setup()
-    model = trainer.model
-    hook = model.training_hook
-    found = {"boxes": torch.tensor([[4., 4., 30., 30.], [34., 30., 60., 56.]]), "scores": torch.tensor([0.9, 0.8]),
-             "labels": torch.tensor([0, 1])}
-    monkeypatch.setattr(hook.start, "postprocess_dense", lambda dense, anchors, sizes, *a: [found] * len(sizes))
-    images, targets = trainer._to_device(*_two_samples(trainer))
+    model, hook, images, targets = _pseudo_boxes_batch(tiny_root, tmp_path, monkeypatch)
     regression = dict(model.head.regression_head.named_parameters())
 
     def gradients(losses):
@@ -763,17 +758,7 @@ def test_pseudo_localization_on_detached_features_trains_only_the_box_head(tiny_
     """pseudo_localization_features=detached: the losses are the recipe's, the box head gets exactly the full
     recipe's gradient, and every other weight (trunk, FPN, classification head) exactly the gradient it gets
     when the pseudo-boxes train no localisation at all."""
-    _, path = _start_file(tiny_root, tmp_path)
-    cfg = tiny_config(tiny_root, init_from=str(path))
-    cfg.train.finetune.mode = "pseudo_boxes"
-    trainer = Trainer(cfg, tmp_path / "run", progress=False)
-    trainer.setup()
-    model = trainer.model
-    hook = model.training_hook
-    found = {"boxes": torch.tensor([[4., 4., 30., 30.], [34., 30., 60., 56.]]), "scores": torch.tensor([0.9, 0.8]),
-             "labels": torch.tensor([0, 1])}
-    monkeypatch.setattr(hook.start, "postprocess_dense", lambda dense, anchors, sizes, *a: [found] * len(sizes))
-    images, targets = trainer._to_device(*_two_samples(trainer))
+    model, hook, images, targets = _pseudo_boxes_batch(tiny_root, tmp_path, monkeypatch)
     box_head = {f"head.regression_head.{k}" for k, _ in model.head.regression_head.named_parameters()}
 
     def run(**recipe):

@@ -70,22 +70,15 @@ def check_finetune_config(f: FinetuneConfig) -> None:
         raise ValueError("train.finetune.pseudo_centerness=false: expected pseudo_loss=separate and pseudo_localization "
                          f"above 0 (else there is no pseudo centerness loss to leave out), got pseudo_loss="
                          f"{f.pseudo_loss!r}, pseudo_localization={str(f.pseudo_localization).lower()}")
-    if f.pseudo_localization_target not in PSEUDO_LOCALIZATION_TARGETS:
-        raise ValueError("train.finetune.pseudo_localization_target: expected one of "
-                         f"{', '.join(PSEUDO_LOCALIZATION_TARGETS)}, got {f.pseudo_localization_target!r}")
-    if f.pseudo_localization_target != "boxes" and (f.pseudo_loss != "separate" or f.pseudo_localization == 0):
-        raise ValueError(f"train.finetune.pseudo_localization_target={f.pseudo_localization_target}: expected "
-                         "pseudo_loss=separate and pseudo_localization above 0 (else the pseudo-boxes train no "
-                         f"localisation), got pseudo_loss={f.pseudo_loss!r}, "
-                         f"pseudo_localization={str(f.pseudo_localization).lower()}")
-    if f.pseudo_localization_features not in PSEUDO_LOCALIZATION_FEATURES:
-        raise ValueError("train.finetune.pseudo_localization_features: expected one of "
-                         f"{', '.join(PSEUDO_LOCALIZATION_FEATURES)}, got {f.pseudo_localization_features!r}")
-    if f.pseudo_localization_features != "shared" and (f.pseudo_loss != "separate" or f.pseudo_localization == 0):
-        raise ValueError(f"train.finetune.pseudo_localization_features={f.pseudo_localization_features}: expected "
-                         "pseudo_loss=separate and pseudo_localization above 0 (else the pseudo-boxes train no "
-                         f"localisation), got pseudo_loss={f.pseudo_loss!r}, "
-                         f"pseudo_localization={str(f.pseudo_localization).lower()}")
+    for name, allowed in (("pseudo_localization_target", PSEUDO_LOCALIZATION_TARGETS),
+                          ("pseudo_localization_features", PSEUDO_LOCALIZATION_FEATURES)):
+        value = getattr(f, name)  # the first allowed value is the default: today's pseudo-box localisation
+        if value not in allowed:
+            raise ValueError(f"train.finetune.{name}: expected one of {', '.join(allowed)}, got {value!r}")
+        if value != allowed[0] and (f.pseudo_loss != "separate" or f.pseudo_localization == 0):
+            raise ValueError(f"train.finetune.{name}={value}: expected pseudo_loss=separate and pseudo_localization "
+                             "above 0 (else the pseudo-boxes train no localisation), got pseudo_loss="
+                             f"{f.pseudo_loss!r}, pseudo_localization={str(f.pseudo_localization).lower()}")
     if f.distill < 0:
         raise ValueError(f"train.finetune.distill: expected a weight >= 0, got {f.distill}")
     if f.alpha is not None and not 0.0 <= f.alpha <= 1.0:

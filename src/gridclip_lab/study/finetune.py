@@ -393,6 +393,18 @@ def replication_rule(arm: str, studies: dict[str, tuple[dict[str, dict], int]], 
     return decision
 
 
+def decide_arm(arm: str, worlds: dict[str, tuple[str | os.PathLike, int]], out: str | os.PathLike,
+               sets: tuple[str, ...] = ("red", "circle")) -> dict:
+    """:func:`replication_rule` on the studies ``worlds`` (name -> (folder holding one study per custom set,
+    seeds needed)), with each set's finished runs of ``arm`` (:func:`study_with_arm_runs`): written to
+    ``out`` as JSON and printed."""
+    decision = replication_rule(arm, {world: ({name: study_with_arm_runs(Path(folder) / name, arm) for name in sets},
+                                              needed) for world, (folder, needed) in worlds.items()})
+    Path(out).write_text(json.dumps(decision, indent=1) + "\n")
+    print_replication_rule(decision)
+    return decision
+
+
 def print_replication_rule(decision: dict) -> None:
     """:func:`replication_rule`'s decision as text."""
     for world, sets in decision["worlds"].items():
