@@ -212,6 +212,14 @@ def plot_alpha_curve(studies: Sequence[tuple[str, dict]], path: str | os.PathLik
         ax.set_xlabel("custom AP (%)")
         ax.set_ylabel("other names' AP kept (% of the start model's)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="lower left")
-    fig.tight_layout()
+    # one legend for every panel, below them, so that it hides no point
+    legend = {}
+    for ax in axes[0]:
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(text, handle)
+    rows = (len(legend) + 1) // 2
+    below = (0.3 + 0.22 * rows) * dpi / size[1]  # the legend's share of the original height
+    fig.set_size_inches(size[0] / dpi, size[1] / dpi * (1 + below))
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2, fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, below / (1 + below), 1, 1))
     save_png(fig, path, dpi)
