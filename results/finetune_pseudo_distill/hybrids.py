@@ -1,11 +1,12 @@
-"""PLAN.md's diagnostic: world0's circle models of plain fine-tuning and the default (seeds 0-2, trained again
-last session into runs/circle_iou/ by results/finetune_pseudo_weight/circle_iou.py, their custom AP
-reproduced exactly) scored on the custom names alone as hybrids: one model's classification with the other's
-box regression and centerness, each computed by its own model on the same image. A hybrid of a model with
-itself must give that model's recorded custom AP (checked). Writes hybrids.json; prints the paired
-differences against plain.
+"""PLAN.md's diagnostic: world0's circle models of plain fine-tuning and the default (results/finetune_pseudo_cls/
+circle, the seeds asked) scored on the custom names alone as hybrids: one model's classification with the
+other's box regression and centerness, each computed by its own model on the same image. The models are
+those of runs/circle_iou/ (results/finetune_pseudo_weight/circle_iou.py trained seeds 0-2 there); a missing
+one is trained again there from its recorded config, one thread as the study (needs the study's start
+models and runs/world0). A hybrid of a model with itself must give that model's recorded custom AP
+(checked). Writes hybrids.json; prints the paired differences against plain.
 
-    python results/finetune_pseudo_distill/hybrids.py [--jobs 2]
+    python results/finetune_pseudo_distill/hybrids.py [--jobs 2] [--seeds 0,1,2,3,4,5]
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RECORDED = HERE.parent / "finetune_pseudo_weight" / "circle_iou.json"
 STUDY = HERE.parent / "finetune_pseudo_cls" / "circle"
+ARMS = {"without image alignment": "plain", "pseudo-boxes (separate loss)": "default"}
+MODELS = Path("runs/circle_iou")
 # (classification from, localisation from)
 HYBRIDS = [("plain", "plain"), ("default", "default"), ("default", "plain"), ("plain", "default")]
 
@@ -49,6 +51,31 @@ def hybrid(classifier, localizer):
     return classifier
 
 
+def recorded_runs(seeds: set[int]) -> list[dict]:
+    runs = []
+    for path in sorted((STUDY / "runs").glob("*/result.json")):
+        result = json.loads(path.read_text())
+        if result["seed"] in seeds and result["arm"] in ARMS:
+            runs.append({"key": path.parent.name, "seed": result["seed"], "arm": ARMS[result["arm"]],
+                         "custom": result["metrics"]["custom"]})
+    return runs
+
+
+def trained(key: str) -> str:
+    """The model file of recorded run ``key``, trained again from its config when missing."""
+    from gridclip.config import load_config
+    from gridclip.engine.train import train
+    from gridclip.utils.threads import torch_threads
+
+    out = MODELS / key
+    if not (out / "model.pt").exists():
+        cfg = load_config(STUDY / "runs" / key / "config.yaml")
+        cfg.out_dir = str(out)
+        with torch_threads(1):
+            train(cfg, out, progress=False)
+    return str(out / "model.pt")
+
+
 def score(seed: int, models: dict[str, str], pair: tuple[str, str]) -> dict:
     from gridclip.checkpoint import load_checkpoint
     from gridclip.config import load_config
@@ -78,15 +105,17 @@ def main() -> dict:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--seeds", default="0,1,2,3,4,5")
     args = parser.parse_args()
-    recorded = json.loads(RECORDED.read_text())["rows"]
-    models = {}
-    for r in recorded:
-        models.setdefault(r["seed"], {})[r["arm"]] = str(Path("runs/circle_iou") / r["key"] / "model.pt")
-    jobs = [(seed, models[seed], pair) for seed in sorted(models) for pair in HYBRIDS]
+    recorded = recorded_runs({int(s) for s in args.seeds.split(",")})
     with ProcessPoolExecutor(args.jobs) as pool:
+        paths = list(pool.map(trained, [r["key"] for r in recorded]))
+        models = {}
+        for r, path in zip(recorded, paths):
+            models.setdefault(r["seed"], {})[r["arm"]] = path
+        jobs = [(seed, models[seed], pair) for seed in sorted(models) for pair in HYBRIDS]
         rows = list(pool.map(score, *zip(*jobs)))
-    own = {(r["seed"], r["arm"]): r["custom_only"]["AP"] for r in recorded}
+    own = {(r["seed"], r["arm"]): r["custom"] for r in recorded}
     reproduced = all(r["custom_only"]["AP"] == own[(r["seed"], r["classification"])]
                      for r in rows if r["classification"] == r["localization"])
     label = {pair: f"{pair[0]} classification + {pair[1]} localisation" for pair in HYBRIDS}
