@@ -288,3 +288,17 @@ def test_the_replication_rule_needs_every_world_and_stops_at_the_first_failed_on
     for bad in (forgets, below_plain):
         failed = replication_rule("new", {"w0": ({"red": good, "circle": bad}, 3), "w1": ({"red": short, "circle": good}, 3)})
         assert failed["outcome"] == "not the default" and not failed["becomes_default"]
+
+
+def test_finished_runs_are_a_study_folders_results_of_the_arms_and_seeds_asked(tmp_path):
+    from gridclip_lab.study.finetune import finished_runs
+
+    for key, seed, arm in [("b2", 1, "plain"), ("a1", 0, "plain"), ("c3", 0, "other"), ("d4", 2, "plain")]:
+        (tmp_path / "runs" / key).mkdir(parents=True)
+        (tmp_path / "runs" / key / "result.json").write_text(
+            f'{{"key": "{key}", "seed": {seed}, "arm": "{arm}", "metrics": {{"custom": 0.{seed}}}}}')
+    (tmp_path / "runs" / "e5").mkdir()  # a run still training: no result yet
+    got = finished_runs(tmp_path, ["plain"], [0, 1])
+    assert [(r["key"], r["seed"], r["arm"], r["metrics"]["custom"]) for r in got] == [("a1", 0, "plain", 0.0),
+                                                                                        ("b2", 1, "plain", 0.1)]
+    assert [r["key"] for r in finished_runs(tmp_path, ["plain", "other"])] == ["a1", "b2", "c3", "d4"]

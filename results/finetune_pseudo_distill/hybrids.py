@@ -52,13 +52,10 @@ def hybrid(classifier, localizer):
 
 
 def recorded_runs(seeds: set[int]) -> list[dict]:
-    runs = []
-    for path in sorted((STUDY / "runs").glob("*/result.json")):
-        result = json.loads(path.read_text())
-        if result["seed"] in seeds and result["arm"] in ARMS:
-            runs.append({"key": path.parent.name, "seed": result["seed"], "arm": ARMS[result["arm"]],
-                         "custom": result["metrics"]["custom"]})
-    return runs
+    from gridclip_lab.study.finetune import finished_runs
+
+    return [{"key": r["key"], "seed": r["seed"], "arm": ARMS[r["arm"]], "custom": r["metrics"]["custom"]}
+            for r in finished_runs(STUDY, ARMS, seeds)]
 
 
 def trained(key: str) -> str:

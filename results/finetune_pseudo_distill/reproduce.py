@@ -19,7 +19,7 @@ def main() -> dict:
     from gridclip.config import load_config
     from gridclip.engine.train import train
     from gridclip.utils.threads import torch_threads
-    from gridclip_lab.study.finetune import evaluate_groups
+    from gridclip_lab.study.finetune import evaluate_groups, finished_runs
     from gridclip_lab.utils.environment import fingerprint
 
     parser = argparse.ArgumentParser()
@@ -28,8 +28,7 @@ def main() -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     folder = STUDIES / args.set / "runs"
-    found = [p.parent for p in sorted(folder.glob("*/result.json"))
-             if (r := json.loads(p.read_text()))["arm"] == args.arm and r["seed"] == args.seed]
+    found = [folder / r["key"] for r in finished_runs(STUDIES / args.set, [args.arm], [args.seed])]
     if len(found) != 1:
         raise SystemExit(f"{folder}: expected one recorded run of arm {args.arm!r}, seed {args.seed}; found {len(found)}")
     recorded = json.loads((found[0] / "result.json").read_text())

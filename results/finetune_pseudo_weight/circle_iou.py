@@ -23,13 +23,10 @@ SEEDS = (0, 1, 2)
 
 
 def recorded_runs() -> list[dict]:
-    runs = []
-    for path in sorted((STUDY / "runs").glob("*/result.json")):
-        result = json.loads(path.read_text())
-        if result["seed"] in SEEDS and result["arm"] in ARMS:
-            runs.append({"key": path.parent.name, "seed": result["seed"], "arm": ARMS[result["arm"]],
-                         "recorded_custom": result["metrics"]["custom"]})
-    return runs
+    from gridclip_lab.study.finetune import finished_runs
+
+    return [{"key": r["key"], "seed": r["seed"], "arm": ARMS[r["arm"]], "recorded_custom": r["metrics"]["custom"]}
+            for r in finished_runs(STUDY, ARMS, SEEDS)]
 
 
 def without_centerness() -> None:

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -345,16 +345,25 @@ def compare_arms(study: dict, a: str, b: str, groups: tuple[str, ...] = ("custom
     return out
 
 
+def finished_runs(folder: str | os.PathLike, arms: Iterable[str], seeds: Iterable[int] | None = None) -> list[dict]:
+    """The finished fine-tuning runs of a study ``folder`` (its ``runs/*/result.json``) of ``arms`` (and
+    ``seeds``; None: all), in key order: per run ``key``, ``seed``, ``arm`` and ``metrics``."""
+    arms, seeds = set(arms), None if seeds is None else set(seeds)
+    runs = []
+    for path in sorted((Path(folder) / "runs").glob("*/result.json")):
+        result = json.loads(path.read_text())
+        if result["arm"] in arms and (seeds is None or result["seed"] in seeds):
+            runs.append({"key": path.parent.name, "seed": result["seed"], "arm": result["arm"],
+                         "metrics": result["metrics"]})
+    return runs
+
+
 def study_with_arm_runs(folder: str | os.PathLike, arm: str) -> dict:
     """``folder``'s finetune.json rows with ``arm``'s rows replaced by the finished runs in its ``runs/``
     (a study still running has not rewritten finetune.json yet), summarised."""
-    folder = Path(folder)
-    study = json.loads((folder / "finetune.json").read_text())
+    study = json.loads((Path(folder) / "finetune.json").read_text())
     rows = [r for r in study["rows"] if r["arm"] != arm]
-    for path in sorted((folder / "runs").glob("*/result.json")):
-        result = json.loads(path.read_text())
-        if result["arm"] == arm:
-            rows.append({"seed": result["seed"], "arm": arm, "metrics": result["metrics"]})
+    rows += [{"seed": r["seed"], "arm": arm, "metrics": r["metrics"]} for r in finished_runs(folder, [arm])]
     return {"rows": rows, **summarize_finetune(rows)}
 
 
