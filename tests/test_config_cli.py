@@ -62,6 +62,19 @@ def test_enumerations_are_checked_at_load(key, allowed):
     assert read == value
 
 
+def test_a_bad_override_on_top_of_a_config_file_is_named_as_the_override(tmp_path):
+    """The error names where the bad value came from: the command line's override, or the file."""
+    (tmp_path / "c.yaml").write_text("train:\n  optimizer: adamw\n")
+    with pytest.raises(ValueError, match=r"^overrides\.train\.optimizer: expected one of sgd, adamw, got 'bogus'$"):
+        load_config(tmp_path / "c.yaml", overrides=["train.optimizer=bogus"])
+    with pytest.raises(ValueError, match=r"^overrides\.train\.finetune\.pseudo_localization_target: expected one of "):
+        load_config("shapes_demo", overrides=["train.finetune.pseudo_localization_target=anchors"])
+    (tmp_path / "bad.yaml").write_text("train:\n  optimizer: bogus\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml\.train\.optimizer: expected one of sgd, adamw, got 'bogus'$"):
+        load_config(tmp_path / "bad.yaml", overrides=["train.lr=0.01"])
+    assert load_config(tmp_path / "c.yaml", overrides=["train.optimizer=sgd"]).train.optimizer == "sgd"
+
+
 def test_an_enumeration_word_that_yaml_reads_as_a_boolean_is_that_word(tmp_path):
     """YAML 1.1 reads `off` as False: `model.clip_ensemble=off` (override or file) means the word."""
     assert load_config(overrides=["model.clip_ensemble=off"]).model.clip_ensemble == "off"

@@ -529,11 +529,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     ``resolve_config``). ``_base_: other.yaml`` chains are relative to the file; a base that is no file
     there may name a packaged config (``_base_: lvis_r50``)."""
     values: dict = {}
+    where = str(path) if path is not None else "overrides"
     if path is not None:
         values = _read_yaml_chain(resolve_config(path), seen=())
     if overrides:
+        if path is not None:
+            config_from_dict(values, Config, where)  # the file's own errors name the file
+            where = "overrides"  # so an error from here on came with the overrides
         values = _deep_merge(values, parse_overrides(overrides))
-    where = str(path) if path is not None else "overrides"
     return config_from_dict(values, Config, where)
 
 
