@@ -48,6 +48,10 @@ FINETUNE_MODES = ("plain", "keep_vocab", "embeddings", "pseudo_boxes")
 PSEUDO_LOSSES = ("joint", "separate")
 PSEUDO_LOCALIZATION_TARGETS = ("boxes", "start")
 PSEUDO_LOCALIZATION_FEATURES = ("shared", "detached")
+# the separate pseudo-box loss's settings added after runs were recorded, at their defaults (the behaviour
+# before each existed): recorded in checkpoints, and part of a study run's key, only away from them
+PSEUDO_SETTING_DEFAULTS = {"pseudo_localization": True, "pseudo_centerness": True,
+                           "pseudo_localization_target": "boxes", "pseudo_localization_features": "shared"}
 
 
 def check_finetune_config(f: FinetuneConfig) -> None:
@@ -404,13 +408,6 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
         record = {"mode": f.mode, "ignore_score": f.ignore_score, "distill": f.distill, "pseudo_score": f.pseudo_score,
                   "pseudo_loss": f.pseudo_loss if f.pseudo_score is not None else None, "alpha": alpha,
                   "keep_names": f.keep_names}
-    if record["pseudo_loss"] is not None and f.pseudo_localization != 1:
-        # recorded only off its default (files before it existed read the same)
-        record["pseudo_localization"] = f.pseudo_localization
-    if record["pseudo_loss"] is not None and not f.pseudo_centerness:
-        record["pseudo_centerness"] = False
-    if record["pseudo_loss"] is not None and f.pseudo_localization_target != "boxes":
-        record["pseudo_localization_target"] = f.pseudo_localization_target
-    if record["pseudo_loss"] is not None and f.pseudo_localization_features != "shared":
-        record["pseudo_localization_features"] = f.pseudo_localization_features
+    if record["pseudo_loss"] is not None:  # recorded only off their defaults (files before them read the same)
+        record.update({k: getattr(f, k) for k, default in PSEUDO_SETTING_DEFAULTS.items() if getattr(f, k) != default})
     return record

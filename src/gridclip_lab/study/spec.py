@@ -12,6 +12,7 @@ from typing import Any
 
 from gridclip.clip.loader import BUILTIN_PREFIX, builtin_clip_dir
 from gridclip.config import Config, config_to_dict
+from gridclip.engine.keep_vocab import PSEUDO_SETTING_DEFAULTS
 from gridclip.model.trunk_weights import resolve_trunk_file
 from gridclip_lab.peers.config import PeerConfig
 from gridclip_lab.variants import METRICS, VARIANTS, apply_variant, world_config
@@ -187,14 +188,9 @@ def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = N
             finetune.pop("pseudo_score", None)
         if finetune.get("pseudo_score") is None or finetune.get("pseudo_loss", "joint") == "joint":
             finetune.pop("pseudo_loss", None)  # recorded before pseudo_loss existed (joint was the only one)
-        if finetune.get("pseudo_localization", True) == 1:
-            finetune.pop("pseudo_localization", None)  # recorded before it existed (always on, weight 1)
-        if finetune.get("pseudo_centerness", True):
-            finetune.pop("pseudo_centerness", None)  # recorded before it existed (always on)
-        if finetune.get("pseudo_localization_target", "boxes") == "boxes":
-            finetune.pop("pseudo_localization_target", None)  # recorded before it existed (always boxes)
-        if finetune.get("pseudo_localization_features", "shared") == "shared":
-            finetune.pop("pseudo_localization_features", None)  # recorded before it existed (always shared)
+        for key, default in PSEUDO_SETTING_DEFAULTS.items():  # recorded before they existed (at these)
+            if finetune.get(key, default) == default:
+                finetune.pop(key, None)
     uses_teacher = cfg.model.image_align
     if not uses_teacher:
         for section in values.values():
