@@ -214,13 +214,13 @@ def test_finetune_study_recipe_arms_and_the_wise_ft_ends(tmp_path, small_world, 
     import json
 
     from gridclip_lab.cli import main
-    from gridclip_lab.study.finetune import PLAIN, alpha_arm
+    from gridclip_lab.study.finetune import PLAIN, ROUTED, ROUTED_BRANCH, alpha_arm
 
     rn, vit = tiny_clip_names
     out = tmp_path / "ft"
     argv = ["finetune-study", "--out", str(out), "--world", str(small_world), "--start-variant", "GridCLIP",
             "--start-iters", "2", "--iters", "2", "--seeds", "0", "--custom", "red", "--clip", rn, "--teacher", vit,
-            "--arms", f"{PLAIN},ignore + distill,embeddings only", "--alphas", "0,1",
+            "--arms", f"{PLAIN},ignore + distill,embeddings only,{ROUTED}", "--alphas", "0,1",
             "--alpha-arms", f"{PLAIN},ignore + distill", "--no-progress",
             "train.batch_size=2", "train.warmup_iters=1", "model.projector_hidden=32"]
     assert main(argv) == 0
@@ -229,14 +229,18 @@ def test_finetune_study_recipe_arms_and_the_wise_ft_ends(tmp_path, small_world, 
     keep = "ignore + distill"
     curves = {alpha_arm(a, arm) for a in (0.0, 1.0) for arm in (PLAIN, keep)}
     assert curves == {alpha_arm(0.0), alpha_arm(1.0), f"{keep}, WiSE-FT alpha 0", f"{keep}, WiSE-FT alpha 1"}
-    assert set(rows) == {BEFORE, PLAIN, keep, "embeddings only"} | curves
+    assert set(rows) == {BEFORE, PLAIN, keep, "embeddings only", ROUTED, ROUTED_BRANCH} | curves
     for arm in (PLAIN, keep):
         assert rows[alpha_arm(0.0, arm)] == rows[BEFORE] and rows[alpha_arm(1.0, arm)] == rows[arm]
     configs = [yaml_load(p) for p in (out / "runs").glob("*/config.yaml")]
-    modes = sorted(c["train"]["finetune"]["mode"] for c in configs)
-    assert modes == ["embeddings", "keep_vocab", "plain"]
-    assert {(p["a"], p["b"]) for p in study["pairs"]} >= {(keep, PLAIN), (keep, BEFORE), ("embeddings only", PLAIN)}
-    assert set(study["other_kept"]) == {PLAIN, keep, "embeddings only"} | curves
+    modes = sorted((c["train"]["finetune"]["mode"], c["train"]["finetune"]["freeze_trunk"]) for c in configs)
+    assert modes == [("embeddings", False), ("keep_vocab", False), ("plain", False), ("plain", True)]
+    routed = [json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")]
+    routed = [r for r in routed if r["arm"] == ROUTED]
+    assert len(routed) == 1 and rows[ROUTED_BRANCH] == routed[0]["branch_metrics"]
+    assert {(p["a"], p["b"]) for p in study["pairs"]} >= {(keep, PLAIN), (keep, BEFORE), ("embeddings only", PLAIN),
+                                                          (ROUTED, PLAIN), (ROUTED_BRANCH, PLAIN)}
+    assert set(study["other_kept"]) == {PLAIN, keep, "embeddings only", ROUTED, ROUTED_BRANCH} | curves
     capsys.readouterr()
     at = argv.index("--alpha-arms") + 1  # embedding-only tuning changes no weight to interpolate
     assert main(argv[:at] + ["embeddings only"] + argv[at + 1:]) == 2
@@ -302,3 +306,67 @@ def test_finished_runs_are_a_study_folders_results_of_the_arms_and_seeds_asked(t
     assert [(r["key"], r["seed"], r["arm"], r["metrics"]["custom"]) for r in got] == [("a1", 0, "plain", 0.0),
                                                                                         ("b2", 1, "plain", 0.1)]
     assert [r["key"] for r in finished_runs(tmp_path, ["plain", "other"])] == ["a1", "b2", "c3", "d4"]
+
+
+def test_joined_detections_keep_each_images_best():
+    from gridclip_lab.study.finetune import join_best_per_image
+
+    dets = [{"image_id": 2, "score": 0.1, "n": "a"}, {"image_id": 1, "score": 0.3, "n": "b"},
+            {"image_id": 2, "score": 0.9, "n": "c"}, {"image_id": 1, "score": 0.5, "n": "d"},
+            {"image_id": 2, "score": 0.4, "n": "e"}, {"image_id": 2, "score": 0.4, "n": "f"}]
+    assert [d["n"] for d in join_best_per_image(dets, 2)] == ["d", "b", "c", "e"]
+    assert [d["n"] for d in join_best_per_image(dets, 10)] == ["d", "b", "c", "e", "f", "a"]
+
+
+def test_routed_detections_are_the_start_models_for_the_other_names_and_the_branchs_for_the_custom_ones(
+        tiny_root, tmp_path):
+    """Against each model called on each val image with its half of the names (labels mapped back by name):
+    the two lists joined; with the start model's cap, each image keeps its best."""
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.engine.evaluate import build_eval_dataset
+    from gridclip_lab.study.finetune import routed_detections
+
+    cfg = tiny_config(tiny_root)
+    cfg.model.detections_per_img = cfg.model.topk_candidates = 100_000
+    cfg.eval.batch_size = 1  # as the reference below: no image padded to another's size
+
+    def make(seed, name):
+        torch.manual_seed(seed)
+        model = build_model(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+            torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 2.0)  # boxes of some size
+        save_checkpoint(tmp_path / name, model)
+        return tmp_path / name
+
+    paths = [make(1, "m1.pt"), make(2, "m2.pt")]
+    custom = {1, 3}
+    val = build_eval_dataset(cfg.data)
+    id_of = dict(zip(val.category_names, val.category_ids))
+    want = []
+    for path, names in ((paths[0], [n for n in val.category_names if id_of[n] not in custom]),
+                        (paths[1], [n for n in val.category_names if id_of[n] in custom])):
+        model = load_checkpoint(path).eval()
+        model.set_vocabulary(names)
+        for image, target in (val[i] for i in range(len(val))):
+            with torch.no_grad():
+                (out,) = model([image])
+            for (x1, y1, x2, y2), score, label in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
+                want.append((int(target["image_id"]), id_of[names[label]], round(x1, 3), round(y1, 3),
+                             round(x2 - x1, 3), round(y2 - y1, 3), round(score, 6)))
+    assert {w[1] for w in want} == {1, 2, 3, 4} and len(want) > 100  # detections of both halves
+
+    def rounded(detections):
+        return sorted((d["image_id"], d["category_id"], *(round(v, 3) for v in d["bbox"]), round(d["score"], 6))
+                      for d in detections)
+
+    got = routed_detections(str(paths[0]), str(paths[1]), cfg, custom)
+    assert rounded(got) == sorted(want)
+    cfg.model.detections_per_img = 5  # the start model's cap, over both lists (the branch's stays)
+    got = routed_detections(str(make(1, "capped.pt")), str(paths[1]), cfg, custom)
+    images = {w[0] for w in want}
+    assert len(got) == 5 * len(images)
+    for image in images:
+        fifth = sorted((w[-1] for w in want if w[0] == image), reverse=True)[4]
+        assert min(d["score"] for d in got if d["image_id"] == image) == pytest.approx(fifth, abs=1e-6)

@@ -780,3 +780,40 @@ def test_pseudo_localization_on_detached_features_trains_only_the_box_head(tiny_
         torch.testing.assert_close(detached_grads[k], (full_grads if k in box_head else no_localization_grads)[k])
     features = [k for k in detached_grads if k not in box_head and not k.startswith("head.")]
     assert features and any(not torch.allclose(full_grads[k], no_localization_grads[k]) for k in features)
+
+
+def test_a_frozen_trunk_keeps_the_start_trunk_and_attention_pool_bit_for_bit(tiny_root, tmp_path):
+    """train.finetune.freeze_trunk: after fine-tuning the CLIP trunk and its attention pool are the start
+    model's, every other part has trained; without it the trunk trains too. Recorded in file and card."""
+    from gridclip.hub import model_card
+
+    source, path = _start_file(tiny_root, tmp_path)
+    start = source.state_dict()
+    clip = ("backbone.trunk.", "backbone.grid_pool.")
+    frozen = _fine_tune(tiny_root, tmp_path, "frozen", path, mode="plain", alpha=1.0, freeze_trunk=True)
+    trained = _fine_tune(tiny_root, tmp_path, "trained", path, mode="plain", alpha=1.0)
+    for name, want in start.items():
+        if name.startswith(clip):
+            assert torch.equal(frozen["state_dict"][name], want), name
+    moved = {name.split(".")[1] if name.startswith("backbone.") else name.split(".")[0]
+             for name, want in start.items() if not torch.equal(frozen["state_dict"][name], want)}
+    assert moved == {"adapter", "fpn", "head", "projector"}  # (the tiny config aligns images)
+    assert any(not torch.equal(trained["state_dict"][n], w) for n, w in start.items() if n.startswith("backbone.trunk."))
+    assert frozen["extra"]["finetune"] == {"mode": "plain", "alpha": 1.0, "freeze_trunk": True}
+    assert trained["extra"]["finetune"] == {"mode": "plain", "alpha": 1.0}
+    assert "- Fine-tuning recipe (`train.finetune`): plain (freeze_trunk True, WiSE-FT alpha 1.0)" in model_card(frozen)
+    pseudo = _fine_tune(tiny_root, tmp_path, "pseudo", path, mode="pseudo_boxes", freeze_trunk=True)
+    assert all(torch.equal(pseudo["state_dict"][n], w) for n, w in start.items() if n.startswith(clip))
+    assert pseudo["extra"]["finetune"]["freeze_trunk"] is True
+
+
+def test_a_frozen_trunk_needs_frozen_batch_norms(tiny_root, tmp_path):
+    cfg = tiny_config(tiny_root)
+    cfg.model.freeze_bn = False
+    torch.manual_seed(0)
+    path = tmp_path / "bn.pt"
+    save_checkpoint(path, build_model(cfg))
+    cfg = tiny_config(tiny_root, init_from=str(path), max_iters=2)
+    cfg.train.finetune.mode, cfg.train.finetune.freeze_trunk = "plain", True
+    with pytest.raises(ValueError, match=r"^train\.finetune\.freeze_trunk: expected a model with frozen batch norms"):
+        Trainer(cfg, tmp_path / "bad", progress=False).setup()

@@ -1,9 +1,10 @@
 """PLAN.md's check that this machine reproduces the cached runs the study pairs the new arm with: trains one
 recorded fine-tuning run of results/finetune_pseudo_cls (by set, arm and seed) again from its config file, one
 thread as the study, into runs/reproduce/, and compares its metrics with the recorded result.json. Needs that
-folder's start models and runs/world0. Writes reproduce.json.
+folder's start models and runs/world0. Writes reproduce.json here (or --out).
 
     python results/finetune_pseudo_distill/reproduce.py [--set red] [--arm "without image alignment"] [--seed 0]
+        [--out FILE]
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def main() -> dict:
     parser.add_argument("--set", default="red", choices=("red", "circle"))
     parser.add_argument("--arm", default="without image alignment")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=HERE / "reproduce.json")
     args = parser.parse_args()
     folder = STUDIES / args.set / "runs"
     found = [folder / r["key"] for r in finished_runs(STUDIES / args.set, [args.arm], [args.seed])]
@@ -45,7 +47,7 @@ def main() -> dict:
     report = {"set": args.set, "arm": args.arm, "seed": args.seed, "key": found[0].name, "metrics": metrics,
               "recorded": recorded["metrics"], "equal": same, "reproduced": all(same.values()),
               "recorded_on": recorded["environment"], "trained_on": fingerprint()}
-    (HERE / "reproduce.json").write_text(json.dumps(report, indent=1) + "\n")
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"{args.set} {args.arm} seed {args.seed}: reproduced exactly: {report['reproduced']} ({same})")
     return report
 

@@ -229,6 +229,9 @@ class FinetuneConfig:
     # features it shares with the classification, the trunk and FPN; detached: the box head only (a second
     # pass of it over the detached features; results/finetune_pseudo_detach/)
     pseudo_localization_features: Literal["shared", "detached"] = "shared"
+    # every mode: true keeps the CLIP trunk and its attention pool at the start model's weights (only the
+    # adapter, FPN, head and projector train; results/finetune_routed/)
+    freeze_trunk: bool = False
     # WiSE-FT: the saved weights are (1 - alpha) start + alpha fine-tuned, per tensor; 1: the fine-tuned
     # ones; null: the measured default of the mode (:func:`finetune_alpha`)
     alpha: float | None = None

@@ -351,6 +351,23 @@ def _kept_names(recipe: FinetuneConfig, start: nn.Module, model: nn.Module) -> V
     return Vocabulary.from_tensor(vocabulary.embeddings[keep], [vocabulary.names[i] for i in keep])
 
 
+def freeze_clip_trunk(model: nn.Module) -> None:
+    """``train.finetune.freeze_trunk``: the CLIP trunk and its attention pool keep their weights (no
+    gradient; run without autograd). Their batch norms must already be frozen, else training would move
+    their statistics."""
+    backbone = getattr(model, "backbone", None)
+    trunk = getattr(backbone, "trunk", None)
+    if trunk is None or not hasattr(backbone, "frozen_clip"):
+        raise ValueError(f"train.finetune.freeze_trunk: {type(model).__name__} has no CLIP trunk to freeze")
+    if any(isinstance(m, nn.BatchNorm2d) for m in trunk.modules()):
+        raise ValueError("train.finetune.freeze_trunk: expected a model with frozen batch norms (model.freeze_bn: "
+                         "true), got trainable ones in its trunk")
+    trunk.requires_grad_(False)
+    if backbone.grid_pool is not None:
+        backbone.grid_pool.requires_grad_(False)
+    backbone.frozen_clip = True
+
+
 def attach_finetune(model: nn.Module, cfg: Config,
                     device: torch.device) -> KeepVocabulary | NameEmbeddings | WeightInterpolation | None:
     """Set up ``cfg.train.finetune`` on ``model`` (already initialised from ``cfg.train.init_from``);
@@ -373,6 +390,8 @@ def attach_finetune(model: nn.Module, cfg: Config,
         tuner = NameEmbeddings(model, alpha)
         model.training_hook = tuner
         return tuner
+    if recipe.freeze_trunk:
+        freeze_clip_trunk(model)
     if mode == "plain" and alpha == 1.0:
         return None
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -400,14 +419,16 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
     f = cfg.train.finetune
     alpha = finetune_alpha(f)
     if f.mode in ("plain", "embeddings"):
-        return {"mode": f.mode, "alpha": alpha}
-    if f.mode == "pseudo_boxes":
+        record = {"mode": f.mode, "alpha": alpha}
+    elif f.mode == "pseudo_boxes":
         record = {"mode": f.mode, "pseudo_score": pseudo_boxes_recipe(f).pseudo_score, "pseudo_loss": f.pseudo_loss,
                   "alpha": alpha, "keep_names": f.keep_names}
     else:
         record = {"mode": f.mode, "ignore_score": f.ignore_score, "distill": f.distill, "pseudo_score": f.pseudo_score,
                   "pseudo_loss": f.pseudo_loss if f.pseudo_score is not None else None, "alpha": alpha,
                   "keep_names": f.keep_names}
-    if record["pseudo_loss"] is not None:  # recorded only off their defaults (files before them read the same)
+    if record.get("pseudo_loss") is not None:  # recorded only off their defaults (files before them read the same)
         record.update({k: getattr(f, k) for k, default in PSEUDO_SETTING_DEFAULTS.items() if getattr(f, k) != default})
+    if f.freeze_trunk:
+        record["freeze_trunk"] = True
     return record

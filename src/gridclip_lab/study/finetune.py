@@ -33,7 +33,7 @@ from gridclip.engine.keep_vocab import interpolate_state_dicts
 from gridclip.config import save_config
 from gridclip.data.annotations import load_lvis_json
 from gridclip_lab.world.shapes import load_world, make_world
-from gridclip.engine.evaluate import evaluate_base_trained
+from gridclip.engine.evaluate import CategoryView, build_eval_dataset, evaluate, evaluate_base_trained, run_inference
 from gridclip.engine.train import train
 from gridclip_lab.study.runner import read_result, run_study
 from gridclip_lab.study.spec import StudySpec, run_config, run_key
@@ -48,6 +48,9 @@ ARMS: dict[str, dict[str, Any]] = {
     PLAIN: {"image_align": False},
     "with image alignment": {"image_align": True},
 }
+ROUTED = "routed (start model + fine-tuned branch)"
+# the routed arm's fine-tuned model evaluated alone (every name): plain fine-tuning with the trunk frozen
+ROUTED_BRANCH = "plain, trunk frozen (the routed branch alone)"
 # The fine-tuning recipes (train.finetune, gridclip.engine.keep_vocab): arm -> (model switches, recipe).
 # The arms above are plain fine-tuning; these keep the vocabulary in one way or several.
 RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -83,6 +86,9 @@ RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "pseudo-boxes (separate loss; localisation on the head only)": ({"image_align": False}, {
         "mode": "keep_vocab", "ignore_score": None, "distill": 0.0, "pseudo_score": 0.5, "pseudo_loss": "separate",
         "pseudo_localization_features": "detached", "alpha": 1.0}),
+    # results/finetune_routed/PLAN.md: plain fine-tuning with the trunk frozen trains a branch for the custom
+    # names; evaluated as the design (evaluate_routed): the start model scores every other name
+    ROUTED: ({"image_align": False}, {"mode": "plain", "alpha": 1.0, "freeze_trunk": True}),
 }
 # the arm that spells the product's default recipe (``FinetuneConfig()``; tests/test_finetune_recipe.py)
 DEFAULT_ARM = "pseudo-boxes (separate loss)"
@@ -181,6 +187,40 @@ def evaluate_groups(model_path: str, cfg, groups: dict[str, set[int]]) -> dict[s
     return group_metrics(evaluation.per_category_ap, evaluation.metrics["AP"], groups)
 
 
+def join_best_per_image(detections: Iterable[dict], per_image: int) -> list[dict]:
+    """COCO-format detections of several detectors joined: the ``per_image`` highest scores of each image
+    (ties in the order given), by image id."""
+    by_image: dict[int, list[dict]] = {}
+    for d in detections:
+        by_image.setdefault(d["image_id"], []).append(d)
+    return [d for image in sorted(by_image)
+            for d in sorted(by_image[image], key=lambda d: -d["score"])[:per_image]]
+
+
+def routed_detections(start_path: str, branch_path: str, cfg, custom_ids: set[int]) -> list[dict]:
+    """The routed design of results/finetune_routed/PLAN.md on ``cfg``'s val split (COCO-format detections):
+    the start model scores every name outside ``custom_ids``, the fine-tuned model the custom names; each
+    image keeps the start model's ``detections_per_img`` best of the two lists. With the trunk frozen in
+    fine-tuning both models compute the same trunk output, so this is the design's own inference from its
+    two halves."""
+    val = build_eval_dataset(cfg.data)
+    name_of = dict(zip(val.category_ids, val.category_names))
+    start = load_checkpoint(start_path)
+    detections = []
+    for model, ids in ((start, [i for i in val.category_ids if i not in custom_ids]),
+                       (load_checkpoint(branch_path), [i for i in val.category_ids if i in custom_ids])):
+        model.set_vocabulary([name_of[i] for i in ids])
+        detections += run_inference(model, CategoryView(val, ids), batch_size=cfg.eval.batch_size)
+    return join_best_per_image(detections, start.detections_per_img)
+
+
+def evaluate_routed(start_path: str, branch_path: str, cfg, groups: dict[str, set[int]]) -> dict[str, float]:
+    """:func:`routed_detections` scored on the val split, by group (the custom names: ``groups["custom"]``)."""
+    detections = routed_detections(start_path, branch_path, cfg, groups["custom"])
+    evaluation = evaluate(cfg.data.val_json, detections, style="lvis", max_dets=cfg.eval.max_dets)
+    return group_metrics(evaluation.per_category_ap, evaluation.metrics["AP"], groups)
+
+
 def _digest(blob: Any) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -188,6 +228,7 @@ def _digest(blob: Any) -> str:
 def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_dir: str | os.PathLike | None = None,
                        train_fn: Callable[..., dict] = train,
                        evaluate_fn: Callable[[str, Any, dict], dict] = evaluate_groups,
+                       routed_evaluate_fn: Callable[[str, str, Any, dict], dict] = evaluate_routed,
                        progress: bool = True, log: Callable[[str], None] | None = print) -> dict:
     """Run (or resume: every run and evaluation is cached by its key) ``spec`` in ``out_dir``; returns
     the summary, also written to OUT/finetune.json."""
@@ -232,8 +273,11 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
                 setattr(cfg.train.finetune, k, v)
             cfg.train.init_from = str(start_model)
             cfg.data.base_list = str(custom_file)
-            key = _digest({"v": FINETUNE_VERSION, "run": run_key(cfg, world), "start": start_key,
-                           "custom": [names[i] for i in custom], "groups": {k: sorted(v) for k, v in groups.items()}})
+            blob = {"v": FINETUNE_VERSION, "run": run_key(cfg, world), "start": start_key,
+                    "custom": [names[i] for i in custom], "groups": {k: sorted(v) for k, v in groups.items()}}
+            if arm == ROUTED:  # the same training as a plain run with the trunk frozen, another evaluation
+                blob["evaluation"] = "routed"
+            key = _digest(blob)
             run_dir = out / "runs" / key[:16]
             result = read_result(run_dir / "result.json", key)
             if result is None:
@@ -248,6 +292,9 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
                 with torch_threads(1):  # as the study's runs
                     summary = train_fn(cfg, run_dir, progress=False)
                     metrics = evaluate_fn(summary["model"], cfg, groups)
+                    branch = None
+                    if arm == ROUTED:
+                        branch, metrics = metrics, routed_evaluate_fn(str(start_model), summary["model"], cfg, groups)
                     seconds = round(time.perf_counter() - t0, 1)
                     interpolated = {}
                     if arm in spec.alpha_arms:
@@ -258,8 +305,12 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
                     path.unlink()
                 result = {"key": key, "seed": seed, "arm": arm, "metrics": metrics, "seconds": seconds,
                           "interpolated": interpolated, "environment": fingerprint()}
+                if branch is not None:
+                    result["branch_metrics"] = branch
                 atomic_write_json(run_dir / "result.json", result)
             rows.append({"seed": seed, "arm": arm, "metrics": result["metrics"]})
+            if "branch_metrics" in result:
+                rows.append({"seed": seed, "arm": ROUTED_BRANCH, "metrics": result["branch_metrics"]})
             if arm in spec.alpha_arms:
                 for alpha in spec.alphas:
                     got = result.get("interpolated", {}).get(str(alpha))

@@ -178,12 +178,15 @@ def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = N
     # training's record of the names it trained with boxes (the trainer writes it into the run's
     # config.yaml): an output of the run, not one of its inputs
     values["model"].pop("ensemble_trained_names", None)
-    # The fine-tuning recipe acts only with train.init_from, and not at all in plain mode at alpha 1 (the
-    # runs recorded before the recipe existed): then it stays out of the key.
-    if not cfg.train.init_from or (cfg.train.finetune.mode == "plain" and cfg.train.finetune.alpha == 1.0):
+    # The fine-tuning recipe acts only with train.init_from, and not at all in plain mode at alpha 1 with the
+    # trunk training (the runs recorded before the recipe existed): then it stays out of the key.
+    recipe = cfg.train.finetune
+    if not cfg.train.init_from or (recipe.mode == "plain" and recipe.alpha == 1.0 and not recipe.freeze_trunk):
         values["train"].pop("finetune", None)
     else:
         finetune = values["train"]["finetune"]
+        if not finetune.get("freeze_trunk", False):  # recorded before it existed (at false)
+            finetune.pop("freeze_trunk", None)
         if finetune.get("pseudo_score") is None:  # recorded before pseudo-boxes existed
             finetune.pop("pseudo_score", None)
         if finetune.get("pseudo_score") is None or finetune.get("pseudo_loss", "joint") == "joint":
