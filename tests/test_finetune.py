@@ -271,11 +271,12 @@ def test_compare_arms_pairs_two_arms_by_seed_per_group():
 def test_the_replication_rule_needs_every_world_and_stops_at_the_first_failed_one():
     from gridclip_lab.study.finetune import BEFORE, DEFAULT_ARM, PLAIN, replication_rule, summarize_finetune
 
-    def study(new_custom, new_other, seeds):
+    def study(new_custom, new_other, seeds, default_custom=0.64):
         rows = []
         for s in seeds:
             jitter = 0.01 * s
-            for arm, custom, other in [(BEFORE, 0.50, 0.60), (PLAIN, 0.66 + jitter, 0.05), (DEFAULT_ARM, 0.64 + jitter, 0.58),
+            for arm, custom, other in [(BEFORE, 0.50, 0.60), (PLAIN, 0.66 + jitter, 0.05),
+                                       (DEFAULT_ARM, default_custom + jitter, 0.58),
                                        ("new", new_custom + jitter, new_other)]:
                 rows.append({"seed": s, "arm": arm, "metrics": {"custom": custom, "other": other, "AP": 0.5, "novel": 0.4}})
         return {"rows": rows, **summarize_finetune(rows)}
@@ -292,6 +293,10 @@ def test_the_replication_rule_needs_every_world_and_stops_at_the_first_failed_on
     for bad in (forgets, below_plain):
         failed = replication_rule("new", {"w0": ({"red": good, "circle": bad}, 3), "w1": ({"red": short, "circle": good}, 3)})
         assert failed["outcome"] == "not the default" and not failed["becomes_default"]
+    below_default = study(0.655, 0.58, range(3), default_custom=0.665)  # the goal met, custom under the default's
+    worlds = {"w0": ({"red": good, "circle": below_default}, 3), "w1": ({"red": good, "circle": good}, 3)}
+    assert replication_rule("new", worlds)["outcome"] == "not the default"
+    assert replication_rule("new", worlds, against_default=False)["outcome"] == "the default"
 
 
 def test_finished_runs_are_a_study_folders_results_of_the_arms_and_seeds_asked(tmp_path):

@@ -418,12 +418,14 @@ def study_with_arm_runs(folder: str | os.PathLike, arm: str) -> dict:
     return {"rows": rows, **summarize_finetune(rows)}
 
 
-def replication_rule(arm: str, studies: dict[str, tuple[dict[str, dict], int]], default: str = DEFAULT_ARM) -> dict:
+def replication_rule(arm: str, studies: dict[str, tuple[dict[str, dict], int]], default: str = DEFAULT_ARM,
+                     against_default: bool = True) -> dict:
     """The rule by which a fine-tuning arm replaces the default recipe (results/finetune_pseudo_ctr/PLAN.md):
     ``studies`` per world (name -> ({custom set: summarised study}, seeds needed)). The arm becomes the
     default only if every world has its seeds and, on every set, it meets the goal (:func:`summarize_finetune`)
-    with custom AP not below ``default``'s (paired mean >= 0); a complete world that fails on a set decides
-    "not the default" already. The hypothesis reads new - default, custom, on the first world's last set."""
+    with, when ``against_default``, custom AP not below ``default``'s (paired mean >= 0; without it, the goal
+    alone: results/finetune_routed/PLAN.md); a complete world that fails on a set decides "not the default"
+    already. The hypothesis reads new - default, custom, on the first world's last set."""
     decision: dict = {"arm": arm, "worlds": {}}
     for world, (sets, needed) in studies.items():
         for name, study in sets.items():
@@ -439,7 +441,7 @@ def replication_rule(arm: str, studies: dict[str, tuple[dict[str, dict], int]], 
     cells = [s for w in decision["worlds"].values() for s in w.values()]
 
     def passes(s: dict) -> bool:
-        return bool(s["goal_met"][arm] and s["new_vs_default"]["custom"]["mean"] >= 0)
+        return bool(s["goal_met"][arm] and (not against_default or s["new_vs_default"]["custom"]["mean"] >= 0))
 
     decision["complete"] = all(s["complete"] for s in cells)
     decision["becomes_default"] = bool(decision["complete"] and all(passes(s) for s in cells))
@@ -454,12 +456,13 @@ def replication_rule(arm: str, studies: dict[str, tuple[dict[str, dict], int]], 
 
 
 def decide_arm(arm: str, worlds: dict[str, tuple[str | os.PathLike, int]], out: str | os.PathLike,
-               sets: tuple[str, ...] = ("red", "circle")) -> dict:
+               sets: tuple[str, ...] = ("red", "circle"), against_default: bool = True) -> dict:
     """:func:`replication_rule` on the studies ``worlds`` (name -> (folder holding one study per custom set,
     seeds needed)), with each set's finished runs of ``arm`` (:func:`study_with_arm_runs`): written to
     ``out`` as JSON and printed."""
     decision = replication_rule(arm, {world: ({name: study_with_arm_runs(Path(folder) / name, arm) for name in sets},
-                                              needed) for world, (folder, needed) in worlds.items()})
+                                              needed) for world, (folder, needed) in worlds.items()},
+                                against_default=against_default)
     Path(out).write_text(json.dumps(decision, indent=1) + "\n")
     print_replication_rule(decision)
     return decision
