@@ -214,13 +214,13 @@ def test_finetune_study_recipe_arms_and_the_wise_ft_ends(tmp_path, small_world, 
     import json
 
     from gridclip_lab.cli import main
-    from gridclip_lab.study.finetune import PLAIN, ROUTED, ROUTED_BRANCH, alpha_arm
+    from gridclip_lab.study.finetune import PLAIN, ROUTED, ROUTED_ARMS, ROUTED_BRANCH, ROUTED_WHOLE, alpha_arm
 
     rn, vit = tiny_clip_names
     out = tmp_path / "ft"
     argv = ["finetune-study", "--out", str(out), "--world", str(small_world), "--start-variant", "GridCLIP",
             "--start-iters", "2", "--iters", "2", "--seeds", "0", "--custom", "red", "--clip", rn, "--teacher", vit,
-            "--arms", f"{PLAIN},ignore + distill,embeddings only,{ROUTED}", "--alphas", "0,1",
+            "--arms", f"{PLAIN},ignore + distill,embeddings only,{ROUTED},{ROUTED_WHOLE}", "--alphas", "0,1",
             "--alpha-arms", f"{PLAIN},ignore + distill", "--no-progress",
             "train.batch_size=2", "train.warmup_iters=1", "model.projector_hidden=32"]
     assert main(argv) == 0
@@ -229,18 +229,20 @@ def test_finetune_study_recipe_arms_and_the_wise_ft_ends(tmp_path, small_world, 
     keep = "ignore + distill"
     curves = {alpha_arm(a, arm) for a in (0.0, 1.0) for arm in (PLAIN, keep)}
     assert curves == {alpha_arm(0.0), alpha_arm(1.0), f"{keep}, WiSE-FT alpha 0", f"{keep}, WiSE-FT alpha 1"}
-    assert set(rows) == {BEFORE, PLAIN, keep, "embeddings only", ROUTED, ROUTED_BRANCH} | curves
+    routed_rows = {ROUTED, ROUTED_WHOLE, *ROUTED_ARMS.values()}
+    assert set(rows) == {BEFORE, PLAIN, keep, "embeddings only"} | routed_rows | curves
+    assert rows[ROUTED_ARMS[ROUTED_WHOLE]] == rows[PLAIN]  # the same training again, bit for bit
     for arm in (PLAIN, keep):
         assert rows[alpha_arm(0.0, arm)] == rows[BEFORE] and rows[alpha_arm(1.0, arm)] == rows[arm]
     configs = [yaml_load(p) for p in (out / "runs").glob("*/config.yaml")]
     modes = sorted((c["train"]["finetune"]["mode"], c["train"]["finetune"]["freeze_trunk"]) for c in configs)
-    assert modes == [("embeddings", False), ("keep_vocab", False), ("plain", False), ("plain", True)]
+    assert modes == [("embeddings", False), ("keep_vocab", False), ("plain", False), ("plain", False), ("plain", True)]
     routed = [json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")]
     routed = [r for r in routed if r["arm"] == ROUTED]
     assert len(routed) == 1 and rows[ROUTED_BRANCH] == routed[0]["branch_metrics"]
     assert {(p["a"], p["b"]) for p in study["pairs"]} >= {(keep, PLAIN), (keep, BEFORE), ("embeddings only", PLAIN),
                                                           (ROUTED, PLAIN), (ROUTED_BRANCH, PLAIN)}
-    assert set(study["other_kept"]) == {PLAIN, keep, "embeddings only", ROUTED, ROUTED_BRANCH} | curves
+    assert set(study["other_kept"]) == {PLAIN, keep, "embeddings only"} | routed_rows | curves
     capsys.readouterr()
     at = argv.index("--alpha-arms") + 1  # embedding-only tuning changes no weight to interpolate
     assert main(argv[:at] + ["embeddings only"] + argv[at + 1:]) == 2

@@ -49,8 +49,12 @@ ARMS: dict[str, dict[str, Any]] = {
     "with image alignment": {"image_align": True},
 }
 ROUTED = "routed (start model + fine-tuned branch)"
-# the routed arm's fine-tuned model evaluated alone (every name): plain fine-tuning with the trunk frozen
-ROUTED_BRANCH = "plain, trunk frozen (the routed branch alone)"
+ROUTED_WHOLE = "routed with nothing shared (start model + plain fine-tuned model)"
+# the routed arms (evaluated as results/finetune_routed/PLAN.md's design) -> the row of their fine-tuned
+# model evaluated alone with every name: plain fine-tuning with the trunk frozen, and plain trained again
+ROUTED_ARMS = {ROUTED: "plain, trunk frozen (the routed branch alone)",
+               ROUTED_WHOLE: "plain, alpha 1, trained again (the branch of the routed design with nothing shared)"}
+ROUTED_BRANCH = ROUTED_ARMS[ROUTED]
 # The fine-tuning recipes (train.finetune, gridclip.engine.keep_vocab): arm -> (model switches, recipe).
 # The arms above are plain fine-tuning; these keep the vocabulary in one way or several.
 RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -89,6 +93,8 @@ RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # results/finetune_routed/PLAN.md: plain fine-tuning with the trunk frozen trains a branch for the custom
     # names; evaluated as the design (evaluate_routed): the start model scores every other name
     ROUTED: ({"image_align": False}, {"mode": "plain", "alpha": 1.0, "freeze_trunk": True}),
+    # its second addendum: the fine-tuned model is plain fine-tuning's (the trunk trains), nothing shared
+    ROUTED_WHOLE: ({"image_align": False}, {"mode": "plain", "alpha": 1.0}),
 }
 # the arm that spells the product's default recipe (``FinetuneConfig()``; tests/test_finetune_recipe.py)
 DEFAULT_ARM = "pseudo-boxes (separate loss)"
@@ -275,7 +281,7 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
             cfg.data.base_list = str(custom_file)
             blob = {"v": FINETUNE_VERSION, "run": run_key(cfg, world), "start": start_key,
                     "custom": [names[i] for i in custom], "groups": {k: sorted(v) for k, v in groups.items()}}
-            if arm == ROUTED:  # the same training as a plain run with the trunk frozen, another evaluation
+            if arm in ROUTED_ARMS:  # the training of a plain run (trunk frozen or not), another evaluation
                 blob["evaluation"] = "routed"
             key = _digest(blob)
             run_dir = out / "runs" / key[:16]
@@ -293,7 +299,7 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
                     summary = train_fn(cfg, run_dir, progress=False)
                     metrics = evaluate_fn(summary["model"], cfg, groups)
                     branch = None
-                    if arm == ROUTED:
+                    if arm in ROUTED_ARMS:
                         branch, metrics = metrics, routed_evaluate_fn(str(start_model), summary["model"], cfg, groups)
                     seconds = round(time.perf_counter() - t0, 1)
                     interpolated = {}
@@ -310,7 +316,7 @@ def run_finetune_study(spec: FinetuneSpec, out_dir: str | os.PathLike, *, world_
                 atomic_write_json(run_dir / "result.json", result)
             rows.append({"seed": seed, "arm": arm, "metrics": result["metrics"]})
             if "branch_metrics" in result:
-                rows.append({"seed": seed, "arm": ROUTED_BRANCH, "metrics": result["branch_metrics"]})
+                rows.append({"seed": seed, "arm": ROUTED_ARMS[arm], "metrics": result["branch_metrics"]})
             if arm in spec.alpha_arms:
                 for alpha in spec.alphas:
                     got = result.get("interpolated", {}).get(str(alpha))
