@@ -229,7 +229,7 @@ def test_finetune_study_recipe_arms_and_the_wise_ft_ends(tmp_path, small_world, 
     keep = "ignore + distill"
     curves = {alpha_arm(a, arm) for a in (0.0, 1.0) for arm in (PLAIN, keep)}
     assert curves == {alpha_arm(0.0), alpha_arm(1.0), f"{keep}, WiSE-FT alpha 0", f"{keep}, WiSE-FT alpha 1"}
-    routed_rows = {ROUTED, ROUTED_WHOLE, *ROUTED_ARMS.values()}
+    routed_rows = {ROUTED, ROUTED_WHOLE, ROUTED_ARMS[ROUTED], ROUTED_ARMS[ROUTED_WHOLE]}
     assert set(rows) == {BEFORE, PLAIN, keep, "embeddings only"} | routed_rows | curves
     assert rows[ROUTED_ARMS[ROUTED_WHOLE]] == rows[PLAIN]  # the same training again, bit for bit
     for arm in (PLAIN, keep):

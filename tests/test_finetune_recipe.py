@@ -807,6 +807,30 @@ def test_a_frozen_trunk_keeps_the_start_trunk_and_attention_pool_bit_for_bit(tin
     assert pseudo["extra"]["finetune"]["freeze_trunk"] is True
 
 
+def test_trainable_trunk_layers_keep_the_earlier_stages_bit_for_bit(tiny_root, tmp_path):
+    """train.finetune.trainable_trunk_layers=1: the stem to layer3 keep the start weights; layer4 and the
+    attention pool train. Recorded in file and card; checked against freeze_trunk and its range."""
+    from gridclip.hub import model_card
+
+    source, path = _start_file(tiny_root, tmp_path)
+    start = source.state_dict()
+    tuned = _fine_tune(tiny_root, tmp_path, "layer4", path, mode="plain", alpha=1.0, trainable_trunk_layers=1)
+    kept = {n for n, w in start.items() if torch.equal(tuned["state_dict"][n], w)}
+    trunk = {n for n in start if n.startswith("backbone.trunk.")}
+    assert {n for n in trunk if not n.startswith("backbone.trunk.layer4.")} <= kept
+    assert any(n.startswith("backbone.trunk.layer4.") and n not in kept for n in trunk)
+    assert any(n.startswith("backbone.grid_pool.") and n not in kept for n in start)
+    assert tuned["extra"]["finetune"] == {"mode": "plain", "alpha": 1.0, "trainable_trunk_layers": 1}
+    assert "plain (trainable_trunk_layers 1, WiSE-FT alpha 1.0)" in model_card(tuned)
+    cfg = tiny_config(tiny_root, init_from=str(path), max_iters=2)
+    cfg.train.finetune.mode, cfg.train.finetune.trainable_trunk_layers = "plain", 6
+    with pytest.raises(ValueError, match=r"^train\.finetune\.trainable_trunk_layers: expected 0-5 trunk stages, got 6$"):
+        Trainer(cfg, tmp_path / "bad", progress=False).setup()
+    cfg.train.finetune.trainable_trunk_layers, cfg.train.finetune.freeze_trunk = 2, True
+    with pytest.raises(ValueError, match=r"^train\.finetune\.trainable_trunk_layers=2: expected freeze_trunk=false"):
+        Trainer(cfg, tmp_path / "bad2", progress=False).setup()
+
+
 def test_a_frozen_trunk_needs_frozen_batch_norms(tiny_root, tmp_path):
     cfg = tiny_config(tiny_root)
     cfg.model.freeze_bn = False

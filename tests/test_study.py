@@ -494,6 +494,7 @@ def test_pseudo_localization_enters_a_fine_tuning_runs_key_only_when_off(tmp_pat
             values["train"]["finetune"].pop("pseudo_localization_target")
             values["train"]["finetune"].pop("pseudo_localization_features")
             values["train"]["finetune"].pop("freeze_trunk")
+            values["train"]["finetune"].pop("trainable_trunk_layers")
         return values
 
     monkeypatch.setattr(spec_module, "config_to_dict", recorded_before)
@@ -520,9 +521,9 @@ def test_pseudo_localization_enters_a_fine_tuning_runs_key_only_when_off(tmp_pat
     assert len({today, off, weighted, no_ctr, start, run_key(cfg, tmp_path)}) == 6
 
 
-def test_freeze_trunk_enters_a_fine_tuning_runs_key_only_when_on(tmp_path):
+def test_freeze_trunk_and_trainable_trunk_layers_enter_a_fine_tuning_runs_key_only_off_their_defaults(tmp_path):
     """Plain fine-tuning at alpha 1 keeps the recipe out of its key (runs recorded before the recipe) unless
-    the trunk is frozen; in every mode the setting at its default leaves the key as it was."""
+    the trunk is frozen in part or whole; in every mode the settings at their defaults leave the key as it was."""
     from gridclip_lab.study import run_key
 
     cfg = run_config(StudySpec(variants=("GridCLIP",), pairs=()), tmp_path, "GridCLIP", 0, 10, 38)
@@ -530,10 +531,11 @@ def test_freeze_trunk_enters_a_fine_tuning_runs_key_only_when_on(tmp_path):
     keys = {}
     for mode, alpha in (("plain", 1.0), ("pseudo_boxes", None)):
         cfg.train.finetune.mode, cfg.train.finetune.alpha = mode, alpha
-        for frozen in (False, True):
-            cfg.train.finetune.freeze_trunk = frozen
-            keys[mode, frozen] = run_key(cfg, tmp_path)
-    cfg.train.finetune.mode, cfg.train.finetune.alpha, cfg.train.finetune.freeze_trunk = "plain", 1.0, False
+        for frozen, trainable in ((False, 5), (True, 5), (False, 1)):
+            cfg.train.finetune.freeze_trunk, cfg.train.finetune.trainable_trunk_layers = frozen, trainable
+            keys[mode, frozen, trainable] = run_key(cfg, tmp_path)
+    cfg.train.finetune.mode, cfg.train.finetune.alpha = "plain", 1.0
+    cfg.train.finetune.freeze_trunk, cfg.train.finetune.trainable_trunk_layers = False, 5
     cfg.train.finetune.pseudo_score = 0.9  # plain at alpha 1: the recipe is not in the key
-    assert run_key(cfg, tmp_path) == keys["plain", False]
-    assert len(set(keys.values())) == 4
+    assert run_key(cfg, tmp_path) == keys["plain", False, 5]
+    assert len(set(keys.values())) == 6

@@ -232,6 +232,9 @@ class FinetuneConfig:
     # every mode: true keeps the CLIP trunk and its attention pool at the start model's weights (only the
     # adapter, FPN, head and projector train; results/finetune_routed/)
     freeze_trunk: bool = False
+    # every mode: only the trunk's last N stages (0-5, torchvision's trainable_backbone_layers; 5: all) train,
+    # the attention pool after them too; the others keep the start model's weights (results/finetune_routed/)
+    trainable_trunk_layers: int = 5
     # WiSE-FT: the saved weights are (1 - alpha) start + alpha fine-tuned, per tensor; 1: the fine-tuned
     # ones; null: the measured default of the mode (:func:`finetune_alpha`)
     alpha: float | None = None

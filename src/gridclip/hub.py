@@ -224,7 +224,7 @@ def _trained_on(extra: dict) -> list[str]:
         settings = [f"{k} {recipe[k]}" for k in ("ignore_score", "distill", "pseudo_score", "pseudo_loss",
                                                  "pseudo_localization", "pseudo_centerness",
                                                  "pseudo_localization_target", "pseudo_localization_features",
-                                                 "freeze_trunk")
+                                                 "freeze_trunk", "trainable_trunk_layers")
                     if recipe.get(k) not in (None, "joint")]  # joint: the pseudo-boxes' only loss until there were two
         settings.append(f"WiSE-FT alpha {recipe.get('alpha', 1.0)}")
         lines.append(f"- Fine-tuning recipe (`train.finetune`): {recipe['mode']} ({', '.join(settings)})")

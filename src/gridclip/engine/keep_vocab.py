@@ -85,6 +85,11 @@ def check_finetune_config(f: FinetuneConfig) -> None:
                              f"{f.pseudo_loss!r}, pseudo_localization={str(f.pseudo_localization).lower()}")
     if f.distill < 0:
         raise ValueError(f"train.finetune.distill: expected a weight >= 0, got {f.distill}")
+    if not 0 <= f.trainable_trunk_layers <= 5:
+        raise ValueError(f"train.finetune.trainable_trunk_layers: expected 0-5 trunk stages, got {f.trainable_trunk_layers}")
+    if f.freeze_trunk and f.trainable_trunk_layers < 5:
+        raise ValueError(f"train.finetune.trainable_trunk_layers={f.trainable_trunk_layers}: expected freeze_trunk=false "
+                         "(it freezes every stage and the attention pool), got freeze_trunk=true")
     if f.alpha is not None and not 0.0 <= f.alpha <= 1.0:
         raise ValueError(f"train.finetune.alpha: expected 0 <= alpha <= 1 or null, got {f.alpha}")
 
@@ -351,17 +356,22 @@ def _kept_names(recipe: FinetuneConfig, start: nn.Module, model: nn.Module) -> V
     return Vocabulary.from_tensor(vocabulary.embeddings[keep], [vocabulary.names[i] for i in keep])
 
 
-def freeze_clip_trunk(model: nn.Module) -> None:
-    """``train.finetune.freeze_trunk``: the CLIP trunk and its attention pool keep their weights (no
-    gradient; run without autograd). Their batch norms must already be frozen, else training would move
-    their statistics."""
+def freeze_clip_trunk(model: nn.Module, trainable: int | None = None) -> None:
+    """``train.finetune.freeze_trunk`` (``trainable`` None): the CLIP trunk and its attention pool keep their
+    weights (no gradient; run without autograd); ``trainable_trunk_layers`` (``trainable`` 0-4): the trunk's
+    stages before its last ``trainable`` ones keep theirs. Their batch norms must already be frozen, else
+    training would move their statistics."""
+    setting = "freeze_trunk" if trainable is None else "trainable_trunk_layers"
     backbone = getattr(model, "backbone", None)
     trunk = getattr(backbone, "trunk", None)
     if trunk is None or not hasattr(backbone, "frozen_clip"):
-        raise ValueError(f"train.finetune.freeze_trunk: {type(model).__name__} has no CLIP trunk to freeze")
+        raise ValueError(f"train.finetune.{setting}: {type(model).__name__} has no CLIP trunk to freeze")
     if any(isinstance(m, nn.BatchNorm2d) for m in trunk.modules()):
-        raise ValueError("train.finetune.freeze_trunk: expected a model with frozen batch norms (model.freeze_bn: "
+        raise ValueError(f"train.finetune.{setting}: expected a model with frozen batch norms (model.freeze_bn: "
                          "true), got trainable ones in its trunk")
+    if trainable is not None:
+        trunk.freeze_stages(trainable)
+        return
     trunk.requires_grad_(False)
     if backbone.grid_pool is not None:
         backbone.grid_pool.requires_grad_(False)
@@ -390,8 +400,8 @@ def attach_finetune(model: nn.Module, cfg: Config,
         tuner = NameEmbeddings(model, alpha)
         model.training_hook = tuner
         return tuner
-    if recipe.freeze_trunk:
-        freeze_clip_trunk(model)
+    if recipe.freeze_trunk or recipe.trainable_trunk_layers < 5:
+        freeze_clip_trunk(model, recipe.trainable_trunk_layers if not recipe.freeze_trunk else None)
     if mode == "plain" and alpha == 1.0:
         return None
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -431,4 +441,6 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
         record.update({k: getattr(f, k) for k, default in PSEUDO_SETTING_DEFAULTS.items() if getattr(f, k) != default})
     if f.freeze_trunk:
         record["freeze_trunk"] = True
+    if f.trainable_trunk_layers < 5:
+        record["trainable_trunk_layers"] = f.trainable_trunk_layers
     return record

@@ -50,10 +50,12 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 ROUTED = "routed (start model + fine-tuned branch)"
 ROUTED_WHOLE = "routed with nothing shared (start model + plain fine-tuned model)"
+ROUTED_LAYER4 = "routed with layer4 trained (start model + fine-tuned branch)"
 # the routed arms (evaluated as results/finetune_routed/PLAN.md's design) -> the row of their fine-tuned
 # model evaluated alone with every name: plain fine-tuning with the trunk frozen, and plain trained again
 ROUTED_ARMS = {ROUTED: "plain, trunk frozen (the routed branch alone)",
-               ROUTED_WHOLE: "plain, alpha 1, trained again (the branch of the routed design with nothing shared)"}
+               ROUTED_WHOLE: "plain, alpha 1, trained again (the branch of the routed design with nothing shared)",
+               ROUTED_LAYER4: "plain, layer4 and attention pool trained (the routed branch alone)"}
 ROUTED_BRANCH = ROUTED_ARMS[ROUTED]
 # The fine-tuning recipes (train.finetune, gridclip.engine.keep_vocab): arm -> (model switches, recipe).
 # The arms above are plain fine-tuning; these keep the vocabulary in one way or several.
@@ -95,6 +97,8 @@ RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ROUTED: ({"image_align": False}, {"mode": "plain", "alpha": 1.0, "freeze_trunk": True}),
     # its second addendum: the fine-tuned model is plain fine-tuning's (the trunk trains), nothing shared
     ROUTED_WHOLE: ({"image_align": False}, {"mode": "plain", "alpha": 1.0}),
+    # its third addendum: only the trunk's layer4 and the attention pool train (stem to layer3 shared)
+    ROUTED_LAYER4: ({"image_align": False}, {"mode": "plain", "alpha": 1.0, "trainable_trunk_layers": 1}),
 }
 # the arm that spells the product's default recipe (``FinetuneConfig()``; tests/test_finetune_recipe.py)
 DEFAULT_ARM = "pseudo-boxes (separate loss)"

@@ -181,12 +181,14 @@ def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = N
     # The fine-tuning recipe acts only with train.init_from, and not at all in plain mode at alpha 1 with the
     # trunk training (the runs recorded before the recipe existed): then it stays out of the key.
     recipe = cfg.train.finetune
-    if not cfg.train.init_from or (recipe.mode == "plain" and recipe.alpha == 1.0 and not recipe.freeze_trunk):
+    if not cfg.train.init_from or (recipe.mode == "plain" and recipe.alpha == 1.0 and not recipe.freeze_trunk
+                                   and recipe.trainable_trunk_layers == 5):
         values["train"].pop("finetune", None)
     else:
         finetune = values["train"]["finetune"]
-        if not finetune.get("freeze_trunk", False):  # recorded before it existed (at false)
-            finetune.pop("freeze_trunk", None)
+        for key, default in (("freeze_trunk", False), ("trainable_trunk_layers", 5)):  # recorded before they existed
+            if finetune.get(key, default) == default:
+                finetune.pop(key, None)
         if finetune.get("pseudo_score") is None:  # recorded before pseudo-boxes existed
             finetune.pop("pseudo_score", None)
         if finetune.get("pseudo_score") is None or finetune.get("pseudo_loss", "joint") == "joint":
