@@ -52,7 +52,8 @@ ROUTED = "routed (start model + fine-tuned branch)"
 ROUTED_WHOLE = "routed with nothing shared (start model + plain fine-tuned model)"
 ROUTED_LAYER4 = "routed with layer4 trained (start model + fine-tuned branch)"
 # the routed arms (evaluated as results/finetune_routed/PLAN.md's design) -> the row of their fine-tuned
-# model evaluated alone with every name: plain fine-tuning with the trunk frozen, and plain trained again
+# model evaluated alone with every name: plain fine-tuning with the trunk frozen, plain fine-tuning trained
+# again, and plain fine-tuning with only layer4 and the attention pool trained
 ROUTED_ARMS = {ROUTED: "plain, trunk frozen (the routed branch alone)",
                ROUTED_WHOLE: "plain, alpha 1, trained again (the branch of the routed design with nothing shared)",
                ROUTED_LAYER4: "plain, layer4 and attention pool trained (the routed branch alone)"}
@@ -210,9 +211,9 @@ def join_best_per_image(detections: Iterable[dict], per_image: int) -> list[dict
 def routed_detections(start_path: str, branch_path: str, cfg, custom_ids: set[int]) -> list[dict]:
     """The routed design of results/finetune_routed/PLAN.md on ``cfg``'s val split (COCO-format detections):
     the start model scores every name outside ``custom_ids``, the fine-tuned model the custom names; each
-    image keeps the start model's ``detections_per_img`` best of the two lists. With the trunk frozen in
-    fine-tuning both models compute the same trunk output, so this is the design's own inference from its
-    two halves."""
+    image keeps the start model's ``detections_per_img`` best of the two lists. Computed as two models, this
+    is the design's inference whatever they share: what fine-tuning froze (the trunk, or its stages up to
+    layer3) computes the same output in both."""
     val = build_eval_dataset(cfg.data)
     name_of = dict(zip(val.category_ids, val.category_names))
     start = load_checkpoint(start_path)
