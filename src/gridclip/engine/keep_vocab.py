@@ -52,6 +52,8 @@ PSEUDO_LOCALIZATION_FEATURES = ("shared", "detached")
 # before each existed): recorded in checkpoints, and part of a study run's key, only away from them
 PSEUDO_SETTING_DEFAULTS = {"pseudo_localization": True, "pseudo_centerness": True,
                            "pseudo_localization_target": "boxes", "pseudo_localization_features": "shared"}
+# the trunk settings of every mode, at their defaults (the trunk trains whole): the same, for any recipe
+TRUNK_SETTING_DEFAULTS = {"freeze_trunk": False, "trainable_trunk_layers": 5}
 
 
 def check_finetune_config(f: FinetuneConfig) -> None:
@@ -439,8 +441,5 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
                   "keep_names": f.keep_names}
     if record.get("pseudo_loss") is not None:  # recorded only off their defaults (files before them read the same)
         record.update({k: getattr(f, k) for k, default in PSEUDO_SETTING_DEFAULTS.items() if getattr(f, k) != default})
-    if f.freeze_trunk:
-        record["freeze_trunk"] = True
-    if f.trainable_trunk_layers < 5:
-        record["trainable_trunk_layers"] = f.trainable_trunk_layers
+    record.update({k: getattr(f, k) for k, default in TRUNK_SETTING_DEFAULTS.items() if getattr(f, k) != default})
     return record

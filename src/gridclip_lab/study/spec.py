@@ -12,7 +12,7 @@ from typing import Any
 
 from gridclip.clip.loader import BUILTIN_PREFIX, builtin_clip_dir
 from gridclip.config import Config, config_to_dict
-from gridclip.engine.keep_vocab import PSEUDO_SETTING_DEFAULTS
+from gridclip.engine.keep_vocab import PSEUDO_SETTING_DEFAULTS, TRUNK_SETTING_DEFAULTS
 from gridclip.model.trunk_weights import resolve_trunk_file
 from gridclip_lab.peers.config import PeerConfig
 from gridclip_lab.variants import METRICS, VARIANTS, apply_variant, world_config
@@ -181,12 +181,12 @@ def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = N
     # The fine-tuning recipe acts only with train.init_from, and not at all in plain mode at alpha 1 with the
     # trunk training (the runs recorded before the recipe existed): then it stays out of the key.
     recipe = cfg.train.finetune
-    if not cfg.train.init_from or (recipe.mode == "plain" and recipe.alpha == 1.0 and not recipe.freeze_trunk
-                                   and recipe.trainable_trunk_layers == 5):
+    whole_trunk = all(getattr(recipe, k) == default for k, default in TRUNK_SETTING_DEFAULTS.items())
+    if not cfg.train.init_from or (recipe.mode == "plain" and recipe.alpha == 1.0 and whole_trunk):
         values["train"].pop("finetune", None)
     else:
         finetune = values["train"]["finetune"]
-        for key, default in (("freeze_trunk", False), ("trainable_trunk_layers", 5)):  # recorded before they existed
+        for key, default in TRUNK_SETTING_DEFAULTS.items():  # recorded before they existed (at these)
             if finetune.get(key, default) == default:
                 finetune.pop(key, None)
         if finetune.get("pseudo_score") is None:  # recorded before pseudo-boxes existed
