@@ -43,6 +43,7 @@ from gridclip.hub import WEIGHTS as FOLDER_WEIGHTS
 from gridclip.hub import local_model_path, model_card, read_model_folder, write_model_folder
 from gridclip.model import build_model
 from gridclip.model.gridclip import GridCLIP
+from gridclip.model.routed import RoutedDetector
 from gridclip.model.trunk_weights import BUILTIN_PREFIX as TRUNK_BUILTIN_PREFIX
 from gridclip.model.trunk_weights import TrunkSource
 from gridclip.utils.atomic import atomic_save
@@ -50,6 +51,8 @@ from gridclip.utils.files import read_marked
 
 FORMAT = "gridclip-checkpoint"
 VERSION = 2
+#: The field of a routed model's file (train.finetune.mode=routed): its custom names and its start model.
+ROUTED = "routed"
 #: A teacher CLIP that only exists on the machine that trained the model (recorded by folder / file name).
 LOCAL_PREFIX = "local:"
 
@@ -117,7 +120,22 @@ def _text_tower(model: GridCLIP) -> dict | None:
         return None
 
 
-def checkpoint_dict(model: GridCLIP, extra: dict | None = None) -> dict:
+def routed_checkpoint_dict(model: RoutedDetector, extra: dict | None = None) -> dict:
+    """A routed model (:mod:`gridclip.model.routed`): the fine-tuned model's checkpoint dict, recording the
+    routed model's vocabulary, with ``routed: {custom_names, start}`` (``start``: the start model's own
+    checkpoint dict, with its training record)."""
+    data = checkpoint_dict(model.tuned, extra)
+    if model.vocabulary is not None:
+        data["vocabulary"] = {"names": list(model.vocabulary.names), "embeddings": model.vocabulary.embeddings.cpu()}
+    elif model.class_names:
+        data["vocabulary"] = {"names": list(model.class_names), "embeddings": None}
+    data[ROUTED] = {"custom_names": list(model.custom_names), "start": checkpoint_dict(model.start, model.start_extra)}
+    return data
+
+
+def checkpoint_dict(model: GridCLIP | RoutedDetector, extra: dict | None = None) -> dict:
+    if isinstance(model, RoutedDetector):
+        return routed_checkpoint_dict(model, extra)
     vocab = None
     if model.vocabulary is not None:
         vocab = {"names": list(model.vocabulary.names), "embeddings": model.vocabulary.embeddings.cpu()}
@@ -267,9 +285,28 @@ def build_like_checkpoint(data: dict, cfg: GridCLIPConfig) -> GridCLIP:
     return model
 
 
-def model_from_checkpoint(data: dict, source: str = "checkpoint", *, config_source: str | None = None) -> GridCLIP:
+def _routed_from_checkpoint(data: dict, source: str, config_source: str | None) -> RoutedDetector:
+    """The routed model of a file with a ``routed`` field (:func:`routed_checkpoint_dict`)."""
+    routed = data[ROUTED]
+    names = routed.get("custom_names") if isinstance(routed, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{source}: routed.custom_names: expected a non-empty list of class names")
+    if not isinstance(routed.get("start"), dict) or not {"config", "state_dict"} <= routed["start"].keys():
+        raise ValueError(f"{source}: routed.start: expected the start model's checkpoint (config, state_dict)")
+    start = model_from_checkpoint(routed["start"], f"{source}: routed.start")
+    tuned = model_from_checkpoint({k: v for k, v in data.items() if k != ROUTED}, source, config_source=config_source)
+    model = RoutedDetector(start, tuned, names)
+    model.start_extra = routed["start"].get("extra")
+    model.set_vocabulary(tuned.vocabulary if tuned.vocabulary is not None else list(tuned.class_names or names))
+    return model
+
+
+def model_from_checkpoint(data: dict, source: str = "checkpoint", *,
+                          config_source: str | None = None) -> GridCLIP | RoutedDetector:
     """The model of a checkpoint dict; errors name ``source`` (the weights) and ``config_source`` (its
     config; default ``SOURCE:config``)."""
+    if data.get(ROUTED) is not None:
+        return _routed_from_checkpoint(data, source, config_source)
     data = migrate(data)
     cfg: GridCLIPConfig = config_from_dict(model_values(data), GridCLIPConfig, config_source or f"{source}:config")
     model = build_like_checkpoint(data, cfg)
@@ -321,7 +358,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> LoadedWeigh
                          unexpected=tuple(sorted(k for k in source if k not in own)), mismatched=mismatched)
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GridCLIP:
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GridCLIP | RoutedDetector:
     """``gridclip.load(path)``: the model in eval mode, with the checkpoint's vocabulary if it holds one."""
     local = local_model_path(path)  # an hf-hub: name, fetched once
     data = read_checkpoint(local)

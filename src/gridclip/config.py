@@ -197,8 +197,11 @@ class FinetuneConfig:
 
     # pseudo_boxes: keep_vocab with only its pseudo-boxes (pseudo_score, null: 0.5; ignore and distill off);
     #   the default: the only recipe that met the fine-tuning study's rule (results/finetune_keep/DECISION.md)
-    # plain: the default before it (with alpha 0.75); embeddings: only the custom names' classifier rows train
-    mode: Literal["keep_vocab", "plain", "embeddings", "pseudo_boxes"] = "pseudo_boxes"
+    # plain: the default before it (with alpha 0.75); embeddings: only the custom names' classifier rows train;
+    # routed: plain fine-tuning (alpha 1) saved beside the unchanged start model, names routed between the two
+    #   at inference (gridclip.model.routed; results/finetune_routed/): every other name kept exactly, the
+    #   custom names plain's AP, two models' inference when a vocabulary mixes both
+    mode: Literal["keep_vocab", "plain", "embeddings", "pseudo_boxes", "routed"] = "pseudo_boxes"
     # locations outside every custom box where the frozen start model scores one of ``keep_names`` at
     # least this high (sigmoid of its logit) get no classification loss; null: none ignored
     ignore_score: float | None = 0.3
@@ -245,7 +248,7 @@ class FinetuneConfig:
 
 # The WiSE-FT alpha that ``train.finetune.alpha: null`` means, per mode: plain's was chosen by the
 # fine-tuning study's rule (results/finetune_keep/DECISION.md); keep_vocab was measured at 1 only.
-DEFAULT_FINETUNE_ALPHA = {"plain": 0.75, "keep_vocab": 1.0, "embeddings": 1.0, "pseudo_boxes": 1.0}
+DEFAULT_FINETUNE_ALPHA = {"plain": 0.75, "keep_vocab": 1.0, "embeddings": 1.0, "pseudo_boxes": 1.0, "routed": 1.0}
 # pseudo_boxes' threshold when ``pseudo_score`` is null: the best F1 of the start model's pseudo-boxes on
 # the world's training split (results/finetune_keep/pseudo_score.json), chosen before any run
 DEFAULT_PSEUDO_SCORE = 0.5

@@ -52,6 +52,7 @@ from gridclip.hub import model_files
 from gridclip.model.head import Subspace
 from gridclip.model.postprocess import DenseOutputs, PostProcess, fcos_anchor_generator
 from gridclip.model.predict import predict_as_given
+from gridclip.model.routed import RoutedDetector
 from gridclip.model.transform import DetectionTransform
 from gridclip.utils.atomic import atomic_save, atomic_write_json
 from gridclip.utils.extras import require
@@ -64,6 +65,13 @@ OUTPUTS = ["vectors", "text_vectors", "bbox_regression", "bbox_ctrness", "level_
 FORMAT_VERSION = 2
 
 
+def check_exportable(model: nn.Module) -> None:
+    """One-line refusals for what has no single ONNX graph."""
+    if isinstance(model, RoutedDetector):
+        raise ValueError("ONNX export does not include a routed model (two detectors joined by class name, "
+                         "train.finetune.mode=routed); run it with the torch runtime")
+
+
 class DenseGridCLIP(nn.Module):
     """GridCLIP without resizing and post-processing: ``images [B,3,H,W] (, text [K,D]) -> (vectors,
     text_vectors, bbox_regression, bbox_ctrness, level_shapes)``, see the module docstring. Shares parameters with
@@ -71,6 +79,7 @@ class DenseGridCLIP(nn.Module):
 
     def __init__(self, model: nn.Module, vocab_input: bool = False):
         super().__init__()
+        check_exportable(model)
         if not getattr(model.cfg, "grid_align", True):
             raise ValueError("ONNX export needs a grid-aligned (open-vocabulary) model; grid_align is off")
         if getattr(model.cfg, "clip_ensemble", "off") != "off":
@@ -303,6 +312,7 @@ def cached_export(model: nn.Module, checkpoint: str | os.PathLike, cache_dir: st
     """The ONNX file of ``model`` (loaded from ``checkpoint``, its vocabulary set and baked in), exported on
     the first call into ``cache_dir`` (default :func:`onnx_cache_dir`) as ``<key>.onnx`` + sidecar and
     reused while :func:`export_key` stays the same."""
+    check_exportable(model)
     path = Path(cache_dir if cache_dir is not None else onnx_cache_dir()) / f"{export_key(checkpoint, model, opset)}.onnx"
     if not (path.is_file() and sidecar_path(path).is_file()):
         path.parent.mkdir(parents=True, exist_ok=True)

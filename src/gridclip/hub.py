@@ -282,6 +282,11 @@ def model_card(data: dict, repo_id: str | None = None) -> str:
     if tuned:
         lines.append(f"- Names with learned classifier rows (embedding-only fine-tuning; every other name is scored "
                      f"by its text embedding): {', '.join(tuned)}")
+    custom = (data.get("routed") or {}).get("custom_names") or []
+    if custom:
+        lines.append(f"- Routed (fine-tuned with `train.finetune.mode=routed`): {', '.join(custom)} scored by the "
+                     "fine-tuned detector, every other name by the unchanged model it was fine-tuned from; a "
+                     "vocabulary with names of both runs the two detectors (about twice one's inference time)")
     lines += _trained_on(data.get("extra") or {})
     lines += ["", f"Files: `{WEIGHTS}` (weights and text embeddings), `{CONFIG}` (configuration, class names).", ""]
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 from collections.abc import Collection
 
-from gridclip.checkpoint import LOCAL_PREFIX, build_like_checkpoint, migrate, model_values, portable_model_config, \
+from gridclip.checkpoint import LOCAL_PREFIX, ROUTED, build_like_checkpoint, migrate, model_values, portable_model_config, \
     read_checkpoint
 from gridclip.config import Config, config_from_dict, config_to_dict, model_config_class
 
@@ -45,6 +45,9 @@ def finetuning_config(cfg: Config, explicit: Collection[str] | None = None) -> C
     (a config built in code): every model value other than the schema's default counts as said."""
     path = cfg.train.init_from
     data = migrate(read_checkpoint(path))
+    if data.get(ROUTED) is not None:
+        raise ValueError(f"train.init_from {path}: a routed model (two detectors, train.finetune.mode=routed) is not a "
+                         "fine-tuning start; fine-tune the model it started from, with every custom name's data")
     theirs = model_values(data)
     cls = model_config_class(theirs.get("arch", "gridclip"), f"{path}: config.arch")
     fields = {f.name for f in dataclasses.fields(cls)} | {"arch"}

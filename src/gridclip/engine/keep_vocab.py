@@ -21,6 +21,9 @@ the start model beside the one that trains and
 rows, from their text embeddings (YOLO-World's prompt tuning); they are saved as the model's
 :class:`gridclip.clip.vocabulary.TunedNames`, so every other name is scored exactly as before.
 
+``routed`` (:class:`RoutedBranch`) trains as ``plain`` and saves the routed detector of
+:mod:`gridclip.model.routed`: the unchanged start model scores every name but the data's.
+
 :func:`interpolate_state_dicts` is the interpolation on its own (also for models already trained).
 """
 from __future__ import annotations
@@ -28,23 +31,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou, nms, remove_small_boxes
 
-from gridclip.checkpoint import load_checkpoint
+from gridclip.checkpoint import checkpoint_extra, load_checkpoint
 from gridclip.clip.vocabulary import TunedNames, Vocabulary, name_key, parse_vocabulary
 from gridclip.config import DEFAULT_PSEUDO_SCORE, Config, FinetuneConfig, finetune_alpha
 from gridclip.model.backbone import level_cells
 from gridclip.model.ignore import ignore_locations
+from gridclip.model.routed import RoutedDetector
 
 logger = logging.getLogger("gridclip.finetune")
 
 # a pseudo-box overlapping a box of the data at least this much is dropped (the standard match IoU)
 PSEUDO_MAX_IOU = 0.5
-FINETUNE_MODES = ("plain", "keep_vocab", "embeddings", "pseudo_boxes")
+FINETUNE_MODES = ("plain", "keep_vocab", "embeddings", "pseudo_boxes", "routed")
 PSEUDO_LOSSES = ("joint", "separate")
 PSEUDO_LOCALIZATION_TARGETS = ("boxes", "start")
 PSEUDO_LOCALIZATION_FEATURES = ("shared", "detached")
@@ -189,6 +193,35 @@ class WeightInterpolation:
     def evaluating(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """What an evaluation during training scores with: the model as it is."""
         return contextlib.nullcontext()
+
+    def evaluated(self, model: nn.Module) -> nn.Module:
+        """The detector an evaluation during training runs: the model itself."""
+        return model
+
+    def saved(self, model: nn.Module) -> nn.Module:
+        """The detector the run's model file holds: the model itself."""
+        return model
+
+
+class RoutedBranch(WeightInterpolation):
+    """``mode: routed``: plain fine-tuning (with its alpha) whose model is evaluated and saved as the routed
+    detector of :mod:`gridclip.model.routed`: the frozen ``start`` model for every name outside the
+    fine-tuning data's ``custom_names``."""
+
+    def __init__(self, start: nn.Module, start_extra: dict | None, start_state: dict[str, Tensor] | None,
+                 alpha: float, custom_names: Sequence[str]):
+        super().__init__(start_state, alpha)
+        self.start, self.start_extra, self.custom_names = start, start_extra, tuple(custom_names)
+
+    def routed(self, model: nn.Module) -> RoutedDetector:
+        routed = RoutedDetector(self.start, model, self.custom_names)
+        routed.start_extra = self.start_extra
+        vocabulary = model.vocabulary  # the training data's names: the custom ones are among them
+        index = [vocabulary.names.index(n) for n in self.custom_names]
+        routed.set_vocabulary(Vocabulary(self.custom_names, vocabulary.embeddings[index], vocabulary.clip_identity))
+        return routed
+
+    evaluated = saved = routed
 
 
 class KeepVocabulary(WeightInterpolation):
@@ -380,11 +413,12 @@ def freeze_clip_trunk(model: nn.Module, trainable: int | None = None) -> None:
     backbone.frozen_clip = True
 
 
-def attach_finetune(model: nn.Module, cfg: Config,
-                    device: torch.device) -> KeepVocabulary | NameEmbeddings | WeightInterpolation | None:
+def attach_finetune(model: nn.Module, cfg: Config, device: torch.device, boxed_names: Sequence[str] | None = None
+                    ) -> KeepVocabulary | NameEmbeddings | WeightInterpolation | None:
     """Set up ``cfg.train.finetune`` on ``model`` (already initialised from ``cfg.train.init_from``);
     None for ``plain`` at alpha 1. Detectors without the training hook or an open vocabulary get plain
-    fine-tuning (with its alpha)."""
+    fine-tuning (with its alpha). ``boxed_names``: the training data's names that have boxes (``routed``
+    routes them to the fine-tuned model; None: every name of the model's vocabulary)."""
     recipe = cfg.train.finetune
     check_finetune_config(recipe)
     mode = recipe.mode
@@ -402,8 +436,18 @@ def attach_finetune(model: nn.Module, cfg: Config,
         tuner = NameEmbeddings(model, alpha)
         model.training_hook = tuner
         return tuner
+    if mode == "routed" and not getattr(model.cfg, "grid_align", False):
+        raise ValueError(f"train.finetune.mode=routed: {type(model).__name__} has no open vocabulary (no names to "
+                         "route between the start model and the fine-tuned one); use mode=plain")
     if recipe.freeze_trunk or recipe.trainable_trunk_layers < 5:
         freeze_clip_trunk(model, recipe.trainable_trunk_layers if not recipe.freeze_trunk else None)
+    if mode == "routed":
+        state = None if alpha == 1.0 else {k: v.detach().clone() for k, v in model.state_dict().items()}
+        start = load_checkpoint(cfg.train.init_from, device).eval()
+        custom = list(model.class_names if boxed_names is None else boxed_names)
+        if not custom:
+            raise ValueError("train.finetune.mode=routed: expected training data with boxes, got none")
+        return RoutedBranch(start, checkpoint_extra(cfg.train.init_from), state, alpha, custom)
     if mode == "plain" and alpha == 1.0:
         return None
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -430,7 +474,7 @@ def recipe_record(cfg: Config) -> dict[str, Any] | None:
         return None
     f = cfg.train.finetune
     alpha = finetune_alpha(f)
-    if f.mode in ("plain", "embeddings"):
+    if f.mode in ("plain", "embeddings", "routed"):
         record = {"mode": f.mode, "alpha": alpha}
     elif f.mode == "pseudo_boxes":
         record = {"mode": f.mode, "pseudo_score": pseudo_boxes_recipe(f).pseudo_score, "pseudo_loss": f.pseudo_loss,

@@ -99,6 +99,12 @@ class _MicroBatches:
         return (self.total - self.start) * self.sampler.accumulate
 
 
+def boxed_names(dataset) -> list[str]:
+    """The dataset's category names that have at least one training box, in vocabulary order."""
+    boxed = {int(c) for r in dataset.records for c in r.category_ids[~r.ignore]}
+    return [n for c, n in zip(dataset.category_ids, dataset.category_names) if c in boxed]
+
+
 def aspect_groups(dataset) -> list[int]:
     """0 for landscape / square images, 1 for portrait (from the annotation sizes, no decoding)."""
     return [int(r.height > r.width) for r in dataset.records]
@@ -186,7 +192,7 @@ class Trainer:
         model.transform.min_size = tuple(int(s) for s in cfg.data.train_min_sizes)
         model.transform.max_size = int(cfg.data.train_max_size)
         self.model = model.to(dev).train()
-        self.finetune = keep_vocab.attach_finetune(self.model, cfg, dev) if t.init_from else None
+        self.finetune = keep_vocab.attach_finetune(self.model, cfg, dev, boxed_names(self.dataset)) if t.init_from else None
         self.teacher = None
         self.teacher_cache = None
         if model.projector is not None:
@@ -358,7 +364,8 @@ class Trainer:
                      "vocabulary": "base categories of the training set"}
             if t.init_from:
                 extra["finetune"] = keep_vocab.recipe_record(cfg)
-            save_checkpoint(model_path, self.model, extra=extra)
+            saved = self.finetune.saved(self.model) if self.finetune is not None else self.model
+            save_checkpoint(model_path, saved, extra=extra)
         barrier(self.dist)
         return {"out_dir": str(self.out_dir), "iterations": self.iteration, "total_iters": self.total_iters,
                 "iters_per_epoch": self.iters_per_epoch, "model": str(model_path),
@@ -438,8 +445,9 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []), scoring:
             try:
                 model.transform.min_size, model.transform.max_size = (cfg.model.min_size,), cfg.model.max_size
-                model.set_vocabulary(cfg.eval.vocabulary or dataset.category_names)
-                results = ev.run_inference(model, dataset, batch_size=cfg.eval.batch_size, device=self.dist.device)
+                evaluated = self.finetune.evaluated(model) if self.finetune is not None else model
+                evaluated.set_vocabulary(cfg.eval.vocabulary or dataset.category_names)
+                results = ev.run_inference(evaluated, dataset, batch_size=cfg.eval.batch_size, device=self.dist.device)
             finally:
                 model.set_vocabulary(self.vocabulary)
                 model.transform.min_size, model.transform.max_size = train_sizes

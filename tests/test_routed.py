@@ -1,0 +1,212 @@
+"""Routed fine-tuning (``train.finetune.mode=routed``, gridclip.model.routed): the file holds the unchanged
+start model and plain fine-tuning's model; names are routed between them by name at inference."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gridclip.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, save_pretrained
+from gridclip.engine.evaluate import evaluate_model
+from gridclip.engine.train import Trainer
+from gridclip.model import build_model
+from gridclip.model.predict import override_thresholds
+from gridclip.model.routed import RoutedDetector
+from helpers import rand_image, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OTHER = ["green star", "yellow ring", "purple cross"]  # names the fine-tuning data does not have
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_root, tmp_path_factory):
+    """The start file, and fine-tuning from it: routed, and plain at alpha 1 (what routed trains)."""
+    tmp = tmp_path_factory.mktemp("routed")
+    cfg = tiny_config(tiny_root)
+    # room for both parts' detections: two iterations leave the fine-tuned model's scores low
+    cfg.model.detections_per_img, cfg.model.score_thresh = 300, 0.001
+    torch.manual_seed(123)
+    source = build_model(cfg)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    source.set_vocabulary(["red circle", "blue square", "green star", "yellow ring"])
+    start = tmp / "start.pt"
+    save_checkpoint(start, source, extra={"note": "the start model's record"})
+    out = {"start": start, "tmp": tmp}
+    data = json.loads(open(cfg.data.train_json).read())
+    data["categories"].append({"id": 99, "name": "orange star", "frequency": "c"})  # a name without boxes
+    (tmp / "train.json").write_text(json.dumps(data))
+    torch.set_num_threads(1)
+    for name, mode, alpha in (("routed", "routed", None), ("plain", "plain", 1.0)):
+        run = tiny_config(tiny_root, init_from=str(start), max_iters=2)
+        run.data.train_json = str(tmp / "train.json")
+        run.train.finetune.mode, run.train.finetune.alpha = mode, alpha
+        out[name] = Trainer(run, tmp / name, progress=False).run()["model"]
+    return out
+
+
+def _images():
+    return [torch.from_numpy(rand_image(64, 80, seed=s)).permute(2, 0, 1).float() / 255 for s in range(3)]
+
+
+def _run(model, names, images):
+    model.set_vocabulary(names)
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+def test_routed_fine_tuning_saves_plain_fine_tuning_beside_the_start_model(runs):
+    routed, plain, start = (read_checkpoint(runs[k]) for k in ("routed", "plain", "start"))
+    assert routed["extra"]["finetune"] == {"mode": "routed", "alpha": 1.0}
+    assert set(routed["state_dict"]) == set(plain["state_dict"])
+    assert all(torch.equal(routed["state_dict"][k], v) for k, v in plain["state_dict"].items())
+    kept = routed["routed"]["start"]
+    assert all(torch.equal(kept["state_dict"][k], v) for k, v in start["state_dict"].items())
+    assert kept["extra"] == {"note": "the start model's record"}
+    data_names = list(plain["vocabulary"]["names"])  # the fine-tuning data's names
+    assert data_names[-1] == "orange star"  # it has no box: the start model keeps scoring it
+    assert routed["routed"]["custom_names"] == data_names[:-1] and routed["vocabulary"]["names"] == data_names[:-1]
+
+
+def test_each_part_of_the_vocabulary_is_scored_by_its_model_alone(runs):
+    """Only custom names: exactly plain fine-tuning's detections; only other names: exactly the start
+    model's (every other name kept as it was)."""
+    model = load_checkpoint(runs["routed"])
+    assert isinstance(model, RoutedDetector)
+    custom = list(model.custom_names)
+    images = _images()
+    for names, reference in ((custom, runs["plain"]), (OTHER, runs["start"])):
+        got, want = _run(model, names, images), _run(load_checkpoint(reference), names, images)
+        assert all(len(w["scores"]) > 0 for w in want)
+        for g, w in zip(got, want):
+            assert all(torch.equal(g[k], w[k]) for k in ("boxes", "scores", "labels"))
+
+
+def test_a_mixed_vocabulary_keeps_the_best_detections_of_both_parts(runs):
+    """Labels index the whole vocabulary; each image keeps the detections_per_img highest scores of the two
+    models' lists, each of them unchanged."""
+    model = load_checkpoint(runs["routed"])
+    custom = list(model.custom_names)
+    names = [OTHER[0], custom[0], OTHER[1], *custom[1:], OTHER[2]]
+    images = _images()
+    start, tuned = load_checkpoint(runs["start"]), load_checkpoint(runs["plain"])
+    for cap in (20, 4):
+        model.detections_per_img = start.detections_per_img = tuned.detections_per_img = cap
+        got = _run(model, names, images)
+        parts = [(_run(start, [n for n in names if n not in custom], images), [n for n in names if n not in custom]),
+                 (_run(tuned, [n for n in names if n in custom], images), [n for n in names if n in custom])]
+        for i, g in enumerate(got):
+            pool = [(float(s), tuple(b.tolist()), part_names[int(lab)])
+                    for dets, part_names in parts for s, b, lab in
+                    zip(dets[i]["scores"], dets[i]["boxes"], dets[i]["labels"])]
+            kept = [(float(s), tuple(b.tolist()), names[int(lab)]) for s, b, lab in zip(g["scores"], g["boxes"], g["labels"])]
+            assert len(kept) == min(cap, len(pool))
+            assert sorted(kept, reverse=True) == sorted(pool, reverse=True)[:len(kept)]
+            assert [s for s, _, _ in kept] == sorted((s for s, _, _ in kept), reverse=True)
+        assert any(len(g["scores"]) == 4 for g in got) or cap == 20
+
+
+def test_the_product_computes_the_studys_routed_design(runs, tiny_root):
+    """gridclip eval's path on the routed file gives the detections of the study's routed evaluation
+    (gridclip_lab.study.finetune.routed_detections: the two models run one after the other)."""
+    from gridclip_lab.study.finetune import routed_detections
+
+    cfg = tiny_config(tiny_root)
+    model = load_checkpoint(runs["routed"])
+    _, product = evaluate_model(model, cfg)
+    names = {c["id"]: c["name"] for c in json.loads(open(cfg.data.val_json).read())["categories"]}
+    custom_ids = {i for i, n in names.items() if n in model.custom_names}
+    study = routed_detections(str(runs["start"]), str(runs["plain"]), cfg, custom_ids)
+    assert {d["category_id"] for d in study} & custom_ids and {d["category_id"] for d in study} - custom_ids
+    assert product == study
+
+
+class _Listed(torch.nn.Module):
+    """A stand-in detector: per image, the given (score, label) detections of its vocabulary."""
+
+    def __init__(self, per_image):
+        super().__init__()
+        self.per_image, self.score_thresh, self.nms_thresh, self.detections_per_img = per_image, 0.05, 0.5, 100
+        self.vocabulary, self.class_names = None, ()
+
+    def set_vocabulary(self, names, cache_dir=None):
+        self.class_names = tuple(names)
+
+    def forward(self, images):
+        return [{"boxes": torch.tensor([[0.0, 0.0, s * 10, 5.0] for s, _ in dets]).reshape(-1, 4),
+                 "scores": torch.tensor([s for s, _ in dets]), "labels": torch.tensor([lab for _, lab in dets])}
+                for dets in self.per_image[:len(images)]]
+
+
+def test_the_join_keeps_the_highest_scores_of_both_parts_in_score_order_ties_start_first():
+    gen = torch.Generator().manual_seed(0)
+    start = [[(round(float(s), 1), int(lab)) for s, lab in zip(torch.rand(6, generator=gen), torch.randint(0, 2, (6,), generator=gen))]
+             for _ in range(4)]
+    tuned = [[(round(float(s), 1), int(lab)) for s, lab in zip(torch.rand(5, generator=gen), torch.randint(0, 2, (5,), generator=gen))]
+             for _ in range(4)]
+    model = RoutedDetector(_Listed(start), _Listed(tuned), ["red square", "blue circle"])
+    names = ["green star", "red square", "yellow ring", "blue circle"]  # start: 0, 2; tuned: 1, 3
+    model.set_vocabulary(names)
+    model.detections_per_img = 7
+    got = model([torch.zeros(3, 8, 8)] * 4)
+    for i, g in enumerate(got):
+        pool = ([(s, ["green star", "yellow ring"][lab], 0) for s, lab in start[i]]
+                + [(s, ["red square", "blue circle"][lab], 1) for s, lab in tuned[i]])
+        want = sorted(pool, key=lambda d: -d[0])[:7]  # Python's sort is stable: ties keep the start model's first
+        assert [(round(float(s), 1), names[int(lab)]) for s, lab in zip(g["scores"], g["labels"])] == \
+            [(s, n) for s, n, _ in want]
+        assert torch.allclose(g["boxes"][:, 2], g["scores"] * 10)
+    assert {part for i in range(4) for *_, part in sorted(
+        [(s, 0) for s, _ in start[i]] + [(s, 1) for s, _ in tuned[i]], key=lambda d: -d[0])[:7]} == {0, 1}
+
+
+def test_thresholds_and_predict_reach_both_parts(runs):
+    model = load_checkpoint(runs["routed"])
+    model.set_vocabulary([*model.custom_names, *OTHER])
+    with override_thresholds(model, score_thresh=0.9, nms_thresh=0.3, max_detections=2):
+        assert (model.start.score_thresh, model.tuned.nms_thresh, model.tuned.detections_per_img) == (0.9, 0.3, 2)
+    assert model.start.score_thresh == model.tuned.score_thresh != 0.9
+    result = model.predict(rand_image(64, 80, seed=1), score_thresh=0.0, max_detections=5)
+    assert len(result["scores"]) == 5 and model.detections_per_img == 300  # the call's cap, then the model's again
+    assert set(result["names"]) <= set(model.class_names)
+
+
+def test_a_routed_model_survives_a_model_folder(runs, tmp_path):
+    from gridclip.hub import CARD
+
+    model = load_checkpoint(runs["routed"])
+    model.set_vocabulary([*OTHER, *model.custom_names])
+    folder = save_pretrained(model, tmp_path / "folder")
+    again = load_checkpoint(folder)
+    assert isinstance(again, RoutedDetector) and again.class_names == model.class_names
+    assert again.custom_names == model.custom_names and again.start_extra == {"note": "the start model's record"}
+    with torch.no_grad():
+        for g, w in zip(again(_images()), model(_images())):
+            assert all(torch.equal(g[k], w[k]) for k in ("boxes", "scores", "labels"))
+    assert "Routed (fine-tuned with `train.finetune.mode=routed`)" in (folder / CARD).read_text()
+
+
+def test_what_a_routed_model_cannot_do_is_one_line_each(runs, tiny_root, tmp_path):
+    from gridclip.export import export_onnx
+
+    model = load_checkpoint(runs["routed"])
+    with pytest.raises(ValueError, match=r"^ONNX export does not include a routed model .*torch runtime$"):
+        export_onnx(model, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match=r"^routed model: a vocabulary of embeddings cannot be routed"):
+        model.set_vocabulary(torch.randn(2, model.start.clip_dim))
+    with pytest.raises(ValueError, match=r"^routed model: inference only"):
+        model.train()(_images())
+    cfg = tiny_config(tiny_root, init_from=str(runs["routed"]), max_iters=2)
+    with pytest.raises(ValueError, match=r"^train\.init_from .*routed/model\.pt: a routed model .* is not a fine-tuning start"):
+        Trainer(cfg, tmp_path / "again", progress=False).setup()
+    closed = tiny_config(tiny_root)
+    closed.model.grid_align, closed.model.num_classes, closed.model.image_align = False, 3, False
+    save_checkpoint(tmp_path / "closed.pt", build_model(closed.model))
+    cfg = tiny_config(tiny_root, init_from=str(tmp_path / "closed.pt"), max_iters=2)
+    cfg.model.grid_align, cfg.model.num_classes, cfg.model.image_align = False, 3, False
+    cfg.train.finetune.mode = "routed"
+    with pytest.raises(ValueError, match=r"^train\.finetune\.mode=routed: GridCLIP has no open vocabulary"):
+        Trainer(cfg, tmp_path / "closed", progress=False).setup()
