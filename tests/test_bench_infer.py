@@ -74,3 +74,22 @@ def test_the_default_variant_list_reaches_the_bench_whole(monkeypatch, command):
     with pytest.raises(Stop):
         module.main(["--world", "unused"] if command == "bench_train" else [])
     assert seen["variants"] == tuple(defaults)
+
+
+def test_the_routed_row_times_both_models_of_a_routed_file(tiny_clip_names):
+    from gridclip_lab.bench.infer_variants import ROUTED, ROUTED_CUSTOM, routed_call
+
+    model, call = routed_call(96, 96, 9, seed=0, clip_model=tiny_clip_names[0])
+    assert model.start.num_classes == 9 - ROUTED_CUSTOM and model.tuned.num_classes == ROUTED_CUSTOM
+    assert model.start.inference_optimized and model.tuned.inference_optimized
+    seen = []
+    for part in (model.start, model.tuned):
+        part.register_forward_hook(lambda module, args, out: seen.append(module))
+    with torch.inference_mode():
+        call()
+    assert seen == [model.start, model.tuned]  # a vocabulary of both kinds runs both models
+    data = run((ROUTED,), 96, 96, 9, rounds=1, warmup=0, clip_model=tiny_clip_names[0])
+    assert [r["variant"] for r in data["results"]] == [REFERENCE, ROUTED]
+    assert f"`{ROUTED}`: a `train.finetune.mode=routed` file" in render(data)
+    with pytest.raises(ValueError, match=r"expected K > 6"):
+        routed_call(96, 96, 6, clip_model=tiny_clip_names[0])

@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from gridclip.clip.vocabulary import Vocabulary
+from gridclip.model.routed import RoutedDetector
 from gridclip_lab.bench import cases, measure
 from gridclip_lab.bench.train_variants import machine, machine_sentence
 from gridclip_lab.variants import VARIANTS
@@ -23,6 +25,28 @@ from gridclip_lab.variants import VARIANTS
 REFERENCE = "GridCLIP"
 DEFAULT_VARIANTS = ("GridCLIP", "grid only + ensemble", "grid only + ensemble, box candidates",
                     "frozen trunk + ensemble")
+# train.finetune.mode=routed (gridclip.model.routed): not a model switch but two whole GridCLIPs, the start
+# model scoring K - ROUTED_CUSTOM names and the fine-tuned one ROUTED_CUSTOM (the red custom set's size)
+ROUTED = "routed fine-tuned model (vocabulary of both kinds)"
+ROUTED_CUSTOM = 6
+
+
+def routed_call(height: int, width: int, num_classes: int, seed: int = 0, clip_model: str = "RN50-quickgelu",
+                device: str = "cpu") -> tuple[torch.nn.Module, Callable[[], object]]:
+    """A routed model of two random GridCLIPs (inference form) and one call on one HxW image whose
+    vocabulary holds ``ROUTED_CUSTOM`` custom names and ``num_classes - ROUTED_CUSTOM`` others."""
+    if num_classes <= ROUTED_CUSTOM:
+        raise ValueError(f"{ROUTED}: expected K > {ROUTED_CUSTOM} (custom names and others), got K = {num_classes}")
+    spec = cases.ModelSpec(clip_model=clip_model)
+    start = cases.build_gridclip(spec, num_classes, seed)
+    tuned = cases.build_gridclip(spec, ROUTED_CUSTOM, seed + 1)
+    names = tuple(f"class {i}" for i in range(num_classes))
+    model = RoutedDetector(start, tuned, names[:ROUTED_CUSTOM]).to(device)
+    model.set_vocabulary(Vocabulary(names, cases.random_vocabulary(num_classes, start.clip_dim, seed)))
+    for part in (start, tuned):
+        cases.set_input_size(part, height, width)
+    images = [cases.random_image(height, width, seed).to(device)]
+    return model, lambda: model(images)
 
 
 def variant_call(variant: str, height: int, width: int, num_classes: int, seed: int = 0,
@@ -74,14 +98,18 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, height: int = 800, width: in
         raise ValueError(f"amp: {amp!r} is timed on a CUDA device only (device {device!r}); expected none")
     if REFERENCE not in variants:
         variants = (REFERENCE, *variants)
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS and v != ROUTED]
     if unknown:
-        raise ValueError(f"variants: unknown {unknown}; expected some of {', '.join(VARIANTS)}")
+        raise ValueError(f"variants: unknown {unknown}; expected some of {', '.join([*VARIANTS, ROUTED])}")
     start = machine()
     calls, candidates = {}, {}
     for v in variants:
-        model, call = variant_call(v, height, width, num_classes, seed, clip_model, device)
-        candidates[v] = rescored_candidates(model, call)
+        if v == ROUTED:
+            model, call = routed_call(height, width, num_classes, seed, clip_model, device)
+            candidates[v] = None
+        else:
+            model, call = variant_call(v, height, width, num_classes, seed, clip_model, device)
+            candidates[v] = rescored_candidates(model, call)
 
         def timed(call=call):
             with torch.inference_mode(), measure.autocast(device, amp):
@@ -130,7 +158,11 @@ def render(data: dict[str, Any]) -> str:
              f"round by round (order rotated), median of {data['rounds']} rounds after a warm-up round. `vs {REFERENCE}`: "
              "time over GridCLIP's (above 1: slower; the issue's goal for the recommended recipe: at most 1.3x); "
              "`re-scored`: candidates the ensemble scored with the frozen CLIP in one call (random weights), and the "
-             "distinct boxes among them (each embedded once).", "",
+             "distinct boxes among them (each embedded once)."
+             + (f" `{ROUTED}`: a `train.finetune.mode=routed` file, GridCLIP (the start model) scoring K - "
+                f"{ROUTED_CUSTOM} names and a second GridCLIP (the fine-tuned one) {ROUTED_CUSTOM} custom names, "
+                "each image's detections joined (`gridclip.model.routed`)."
+                if any(r["variant"] == ROUTED for r in data["results"]) else ""), "",
              f"| variant | median s / image |{' images/s |' if cuda else ''} vs {REFERENCE} | per round | "
              "re-scored (boxes) |", "|---|---|" + ("---|" if cuda else "") + "---|---|---|"]
     for r in data["results"]:
