@@ -193,8 +193,12 @@ def test_what_a_routed_model_cannot_do_is_one_line_each(runs, tiny_root, tmp_pat
     from gridclip.export import export_onnx
 
     model = load_checkpoint(runs["routed"])
-    with pytest.raises(ValueError, match=r"^ONNX export does not include a routed model .*torch runtime$"):
+    model.set_vocabulary([*model.custom_names, *OTHER])
+    with pytest.raises(ValueError, match=r"^ONNX export of a routed model .* with names of both kinds run it with the torch runtime$"):
         export_onnx(model, tmp_path / "m.onnx")
+    model.set_vocabulary(list(model.custom_names))
+    with pytest.raises(ValueError, match=r"^ONNX export of a routed model "):
+        export_onnx(model, tmp_path / "m.onnx", vocab_input=True)
     with pytest.raises(ValueError, match=r"^routed model: a vocabulary of embeddings cannot be routed"):
         model.set_vocabulary(torch.randn(2, model.start.clip_dim))
     with pytest.raises(ValueError, match=r"^routed model: inference only"):
@@ -210,3 +214,22 @@ def test_what_a_routed_model_cannot_do_is_one_line_each(runs, tiny_root, tmp_pat
     cfg.train.finetune.mode = "routed"
     with pytest.raises(ValueError, match=r"^train\.finetune\.mode=routed: GridCLIP has no open vocabulary"):
         Trainer(cfg, tmp_path / "closed", progress=False).setup()
+
+
+def test_onnx_export_of_one_part_is_that_detector(runs, tmp_path):
+    """A vocabulary of only custom names (or only others) runs one detector: its graph is exported, and
+    onnxruntime gives the same detections as the plain fine-tuned model's export."""
+    pytest.importorskip("onnxruntime")
+    from gridclip.export import OnnxDetector, export_onnx
+
+    model, plain = load_checkpoint(runs["routed"]), load_checkpoint(runs["plain"])
+    names = list(model.custom_names)
+    export_onnx(model.set_vocabulary(names), tmp_path / "routed.onnx")
+    export_onnx(plain.set_vocabulary(names), tmp_path / "plain.onnx")
+    images = _images()
+    got, want = OnnxDetector(tmp_path / "routed.onnx")(images), OnnxDetector(tmp_path / "plain.onnx")(images)
+    assert all(len(w["scores"]) > 0 for w in want)
+    for g, w in zip(got, want):
+        assert all(torch.equal(g[k], w[k]) for k in ("boxes", "scores", "labels")) and g["names"] == w["names"]
+    export_onnx(model.set_vocabulary(OTHER), tmp_path / "start.onnx")
+    assert OnnxDetector(tmp_path / "start.onnx")(images)[0]["names"][0] in OTHER

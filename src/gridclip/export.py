@@ -65,11 +65,17 @@ OUTPUTS = ["vectors", "text_vectors", "bbox_regression", "bbox_ctrness", "level_
 FORMAT_VERSION = 2
 
 
-def check_exportable(model: nn.Module) -> None:
-    """One-line refusals for what has no single ONNX graph."""
-    if isinstance(model, RoutedDetector):
-        raise ValueError("ONNX export does not include a routed model (two detectors joined by class name, "
-                         "train.finetune.mode=routed); run it with the torch runtime")
+def exported_detector(model: nn.Module, vocab_input: bool = False) -> nn.Module:
+    """The detector whose graph is exported: ``model``, or the one part a routed model's vocabulary runs
+    (its detections exactly); a one-line refusal where no single graph computes the model."""
+    if not isinstance(model, RoutedDetector):
+        return model
+    part = None if vocab_input else model.single_part()
+    if part is None:
+        raise ValueError("ONNX export of a routed model (train.finetune.mode=routed) needs a vocabulary of only its "
+                         f"custom names ({', '.join(model.custom_names)}) or only other names, baked in: one of its two "
+                         "detectors; with names of both kinds run it with the torch runtime")
+    return part
 
 
 class DenseGridCLIP(nn.Module):
@@ -79,7 +85,6 @@ class DenseGridCLIP(nn.Module):
 
     def __init__(self, model: nn.Module, vocab_input: bool = False):
         super().__init__()
-        check_exportable(model)
         if not getattr(model.cfg, "grid_align", True):
             raise ValueError("ONNX export needs a grid-aligned (open-vocabulary) model; grid_align is off")
         if getattr(model.cfg, "clip_ensemble", "off") != "off":
@@ -130,7 +135,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, vocab_input: bool = F
     ``vocab_input``), in either form (trainable or ``optimize_for_inference``); it is left in eval mode."""
     require("onnx", "export", "ONNX export")
     path = Path(path)
-    model = model.eval()
+    model = exported_detector(model, vocab_input).eval()
     dense = DenseGridCLIP(model, vocab_input=vocab_input).eval()
     images = torch.rand(1, 3, *example_size, generator=torch.Generator().manual_seed(0))
     args: tuple = (images,)
@@ -312,7 +317,7 @@ def cached_export(model: nn.Module, checkpoint: str | os.PathLike, cache_dir: st
     """The ONNX file of ``model`` (loaded from ``checkpoint``, its vocabulary set and baked in), exported on
     the first call into ``cache_dir`` (default :func:`onnx_cache_dir`) as ``<key>.onnx`` + sidecar and
     reused while :func:`export_key` stays the same."""
-    check_exportable(model)
+    model = exported_detector(model)
     path = Path(cache_dir if cache_dir is not None else onnx_cache_dir()) / f"{export_key(checkpoint, model, opset)}.onnx"
     if not (path.is_file() and sidecar_path(path).is_file()):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,11 @@ class RoutedDetector(nn.Module):
             rows[index] = model.vocabulary.embeddings.to(rows)
         return Vocabulary(tuple(names), rows, first.clip_identity)
 
+    def single_part(self) -> GridCLIP | None:
+        """The one detector the current vocabulary runs (only custom or only other names), else None: with
+        such a vocabulary the routed model's detections are that detector's, exactly."""
+        return self._routes[0][0] if len(self._routes) == 1 else None
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
