@@ -233,3 +233,12 @@ def test_onnx_export_of_one_part_is_that_detector(runs, tmp_path):
         assert all(torch.equal(g[k], w[k]) for k in ("boxes", "scores", "labels")) and g["names"] == w["names"]
     export_onnx(model.set_vocabulary(OTHER), tmp_path / "start.onnx")
     assert OnnxDetector(tmp_path / "start.onnx")(images)[0]["names"][0] in OTHER
+
+
+def test_the_web_demo_runs_a_routed_model(runs):
+    from gridclip.serve import detect_image
+
+    model = load_checkpoint(runs["routed"])
+    drawn, rows = detect_image(model, rand_image(64, 80, seed=2), f"{model.custom_names[0]}, {OTHER[0]}", 0.0)
+    assert drawn.shape == (64, 80, 3) and rows
+    assert {r[0] for r in rows} <= {model.custom_names[0], OTHER[0]} and model.class_names == (model.custom_names[0], OTHER[0])
