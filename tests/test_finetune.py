@@ -157,6 +157,14 @@ def test_finetune_study_end_to_end_and_resumes(tmp_path, small_world, tiny_clip_
         assert Path(cfg["data"]["base_list"]) == out / "custom_categories.txt"
         assert cfg["model"]["image_align"] == (json.loads((run / "result.json").read_text())["arm"] == "with image alignment")
     assert "paired differences" in capsys.readouterr().out
+    from gridclip_lab.study.finetune import recorded_groups
+
+    val_json = yaml.safe_load((runs[0] / "config.yaml").read_text())["data"]["val_json"]
+    categories = {c["id"]: c["name"] for c in json.loads(Path(val_json).read_text())["categories"]}
+    groups = recorded_groups(study, val_json)  # read back from the study's JSON, by name
+    assert {categories[i] for i in groups["custom"]} == set(study["custom_categories"])
+    assert groups["other"] == groups["other base"] | groups["novel"] == set(categories) - groups["custom"]
+    assert not groups["other base"] & groups["novel"] and groups["novel"]
 
     def refuse(*args, **kwargs):
         raise AssertionError("a cached run was trained again")

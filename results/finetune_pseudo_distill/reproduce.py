@@ -20,7 +20,7 @@ def main() -> dict:
     from gridclip.config import load_config
     from gridclip.engine.train import train
     from gridclip.utils.threads import torch_threads
-    from gridclip_lab.study.finetune import evaluate_groups, finished_runs
+    from gridclip_lab.study.finetune import evaluate_groups, finished_runs, recorded_groups
     from gridclip_lab.utils.environment import fingerprint
 
     parser = argparse.ArgumentParser()
@@ -37,10 +37,7 @@ def main() -> dict:
     cfg = load_config(found[0] / "config.yaml")
     out = Path("runs/reproduce") / found[0].name
     cfg.out_dir = str(out)
-    study = json.loads((STUDIES / args.set / "finetune.json").read_text())
-    names = {c["id"]: c["name"] for c in json.loads(Path(cfg.data.val_json).read_text())["categories"]}
-    groups = {g: {i for i, n in names.items() if n in set(members)} for g, members in study["groups"].items()}
-    groups["other"] = groups["other base"] | groups["novel"]  # as the study (not recorded: it is the union)
+    groups = recorded_groups(json.loads((STUDIES / args.set / "finetune.json").read_text()), cfg.data.val_json)
     with torch_threads(1):
         metrics = evaluate_groups(train(cfg, out, progress=False)["model"], cfg, groups)
     same = {g: metrics[g] == recorded["metrics"][g] for g in recorded["metrics"] if g in metrics}

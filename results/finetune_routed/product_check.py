@@ -25,7 +25,7 @@ def main() -> dict:
     from gridclip.engine.evaluate import evaluate_model
     from gridclip.engine.train import train
     from gridclip.utils.threads import torch_threads
-    from gridclip_lab.study.finetune import finished_runs, group_metrics
+    from gridclip_lab.study.finetune import finished_runs, group_metrics, recorded_groups
     from gridclip_lab.utils.environment import fingerprint
 
     parser = argparse.ArgumentParser()
@@ -40,10 +40,7 @@ def main() -> dict:
     cfg.train.finetune.mode = "routed"
     out = Path("runs/product_check") / f"{args.set}_{args.seed}"
     cfg.out_dir = str(out)
-    study = json.loads((STUDIES / args.set / "finetune.json").read_text())
-    names = {c["id"]: c["name"] for c in json.loads(Path(cfg.data.val_json).read_text())["categories"]}
-    groups = {g: {i for i, n in names.items() if n in set(members)} for g, members in study["groups"].items()}
-    groups["other"] = groups["other base"] | groups["novel"]  # as the study (not recorded: it is the union)
+    groups = recorded_groups(json.loads((STUDIES / args.set / "finetune.json").read_text()), cfg.data.val_json)
     with torch_threads(1):
         model_path = train(cfg, out, progress=False)["model"]
         evaluation, _ = evaluate_model(load_checkpoint(model_path), cfg)

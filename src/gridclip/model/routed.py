@@ -35,6 +35,16 @@ def join_detections(parts: Sequence[dict[str, Tensor]], per_image: int) -> dict[
     return {"boxes": boxes[order], "scores": scores[order], "labels": labels[order]}
 
 
+def _shared_setting(name: str) -> property:
+    """A setting both parts hold: read from the start model, written to both."""
+
+    def write(self, value) -> None:
+        for model in (self.start, self.tuned):
+            setattr(model, name, value)
+
+    return property(lambda self: getattr(self.start, name), write)
+
+
 class RoutedDetector(nn.Module):
     """``start`` scores every name outside ``custom_names``, ``tuned`` the custom names (see the module
     docstring). Inference only, with the detector interface the commands use: ``model(images)``,
@@ -115,29 +125,9 @@ class RoutedDetector(nn.Module):
     # -------------------------------------------------------------------------------------- thresholds
     # torchvision FCOS's attribute names (gridclip.model.predict.override_thresholds sets them): both parts
     # and the join share them
-    @property
-    def score_thresh(self) -> float:
-        return self.start.score_thresh
-
-    @score_thresh.setter
-    def score_thresh(self, value: float) -> None:
-        self.start.score_thresh = self.tuned.score_thresh = value
-
-    @property
-    def nms_thresh(self) -> float:
-        return self.start.nms_thresh
-
-    @nms_thresh.setter
-    def nms_thresh(self, value: float) -> None:
-        self.start.nms_thresh = self.tuned.nms_thresh = value
-
-    @property
-    def detections_per_img(self) -> int:
-        return self.start.detections_per_img
-
-    @detections_per_img.setter
-    def detections_per_img(self, value: int) -> None:
-        self.start.detections_per_img = self.tuned.detections_per_img = value
+    score_thresh = _shared_setting("score_thresh")
+    nms_thresh = _shared_setting("nms_thresh")
+    detections_per_img = _shared_setting("detections_per_img")
 
     # ------------------------------------------------------------------------------------------ running
     def forward(self, images: list[Tensor], targets: Any = None) -> list[dict[str, Tensor]]:

@@ -182,6 +182,15 @@ def custom_categories(category_names: dict[int, str], base_ids: set[int], custom
     return sorted(by_name[n] for n in names)
 
 
+def recorded_groups(study: dict, val_json: str | os.PathLike) -> dict[str, set[int]]:
+    """The category groups of a finished study's JSON (recorded by name) as ids of ``val_json``'s
+    categories; ``other`` (not recorded) is other base + novel, as the study computes it."""
+    names = {c["id"]: c["name"] for c in json.loads(Path(val_json).read_text())["categories"]}
+    groups = {g: {i for i, n in names.items() if n in set(members)} for g, members in study["groups"].items()}
+    groups["other"] = groups["other base"] | groups["novel"]
+    return groups
+
+
 def group_metrics(per_category_ap: dict[int, float], overall_ap: float, groups: dict[str, set[int]]) -> dict[str, float]:
     """AP of each category group: the mean of its categories' AP (the LVIS AP rule), -1 when none of
     them has ground truth."""
