@@ -447,6 +447,8 @@ def attach_finetune(model: nn.Module, cfg: Config, device: torch.device, boxed_n
         custom = list(model.class_names if boxed_names is None else boxed_names)
         if not custom:
             raise ValueError("train.finetune.mode=routed: expected training data with boxes, got none")
+        logger.info("train.finetune.mode=routed: %d name(s) with boxes will be scored by the fine-tuned model, every "
+                    "other name by the start model, saved beside it in the same file", len(custom))
         return RoutedBranch(start, checkpoint_extra(cfg.train.init_from), state, alpha, custom)
     if mode == "plain" and alpha == 1.0:
         return None
