@@ -192,7 +192,9 @@ class Trainer:
         model.transform.min_size = tuple(int(s) for s in cfg.data.train_min_sizes)
         model.transform.max_size = int(cfg.data.train_max_size)
         self.model = model.to(dev).train()
-        self.finetune = keep_vocab.attach_finetune(self.model, cfg, dev, boxed_names(self.dataset)) if t.init_from else None
+        # routed fine-tuning routes the names the data has boxes of to the fine-tuned model
+        routed = boxed_names(self.dataset) if t.finetune.mode == "routed" else None
+        self.finetune = keep_vocab.attach_finetune(self.model, cfg, dev, routed) if t.init_from else None
         self.teacher = None
         self.teacher_cache = None
         if model.projector is not None:
