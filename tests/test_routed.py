@@ -13,7 +13,7 @@ from gridclip.engine.train import Trainer
 from gridclip.model import build_model
 from gridclip.model.predict import override_thresholds
 from gridclip.model.routed import RoutedDetector
-from helpers import rand_image, tiny_config
+from helpers import assert_matching_detections, rand_image, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -242,3 +242,19 @@ def test_the_web_demo_runs_a_routed_model(runs):
     drawn, rows = detect_image(model, rand_image(64, 80, seed=2), f"{model.custom_names[0]}, {OTHER[0]}", 0.0)
     assert drawn.shape == (64, 80, 3) and rows
     assert {r[0] for r in rows} <= {model.custom_names[0], OTHER[0]} and model.class_names == (model.custom_names[0], OTHER[0])
+
+
+def test_gridclip_load_gives_the_routed_model_in_its_inference_form(runs):
+    import gridclip
+
+    model = gridclip.load(runs["routed"])
+    assert isinstance(model, RoutedDetector) and model.inference_optimized and not model.training
+    assert model.class_names == model.custom_names  # the file's vocabulary: the data's names with boxes
+    trainable = gridclip.load(runs["routed"], optimize=False)
+    assert not trainable.start.inference_optimized and not trainable.tuned.inference_optimized
+    image = rand_image(64, 80, seed=3)
+    model.set_vocabulary([*model.custom_names, *OTHER])
+    trainable.set_vocabulary([*model.custom_names, *OTHER])
+    fast, stored = model.predict(image), trainable.predict(image)
+    assert len(stored["scores"]) > 0
+    assert_matching_detections(fast, stored)  # the same detections up to float rounding

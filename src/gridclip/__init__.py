@@ -44,7 +44,9 @@ def load(path, device="cpu", *, optimize: bool = True):
 
     ``optimize`` (default): in its inference form (``GridCLIP.optimize_for_inference``), so ``predict``
     runs as fast as ``gridclip detect`` with the same detections; ``train()`` and saving still work (they
-    use the trainable form). ``optimize=False``: the trainable form as stored."""
+    use the trainable form). ``optimize=False``: the trainable form as stored. A file fine-tuned with
+    ``train.finetune.mode=routed`` loads as a :class:`gridclip.model.routed.RoutedDetector` (two detectors,
+    names routed between them) with the same calls."""
     from gridclip.checkpoint import load_checkpoint
 
     model = load_checkpoint(path, device)
