@@ -60,7 +60,6 @@ class RoutedDetector(nn.Module):
         # per part: (detector, index of its labels in the whole vocabulary); a part without names is absent
         self._routes: list[tuple[GridCLIP, Tensor]] = []
         self.class_names: tuple[str, ...] = ()
-        self.vocabulary: Vocabulary | None = None
         self.start_extra: dict | None = None  # the start model file's training record (kept in the routed file)
         self.eval()
 
@@ -86,18 +85,19 @@ class RoutedDetector(nn.Module):
             routes.append((model, torch.tensor(index, dtype=torch.int64)))
         self._routes = routes
         self.class_names = tuple(names)
-        self.vocabulary = self._joined_vocabulary(names)
         return self
 
-    def _joined_vocabulary(self, names: list[str]) -> Vocabulary | None:
-        """The parts' vocabularies as one, rows in ``names``' order (what a checkpoint records)."""
-        if any(model.vocabulary is None for model, _ in self._routes):
+    @property
+    def vocabulary(self) -> Vocabulary | None:
+        """The parts' vocabularies as one, rows in :attr:`class_names`' order (what a checkpoint records);
+        None before a vocabulary is set."""
+        if not self._routes or any(model.vocabulary is None for model, _ in self._routes):
             return None
         first = self._routes[0][0].vocabulary
-        rows = torch.empty(len(names), first.dim, dtype=first.embeddings.dtype)
+        rows = torch.empty(len(self.class_names), first.dim, dtype=first.embeddings.dtype)
         for model, index in self._routes:
             rows[index] = model.vocabulary.embeddings.to(rows)
-        return Vocabulary(tuple(names), rows, first.clip_identity)
+        return Vocabulary(self.class_names, rows, first.clip_identity)
 
     def single_part(self) -> GridCLIP | None:
         """The one detector the current vocabulary runs (only custom or only other names), else None: with

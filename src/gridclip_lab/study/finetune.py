@@ -186,7 +186,10 @@ def recorded_groups(study: dict, val_json: str | os.PathLike) -> dict[str, set[i
     """The category groups of a finished study's JSON (recorded by name) as ids of ``val_json``'s
     categories; ``other`` (not recorded) is other base + novel, as the study computes it."""
     names = {c["id"]: c["name"] for c in json.loads(Path(val_json).read_text())["categories"]}
-    groups = {g: {i for i, n in names.items() if n in set(members)} for g, members in study["groups"].items()}
+    groups = {}
+    for group, members in study["groups"].items():
+        members = set(members)
+        groups[group] = {i for i, n in names.items() if n in members}
     groups["other"] = groups["other base"] | groups["novel"]
     return groups
 
