@@ -279,14 +279,14 @@ def test_compare_arms_pairs_two_arms_by_seed_per_group():
 
 
 def test_the_replication_rule_needs_every_world_and_stops_at_the_first_failed_one():
-    from gridclip_lab.study.finetune import BEFORE, DEFAULT_ARM, PLAIN, replication_rule, summarize_finetune
+    from gridclip_lab.study.finetune import BEFORE, PSEUDO_BOXES_ARM, PLAIN, replication_rule, summarize_finetune
 
     def study(new_custom, new_other, seeds, default_custom=0.64):
         rows = []
         for s in seeds:
             jitter = 0.01 * s
             for arm, custom, other in [(BEFORE, 0.50, 0.60), (PLAIN, 0.66 + jitter, 0.05),
-                                       (DEFAULT_ARM, default_custom + jitter, 0.58),
+                                       (PSEUDO_BOXES_ARM, default_custom + jitter, 0.58),
                                        ("new", new_custom + jitter, new_other)]:
                 rows.append({"seed": s, "arm": arm, "metrics": {"custom": custom, "other": other, "AP": 0.5, "novel": 0.4}})
         return {"rows": rows, **summarize_finetune(rows)}

@@ -51,7 +51,9 @@ def test_finetuning_the_demo_model_from_a_packaged_config(world_checkpoint, shap
     assert saved["train"]["max_iters"] == 2
     assert read_checkpoint(out / "model.pt")["config"]["clip_model"] == "gridclip:shapes-RN-tiny"
     # the names trained with boxes: the start model's, then the fine-tuning data's (for a later ensemble)
-    tuned = load_checkpoint(out / "model.pt")
+    routed = load_checkpoint(out / "model.pt")  # the default recipe's file: the start model and the fine-tuned one
+    tuned = routed.tuned
+    assert routed.custom_names == tuple(n for n in tuned.class_names)  # every name of this data has boxes
     before = tuple(start.get("ensemble_trained_names") or ())
     assert tuned.cfg.ensemble_trained_names == before + tuple(n for n in tuned.class_names if n not in before)
     warnings = [r.getMessage() for r in caplog.records if "init_from" in r.getMessage()]

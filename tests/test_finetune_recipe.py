@@ -419,6 +419,7 @@ def test_pseudo_boxes_mode_is_keep_vocab_with_only_its_pseudo_boxes(tiny_root, t
     assert cls_only["extra"]["finetune"]["pseudo_localization"] is False
     assert "pseudo_loss separate, pseudo_localization False, WiSE-FT alpha 1.0)" in model_card(cls_only)
     cfg = tiny_config(tiny_root, init_from=str(path))
+    cfg.train.finetune.mode = "pseudo_boxes"
     cfg.train.finetune.pseudo_localization = 0.25
     assert ft.recipe_record(cfg)["pseudo_localization"] == 0.25
     cfg.train.finetune.pseudo_localization = 1.0  # the default's weight: recorded as files before the setting
@@ -444,16 +445,37 @@ def test_pseudo_boxes_mode_is_keep_vocab_with_only_its_pseudo_boxes(tiny_root, t
     assert "(pseudo_score 0.5, WiSE-FT alpha 1.0)" in model_card(joint)  # joint: the first design, not named
 
 
-def test_fine_tuning_without_a_recipe_setting_is_pseudo_boxes_with_their_own_loss(tiny_root, tmp_path):
-    """The command a user types (train.init_from and nothing about the recipe) trains exactly as
-    mode=pseudo_boxes with pseudo_loss=separate at alpha 1, and the file says so."""
+def test_fine_tuning_without_a_recipe_setting_is_routed(tiny_root, tmp_path):
+    """The command a user types (train.init_from and nothing about the recipe) writes exactly the file
+    mode=routed at alpha 1 writes (what that file holds: tests/test_routed.py), and says so."""
     _, path = _start_file(tiny_root, tmp_path)
     cfg = tiny_config(tiny_root, init_from=str(path), max_iters=2)
     default = read_checkpoint(Trainer(cfg, tmp_path / "default", progress=False).run()["model"])
-    spelled = _fine_tune(tiny_root, tmp_path, "spelled", path, mode="pseudo_boxes", pseudo_loss="separate", alpha=1.0)
-    assert all(torch.equal(default["state_dict"][k], v) for k, v in spelled["state_dict"].items())
-    assert default["extra"]["finetune"]["mode"] == "pseudo_boxes"
-    assert default["extra"]["finetune"]["pseudo_loss"] == "separate" and default["extra"]["finetune"]["alpha"] == 1.0
+    spelled = _fine_tune(tiny_root, tmp_path, "spelled", path, mode="routed", alpha=1.0)
+    for got, want in ((default, spelled), (default["routed"]["start"], spelled["routed"]["start"])):
+        assert got["state_dict"].keys() == want["state_dict"].keys()
+        assert all(torch.equal(got["state_dict"][k], v) for k, v in want["state_dict"].items())
+    assert default["routed"]["custom_names"] == spelled["routed"]["custom_names"]
+    assert default["extra"]["finetune"] == {"mode": "routed", "alpha": 1.0}
+
+
+def test_pseudo_box_settings_are_refused_with_a_mode_that_trains_no_pseudo_boxes():
+    """routed (the default), plain and embeddings never look at the start model's other names: a setting of
+    the recipes that do is one error line naming it, not a silent no-op."""
+    from gridclip.config import FinetuneConfig
+
+    for mode in ("routed", "plain", "embeddings"):
+        for key, value, spelled in (("pseudo_score", 0.3, "0.3"), ("pseudo_loss", "joint", "joint"),
+                                    ("pseudo_localization", 0.5, "0.5"), ("pseudo_centerness", False, "false"),
+                                    ("pseudo_localization_target", "start", "start"), ("keep_names", "a,b", "a,b")):
+            with pytest.raises(ValueError, match=rf"^train\.finetune\.{key}={spelled}: expected mode=pseudo_boxes "
+                                                 rf"or keep_vocab \(mode={mode} keeps no start model's names in "
+                                                 rf"training\), got mode={mode}$"):
+                ft.check_finetune_config(FinetuneConfig(mode=mode, **{key: value}))
+        ft.check_finetune_config(FinetuneConfig(mode=mode))
+    for mode in ("pseudo_boxes", "keep_vocab"):
+        ft.check_finetune_config(FinetuneConfig(mode=mode, pseudo_localization=0.5, pseudo_centerness=False,
+                                                keep_names="a,b"))
 
 
 def test_recipe_settings_are_checked(tiny_root, tmp_path):
@@ -530,11 +552,13 @@ def test_the_recipe_is_a_config_section_with_a_switch_to_plain():
 
     cfg = load_config(overrides=["train.finetune.mode=plain", "train.finetune.ignore_score=null"])
     assert cfg.train.finetune.mode == "plain" and cfg.train.finetune.ignore_score is None
-    default = load_config().train.finetune  # the recipe that met the study's rule (DECISION.md)
-    assert default.mode == "pseudo_boxes" and default.pseudo_loss == "separate"
+    default = load_config().train.finetune  # results/finetune_routed/PLAN.md, addendum 7
+    assert default.mode == "routed"
     from gridclip.config import DEFAULT_FINETUNE_ALPHA, finetune_alpha
 
-    assert default.alpha is None and finetune_alpha(default) == DEFAULT_FINETUNE_ALPHA["pseudo_boxes"] == 1.0
+    assert default.alpha is None and finetune_alpha(default) == DEFAULT_FINETUNE_ALPHA["routed"] == 1.0
+    pseudo = load_config(overrides=["train.finetune.mode=pseudo_boxes"]).train.finetune  # the default before it
+    assert pseudo.pseudo_loss == "separate" and finetune_alpha(pseudo) == DEFAULT_FINETUNE_ALPHA["pseudo_boxes"] == 1.0
     plain = load_config(overrides=["train.finetune.mode=plain"]).train.finetune  # the previous default
     assert finetune_alpha(plain) == DEFAULT_FINETUNE_ALPHA["plain"] == 0.75
     assert finetune_alpha(load_config(overrides=["train.finetune.mode=keep_vocab"]).train.finetune) == 1.0
@@ -649,14 +673,21 @@ def test_an_evaluation_during_embedding_tuning_scores_with_the_rows_trained_so_f
 
 
 def test_the_studys_default_arm_spells_the_products_default_recipe():
-    """The arm the study's documents mark as the default is the recipe `train.init_from` gets by default."""
+    """The arm the study's documents mark as the default is the recipe `train.init_from` gets by default:
+    mode=routed trains as plain fine-tuning at its alpha with the whole trunk, and the arm is evaluated
+    routed; the pseudo-box arm spells mode=pseudo_boxes."""
     import dataclasses
 
-    from gridclip.config import FinetuneConfig
-    from gridclip_lab.study.finetune import DEFAULT_ARM, RECIPE_ARMS
+    from gridclip.config import FinetuneConfig, finetune_alpha
+    from gridclip_lab.study.finetune import DEFAULT_ARM, PSEUDO_BOXES_ARM, RECIPE_ARMS, ROUTED_ARMS
 
-    switches, recipe = RECIPE_ARMS[DEFAULT_ARM]
-    assert dataclasses.replace(FinetuneConfig(), **recipe) == ft.pseudo_boxes_recipe(FinetuneConfig())
+    default = FinetuneConfig()
+    assert default.mode == "routed" and DEFAULT_ARM in ROUTED_ARMS
+    trains_as = dataclasses.replace(default, mode="plain", alpha=finetune_alpha(default))
+    assert dataclasses.replace(FinetuneConfig(), **RECIPE_ARMS[DEFAULT_ARM][1]) == trains_as
+    switches, recipe = RECIPE_ARMS[PSEUDO_BOXES_ARM]
+    pseudo_boxes = FinetuneConfig(mode="pseudo_boxes")
+    assert dataclasses.replace(FinetuneConfig(), **recipe) == ft.pseudo_boxes_recipe(pseudo_boxes)
     assert RECIPE_ARMS["pseudo-boxes"][1]["pseudo_loss"] == "joint"  # the first design, as it was recorded
     assert RECIPE_ARMS["pseudo-boxes (separate loss; classification only)"][1] == {**recipe, "pseudo_localization": False}
     for weight in (0.25, 0.5):

@@ -204,7 +204,10 @@ def test_what_a_routed_model_cannot_do_is_one_line_each(runs, tiny_root, tmp_pat
     with pytest.raises(ValueError, match=r"^routed model: inference only"):
         model.train()(_images())
     cfg = tiny_config(tiny_root, init_from=str(runs["routed"]), max_iters=2)
-    with pytest.raises(ValueError, match=r"^train\.init_from .*routed/model\.pt: a routed model .* is not a fine-tuning start"):
+    cfg.train.finetune.mode = "pseudo_boxes"
+    with pytest.raises(ValueError, match=r"^train\.init_from .*routed/model\.pt: a routed model \(two detectors\) "
+                                         r"fine-tunes further with train\.finetune\.mode=routed or plain, got "
+                                         r"mode=pseudo_boxes \(it keeps one start model's names\)$"):
         Trainer(cfg, tmp_path / "again", progress=False).setup()
     closed = tiny_config(tiny_root)
     closed.model.grid_align, closed.model.num_classes, closed.model.image_align = False, 3, False
@@ -214,6 +217,39 @@ def test_what_a_routed_model_cannot_do_is_one_line_each(runs, tiny_root, tmp_pat
     cfg.train.finetune.mode = "routed"
     with pytest.raises(ValueError, match=r"^train\.finetune\.mode=routed: GridCLIP has no open vocabulary"):
         Trainer(cfg, tmp_path / "closed", progress=False).setup()
+
+
+def test_a_routed_model_fine_tunes_further_its_tuned_part_beside_the_same_start_model(runs, tiny_root, tmp_path,
+                                                                                     caplog):
+    """train.init_from=<routed file>: its fine-tuned part trains on exactly as plain fine-tuning from those
+    weights; the new file keeps the first start model (and its record) and routes the new data's names with
+    boxes; an earlier custom name without boxes now goes back to the start model (one log line)."""
+    routed = load_checkpoint(runs["routed"])
+    dropped = routed.custom_names[0]
+    data = json.loads(open(runs["tmp"] / "train.json").read())
+    gone = next(c["id"] for c in data["categories"] if c["name"] == dropped)
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != gone]
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    tuned_alone = tmp_path / "tuned.pt"  # the file's fine-tuned part as a file of its own
+    torch.save({k: v for k, v in read_checkpoint(runs["routed"]).items() if k != "routed"}, tuned_alone)
+
+    def fine_tune(start, name, mode):
+        run = tiny_config(tiny_root, init_from=str(start), max_iters=2)
+        run.data.train_json, run.train.finetune.mode, run.train.finetune.alpha = str(tmp_path / "train.json"), mode, 1.0
+        return read_checkpoint(Trainer(run, tmp_path / name, progress=False).run()["model"])
+
+    with caplog.at_level("INFO", logger="gridclip.finetune"):
+        again = fine_tune(runs["routed"], "again", "routed")
+    want = fine_tune(tuned_alone, "plain", "plain")
+    assert again["state_dict"].keys() == want["state_dict"].keys()
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in want["state_dict"].items())
+    assert not all(torch.equal(again["state_dict"][k], v) for k, v in routed.tuned.state_dict().items())
+    first = read_checkpoint(runs["start"])
+    assert all(torch.equal(again["routed"]["start"]["state_dict"][k], v) for k, v in first["state_dict"].items())
+    assert again["routed"]["start"]["extra"] == {"note": "the start model's record"}
+    assert again["routed"]["custom_names"] == [n for n in routed.custom_names if n != dropped]
+    assert any(f"1 earlier custom name(s) without boxes in this data go back to its start model: {dropped}"
+               in r.getMessage() for r in caplog.records)
 
 
 def test_onnx_export_of_one_part_is_that_detector(runs, tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gridclip_lab.study.finetune import DEFAULT_ARM, PLAIN, compare_arms
+from gridclip_lab.study.finetune import PSEUDO_BOXES_ARM, PLAIN, compare_arms
 
 HERE = Path(__file__).resolve().parent
 NEW = "pseudo-boxes (separate loss; classification only)"
@@ -21,11 +21,11 @@ def main() -> dict:
         kept = study["other_kept"]
         decision["sets"][name] = {
             "seeds": sorted({int(r["seed"]) for r in study["rows"] if r["arm"] == NEW}),
-            "kept": {arm: 100 * kept[arm]["mean"] for arm in (DEFAULT_ARM, NEW) if arm in kept},
-            "goal_met": {arm: study["goal_met"].get(arm) for arm in (DEFAULT_ARM, NEW)},
+            "kept": {arm: 100 * kept[arm]["mean"] for arm in (PSEUDO_BOXES_ARM, NEW) if arm in kept},
+            "goal_met": {arm: study["goal_met"].get(arm) for arm in (PSEUDO_BOXES_ARM, NEW)},
             "new_vs_plain": compare_arms(study, NEW, PLAIN),
-            "default_vs_plain": compare_arms(study, DEFAULT_ARM, PLAIN),
-            "new_vs_default": compare_arms(study, NEW, DEFAULT_ARM),
+            "default_vs_plain": compare_arms(study, PSEUDO_BOXES_ARM, PLAIN),
+            "new_vs_default": compare_arms(study, NEW, PSEUDO_BOXES_ARM),
         }
     sets = decision["sets"].values()
     enough = all(len(s["seeds"]) >= 3 for s in sets)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gridclip_lab.study.finetune import DEFAULT_ARM, PLAIN, compare_arms
+from gridclip_lab.study.finetune import PSEUDO_BOXES_ARM, PLAIN, compare_arms
 
 HERE = Path(__file__).resolve().parent
 SETS = ("red", "circle")
@@ -20,13 +20,14 @@ def main() -> dict:
     summary: dict = {"world": "world1", "sets": {}}
     for name in SETS:
         study = json.loads((HERE / "world1" / name / "finetune.json").read_text())
-        arms = [a for a in (DEFAULT_ARM, *WEIGHTED) if a in study["other_kept"]]
+        arms = [a for a in (PSEUDO_BOXES_ARM, *WEIGHTED) if a in study["other_kept"]]
         summary["sets"][name] = {
             "seeds": sorted({int(r["seed"]) for r in study["rows"]}),
             "kept_percent": {a: 100 * study["other_kept"][a]["mean"] for a in study["other_kept"]},
             "goal_met": study["goal_met"],
             "vs_plain": {a: compare_arms(study, a, PLAIN) for a in arms},
-            "vs_default": {a: compare_arms(study, a, DEFAULT_ARM) for a in WEIGHTED if DEFAULT_ARM in study["other_kept"]},
+            "vs_default": {a: compare_arms(study, a, PSEUDO_BOXES_ARM) for a in WEIGHTED
+                           if PSEUDO_BOXES_ARM in study["other_kept"]},
         }
     (HERE / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for name, s in summary["sets"].items():

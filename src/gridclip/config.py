@@ -189,19 +189,21 @@ class DataConfig:
 @dataclass
 class FinetuneConfig:
     """What ``train.init_from`` fine-tuning does beyond plain training from the start weights
-    (``gridclip.engine.keep_vocab``; docs/training.md). ``mode: pseudo_boxes`` (the default) trains the
-    frozen start model's confident detections of its other names beside the custom boxes; ``plain`` is
-    training from the start weights and nothing else (WiSE-FT aside); ``keep_vocab`` combines ignoring,
-    distillation and pseudo-boxes; ``embeddings`` trains only the custom names' classifier rows (every other
-    name scores as before)."""
+    (``gridclip.engine.keep_vocab``; docs/training.md). ``mode: routed`` (the default) is plain fine-tuning
+    saved beside the unchanged start model, the data's names routed to it and every other name to the start
+    model; ``pseudo_boxes`` trains the frozen start model's confident detections of its other names beside
+    the custom boxes, in one model; ``plain`` is training from the start weights and nothing else (WiSE-FT
+    aside); ``keep_vocab`` combines ignoring, distillation and pseudo-boxes; ``embeddings`` trains only the
+    custom names' classifier rows (every other name scores as before)."""
 
-    # pseudo_boxes: keep_vocab with only its pseudo-boxes (pseudo_score, null: 0.5; ignore and distill off);
-    #   the default: the only recipe that met the fine-tuning study's rule (results/finetune_keep/DECISION.md)
-    # plain: the default before it (with alpha 0.75); embeddings: only the custom names' classifier rows train;
-    # routed: plain fine-tuning (alpha 1) saved beside the unchanged start model, names routed between the two
-    #   at inference (gridclip.model.routed; results/finetune_routed/): every other name kept exactly, the
-    #   custom names plain's AP, two models' inference when a vocabulary mixes both
-    mode: Literal["keep_vocab", "plain", "embeddings", "pseudo_boxes", "routed"] = "pseudo_boxes"
+    # routed (the default): plain fine-tuning (alpha 1) saved beside the unchanged start model, names routed
+    #   between the two at inference (gridclip.model.routed): every other name kept exactly, the custom names
+    #   plain's AP, two models' inference only when a vocabulary mixes both (results/finetune_routed/PLAN.md,
+    #   addendum 7: the only recipe that met issue 23's fine-tuning goal on both custom sets)
+    # pseudo_boxes: keep_vocab with only its pseudo-boxes (pseudo_score, null: 0.5; ignore and distill off),
+    #   one model; the default before routed (results/finetune_keep/DECISION.md)
+    # plain: the default before that (with alpha 0.75); embeddings: only the custom names' classifier rows train
+    mode: Literal["keep_vocab", "plain", "embeddings", "pseudo_boxes", "routed"] = "routed"
     # locations outside every custom box where the frozen start model scores one of ``keep_names`` at
     # least this high (sigmoid of its logit) get no classification loss; null: none ignored
     ignore_score: float | None = 0.3

@@ -25,6 +25,9 @@ from gridclip.config import Config, config_from_dict, config_to_dict, model_conf
 
 logger = logging.getLogger("gridclip.train")
 
+#: The fine-tuning modes a routed file (``train.finetune.mode=routed``) can start: its fine-tuned part trains
+#: on; ``routed`` keeps its start model for the other names.
+ROUTED_CONTINUATIONS = ("routed", "plain")
 #: Model-section keys a fine-tuning run takes from its own config (how it trains, not what the model is).
 TRAINING_CHOICES = frozenset({"image_align", "num_classes", "loss_grid", "loss_image", "loss_box", "loss_ctr",
                               "center_sampling_radius", "loss_on_padding"})
@@ -45,9 +48,11 @@ def finetuning_config(cfg: Config, explicit: Collection[str] | None = None) -> C
     (a config built in code): every model value other than the schema's default counts as said."""
     path = cfg.train.init_from
     data = migrate(read_checkpoint(path))
-    if data.get(ROUTED) is not None:
-        raise ValueError(f"train.init_from {path}: a routed model (two detectors, train.finetune.mode=routed) is not a "
-                         "fine-tuning start; fine-tune the model it started from, with every custom name's data")
+    mode = cfg.train.finetune.mode
+    if data.get(ROUTED) is not None and mode not in ROUTED_CONTINUATIONS:
+        # its fine-tuned part trains on (its weights are the file's own), its start model stays the start
+        raise ValueError(f"train.init_from {path}: a routed model (two detectors) fine-tunes further with "
+                         f"train.finetune.mode=routed or plain, got mode={mode} (it keeps one start model's names)")
     theirs = model_values(data)
     cls = model_config_class(theirs.get("arch", "gridclip"), f"{path}: config.arch")
     fields = {f.name for f in dataclasses.fields(cls)} | {"arch"}

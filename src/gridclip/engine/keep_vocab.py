@@ -58,6 +58,9 @@ PSEUDO_SETTING_DEFAULTS = {"pseudo_localization": True, "pseudo_centerness": Tru
                            "pseudo_localization_target": "boxes", "pseudo_localization_features": "shared"}
 # the trunk settings of every mode, at their defaults (the trunk trains whole): the same, for any recipe
 TRUNK_SETTING_DEFAULTS = {"freeze_trunk": False, "trainable_trunk_layers": 5}
+# the modes whose training does not look at the start model's other names (no ignoring, distillation or
+# pseudo-boxes): the settings of those are refused with them
+MODES_WITHOUT_KEPT_NAMES = ("plain", "embeddings", "routed")
 
 
 def check_finetune_config(f: FinetuneConfig) -> None:
@@ -89,6 +92,15 @@ def check_finetune_config(f: FinetuneConfig) -> None:
             raise ValueError(f"train.finetune.{name}={value}: expected pseudo_loss=separate and pseudo_localization "
                              "above 0 (else the pseudo-boxes train no localisation), got pseudo_loss="
                              f"{f.pseudo_loss!r}, pseudo_localization={str(f.pseudo_localization).lower()}")
+    if f.mode in MODES_WITHOUT_KEPT_NAMES:  # their settings would do nothing here: say so rather than ignore them
+        stray = [(k, getattr(f, k)) for k, default in {"pseudo_score": None, "pseudo_loss": "separate",
+                                                        **PSEUDO_SETTING_DEFAULTS, "keep_names": None}.items()
+                 if getattr(f, k) != default]
+        if stray:
+            key, value = stray[0]
+            raise ValueError(f"train.finetune.{key}={str(value).lower() if isinstance(value, bool) else value}: "
+                             f"expected mode=pseudo_boxes or keep_vocab (mode={f.mode} keeps no start model's "
+                             f"names in training), got mode={f.mode}")
     if f.distill < 0:
         raise ValueError(f"train.finetune.distill: expected a weight >= 0, got {f.distill}")
     if not 0 <= f.trainable_trunk_layers <= 5:
@@ -443,13 +455,13 @@ def attach_finetune(model: nn.Module, cfg: Config, device: torch.device, boxed_n
         freeze_clip_trunk(model, recipe.trainable_trunk_layers if not recipe.freeze_trunk else None)
     if mode == "routed":
         state = None if alpha == 1.0 else {k: v.detach().clone() for k, v in model.state_dict().items()}
-        start = load_checkpoint(cfg.train.init_from, device).eval()
         custom = list(model.class_names if boxed_names is None else boxed_names)
         if not custom:
             raise ValueError("train.finetune.mode=routed: expected training data with boxes, got none")
+        start, start_extra = routed_start(cfg.train.init_from, custom, device)
         logger.info("train.finetune.mode=routed: %d name(s) with boxes will be scored by the fine-tuned model, every "
                     "other name by the start model, saved beside it in the same file", len(custom))
-        return RoutedBranch(start, checkpoint_extra(cfg.train.init_from), state, alpha, custom)
+        return RoutedBranch(start, start_extra, state, alpha, custom)
     if mode == "plain" and alpha == 1.0:
         return None
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -460,6 +472,21 @@ def attach_finetune(model: nn.Module, cfg: Config, device: torch.device, boxed_n
     keeper = KeepVocabulary(recipe, start, state, _kept_names(recipe, start, model))
     model.training_hook = keeper
     return keeper
+
+
+def routed_start(path: str, custom_names: Sequence[str], device: torch.device) -> tuple[nn.Module, dict | None]:
+    """The start model a routed run keeps, and its training record: the model of ``path`` or, when ``path``
+    is itself a routed model (a further fine-tuning), the start model inside it; its earlier custom names
+    that ``custom_names`` lacks go back to that start model (logged)."""
+    loaded = load_checkpoint(path, device).eval()
+    if not isinstance(loaded, RoutedDetector):
+        return loaded, checkpoint_extra(path)
+    kept = {name_key(n) for n in custom_names}
+    dropped = [n for n in loaded.custom_names if name_key(n) not in kept]
+    if dropped:
+        logger.info("train.init_from %s: %d earlier custom name(s) without boxes in this data go back to its start "
+                    "model: %s", path, len(dropped), ", ".join(dropped))
+    return loaded.start, loaded.start_extra
 
 
 def pseudo_boxes_recipe(f: FinetuneConfig) -> FinetuneConfig:

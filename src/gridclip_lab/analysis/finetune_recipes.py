@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 from gridclip.config import DEFAULT_FINETUNE_ALPHA
 from gridclip.utils.files import read_json
 from gridclip_lab.analysis.figures import pyplot, save_png
-from gridclip_lab.study.finetune import BEFORE, DEFAULT_ARM, PLAIN, alpha_arm
+from gridclip_lab.study.finetune import BEFORE, DEFAULT_ARM, PLAIN, PSEUDO_BOXES_ARM, alpha_arm
 from gridclip_lab.study.stats import paired_differences
 
 GOAL_KEPT = 0.9  # issue 23: the other names' AP >= 90 % of the start model's ...
@@ -21,10 +21,13 @@ GOAL_CUSTOM = 0.01  # ... and custom AP >= plain fine-tuning's - 1 point
 
 def arm_label(arm: str) -> str:
     """How the document names an arm: plain fine-tuning by its alpha, the product's default recipe marked,
-    and plain mode's own default alpha (the default before it, the baseline of the rule that chose it)."""
+    the arm ``mode=pseudo_boxes`` computes (the default before it), and plain mode's own default alpha (the
+    default before that, the baseline of the rule that chose it)."""
     label = "plain, alpha 1" if arm == PLAIN else arm.replace(", WiSE-FT alpha", ", alpha")
     if arm == DEFAULT_ARM:
-        return f"**{label} (default)**"
+        return f"**{label} (default: mode=routed)**"
+    if arm == PSEUDO_BOXES_ARM:
+        return f"{label} (mode=pseudo_boxes)"
     return f"{label} (plain's default)" if arm == alpha_arm(DEFAULT_FINETUNE_ALPHA["plain"]) else label
 
 

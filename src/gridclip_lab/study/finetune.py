@@ -101,8 +101,12 @@ RECIPE_ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # its third addendum: only the trunk's layer4 and the attention pool train (stem to layer3 shared)
     ROUTED_LAYER4: ({"image_align": False}, {"mode": "plain", "alpha": 1.0, "trainable_trunk_layers": 1}),
 }
-# the arm that spells the product's default recipe (``FinetuneConfig()``; tests/test_finetune_recipe.py)
-DEFAULT_ARM = "pseudo-boxes (separate loss)"
+# the arm that computes train.finetune.mode=pseudo_boxes (tests/test_finetune_recipe.py): the product's
+# default until results/finetune_routed/PLAN.md's addendum 7, and the default the earlier plans' rules compare with
+PSEUDO_BOXES_ARM = "pseudo-boxes (separate loss)"
+# the arm that computes the product's default, train.finetune.mode=routed (``FinetuneConfig()``; its file
+# reproduces this arm's metrics exactly: results/finetune_routed/product_check_*.json)
+DEFAULT_ARM = ROUTED_WHOLE
 GROUPS = ("AP", "custom", "other base", "novel", "other")  # other = other base + novel, by category
 FINETUNE_VERSION = 1
 
@@ -441,7 +445,7 @@ def study_with_arm_runs(folder: str | os.PathLike, arm: str) -> dict:
     return {"rows": rows, **summarize_finetune(rows)}
 
 
-def replication_rule(arm: str, studies: dict[str, tuple[dict[str, dict], int]], default: str = DEFAULT_ARM,
+def replication_rule(arm: str, studies: dict[str, tuple[dict[str, dict], int]], default: str = PSEUDO_BOXES_ARM,
                      against_default: bool = True) -> dict:
     """The rule by which a fine-tuning arm replaces the default recipe (results/finetune_pseudo_ctr/PLAN.md):
     ``studies`` per world (name -> ({custom set: summarised study}, seeds needed)). The arm becomes the
