@@ -77,3 +77,39 @@ def test_torchrun_two_processes_match_one_process(tiny_root, tmp_path, monkeypat
     b = load_checkpoint(single["model"]).state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_torchrun_fine_tunes_with_the_default_recipe_into_one_routed_file(tiny_root, tmp_path, monkeypatch):
+    """`gridclip train ... train.init_from=M` under torchrun (the default recipe, routed): rank 0 writes one
+    file holding the start model exactly and the fine-tuned model, which agrees with one process's run of
+    the same global batch to float noise."""
+    import yaml
+
+    from gridclip.checkpoint import read_checkpoint, save_checkpoint
+    from gridclip.engine.train import train
+    from gridclip.model import build_model
+    from helpers import tiny_config_dict
+
+    monkeypatch.setenv("GRIDCLIP_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(5)
+    start_model = build_model(tiny_config(tiny_root).model)
+    start_model.set_vocabulary(["red circle", "blue square", "green star", "yellow ring"])
+    start = tmp_path / "start.pt"
+    save_checkpoint(start, start_model)
+    settings = dict(batch_size=4, checkpoint_every=2, init_from=str(start))
+    config = tmp_path / "finetune.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_root, **settings)))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gridclip.cli",
+           "train", "--config", str(config), "--out", str(out), "--max-iters", "3", "--no-progress"]
+    proc = subprocess.run(cmd, env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = train(tiny_config(tiny_root, accumulate=2, **settings), tmp_path / "single", max_iters=3, progress=False)
+    ddp, one, first = read_checkpoint(out / "model.pt"), read_checkpoint(single["model"]), read_checkpoint(start)
+    assert ddp["extra"]["finetune"] == {"mode": "routed", "alpha": 1.0}
+    assert ddp["routed"]["custom_names"] == one["routed"]["custom_names"]
+    assert all(torch.equal(ddp["routed"]["start"]["state_dict"][k], v) for k, v in first["state_dict"].items())
+    assert ddp["state_dict"].keys() == one["state_dict"].keys()
+    for name, value in one["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert not all(torch.equal(ddp["state_dict"][k], v) for k, v in first["state_dict"].items())

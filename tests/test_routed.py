@@ -252,6 +252,37 @@ def test_a_routed_model_fine_tunes_further_its_tuned_part_beside_the_same_start_
                in r.getMessage() for r in caplog.records)
 
 
+def test_a_resumed_routed_fine_tuning_writes_the_file_of_an_uninterrupted_one(runs, tiny_root, tmp_path):
+    """The default fine-tuning stopped after its iteration-2 checkpoint and resumed (``--resume``) writes
+    the file an uninterrupted run writes: both models and the routed names, tensor for tensor."""
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(trainer, step):
+        if step == 3:
+            raise Stop
+
+    def config():
+        run = tiny_config(tiny_root, init_from=str(runs["start"]), checkpoint_every=2)
+        run.data.train_json = str(runs["tmp"] / "train.json")
+        return run
+
+    straight = read_checkpoint(Trainer(config(), tmp_path / "straight", max_iters=4, progress=False).run()["model"])
+    with pytest.raises(Stop):
+        Trainer(config(), tmp_path / "stopped", max_iters=4, progress=False, step_callback=stop_at_3).run()
+    assert not (tmp_path / "stopped" / "model.pt").exists()
+    steps = []
+    resumed = read_checkpoint(Trainer(config(), tmp_path / "stopped", resume=True, max_iters=4, progress=False,
+                                      step_callback=lambda trainer, step: steps.append(step)).run()["model"])
+    assert steps == [3, 4]  # it went on from the iteration-2 checkpoint
+    for got, want in ((resumed, straight), (resumed["routed"]["start"], straight["routed"]["start"])):
+        assert got["state_dict"].keys() == want["state_dict"].keys()
+        assert all(torch.equal(got["state_dict"][k], v) for k, v in want["state_dict"].items())
+    assert resumed["routed"]["custom_names"] == straight["routed"]["custom_names"]
+    assert resumed["extra"]["finetune"] == straight["extra"]["finetune"] == {"mode": "routed", "alpha": 1.0}
+
+
 def test_onnx_export_of_one_part_is_that_detector(runs, tmp_path):
     """A vocabulary of only custom names (or only others) runs one detector: its graph is exported, and
     onnxruntime gives the same detections as the plain fine-tuned model's export."""
