@@ -72,9 +72,11 @@ def exported_detector(model: nn.Module, vocab_input: bool = False) -> nn.Module:
         return model
     part = None if vocab_input else model.single_part()
     if part is None:
+        names = model.custom_names
+        shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
         raise ValueError("ONNX export of a routed model (train.finetune.mode=routed) needs a vocabulary of only its "
-                         f"custom names ({', '.join(model.custom_names)}) or only other names, baked in: one of its two "
-                         "detectors; with names of both kinds run it with the torch runtime")
+                         f"custom names ({shown}) or only other names, baked in: one of its two detectors; with names "
+                         "of both kinds run it with the torch runtime")
     return part
 
 
