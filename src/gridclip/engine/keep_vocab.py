@@ -3,8 +3,8 @@
 A custom dataset has boxes for a few names; every other object in its images is unlabelled. Plain
 fine-tuning (``train.finetune.mode=plain``) teaches those objects as background and moves the
 embeddings away from CLIP's text space: the start model's other names are forgotten. ``keep_vocab``
-(and ``pseudo_boxes``, the default: its pseudo-boxes alone, with their own loss) runs a frozen copy of
-the start model beside the one that trains and
+(and ``pseudo_boxes``: its pseudo-boxes alone, with their own loss) runs a frozen copy of the start model
+beside the one that trains and
 
 - ignores (no classification loss) the locations outside every custom box where the start model
   confidently sees one of its other names (``ignore_score``; the focal loss stays torchvision's, the
@@ -21,8 +21,9 @@ the start model beside the one that trains and
 rows, from their text embeddings (YOLO-World's prompt tuning); they are saved as the model's
 :class:`gridclip.clip.vocabulary.TunedNames`, so every other name is scored exactly as before.
 
-``routed`` (:class:`RoutedBranch`) trains as ``plain`` and saves the routed detector of
-:mod:`gridclip.model.routed`: the unchanged start model scores every name but the data's.
+``routed`` (:class:`RoutedBranch`; the default) trains as ``plain`` and saves the routed detector of
+:mod:`gridclip.model.routed`: the unchanged start model scores every name but the data's. A routed file
+as ``train.init_from`` fine-tunes its fine-tuned part further beside the same start model (:func:`routed_start`).
 
 :func:`interpolate_state_dicts` is the interpolation on its own (also for models already trained).
 """

@@ -447,7 +447,7 @@ def study_with_arm_runs(folder: str | os.PathLike, arm: str) -> dict:
 
 def replication_rule(arm: str, studies: dict[str, tuple[dict[str, dict], int]], default: str = PSEUDO_BOXES_ARM,
                      against_default: bool = True) -> dict:
-    """The rule by which a fine-tuning arm replaces the default recipe (results/finetune_pseudo_ctr/PLAN.md):
+    """The rule by which a fine-tuning arm replaced the default recipe of its time (results/finetune_pseudo_ctr/PLAN.md):
     ``studies`` per world (name -> ({custom set: summarised study}, seeds needed)). The arm becomes the
     default only if every world has its seeds and, on every set, it meets the goal (:func:`summarize_finetune`)
     with, when ``against_default``, custom AP not below ``default``'s (paired mean >= 0; without it, the goal
