@@ -93,3 +93,19 @@ def test_the_routed_row_times_both_models_of_a_routed_file(tiny_clip_names):
     assert f"`{ROUTED}`: a `train.finetune.mode=routed` file" in render(data)
     with pytest.raises(ValueError, match=r"expected K > 6"):
         routed_call(96, 96, 6, clip_model=tiny_clip_names[0])
+
+
+def test_the_routed_other_names_row_runs_the_start_model_alone(tiny_clip_names):
+    from gridclip_lab.bench.infer_variants import ROUTED_CUSTOM, ROUTED_OTHER, routed_call
+
+    model, call = routed_call(96, 96, 9, seed=0, clip_model=tiny_clip_names[0], other_only=True)
+    assert len(model.class_names) == 9 - ROUTED_CUSTOM and not any(model.is_custom(n) for n in model.class_names)
+    seen = []
+    for part in (model.start, model.tuned):
+        part.register_forward_hook(lambda module, args, out: seen.append(module))
+    with torch.inference_mode():
+        call()
+    assert seen == [model.start]
+    data = run((ROUTED_OTHER,), 96, 96, 9, rounds=1, warmup=0, clip_model=tiny_clip_names[0])
+    assert [r["variant"] for r in data["results"]] == [REFERENCE, ROUTED_OTHER]
+    assert f"`{ROUTED_OTHER}`: the same file with a vocabulary of the K - 6 other names only" in render(data)

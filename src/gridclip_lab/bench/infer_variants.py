@@ -28,13 +28,16 @@ DEFAULT_VARIANTS = ("GridCLIP", "grid only + ensemble", "grid only + ensemble, b
 # train.finetune.mode=routed (gridclip.model.routed): not a model switch but two whole GridCLIPs, the start
 # model scoring K - ROUTED_CUSTOM names and the fine-tuned one ROUTED_CUSTOM (the red custom set's size)
 ROUTED = "routed fine-tuned model (vocabulary of both kinds)"
+# the same file with a vocabulary of only the other names (K - ROUTED_CUSTOM): the start model's part alone
+ROUTED_OTHER = "routed fine-tuned model (other names only)"
 ROUTED_CUSTOM = 6
 
 
 def routed_call(height: int, width: int, num_classes: int, seed: int = 0, clip_model: str = "RN50-quickgelu",
-                device: str = "cpu") -> tuple[torch.nn.Module, Callable[[], object]]:
+                device: str = "cpu", other_only: bool = False) -> tuple[torch.nn.Module, Callable[[], object]]:
     """A routed model of two random GridCLIPs (inference form) and one call on one HxW image whose
-    vocabulary holds ``ROUTED_CUSTOM`` custom names and ``num_classes - ROUTED_CUSTOM`` others."""
+    vocabulary holds ``ROUTED_CUSTOM`` custom names and ``num_classes - ROUTED_CUSTOM`` others (only the
+    others with ``other_only``)."""
     if num_classes <= ROUTED_CUSTOM:
         raise ValueError(f"{ROUTED}: expected K > {ROUTED_CUSTOM} (custom names and others), got K = {num_classes}")
     spec = cases.ModelSpec(clip_model=clip_model)
@@ -42,7 +45,11 @@ def routed_call(height: int, width: int, num_classes: int, seed: int = 0, clip_m
     tuned = cases.build_gridclip(spec, ROUTED_CUSTOM, seed + 1)
     names = tuple(f"class {i}" for i in range(num_classes))
     model = RoutedDetector(start, tuned, names[:ROUTED_CUSTOM]).to(device)
-    model.set_vocabulary(Vocabulary(names, cases.random_vocabulary(num_classes, start.clip_dim, seed)))
+    vocabulary = Vocabulary(names, cases.random_vocabulary(num_classes, start.clip_dim, seed))
+    if other_only:
+        keep = list(range(ROUTED_CUSTOM, num_classes))
+        vocabulary = Vocabulary(names[ROUTED_CUSTOM:], vocabulary.embeddings[keep], vocabulary.clip_identity)
+    model.set_vocabulary(vocabulary)
     for part in (start, tuned):
         cases.set_input_size(part, height, width)
     images = [cases.random_image(height, width, seed).to(device)]
@@ -98,14 +105,14 @@ def run(variants: Sequence[str] = DEFAULT_VARIANTS, height: int = 800, width: in
         raise ValueError(f"amp: {amp!r} is timed on a CUDA device only (device {device!r}); expected none")
     if REFERENCE not in variants:
         variants = (REFERENCE, *variants)
-    unknown = [v for v in variants if v not in VARIANTS and v != ROUTED]
+    unknown = [v for v in variants if v not in VARIANTS and v not in (ROUTED, ROUTED_OTHER)]
     if unknown:
-        raise ValueError(f"variants: unknown {unknown}; expected some of {', '.join([*VARIANTS, ROUTED])}")
+        raise ValueError(f"variants: unknown {unknown}; expected some of {', '.join([*VARIANTS, ROUTED, ROUTED_OTHER])}")
     start = machine()
     calls, candidates = {}, {}
     for v in variants:
-        if v == ROUTED:
-            model, call = routed_call(height, width, num_classes, seed, clip_model, device)
+        if v in (ROUTED, ROUTED_OTHER):
+            model, call = routed_call(height, width, num_classes, seed, clip_model, device, other_only=v == ROUTED_OTHER)
             candidates[v] = None
         else:
             model, call = variant_call(v, height, width, num_classes, seed, clip_model, device)
@@ -162,7 +169,10 @@ def render(data: dict[str, Any]) -> str:
              + (f" `{ROUTED}`: a `train.finetune.mode=routed` file, GridCLIP (the start model) scoring K - "
                 f"{ROUTED_CUSTOM} names and a second GridCLIP (the fine-tuned one) {ROUTED_CUSTOM} custom names, "
                 "each image's detections joined (`gridclip.model.routed`)."
-                if any(r["variant"] == ROUTED for r in data["results"]) else ""), "",
+                if any(r["variant"] == ROUTED for r in data["results"]) else "")
+             + (f" `{ROUTED_OTHER}`: the same file with a vocabulary of the K - {ROUTED_CUSTOM} other names only "
+                "(the start model's part runs alone)."
+                if any(r["variant"] == ROUTED_OTHER for r in data["results"]) else ""), "",
              f"| variant | median s / image |{' images/s |' if cuda else ''} vs {REFERENCE} | per round | "
              "re-scored (boxes) |", "|---|---|" + ("---|" if cuda else "") + "---|---|---|"]
     for r in data["results"]:
