@@ -559,7 +559,7 @@ def test_the_recipe_is_a_config_section_with_a_switch_to_plain():
     assert default.alpha is None and finetune_alpha(default) == DEFAULT_FINETUNE_ALPHA["routed"] == 1.0
     pseudo = load_config(overrides=["train.finetune.mode=pseudo_boxes"]).train.finetune  # the default before it
     assert pseudo.pseudo_loss == "separate" and finetune_alpha(pseudo) == DEFAULT_FINETUNE_ALPHA["pseudo_boxes"] == 1.0
-    plain = load_config(overrides=["train.finetune.mode=plain"]).train.finetune  # the previous default
+    plain = load_config(overrides=["train.finetune.mode=plain"]).train.finetune  # the default before pseudo-boxes
     assert finetune_alpha(plain) == DEFAULT_FINETUNE_ALPHA["plain"] == 0.75
     assert finetune_alpha(load_config(overrides=["train.finetune.mode=keep_vocab"]).train.finetune) == 1.0
     assert finetune_alpha(load_config(overrides=["train.finetune.alpha=0.3"]).train.finetune) == 0.3
