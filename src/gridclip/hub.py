@@ -286,8 +286,8 @@ def model_card(data: dict, repo_id: str | None = None) -> str:
     if custom:
         lines.append(f"- Routed (fine-tuned with `train.finetune.mode=routed`): {', '.join(custom)} scored by the "
                      "fine-tuned detector, every other name by the unchanged model it was fine-tuned from; a "
-                     "vocabulary with names of both runs the two detectors (1.89x one's inference time, RN50 at 800x1333 "
-                     "on a CPU: docs/benchmarks.md)")
+                     "vocabulary with names of both runs the two detectors (1.89-1.95x one's inference time, RN50 "
+                     "at 800x1333 on a CPU: docs/benchmarks.md)")
     lines += _trained_on(data.get("extra") or {})
     lines += ["", f"Files: `{WEIGHTS}` (weights and text embeddings), `{CONFIG}` (configuration, class names).", ""]
     return "\n".join(lines)
