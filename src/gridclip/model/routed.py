@@ -132,7 +132,8 @@ class RoutedDetector(nn.Module):
     # ------------------------------------------------------------------------------------------ running
     def forward(self, images: list[Tensor], targets: Any = None) -> list[dict[str, Tensor]]:
         if self.training or targets is not None:
-            raise ValueError("routed model: inference only; fine-tune a routed model's start model instead")
+            raise ValueError("routed model: inference only; to fine-tune it further, give its file as "
+                             "train.init_from (docs/training.md)")
         if not self._routes:
             raise ValueError("no vocabulary set: call model.set_vocabulary(names) first")
         outputs = []
