@@ -96,6 +96,11 @@ class GridCLIPConfig:
     # layer4] train, the others keep CLIP's weights (5: all train). With n <= 2 the frozen-CLIP ensemble
     # shares the detector's C4 (n <= 1) or C3 and runs only the remaining stages (results/trunk_layer4/).
     trainable_trunk_layers: int = 5
+    # Region distillation (training only; ViLD-image, Gu et al. 2022): L1 between the head's embedding at each
+    # of the detector's own best region_distill_boxes boxes per image (class-agnostic NMS) and the frozen CLIP's
+    # embedding of that box, weighted region_distill (0: off). See gridclip.model.region_distill.
+    region_distill: float = 0.0
+    region_distill_boxes: int = 32
     # Frozen-CLIP ensemble at inference (F-VLM): each candidate box before NMS is scored by the frozen
     # CLIP (see gridclip.model.clip_ensemble) and p = p_det^(1-w) * p_clip^w, w = ensemble_weight_base
     # for ensemble_trained_names (recorded by training: the names trained with boxes), else

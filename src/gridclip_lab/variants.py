@@ -64,6 +64,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "grid only + ensemble, box candidates, CLIP at 0.5x": {"image_align": False, **ENSEMBLE_SETTINGS,
                                                             "ensemble_candidates": "box",
                                                             "ensemble_centerness": "outside", "ensemble_upsample": 0.5},
+    # results/region_distill/: grid only + the frozen CLIP's embeddings of the detector's own proposals distilled
+    # into the head (ViLD-image); weight and proposal count fixed before any run (PLAN.md), the ensemble's
+    # settings as "grid only + ensemble" so the kept models are evaluated as grid only's
+    "grid only + region distillation + ensemble": {"image_align": False, "region_distill": 10.0,
+                                                   "region_distill_boxes": 32, **ENSEMBLE_SETTINGS},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
     # results/trunk_layer4/: only the trunk's layer4 trains (and the attention pool), so the ensemble's frozen
@@ -104,6 +109,8 @@ LABELS: dict[str, str] = {
     "grid only + ensemble": "grid only + frozen-CLIP ensemble (F-VLM; dense scores, weights from a held-out split)",
     "grid only + ensemble, box candidates": "grid only + frozen-CLIP ensemble on box candidates, centerness outside",
     "grid only + ensemble, IoU quality": "grid only, quality branch trained on the box's IoU, + frozen-CLIP ensemble",
+    "grid only + region distillation + ensemble": "grid only + region distillation of the frozen CLIP (ViLD-image), "
+                                                  "+ frozen-CLIP ensemble",
     "frozen trunk": "grid only, frozen CLIP trunk and attnpool",
     "frozen trunk + ensemble": "frozen trunk + frozen-CLIP ensemble (F-VLM)",
 }

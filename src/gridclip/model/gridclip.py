@@ -30,13 +30,14 @@ from gridclip.clip.text import TextEncoder
 from gridclip.clip.vocabulary import TunedNames, Vocabulary, parse_vocabulary
 from gridclip.config import GridCLIPConfig
 from gridclip.model import inference
-from gridclip.model.clip_ensemble import CLIPEnsemble, FrozenCLIP
+from gridclip.model.clip_ensemble import CLIPEnsemble, FrozenCLIP, roi_embeddings
 from gridclip.model.backbone import (CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride,
                                      shared_trunk_level, valid_cells)
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.ignore import ignore_locations, padded_locations
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
 from gridclip.model.predict import predict_as_given
+from gridclip.model import region_distill
 from gridclip.model.transform import DetectionTransform
 from gridclip.model.trunk_weights import TrunkSource, load_trunk_weights
 
@@ -92,8 +93,8 @@ class GridCLIPBackbone(nn.Module):
         self.out_channels = fpn_channels
         self.global_dim = z_dim
         self.frozen_clip = False  # trunk and attnpool frozen: run without autograd (set by GridCLIP)
-        self.last_c5: Tensor | None = None  # the last forward's (masked) C5, kept only for the frozen ensemble
-        self.keep_c5 = False
+        self.last_c5: Tensor | None = None  # the last forward's (masked) C5, kept when it is the frozen CLIP's
+        self.keep_c5 = False  # (set by GridCLIP with a frozen trunk and the ensemble or region distillation)
         # with stages frozen: the index in [C3, C4] of the last frozen level, kept (unmasked) in eval for the
         # frozen ensemble, which then runs only the stages after it (GridCLIP.clip_ensemble)
         self.shared_level: int | None = None
@@ -102,14 +103,15 @@ class GridCLIPBackbone(nn.Module):
     def forward(self, x: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> tuple[list[Tensor], Tensor]:
         with torch.no_grad() if self.frozen_clip else contextlib.nullcontext():
             c3, c4, c5 = self.trunk(x)
-            self.last_shared = (c3, c4)[self.shared_level] if self.shared_level is not None and not self.training else None
+            # kept only where it is the frozen CLIP's (frozen stages: no graph), for the ensemble / region distillation
+            self.last_shared = (c3, c4)[self.shared_level] if self.shared_level is not None else None
             stride = nominal_stride(x.shape[-1], c5.shape[-1])
             cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), stride)
             if cells is not None:  # zero the padded cells, as convolution padding would see them
                 c3, c4, c5 = (self._mask(f, image_sizes, nominal_stride(x.shape[-1], f.shape[-1])) for f in (c3, c4, c5))
             if self.grid_pool is not None:
                 z_global, z = self.grid_pool(c5, cells)
-        self.last_c5 = c5 if self.keep_c5 and not self.training else None
+        self.last_c5 = c5 if self.keep_c5 else None
         if self.grid_pool is None:  # "w/o MHSA" ablation: the adapter reads C5, z-bar is its (masked) mean
             z = c5
             if cells is None:
@@ -158,6 +160,17 @@ ENSEMBLE_KEYS = ("clip_ensemble", "ensemble_weight_base", "ensemble_weight_novel
                  "ensemble_box_scale", "ensemble_candidates", "ensemble_novel_score", "ensemble_centerness")
 
 
+def _check_region_distill(cfg: GridCLIPConfig) -> None:
+    if not cfg.region_distill >= 0:
+        raise ValueError(f"model.region_distill: expected a weight >= 0, got {cfg.region_distill}")
+    if isinstance(cfg.region_distill_boxes, bool) or not cfg.region_distill_boxes >= 1:
+        raise ValueError(f"model.region_distill_boxes: expected a number of boxes >= 1, got {cfg.region_distill_boxes}")
+    if cfg.region_distill > 0 and not cfg.grid_align:
+        raise ValueError("model.region_distill needs a grid-aligned (open-vocabulary) model; grid_align is off")
+    if cfg.region_distill > 0 and cfg.trunk_weights:
+        raise ValueError("model.region_distill needs CLIP's own trunk; model.trunk_weights replaces it")
+
+
 def _check_ensemble(cfg: GridCLIPConfig) -> None:
     if not cfg.grid_align:
         raise ValueError("model.clip_ensemble needs a grid-aligned (open-vocabulary) model; grid_align is off")
@@ -194,6 +207,7 @@ class GridCLIP(FCOS):
         if cfg.trainable_trunk_layers < 5 and (cfg.freeze_trunk or not cfg.freeze_bn):
             raise ValueError("model.trainable_trunk_layers < 5 needs model.freeze_trunk=false (it freezes every "
                              "stage) and model.freeze_bn=true (frozen stages keep CLIP's batch statistics)")
+        _check_region_distill(cfg)
         self_clip_config = clip_config if clip_config is not None else model_config(cfg.clip_model)
         trunk = build_clip_trunk(cfg.clip_model, cfg.clip_pretrained, load_clip_weights, self_clip_config)
         attnpool = trunk.take_attnpool()
@@ -226,14 +240,16 @@ class GridCLIP(FCOS):
             if grid_pool is not None:
                 grid_pool.requires_grad_(False)
             self.backbone.frozen_clip = True
-            self.backbone.keep_c5 = cfg.clip_ensemble != "off"
-        # the frozen CLIP of the ensemble: the detector's own trunk when frozen, else a frozen copy
+            self.backbone.keep_c5 = cfg.clip_ensemble != "off" or cfg.region_distill > 0
+        # the frozen CLIP of the ensemble and of region distillation: the detector's own trunk when frozen,
+        # else a frozen copy
         self.frozen_clip: FrozenCLIP | None = None
         if cfg.clip_ensemble != "off":
             _check_ensemble(cfg)
-            if not (cfg.freeze_trunk and grid_pool is not None):
-                self.frozen_clip = FrozenCLIP(freeze_batch_norm_2d(copy.deepcopy(trunk)),
-                                              GridAttentionPool.from_attnpool(attnpool))
+        if (cfg.clip_ensemble != "off" or cfg.region_distill > 0) and not (cfg.freeze_trunk and grid_pool is not None):
+            self.frozen_clip = FrozenCLIP(freeze_batch_norm_2d(copy.deepcopy(trunk)),
+                                          GridAttentionPool.from_attnpool(attnpool))
+        if cfg.clip_ensemble != "off":
             scale = load_clip(cfg.clip_model, cfg.clip_pretrained).logit_scale.exp() if load_clip_weights \
                 else torch.tensor(1 / 0.07)
             self.register_buffer("clip_logit_scale", scale.detach().clone().float().reshape(()))
@@ -403,10 +419,23 @@ class GridCLIP(FCOS):
 
         if self.training:
             extra: dict[str, Tensor] = {}
-            if self.training_hook is None:
-                head_outputs = self.head(features, cells)
-            else:
+            distill = self.cfg.region_distill > 0
+            embeddings = None
+            if self.training_hook is not None:
                 head_outputs, extra, targets = self.training_hook(self, image_list, features, cells, anchors, targets)
+            elif distill:  # the head's forward, keeping the embeddings it scores
+                cls_head = self.head.classification_head
+                embeddings = cls_head.embeddings(features, cells)
+                regression, ctrness = self.head.regression_head(features, cells)
+                head_outputs = {"cls_logits": cls_head.logits(embeddings), "bbox_regression": regression,
+                                "bbox_ctrness": ctrness}
+            else:
+                head_outputs = self.head(features, cells)
+            if distill:
+                if embeddings is None:
+                    embeddings = self.head.classification_head.embeddings(features, cells)
+                extra["loss_region"] = self.cfg.region_distill * self.region_distillation_loss(
+                    image_list, features, cells, anchors, head_outputs, embeddings)
             fcos = self.compute_loss(targets, head_outputs, anchors, num_per_level, self.loss_padding(features, cells))
             c = self.cfg
             losses = {
@@ -444,7 +473,7 @@ class GridCLIP(FCOS):
             if self.cfg.clip_ensemble == "off":
                 own = cfg.freeze_trunk and self.backbone.grid_pool is not None
                 clip = load_clip(cfg.clip_model, cfg.clip_pretrained)
-                if not own:
+                if not own and self.frozen_clip is None:  # a model trained with region distillation has one
                     trunk = build_clip_trunk(cfg.clip_model, cfg.clip_pretrained, True, self.clip_config, clip)
                     device = next(self.parameters()).device
                     self.frozen_clip = FrozenCLIP(freeze_batch_norm_2d(trunk),
@@ -460,27 +489,28 @@ class GridCLIP(FCOS):
     def _share_trunk_level(self) -> None:
         """With the ensemble's frozen copy and the trunk frozen through layer2 or layer3, the detector's C3 or
         C4 is the frozen CLIP's: the backbone keeps it for :meth:`clip_ensemble`."""
-        on = self.cfg.clip_ensemble != "off" and self.frozen_clip is not None
+        on = (self.cfg.clip_ensemble != "off" or self.cfg.region_distill > 0) and self.frozen_clip is not None
         self.backbone.shared_level = shared_trunk_level(self.cfg.trainable_trunk_layers) if on else None
 
-    def clip_ensemble(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> CLIPEnsemble:
-        """The frozen-CLIP re-scoring of this batch's candidates (``images``: the padded, normalised batch
-        of the forward pass, ``image_sizes`` its real sizes, whose padding C5 sees as zeros, as the
-        detector's own pass; see :mod:`gridclip.model.clip_ensemble`)."""
-        c = self.cfg
+    def frozen_c5(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None,
+                  upsample: float = 1.0) -> tuple[Tensor, float, GridAttentionPool]:
+        """``(C5, stride, attention pool)`` of the frozen CLIP on this batch (``images``: the padded, normalised
+        batch of the forward pass, scaled by ``upsample``; ``image_sizes`` its real sizes, whose padding C5
+        sees as zeros, as the detector's own pass); ``stride``: C5's in the scaled input's pixels. Reuses what
+        the forward pass just computed where that is the frozen CLIP's (a frozen trunk's C5, frozen stages)."""
         own = self.frozen_clip is None
         trunk = self.backbone.trunk if own else self.frozen_clip.trunk
         pool = self.backbone.grid_pool if own else self.frozen_clip.pool
         x = images
-        if c.ensemble_upsample != 1.0:
-            x = F.interpolate(images, scale_factor=c.ensemble_upsample, mode="bilinear", align_corners=False)
+        if upsample != 1.0:
+            x = F.interpolate(images, scale_factor=upsample, mode="bilinear", align_corners=False)
             # padded as the detector's batch is: the trunk's pooling floors, so an input that is not a multiple
             # of its stride would lose its last cells and its C5 stride would no longer be the nominal one
             d = self.transform.size_divisible
             x = F.pad(x, (0, -x.shape[-1] % d, 0, -x.shape[-2] % d))
-        if own and c.ensemble_upsample == 1.0 and self.backbone.last_c5 is not None:
+        if own and upsample == 1.0 and self.backbone.last_c5 is not None:
             c5 = self.backbone.last_c5
-        elif not own and c.ensemble_upsample == 1.0 and self.backbone.last_shared is not None:
+        elif not own and upsample == 1.0 and self.backbone.last_shared is not None:
             with torch.no_grad():  # the frozen stages' output is shared: only the stages after it run
                 c5 = trunk.from_level(self.backbone.last_shared, self.backbone.shared_level)
         else:
@@ -488,8 +518,26 @@ class GridCLIP(FCOS):
                 c5 = trunk(x)[-1]
         stride = nominal_stride(x.shape[-1], c5.shape[-1])  # C5's stride in the trunk's input pixels
         if image_sizes is not None:
-            u = c.ensemble_upsample
-            c5 = GridCLIPBackbone._mask(c5, [(round(h * u), round(w * u)) for h, w in image_sizes], stride)
+            c5 = GridCLIPBackbone._mask(c5, [(round(h * upsample), round(w * upsample)) for h, w in image_sizes], stride)
+        return c5, stride, pool
+
+    def region_distillation_loss(self, image_list, features: list[Tensor], cells, anchors: list[Tensor],
+                                 head_outputs: dict[str, Tensor], embeddings: Tensor) -> Tensor:
+        """ViLD-image on the detector's own proposals (:mod:`gridclip.model.region_distill`), unweighted."""
+        ignored = padded_locations(cells, [tuple(f.shape[-2:]) for f in features], features[0].device)
+        picked = region_distill.proposals(head_outputs, anchors, image_list.image_sizes, self.box_coder,
+                                          self.cfg.region_distill_boxes, ignored)
+        with torch.no_grad():
+            c5, stride, pool = self.frozen_c5(image_list.tensors, image_list.image_sizes)
+            targets = roi_embeddings(c5, [boxes for _, boxes in picked], pool, 1 / stride)
+        return region_distill.distillation_loss(embeddings, [where for where, _ in picked], targets)
+
+    def clip_ensemble(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> CLIPEnsemble:
+        """The frozen-CLIP re-scoring of this batch's candidates (``images``: the padded, normalised batch
+        of the forward pass, ``image_sizes`` its real sizes; see :meth:`frozen_c5` and
+        :mod:`gridclip.model.clip_ensemble`)."""
+        c = self.cfg
+        c5, stride, pool = self.frozen_c5(images, image_sizes, c.ensemble_upsample)
         trained = torch.tensor([n in set(c.ensemble_trained_names) for n in self.class_names], dtype=torch.bool,
                                device=c5.device)
         return CLIPEnsemble(c.clip_ensemble, c5, pool, stride, c.ensemble_upsample, c.ensemble_box_scale,

@@ -30,7 +30,7 @@ KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("model", "loss_on_padding"): True,  # what every run recorded before the setting existed trained with
     ("model", "ensemble_candidates"): "class", ("model", "ensemble_novel_score"): "name",
     ("model", "ensemble_centerness"): "inside", ("model", "quality_target"): "centerness",
-    ("model", "trainable_trunk_layers"): 5,
+    ("model", "trainable_trunk_layers"): 5, ("model", "region_distill"): 0.0, ("model", "region_distill_boxes"): 32,
 }
 
 
