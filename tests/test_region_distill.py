@@ -169,6 +169,10 @@ def test_the_checkpoint_keeps_it(tiny_cfg, tmp_path):
     loaded = load_checkpoint(tmp_path / "m.pt")
     assert loaded.cfg.region_distill == 10.0 and loaded.cfg.region_distill_boxes == 4
     assert loaded.frozen_clip is not None
+    # the copy serves training (and an ensemble switched on later), not inference with the ensemble off
+    loaded.set_clip_ensemble(clip_ensemble="off")
+    plain = GridCLIP(dataclasses.replace(loaded.cfg, region_distill=0.0, region_distill_boxes=32), load_clip_weights=False)
+    assert loaded.inference_parameter_count() == plain.inference_parameter_count()
     for (k, a), b in zip(model.frozen_clip.state_dict().items(), loaded.frozen_clip.state_dict().values()):
         assert torch.equal(a, b), k
 

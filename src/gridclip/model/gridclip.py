@@ -401,8 +401,10 @@ class GridCLIP(FCOS):
         return {n for n, _ in self.named_parameters() if n.startswith(("backbone.trunk.", "backbone.grid_pool."))}
 
     def inference_parameter_count(self) -> int:
-        """Parameters used at inference: everything but the image-alignment projector."""
-        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("projector."))
+        """Parameters used at inference: everything but the image-alignment projector (and the frozen CLIP
+        copy while the ensemble is off: region distillation keeps it for training)."""
+        unused = ("projector.",) + (("frozen_clip.",) if self.cfg.clip_ensemble == "off" else ())
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(unused))
 
     # -------------------------------------------------------------------------------------------- forward
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
