@@ -36,7 +36,7 @@ def _fcos_boxes(distances, anchors):
     return torch.cat([centre - distances[:, :2] * size, centre + distances[:, 2:] * size], dim=1)
 
 
-def _reference_loss(model, images, targets, count):
+def _reference_loss(model, images, targets, count, unlabelled=False):
     """The loss from its definition, with torchvision's ops: per image, every real location's box (decoded,
     clipped) scored sqrt(max sigmoid(class logit) * sigmoid(centerness)), torchvision NMS at 0.7, the best
     ``count``; targets: RoIAlign of the frozen CLIP's C5 to its pool's grid, its attention pool; L1 mean."""
@@ -61,6 +61,8 @@ def _reference_loss(model, images, targets, count):
         scores = (torch.sigmoid(logits[i].detach()).max(dim=1).values * torch.sigmoid(ctrness[i, :, 0].detach())).sqrt()
         real = torch.cat([((a[:, 0] + a[:, 2]) / 2 < w) & ((a[:, 1] + a[:, 3]) / 2 < h) for a in [anchors[i]]])
         real &= (boxes[:, 2] - boxes[:, 0] >= 1e-2) & (boxes[:, 3] - boxes[:, 1] >= 1e-2)
+        if unlabelled:  # boxes overlapping a training box (in the resized image) never propose
+            real &= box_iou(boxes, targets[i]["boxes"]).max(dim=1).values < 0.5
         index = real.nonzero().squeeze(1)
         keep = index[nms(boxes[index], scores[index], 0.7)][:count]
         chosen.append(embeddings[i, keep])
@@ -81,6 +83,19 @@ def test_the_loss_equals_a_reference_computation(tiny_cfg, count):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     # the boxes' count matters (the comparison can fail)
     model.cfg = dataclasses.replace(model.cfg, region_distill_boxes=1)
+    assert not torch.isclose(model(images, targets)["loss_region"], got)
+
+
+@torch.no_grad()
+def test_unlabelled_leaves_out_the_proposals_on_training_boxes(tiny_cfg):
+    model = _model(tiny_cfg, region_distill_where="unlabelled")
+    model.cfg = dataclasses.replace(model.cfg, region_distill_boxes=500)
+    images, targets = _batch()
+    got = model(images, targets)["loss_region"]
+    torch.testing.assert_close(got, 10.0 * _reference_loss(model, images, targets, 500, unlabelled=True),
+                               rtol=1e-5, atol=1e-7)
+    model.cfg = dataclasses.replace(model.cfg, region_distill_where="all")  # some proposals were left out
+    torch.testing.assert_close(model(images, targets)["loss_region"], 10.0 * _reference_loss(model, images, targets, 500))
     assert not torch.isclose(model(images, targets)["loss_region"], got)
 
 
@@ -180,6 +195,7 @@ def test_the_checkpoint_keeps_it(tiny_cfg, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"region_distill": -1.0}, r"model\.region_distill: expected a weight >= 0, got -1\.0"),
     ({"region_distill_boxes": 0}, r"model\.region_distill_boxes: expected a number of boxes >= 1, got 0"),
+    ({"region_distill_where": "boxed"}, r"model\.region_distill_where: expected one of all, unlabelled, got 'boxed'"),
     ({"region_distill": 1.0, "grid_align": False, "num_classes": 3}, r"model\.region_distill needs a grid-aligned"),
 ])
 def test_bad_values_are_refused_in_one_line(tiny_cfg, overrides, message):

@@ -101,6 +101,9 @@ class GridCLIPConfig:
     # embedding of that box, weighted region_distill (0: off). See gridclip.model.region_distill.
     region_distill: float = 0.0
     region_distill_boxes: int = 32
+    # "unlabelled": only the proposals that overlap no training box of their image (IoU < 0.5): CLIP's view
+    # where the data says nothing, the focal loss alone on the boxed objects (results/region_distill/)
+    region_distill_where: Literal["all", "unlabelled"] = "all"
     # Frozen-CLIP ensemble at inference (F-VLM): each candidate box before NMS is scored by the frozen
     # CLIP (see gridclip.model.clip_ensemble) and p = p_det^(1-w) * p_clip^w, w = ensemble_weight_base
     # for ensemble_trained_names (recorded by training: the names trained with boxes), else

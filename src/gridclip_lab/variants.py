@@ -69,6 +69,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # settings as "grid only + ensemble" so the kept models are evaluated as grid only's
     "grid only + region distillation + ensemble": {"image_align": False, "region_distill": 10.0,
                                                    "region_distill_boxes": 32, **ENSEMBLE_SETTINGS},
+    # its addendum 1: only the proposals that overlap no training box (IoU < 0.5)
+    "grid only + region distillation (unlabelled) + ensemble": {"image_align": False, "region_distill": 10.0,
+                                                               "region_distill_boxes": 32,
+                                                               "region_distill_where": "unlabelled", **ENSEMBLE_SETTINGS},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
     # results/trunk_layer4/: only the trunk's layer4 trains (and the attention pool), so the ensemble's frozen
@@ -111,6 +115,8 @@ LABELS: dict[str, str] = {
     "grid only + ensemble, IoU quality": "grid only, quality branch trained on the box's IoU, + frozen-CLIP ensemble",
     "grid only + region distillation + ensemble": "grid only + region distillation of the frozen CLIP (ViLD-image), "
                                                   "+ frozen-CLIP ensemble",
+    "grid only + region distillation (unlabelled) + ensemble": "grid only + region distillation only where the data "
+                                                               "has no box, + frozen-CLIP ensemble",
     "frozen trunk": "grid only, frozen CLIP trunk and attnpool",
     "frozen trunk + ensemble": "frozen trunk + frozen-CLIP ensemble (F-VLM)",
 }

@@ -165,6 +165,9 @@ def _check_region_distill(cfg: GridCLIPConfig) -> None:
         raise ValueError(f"model.region_distill: expected a weight >= 0, got {cfg.region_distill}")
     if isinstance(cfg.region_distill_boxes, bool) or not cfg.region_distill_boxes >= 1:
         raise ValueError(f"model.region_distill_boxes: expected a number of boxes >= 1, got {cfg.region_distill_boxes}")
+    if cfg.region_distill_where not in region_distill.WHERE:
+        raise ValueError(f"model.region_distill_where: expected one of {', '.join(region_distill.WHERE)}, "
+                         f"got {cfg.region_distill_where!r}")
     if cfg.region_distill > 0 and not cfg.grid_align:
         raise ValueError("model.region_distill needs a grid-aligned (open-vocabulary) model; grid_align is off")
     if cfg.region_distill > 0 and cfg.trunk_weights:
@@ -437,7 +440,7 @@ class GridCLIP(FCOS):
                 if embeddings is None:
                     embeddings = self.head.classification_head.embeddings(features, cells)
                 extra["loss_region"] = self.cfg.region_distill * self.region_distillation_loss(
-                    image_list, features, cells, anchors, head_outputs, embeddings)
+                    image_list, features, cells, anchors, head_outputs, embeddings, targets)
             fcos = self.compute_loss(targets, head_outputs, anchors, num_per_level, self.loss_padding(features, cells))
             c = self.cfg
             losses = {
@@ -524,11 +527,14 @@ class GridCLIP(FCOS):
         return c5, stride, pool
 
     def region_distillation_loss(self, image_list, features: list[Tensor], cells, anchors: list[Tensor],
-                                 head_outputs: dict[str, Tensor], embeddings: Tensor) -> Tensor:
-        """ViLD-image on the detector's own proposals (:mod:`gridclip.model.region_distill`), unweighted."""
+                                 head_outputs: dict[str, Tensor], embeddings: Tensor,
+                                 targets: list[dict[str, Tensor]]) -> Tensor:
+        """ViLD-image on the detector's own proposals (:mod:`gridclip.model.region_distill`), unweighted
+        (``targets``: the batch's, in the resized images' pixels)."""
         ignored = padded_locations(cells, [tuple(f.shape[-2:]) for f in features], features[0].device)
+        labelled = [t["boxes"] for t in targets] if self.cfg.region_distill_where == "unlabelled" else None
         picked = region_distill.proposals(head_outputs, anchors, image_list.image_sizes, self.box_coder,
-                                          self.cfg.region_distill_boxes, ignored)
+                                          self.cfg.region_distill_boxes, ignored, labelled)
         with torch.no_grad():
             c5, stride, pool = self.frozen_c5(image_list.tensors, image_list.image_sizes)
             targets = roi_embeddings(c5, [boxes for _, boxes in picked], pool, 1 / stride)

@@ -21,14 +21,18 @@ from torchvision.ops import boxes as box_ops
 NMS_IOU = 0.7  # ViLD's proposal NMS
 PRE_NMS = 1000  # candidates per image before NMS (torchvision FCOS's topk_candidates)
 MIN_SIZE = 1e-2  # pixels: a box without area has no region to embed
+LABELLED_IOU = 0.5  # a proposal overlapping a training box this much is that box's object
+WHERE = ("all", "unlabelled")
 
 
 @torch.no_grad()
 def proposals(head_outputs: dict[str, Tensor], anchors: list[Tensor], image_sizes: list[tuple[int, int]],
-              box_coder, count: int, ignored: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+              box_coder, count: int, ignored: Tensor | None = None,
+              labelled: list[Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
     """Per image ``(locations [n], boxes [n, 4])``, n <= ``count``: the locations whose boxes (decoded,
     clipped to the image) survive class-agnostic NMS, best score first. ``ignored`` [N, L]: locations that
-    never propose (the batch's padding)."""
+    never propose (the batch's padding); ``labelled``: per image the training boxes whose objects are left
+    out (a box overlapping one at IoU >= 0.5 never proposes)."""
     scores = torch.sqrt(torch.sigmoid(head_outputs["cls_logits"].float()).amax(dim=-1)
                         * torch.sigmoid(head_outputs["bbox_ctrness"].float().squeeze(-1)))
     boxes = box_coder.decode(head_outputs["bbox_regression"].float(), torch.stack(anchors))
@@ -38,6 +42,8 @@ def proposals(head_outputs: dict[str, Tensor], anchors: list[Tensor], image_size
         keep = box_ops.remove_small_boxes(image_boxes, MIN_SIZE)
         if ignored is not None:
             keep = keep[~ignored[i, keep]]
+        if labelled is not None and len(labelled[i]) and len(keep):
+            keep = keep[box_ops.box_iou(image_boxes[keep], labelled[i].float()).amax(dim=1) < LABELLED_IOU]
         keep = keep[scores[i, keep].topk(min(PRE_NMS, len(keep))).indices]
         keep = keep[box_ops.nms(image_boxes[keep], scores[i, keep], NMS_IOU)[:count]]
         out.append((keep, image_boxes[keep]))
