@@ -1,7 +1,9 @@
 """PLAN.md's evaluation: the kept models of `runs/study_region` (grid only, variant "grid only + ensemble", and
-region distillation, "grid only + region distillation + ensemble"; seeds 0-2), each on world0's val with the
+region distillation, "grid only + region distillation + ensemble") and of `runs/study_region_unlabelled`
+(addendum 1: "grid only + region distillation (unlabelled) + ensemble"), seeds 0-2, each on world0's val with the
 ensemble off and with the box ensemble (box candidates, centerness outside; grid only's weights from
-results/ensemble_w_novel/, this design's chosen on world1's val in selection_<iters>/ here), paired by seed.
+results/ensemble_w_novel/, each design's chosen on world1's val in selection_<iters>/ and
+unlabelled_selection_<iters>/ here), paired by seed.
 From the repository root: `python results/region_distill/report.py [--doc docs/results.md]` (writes report.json
 here; evaluations cached beside the study's runs)."""
 import argparse
@@ -15,33 +17,52 @@ from gridclip_lab.study.report_lines import (console_lines, difference, differen
 HERE = Path(__file__).parent
 parser = argparse.ArgumentParser()
 parser.add_argument("--runs", default="runs/study_region/runs", help="the study's kept models")
+parser.add_argument("--unlabelled-runs", default="runs/study_region_unlabelled/runs", help="addendum 1's kept models")
 parser.add_argument("--doc", help="also write the section region-distill of this Markdown file")
 args = parser.parse_args()
 SEEDS = (0, 1, 2)
-ITERS = tuple(i for i in (400, 1600) if (HERE / f"selection_{i}" / "selection.json").is_file())
-NEW = "region distillation"
+# design -> (its kept models, study variant, its held-out selections' prefix)
+DESIGNS = {"region distillation": (args.runs, "grid only + region distillation + ensemble", "selection"),
+           "region distillation (unlabelled)": (args.unlabelled_runs,
+                                                "grid only + region distillation (unlabelled) + ensemble",
+                                                "unlabelled_selection")}
+
+
+def selected(prefix: str) -> dict:
+    return {i: chosen_setting(HERE / f"{prefix}_{i}" / "selection.json") for i in (400, 1600)
+            if (HERE / f"{prefix}_{i}" / "selection.json").is_file()}
+
 
 WEIGHTS = {"grid only": {i: chosen_setting(Path("results/ensemble_w_novel") / f"selection_{i}" / "selection.json")
-                         for i in ITERS},
-           NEW: {i: chosen_setting(HERE / f"selection_{i}" / "selection.json") for i in ITERS}}
-MODELS = {"grid only": (args.runs, "grid only + ensemble"), NEW: (args.runs, "grid only + region distillation + ensemble")}
+                         for i in (400, 1600)},
+           **{name: selected(prefix) for name, (_, _, prefix) in DESIGNS.items()}}
+ITERS = tuple(sorted({i for name in DESIGNS for i in WEIGHTS[name]}))
+MODELS = {"grid only": (args.runs, "grid only + ensemble"), **{n: (r, v) for n, (r, v, _) in DESIGNS.items()}}
 metrics = evaluate_kinds_off_and_boxed(MODELS, WEIGHTS, Path("runs/world0"), SEEDS, ITERS,
                                        cache_name="region_report_cache.json")
 
-GOAL = (f"{NEW} + box ensemble", "grid only, off")  # decision 2: the issue's novel-name goal
-GAIN = (f"{NEW} + box ensemble", "grid only + box ensemble")  # decision 3: the recommendation's rule
-COMPARISONS = (GOAL, GAIN, (f"{NEW}, off", "grid only, off"), ("grid only + box ensemble", "grid only, off"),
-               (f"{NEW} + box ensemble", f"{NEW}, off"))
+
+def goal(new):  # decision 2: the issue's novel-name goal
+    return f"{new} + box ensemble", "grid only, off"
+
+
+def gain(new):  # decision 3: the recommendation's rule
+    return f"{new} + box ensemble", "grid only + box ensemble"
+
+
+COMPARISONS = (("grid only + box ensemble", "grid only, off"),
+               *[c for new in DESIGNS for c in (goal(new), gain(new), (f"{new}, off", "grid only, off"),
+                                                (f"{new} + box ensemble", f"{new}, off"))])
 pairs = paired_comparisons(metrics, COMPARISONS)
 
 
-def gain_holds(iters) -> bool:
-    apr, ap = (pairs[f"{iters}: {GAIN[0]} - {GAIN[1]}, {m}"]["ci"] for m in ("APr", "AP"))
+def gain_holds(new, iters) -> bool:
+    apr, ap = (pairs[f"{iters}: {gain(new)[0]} - {gain(new)[1]}, {m}"]["ci"] for m in ("APr", "AP"))
     return apr is not None and ap is not None and apr[0] > 0 and ap[0] >= -1
 
 
-rule = {str(i): gain_holds(i) for i in ITERS}
-recommended = all(rule.values()) and {400, 1600} <= set(ITERS)
+rule = {new: {str(i): gain_holds(new, i) for i in WEIGHTS[new]} for new in DESIGNS}
+recommended = {new: all(rule[new].values()) and {"400", "1600"} <= set(rule[new]) for new in DESIGNS}
 atomic_write_json(HERE / "report.json", {
     "weights": {k: {str(i): w for i, w in v.items()} for k, v in WEIGHTS.items()}, "metrics": metrics, "pairs": pairs,
     "rule (vs grid only + box ensemble: AP_r CI above 0, AP lower bound >= -1)": rule, "recommended": recommended})
@@ -56,19 +77,23 @@ if args.doc:
              "*Generated by `python results/region_distill/report.py --doc docs/results.md` (plan and rule: "
              "`results/region_distill/PLAN.md`).* The kept models of `gridclip-lab study --variants \"grid only + "
              "ensemble,grid only + region distillation + ensemble\"` (`model.region_distill=10`, 32 proposals per "
-             "image, both fixed before any run), trained in one session on one CPU, seeds 0, 1, 2, each on world0's "
+             "image, both fixed before any run) and of its addendum's variant `grid only + region distillation "
+             "(unlabelled) + ensemble` (`model.region_distill_where=unlabelled`), trained in one session on one CPU, "
+             "seeds 0, 1, 2, each on world0's "
              "val with the ensemble off and with the box ensemble (box candidates, centerness outside; the weights "
              "chosen on world1's val for each model kind and schedule). Box AP x100, mean ± sd over seeds; "
              "differences paired by seed, mean [95 % CI].", "",
              *[f"* {k}, {i} iterations: {setting_id(w)}" for k, v in WEIGHTS.items() for i, w in v.items()], "",
              *evaluation_table(metrics, str), "", *difference_lines(pairs), ""]
-    for iters in ITERS:
-        key = f"{iters}: {GOAL[0]} - {GOAL[1]}"
-        lines.append(novel_goal_line(GOAL[0], iters, pairs[f"{key}, APr"], pairs[f"{key}, AP"]))
-        gain = f"{iters}: {GAIN[0]} - {GAIN[1]}"
-        lines.append(f"* rule for recommending it (against grid only + box ensemble: AP_r's CI above 0, AP's lower "
-                     f"bound ≥ −1), {iters} iterations: **{'holds' if rule[str(iters)] else 'fails'}** "
-                     f"(AP_r {difference(pairs[gain + ', APr'])}, AP {difference(pairs[gain + ', AP'])})")
-    lines.append(f"* recommended (the rule at 400 and 1600 iterations): **{'yes' if recommended else 'no'}**")
+    for new in DESIGNS:
+        for iters in WEIGHTS[new]:
+            key = f"{iters}: {goal(new)[0]} - {goal(new)[1]}"
+            lines.append(novel_goal_line(goal(new)[0], iters, pairs[f"{key}, APr"], pairs[f"{key}, AP"]))
+            g = f"{iters}: {gain(new)[0]} - {gain(new)[1]}"
+            lines.append(f"* rule for recommending {new} (against grid only + box ensemble: AP_r's CI above 0, AP's "
+                         f"lower bound ≥ −1), {iters} iterations: **{'holds' if rule[new][str(iters)] else 'fails'}** "
+                         f"(AP_r {difference(pairs[g + ', APr'])}, AP {difference(pairs[g + ', AP'])})")
+        lines.append(f"* {new} recommended (the rule at 400 and 1600 iterations): "
+                     f"**{'yes' if recommended[new] else 'no'}**")
     write_section(args.doc, "region-distill", "\n".join(lines))
     print(f"wrote section region-distill of {args.doc}")
