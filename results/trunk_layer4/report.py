@@ -9,8 +9,9 @@ import argparse
 from pathlib import Path
 
 from gridclip.utils.atomic import atomic_write_json
-from gridclip_lab.study.ensemble_selection import chosen_setting, evaluate_kinds_off_and_boxed, setting_id
-from gridclip_lab.study.report_lines import (console_lines, difference, difference_lines, evaluation_table,
+from gridclip_lab.study.ensemble_selection import (chosen_setting, evaluate_kinds_off_and_boxed, kinds_console,
+                                                       weight_lines)
+from gridclip_lab.study.report_lines import (difference, difference_lines, evaluation_table,
                                              novel_goal_line, paired_comparisons)
 
 HERE = Path(__file__).parent
@@ -45,8 +46,7 @@ atomic_write_json(HERE / "report.json", {"weights": {k: {str(i): w for i, w in v
                                          "metrics": metrics, "pairs": pairs,
                                          "accuracy rule (lower CI bounds of AP_r and AP vs grid only + box "
                                          "ensemble >= -1)": accuracy_rule})
-print("\n".join(f"{k}, {i}: {setting_id(w)}" for k, v in WEIGHTS.items() for i, w in v.items()))
-print("\n".join(console_lines(metrics, pairs)))
+print(kinds_console(WEIGHTS, metrics, pairs))
 print(f"accuracy rule: {accuracy_rule}")
 
 if a.doc:
@@ -60,7 +60,7 @@ if a.doc:
              "world0's val with the ensemble off and with the box ensemble (box candidates, centerness outside); the "
              "weights chosen on world1's val for each model kind and schedule. Box AP x100, mean ± sd over seeds; "
              "differences paired by seed, mean [95 % CI].", "",
-             *[f"* {k}, {i} iterations: {setting_id(w)}" for k, v in WEIGHTS.items() for i, w in v.items()], "",
+             *weight_lines(WEIGHTS, markdown=True), "",
              *evaluation_table(metrics, str), "", *difference_lines(pairs), ""]
     for iters in ITERS:
         key = f"{iters}: {GOAL[0]} - {GOAL[1]}"

@@ -326,6 +326,22 @@ def evaluate_kept_models(models: str | Path, variant: str, world: str | Path, se
     return metrics
 
 
+def weight_lines(weights: dict[str, dict[int, Setting]], markdown: bool = False) -> list[str]:
+    """Each kind's box-ensemble setting per schedule (``kind -> {iters: setting}``), one line each: what a report
+    prints (``markdown``: as the bullets of its section)."""
+    if markdown:
+        return [f"* {k}, {i} iterations: {setting_id(w)}" for k, v in weights.items() for i, w in v.items()]
+    return [f"{k}, {i}: {setting_id(w)}" for k, v in weights.items() for i, w in v.items()]
+
+
+def kinds_console(weights: dict[str, dict[int, Setting]], metrics: dict, pairs: dict) -> str:
+    """What a report on kinds of kept models prints: the settings (:func:`weight_lines`), each evaluation per
+    seed and every paired difference (:func:`gridclip_lab.study.report_lines.console_lines`)."""
+    from gridclip_lab.study.report_lines import console_lines
+
+    return "\n".join([*weight_lines(weights), *console_lines(metrics, pairs)])
+
+
 def evaluate_kinds_off_and_boxed(models: dict[str, tuple[str, str]], weights: dict[str, dict[int, Setting]],
                                  world: str | Path, seeds: Sequence[int], iters: Sequence[int],
                                  cache_name: str = "quality_report_cache.json") -> dict:
