@@ -138,6 +138,20 @@ def test_with_a_frozen_trunk_the_detector_own_c5_is_reused_exactly(tiny_cfg):
 
 
 @torch.no_grad()
+def test_with_frozen_stages_the_shared_c4_gives_the_full_frozen_pass(tiny_cfg):
+    model = _model(tiny_cfg, trainable_trunk_layers=1)
+    for p in model.backbone.trunk.layer4.parameters():  # as training moves it: the frozen copy's layer4 differs
+        p.add_(0.05 * torch.randn_like(p))
+    assert model.backbone.shared_level == 1
+    images, targets = _batch()
+    shared = model(images, targets)["loss_region"]
+    assert model.backbone.last_shared is not None
+    model.backbone.shared_level = None  # the frozen copy's whole trunk on the batch
+    full = model(images, targets)["loss_region"]
+    torch.testing.assert_close(shared, full, rtol=1e-6, atol=1e-8)
+
+
+@torch.no_grad()
 def test_the_other_losses_are_those_of_the_model_without_it(tiny_cfg):
     model = _model(tiny_cfg)
     images, targets = _batch()

@@ -29,7 +29,7 @@ from gridclip.clip.loader import load_clip, model_config
 from gridclip.clip.text import TextEncoder
 from gridclip.clip.vocabulary import TunedNames, Vocabulary, parse_vocabulary
 from gridclip.config import GridCLIPConfig
-from gridclip.model import inference
+from gridclip.model import inference, region_distill
 from gridclip.model.clip_ensemble import CLIPEnsemble, FrozenCLIP, roi_embeddings
 from gridclip.model.backbone import (CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride,
                                      shared_trunk_level, valid_cells)
@@ -37,7 +37,6 @@ from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.ignore import ignore_locations, padded_locations
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
 from gridclip.model.predict import predict_as_given
-from gridclip.model import region_distill
 from gridclip.model.transform import DetectionTransform
 from gridclip.model.trunk_weights import TrunkSource, load_trunk_weights
 
@@ -95,15 +94,14 @@ class GridCLIPBackbone(nn.Module):
         self.frozen_clip = False  # trunk and attnpool frozen: run without autograd (set by GridCLIP)
         self.last_c5: Tensor | None = None  # the last forward's (masked) C5, kept when it is the frozen CLIP's
         self.keep_c5 = False  # (set by GridCLIP with a frozen trunk and the ensemble or region distillation)
-        # with stages frozen: the index in [C3, C4] of the last frozen level, kept (unmasked) in eval for the
-        # frozen ensemble, which then runs only the stages after it (GridCLIP.clip_ensemble)
+        # with stages frozen: the index in [C3, C4] of the last frozen level, kept (unmasked) for the frozen CLIP
+        # of the ensemble and of region distillation, which then runs only the stages after it (GridCLIP.frozen_c5)
         self.shared_level: int | None = None
         self.last_shared: Tensor | None = None
 
     def forward(self, x: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> tuple[list[Tensor], Tensor]:
         with torch.no_grad() if self.frozen_clip else contextlib.nullcontext():
             c3, c4, c5 = self.trunk(x)
-            # kept only where it is the frozen CLIP's (frozen stages: no graph), for the ensemble / region distillation
             self.last_shared = (c3, c4)[self.shared_level] if self.shared_level is not None else None
             stride = nominal_stride(x.shape[-1], c5.shape[-1])
             cells = valid_cells(image_sizes, tuple(c5.shape[-2:]), stride)
@@ -492,8 +490,8 @@ class GridCLIP(FCOS):
             self.optimize_for_inference(channels_last=form["channels_last"])
 
     def _share_trunk_level(self) -> None:
-        """With the ensemble's frozen copy and the trunk frozen through layer2 or layer3, the detector's C3 or
-        C4 is the frozen CLIP's: the backbone keeps it for :meth:`clip_ensemble`."""
+        """With a frozen copy (ensemble or region distillation) and the trunk frozen through layer2 or layer3, the
+        detector's C3 or C4 is the frozen CLIP's: the backbone keeps it for :meth:`frozen_c5`."""
         on = (self.cfg.clip_ensemble != "off" or self.cfg.region_distill > 0) and self.frozen_clip is not None
         self.backbone.shared_level = shared_trunk_level(self.cfg.trainable_trunk_layers) if on else None
 
@@ -537,8 +535,8 @@ class GridCLIP(FCOS):
                                           self.cfg.region_distill_boxes, ignored, labelled)
         with torch.no_grad():
             c5, stride, pool = self.frozen_c5(image_list.tensors, image_list.image_sizes)
-            targets = roi_embeddings(c5, [boxes for _, boxes in picked], pool, 1 / stride)
-        return region_distill.distillation_loss(embeddings, [where for where, _ in picked], targets)
+            clip_embeddings = roi_embeddings(c5, [boxes for _, boxes in picked], pool, 1 / stride)
+        return region_distill.distillation_loss(embeddings, [where for where, _ in picked], clip_embeddings)
 
     def clip_ensemble(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> CLIPEnsemble:
         """The frozen-CLIP re-scoring of this batch's candidates (``images``: the padded, normalised batch
