@@ -222,9 +222,13 @@ def test_checkpoint_records_the_ensemble_and_onnx_refuses_it(tiny_cfg, tmp_path)
         DenseGridCLIP(loaded)
 
 
-def _independent_p_clip(model, c5, boxes):
+def _independent_p_clip(model, c5, boxes, distilled=None):
     """[n, K] p_clip of one image's boxes from its frozen C5 [1, C, h, w] (stride 32): open_clip's
-    AttentionPool2d on torchvision's RoIAlign (roi), or the value path as 1x1 convs averaged in the box (dense)."""
+    AttentionPool2d on torchvision's RoIAlign (roi), or the value path as 1x1 convs averaged in the box (dense);
+    from the candidates' own ``distilled`` embeddings [n, D] (distilled)."""
+    text = F.normalize(model.vocabulary.embeddings, dim=-1)
+    if model.cfg.clip_ensemble == "distilled":
+        return (model.clip_logit_scale * F.normalize(distilled, dim=-1) @ text.t()).softmax(-1)
     frozen_pool = model.backbone.grid_pool if model.frozen_clip is None else model.frozen_clip.pool
     pool = AttentionPool2d(frozen_pool.spatial_dim, frozen_pool.positional_embedding.shape[1],
                            frozen_pool.num_heads, frozen_pool.output_dim)
@@ -236,25 +240,28 @@ def _independent_p_clip(model, c5, boxes):
     else:
         emb = pool(roi_align(c5, [boxes], frozen_pool.spatial_dim, spatial_scale=1 / 32, sampling_ratio=2,
                              aligned=True))
-    text = F.normalize(model.vocabulary.embeddings, dim=-1)
     return (model.clip_logit_scale * F.normalize(emb, dim=-1) @ text.t()).softmax(-1)
 
 
 @pytest.mark.parametrize("mode,novel_score,centerness", [("roi", "name", "inside"), ("dense", "name", "inside"),
                                                          ("dense", "objectness", "inside"),
-                                                         ("roi", "name", "outside")])
+                                                         ("roi", "name", "outside"),
+                                                         ("distilled", "name", "outside")])
 @torch.no_grad()
 def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode, novel_score, centerness):
     """ensemble_candidates=box (F-VLM's candidate set) against a brute-force reference: every location's
     every name scored, the locations whose best name passes the threshold, every name re-scored by the
     geometric mean there (objectness: a name without boxes takes the location's best score as p_det), the
-    pairs that pass, torchvision's batched NMS."""
+    pairs that pass, torchvision's batched NMS. "distilled": p_clip from the separate distilled head's embedding at
+    each candidate's location (region_distill_head=separate), the embedding conv applied to the tower here."""
     from torchvision.ops import batched_nms
 
     from gridclip.model.backbone import level_cells
 
+    distilled_head = {"region_distill": 10.0, "region_distill_head": "separate"} if mode == "distilled" else {}
     model = _model(tiny_cfg, clip_ensemble=mode, ensemble_candidates="box", ensemble_weight_base=0.3,
-                   ensemble_weight_novel=0.7, ensemble_novel_score=novel_score, ensemble_centerness=centerness)
+                   ensemble_weight_novel=0.7, ensemble_novel_score=novel_score, ensemble_centerness=centerness,
+                   **distilled_head)
     model.cfg = dataclasses.replace(model.cfg, ensemble_trained_names=model.class_names[:2])
     w = torch.tensor([0.3, 0.3, 0.7, 0.7, 0.7])
     thresh, topk = 0.1, 40
@@ -269,11 +276,15 @@ def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode, novel_scor
     dense = model.dense_outputs(features, level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]),
                                                       features))
     c5 = model.frozen_clip.trunk(image_list.tensors)[-1]
+    cls_head = model.head.classification_head
+    distilled_all = torch.cat([cls_head.distill_embed(cls_head.conv(f)).flatten(2)[0].t() for f in features]) \
+        if mode == "distilled" else torch.zeros(anchors.shape[0], 1)
     ctr_all = torch.sigmoid(dense.bbox_ctrness[0])  # [N, 1]
     p_all = torch.sigmoid(dense.logit_scale * dense.vectors[0] @ dense.text.t() + dense.logit_bias) * ctr_all
     boxes, scores, labels, gated_out = [], [], [], 0
-    for p, ctr, reg, anc in zip(p_all.split(dense.num_per_level), ctr_all.split(dense.num_per_level),
-                                dense.bbox_regression[0].split(dense.num_per_level), anchors.split(dense.num_per_level)):
+    for p, ctr, reg, anc, e in zip(p_all.split(dense.num_per_level), ctr_all.split(dense.num_per_level),
+                                   dense.bbox_regression[0].split(dense.num_per_level),
+                                   anchors.split(dense.num_per_level), distilled_all.split(dense.num_per_level)):
         best = p.max(dim=1).values
         loc = torch.nonzero(best > thresh ** 2).squeeze(1)
         loc = loc[best[loc].argsort(descending=True)[:topk]]
@@ -282,7 +293,7 @@ def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode, novel_scor
         p_det = p[loc].sqrt()
         if novel_score == "objectness":
             p_det[:, 2:] = p_det.max(dim=1, keepdim=True).values
-        p_clip = _independent_p_clip(model, c5, b)
+        p_clip = _independent_p_clip(model, c5, b, e[loc])
         if centerness == "outside":  # FCOS's score with the ensemble as its class probability
             s = ((p[loc] / ctr[loc]) ** (1 - w) * p_clip ** w * ctr[loc]).sqrt()
         else:
@@ -304,7 +315,7 @@ def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode, novel_scor
         model.cfg = dataclasses.replace(model.cfg, ensemble_centerness="inside")
         assert not torch.equal(model(images)[0]["scores"], got["scores"])
         with pytest.raises(ValueError, match="needs model.ensemble_candidates=box"):
-            _model(tiny_cfg, clip_ensemble=mode, ensemble_centerness="outside")
+            _model(tiny_cfg, clip_ensemble=mode, ensemble_centerness="outside", **distilled_head)
         return
     if novel_score == "objectness":
         model.cfg = dataclasses.replace(model.cfg, ensemble_novel_score="name")

@@ -13,6 +13,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms, roi_align
 
 from gridclip import GridCLIP
 from gridclip.model import region_distill
+from gridclip.model.head import run_tower
 from helpers import ensemble_test_model
 
 
@@ -36,10 +37,11 @@ def _fcos_boxes(distances, anchors):
     return torch.cat([centre - distances[:, :2] * size, centre + distances[:, 2:] * size], dim=1)
 
 
-def _reference_loss(model, images, targets, count, unlabelled=False):
+def _reference_loss(model, images, targets, count, unlabelled=False, separate=False):
     """The loss from its definition, with torchvision's ops: per image, every real location's box (decoded,
     clipped) scored sqrt(max sigmoid(class logit) * sigmoid(centerness)), torchvision NMS at 0.7, the best
-    ``count``; targets: RoIAlign of the frozen CLIP's C5 to its pool's grid, its attention pool; L1 mean."""
+    ``count``; targets: RoIAlign of the frozen CLIP's C5 to its pool's grid, its attention pool; L1 mean
+    (``separate``: on the embedding of the separate distilled conv, applied to the tower here)."""
     image_list, targets = model.transform(images, targets)
     features, _ = model.backbone(image_list.tensors, image_list.image_sizes)
     from gridclip.model.backbone import level_cells
@@ -48,6 +50,9 @@ def _reference_loss(model, images, targets, count, unlabelled=False):
     head = model.head.classification_head
     embeddings = F.normalize(head.embeddings(features, cells), dim=-1)
     logits = head.logits(embeddings)
+    if separate:
+        towers = [run_tower(head.conv, f, c) for f, c in zip(features, cells)]
+        embeddings = F.normalize(torch.cat([head.distill_embed(t).flatten(2).transpose(1, 2) for t in towers], 1), dim=-1)
     regression, ctrness = model.head.regression_head(features, cells)
     coder = BoxLinearCoder(normalize_by_size=True)
     chosen, wanted = [], []
@@ -97,6 +102,32 @@ def test_unlabelled_leaves_out_the_proposals_on_training_boxes(tiny_cfg):
     model.cfg = dataclasses.replace(model.cfg, region_distill_where="all")  # some proposals were left out
     torch.testing.assert_close(model(images, targets)["loss_region"], 10.0 * _reference_loss(model, images, targets, 500))
     assert not torch.isclose(model(images, targets)["loss_region"], got)
+
+
+@torch.no_grad()
+def test_with_a_separate_head_the_loss_is_on_that_head(tiny_cfg):
+    model = _model(tiny_cfg, region_distill_head="separate")
+    images, targets = _batch()
+    got = model(images, targets)["loss_region"]
+    torch.testing.assert_close(got, 10.0 * _reference_loss(model, images, targets, 4, separate=True),
+                               rtol=1e-5, atol=1e-7)
+    assert not torch.isclose(got, 10.0 * _reference_loss(model, images, targets, 4))  # not the scored embedding's
+
+
+def test_with_a_separate_head_each_loss_trains_its_own_embedding(tiny_cfg):
+    """ViLD's two heads: the distillation reaches the distilled conv (and the shared tower), never the scored
+    embedding conv; the focal loss never reaches the distilled conv."""
+    model = _model(tiny_cfg, region_distill_head="separate")
+    head = model.head.classification_head
+    images, targets = _batch()
+    losses = model(images, targets)
+    losses["loss_region"].backward(retain_graph=True)
+    assert head.distill_embed.weight.grad.abs().sum() > 0 and head.conv[0].weight.grad.abs().sum() > 0
+    assert head.embed.weight.grad is None or not head.embed.weight.grad.any()
+    model.zero_grad(set_to_none=True)
+    losses["loss_grid"].backward()
+    assert head.embed.weight.grad.abs().sum() > 0
+    assert head.distill_embed.weight.grad is None or not head.distill_embed.weight.grad.any()
 
 
 def test_its_gradient_reaches_the_head_embedding_only_through_the_chosen_locations(tiny_cfg):
@@ -151,12 +182,13 @@ def test_with_frozen_stages_the_shared_c4_gives_the_full_frozen_pass(tiny_cfg):
     torch.testing.assert_close(shared, full, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("head", ["shared", "separate"])
 @torch.no_grad()
-def test_the_other_losses_are_those_of_the_model_without_it(tiny_cfg):
-    model = _model(tiny_cfg)
+def test_the_other_losses_are_those_of_the_model_without_it(tiny_cfg, head):
+    model = _model(tiny_cfg, region_distill_head=head)
     images, targets = _batch()
     on = model(images, targets)
-    model.cfg = dataclasses.replace(model.cfg, region_distill=0.0)
+    model.cfg = dataclasses.replace(model.cfg, region_distill=0.0, region_distill_head="shared")
     off = model(images, targets)
     assert "loss_region" in on and "loss_region" not in off
     for key in off:
@@ -206,11 +238,41 @@ def test_the_checkpoint_keeps_it(tiny_cfg, tmp_path):
         assert torch.equal(a, b), k
 
 
+@torch.no_grad()
+def test_the_checkpoint_keeps_the_separate_head_and_its_ensemble_runs_no_frozen_clip(tiny_cfg, tmp_path):
+    from gridclip.checkpoint import load_checkpoint, save_checkpoint
+
+    model = _model(tiny_cfg, region_distill_head="separate")
+    save_checkpoint(tmp_path / "m.pt", model)
+    loaded = load_checkpoint(tmp_path / "m.pt").eval()
+    assert torch.equal(loaded.head.classification_head.distill_embed.weight,
+                       model.head.classification_head.distill_embed.weight)
+    loaded.set_clip_ensemble(clip_ensemble="off")
+    counted = loaded.inference_parameter_count()
+    loaded.set_clip_ensemble(clip_ensemble="distilled", ensemble_candidates="box")
+    # the distilled conv counts, the frozen copy does not (it never runs at inference)
+    assert loaded.inference_parameter_count() == counted + sum(
+        p.numel() for p in loaded.head.classification_head.distill_embed.parameters())
+    calls = []
+    loaded.frozen_clip.trunk.register_forward_hook(lambda *_: calls.append(1))
+    images = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(6))]
+    assert len(loaded(images)[0]["scores"]) > 0 and calls == []
+    loaded.set_clip_ensemble(clip_ensemble="dense")
+    loaded(images)
+    assert calls  # the frozen-CLIP ensemble does run it
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"region_distill": -1.0}, r"model\.region_distill: expected a weight >= 0, got -1\.0"),
     ({"region_distill_boxes": 0}, r"model\.region_distill_boxes: expected a number of boxes >= 1, got 0"),
     ({"region_distill_where": "boxed"}, r"model\.region_distill_where: expected one of all, unlabelled, got 'boxed'"),
     ({"region_distill": 1.0, "grid_align": False, "num_classes": 3}, r"model\.region_distill needs a grid-aligned"),
+    ({"region_distill_head": "separate"}, r"model\.region_distill_head=separate needs model\.region_distill > 0"),
+    ({"region_distill": 1.0, "region_distill_head": "both"}, r"model\.region_distill_head: expected shared or separate"),
+    ({"clip_ensemble": "distilled", "ensemble_candidates": "box"},
+     r"model\.clip_ensemble=distilled needs a model trained with model\.region_distill_head=separate"),
+    ({"clip_ensemble": "distilled", "region_distill": 1.0, "region_distill_head": "separate"},
+     r"model\.clip_ensemble=distilled needs model\.ensemble_candidates=box"),
 ])
 def test_bad_values_are_refused_in_one_line(tiny_cfg, overrides, message):
     with pytest.raises(ValueError, match=message) as error:

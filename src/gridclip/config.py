@@ -104,13 +104,19 @@ class GridCLIPConfig:
     # "unlabelled": only the proposals that overlap no training box of their image (IoU < 0.5): CLIP's view
     # where the data says nothing, the focal loss alone on the boxed objects (results/region_distill/)
     region_distill_where: Literal["all", "unlabelled"] = "all"
+    # "shared": the distillation trains the embedding the focal loss scores; "separate": a second embedding conv
+    # on the classification tower learns it (ViLD's image head, Gu et al. 2022, Sec. 3.4), the scored one keeps
+    # the focal loss alone, and clip_ensemble "distilled" reads it at inference (results/region_distill_head/)
+    region_distill_head: Literal["shared", "separate"] = "shared"
     # Frozen-CLIP ensemble at inference (F-VLM): each candidate box before NMS is scored by the frozen
     # CLIP (see gridclip.model.clip_ensemble) and p = p_det^(1-w) * p_clip^w, w = ensemble_weight_base
     # for ensemble_trained_names (recorded by training: the names trained with boxes), else
     # ensemble_weight_novel. "roi": RoIAlign of the frozen C5 + CLIP's attention pool; "dense": the
     # attnpool's value path on every C5 cell (MaskCLIP), averaged in the box. ensemble_upsample: the
-    # frozen trunk's input scale; ensemble_box_scale: each box enlarged about its centre.
-    clip_ensemble: Literal["off", "roi", "dense"] = "off"
+    # frozen trunk's input scale; ensemble_box_scale: each box enlarged about its centre. "distilled": p_clip from
+    # the separate distilled head's embedding at each candidate's location (region_distill_head "separate", box
+    # candidates): no frozen CLIP runs at inference.
+    clip_ensemble: Literal["off", "roi", "dense", "distilled"] = "off"
     ensemble_weight_base: float = 0.35
     ensemble_weight_novel: float = 0.65
     ensemble_upsample: float = 1.0

@@ -73,6 +73,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "grid only + region distillation (unlabelled) + ensemble": {"image_align": False, "region_distill": 10.0,
                                                                "region_distill_boxes": 32,
                                                                "region_distill_where": "unlabelled", **ENSEMBLE_SETTINGS},
+    # results/region_distill_head/: the same distillation into a separate embedding conv (ViLD's image head), read
+    # at inference by the "distilled" ensemble (no frozen CLIP there); evaluated with the settings chosen on world1
+    "grid only + region distillation (separate head) + ensemble": {"image_align": False, "region_distill": 10.0,
+                                                                  "region_distill_boxes": 32,
+                                                                  "region_distill_head": "separate",
+                                                                  **ENSEMBLE_SETTINGS},
+    # the same model as `gridclip detect` runs it with the distilled ensemble (bench-infer: its cost)
+    "grid only + region distillation (separate head) + distilled ensemble": {
+        "image_align": False, "region_distill": 10.0, "region_distill_boxes": 32, "region_distill_head": "separate",
+        **ENSEMBLE_SETTINGS, "clip_ensemble": "distilled", "ensemble_candidates": "box", "ensemble_centerness": "outside"},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
     # results/trunk_layer4/: only the trunk's layer4 trains (and the attention pool), so the ensemble's frozen
@@ -117,6 +127,11 @@ LABELS: dict[str, str] = {
                                                   "+ frozen-CLIP ensemble",
     "grid only + region distillation (unlabelled) + ensemble": "grid only + region distillation only where the data "
                                                                "has no box, + frozen-CLIP ensemble",
+    "grid only + region distillation (separate head) + ensemble": "grid only + region distillation into a separate "
+                                                                     "head (ViLD's image head), + frozen-CLIP ensemble",
+    "grid only + region distillation (separate head) + distilled ensemble": "grid only + region distillation into a "
+                                                                             "separate head, ensembled with it at "
+                                                                             "inference (no frozen CLIP there)",
     "frozen trunk": "grid only, frozen CLIP trunk and attnpool",
     "frozen trunk + ensemble": "frozen trunk + frozen-CLIP ensemble (F-VLM)",
 }

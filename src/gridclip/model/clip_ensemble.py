@@ -4,6 +4,8 @@ For each candidate (box, class) of the FCOS head before NMS:
 
     "roi":   e = AttnPool(RoIAlign(C5_frozen, box, S x S))      (S: the attnpool's positional grid, 7 for RN)
     "dense": e = mean over the box of c_proj(v_proj(C5_frozen))  (MaskCLIP: the value path as 1x1 convs)
+    "distilled": e = the detector's distilled embedding at the candidate's location (ViLD's image head, trained
+             by region distillation; box candidates only): no frozen CLIP runs at inference
     p_clip = softmax_k(logit_scale * cos(e, t_k))[class]
     score  = p_det^(1 - w) * p_clip^w,  w = w_base for names trained with boxes, else w_novel
 
@@ -20,7 +22,8 @@ from torchvision.ops import roi_align
 
 from gridclip.model.backbone import GridAttentionPool
 
-MODES = ("roi", "dense")
+MODES = ("roi", "dense", "distilled")
+FROZEN_MODES = ("roi", "dense")  # the modes that run the frozen CLIP at inference
 
 
 class FrozenCLIP(nn.Module):
@@ -111,10 +114,10 @@ class CLIPEnsemble:
     """Re-scores the candidates of one batch: built per forward from the frozen C5 of the batch.
 
     ``c5`` [B, C, h, w] of the image scaled by ``upsample`` (boxes are in the unscaled image's pixels,
-    ``stride`` the C5 stride there); ``text`` [K, D] the vocabulary's CLIP text embeddings;
-    ``trained`` [K] bool, the names trained with boxes."""
+    ``stride`` the C5 stride there; None with mode "distilled", whose embeddings come with the candidates);
+    ``text`` [K, D] the vocabulary's CLIP text embeddings; ``trained`` [K] bool, the names trained with boxes."""
 
-    def __init__(self, mode: str, c5: Tensor, pool: GridAttentionPool, stride: float, upsample: float,
+    def __init__(self, mode: str, c5: Tensor | None, pool: GridAttentionPool | None, stride: float, upsample: float,
                  box_scale: float, text: Tensor, logit_scale: Tensor, trained: Tensor, w_base: float, w_novel: float,
                  novel_score: str = "name", centerness: str = "inside"):
         if mode not in MODES:
@@ -135,20 +138,27 @@ class CLIPEnsemble:
     @torch.no_grad()
     def embeddings(self, image_index: int, boxes: Tensor) -> Tensor:
         """[n, D] frozen-CLIP embeddings of one image's boxes (xyxy, unscaled image pixels)."""
+        if self.mode == "distilled":
+            raise ValueError("model.clip_ensemble=distilled: the candidates' distilled embeddings are needed "
+                             "(box candidates only, model.ensemble_candidates=box)")
         boxes = [enlarge_boxes(boxes.float(), self.box_scale)]
         if self.mode == "roi":
             return roi_embeddings(self.c5[image_index:image_index + 1], boxes, self.pool, self.spatial_scale)
         return box_mean_embeddings(self._dense[image_index:image_index + 1], boxes, self.spatial_scale)
 
     @torch.no_grad()
-    def score_all(self, image_index: int, boxes: Tensor, p_det: Tensor, p_ctr: Tensor | None = None) -> Tensor:
+    def score_all(self, image_index: int, boxes: Tensor, p_det: Tensor, p_ctr: Tensor | None = None,
+                  embeddings: Tensor | None = None) -> Tensor:
         """[n, K]: the ensemble score of every name on each of one image's boxes (``p_det`` [n, K] the
-        detector's sqrt(p_cls p_ctr), ``p_ctr`` [n] the centerness probabilities); with ``novel_score``
+        detector's sqrt(p_cls p_ctr), ``p_ctr`` [n] the centerness probabilities, ``embeddings`` [n, D] the
+        candidates' own embeddings in place of the frozen CLIP's, mode "distilled"); with ``novel_score``
         objectness the names not trained with boxes take each box's best p_det instead; with
         ``centerness`` outside the ensemble combines p_cls and p_clip, and sqrt(. p_ctr) follows."""
         if boxes.numel() == 0:
             return p_det
-        p_clip = clip_probabilities(self.embeddings(image_index, boxes), self.text, self.logit_scale)
+        if embeddings is None:
+            embeddings = self.embeddings(image_index, boxes)
+        p_clip = clip_probabilities(embeddings, self.text, self.logit_scale)
         if self.novel_objectness:
             p_det = torch.where(self.trained[None, :], p_det, p_det.max(dim=1, keepdim=True).values)
         if self.centerness_outside:

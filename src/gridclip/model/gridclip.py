@@ -30,7 +30,7 @@ from gridclip.clip.text import TextEncoder
 from gridclip.clip.vocabulary import TunedNames, Vocabulary, parse_vocabulary
 from gridclip.config import GridCLIPConfig
 from gridclip.model import inference, region_distill
-from gridclip.model.clip_ensemble import CLIPEnsemble, FrozenCLIP, roi_embeddings
+from gridclip.model.clip_ensemble import FROZEN_MODES, CLIPEnsemble, FrozenCLIP, roi_embeddings
 from gridclip.model.backbone import (CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride,
                                      shared_trunk_level, valid_cells)
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
@@ -170,6 +170,16 @@ def _check_region_distill(cfg: GridCLIPConfig) -> None:
         raise ValueError("model.region_distill needs a grid-aligned (open-vocabulary) model; grid_align is off")
     if cfg.region_distill > 0 and cfg.trunk_weights:
         raise ValueError("model.region_distill needs CLIP's own trunk; model.trunk_weights replaces it")
+    if cfg.region_distill_head not in ("shared", "separate"):
+        raise ValueError(f"model.region_distill_head: expected shared or separate, got {cfg.region_distill_head!r}")
+    if cfg.region_distill_head == "separate" and not cfg.region_distill > 0:
+        raise ValueError("model.region_distill_head=separate needs model.region_distill > 0 (the distillation is "
+                         "what trains that head)")
+
+
+def _needs_frozen_clip(cfg: GridCLIPConfig) -> bool:
+    """Whether a frozen CLIP runs: at inference (a frozen-CLIP ensemble) or in training (region distillation)."""
+    return cfg.clip_ensemble in FROZEN_MODES or cfg.region_distill > 0
 
 
 def _check_ensemble(cfg: GridCLIPConfig) -> None:
@@ -183,6 +193,13 @@ def _check_ensemble(cfg: GridCLIPConfig) -> None:
     for field in ("ensemble_weight_base", "ensemble_weight_novel"):
         if not 0 <= getattr(cfg, field) <= 1:
             raise ValueError(f"model.{field}: expected a weight in [0, 1], got {getattr(cfg, field)}")
+    if cfg.clip_ensemble == "distilled":
+        if cfg.region_distill_head != "separate":
+            raise ValueError("model.clip_ensemble=distilled needs a model trained with model.region_distill_head="
+                             f"separate (got {cfg.region_distill_head})")
+        if cfg.ensemble_candidates != "box":
+            raise ValueError("model.clip_ensemble=distilled needs model.ensemble_candidates=box "
+                             f"(got {cfg.ensemble_candidates})")
     for field, value in (("ensemble_novel_score", "objectness"), ("ensemble_centerness", "outside")):
         if getattr(cfg, field) == value and cfg.ensemble_candidates != "box":
             raise ValueError(f"model.{field}={value} needs model.ensemble_candidates=box (got {cfg.ensemble_candidates})")
@@ -222,7 +239,8 @@ class GridCLIP(FCOS):
                             quality_target=cfg.quality_target)
         if cfg.grid_align:
             head.classification_head = CLIPClassificationHead(
-                cfg.fpn_channels, clip_dim, cfg.head_convs, cfg.logit_scale_init, cfg.prior_prob, cfg.embed_kernel_size)
+                cfg.fpn_channels, clip_dim, cfg.head_convs, cfg.logit_scale_init, cfg.prior_prob, cfg.embed_kernel_size,
+                distilled_head=cfg.region_distill_head == "separate")
         super().__init__(
             backbone, num_classes, min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(CLIP_MEAN),
             image_std=list(CLIP_STD), head=head, center_sampling_radius=cfg.center_sampling_radius,
@@ -241,13 +259,13 @@ class GridCLIP(FCOS):
             if grid_pool is not None:
                 grid_pool.requires_grad_(False)
             self.backbone.frozen_clip = True
-            self.backbone.keep_c5 = cfg.clip_ensemble != "off" or cfg.region_distill > 0
+            self.backbone.keep_c5 = _needs_frozen_clip(cfg)
         # the frozen CLIP of the ensemble and of region distillation: the detector's own trunk when frozen,
         # else a frozen copy
         self.frozen_clip: FrozenCLIP | None = None
         if cfg.clip_ensemble != "off":
             _check_ensemble(cfg)
-        if (cfg.clip_ensemble != "off" or cfg.region_distill > 0) and not (cfg.freeze_trunk and grid_pool is not None):
+        if _needs_frozen_clip(cfg) and not (cfg.freeze_trunk and grid_pool is not None):
             self.frozen_clip = FrozenCLIP(freeze_batch_norm_2d(copy.deepcopy(trunk)),
                                           GridAttentionPool.from_attnpool(attnpool))
         if cfg.clip_ensemble != "off":
@@ -403,8 +421,10 @@ class GridCLIP(FCOS):
 
     def inference_parameter_count(self) -> int:
         """Parameters used at inference: everything but the image-alignment projector (and the frozen CLIP
-        copy while the ensemble is off: region distillation keeps it for training)."""
-        unused = ("projector.",) + (("frozen_clip.",) if self.cfg.clip_ensemble == "off" else ())
+        copy unless a frozen-CLIP ensemble is on: region distillation keeps it for training; and the distilled
+        head unless the "distilled" ensemble is on)."""
+        unused = ("projector.",) + (("frozen_clip.",) if self.cfg.clip_ensemble not in FROZEN_MODES else ()) \
+            + (("head.classification_head.distill_embed.",) if self.cfg.clip_ensemble != "distilled" else ())
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(unused))
 
     # -------------------------------------------------------------------------------------------- forward
@@ -423,20 +443,24 @@ class GridCLIP(FCOS):
         if self.training:
             extra: dict[str, Tensor] = {}
             distill = self.cfg.region_distill > 0
+            separate = self.cfg.region_distill_head == "separate"
             embeddings = None
             if self.training_hook is not None:
                 head_outputs, extra, targets = self.training_hook(self, image_list, features, cells, anchors, targets)
-            elif distill:  # the head's forward, keeping the embeddings it scores
+            elif distill:  # the head's forward, keeping the embeddings it distils
                 cls_head = self.head.classification_head
-                embeddings = cls_head.embeddings(features, cells)
+                towers = cls_head.towers(features, cells)
+                scored = cls_head.embeddings(features, cells, towers)
+                embeddings = cls_head.distilled_embeddings(features, cells, towers) if separate else scored
                 regression, ctrness = self.head.regression_head(features, cells)
-                head_outputs = {"cls_logits": cls_head.logits(embeddings), "bbox_regression": regression,
+                head_outputs = {"cls_logits": cls_head.logits(scored), "bbox_regression": regression,
                                 "bbox_ctrness": ctrness}
             else:
                 head_outputs = self.head(features, cells)
             if distill:
                 if embeddings is None:
-                    embeddings = self.head.classification_head.embeddings(features, cells)
+                    cls_head = self.head.classification_head
+                    embeddings = (cls_head.distilled_embeddings if separate else cls_head.embeddings)(features, cells)
                 extra["loss_region"] = self.cfg.region_distill * self.region_distillation_loss(
                     image_list, features, cells, anchors, head_outputs, embeddings, targets)
             fcos = self.compute_loss(targets, head_outputs, anchors, num_per_level, self.loss_padding(features, cells))
@@ -476,12 +500,13 @@ class GridCLIP(FCOS):
             if self.cfg.clip_ensemble == "off":
                 own = cfg.freeze_trunk and self.backbone.grid_pool is not None
                 clip = load_clip(cfg.clip_model, cfg.clip_pretrained)
-                if not own and self.frozen_clip is None:  # a model trained with region distillation has one
+                frozen = cfg.clip_ensemble in FROZEN_MODES
+                if frozen and not own and self.frozen_clip is None:  # a model trained with region distillation has one
                     trunk = build_clip_trunk(cfg.clip_model, cfg.clip_pretrained, True, self.clip_config, clip)
                     device = next(self.parameters()).device
                     self.frozen_clip = FrozenCLIP(freeze_batch_norm_2d(trunk),
                                                   GridAttentionPool.from_attnpool(trunk.take_attnpool())).to(device).eval()
-                self.backbone.keep_c5 = own
+                self.backbone.keep_c5 = own and _needs_frozen_clip(cfg)
                 scale = clip.logit_scale.exp().detach().clone().float().reshape(())
                 self.register_buffer("clip_logit_scale", scale.to(next(self.parameters()).device))
         self.cfg = cfg
@@ -492,7 +517,7 @@ class GridCLIP(FCOS):
     def _share_trunk_level(self) -> None:
         """With a frozen copy (ensemble or region distillation) and the trunk frozen through layer2 or layer3, the
         detector's C3 or C4 is the frozen CLIP's: the backbone keeps it for :meth:`frozen_c5`."""
-        on = (self.cfg.clip_ensemble != "off" or self.cfg.region_distill > 0) and self.frozen_clip is not None
+        on = _needs_frozen_clip(self.cfg) and self.frozen_clip is not None
         self.backbone.shared_level = shared_trunk_level(self.cfg.trainable_trunk_layers) if on else None
 
     def frozen_c5(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None,
@@ -543,11 +568,12 @@ class GridCLIP(FCOS):
         of the forward pass, ``image_sizes`` its real sizes; see :meth:`frozen_c5` and
         :mod:`gridclip.model.clip_ensemble`)."""
         c = self.cfg
-        c5, stride, pool = self.frozen_c5(images, image_sizes, c.ensemble_upsample)
+        c5, stride, pool = (None, 1.0, None) if c.clip_ensemble == "distilled" else \
+            self.frozen_c5(images, image_sizes, c.ensemble_upsample)
         trained = torch.tensor([n in set(c.ensemble_trained_names) for n in self.class_names], dtype=torch.bool,
-                               device=c5.device)
+                               device=images.device)
         return CLIPEnsemble(c.clip_ensemble, c5, pool, stride, c.ensemble_upsample, c.ensemble_box_scale,
-                            self.vocabulary.embeddings.to(c5.device), self.clip_logit_scale, trained,
+                            self.vocabulary.embeddings.to(images.device), self.clip_logit_scale, trained,
                             c.ensemble_weight_base, c.ensemble_weight_novel, c.ensemble_novel_score,
                             c.ensemble_centerness)
 
@@ -559,9 +585,12 @@ class GridCLIP(FCOS):
         cls_head = self.head.classification_head
         if not self.cfg.grid_align:
             return DenseOutputs(regression, ctrness, num_per_level, cls_logits=cls_head(features, cells))
-        vectors, text = cls_head.scoring_vectors(features, cells)
+        towers = cls_head.towers(features, cells)
+        vectors, text = cls_head.scoring_vectors(features, cells, towers=towers)
+        distilled = cls_head.distilled_embeddings(features, cells, towers) if self.cfg.clip_ensemble == "distilled" \
+            else None
         return DenseOutputs(regression, ctrness, num_per_level, vectors=vectors, text=text,
-                            logit_scale=cls_head.logit_scale.exp(), logit_bias=cls_head.logit_bias)
+                            logit_scale=cls_head.logit_scale.exp(), logit_bias=cls_head.logit_bias, distilled=distilled)
 
     def postprocess_dense(self, dense: DenseOutputs, anchors: list[Tensor], image_sizes: list[tuple[int, int]],
                           rescore=None) -> list[dict[str, Tensor]]:

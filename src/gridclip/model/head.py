@@ -177,6 +177,11 @@ class GridCLIPHead(FCOSHead):
         return loss / max(1, int(positive.sum()))
 
 
+def _flat_embeddings(conv: nn.Module, towers: list[Tensor]) -> Tensor:
+    """``conv`` on each level's tower output, levels concatenated: normalised ``[N, sum(HW), D]``."""
+    return F.normalize(torch.cat([conv(t).flatten(2).transpose(1, 2) for t in towers], dim=1), dim=-1)
+
+
 def inside_box_matches(boxes: Tensor, anchors: Tensor, matched_idxs: Tensor) -> Tensor:
     """FCOS's matching (``matched_idxs`` [L], -1 = unmatched) extended to every location whose centre lies
     strictly inside a box of ``boxes`` [M, 4], at any level: a positive keeps its box, any other such location
@@ -230,6 +235,7 @@ class CLIPClassificationHead(nn.Module):
         logit_scale_init: float = 1 / 0.07,
         prior_prob: float = 0.01,
         embed_kernel_size: int = 3,
+        distilled_head: bool = False,
     ):
         super().__init__()
         if embed_kernel_size not in (1, 3):
@@ -240,6 +246,10 @@ class CLIPClassificationHead(nn.Module):
             layers += [nn.Conv2d(in_channels, in_channels, 3, padding=1), masked_group_norm(in_channels), nn.ReLU()]
         self.conv = nn.Sequential(*layers)
         self.embed = nn.Conv2d(in_channels, embed_dim, embed_kernel_size, padding=embed_kernel_size // 2)
+        # ViLD's image head (Gu et al. 2022, Sec. 3.4): a second embedding of the same tower, which only region
+        # distillation trains and only the "distilled" ensemble reads (model.region_distill_head=separate)
+        self.distill_embed = nn.Conv2d(in_channels, embed_dim, embed_kernel_size, padding=embed_kernel_size // 2) \
+            if distilled_head else None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
@@ -268,16 +278,25 @@ class CLIPClassificationHead(nn.Module):
         if self.prepared is not None:
             self.prepared_text = self._project(self.text_embeddings, self.prepared)
 
-    def embeddings(self, x: list[Tensor], cells: Sequence | None = None) -> Tensor:
-        """Normalised per-location embeddings ``[N, sum(HW), D]`` over all pyramid levels."""
-        out = []
-        for feature, c in zip(x, _levels(x, cells)):
-            e = self.embed(run_tower(self.conv, feature, c))  # [N, D, H, W]
-            out.append(e.flatten(2).transpose(1, 2))
-        return F.normalize(torch.cat(out, dim=1), dim=-1)
+    def towers(self, x: list[Tensor], cells: Sequence | None = None) -> list[Tensor]:
+        """The classification tower's output on each pyramid level (what the embedding convs read)."""
+        return [run_tower(self.conv, feature, c) for feature, c in zip(x, _levels(x, cells))]
+
+    def embeddings(self, x: list[Tensor], cells: Sequence | None = None,
+                   towers: list[Tensor] | None = None) -> Tensor:
+        """Normalised per-location embeddings ``[N, sum(HW), D]`` over all pyramid levels (``towers``: the
+        :meth:`towers` of ``x``, when already computed)."""
+        return _flat_embeddings(self.embed, self.towers(x, cells) if towers is None else towers)
+
+    def distilled_embeddings(self, x: list[Tensor], cells: Sequence | None = None,
+                             towers: list[Tensor] | None = None) -> Tensor:
+        """As :meth:`embeddings`, from the separate distilled embedding conv."""
+        if self.distill_embed is None:
+            raise ValueError("this head has no distilled embedding: it needs model.region_distill_head=separate")
+        return _flat_embeddings(self.distill_embed, self.towers(x, cells) if towers is None else towers)
 
     def scoring_vectors(self, x: list[Tensor], cells: Sequence | None = None,
-                        subspace: Subspace | None = None) -> tuple[Tensor, Tensor]:
+                        subspace: Subspace | None = None, towers: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """``(vectors [N, sum(HW), d], text [K, d])`` with ``vectors @ text.T`` = the cosine of every
         (location, class) pair: what inference scores.
 
@@ -286,10 +305,12 @@ class CLIPClassificationHead(nn.Module):
         |e| = |u| and cos(e, t) = u . (Q^T t) / |u|: a 1x1 conv to C + 1 channels replaces the one to D, and
         the vocabulary is scored in C + 1 dimensions (257 instead of 1024 for RN50). Otherwise (3x3 conv,
         or C + 1 >= D) these are the normalised embeddings and the vocabulary. ``subspace``: a precomputed
-        :meth:`subspace` (the ONNX export passes its own), default the prepared one or a fresh one.
+        :meth:`subspace` (the ONNX export passes its own), default the prepared one or a fresh one;
+        ``towers``: the :meth:`towers` of ``x``, when already computed.
         """
+        towers = self.towers(x, cells) if towers is None else towers
         if not self.scores_in_subspace:
-            return self.embeddings(x, cells), self.text_embeddings
+            return self.embeddings(x, cells, towers), self.text_embeddings
         if subspace is not None:
             text = self._project(self.text_embeddings, subspace)
         elif self.prepared is not None:
@@ -297,8 +318,7 @@ class CLIPClassificationHead(nn.Module):
         else:
             subspace = self.subspace()
             text = self._project(self.text_embeddings, subspace)
-        out = [F.conv2d(run_tower(self.conv, f, c), subspace.weight, subspace.bias).flatten(2).transpose(1, 2)
-               for f, c in zip(x, _levels(x, cells))]
+        out = [F.conv2d(t, subspace.weight, subspace.bias).flatten(2).transpose(1, 2) for t in towers]
         return F.normalize(torch.cat(out, dim=1), dim=-1), text
 
     @property

@@ -76,6 +76,7 @@ class DenseOutputs:
     logit_scale: Tensor | None = None
     logit_bias: Tensor | None = None
     cls_logits: Tensor | None = None
+    distilled: Tensor | None = None  # [B, N, D] normalised distilled embeddings (the "distilled" ensemble's)
 
 
 @dataclass
@@ -101,7 +102,8 @@ class PostProcess:
         ``anchors`` per image ``[N, 4]``, ``image_sizes`` the resized (unpadded) sizes. ``rescore(image
         index, boxes, scores, labels) -> scores`` replaces the candidates' scores before NMS (e.g.
         :class:`gridclip.model.clip_ensemble.CLIPEnsemble`). ``rescore_all(image index, boxes [n, 4],
-        p [n, K], p_ctr [n]) -> [n, K]`` (open vocabulary only) switches to class-agnostic candidates: per level the
+        p [n, K], p_ctr [n][, embeddings [n, D]]) -> [n, K]`` (open vocabulary only; the candidates' ``distilled``
+        embeddings are passed when the outputs hold them) switches to class-agnostic candidates: per level the
         ``topk_candidates`` locations whose best name passes ``score_thresh``, every name re-scored there,
         then the pairs above ``score_thresh``, the ``topk_candidates`` best (e.g.
         :meth:`~gridclip.model.clip_ensemble.CLIPEnsemble.score_all`)."""
@@ -109,10 +111,12 @@ class PostProcess:
         results = []
         for i, image_size in enumerate(image_sizes):
             if rescore_all is not None and outputs.cls_logits is None:
+                distilled = [None] * len(n) if outputs.distilled is None else outputs.distilled[i].split(n)
                 levels = [self._box_candidates(vec, outputs, ctr, reg, anc, image_size,
-                                               lambda b, p, c, i=i: rescore_all(i, b, p, c))
-                          for vec, ctr, reg, anc in zip(outputs.vectors[i].split(n), outputs.bbox_ctrness[i].split(n),
-                                                        outputs.bbox_regression[i].split(n), anchors[i].split(n))]
+                                               lambda b, p, c, *e, i=i: rescore_all(i, b, p, c, *e), emb)
+                          for vec, ctr, reg, anc, emb in zip(outputs.vectors[i].split(n), outputs.bbox_ctrness[i].split(n),
+                                                             outputs.bbox_regression[i].split(n), anchors[i].split(n),
+                                                             distilled)]
                 results.append(self._nms(*(torch.cat(parts) for parts in zip(*levels))))
                 continue
             if outputs.cls_logits is not None:
@@ -135,13 +139,16 @@ class PostProcess:
         return probs.sqrt(), loc, cls
 
     def _box_candidates(self, vectors: Tensor, outputs: DenseOutputs, ctr: Tensor, reg: Tensor, anchors: Tensor,
-                        image_size, rescore_all) -> tuple[Tensor, Tensor, Tensor]:
+                        image_size, rescore_all, distilled: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """One level's class-agnostic candidates, re-scored for every name: ``(boxes, scores, labels)``."""
         ctr_prob = torch.sigmoid(ctr.float()).flatten()
         probs, loc = box_candidates(vectors, outputs.text, outputs.logit_scale, outputs.logit_bias, ctr_prob,
                                     self.score_thresh ** 2, self.topk_candidates, self.score_chunk_elements)
         boxes = box_ops.clip_boxes_to_image(self.box_coder.decode(reg[loc].float(), anchors[loc]), image_size)
-        scores = rescore_all(boxes, probs.sqrt(), ctr_prob[loc]).flatten()
+        if distilled is None:
+            scores = rescore_all(boxes, probs.sqrt(), ctr_prob[loc]).flatten()
+        else:
+            scores = rescore_all(boxes, probs.sqrt(), ctr_prob[loc], distilled[loc]).flatten()
         K = probs.shape[1]
         idx = (scores > self.score_thresh).nonzero().squeeze(1)
         top = scores[idx].topk(min(self.topk_candidates, idx.numel()))

@@ -91,8 +91,9 @@ class RescoredEnsemble:
         return self.inner(*args, **kwargs)
 
     @torch.no_grad()
-    def score_all(self, image_index: int, boxes: Tensor, p_det: Tensor, p_ctr: Tensor | None = None) -> Tensor:
-        scores = self.inner.score_all(image_index, boxes, p_det, p_ctr)
+    def score_all(self, image_index: int, boxes: Tensor, p_det: Tensor, p_ctr: Tensor | None = None,
+                  embeddings: Tensor | None = None) -> Tensor:
+        scores = self.inner.score_all(image_index, boxes, p_det, p_ctr, embeddings)
         if boxes.numel() == 0 or self.gamma == 0:
             return scores
         trained = self.inner.trained[None, :]

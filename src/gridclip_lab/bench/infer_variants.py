@@ -82,9 +82,9 @@ def rescored_candidates(model: torch.nn.Module, call: Callable[[], object]) -> t
             counts.append((len(boxes), len(torch.unique(boxes, dim=0))))
             return self.ensemble(i, boxes, scores, labels)
 
-        def score_all(self, i, boxes, p_det, p_ctr=None):  # box candidates: every name on each box
+        def score_all(self, i, boxes, p_det, p_ctr=None, *embeddings):  # box candidates: every name on each box
             counts.append((boxes.shape[0] * p_det.shape[1], len(torch.unique(boxes, dim=0))))
-            return self.ensemble.score_all(i, boxes, p_det, p_ctr)
+            return self.ensemble.score_all(i, boxes, p_det, p_ctr, *embeddings)
 
     def counting(*args, **kwargs):
         return Counting(build(*args, **kwargs))

@@ -56,10 +56,10 @@ def main(argv: Sequence[str]) -> int:
 
     geometry = None
     if a.geometry:
-        from gridclip_lab.study.ensemble_selection import MODES
+        from gridclip_lab.study.ensemble_selection import GEOMETRY_MODES
 
-        if a.geometry[0] not in MODES:
-            raise ValueError(f"--geometry: expected a mode in {', '.join(MODES)}, got {a.geometry[0]!r}")
+        if a.geometry[0] not in GEOMETRY_MODES:
+            raise ValueError(f"--geometry: expected a mode in {', '.join(GEOMETRY_MODES)}, got {a.geometry[0]!r}")
         geometry = (a.geometry[0], float(a.geometry[1]), float(a.geometry[2]))
     extra = {**({"ensemble_candidates": a.candidates} if a.candidates != "class" else {}),
              **({"ensemble_novel_score": a.novel_score} if a.novel_score != "name" else {}),

@@ -27,7 +27,8 @@ from typing import Any, Callable, Sequence
 
 from gridclip.utils.atomic import atomic_write_json
 
-MODES = ("dense", "roi")  # cheapest first
+MODES = ("dense", "roi")  # the rule's grid, cheapest first
+GEOMETRY_MODES = ("distilled",) + MODES  # what --geometry may fix, cheapest first ("distilled": no frozen CLIP)
 UPSAMPLES = (1.0, 2.0)
 BOX_SCALES = (1.0, 1.5)
 W_NOVEL = (0.35, 0.5, 0.65, 0.8)
@@ -65,7 +66,7 @@ def setting_id(s: Setting) -> str:
 
 
 def _cost(s: Setting) -> tuple:
-    return (MODES.index(s["clip_ensemble"]), s["ensemble_upsample"], s["ensemble_box_scale"])
+    return (GEOMETRY_MODES.index(s["clip_ensemble"]), s["ensemble_upsample"], s["ensemble_box_scale"])
 
 
 def _pick(candidates: list[tuple[Setting, dict]], metric: str, weight: str, preferred: float) -> Setting:
@@ -344,17 +345,18 @@ def kinds_console(weights: dict[str, dict[int, Setting]], metrics: dict, pairs: 
 
 def evaluate_kinds_off_and_boxed(models: dict[str, tuple[str, str]], weights: dict[str, dict[int, Setting]],
                                  world: str | Path, seeds: Sequence[int], iters: Sequence[int],
-                                 cache_name: str = "quality_report_cache.json") -> dict:
+                                 cache_name: str = "quality_report_cache.json",
+                                 labels: dict[str, str] | None = None) -> dict:
     """Kinds of kept models (``name -> (study runs folder, variant)``), each evaluated with the ensemble off
     (``"<name>, off"``) and, where ``weights[name]`` holds the schedule, with that setting
-    (``"<name> + box ensemble"``): ``{iters: {evaluation: {seed: metrics}}}`` (see :func:`evaluate_kept_models`;
-    each folder's cache is ``cache_name`` beside it)."""
+    (``"<name> + box ensemble"``, or ``"<name> + <labels[name]>"``): ``{iters: {evaluation: {seed: metrics}}}``
+    (see :func:`evaluate_kept_models`; each folder's cache is ``cache_name`` beside it)."""
     metrics: dict = {}
     for kind, (folder, variant) in models.items():
         def settings(length: int, kind=kind) -> dict:
             out = {f"{kind}, off": {"clip_ensemble": "off"}}
             if length in weights[kind]:
-                out[f"{kind} + box ensemble"] = weights[kind][length]
+                out[f"{kind} + {(labels or {}).get(kind, 'box ensemble')}"] = weights[kind][length]
             return out
         found = evaluate_kept_models(folder, variant, world, seeds, settings, Path(folder).parent / cache_name, iters)
         for length, by_name in found.items():

@@ -31,7 +31,7 @@ KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("model", "ensemble_candidates"): "class", ("model", "ensemble_novel_score"): "name",
     ("model", "ensemble_centerness"): "inside", ("model", "quality_target"): "centerness",
     ("model", "trainable_trunk_layers"): 5, ("model", "region_distill"): 0.0, ("model", "region_distill_boxes"): 32,
-    ("model", "region_distill_where"): "all",
+    ("model", "region_distill_where"): "all", ("model", "region_distill_head"): "shared",
 }
 
 
