@@ -104,9 +104,10 @@ def test_unlabelled_leaves_out_the_proposals_on_training_boxes(tiny_cfg):
     assert not torch.isclose(model(images, targets)["loss_region"], got)
 
 
+@pytest.mark.parametrize("head", ["separate", "probe"])
 @torch.no_grad()
-def test_with_a_separate_head_the_loss_is_on_that_head(tiny_cfg):
-    model = _model(tiny_cfg, region_distill_head="separate")
+def test_with_a_separate_head_the_loss_is_on_that_head(tiny_cfg, head):
+    model = _model(tiny_cfg, region_distill_head=head)
     images, targets = _batch()
     got = model(images, targets)["loss_region"]
     torch.testing.assert_close(got, 10.0 * _reference_loss(model, images, targets, 4, separate=True),
@@ -128,6 +129,30 @@ def test_with_a_separate_head_each_loss_trains_its_own_embedding(tiny_cfg):
     losses["loss_grid"].backward()
     assert head.embed.weight.grad.abs().sum() > 0
     assert head.distill_embed.weight.grad is None or not head.distill_embed.weight.grad.any()
+
+
+def test_a_probe_head_leaves_the_detector_as_trained_without_distillation(tiny_cfg):
+    """region_distill_head=probe: only the distilled conv learns from the distillation, so two training steps
+    leave every other parameter bit-identical to those of the same model trained without distillation."""
+    probe = _model(tiny_cfg, region_distill_head="probe")
+    plain = GridCLIP(dataclasses.replace(probe.cfg, region_distill=0.0, region_distill_head="shared"),
+                     load_clip_weights=False)
+    plain.load_state_dict({k: v for k, v in probe.state_dict().items() if k in plain.state_dict()})
+    plain.set_vocabulary(probe.vocabulary).train()
+    distilled = probe.head.classification_head.distill_embed.weight.detach().clone()
+    images, targets = _batch()
+    for model in (probe, plain):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        for _ in range(2):
+            optimizer.zero_grad()
+            losses = model(images, targets)
+            sum(losses.values()).backward()
+            optimizer.step()
+        assert ("loss_region" in losses) == (model is probe)
+    trained = dict(probe.named_parameters())
+    for name, p in plain.named_parameters():
+        assert torch.equal(p, trained[name]), name
+    assert not torch.equal(probe.head.classification_head.distill_embed.weight, distilled)
 
 
 def test_its_gradient_reaches_the_head_embedding_only_through_the_chosen_locations(tiny_cfg):
@@ -268,9 +293,11 @@ def test_the_checkpoint_keeps_the_separate_head_and_its_ensemble_runs_no_frozen_
     ({"region_distill_where": "boxed"}, r"model\.region_distill_where: expected one of all, unlabelled, got 'boxed'"),
     ({"region_distill": 1.0, "grid_align": False, "num_classes": 3}, r"model\.region_distill needs a grid-aligned"),
     ({"region_distill_head": "separate"}, r"model\.region_distill_head=separate needs model\.region_distill > 0"),
-    ({"region_distill": 1.0, "region_distill_head": "both"}, r"model\.region_distill_head: expected shared or separate"),
+    ({"region_distill_head": "probe"}, r"model\.region_distill_head=probe needs model\.region_distill > 0"),
+    ({"region_distill": 1.0, "region_distill_head": "both"},
+     r"model\.region_distill_head: expected shared, separate or probe"),
     ({"clip_ensemble": "distilled", "ensemble_candidates": "box"},
-     r"model\.clip_ensemble=distilled needs a model trained with model\.region_distill_head=separate"),
+     r"model\.clip_ensemble=distilled needs a model trained with model\.region_distill_head=separate or probe"),
     ({"clip_ensemble": "distilled", "region_distill": 1.0, "region_distill_head": "separate"},
      r"model\.clip_ensemble=distilled needs model\.ensemble_candidates=box"),
 ])

@@ -106,8 +106,9 @@ class GridCLIPConfig:
     region_distill_where: Literal["all", "unlabelled"] = "all"
     # "shared": the distillation trains the embedding the focal loss scores; "separate": a second embedding conv
     # on the classification tower learns it (ViLD's image head, Gu et al. 2022, Sec. 3.4), the scored one keeps
-    # the focal loss alone, and clip_ensemble "distilled" reads it at inference (results/region_distill_head/)
-    region_distill_head: Literal["shared", "separate"] = "shared"
+    # the focal loss alone, and clip_ensemble "distilled" reads it at inference (results/region_distill_head/);
+    # "probe": that conv reads the tower without gradient into it, so the detector trains as without distillation
+    region_distill_head: Literal["shared", "separate", "probe"] = "shared"
     # Frozen-CLIP ensemble at inference (F-VLM): each candidate box before NMS is scored by the frozen
     # CLIP (see gridclip.model.clip_ensemble) and p = p_det^(1-w) * p_clip^w, w = ensemble_weight_base
     # for ensemble_trained_names (recorded by training: the names trained with boxes), else

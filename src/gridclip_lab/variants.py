@@ -79,6 +79,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                                                   "region_distill_boxes": 32,
                                                                   "region_distill_head": "separate",
                                                                   **ENSEMBLE_SETTINGS},
+    # its addendum 1: the distilled conv reads the tower without gradient into it (the detector trains as grid only)
+    "grid only + region distillation (probe head) + ensemble": {"image_align": False, "region_distill": 10.0,
+                                                               "region_distill_boxes": 32, "region_distill_head": "probe",
+                                                               **ENSEMBLE_SETTINGS},
     # the same model as `gridclip detect` runs it with the distilled ensemble (bench-infer: its cost)
     "grid only + region distillation (separate head) + distilled ensemble": {
         "image_align": False, "region_distill": 10.0, "region_distill_boxes": 32, "region_distill_head": "separate",
@@ -129,6 +133,8 @@ LABELS: dict[str, str] = {
                                                                "has no box, + frozen-CLIP ensemble",
     "grid only + region distillation (separate head) + ensemble": "grid only + region distillation into a separate "
                                                                      "head (ViLD's image head), + frozen-CLIP ensemble",
+    "grid only + region distillation (probe head) + ensemble": "grid only + region distillation into a probe of the "
+                                                               "classification tower, + frozen-CLIP ensemble",
     "grid only + region distillation (separate head) + distilled ensemble": "grid only + region distillation into a "
                                                                              "separate head, ensembled with it at "
                                                                              "inference (no frozen CLIP there)",

@@ -158,6 +158,9 @@ ENSEMBLE_KEYS = ("clip_ensemble", "ensemble_weight_base", "ensemble_weight_novel
                  "ensemble_box_scale", "ensemble_candidates", "ensemble_novel_score", "ensemble_centerness")
 
 
+DISTILLED_HEADS = ("separate", "probe")  # region_distill_head values with their own embedding conv
+
+
 def _check_region_distill(cfg: GridCLIPConfig) -> None:
     if not cfg.region_distill >= 0:
         raise ValueError(f"model.region_distill: expected a weight >= 0, got {cfg.region_distill}")
@@ -170,11 +173,11 @@ def _check_region_distill(cfg: GridCLIPConfig) -> None:
         raise ValueError("model.region_distill needs a grid-aligned (open-vocabulary) model; grid_align is off")
     if cfg.region_distill > 0 and cfg.trunk_weights:
         raise ValueError("model.region_distill needs CLIP's own trunk; model.trunk_weights replaces it")
-    if cfg.region_distill_head not in ("shared", "separate"):
-        raise ValueError(f"model.region_distill_head: expected shared or separate, got {cfg.region_distill_head!r}")
-    if cfg.region_distill_head == "separate" and not cfg.region_distill > 0:
-        raise ValueError("model.region_distill_head=separate needs model.region_distill > 0 (the distillation is "
-                         "what trains that head)")
+    if cfg.region_distill_head not in ("shared",) + DISTILLED_HEADS:
+        raise ValueError(f"model.region_distill_head: expected shared, separate or probe, got {cfg.region_distill_head!r}")
+    if cfg.region_distill_head in DISTILLED_HEADS and not cfg.region_distill > 0:
+        raise ValueError(f"model.region_distill_head={cfg.region_distill_head} needs model.region_distill > 0 (the "
+                         "distillation is what trains that head)")
 
 
 def _needs_frozen_clip(cfg: GridCLIPConfig) -> bool:
@@ -194,9 +197,9 @@ def _check_ensemble(cfg: GridCLIPConfig) -> None:
         if not 0 <= getattr(cfg, field) <= 1:
             raise ValueError(f"model.{field}: expected a weight in [0, 1], got {getattr(cfg, field)}")
     if cfg.clip_ensemble == "distilled":
-        if cfg.region_distill_head != "separate":
+        if cfg.region_distill_head not in DISTILLED_HEADS:
             raise ValueError("model.clip_ensemble=distilled needs a model trained with model.region_distill_head="
-                             f"separate (got {cfg.region_distill_head})")
+                             f"separate or probe (got {cfg.region_distill_head})")
         if cfg.ensemble_candidates != "box":
             raise ValueError("model.clip_ensemble=distilled needs model.ensemble_candidates=box "
                              f"(got {cfg.ensemble_candidates})")
@@ -240,7 +243,7 @@ class GridCLIP(FCOS):
         if cfg.grid_align:
             head.classification_head = CLIPClassificationHead(
                 cfg.fpn_channels, clip_dim, cfg.head_convs, cfg.logit_scale_init, cfg.prior_prob, cfg.embed_kernel_size,
-                distilled_head=cfg.region_distill_head == "separate")
+                distilled_head=cfg.region_distill_head in DISTILLED_HEADS)
         super().__init__(
             backbone, num_classes, min_size=cfg.min_size, max_size=cfg.max_size, image_mean=list(CLIP_MEAN),
             image_std=list(CLIP_STD), head=head, center_sampling_radius=cfg.center_sampling_radius,
@@ -443,7 +446,8 @@ class GridCLIP(FCOS):
         if self.training:
             extra: dict[str, Tensor] = {}
             distill = self.cfg.region_distill > 0
-            separate = self.cfg.region_distill_head == "separate"
+            separate = self.cfg.region_distill_head in DISTILLED_HEADS
+            probe = self.cfg.region_distill_head == "probe"  # no distillation gradient into the tower
             embeddings = None
             if self.training_hook is not None:
                 head_outputs, extra, targets = self.training_hook(self, image_list, features, cells, anchors, targets)
@@ -451,7 +455,8 @@ class GridCLIP(FCOS):
                 cls_head = self.head.classification_head
                 towers = cls_head.towers(features, cells)
                 scored = cls_head.embeddings(features, cells, towers)
-                embeddings = cls_head.distilled_embeddings(features, cells, towers) if separate else scored
+                embeddings = cls_head.distilled_embeddings(features, cells, [t.detach() for t in towers] if probe
+                                                           else towers) if separate else scored
                 regression, ctrness = self.head.regression_head(features, cells)
                 head_outputs = {"cls_logits": cls_head.logits(scored), "bbox_regression": regression,
                                 "bbox_ctrness": ctrness}
@@ -460,7 +465,9 @@ class GridCLIP(FCOS):
             if distill:
                 if embeddings is None:
                     cls_head = self.head.classification_head
-                    embeddings = (cls_head.distilled_embeddings if separate else cls_head.embeddings)(features, cells)
+                    embeddings = cls_head.distilled_embeddings(
+                        features, cells, [t.detach() for t in cls_head.towers(features, cells)] if probe else None) \
+                        if separate else cls_head.embeddings(features, cells)
                 extra["loss_region"] = self.cfg.region_distill * self.region_distillation_loss(
                     image_list, features, cells, anchors, head_outputs, embeddings, targets)
             fcos = self.compute_loss(targets, head_outputs, anchors, num_per_level, self.loss_padding(features, cells))

@@ -247,7 +247,7 @@ class CLIPClassificationHead(nn.Module):
         self.conv = nn.Sequential(*layers)
         self.embed = nn.Conv2d(in_channels, embed_dim, embed_kernel_size, padding=embed_kernel_size // 2)
         # ViLD's image head (Gu et al. 2022, Sec. 3.4): a second embedding of the same tower, which only region
-        # distillation trains and only the "distilled" ensemble reads (model.region_distill_head=separate)
+        # distillation trains and only the "distilled" ensemble reads (model.region_distill_head=separate or probe)
         self.distill_embed = nn.Conv2d(in_channels, embed_dim, embed_kernel_size, padding=embed_kernel_size // 2) \
             if distilled_head else None
         for m in self.modules():
@@ -292,7 +292,7 @@ class CLIPClassificationHead(nn.Module):
                              towers: list[Tensor] | None = None) -> Tensor:
         """As :meth:`embeddings`, from the separate distilled embedding conv."""
         if self.distill_embed is None:
-            raise ValueError("this head has no distilled embedding: it needs model.region_distill_head=separate")
+            raise ValueError("this head has no distilled embedding: it needs model.region_distill_head=separate or probe")
         return _flat_embeddings(self.distill_embed, self.towers(x, cells) if towers is None else towers)
 
     def scoring_vectors(self, x: list[Tensor], cells: Sequence | None = None,
