@@ -292,3 +292,34 @@ def test_shipped_training_configs_load(name):
     assert cfg.train.batch_size % cfg.train.accumulate == 0
     assert (cfg.train.accumulate, cfg.train.teacher_cache, cfg.model.image_align, cfg.model.use_mhsa) != \
         (base.train.accumulate, base.train.teacher_cache, base.model.image_align, base.model.use_mhsa)
+
+
+
+def test_a_probe_head_is_clipped_on_its_own_so_the_detector_trains_as_without_it(tiny_root, tmp_path):
+    """model.region_distill_head=probe through the trainer, with gradient clipping active: the detector's
+    parameters after training are bit-identical to those of the same model trained without distillation (the
+    probe's gradient never enters the detector's clipping norm); the probe itself learns."""
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.config import config_from_dict
+    from gridclip.engine.train import train
+    from helpers import tiny_config_dict
+
+    start = {}
+
+    def first_step(trainer, step):
+        if step == 1:  # before the first update
+            start.update({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+
+    def run(name, **model):
+        d = tiny_config_dict(tiny_root, grad_clip=1e-3)  # every step clipped
+        d["model"].update(image_align=False, **model)
+        out = train(config_from_dict(d), tmp_path / name, max_iters=3, progress=False, step_callback=first_step)
+        return load_checkpoint(out["model"])
+
+    plain = run("plain")
+    probe = run("probe", region_distill=10.0, region_distill_boxes=8, region_distill_head="probe")
+    kept = {k: v for k, v in probe.state_dict().items() if k in plain.state_dict()}
+    assert set(plain.state_dict()) - set(kept) == set()
+    assert state_dicts_equal(plain.state_dict(), kept) == []
+    probe_weight = "head.classification_head.distill_embed.weight"
+    assert not torch.equal(probe.state_dict()[probe_weight], start[probe_weight])

@@ -295,6 +295,11 @@ class Trainer:
             bar = tqdm(total=self.total_iters, initial=start, desc="train", unit="it", dynamic_ncols=True,
                        disable=None)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # parameters whose gradients come from their own loss alone (a probe): clipped on their own, so the
+        # detector's norm, hence its update, is what it would be without them
+        own = {id(p) for p in getattr(self.model, "separately_clipped_parameters", lambda: [])()}
+        probe_params = [p for p in params if id(p) in own]
+        params = [p for p in params if id(p) not in own]
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
         window: dict[str, list[float]] = {}
         timer_start, timed_iters = None, 0
@@ -325,6 +330,8 @@ class Trainer:
                     self.step_callback(self, step)
                 self.scaler.unscale_(self.optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip else float("inf"))
+                if probe_params:
+                    torch.nn.utils.clip_grad_norm_(probe_params, t.grad_clip if t.grad_clip else float("inf"))
                 if not torch.isfinite(norm) and not self.scaler.is_enabled():
                     raise NonFiniteError(self._non_finite_message(step, "gradient norm", {"grad_norm": float(norm)}))
                 self.scaler.step(self.optimizer)

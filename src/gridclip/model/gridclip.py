@@ -422,6 +422,14 @@ class GridCLIP(FCOS):
         """Parameters initialised from CLIP (trunk and attnpool): the ones with the backbone lr multiplier."""
         return {n for n, _ in self.named_parameters() if n.startswith(("backbone.trunk.", "backbone.grid_pool."))}
 
+    def separately_clipped_parameters(self) -> list[nn.Parameter]:
+        """Parameters that only their own loss trains and whose gradient reaches nothing else (the probe head of
+        ``model.region_distill_head=probe``): the trainer clips their gradient norm on its own, so the detector's
+        update is exactly that of the model without them."""
+        if self.cfg.region_distill_head != "probe":
+            return []
+        return list(self.head.classification_head.distill_embed.parameters())
+
     def inference_parameter_count(self) -> int:
         """Parameters used at inference: everything but the image-alignment projector (and the frozen CLIP
         copy unless a frozen-CLIP ensemble is on: region distillation keeps it for training; and the distilled

@@ -246,14 +246,18 @@ class CLIPClassificationHead(nn.Module):
             layers += [nn.Conv2d(in_channels, in_channels, 3, padding=1), masked_group_norm(in_channels), nn.ReLU()]
         self.conv = nn.Sequential(*layers)
         self.embed = nn.Conv2d(in_channels, embed_dim, embed_kernel_size, padding=embed_kernel_size // 2)
-        # ViLD's image head (Gu et al. 2022, Sec. 3.4): a second embedding of the same tower, which only region
-        # distillation trains and only the "distilled" ensemble reads (model.region_distill_head=separate or probe)
-        self.distill_embed = nn.Conv2d(in_channels, embed_dim, embed_kernel_size, padding=embed_kernel_size // 2) \
-            if distilled_head else None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
+        # ViLD's image head (Gu et al. 2022, Sec. 3.4): a second embedding of the same tower, which only region
+        # distillation trains and only the "distilled" ensemble reads (model.region_distill_head=separate or probe).
+        # Built after the others are initialised, so their random draws are those of a head without it.
+        self.distill_embed: nn.Conv2d | None = None
+        if distilled_head:
+            self.distill_embed = nn.Conv2d(in_channels, embed_dim, embed_kernel_size, padding=embed_kernel_size // 2)
+            nn.init.normal_(self.distill_embed.weight, std=0.01)
+            nn.init.zeros_(self.distill_embed.bias)
         # Learnable temperature and bias (paper Eq. 2): scale from CLIP's 1/0.07, bias from the focal prior.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
         self.logit_bias = nn.Parameter(torch.tensor(-math.log((1 - prior_prob) / prior_prob)))
