@@ -9,9 +9,8 @@ here; evaluations cached beside the study's runs)."""
 import argparse
 from pathlib import Path
 
-from gridclip.utils.atomic import atomic_write_json
-from gridclip_lab.study.ensemble_selection import (chosen_setting, evaluate_kinds_off_and_boxed, kinds_console,
-                                                       weight_lines)
+from gridclip_lab.study.ensemble_selection import (GRID_ONLY_BOX_SELECTIONS, chosen_settings,
+                                                   evaluate_kinds_off_and_boxed, save_kinds_report, weight_lines)
 from gridclip_lab.study.report_lines import (difference, difference_lines, evaluation_table,
                                              novel_goal_line, paired_comparisons)
 
@@ -28,15 +27,8 @@ DESIGNS = {"region distillation": (args.runs, "grid only + region distillation +
                                                 "grid only + region distillation (unlabelled) + ensemble",
                                                 "unlabelled_selection")}
 
-
-def selected(prefix: str) -> dict:
-    return {i: chosen_setting(HERE / f"{prefix}_{i}" / "selection.json") for i in (400, 1600)
-            if (HERE / f"{prefix}_{i}" / "selection.json").is_file()}
-
-
-WEIGHTS = {"grid only": {i: chosen_setting(Path("results/ensemble_w_novel") / f"selection_{i}" / "selection.json")
-                         for i in (400, 1600)},
-           **{name: selected(prefix) for name, (_, _, prefix) in DESIGNS.items()}}
+WEIGHTS = {"grid only": chosen_settings(GRID_ONLY_BOX_SELECTIONS),
+           **{name: chosen_settings(HERE, prefix) for name, (_, _, prefix) in DESIGNS.items()}}
 ITERS = tuple(sorted({i for name in DESIGNS for i in WEIGHTS[name]}))
 MODELS = {"grid only": (args.runs, "grid only + ensemble"), **{n: (r, v) for n, (r, v, _) in DESIGNS.items()}}
 metrics = evaluate_kinds_off_and_boxed(MODELS, WEIGHTS, Path("runs/world0"), SEEDS, ITERS,
@@ -64,10 +56,9 @@ def gain_holds(new, iters) -> bool:
 
 rule = {new: {str(i): gain_holds(new, i) for i in WEIGHTS[new]} for new in DESIGNS}
 recommended = {new: all(rule[new].values()) and {"400", "1600"} <= set(rule[new]) for new in DESIGNS}
-atomic_write_json(HERE / "report.json", {
-    "weights": {k: {str(i): w for i, w in v.items()} for k, v in WEIGHTS.items()}, "metrics": metrics, "pairs": pairs,
-    "rule (vs grid only + box ensemble: AP_r CI above 0, AP lower bound >= -1)": rule, "recommended": recommended})
-print(kinds_console(WEIGHTS, metrics, pairs))
+save_kinds_report(HERE / "report.json", WEIGHTS, metrics, pairs,
+                  {"rule (vs grid only + box ensemble: AP_r CI above 0, AP lower bound >= -1)": rule,
+                   "recommended": recommended})
 print(f"rule: {rule}; recommended: {recommended}")
 
 if args.doc:

@@ -1,15 +1,16 @@
-"""PLAN.md's evaluation: the kept models of `runs/study_grid` (grid only, variant "grid only + ensemble") and of
-`runs/study_separate` (variant "grid only + region distillation (separate head) + ensemble"), seeds 0-2, each on
-world0's val with the ensemble off and with its ensemble: grid only with the frozen-CLIP box ensemble (box candidates,
-centerness outside, its recorded weights in results/ensemble_w_novel/), the separate head with the distilled ensemble
-(weights chosen on world1's val, selection_<iters>/ here), paired by seed.
+"""PLAN.md's evaluation: the kept models of `runs/study_grid` (grid only, variant "grid only + ensemble"), of
+`runs/study_separate` (variant "grid only + region distillation (separate head) + ensemble") and of `runs/study_probe`
+(addendum 1: "... (probe head) + ensemble"), seeds 0-2, each on world0's val with the ensemble off and with its
+ensemble: grid only with the frozen-CLIP box ensemble (box candidates, centerness outside, its recorded weights in
+results/ensemble_w_novel/), the distilled heads with the distilled ensemble (weights chosen on world1's val,
+selection_<iters>/ and probe_selection_<iters>/ here), paired by seed.
 From the repository root: `python results/region_distill_head/report.py [--doc docs/results.md]` (writes
 report.json here; evaluations cached beside the studies' runs)."""
 import argparse
 from pathlib import Path
 
-from gridclip.utils.atomic import atomic_write_json
-from gridclip_lab.study.ensemble_selection import chosen_setting, evaluate_kinds_off_and_boxed, kinds_console, weight_lines
+from gridclip_lab.study.ensemble_selection import (GRID_ONLY_BOX_SELECTIONS, chosen_settings,
+                                                   evaluate_kinds_off_and_boxed, save_kinds_report, weight_lines)
 from gridclip_lab.study.report_lines import (difference, difference_lines, evaluation_table, novel_goal_line,
                                              paired_comparisons)
 
@@ -17,58 +18,69 @@ HERE = Path(__file__).parent
 parser = argparse.ArgumentParser()
 parser.add_argument("--grid-runs", default="runs/study_grid/runs", help="grid only's kept models")
 parser.add_argument("--runs", default="runs/study_separate/runs", help="the separate head's kept models")
+parser.add_argument("--probe-runs", default="runs/study_probe/runs", help="addendum 1's kept models (probe head)")
 parser.add_argument("--doc", help="also write the section region-distill-head of this Markdown file")
 args = parser.parse_args()
 SEEDS = (0, 1, 2)
-NEW, ENSEMBLE = "separate head", "distilled ensemble"
-WEIGHTS = {"grid only": {i: chosen_setting(Path("results/ensemble_w_novel") / f"selection_{i}" / "selection.json")
-                         for i in (400, 1600)},
-           NEW: {i: chosen_setting(HERE / f"selection_{i}" / "selection.json") for i in (400, 1600)
-                 if (HERE / f"selection_{i}" / "selection.json").is_file()}}
-ITERS = tuple(sorted(WEIGHTS[NEW]))
-MODELS = {"grid only": (args.grid_runs, "grid only + ensemble"),
-          NEW: (args.runs, "grid only + region distillation (separate head) + ensemble")}
+ENSEMBLE = "distilled ensemble"
+# design -> (its kept models, study variant, its held-out selections' prefix)
+DESIGNS = {"separate head": (args.runs, "grid only + region distillation (separate head) + ensemble", "selection"),
+           "probe head": (args.probe_runs, "grid only + region distillation (probe head) + ensemble", "probe_selection")}
+
+WEIGHTS = {"grid only": chosen_settings(GRID_ONLY_BOX_SELECTIONS),
+           **{name: chosen_settings(HERE, prefix) for name, (_, _, prefix) in DESIGNS.items()}}
+ITERS = tuple(sorted({i for name in DESIGNS for i in WEIGHTS[name]}))
+MODELS = {"grid only": (args.grid_runs, "grid only + ensemble"), **{n: (r, v) for n, (r, v, _) in DESIGNS.items()}}
 metrics = evaluate_kinds_off_and_boxed(MODELS, WEIGHTS, Path("runs/world0"), SEEDS, ITERS,
-                                       cache_name="region_head_report_cache.json", labels={NEW: ENSEMBLE})
-CHEAP = f"{NEW} + {ENSEMBLE}"
-GOAL = (CHEAP, "grid only, off")  # decisions 2 and 3
-COMPARISONS = (("grid only + box ensemble", "grid only, off"), GOAL, (f"{NEW}, off", "grid only, off"),
-               (CHEAP, f"{NEW}, off"), (CHEAP, "grid only + box ensemble"))
+                                       cache_name="region_head_report_cache.json",
+                                       labels={name: ENSEMBLE for name in DESIGNS})
+
+
+def goal(new):  # decisions 2 and 3: against grid only, off
+    return f"{new} + {ENSEMBLE}", "grid only, off"
+
+
+COMPARISONS = (("grid only + box ensemble", "grid only, off"),
+               *[c for new in DESIGNS for c in (goal(new), (f"{new}, off", "grid only, off"),
+                                                (f"{new} + {ENSEMBLE}", f"{new}, off"),
+                                                (f"{new} + {ENSEMBLE}", "grid only + box ensemble"))])
 pairs = paired_comparisons(metrics, COMPARISONS)
 
 
-def rule_holds(iters) -> bool:  # decision 3's accuracy part (its cost part: docs/benchmarks.md)
-    apr, ap = (pairs[f"{iters}: {GOAL[0]} - {GOAL[1]}, {m}"]["ci"] for m in ("APr", "AP"))
+def rule_holds(new, iters) -> bool:  # decision 3's accuracy part (its cost part: docs/benchmarks.md)
+    apr, ap = (pairs[f"{iters}: {goal(new)[0]} - {goal(new)[1]}, {m}"]["ci"] for m in ("APr", "AP"))
     return apr is not None and ap is not None and apr[0] > 0 and ap[0] >= -1
 
 
-rule = {str(i): rule_holds(i) for i in ITERS}
-accurate = all(rule.values()) and {"400", "1600"} <= set(rule)
-atomic_write_json(HERE / "report.json", {
-    "weights": {k: {str(i): w for i, w in v.items()} for k, v in WEIGHTS.items()}, "metrics": metrics, "pairs": pairs,
-    "rule (vs grid only off: AP_r CI above 0, AP lower bound >= -1)": rule, "accuracy part holds": accurate})
-print(kinds_console(WEIGHTS, metrics, pairs))
+rule = {new: {str(i): rule_holds(new, i) for i in WEIGHTS[new]} for new in DESIGNS}
+accurate = {new: all(rule[new].values()) and {"400", "1600"} <= set(rule[new]) for new in DESIGNS}
+save_kinds_report(HERE / "report.json", WEIGHTS, metrics, pairs,
+                  {"rule (vs grid only off: AP_r CI above 0, AP lower bound >= -1)": rule, "accuracy part holds": accurate})
 print(f"rule: {rule}; accuracy part at 400 and 1600: {accurate}")
 
 if args.doc:
     from gridclip_lab.utils.doc_sections import write_section
 
-    lines = ["## A separate distilled head and an ensemble without a frozen CLIP (ViLD's ensembling; issue 23)", "",
+    lines = ["## A distilled head and an ensemble without a frozen CLIP (ViLD's ensembling; issue 23)", "",
              "*Generated by `python results/region_distill_head/report.py --doc docs/results.md` (plan and rule: "
              "`results/region_distill_head/PLAN.md`).* The kept models of `gridclip-lab study --variants \"grid only + "
              "region distillation (separate head) + ensemble\"` (`model.region_distill=10`, 32 proposals per image, "
-             "`model.region_distill_head=separate`) and of grid only, trained in one session on one CPU, seeds 0, 1, 2, "
-             "each on world0's val with the ensemble off and with its ensemble: grid only with the frozen-CLIP box "
-             "ensemble, the separate head with the distilled ensemble (`model.clip_ensemble=distilled`, box "
-             "candidates, centerness outside; no frozen CLIP at inference); weights chosen on world1's val per model "
-             "kind and schedule. Box AP x100, mean ± sd over seeds; differences paired by seed, mean [95 % CI].", "",
+             "`model.region_distill_head=separate`: ViLD's image head on the shared classification tower), of its "
+             "addendum's variant `... (probe head) + ensemble` (`region_distill_head=probe`: the same conv reading the "
+             "tower without gradient into it) and of grid only, trained in one session on one CPU, seeds 0, 1, 2, each "
+             "on world0's val with the ensemble off and with its ensemble: grid only with the frozen-CLIP box ensemble, "
+             "the distilled heads with the distilled ensemble (`model.clip_ensemble=distilled`, box candidates, "
+             "centerness outside; no frozen CLIP at inference); weights chosen on world1's val per model kind and "
+             "schedule. Box AP x100, mean ± sd over seeds; differences paired by seed, mean [95 % CI].", "",
              *weight_lines(WEIGHTS, markdown=True), "",
              *evaluation_table(metrics, str), "", *difference_lines(pairs), ""]
-    for iters in ITERS:
-        key = f"{iters}: {GOAL[0]} - {GOAL[1]}"
-        lines.append(novel_goal_line(GOAL[0], iters, pairs[f"{key}, APr"], pairs[f"{key}, AP"]))
-        lines.append(f"* rule for recommending it, accuracy part (against grid only off: AP_r's CI above 0, AP's "
-                     f"lower bound ≥ −1), {iters} iterations: **{'holds' if rule[str(iters)] else 'fails'}** "
-                     f"(AP_r {difference(pairs[key + ', APr'])}, AP {difference(pairs[key + ', AP'])})")
+    for new in DESIGNS:
+        for iters in WEIGHTS[new]:
+            key = f"{iters}: {goal(new)[0]} - {goal(new)[1]}"
+            lines.append(novel_goal_line(goal(new)[0], iters, pairs[f"{key}, APr"], pairs[f"{key}, AP"]))
+            lines.append(f"* rule for recommending the {new}, accuracy part (against grid only off: AP_r's CI above 0, "
+                         f"AP's lower bound ≥ −1), {iters} iterations: **{'holds' if rule[new][str(iters)] else 'fails'}**"
+                         f" (AP_r {difference(pairs[key + ', APr'])}, AP {difference(pairs[key + ', AP'])})")
+        lines.append(f"* {new}: accuracy part at 400 and 1600 iterations: **{'holds' if accurate[new] else 'fails'}**")
     write_section(args.doc, "region-distill-head", "\n".join(lines))
     print(f"wrote section region-distill-head of {args.doc}")

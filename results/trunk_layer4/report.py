@@ -8,8 +8,8 @@ evaluations cached beside each study's runs; writes report.json here)."""
 import argparse
 from pathlib import Path
 
-from gridclip.utils.atomic import atomic_write_json
-from gridclip_lab.study.ensemble_selection import (chosen_setting, evaluate_kinds_off_and_boxed, kinds_console,
+from gridclip_lab.study.ensemble_selection import (GRID_ONLY_BOX_SELECTIONS, chosen_setting, evaluate_kinds_off_and_boxed,
+                                                   save_kinds_report,
                                                        weight_lines)
 from gridclip_lab.study.report_lines import (difference, difference_lines, evaluation_table,
                                              novel_goal_line, paired_comparisons)
@@ -24,7 +24,7 @@ SEEDS, ITERS = (0, 1, 2), (400, 1600)
 world = Path("runs/world0")
 NEW = "layer4 only"
 
-WEIGHTS = {"grid only": {it: chosen_setting(Path("results/ensemble_w_novel") / f"selection_{it}" / "selection.json")
+WEIGHTS = {"grid only": {it: chosen_setting(Path(GRID_ONLY_BOX_SELECTIONS) / f"selection_{it}" / "selection.json")
                          for it in ITERS},
            NEW: {it: chosen_setting(HERE / f"selection_{it}" / "selection.json") for it in ITERS}}
 MODELS = {"grid only": (a.baseline, "grid only + ensemble"), NEW: (a.layer4, "layer4 only + ensemble")}
@@ -42,11 +42,8 @@ def within_a_point(iters) -> bool:
 
 
 accuracy_rule = {str(i): within_a_point(i) for i in ITERS}
-atomic_write_json(HERE / "report.json", {"weights": {k: {str(i): w for i, w in v.items()} for k, v in WEIGHTS.items()},
-                                         "metrics": metrics, "pairs": pairs,
-                                         "accuracy rule (lower CI bounds of AP_r and AP vs grid only + box "
-                                         "ensemble >= -1)": accuracy_rule})
-print(kinds_console(WEIGHTS, metrics, pairs))
+save_kinds_report(HERE / "report.json", WEIGHTS, metrics, pairs,
+                  {"accuracy rule (lower CI bounds of AP_r and AP vs grid only + box ensemble >= -1)": accuracy_rule})
 print(f"accuracy rule: {accuracy_rule}")
 
 if a.doc:

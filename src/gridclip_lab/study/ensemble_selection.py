@@ -284,6 +284,25 @@ def chosen_setting(selection_json: str | Path) -> Setting:
     return json.loads(Path(selection_json).read_text())["chosen"]
 
 
+def chosen_settings(folder: str | Path, prefix: str = "selection", iters: Sequence[int] = (400, 1600)) -> dict[int, Setting]:
+    """Each schedule's setting chosen by the selections written as ``<folder>/<prefix>_<iters>/selection.json``
+    (schedules without one are left out): ``{iters: setting}``."""
+    paths = {i: Path(folder) / f"{prefix}_{i}" / "selection.json" for i in iters}
+    return {i: chosen_setting(path) for i, path in paths.items() if path.is_file()}
+
+
+GRID_ONLY_BOX_SELECTIONS = "results/ensemble_w_novel"  # grid only's box-ensemble choices (selection_<iters>/)
+
+
+def save_kinds_report(path: str | Path, weights: dict[str, dict[int, Setting]], metrics: dict, pairs: dict,
+                      rules: dict) -> None:
+    """A report on kinds of kept models: its JSON (each kind's settings per schedule, the metrics, the paired
+    differences, then ``rules``) written to ``path``, and its console lines (:func:`kinds_console`) printed."""
+    atomic_write_json(Path(path), {"weights": {k: {str(i): w for i, w in v.items()} for k, v in weights.items()},
+                                   "metrics": metrics, "pairs": pairs, **rules})
+    print(kinds_console(weights, metrics, pairs))
+
+
 def kept_runs(folder: str | Path) -> dict[tuple[str, int, int], dict]:
     """A study's finished runs, ``(variant, seed, iters) -> result.json`` with its folder as ``dir``."""
     runs = [json.loads(p.read_text()) | {"dir": p.parent} for p in sorted(Path(folder).glob("*/result.json"))]
