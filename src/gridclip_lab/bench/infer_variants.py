@@ -172,7 +172,10 @@ def render(data: dict[str, Any]) -> str:
                 if any(r["variant"] == ROUTED for r in data["results"]) else "")
              + (f" `{ROUTED_OTHER}`: the same file with a vocabulary of the K - {ROUTED_CUSTOM} other names only "
                 "(the start model's part runs alone)."
-                if any(r["variant"] == ROUTED_OTHER for r in data["results"]) else ""), "",
+                if any(r["variant"] == ROUTED_OTHER for r in data["results"]) else "")
+             + (" `distilled ensemble`: the same box ensemble with p_clip from the detector's own distilled head "
+                "(`model.clip_ensemble=distilled`; a probe head computes the same): no frozen CLIP runs."
+                if any(r["variant"].endswith("distilled ensemble") for r in data["results"]) else ""), "",
              f"| variant | median s / image |{' images/s |' if cuda else ''} vs {REFERENCE} | per round | "
              "re-scored (boxes) |", "|---|---|" + ("---|" if cuda else "") + "---|---|---|"]
     for r in data["results"]:
