@@ -12,6 +12,7 @@ from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.ops import box_iou, clip_boxes_to_image, nms, roi_align
 
 from gridclip import GridCLIP
+from gridclip.export import DenseGridCLIP
 from gridclip.model import region_distill
 from gridclip.model.head import run_tower
 from helpers import ensemble_test_model
@@ -282,6 +283,9 @@ def test_the_checkpoint_keeps_the_separate_head_and_its_ensemble_runs_no_frozen_
     loaded.frozen_clip.trunk.register_forward_hook(lambda *_: calls.append(1))
     images = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(6))]
     assert len(loaded(images)[0]["scores"]) > 0 and calls == []
+    with pytest.raises(ValueError, match=r"ONNX export does not include the distilled ensemble") as error:
+        DenseGridCLIP(loaded)
+    assert "\n" not in str(error.value)
     loaded.set_clip_ensemble(clip_ensemble="dense")
     loaded(images)
     assert calls  # the frozen-CLIP ensemble does run it
