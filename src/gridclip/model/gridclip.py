@@ -454,17 +454,15 @@ class GridCLIP(FCOS):
         if self.training:
             extra: dict[str, Tensor] = {}
             distill = self.cfg.region_distill > 0
-            separate = self.cfg.region_distill_head in DISTILLED_HEADS
-            probe = self.cfg.region_distill_head == "probe"  # no distillation gradient into the tower
             embeddings = None
             if self.training_hook is not None:
                 head_outputs, extra, targets = self.training_hook(self, image_list, features, cells, anchors, targets)
-            elif distill:  # the head's forward, keeping the embeddings it distils
+            elif distill:  # the head's forward, keeping the tower (and the scored embeddings) for the distillation
                 cls_head = self.head.classification_head
                 towers = cls_head.towers(features, cells)
                 scored = cls_head.embeddings(features, cells, towers)
-                embeddings = cls_head.distilled_embeddings(features, cells, [t.detach() for t in towers] if probe
-                                                           else towers) if separate else scored
+                embeddings = scored if self.cfg.region_distill_head == "shared" else \
+                    self.distillation_embeddings(features, cells, towers)
                 regression, ctrness = self.head.regression_head(features, cells)
                 head_outputs = {"cls_logits": cls_head.logits(scored), "bbox_regression": regression,
                                 "bbox_ctrness": ctrness}
@@ -472,10 +470,7 @@ class GridCLIP(FCOS):
                 head_outputs = self.head(features, cells)
             if distill:
                 if embeddings is None:
-                    cls_head = self.head.classification_head
-                    embeddings = cls_head.distilled_embeddings(
-                        features, cells, [t.detach() for t in cls_head.towers(features, cells)] if probe else None) \
-                        if separate else cls_head.embeddings(features, cells)
+                    embeddings = self.distillation_embeddings(features, cells)
                 extra["loss_region"] = self.cfg.region_distill * self.region_distillation_loss(
                     image_list, features, cells, anchors, head_outputs, embeddings, targets)
             fcos = self.compute_loss(targets, head_outputs, anchors, num_per_level, self.loss_padding(features, cells))
@@ -563,6 +558,18 @@ class GridCLIP(FCOS):
         if image_sizes is not None:
             c5 = GridCLIPBackbone._mask(c5, [(round(h * upsample), round(w * upsample)) for h, w in image_sizes], stride)
         return c5, stride, pool
+
+    def distillation_embeddings(self, features: list[Tensor], cells, towers: list[Tensor] | None = None) -> Tensor:
+        """The per-location embeddings region distillation trains (``model.region_distill_head``): the scored ones
+        (shared), or the distilled conv's on the classification tower (separate), on the tower without gradient
+        into it (probe). ``towers``: the head's :meth:`~CLIPClassificationHead.towers`, when already computed."""
+        cls_head = self.head.classification_head
+        if self.cfg.region_distill_head == "shared":
+            return cls_head.embeddings(features, cells, towers)
+        towers = cls_head.towers(features, cells) if towers is None else towers
+        if self.cfg.region_distill_head == "probe":
+            towers = [t.detach() for t in towers]
+        return cls_head.distilled_embeddings(features, cells, towers)
 
     def region_distillation_loss(self, image_list, features: list[Tensor], cells, anchors: list[Tensor],
                                  head_outputs: dict[str, Tensor], embeddings: Tensor,
