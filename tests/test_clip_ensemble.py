@@ -227,38 +227,45 @@ def _independent_p_clip(model, c5, boxes, distilled=None):
     AttentionPool2d on torchvision's RoIAlign (roi), or the value path as 1x1 convs averaged in the box (dense);
     from the candidates' own ``distilled`` embeddings [n, D] (distilled)."""
     text = F.normalize(model.vocabulary.embeddings, dim=-1)
-    if model.cfg.clip_ensemble == "distilled":
-        return (model.clip_logit_scale * F.normalize(distilled, dim=-1) @ text.t()).softmax(-1)
+    mode = model.cfg.clip_ensemble
+    if mode in ("distilled", "dense+distilled"):
+        p_distilled = (model.clip_logit_scale * F.normalize(distilled, dim=-1) @ text.t()).softmax(-1)
+        if mode == "distilled":
+            return p_distilled
     frozen_pool = model.backbone.grid_pool if model.frozen_clip is None else model.frozen_clip.pool
     pool = AttentionPool2d(frozen_pool.spatial_dim, frozen_pool.positional_embedding.shape[1],
                            frozen_pool.num_heads, frozen_pool.output_dim)
     pool.load_state_dict(frozen_pool.state_dict())
-    if model.cfg.clip_ensemble == "dense":
+    if mode in ("dense", "dense+distilled"):
         dense = F.conv2d(F.conv2d(c5, pool.v_proj.weight[:, :, None, None], pool.v_proj.bias),
                          pool.c_proj.weight[:, :, None, None], pool.c_proj.bias)
         emb = roi_align(dense, [boxes], 7, spatial_scale=1 / 32, sampling_ratio=2, aligned=True).mean(dim=(2, 3))
     else:
         emb = pool(roi_align(c5, [boxes], frozen_pool.spatial_dim, spatial_scale=1 / 32, sampling_ratio=2,
                              aligned=True))
-    return (model.clip_logit_scale * F.normalize(emb, dim=-1) @ text.t()).softmax(-1)
+    p_frozen = (model.clip_logit_scale * F.normalize(emb, dim=-1) @ text.t()).softmax(-1)
+    return (p_frozen * p_distilled).sqrt() if mode == "dense+distilled" else p_frozen
 
 
 @pytest.mark.parametrize("mode,novel_score,centerness", [("roi", "name", "inside"), ("dense", "name", "inside"),
                                                          ("dense", "objectness", "inside"),
                                                          ("roi", "name", "outside"),
-                                                         ("distilled", "name", "outside")])
+                                                         ("distilled", "name", "outside"),
+                                                         ("dense+distilled", "name", "outside")])
 @torch.no_grad()
 def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode, novel_score, centerness):
     """ensemble_candidates=box (F-VLM's candidate set) against a brute-force reference: every location's
     every name scored, the locations whose best name passes the threshold, every name re-scored by the
     geometric mean there (objectness: a name without boxes takes the location's best score as p_det), the
     pairs that pass, torchvision's batched NMS. "distilled": p_clip from the separate distilled head's embedding at
-    each candidate's location (region_distill_head=separate), the embedding conv applied to the tower here."""
+    each candidate's location (region_distill_head=separate), the embedding conv applied to the tower here;
+    "dense+distilled": the geometric mean of that and the dense frozen-CLIP score."""
     from torchvision.ops import batched_nms
 
     from gridclip.model.backbone import level_cells
 
-    distilled_head = {"region_distill": 10.0, "region_distill_head": "separate"} if mode == "distilled" else {}
+    reads_distilled = mode in ("distilled", "dense+distilled")
+    distilled_head = {"region_distill": 10.0, "region_distill_head": "separate"} if reads_distilled else {}
     model = _model(tiny_cfg, clip_ensemble=mode, ensemble_candidates="box", ensemble_weight_base=0.3,
                    ensemble_weight_novel=0.7, ensemble_novel_score=novel_score, ensemble_centerness=centerness,
                    **distilled_head)
@@ -278,7 +285,7 @@ def test_box_candidates_score_every_name_on_every_box(tiny_cfg, mode, novel_scor
     c5 = model.frozen_clip.trunk(image_list.tensors)[-1]
     cls_head = model.head.classification_head
     distilled_all = torch.cat([cls_head.distill_embed(cls_head.conv(f)).flatten(2)[0].t() for f in features]) \
-        if mode == "distilled" else torch.zeros(anchors.shape[0], 1)
+        if reads_distilled else torch.zeros(anchors.shape[0], 1)
     ctr_all = torch.sigmoid(dense.bbox_ctrness[0])  # [N, 1]
     p_all = torch.sigmoid(dense.logit_scale * dense.vectors[0] @ dense.text.t() + dense.logit_bias) * ctr_all
     boxes, scores, labels, gated_out = [], [], [], 0

@@ -289,6 +289,14 @@ def test_the_checkpoint_keeps_the_separate_head_and_its_ensemble_runs_no_frozen_
     loaded.set_clip_ensemble(clip_ensemble="dense")
     loaded(images)
     assert calls  # the frozen-CLIP ensemble does run it
+    frozen_counted = loaded.inference_parameter_count()
+    calls.clear()
+    loaded.set_clip_ensemble(clip_ensemble="dense+distilled", ensemble_candidates="box")
+    assert len(loaded(images)[0]["scores"]) > 0 and calls  # both: the frozen CLIP and the distilled conv
+    assert loaded.inference_parameter_count() == frozen_counted + sum(
+        p.numel() for p in loaded.head.classification_head.distill_embed.parameters())
+    with pytest.raises(ValueError, match=r"ONNX export does not include the frozen-CLIP and distilled ensemble"):
+        DenseGridCLIP(loaded)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -304,6 +312,10 @@ def test_the_checkpoint_keeps_the_separate_head_and_its_ensemble_runs_no_frozen_
      r"model\.clip_ensemble=distilled needs a model trained with model\.region_distill_head=separate or probe"),
     ({"clip_ensemble": "distilled", "region_distill": 1.0, "region_distill_head": "separate"},
      r"model\.clip_ensemble=distilled needs model\.ensemble_candidates=box"),
+    ({"clip_ensemble": "dense+distilled", "ensemble_candidates": "box"},
+     r"model\.clip_ensemble=dense\+distilled needs a model trained with model\.region_distill_head=separate or probe"),
+    ({"clip_ensemble": "dense+distilled", "region_distill": 1.0, "region_distill_head": "probe"},
+     r"model\.clip_ensemble=dense\+distilled needs model\.ensemble_candidates=box"),
 ])
 def test_bad_values_are_refused_in_one_line(tiny_cfg, overrides, message):
     with pytest.raises(ValueError, match=message) as error:

@@ -116,8 +116,8 @@ class GridCLIPConfig:
     # attnpool's value path on every C5 cell (MaskCLIP), averaged in the box. ensemble_upsample: the
     # frozen trunk's input scale; ensemble_box_scale: each box enlarged about its centre. "distilled": p_clip from
     # the separate distilled head's embedding at each candidate's location (region_distill_head "separate", box
-    # candidates): no frozen CLIP runs at inference.
-    clip_ensemble: Literal["off", "roi", "dense", "distilled"] = "off"
+    # candidates): no frozen CLIP runs at inference. "dense+distilled": both, p_clip = sqrt(p_dense * p_distilled).
+    clip_ensemble: Literal["off", "roi", "dense", "distilled", "dense+distilled"] = "off"
     ensemble_weight_base: float = 0.35
     ensemble_weight_novel: float = 0.65
     ensemble_upsample: float = 1.0

@@ -90,7 +90,8 @@ class DenseGridCLIP(nn.Module):
         if not getattr(model.cfg, "grid_align", True):
             raise ValueError("ONNX export needs a grid-aligned (open-vocabulary) model; grid_align is off")
         if getattr(model.cfg, "clip_ensemble", "off") != "off":
-            kind = "distilled" if model.cfg.clip_ensemble == "distilled" else "frozen-CLIP"
+            kind = {"distilled": "distilled", "dense+distilled": "frozen-CLIP and distilled"}.get(
+                model.cfg.clip_ensemble, "frozen-CLIP")
             raise ValueError(f"ONNX export does not include the {kind} ensemble (model.clip_ensemble="
                              f"{model.cfg.clip_ensemble}); export a model with model.clip_ensemble=off")
         tuned = getattr(model, "tuned_names", None)

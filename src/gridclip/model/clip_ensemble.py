@@ -7,6 +7,7 @@ For each candidate (box, class) of the FCOS head before NMS:
     "distilled": e = the detector's distilled embedding at the candidate's location (ViLD's image head, trained
              by region distillation; box candidates only): no frozen CLIP runs at inference
     p_clip = softmax_k(logit_scale * cos(e, t_k))[class]
+    "dense+distilled": p_clip = sqrt(p_clip(dense) * p_clip(distilled)), both CLIP-side scores with equal weights
     score  = p_det^(1 - w) * p_clip^w,  w = w_base for names trained with boxes, else w_novel
 
 C5_frozen is the original CLIP trunk's, computed on the (optionally upsampled) image; boxes may be
@@ -22,8 +23,9 @@ from torchvision.ops import roi_align
 
 from gridclip.model.backbone import GridAttentionPool
 
-MODES = ("roi", "dense", "distilled")
-FROZEN_MODES = ("roi", "dense")  # the modes that run the frozen CLIP at inference
+MODES = ("roi", "dense", "distilled", "dense+distilled")
+FROZEN_MODES = ("roi", "dense", "dense+distilled")  # the modes that run the frozen CLIP at inference
+DISTILLED_MODES = ("distilled", "dense+distilled")  # the modes that read the detector's distilled embeddings
 
 
 class FrozenCLIP(nn.Module):
@@ -126,7 +128,7 @@ class CLIPEnsemble:
         self.spatial_scale = upsample / stride
         self.box_scale, self.text, self.logit_scale = box_scale, text, logit_scale
         self.weights = torch.where(trained, torch.tensor(float(w_base)), torch.tensor(float(w_novel))).to(text.device)
-        self._dense = dense_embeddings(c5, pool) if mode == "dense" else None
+        self._dense = dense_embeddings(c5, pool) if mode in ("dense", "dense+distilled") else None
         if novel_score not in ("name", "objectness"):
             raise ValueError(f"model.ensemble_novel_score: expected name or objectness, got {novel_score!r}")
         self.trained = trained.to(text.device)
@@ -151,14 +153,20 @@ class CLIPEnsemble:
                   embeddings: Tensor | None = None) -> Tensor:
         """[n, K]: the ensemble score of every name on each of one image's boxes (``p_det`` [n, K] the
         detector's sqrt(p_cls p_ctr), ``p_ctr`` [n] the centerness probabilities, ``embeddings`` [n, D] the
-        candidates' own embeddings in place of the frozen CLIP's, mode "distilled"); with ``novel_score``
+        candidates' distilled embeddings: in place of the frozen CLIP's with mode "distilled", beside them with
+        "dense+distilled"); with ``novel_score``
         objectness the names not trained with boxes take each box's best p_det instead; with
         ``centerness`` outside the ensemble combines p_cls and p_clip, and sqrt(. p_ctr) follows."""
         if boxes.numel() == 0:
             return p_det
+        if self.mode in DISTILLED_MODES and embeddings is None:
+            raise ValueError(f"model.clip_ensemble={self.mode}: the candidates' distilled embeddings are needed "
+                             "(box candidates only, model.ensemble_candidates=box)")
         if embeddings is None:
             embeddings = self.embeddings(image_index, boxes)
         p_clip = clip_probabilities(embeddings, self.text, self.logit_scale)
+        if self.mode == "dense+distilled":
+            p_clip = (p_clip * clip_probabilities(self.embeddings(image_index, boxes), self.text, self.logit_scale)).sqrt()
         if self.novel_objectness:
             p_det = torch.where(self.trained[None, :], p_det, p_det.max(dim=1, keepdim=True).values)
         if self.centerness_outside:
@@ -171,6 +179,9 @@ class CLIPEnsemble:
 
     @torch.no_grad()
     def __call__(self, image_index: int, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
+        if self.mode in DISTILLED_MODES:
+            raise ValueError(f"model.clip_ensemble={self.mode}: the candidates' distilled embeddings are needed "
+                             "(box candidates only, model.ensemble_candidates=box)")
         if boxes.numel() == 0:
             return scores
         # the candidates of one location (one per class) share its box: each distinct box is scored once

@@ -30,7 +30,7 @@ from gridclip.clip.text import TextEncoder
 from gridclip.clip.vocabulary import TunedNames, Vocabulary, parse_vocabulary
 from gridclip.config import GridCLIPConfig
 from gridclip.model import inference, region_distill
-from gridclip.model.clip_ensemble import FROZEN_MODES, CLIPEnsemble, FrozenCLIP, roi_embeddings
+from gridclip.model.clip_ensemble import DISTILLED_MODES, FROZEN_MODES, CLIPEnsemble, FrozenCLIP, roi_embeddings
 from gridclip.model.backbone import (CLIPResNetTrunk, GridAttentionPool, cells_mask, level_cells, nominal_stride,
                                      shared_trunk_level, valid_cells)
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
@@ -196,12 +196,12 @@ def _check_ensemble(cfg: GridCLIPConfig) -> None:
     for field in ("ensemble_weight_base", "ensemble_weight_novel"):
         if not 0 <= getattr(cfg, field) <= 1:
             raise ValueError(f"model.{field}: expected a weight in [0, 1], got {getattr(cfg, field)}")
-    if cfg.clip_ensemble == "distilled":
+    if cfg.clip_ensemble in DISTILLED_MODES:
         if cfg.region_distill_head not in DISTILLED_HEADS:
-            raise ValueError("model.clip_ensemble=distilled needs a model trained with model.region_distill_head="
-                             f"separate or probe (got {cfg.region_distill_head})")
+            raise ValueError(f"model.clip_ensemble={cfg.clip_ensemble} needs a model trained with "
+                             f"model.region_distill_head=separate or probe (got {cfg.region_distill_head})")
         if cfg.ensemble_candidates != "box":
-            raise ValueError("model.clip_ensemble=distilled needs model.ensemble_candidates=box "
+            raise ValueError(f"model.clip_ensemble={cfg.clip_ensemble} needs model.ensemble_candidates=box "
                              f"(got {cfg.ensemble_candidates})")
     for field, value in (("ensemble_novel_score", "objectness"), ("ensemble_centerness", "outside")):
         if getattr(cfg, field) == value and cfg.ensemble_candidates != "box":
@@ -433,9 +433,9 @@ class GridCLIP(FCOS):
     def inference_parameter_count(self) -> int:
         """Parameters used at inference: everything but the image-alignment projector (and the frozen CLIP
         copy unless a frozen-CLIP ensemble is on: region distillation keeps it for training; and the distilled
-        head unless the "distilled" ensemble is on)."""
+        head unless an ensemble that reads it is on)."""
         unused = ("projector.",) + (("frozen_clip.",) if self.cfg.clip_ensemble not in FROZEN_MODES else ()) \
-            + (("head.classification_head.distill_embed.",) if self.cfg.clip_ensemble != "distilled" else ())
+            + (("head.classification_head.distill_embed.",) if self.cfg.clip_ensemble not in DISTILLED_MODES else ())
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(unused))
 
     # -------------------------------------------------------------------------------------------- forward
@@ -609,8 +609,8 @@ class GridCLIP(FCOS):
             return DenseOutputs(regression, ctrness, num_per_level, cls_logits=cls_head(features, cells))
         towers = cls_head.towers(features, cells)
         vectors, text = cls_head.scoring_vectors(features, cells, towers=towers)
-        distilled = cls_head.distilled_embeddings(features, cells, towers) if self.cfg.clip_ensemble == "distilled" \
-            else None
+        reads_distilled = self.cfg.clip_ensemble in DISTILLED_MODES
+        distilled = cls_head.distilled_embeddings(features, cells, towers) if reads_distilled else None
         return DenseOutputs(regression, ctrness, num_per_level, vectors=vectors, text=text,
                             logit_scale=cls_head.logit_scale.exp(), logit_bias=cls_head.logit_bias, distilled=distilled)
 

@@ -28,7 +28,8 @@ from typing import Any, Callable, Sequence
 from gridclip.utils.atomic import atomic_write_json
 
 MODES = ("dense", "roi")  # the rule's grid, cheapest first
-GEOMETRY_MODES = ("distilled",) + MODES  # what --geometry may fix, cheapest first ("distilled": no frozen CLIP)
+# what --geometry may fix, cheapest first ("distilled": no frozen CLIP; "dense+distilled": both scores)
+GEOMETRY_MODES = ("distilled",) + MODES + ("dense+distilled",)
 UPSAMPLES = (1.0, 2.0)
 BOX_SCALES = (1.0, 1.5)
 W_NOVEL = (0.35, 0.5, 0.65, 0.8)
