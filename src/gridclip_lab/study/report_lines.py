@@ -59,11 +59,16 @@ def difference_lines(pairs: Mapping[str, Mapping]) -> list[str]:
     return lines
 
 
-def novel_goal_line(design: str, iters, d_apr: Mapping, d_ap: Mapping) -> str:
-    """Issue 23's novel-name goal for one schedule, from ``design`` − grid only's paired differences: AP_r
-    >= +5 with its CI above 0, and AP's CI not below 0."""
-    met = d_apr["mean"] >= 5 and d_apr["ci"] is not None and d_apr["ci"][0] > 0 and d_ap["ci"] is not None \
+def novel_goal_met(d_apr: Mapping, d_ap: Mapping) -> bool:
+    """Issue 23's novel-name goal, from a design − grid only's paired differences (x100): AP_r >= +5 with its CI
+    above 0, and AP's CI not below 0."""
+    return d_apr["mean"] >= 5 and d_apr["ci"] is not None and d_apr["ci"][0] > 0 and d_ap["ci"] is not None \
         and d_ap["ci"][1] >= 0
+
+
+def novel_goal_line(design: str, iters, d_apr: Mapping, d_ap: Mapping) -> str:
+    """Issue 23's novel-name goal for one schedule (:func:`novel_goal_met`), as a line of a results section."""
+    met = novel_goal_met(d_apr, d_ap)
     return (f"* goal ({design} − grid only: AP_r ≥ +5 with the CI above 0, AP's CI not below 0), {iters} iterations: "
             f"**{'met' if met else 'not met'}** (AP_r {difference(d_apr)}, AP {difference(d_ap)})")
 
