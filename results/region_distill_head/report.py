@@ -84,7 +84,9 @@ if args.doc:
              "tower without gradient into it) and of grid only, trained in one session on one CPU, seeds 0, 1, 2, each "
              "on world0's val with the ensemble off and with its ensemble: grid only with the frozen-CLIP box ensemble, "
              "the distilled heads with the distilled ensemble (`model.clip_ensemble=distilled`, box candidates, "
-             "centerness outside; no frozen CLIP at inference); weights chosen on world1's val per model kind and "
+             "centerness outside; no frozen CLIP at inference) and, the plan's addendum 2, with both the frozen CLIP's "
+             "dense box score and the distilled head's (`model.clip_ensemble=dense+distilled`, p_clip = sqrt(p_dense "
+             "p_distilled)); weights chosen on world1's val per model kind and "
              "schedule. Box AP x100, mean ± sd over seeds; differences paired by seed, mean [95 % CI].", "",
              *weight_lines(WEIGHTS, markdown=True), "",
              *evaluation_table(metrics, str), "", *difference_lines(pairs), ""]
