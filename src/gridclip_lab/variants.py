@@ -87,6 +87,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "grid only + region distillation (separate head) + distilled ensemble": {
         "image_align": False, "region_distill": 10.0, "region_distill_boxes": 32, "region_distill_head": "separate",
         **ENSEMBLE_SETTINGS, "clip_ensemble": "distilled", "ensemble_candidates": "box", "ensemble_centerness": "outside"},
+    # its addendum 2: the frozen CLIP's dense box score and the distilled head's together (bench-infer: its cost)
+    "grid only + region distillation (separate head) + frozen and distilled ensemble": {
+        "image_align": False, "region_distill": 10.0, "region_distill_boxes": 32, "region_distill_head": "separate",
+        **ENSEMBLE_SETTINGS, "clip_ensemble": "dense+distilled", "ensemble_candidates": "box",
+        "ensemble_centerness": "outside"},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
     # results/trunk_layer4/: only the trunk's layer4 trains (and the attention pool), so the ensemble's frozen
@@ -138,6 +143,8 @@ LABELS: dict[str, str] = {
     "grid only + region distillation (separate head) + distilled ensemble": "grid only + region distillation into a "
                                                                              "separate head, ensembled with it at "
                                                                              "inference (no frozen CLIP there)",
+    "grid only + region distillation (separate head) + frozen and distilled ensemble": (
+        "grid only + region distillation into a separate head, ensembled at inference with it and the frozen CLIP"),
     "frozen trunk": "grid only, frozen CLIP trunk and attnpool",
     "frozen trunk + ensemble": "frozen trunk + frozen-CLIP ensemble (F-VLM)",
 }
