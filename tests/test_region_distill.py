@@ -132,6 +132,31 @@ def test_with_a_separate_head_each_loss_trains_its_own_embedding(tiny_cfg):
     assert head.distill_embed.weight.grad is None or not head.distill_embed.weight.grad.any()
 
 
+@pytest.mark.parametrize("fraction", [0.3, 0.0])
+def test_the_tower_takes_the_chosen_fraction_of_the_distillation_gradient(tiny_cfg, fraction):
+    """region_distill_tower: the same loss (forward unchanged, bit for bit) and the same gradient into the distilled
+    conv; the shared tower's gradient from the distillation is that fraction of the separate head's, the focal
+    loss's is untouched."""
+    full = _model(tiny_cfg, region_distill_head="separate")
+    scaled = _model(tiny_cfg, region_distill_head="separate", region_distill_tower=fraction)
+    scaled.load_state_dict(full.state_dict())
+    images, targets = _batch()
+    grads = {}
+    for name, model in (("full", full), ("scaled", scaled)):
+        losses = model(images, targets)
+        losses["loss_region"].backward(retain_graph=True)
+        head = model.head.classification_head
+        grads[name] = (losses["loss_region"].detach(), head.conv[0].weight.grad.clone(),
+                       head.distill_embed.weight.grad.clone())
+        model.zero_grad(set_to_none=True)
+        losses["loss_grid"].backward()
+        grads[name] += (head.conv[0].weight.grad.clone(),)
+    (loss_f, tower_f, distill_f, focal_f), (loss_s, tower_s, distill_s, focal_s) = grads["full"], grads["scaled"]
+    assert torch.equal(loss_s, loss_f) and torch.equal(distill_s, distill_f) and torch.equal(focal_s, focal_f)
+    assert tower_f.abs().sum() > 0
+    torch.testing.assert_close(tower_s, fraction * tower_f, rtol=1e-4, atol=1e-4 * float(tower_f.abs().max()))
+
+
 def test_a_probe_head_leaves_the_detector_as_trained_without_distillation(tiny_cfg):
     """region_distill_head=probe: only the distilled conv learns from the distillation, so two training steps
     leave every other parameter bit-identical to those of the same model trained without distillation."""
@@ -308,6 +333,10 @@ def test_the_checkpoint_keeps_the_separate_head_and_its_ensemble_runs_no_frozen_
     ({"region_distill_head": "probe"}, r"model\.region_distill_head=probe needs model\.region_distill > 0"),
     ({"region_distill": 1.0, "region_distill_head": "both"},
      r"model\.region_distill_head: expected shared, separate or probe"),
+    ({"region_distill": 1.0, "region_distill_head": "separate", "region_distill_tower": 1.5},
+     r"model\.region_distill_tower: expected a fraction in \[0, 1\], got 1\.5"),
+    ({"region_distill": 1.0, "region_distill_head": "probe", "region_distill_tower": 0.5},
+     r"model\.region_distill_tower=0\.5 needs model\.region_distill_head=separate \(got probe"),
     ({"clip_ensemble": "distilled", "ensemble_candidates": "box"},
      r"model\.clip_ensemble=distilled needs a model trained with model\.region_distill_head=separate or probe"),
     ({"clip_ensemble": "distilled", "region_distill": 1.0, "region_distill_head": "separate"},

@@ -109,6 +109,9 @@ class GridCLIPConfig:
     # the focal loss alone, and clip_ensemble "distilled" reads it at inference (results/region_distill_head/);
     # "probe": that conv reads the tower without gradient into it, so the detector trains as without distillation
     region_distill_head: Literal["shared", "separate", "probe"] = "shared"
+    # with region_distill_head "separate": the fraction of the distillation's gradient the shared classification tower
+    # takes (1: ViLD's shared tower; the distilled conv always takes all of it; results/region_distill_head/)
+    region_distill_tower: float = 1.0
     # Frozen-CLIP ensemble at inference (F-VLM): each candidate box before NMS is scored by the frozen
     # CLIP (see gridclip.model.clip_ensemble) and p = p_det^(1-w) * p_clip^w, w = ensemble_weight_base
     # for ensemble_trained_names (recorded by training: the names trained with boxes), else

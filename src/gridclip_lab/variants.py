@@ -83,6 +83,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "grid only + region distillation (probe head) + ensemble": {"image_align": False, "region_distill": 10.0,
                                                                "region_distill_boxes": 32, "region_distill_head": "probe",
                                                                **ENSEMBLE_SETTINGS},
+    # its addendum 3: the separate head with a fraction of the distillation's gradient into the tower (λ chosen on
+    # world1 among 0.1 and 0.3; the probe is λ = 0)
+    **{f"grid only + region distillation (separate head, tower x {tower:g}) + ensemble": {
+        "image_align": False, "region_distill": 10.0, "region_distill_boxes": 32, "region_distill_head": "separate",
+        "region_distill_tower": tower, **ENSEMBLE_SETTINGS} for tower in (0.1, 0.3)},
     # the same model as `gridclip detect` runs it with the distilled ensemble (bench-infer: its cost)
     "grid only + region distillation (separate head) + distilled ensemble": {
         "image_align": False, "region_distill": 10.0, "region_distill_boxes": 32, "region_distill_head": "separate",
@@ -140,6 +145,9 @@ LABELS: dict[str, str] = {
                                                                      "head (ViLD's image head), + frozen-CLIP ensemble",
     "grid only + region distillation (probe head) + ensemble": "grid only + region distillation into a probe of the "
                                                                "classification tower, + frozen-CLIP ensemble",
+    **{f"grid only + region distillation (separate head, tower x {tower:g}) + ensemble": (
+        f"grid only + region distillation into a separate head, {tower:g} of its gradient into the tower, "
+        "+ frozen-CLIP ensemble") for tower in (0.1, 0.3)},
     "grid only + region distillation (separate head) + distilled ensemble": "grid only + region distillation into a "
                                                                              "separate head, ensembled with it at "
                                                                              "inference (no frozen CLIP there)",

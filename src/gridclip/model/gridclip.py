@@ -178,6 +178,11 @@ def _check_region_distill(cfg: GridCLIPConfig) -> None:
     if cfg.region_distill_head in DISTILLED_HEADS and not cfg.region_distill > 0:
         raise ValueError(f"model.region_distill_head={cfg.region_distill_head} needs model.region_distill > 0 (the "
                          "distillation is what trains that head)")
+    if isinstance(cfg.region_distill_tower, bool) or not 0 <= cfg.region_distill_tower <= 1:
+        raise ValueError(f"model.region_distill_tower: expected a fraction in [0, 1], got {cfg.region_distill_tower!r}")
+    if cfg.region_distill_tower != 1 and cfg.region_distill_head != "separate":
+        raise ValueError(f"model.region_distill_tower={cfg.region_distill_tower:g} needs model.region_distill_head="
+                         f"separate (got {cfg.region_distill_head}; the probe takes none of the gradient, shared all)")
 
 
 def _needs_frozen_clip(cfg: GridCLIPConfig) -> bool:
@@ -561,14 +566,18 @@ class GridCLIP(FCOS):
 
     def distillation_embeddings(self, features: list[Tensor], cells, towers: list[Tensor] | None = None) -> Tensor:
         """The per-location embeddings region distillation trains (``model.region_distill_head``): the scored ones
-        (shared), or the distilled conv's on the classification tower (separate), on the tower without gradient
-        into it (probe). ``towers``: the head's :meth:`~CLIPClassificationHead.towers`, when already computed."""
+        (shared), or the distilled conv's on the classification tower (separate; ``model.region_distill_tower`` the
+        fraction of its gradient the tower takes), on the tower without gradient into it (probe). ``towers``: the
+        head's :meth:`~CLIPClassificationHead.towers`, when already computed."""
         cls_head = self.head.classification_head
         if self.cfg.region_distill_head == "shared":
             return cls_head.embeddings(features, cells, towers)
         towers = cls_head.towers(features, cells) if towers is None else towers
         if self.cfg.region_distill_head == "probe":
             towers = [t.detach() for t in towers]
+        elif self.cfg.region_distill_tower != 1:  # same values forward; backward, the tower's gradient x fraction
+            fraction = self.cfg.region_distill_tower
+            towers = [t.detach() + fraction * (t - t.detach()) for t in towers]
         return cls_head.distilled_embeddings(features, cells, towers)
 
     def region_distillation_loss(self, image_list, features: list[Tensor], cells, anchors: list[Tensor],
