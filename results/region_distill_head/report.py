@@ -128,6 +128,16 @@ if args.doc:
     for iters in both_weights:  # addendum 2
         key = f"{iters}: probe head + {BOTH} - grid only, off"
         lines.append(novel_goal_line(f"probe head + {BOTH}", iters, pairs[f"{key}, APr"], pairs[f"{key}, AP"]))
+    if choice.is_file():  # addendum 3's choice, on world1's val only
+        chosen = json.loads(choice.read_text())
+        lines.append("* addendum 3, the fraction λ of the distillation's gradient into the tower "
+                     "(`model.region_distill_tower`, separate head), chosen on world1's val with the seed-0 models and "
+                     "their `dense+distilled` ensembles: " + "; ".join(
+                         f"λ {t}: AP_r {m['400']['APr']:.1f} / {m['1600']['APr']:.1f}, AP {m['400']['AP']:.1f} / "
+                         f"{m['1600']['AP']:.1f} (400 / 1600)"
+                         for t, m in chosen["world1 metrics (x100) of each chosen ensemble"].items())
+                     + f"; **chosen λ = {chosen['chosen tower fraction']:g}**"
+                     + (" (the probe: nothing more runs on world0)" if not TOWER else ""))
     for iters in tower_goal:  # addendum 3
         key = f"{iters}: tower x {TOWER:g} + {BOTH} - grid only, off"
         lines.append(novel_goal_line(f"tower x {TOWER:g} + {BOTH}", iters, pairs[f"{key}, APr"], pairs[f"{key}, AP"]))
