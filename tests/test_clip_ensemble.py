@@ -225,7 +225,8 @@ def test_checkpoint_records_the_ensemble_and_onnx_refuses_it(tiny_cfg, tmp_path)
 def _independent_p_clip(model, c5, boxes, distilled=None):
     """[n, K] p_clip of one image's boxes from its frozen C5 [1, C, h, w] (stride 32): open_clip's
     AttentionPool2d on torchvision's RoIAlign (roi), or the value path as 1x1 convs averaged in the box (dense);
-    from the candidates' own ``distilled`` embeddings [n, D] (distilled)."""
+    from the candidates' own ``distilled`` embeddings [n, D] (distilled); the geometric mean of the dense and the
+    distilled ones (dense+distilled)."""
     text = F.normalize(model.vocabulary.embeddings, dim=-1)
     mode = model.cfg.clip_ensemble
     if mode in ("distilled", "dense+distilled"):
