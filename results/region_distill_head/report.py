@@ -5,8 +5,8 @@ ensemble: grid only with the frozen-CLIP box ensemble (box candidates, centernes
 results/ensemble_w_novel/), the distilled heads with the distilled ensemble (weights chosen on world1's val,
 selection_<iters>/ and probe_selection_<iters>/ here), paired by seed. Addendum 2: the probe's models with both
 CLIP-side scores (`model.clip_ensemble=dense+distilled`, weights chosen on world1's val, both_selection_<iters>/).
-Addendum 3: the separate head with the fraction λ* of its gradient into the tower (tower_choice.json), with both
-ensembles (tower_<λ*>_selection_<iters>/, tower_<λ*>_distilled_selection_<iters>/).
+Addendum 3: the fraction λ of the separate head's gradient into the tower, chosen on world1 (tower_choice.json, by
+choose_tower.py): λ = 0, the probe, so no further models; the section lists the choice.
 From the repository root: `python results/region_distill_head/report.py [--doc docs/results.md]` (writes
 report.json here; evaluations cached beside the studies' runs)."""
 import argparse
@@ -23,8 +23,6 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--grid-runs", default="runs/study_grid/runs", help="grid only's kept models")
 parser.add_argument("--runs", default="runs/study_separate/runs", help="the separate head's kept models")
 parser.add_argument("--probe-runs", default="runs/study_probe/runs", help="addendum 1's kept models (probe head)")
-parser.add_argument("--tower-runs", default="runs/study_tower/runs",
-                    help="addendum 3's kept models (separate head, the chosen fraction of its gradient into the tower)")
 parser.add_argument("--doc", help="also write the section region-distill-head of this Markdown file")
 args = parser.parse_args()
 SEEDS = (0, 1, 2)
@@ -60,24 +58,7 @@ COMPARISONS = (("grid only + box ensemble", "grid only, off"),
                                                 (f"{new} + {ENSEMBLE}", "grid only + box ensemble"))])
 BOTH_COMPARISONS = ((f"probe head + {BOTH}", "grid only, off"), (f"probe head + {BOTH}", "grid only + box ensemble"),
                     (f"probe head + {BOTH}", f"probe head + {ENSEMBLE}"))
-# addendum 3: the separate head with the fraction λ* of its gradient into the tower, λ* chosen on world1
-# (choose_tower.py); its seeds' kept models gathered in --tower-runs
-choice = HERE / "tower_choice.json"
-TOWER = json.loads(choice.read_text())["chosen tower fraction"] if choice.is_file() else 0.0
-TOWER_COMPARISONS = ()
-if TOWER:
-    tower = f"tower x {TOWER:g}"
-    tower_models = {tower: (args.tower_runs, f"grid only + region distillation (separate head, {tower}) + ensemble")}
-    for label, prefix in ((BOTH, f"tower_{TOWER:g}_selection"), (ENSEMBLE, f"tower_{TOWER:g}_distilled_selection")):
-        WEIGHTS[f"{tower}, {label}"] = chosen_settings(HERE, prefix)
-        for length, by_name in evaluate_kinds_off_and_boxed(
-                tower_models, {tower: WEIGHTS[f"{tower}, {label}"]}, Path("runs/world0"), SEEDS, ITERS,
-                cache_name="region_head_report_cache.json", labels={tower: label}).items():
-            metrics.setdefault(length, {}).update(by_name)
-    TOWER_COMPARISONS = ((f"{tower} + {BOTH}", "grid only, off"), (f"{tower} + {BOTH}", f"probe head + {BOTH}"),
-                         (f"{tower}, off", "grid only, off"), (f"{tower} + {ENSEMBLE}", "grid only, off"),
-                         (f"{tower} + {ENSEMBLE}", f"probe head + {ENSEMBLE}"))
-pairs = paired_comparisons(metrics, COMPARISONS + BOTH_COMPARISONS + TOWER_COMPARISONS)
+pairs = paired_comparisons(metrics, COMPARISONS + BOTH_COMPARISONS)
 
 
 def rule_holds(new, iters) -> bool:  # decision 3's accuracy part (its cost part: docs/benchmarks.md)
@@ -89,15 +70,10 @@ rule = {new: {str(i): rule_holds(new, i) for i in WEIGHTS[new]} for new in DESIG
 accurate = {new: all(rule[new].values()) and {"400", "1600"} <= set(rule[new]) for new in DESIGNS}
 both_goal = {str(i): novel_goal_met(*(pairs[f"{i}: probe head + {BOTH} - grid only, off, {m}"] for m in ("APr", "AP")))
              for i in both_weights}
-tower_goal = {str(i): novel_goal_met(*(pairs[f"{i}: tower x {TOWER:g} + {BOTH} - grid only, off, {m}"]
-                                       for m in ("APr", "AP")))
-              for i in ITERS if f"{i}: tower x {TOWER:g} + {BOTH} - grid only, off, APr" in pairs} if TOWER else {}
 save_kinds_report(HERE / "report.json", WEIGHTS, metrics, pairs,
                   {"rule (vs grid only off: AP_r CI above 0, AP lower bound >= -1)": rule, "accuracy part holds": accurate,
-                   "addendum 2 goal (vs grid only off: AP_r >= +5 with CI above 0, AP CI not below 0)": both_goal,
-                   f"addendum 3 goal (tower x {TOWER:g}, the same goal)": tower_goal})
-print(f"rule: {rule}; accuracy part at 400 and 1600: {accurate}; addendum 2's goal: {both_goal}; "
-      f"addendum 3's (tower x {TOWER:g}): {tower_goal}")
+                   "addendum 2 goal (vs grid only off: AP_r >= +5 with CI above 0, AP CI not below 0)": both_goal})
+print(f"rule: {rule}; accuracy part at 400 and 1600: {accurate}; addendum 2's goal: {both_goal}")
 
 if args.doc:
     from gridclip_lab.utils.doc_sections import write_section
@@ -128,6 +104,7 @@ if args.doc:
     for iters in both_weights:  # addendum 2
         key = f"{iters}: probe head + {BOTH} - grid only, off"
         lines.append(novel_goal_line(f"probe head + {BOTH}", iters, pairs[f"{key}, APr"], pairs[f"{key}, AP"]))
+    choice = HERE / "tower_choice.json"
     if choice.is_file():  # addendum 3's choice, on world1's val only
         chosen = json.loads(choice.read_text())
         lines.append("* addendum 3, the fraction λ of the distillation's gradient into the tower "
@@ -137,9 +114,6 @@ if args.doc:
                          f"{m['1600']['AP']:.1f} (400 / 1600)"
                          for t, m in chosen["world1 metrics (x100) of each chosen ensemble"].items())
                      + f"; **chosen λ = {chosen['chosen tower fraction']:g}**"
-                     + (" (the probe: nothing more runs on world0)" if not TOWER else ""))
-    for iters in tower_goal:  # addendum 3
-        key = f"{iters}: tower x {TOWER:g} + {BOTH} - grid only, off"
-        lines.append(novel_goal_line(f"tower x {TOWER:g} + {BOTH}", iters, pairs[f"{key}, APr"], pairs[f"{key}, AP"]))
+                     + (" (the probe: nothing more runs on world0)" if not chosen["chosen tower fraction"] else ""))
     write_section(args.doc, "region-distill-head", "\n".join(lines))
     print(f"wrote section region-distill-head of {args.doc}")
