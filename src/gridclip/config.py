@@ -309,6 +309,15 @@ class TrainConfig:
     # precomputed per-image targets for a detector that asks for them (``training_dataset``), e.g. the
     # region embeddings ViLD-image distils (`gridclip-lab precompute-regions`)
     region_cache: str | None = None
+    # Image-level labels (Detic's weakly supervised data; results/caption_labels/PLAN.md): a JSON list of
+    # {file_name, caption} (or {file_name, names}); each step adds one batch of these images, trained with the
+    # max-size image-label loss (gridclip.model.image_labels) on the names their captions give, out of every
+    # category of data.train_json (novel ones included). Images under image_label_images (default: the JSON's
+    # folder), resized to a short side of image_label_size (null: data.train_min_sizes).
+    image_labels: str | None = None
+    image_label_images: str | None = None
+    image_label_weight: float = 0.1  # Detic's
+    image_label_size: int | None = None
     aspect_ratio_grouping: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"  # under torchrun, cuda means cuda:LOCAL_RANK
 

@@ -97,6 +97,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "image_align": False, "region_distill": 10.0, "region_distill_boxes": 32, "region_distill_head": "separate",
         **ENSEMBLE_SETTINGS, "clip_ensemble": "dense+distilled", "ensemble_candidates": "box",
         "ensemble_centerness": "outside"},
+    # results/caption_labels/: grid only + Detic's max-size image-label loss on the world's captions (the weakly
+    # supervised protocol: novel names reach training through captions, never boxes), the caption images at their
+    # own 64 px (addendum 1); the ensemble's settings as "grid only + ensemble" so the kept models are evaluated as
+    # grid only's
+    "grid only + caption labels + ensemble": {"image_align": False, "caption_labels": True,
+                                              "train.image_label_size": 64, **ENSEMBLE_SETTINGS},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
     # results/trunk_layer4/: only the trunk's layer4 trains (and the attention pool), so the ensemble's frozen
@@ -153,6 +159,8 @@ LABELS: dict[str, str] = {
                                                                              "inference (no frozen CLIP there)",
     "grid only + region distillation (separate head) + frozen and distilled ensemble": (
         "grid only + region distillation into a separate head, ensembled at inference with it and the frozen CLIP"),
+    "grid only + caption labels + ensemble": "grid only + image-level labels from the captions (Detic, max-size; "
+                                             "weakly supervised), + frozen-CLIP ensemble",
     "frozen trunk": "grid only, frozen CLIP trunk and attnpool",
     "frozen trunk + ensemble": "frozen trunk + frozen-CLIP ensemble (F-VLM)",
 }
@@ -201,7 +209,16 @@ def apply_variant(cfg: Config, variant: str, settings: dict[str, Any], num_base_
     from gridclip.clip.loader import builtin_name_of
 
     for key, value in settings.items():
-        if key == "teacher":
+        if key == "caption_labels":  # the world's captions as image-level labels (train.image_labels)
+            if value:
+                world = Path(cfg.data.train_json).parent
+                cfg.train.image_labels = str(world / "captions.json")
+                cfg.train.image_label_images = str(world / "captions" / "images")
+        elif key.startswith("train."):
+            if not hasattr(cfg.train, key[len("train."):]):
+                raise ValueError(f"variant {variant!r}: unknown training setting {key!r}")
+            setattr(cfg.train, key[len("train."):], value)
+        elif key == "teacher":
             if not isinstance(value, str) or not value:
                 raise ValueError(f"variant {variant!r}: teacher must be 'student' or a CLIP, got {value!r}")
             if value == "student":

@@ -47,10 +47,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from gridclip.checkpoint import load_weights, migrate, read_checkpoint, save_checkpoint
-from gridclip.clip.vocabulary import TunedNames
+from gridclip.clip.vocabulary import TunedNames, Vocabulary
 from gridclip.config import Config, config_to_dict, save_config
 from gridclip.data.collate import collate_detection
 from gridclip.data.datasets import build_train_dataset
+from gridclip.data.image_labels import ImageLabelData, LabelVocabulary
 from gridclip.engine import evaluate as ev
 from gridclip.engine import keep_vocab
 from gridclip.engine import state as train_state
@@ -60,6 +61,7 @@ from gridclip.engine.finetune import finetuning_config, finetuning_model
 from gridclip.engine.optim import build_optimizer, build_scheduler, warmup_length
 from gridclip.engine.teacher_cache import TeacherCache, build_teacher
 from gridclip.model import build_model
+from gridclip.model.image_labels import ImageLabelBatch
 
 logger = logging.getLogger("gridclip.train")
 
@@ -122,6 +124,19 @@ def _check_train_config(cfg: Config) -> None:
         raise ValueError(f"train.max_iters: expected a positive integer, got {t.max_iters}")
     if t.grad_clip is not None and t.grad_clip <= 0:
         raise ValueError(f"train.grad_clip: expected a positive norm or null, got {t.grad_clip}")
+    if t.image_labels:
+        if not (isinstance(t.image_label_weight, (int, float)) and math.isfinite(t.image_label_weight)
+                and t.image_label_weight > 0):
+            raise ValueError(f"train.image_label_weight: expected a positive number, got {t.image_label_weight!r}")
+        if t.image_label_size is not None and (not isinstance(t.image_label_size, int) or t.image_label_size < 1):
+            raise ValueError(f"train.image_label_size: expected a positive number of pixels or null, got {t.image_label_size!r}")
+        if t.init_from:
+            raise ValueError("train.image_labels: not available with train.init_from (fine-tuning has its own recipes)")
+        if not cfg.model.grid_align:
+            raise ValueError("train.image_labels: needs model.grid_align=true (names are scored by their text embeddings)")
+        if cfg.data.format not in ("lvis", "coco"):
+            raise ValueError(f"train.image_labels: needs data.format lvis or coco (its label vocabulary is "
+                             f"data.train_json's categories), got {cfg.data.format}")
 
 
 class Trainer:
@@ -197,6 +212,14 @@ class Trainer:
         self.finetune = keep_vocab.attach_finetune(self.model, cfg, dev, routed) if t.init_from else None
         self.teacher = None
         self.teacher_cache = None
+        self.image_labels, self.label_text = None, None
+        if t.image_labels:
+            vocabulary = LabelVocabulary.from_detection_json(cfg.data.train_json)
+            self.image_labels = ImageLabelData(t.image_labels, vocabulary, t.image_label_images)
+            self.label_text = Vocabulary.from_names(vocabulary.names, cfg.model.clip_model, cfg.model.clip_pretrained,
+                                                    encoder=model.text_encoder).embeddings.to(dev)
+            logger.info("train.image_labels: %d images with labels over %d names (weight %g)", len(self.image_labels),
+                        len(vocabulary.names), t.image_label_weight)
         if model.projector is not None:
             if t.teacher_cache:
                 self.teacher_cache = TeacherCache.load(t.teacher_cache, cfg)
@@ -316,9 +339,10 @@ class Trainer:
                     images, targets = self._to_device(images, targets)
                     torch.manual_seed(self.sampler.forward_seed(it, a))
                     sync = a == t.accumulate - 1 or not self.dist.distributed
+                    labelled = self._image_label_batch(it, a)
                     with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
                         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                            losses = self.ddp_model(images, targets)
+                            losses = self.ddp_model(images, targets, **labelled)
                         total = sum(losses.values())
                         values = self._reduce_losses(losses)
                         if not all(math.isfinite(v) for v in values.values()):
@@ -396,6 +420,18 @@ class Trainer:
             for tg, e in zip(targets, embeddings):
                 tg["teacher_embedding"] = e
         return images, targets
+
+    def _image_label_batch(self, it: int, micro: int) -> dict[str, ImageLabelBatch]:
+        """``{"image_labels": batch}`` of step ``it``'s micro-batch ``micro`` on this process ({} without
+        ``train.image_labels``): a function of the seed and those positions alone (resume, DDP)."""
+        if self.image_labels is None:
+            return {}
+        t, size = self.cfg.train, self.sampler.micro_size
+        position = ((it * t.accumulate + micro) * self.dist.world_size + self.dist.rank) * size
+        images, labels = self.image_labels.load(self.image_labels.batch_indices(t.seed, position, size))
+        dev = self.dist.device
+        return {"image_labels": ImageLabelBatch([im.to(dev) for im in images], labels.to(dev), self.label_text,
+                                                t.image_label_size, t.image_label_weight)}
 
     def _reduce_losses(self, losses: dict[str, Tensor]) -> dict[str, float]:
         """Mean of each loss over ranks (one small all-reduce; NaN on any rank reaches every rank)."""

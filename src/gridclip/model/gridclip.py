@@ -35,6 +35,7 @@ from gridclip.model.backbone import (CLIPResNetTrunk, GridAttentionPool, cells_m
                                      shared_trunk_level, valid_cells)
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.ignore import ignore_locations, padded_locations
+from gridclip.model.image_labels import ImageLabelBatch, label_loss, max_size_locations
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
 from gridclip.model.predict import predict_as_given
 from gridclip.model.transform import DetectionTransform
@@ -444,9 +445,14 @@ class GridCLIP(FCOS):
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(unused))
 
     # -------------------------------------------------------------------------------------------- forward
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
+                image_labels: ImageLabelBatch | None = None):
+        """``image_labels`` (training only): a batch of images with image-level labels and no boxes, whose
+        loss is added as ``loss_labels`` (times ``image_labels.weight``; see :meth:`image_label_loss`)."""
         if self.training:
             self._check_targets(targets)
+        elif image_labels is not None:
+            raise ValueError("image_labels: image-level labels are a training input (the model is in eval mode)")
         elif self.cfg.grid_align and self.num_classes == 0:
             raise ValueError("no vocabulary set: call model.set_vocabulary(names) first")
         original_sizes = [tuple(img.shape[-2:]) for img in images]
@@ -488,6 +494,8 @@ class GridCLIP(FCOS):
             if self.projector is not None:
                 losses["loss_image"] = c.loss_image * self.image_alignment_loss(z_global, targets)
             losses.update(extra)
+            if image_labels is not None:
+                losses["loss_labels"] = image_labels.weight * self.image_label_loss(image_labels)
             return losses
 
         rescore = self.clip_ensemble(image_list.tensors, image_list.image_sizes) if self.cfg.clip_ensemble != "off" else None
@@ -593,6 +601,33 @@ class GridCLIP(FCOS):
             c5, stride, pool = self.frozen_c5(image_list.tensors, image_list.image_sizes)
             clip_embeddings = roi_embeddings(c5, [boxes for _, boxes in picked], pool, 1 / stride)
         return region_distill.distillation_loss(embeddings, [where for where, _ in picked], clip_embeddings)
+
+    def image_label_loss(self, batch: ImageLabelBatch) -> Tensor:
+        """Detic's max-size image-label loss (:mod:`gridclip.model.image_labels`) of ``batch``, unweighted: the
+        images through the model's transform (at ``batch.size`` when given), the trunk, the pyramid and the
+        head's classification branch, scored against ``batch.text``."""
+        if not self.cfg.grid_align:
+            raise ValueError("image-level labels need model.grid_align=true (names are scored by their text embeddings)")
+        transform = self.transform
+        sizes = transform.min_size, transform.max_size
+        if batch.size is not None:
+            transform.min_size, transform.max_size = (int(batch.size),), int(batch.size)
+        try:
+            image_list, _ = transform(batch.images)
+        finally:
+            transform.min_size, transform.max_size = sizes
+        features, _ = self.backbone(image_list.tensors, image_list.image_sizes)
+        anchors = self.anchor_generator(image_list, features)
+        cells = level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]), features)
+        with torch.no_grad():
+            regression, _ = self.head.regression_head(features, cells)
+        ignored = padded_locations(cells, [tuple(f.shape[-2:]) for f in features], features[0].device)
+        where = max_size_locations(regression, anchors, image_list.image_sizes, self.box_coder, ignored)
+        cls_head = self.head.classification_head
+        embeddings = cls_head.embeddings(features, cells)
+        chosen = embeddings[torch.arange(len(where), device=where.device), where]
+        text = F.normalize(batch.text.to(chosen.device, torch.float32), dim=-1)
+        return label_loss(cls_head.logits(chosen, text), batch.labels)
 
     def clip_ensemble(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> CLIPEnsemble:
         """The frozen-CLIP re-scoring of this batch's candidates (``images``: the padded, normalised batch

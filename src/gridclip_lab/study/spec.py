@@ -32,7 +32,8 @@ KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("model", "ensemble_centerness"): "inside", ("model", "quality_target"): "centerness",
     ("model", "trainable_trunk_layers"): 5, ("model", "region_distill"): 0.0, ("model", "region_distill_boxes"): 32,
     ("model", "region_distill_where"): "all", ("model", "region_distill_head"): "shared",
-    ("model", "region_distill_tower"): 1.0,
+    ("model", "region_distill_tower"): 1.0, ("train", "image_labels"): None, ("train", "image_label_images"): None,
+    ("train", "image_label_weight"): 0.1, ("train", "image_label_size"): None,
 }
 
 
