@@ -114,6 +114,26 @@ def test_bench_train_steps_train_each_variant_as_the_study_does(shapes_world, tm
     assert train_variants.section(data) == "train-variants" and "CUDA" not in text
 
 
+def test_bench_train_steps_take_the_image_label_batch_of_a_variant_that_has_one(shapes_world, tmp_path, one_thread):
+    """A variant with image-level labels is timed with their batch in its step; the rn50 case, which has no such
+    data, refuses it in one line."""
+    import pytest
+    import torch
+
+    from gridclip_lab.bench import train_variants
+
+    name = "grid only + caption labels + ensemble"
+    step = train_variants.world_steps(shapes_world.root, (name,), tmp_path)[name]
+    model = step.trainer.model
+    seen = []
+    original = model.image_label_loss
+    model.image_label_loss = lambda batch: seen.append(batch) or original(batch)
+    assert torch.isfinite(torch.tensor(step()))
+    assert len(seen) == 1 and len(seen[0].images) == 16 and seen[0].size == 64 and seen[0].weight == 0.1
+    with pytest.raises(ValueError, match="rn50 case has only a detection batch"):
+        train_variants.rn50_steps((name,), 64, 64, 1, 5, clip_model="shapes-RN-tiny")
+
+
 def test_bench_train_cuda_results_get_their_own_section(tmp_path, capsys):
     """A CUDA result renders into train-variants-cuda with the GPU named; a device other than cpu / cuda is
     refused by name; --device cuda on a machine without one is one line and exit code 2."""

@@ -339,7 +339,7 @@ class Trainer:
                     images, targets = self._to_device(images, targets)
                     torch.manual_seed(self.sampler.forward_seed(it, a))
                     sync = a == t.accumulate - 1 or not self.dist.distributed
-                    labelled = self._image_label_batch(it, a)
+                    labelled = self.image_label_batch(it, a)
                     with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
                         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                             losses = self.ddp_model(images, targets, **labelled)
@@ -421,7 +421,7 @@ class Trainer:
                 tg["teacher_embedding"] = e
         return images, targets
 
-    def _image_label_batch(self, it: int, micro: int) -> dict[str, ImageLabelBatch]:
+    def image_label_batch(self, it: int, micro: int) -> dict[str, ImageLabelBatch]:
         """``{"image_labels": batch}`` of step ``it``'s micro-batch ``micro`` on this process ({} without
         ``train.image_labels``): a function of the seed and those positions alone (resume, DDP)."""
         if self.image_labels is None:

@@ -60,11 +60,12 @@ def world_steps(world_dir: str | Path, variants: Sequence[str], work_dir: str | 
 def _trainer_step(trainer, images, targets) -> Callable[[], float]:
     params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     clip = trainer.cfg.train.grad_clip or float("inf")
+    labelled = trainer.image_label_batch(0, 0)  # a variant with image-level labels: their batch, also fixed
 
     def step() -> float:
         trainer.optimizer.zero_grad(set_to_none=True)
         batch_images, batch_targets = trainer._to_device(images, targets)  # the teacher's forward, if any
-        total = sum(trainer.ddp_model(batch_images, batch_targets).values())
+        total = sum(trainer.ddp_model(batch_images, batch_targets, **labelled).values())
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
         trainer.optimizer.step()
@@ -81,6 +82,9 @@ def rn50_steps(variants: Sequence[str], height: int, width: int, batch: int, num
     steps = {}
     for variant in variants:
         overrides = dict(VARIANTS[variant])
+        if "caption_labels" in overrides or any(k.startswith("train.") for k in overrides):
+            raise ValueError(f"bench-train --rn50: variant {variant!r} trains with other data or training settings "
+                             "(the rn50 case has only a detection batch); measure it in the world case")
         _, steps[variant] = cases.training_step("gridclip", spec, batch, height, width, num_classes, seed,
                                                 device=device, overrides=overrides)
     return steps
