@@ -83,21 +83,21 @@ def test_bad_label_files_are_refused_in_one_line(tmp_path, content, message):
     assert "\n" not in str(e.value) and "a.json" in str(e.value)
 
 
-def _batch(model, size=None, weight=1.0):
+def _batch(model, size=None, weight=1.0, location="max_size"):
     g = torch.Generator().manual_seed(3)
     images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 48, 64, generator=g)]  # the second is padded
     labels = torch.tensor([[1.0, 0, 0, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0]])
     text = torch.randn(7, model.clip_dim, generator=g)
-    return ImageLabelBatch(images, labels, text, size, weight)
+    return ImageLabelBatch(images, labels, text, size, weight, location)
 
 
-@pytest.mark.parametrize("size", [None, 64])
-def test_the_loss_equals_a_reference_computation(tiny_cfg, size):
-    """From the definition with torchvision's ops: the head's full forward scored against the label vocabulary,
-    every real location's box decoded by FCOS's coder and clipped, the largest one's logits, BCE summed over names
-    and averaged over images."""
+@pytest.mark.parametrize("size, location", [(None, "max_size"), (64, "max_size"), (None, "max_score")])
+def test_the_loss_equals_a_reference_computation(tiny_cfg, size, location):
+    """From the definition with torchvision's ops: the head's full forward scored against the label vocabulary;
+    max_size: every real location's box decoded by FCOS's coder and clipped, the largest one's logits; max_score:
+    each name's largest logit over the real locations; BCE summed over names and averaged over images."""
     model = ensemble_test_model(tiny_cfg, image_align=False).train()
-    batch = _batch(model, size)
+    batch = _batch(model, size, location=location)
     torch.manual_seed(11)
     loss = model.image_label_loss(batch)
 
@@ -134,8 +134,11 @@ def test_the_loss_equals_a_reference_computation(tiny_cfg, size):
         if size is None:
             assert padded.any()  # the case has padding to skip
         area[padded] = -1
-        best = int(area.argmax())
-        total = total + F.binary_cross_entropy_with_logits(out["cls_logits"][i, best], batch.labels[i], reduction="sum")
+        if location == "max_size":
+            logits = out["cls_logits"][i, int(area.argmax())]
+        else:
+            logits = torch.stack([out["cls_logits"][i, ~padded, k].max() for k in range(batch.labels.shape[1])])
+        total = total + F.binary_cross_entropy_with_logits(logits, batch.labels[i], reduction="sum")
     assert torch.allclose(loss, total / 2, rtol=1e-5, atol=1e-6)
 
 
@@ -215,23 +218,25 @@ def test_a_run_with_image_labels_resumes_bit_identically(tiny_root, tmp_path, on
 
 @pytest.mark.parametrize("train_settings, message", [
     ({"image_label_weight": 0}, "train.image_label_weight: expected a positive number"),
+    ({"image_label_location": "centre"}, "image_label_location: expected one of max_size, max_score"),
     ({"image_label_size": 0}, "train.image_label_size: expected a positive number of pixels"),
     ({"init_from": "model.pt"}, "not available with train.init_from"),
 ])
 def test_bad_settings_are_refused_in_one_line(tiny_root, tmp_path, train_settings, message):
     from gridclip.engine.train import train
 
-    cfg = _labelled_config(tiny_root, tmp_path, **train_settings)
     with pytest.raises(ValueError, match=message) as e:
-        train(cfg, tmp_path / "run", max_iters=1, progress=False)
+        train(_labelled_config(tiny_root, tmp_path, **train_settings), tmp_path / "run", max_iters=1, progress=False)
     assert "\n" not in str(e.value)
 
 
-def test_the_study_variant_reads_the_world_captions(shapes_world):
+@pytest.mark.parametrize("name, location", [("grid only + caption labels + ensemble", "max_size"),
+                                            ("grid only + caption labels (max score) + ensemble", "max_score")])
+def test_the_study_variants_read_the_world_captions(shapes_world, name, location):
     from gridclip_lab.variants import VARIANTS, apply_variant, world_config
 
-    name = "grid only + caption labels + ensemble"
     cfg = apply_variant(world_config(shapes_world.root), name, VARIANTS[name], 10)
     assert cfg.train.image_labels == str(shapes_world.root / "captions.json")
     assert cfg.train.image_label_images == str(shapes_world.root / "captions" / "images")
     assert cfg.train.image_label_size == 64 and not cfg.model.image_align
+    assert cfg.train.image_label_location == location

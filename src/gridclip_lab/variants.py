@@ -103,6 +103,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # grid only's
     "grid only + caption labels + ensemble": {"image_align": False, "caption_labels": True,
                                               "train.image_label_size": 64, **ENSEMBLE_SETTINGS},
+    # its addendum 3: each name's logit is its maximum over the image's locations (multiple-instance learning)
+    "grid only + caption labels (max score) + ensemble": {"image_align": False, "caption_labels": True,
+                                                          "train.image_label_size": 64,
+                                                          "train.image_label_location": "max_score",
+                                                          **ENSEMBLE_SETTINGS},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
     # results/trunk_layer4/: only the trunk's layer4 trains (and the attention pool), so the ensemble's frozen
@@ -161,6 +166,9 @@ LABELS: dict[str, str] = {
         "grid only + region distillation into a separate head, ensembled at inference with it and the frozen CLIP"),
     "grid only + caption labels + ensemble": "grid only + image-level labels from the captions (Detic, max-size; "
                                              "weakly supervised), + frozen-CLIP ensemble",
+    "grid only + caption labels (max score) + ensemble": "grid only + image-level labels from the captions, each "
+                                                         "name at the location that scores it highest (weakly "
+                                                         "supervised), + frozen-CLIP ensemble",
     "frozen trunk": "grid only, frozen CLIP trunk and attnpool",
     "frozen trunk + ensemble": "frozen trunk + frozen-CLIP ensemble (F-VLM)",
 }

@@ -61,7 +61,7 @@ from gridclip.engine.finetune import finetuning_config, finetuning_model
 from gridclip.engine.optim import build_optimizer, build_scheduler, warmup_length
 from gridclip.engine.teacher_cache import TeacherCache, build_teacher
 from gridclip.model import build_model
-from gridclip.model.image_labels import ImageLabelBatch
+from gridclip.model.image_labels import LOCATIONS, ImageLabelBatch
 
 logger = logging.getLogger("gridclip.train")
 
@@ -130,6 +130,9 @@ def _check_train_config(cfg: Config) -> None:
             raise ValueError(f"train.image_label_weight: expected a positive number, got {t.image_label_weight!r}")
         if t.image_label_size is not None and (not isinstance(t.image_label_size, int) or t.image_label_size < 1):
             raise ValueError(f"train.image_label_size: expected a positive number of pixels or null, got {t.image_label_size!r}")
+        if t.image_label_location not in LOCATIONS:
+            raise ValueError(f"train.image_label_location: expected one of {', '.join(LOCATIONS)}, "
+                             f"got {t.image_label_location!r}")
         if t.init_from:
             raise ValueError("train.image_labels: not available with train.init_from (fine-tuning has its own recipes)")
         if not cfg.model.grid_align:
@@ -431,7 +434,7 @@ class Trainer:
         images, labels = self.image_labels.load(self.image_labels.batch_indices(t.seed, position, size))
         dev = self.dist.device
         return {"image_labels": ImageLabelBatch([im.to(dev) for im in images], labels.to(dev), self.label_text,
-                                                t.image_label_size, t.image_label_weight)}
+                                                t.image_label_size, t.image_label_weight, t.image_label_location)}
 
     def _reduce_losses(self, losses: dict[str, Tensor]) -> dict[str, float]:
         """Mean of each loss over ranks (one small all-reduce; NaN on any rank reaches every rank)."""

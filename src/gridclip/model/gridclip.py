@@ -35,7 +35,8 @@ from gridclip.model.backbone import (CLIPResNetTrunk, GridAttentionPool, cells_m
                                      shared_trunk_level, valid_cells)
 from gridclip.model.head import CLIPClassificationHead, GridCLIPHead
 from gridclip.model.ignore import ignore_locations, padded_locations
-from gridclip.model.image_labels import ImageLabelBatch, label_loss, max_size_locations
+from gridclip.model.image_labels import (LOCATIONS, ImageLabelBatch, label_loss, max_over_locations,
+                                         max_size_locations)
 from gridclip.model.postprocess import DenseOutputs, PostProcess, PyramidAnchorGenerator, fcos_anchor_generator
 from gridclip.model.predict import predict_as_given
 from gridclip.model.transform import DetectionTransform
@@ -619,14 +620,18 @@ class GridCLIP(FCOS):
         features, _ = self.backbone(image_list.tensors, image_list.image_sizes)
         anchors = self.anchor_generator(image_list, features)
         cells = level_cells(image_list.image_sizes, tuple(image_list.tensors.shape[-2:]), features)
-        with torch.no_grad():
-            regression, _ = self.head.regression_head(features, cells)
         ignored = padded_locations(cells, [tuple(f.shape[-2:]) for f in features], features[0].device)
-        where = max_size_locations(regression, anchors, image_list.image_sizes, self.box_coder, ignored)
         cls_head = self.head.classification_head
         embeddings = cls_head.embeddings(features, cells)
+        text = F.normalize(batch.text.to(embeddings.device, torch.float32), dim=-1)
+        if batch.location == "max_score":
+            return label_loss(max_over_locations(cls_head.logits(embeddings, text), ignored), batch.labels)
+        if batch.location != "max_size":
+            raise ValueError(f"image_labels.location: expected one of {LOCATIONS}, got {batch.location!r}")
+        with torch.no_grad():
+            regression, _ = self.head.regression_head(features, cells)
+        where = max_size_locations(regression, anchors, image_list.image_sizes, self.box_coder, ignored)
         chosen = embeddings[torch.arange(len(where), device=where.device), where]
-        text = F.normalize(batch.text.to(chosen.device, torch.float32), dim=-1)
         return label_loss(cls_head.logits(chosen, text), batch.labels)
 
     def clip_ensemble(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None) -> CLIPEnsemble:

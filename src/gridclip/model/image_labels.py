@@ -2,11 +2,16 @@
 for images that come with the names of what they show and no boxes (``train.image_labels``;
 results/caption_labels/PLAN.md).
 
-    location:  per image, the location whose decoded box (clipped to the image) is the largest: Detic's
-               max-size proposal, here among the detector's own dense boxes (no gradient through the choice)
-    loss:      sigmoid binary cross-entropy of that location's class logits over the whole label vocabulary,
-               the image's names positive and every other name negative, summed over names and averaged over
-               images (Detic's image-label loss); only the classification branch and what lies below it learn
+    location:  max_size (Detic's): per image, the location whose decoded box (clipped to the image) is the
+               largest, Detic's max-size proposal among the detector's own dense boxes (no gradient through the
+               choice); max_score: per name, the image's location that scores it highest (global max pooling of
+               the per-location logits, multiple-instance learning as in Oquab et al., CVPR 2015; for a name of the
+               image, YOLO9000's rule for classification images and Detic's "max-score")
+    loss:      sigmoid binary cross-entropy of those logits over the whole label vocabulary, the image's names
+               positive and every other name negative, summed over names and averaged over images (Detic's
+               image-label loss); only the classification branch and what lies below it learn
+
+results/caption_labels/PLAN.md (addendum 3) says why the second exists.
 """
 from __future__ import annotations
 
@@ -17,18 +22,22 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import boxes as box_ops
 
+LOCATIONS = ("max_size", "max_score")
+
 
 @dataclass
 class ImageLabelBatch:
     """One micro-batch of image-labelled data: float CHW ``images`` in [0, 1], ``labels`` [B, K] multi-hot over
     the label vocabulary, ``text`` [K, D] its text embeddings, ``size`` the short side they are resized to
-    (None: the detection batches' sizes), ``weight`` the loss's weight (Detic's 0.1)."""
+    (None: the detection batches' sizes), ``weight`` the loss's weight (Detic's 0.1), ``location`` which logits
+    the loss reads (:data:`LOCATIONS`)."""
 
     images: list[Tensor]
     labels: Tensor
     text: Tensor
     size: int | None = None
     weight: float = 1.0
+    location: str = "max_size"
 
 
 @torch.no_grad()
@@ -44,6 +53,14 @@ def max_size_locations(regression: Tensor, anchors: list[Tensor], image_sizes: l
             area = area.masked_fill(ignored[i], -1.0)
         out.append(area.argmax())
     return torch.stack(out)
+
+
+def max_over_locations(logits: Tensor, ignored: Tensor | None = None) -> Tensor:
+    """``[N, K]``: each name's largest logit over the locations of ``logits`` [N, L, K] (``ignored`` [N, L]:
+    locations left out, the batch's padding)."""
+    if ignored is not None:
+        logits = logits.masked_fill(ignored[..., None], float("-inf"))
+    return logits.amax(dim=1)
 
 
 def label_loss(logits: Tensor, labels: Tensor) -> Tensor:
