@@ -1,6 +1,6 @@
 """PLAN.md addendum 2, a diagnostic on training captions and world1's val only: (1) the pyramid level of the max-size
-location on world0's first 1024 caption images for the seed-0 caption models; (2) grid only's and the caption models'
-detections on world1's val (ensemble off, seeds 0-2, 400 and 1600 iterations where kept), their error kinds
+location on world0's first 1024 caption images for the seed-0 max-size caption models; (2) grid only's and the
+caption models' (both designs) detections on world1's val (ensemble off, seeds 0-2, 400 and 1600 iterations where kept), their error kinds
 (results/novel_on_base/) and the AP recovered by removing each kind, or every box larger than the world's largest
 object. From the repository root: `python results/caption_labels/diagnose.py` (writes diagnose.json here; evaluations
 cached in runs/study_captions/diagnose_cache.json)."""
@@ -27,7 +27,10 @@ from gridclip_lab.study.spec import StudySpec, run_config
 HERE = Path(__file__).parent
 WORLD, HELD_OUT = Path("runs/world0"), Path("runs/world1")
 MODELS = {"grid only": (Path("runs/study_grid/runs"), "grid only + ensemble"),
-          "caption labels": (Path("runs/study_captions/runs"), "grid only + caption labels + ensemble")}
+          "caption labels": (Path("runs/study_captions/runs"), "grid only + caption labels + ensemble"),
+          # addendum 3's design, diagnosed the same way (held out)
+          "caption labels (max score)": (Path("runs/study_captions_mil/runs"),
+                                         "grid only + caption labels (max score) + ensemble")}
 SEEDS, ITERS, METRICS = (0, 1, 2), (400, 1600), ("AP", "APr", "APc", "APf")
 LARGEST_OBJECT = 64  # pixels at the world's 128 px: the world draws objects of at most 48
 CAPTION_IMAGES = 1024
@@ -119,8 +122,10 @@ for name, (folder, variant) in MODELS.items():
                       f"{levels[str(iters)]}", flush=True)
 
 parts = ["as detected", *(f"without {k}" for k in FALSE_POSITIVE_KINDS), "without boxes larger than any object"]
-pairs = paired_comparisons(metrics, [(f"caption labels, {p}", f"grid only, {p}") for p in parts]
-                           + [(f"{n}, {p}", f"{n}, as detected") for n in MODELS for p in parts[1:]])
+pairs = paired_comparisons(metrics, [(f"{n}, {p}", f"grid only, {p}") for n in list(MODELS)[1:] for p in parts
+                                     if any(f"{n}, {p}" in by_name for by_name in metrics.values())]
+                           + [(f"{n}, {p}", f"{n}, as detected") for n in MODELS for p in parts[1:]
+                              if any(f"{n}, {p}" in by_name for by_name in metrics.values())])
 atomic_write_json(HERE / "diagnose.json", {"held_out": "world1 val", "ensemble": "off", "levels": levels,
                                            "kinds": kinds_count, "metrics": metrics, "pairs": pairs})
 for k, d in pairs.items():

@@ -604,9 +604,10 @@ class GridCLIP(FCOS):
         return region_distill.distillation_loss(embeddings, [where for where, _ in picked], clip_embeddings)
 
     def image_label_loss(self, batch: ImageLabelBatch) -> Tensor:
-        """Detic's max-size image-label loss (:mod:`gridclip.model.image_labels`) of ``batch``, unweighted: the
-        images through the model's transform (at ``batch.size`` when given), the trunk, the pyramid and the
-        head's classification branch, scored against ``batch.text``."""
+        """The image-label loss of ``batch`` (:mod:`gridclip.model.image_labels`; ``batch.location``: Detic's
+        max-size location or each name's max over locations), unweighted: the images through the model's transform
+        (at ``batch.size`` when given), the trunk, the pyramid and the head's classification branch, scored against
+        ``batch.text``."""
         if not self.cfg.grid_align:
             raise ValueError("image-level labels need model.grid_align=true (names are scored by their text embeddings)")
         transform = self.transform
