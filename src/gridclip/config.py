@@ -318,9 +318,11 @@ class TrainConfig:
     image_label_images: str | None = None
     image_label_weight: float = 0.1  # Detic's
     image_label_size: int | None = None
-    # which logits the image-label loss reads: max_size (Detic's: the largest predicted box's location) or
-    # max_score (per name, the location that scores it highest: multiple-instance learning with max pooling)
-    image_label_location: Literal["max_size", "max_score"] = "max_size"
+    # which logits the image-label loss reads: max_score (per name, the location that scores it highest:
+    # multiple-instance learning with max pooling) or max_size (Detic's: the largest predicted box's location).
+    # max_score is the default: on the shape world's captions it met the novel-name goal, max_size cost AP
+    # (results/caption_labels/PLAN.md, outcome)
+    image_label_location: Literal["max_size", "max_score"] = "max_score"
     aspect_ratio_grouping: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"  # under torchrun, cuda means cuda:LOCAL_RANK
 

@@ -102,7 +102,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # own 64 px (addendum 1); the ensemble's settings as "grid only + ensemble" so the kept models are evaluated as
     # grid only's
     "grid only + caption labels + ensemble": {"image_align": False, "caption_labels": True,
-                                              "train.image_label_size": 64, **ENSEMBLE_SETTINGS},
+                                              "train.image_label_size": 64, "train.image_label_location": "max_size",
+                                              **ENSEMBLE_SETTINGS},
     # its addendum 3: each name's logit is its maximum over the image's locations (multiple-instance learning)
     "grid only + caption labels (max score) + ensemble": {"image_align": False, "caption_labels": True,
                                                           "train.image_label_size": 64,

@@ -37,7 +37,7 @@ class ImageLabelBatch:
     text: Tensor
     size: int | None = None
     weight: float = 1.0
-    location: str = "max_size"
+    location: str = "max_score"
 
 
 @torch.no_grad()

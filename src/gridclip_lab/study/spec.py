@@ -34,7 +34,7 @@ KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("model", "region_distill_where"): "all", ("model", "region_distill_head"): "shared",
     ("model", "region_distill_tower"): 1.0, ("train", "image_labels"): None, ("train", "image_label_images"): None,
     ("train", "image_label_weight"): 0.1, ("train", "image_label_size"): None,
-    ("train", "image_label_location"): "max_size",
+    ("train", "image_label_location"): "max_size",  # what the first caption runs computed (not the schema's default)
 }
 
 
