@@ -179,6 +179,10 @@ def run_key(cfg: Config, world_dir: str | Path, cache: dict[str, str] | None = N
     for (section, name), default in KEY_NEUTRAL_DEFAULTS.items():
         if values.get(section, {}).get(name, default) == default:
             values.get(section, {}).pop(name, None)
+    # the image-label settings act only with train.image_labels (a run without it computes the same whatever they say)
+    if not cfg.train.image_labels:
+        for name in ("image_label_images", "image_label_weight", "image_label_size", "image_label_location"):
+            values["train"].pop(name, None)
     # training's record of the names it trained with boxes (the trainer writes it into the run's
     # config.yaml): an output of the run, not one of its inputs
     values["model"].pop("ensemble_trained_names", None)
