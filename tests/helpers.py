@@ -128,6 +128,21 @@ def tiny_config_dict(root: Path, **train) -> dict:
     }
 
 
+def write_image_labels(root: Path, path: Path) -> Path:
+    """A ``train.image_labels`` file for the tiny world under ``root``: each training image with a caption naming
+    the categories of its boxes ("a photo of blue circle and red square"); its images are the world's."""
+    world = Path(root) / "world"
+    meta = json.loads((world / "train.json").read_text())
+    names = {c["id"]: c["name"] for c in meta["categories"]}
+    objects: dict = {}
+    for a in meta["annotations"]:
+        objects.setdefault(a["image_id"], set()).add(names[a["category_id"]])
+    entries = [{"file_name": im["file_name"], "caption": "a photo of " + " and ".join(sorted(objects.get(im["id"], [])))}
+               for im in meta["images"]]
+    Path(path).write_text(json.dumps(entries))
+    return Path(path)
+
+
 def tiny_config(root: Path, **train) -> Config:
     return config_from_dict(tiny_config_dict(root, **train))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gridclip.engine import state as train_state
-from helpers import subprocess_env, tiny_config, write_config
+from helpers import subprocess_env, tiny_config, write_config, write_image_labels
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.multiprocess]
 
@@ -34,12 +34,18 @@ sys.exit(main(["train", "--config", config, "--out", out, "--max-iters", "3", "-
 '''
 
 
-def test_torchrun_two_processes_match_one_process(tiny_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("labelled", [False, True], ids=["boxes", "boxes and image labels"])
+def test_torchrun_two_processes_match_one_process(tiny_root, tmp_path, monkeypatch, labelled):
+    """With ``train.image_labels`` too: each rank takes the label images of its own positions, which are the
+    accumulation steps' of one process."""
     from gridclip.checkpoint import load_checkpoint
     from gridclip.engine.train import train
 
     monkeypatch.setenv("GRIDCLIP_CACHE", str(tmp_path / "cache"))
     settings = dict(batch_size=4, checkpoint_every=2, keep_checkpoints=3)
+    if labelled:
+        settings.update(image_labels=str(write_image_labels(tiny_root, tmp_path / "labels.json")),
+                        image_label_images=str(tiny_root / "world" / "images"), image_label_size=48)
     config = write_config(tiny_root, **settings)  # accumulate 1 x 2 processes: micro-batches of 2
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
@@ -68,6 +74,7 @@ def test_torchrun_two_processes_match_one_process(tiny_root, tmp_path, monkeypat
 
     single = train(tiny_config(tiny_root, accumulate=2, **settings), tmp_path / "single", max_iters=3,
                    progress=False, step_callback=capture)
+    assert ("loss_labels" in single["losses"]) == labelled
     ddp_grads = torch.load(dump, weights_only=True)
     assert ddp_grads.keys() == grads.keys()
     for name, g in grads.items():

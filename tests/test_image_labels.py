@@ -15,7 +15,7 @@ from torchvision.ops import box_area, clip_boxes_to_image
 
 from gridclip.data.image_labels import ImageLabelData, LabelVocabulary
 from gridclip.model.image_labels import ImageLabelBatch, max_size_locations
-from helpers import CATEGORIES, ensemble_test_model, state_dicts_equal, tiny_config
+from helpers import CATEGORIES, ensemble_test_model, state_dicts_equal, tiny_config, write_image_labels
 
 
 def _vocabulary(*entries):
@@ -177,17 +177,8 @@ def test_it_trains_the_classification_branch_only_and_adds_its_weighted_loss(tin
 
 
 def _labelled_config(root, tmp_path, **train):
-    world = root / "world"
-    meta = json.loads((world / "train.json").read_text())
-    names = {c["id"]: c["name"] for c in meta["categories"]}
-    objects: dict = {}
-    for a in meta["annotations"]:
-        objects.setdefault(a["image_id"], set()).add(names[a["category_id"]])
-    entries = [{"file_name": im["file_name"], "caption": "a photo of " + " and ".join(sorted(objects.get(im["id"], [])))}
-               for im in meta["images"]]
-    (tmp_path / "captions.json").write_text(json.dumps(entries))
-    return tiny_config(root, image_labels=str(tmp_path / "captions.json"), image_label_images=str(world / "images"),
-                       **train)
+    labels = write_image_labels(root, tmp_path / "captions.json")
+    return tiny_config(root, image_labels=str(labels), image_label_images=str(root / "world" / "images"), **train)
 
 
 def test_a_run_with_image_labels_resumes_bit_identically(tiny_root, tmp_path, one_thread):
