@@ -311,8 +311,8 @@ class TrainConfig:
     region_cache: str | None = None
     # Image-level labels (Detic's weakly supervised data; results/caption_labels/PLAN.md): a JSON list of
     # {file_name, caption} (or {file_name, names}); each step adds one batch of these images, trained with the
-    # max-size image-label loss (gridclip.model.image_labels) on the names their captions give, out of every
-    # category of data.train_json (novel ones included). Images under image_label_images (default: the JSON's
+    # image-label loss (gridclip.model.image_labels, image_label_location) on the names their captions give, out of
+    # every category of data.train_json (novel ones included). Images under image_label_images (default: the JSON's
     # folder), resized to a short side of image_label_size (null: data.train_min_sizes).
     image_labels: str | None = None
     image_label_images: str | None = None

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -60,14 +61,10 @@ class LabelVocabulary:
         """Indices of the names whose name or a synonym occurs in ``text`` as whole words (case-insensitive)."""
         return [k for k, pattern in enumerate(self._patterns) if pattern.search(text)]
 
-    @property
+    @cached_property
     def _patterns(self) -> list[re.Pattern]:
-        cached = self.__dict__.get("_compiled")
-        if cached is None:
-            cached = [re.compile(r"(?<!\w)(?:" + "|".join(re.escape(s.lower()).replace(r"\ ", r"\s+") for s in syns)
-                                 + r")(?!\w)", re.IGNORECASE) for syns in self.synonyms]
-            object.__setattr__(self, "_compiled", cached)
-        return cached
+        return [re.compile(r"(?<!\w)(?:" + "|".join(re.escape(s.lower()).replace(r"\ ", r"\s+") for s in syns)
+                           + r")(?!\w)", re.IGNORECASE) for syns in self.synonyms]
 
 
 class ImageLabelData:
@@ -114,6 +111,7 @@ class ImageLabelData:
         self.labels = torch.zeros(len(labels), len(vocabulary.names), dtype=torch.float32)
         for row, found in enumerate(labels):
             self.labels[row, found] = 1.0
+        self._order, self._order_epoch = None, None  # the permutation of the pass batch_indices is in
 
     def __len__(self) -> int:
         return len(self.files)
@@ -124,13 +122,44 @@ class ImageLabelData:
         out, n = [], len(self)
         for p in range(position, position + size):
             epoch, offset = divmod(p, n)
-            if self.__dict__.get("_order_epoch") != epoch:
+            if self._order_epoch != epoch:
                 g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
                 self._order, self._order_epoch = torch.randperm(n, generator=g), epoch
             out.append(int(self._order[offset]))
         return out
 
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        """``(float CHW image in [0, 1], labels [K])`` of entry ``index``."""
+        return to_float_image(load_image(self.files[index])), self.labels[index]
+
     def load(self, indices: Sequence[int]) -> tuple[list[Tensor], Tensor]:
         """``(float CHW images in [0, 1], labels [B, K])`` of the entries ``indices``."""
-        images = [to_float_image(load_image(self.files[i])) for i in indices]
-        return images, self.labels[list(indices)]
+        return collate_labelled([self[i] for i in indices])
+
+
+class LabelledBatches:
+    """The batch sampler of a training run's image-labelled stream: for each step from ``start`` to ``total`` and
+    each of its ``accumulate`` micro-batches, this process's ``size`` entries (:meth:`ImageLabelData.batch_indices`
+    at position ((step * accumulate + micro) * world_size + rank) * size)."""
+
+    def __init__(self, data: ImageLabelData, seed: int, start: int, total: int, size: int, *, accumulate: int = 1,
+                 rank: int = 0, world_size: int = 1):
+        self.data, self.seed, self.start, self.total, self.size = data, seed, start, total, size
+        self.accumulate, self.rank, self.world_size = accumulate, rank, world_size
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        position = ((step * self.accumulate + micro) * self.world_size + self.rank) * self.size
+        return self.data.batch_indices(self.seed, position, self.size)
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            for micro in range(self.accumulate):
+                yield self.indices(step, micro)
+
+    def __len__(self) -> int:
+        return (self.total - self.start) * self.accumulate
+
+
+def collate_labelled(samples: Sequence[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], Tensor]:
+    """``[(image, labels [K])]`` -> ``(images, labels [B, K])``."""
+    return [image for image, _ in samples], torch.stack([labels for _, labels in samples])

@@ -51,7 +51,7 @@ from gridclip.clip.vocabulary import TunedNames, Vocabulary
 from gridclip.config import Config, config_to_dict, save_config
 from gridclip.data.collate import collate_detection
 from gridclip.data.datasets import build_train_dataset
-from gridclip.data.image_labels import ImageLabelData, LabelVocabulary
+from gridclip.data.image_labels import ImageLabelData, LabelledBatches, LabelVocabulary, collate_labelled
 from gridclip.engine import evaluate as ev
 from gridclip.engine import keep_vocab
 from gridclip.engine import state as train_state
@@ -313,6 +313,10 @@ class Trainer:
             generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
         )
         batches = iter(loader)
+        # the image-labelled stream beside it: its own loader, the batches a function of seed and step alone
+        label_batches = iter(DataLoader(
+            self.image_labels, batch_sampler=self._label_sampler(start), num_workers=cfg.data.num_workers,
+            collate_fn=collate_labelled, pin_memory=dev.type == "cuda")) if self.image_labels is not None else None
         writer = _summary_writer(self.out_dir / "tensorboard", start) if self.dist.is_main else None
         bar = None
         if self.progress and self.dist.is_main:
@@ -342,7 +346,7 @@ class Trainer:
                     images, targets = self._to_device(images, targets)
                     torch.manual_seed(self.sampler.forward_seed(it, a))
                     sync = a == t.accumulate - 1 or not self.dist.distributed
-                    labelled = self.image_label_batch(it, a)
+                    labelled = self._as_label_batch(*next(label_batches)) if label_batches is not None else {}
                     with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
                         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                             losses = self.ddp_model(images, targets, **labelled)
@@ -387,7 +391,7 @@ class Trainer:
                 bar.close()
             if writer is not None:
                 writer.close()
-            del batches
+            del batches, label_batches
         elapsed = time.perf_counter() - timer_start if timer_start is not None else 0.0
         images_per_s = timed_iters * t.batch_size / elapsed if elapsed > 0 else float("nan")
 
@@ -426,14 +430,21 @@ class Trainer:
 
     def image_label_batch(self, it: int, micro: int) -> dict[str, ImageLabelBatch]:
         """``{"image_labels": batch}`` of step ``it``'s micro-batch ``micro`` on this process ({} without
-        ``train.image_labels``): a function of the seed and those positions alone (resume, DDP)."""
+        ``train.image_labels``): what the training loop's label loader gives there (a function of the seed and
+        those positions alone: resume, DDP)."""
         if self.image_labels is None:
             return {}
-        t, size = self.cfg.train, self.sampler.micro_size
-        position = ((it * t.accumulate + micro) * self.dist.world_size + self.dist.rank) * size
-        images, labels = self.image_labels.load(self.image_labels.batch_indices(t.seed, position, size))
-        dev = self.dist.device
-        return {"image_labels": ImageLabelBatch([im.to(dev) for im in images], labels.to(dev), self.label_text,
+        return self._as_label_batch(*self.image_labels.load(self._label_sampler().indices(it, micro)))
+
+    def _label_sampler(self, start: int = 0) -> LabelledBatches:
+        t = self.cfg.train
+        return LabelledBatches(self.image_labels, t.seed, start, self.total_iters, self.sampler.micro_size,
+                               accumulate=t.accumulate, rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def _as_label_batch(self, images: list[Tensor], labels: Tensor) -> dict[str, ImageLabelBatch]:
+        t, dev = self.cfg.train, self.dist.device
+        return {"image_labels": ImageLabelBatch([im.to(dev, non_blocking=True) for im in images],
+                                                labels.to(dev, non_blocking=True), self.label_text,
                                                 t.image_label_size, t.image_label_weight, t.image_label_location)}
 
     def _reduce_losses(self, losses: dict[str, Tensor]) -> dict[str, float]:

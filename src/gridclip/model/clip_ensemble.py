@@ -141,8 +141,7 @@ class CLIPEnsemble:
     def embeddings(self, image_index: int, boxes: Tensor) -> Tensor:
         """[n, D] frozen-CLIP embeddings of one image's boxes (xyxy, unscaled image pixels)."""
         if self.mode == "distilled":
-            raise ValueError("model.clip_ensemble=distilled: the candidates' distilled embeddings are needed "
-                             "(box candidates only, model.ensemble_candidates=box)")
+            raise self._needs_distilled()
         boxes = [enlarge_boxes(boxes.float(), self.box_scale)]
         if self.mode == "roi":
             return roi_embeddings(self.c5[image_index:image_index + 1], boxes, self.pool, self.spatial_scale)
@@ -160,8 +159,7 @@ class CLIPEnsemble:
         if boxes.numel() == 0:
             return p_det
         if self.mode in DISTILLED_MODES and embeddings is None:
-            raise ValueError(f"model.clip_ensemble={self.mode}: the candidates' distilled embeddings are needed "
-                             "(box candidates only, model.ensemble_candidates=box)")
+            raise self._needs_distilled()
         if embeddings is None:
             embeddings = self.embeddings(image_index, boxes)
         p_clip = clip_probabilities(embeddings, self.text, self.logit_scale)
@@ -177,11 +175,14 @@ class CLIPEnsemble:
             return (geometric_ensemble(p_cls, p_clip, self.weights[None, :]) * ctr).sqrt().to(p_det.dtype)
         return geometric_ensemble(p_det.float(), p_clip, self.weights[None, :]).to(p_det.dtype)
 
+    def _needs_distilled(self) -> ValueError:
+        return ValueError(f"model.clip_ensemble={self.mode}: the candidates' distilled embeddings are needed "
+                          "(box candidates only, model.ensemble_candidates=box)")
+
     @torch.no_grad()
     def __call__(self, image_index: int, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
         if self.mode in DISTILLED_MODES:
-            raise ValueError(f"model.clip_ensemble={self.mode}: the candidates' distilled embeddings are needed "
-                             "(box candidates only, model.ensemble_candidates=box)")
+            raise self._needs_distilled()
         if boxes.numel() == 0:
             return scores
         # the candidates of one location (one per class) share its box: each distinct box is scored once
