@@ -17,8 +17,18 @@ def test_gridclip_variants_on_the_bench_are_the_study_variants(tmp_path, method)
     cfg = _config(tmp_path / "world", tmp_path / "run", method, 1, 100)
     got = config_to_dict(cfg)
     changed = {k for k in got["model"] if got["model"][k] != base["model"][k]}
-    assert changed == {k for k, v in VARIANTS[GRIDCLIP_VARIANTS[method]].items() if base["model"][k] != v}
-    assert {k: v for k, v in got.items() if k != "model"} == {k: v for k, v in base.items() if k != "model"}
+    settings = VARIANTS[GRIDCLIP_VARIANTS[method]]
+    assert changed == {k for k, v in settings.items() if k in base["model"] and base["model"][k] != v}
+    # training settings: the variant's train.* keys, and the world's captions where it asks for them
+    train_changes = {k: v for k, v in got["train"].items() if v != base["train"][k]}
+    expected = {k[len("train."):]: v for k, v in settings.items()
+                if k.startswith("train.") and base["train"][k[len("train."):]] != v}
+    if settings.get("caption_labels"):
+        world = Path(cfg.data.train_json).parent
+        expected.update(image_labels=str(world / "captions.json"), image_label_images=str(world / "captions" / "images"))
+    assert train_changes == expected
+    assert {k: v for k, v in got.items() if k not in ("model", "train")} == \
+        {k: v for k, v in base.items() if k not in ("model", "train")}
     assert cfg.train.seed == 1 and cfg.train.max_iters == 100 and cfg.train.warmup_iters == 20
     if method == "grid_ensemble":
         assert {k: getattr(cfg.model, k) for k in ENSEMBLE_SETTINGS} == ENSEMBLE_SETTINGS

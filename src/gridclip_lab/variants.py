@@ -109,6 +109,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                                           "train.image_label_size": 64,
                                                           "train.image_label_location": "max_score",
                                                           **ENSEMBLE_SETTINGS},
+    # the same labels with the ensemble off (the recipe as measured in results/caption_labels/): the peers bench's
+    # method grid_captions (results/peers_captions/)
+    "grid only + caption labels (max score)": {"image_align": False, "caption_labels": True,
+                                               "train.image_label_size": 64, "train.image_label_location": "max_score"},
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
     # results/trunk_layer4/: only the trunk's layer4 trains (and the attention pool), so the ensemble's frozen
@@ -170,6 +174,8 @@ LABELS: dict[str, str] = {
     "grid only + caption labels (max score) + ensemble": "grid only + image-level labels from the captions, each "
                                                          "name at the location that scores it highest (weakly "
                                                          "supervised), + frozen-CLIP ensemble",
+    "grid only + caption labels (max score)": "grid only + image-level labels from the captions, each name at the "
+                                              "location that scores it highest (weakly supervised)",
     "frozen trunk": "grid only, frozen CLIP trunk and attnpool",
     "frozen trunk + ensemble": "frozen trunk + frozen-CLIP ensemble (F-VLM)",
 }

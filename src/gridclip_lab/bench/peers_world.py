@@ -39,18 +39,21 @@ from gridclip_lab.plugin import CONFIG_DIR
 from gridclip_lab.study.stats import paired_differences
 from gridclip_lab.variants import VARIANTS, apply_variant
 
-METHODS = ("clip_crops", "vild_text", "vild", "gridclip", "grid_only", "grid_ensemble", "grid_ensemble_box")
+METHODS = ("clip_crops", "vild_text", "vild", "gridclip", "grid_only", "grid_ensemble", "grid_ensemble_box",
+           "grid_captions")
 LABELS = {"clip_crops": "CLIP on cropped regions", "vild_text": "ViLD-text", "vild": "ViLD (text + image)",
           "gridclip": "GridCLIP", "grid_only": "GridCLIP w/o image align (grid only)",
           "grid_ensemble": "grid only + frozen-CLIP ensemble",
-          "grid_ensemble_box": "grid only + frozen-CLIP ensemble, box candidates, centerness outside"}
+          "grid_ensemble_box": "grid only + frozen-CLIP ensemble, box candidates, centerness outside",
+          "grid_captions": "grid only + image labels from captions (max score; weakly supervised)"}
 # GridCLIP's study variants on the bench: the keeping-CLIP's-knowledge recipe beside the peers (issue 23)
 GRIDCLIP_VARIANTS = {"gridclip": "GridCLIP", "grid_only": "grid only", "grid_ensemble": "grid only + ensemble",
-                     "grid_ensemble_box": "grid only + ensemble, box candidates"}
+                     "grid_ensemble_box": "grid only + ensemble, box candidates",
+                     "grid_captions": "grid only + caption labels (max score)"}
 # paired by seed in the report: each of GridCLIP's variants against the strongest peer on novel categories
 COMPARISONS = (("grid_ensemble", "vild_text"), ("grid_ensemble", "grid_only"), ("grid_only", "vild_text"),
                ("gridclip", "vild_text"), ("grid_ensemble_box", "vild_text"), ("grid_ensemble_box", "grid_only"),
-               ("grid_ensemble_box", "grid_ensemble"))
+               ("grid_ensemble_box", "grid_ensemble"), ("grid_captions", "vild_text"), ("grid_captions", "grid_only"))
 PAPER = {  # paper Table 1 (LVIS v1 val, mask AP for the peers) and Table 2
     "clip_crops": {"APr": 19.5, "APc": 19.7, "APf": 17.0, "AP": 18.6},
     "vild": {"APr": 16.3, "APc": 21.2, "APf": 31.6, "AP": 24.4, "params_m": 60.5, "gpu_hours": 3064, "fps": 3.3},
