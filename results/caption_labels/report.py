@@ -102,7 +102,10 @@ if args.doc:
              "image's locations, `max_score`). The kept models of `gridclip-lab study --variants \"grid only + caption "
              "labels + ensemble\"` / `\"... (max score) + ensemble\"` and of grid only, seeds 0, 1, 2, each on world0's "
              "val with the ensemble off and with the frozen-CLIP box ensemble (weights chosen on world1's val per model "
-             "kind and schedule). Box AP x100, mean ± sd over seeds; differences paired by seed, mean [95 % CI].", "",
+             "kind and schedule). At 4000 iterations (addendum 4: `gridclip-lab study --variants \"grid only + caption labels (max "
+             "score) + ensemble\" --seeds 0,1,2 --iters 4000 --keep-models --world runs/world0 --out "
+             "runs/study_captions_mil_4000 --jobs 2`) only max score with the ensemble off, beside grid only's recorded "
+             "4000-iteration models. Box AP x100, mean ± sd over seeds; differences paired by seed, mean [95 % CI].", "",
              *weight_lines(WEIGHTS, markdown=True), "",
              *evaluation_table(metrics, str), "", *difference_lines(pairs), ""]
     for new in GOALS:
