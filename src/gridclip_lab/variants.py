@@ -23,6 +23,11 @@ ENSEMBLE_SETTINGS: dict[str, Any] = {"clip_ensemble": "dense", "ensemble_upsampl
                                      "ensemble_weight_novel": 0.35, "ensemble_weight_base": 0.2}
 # name -> model settings. ``teacher``: "student" aligns to the student's own CLIP image tower (frozen), any
 # other value names a CLIP (a directory or open_clip name).
+
+# grid only + the world's captions as image-level labels, each name at its highest-scoring location (results/
+# caption_labels/, addendum 3), the caption images at their own 64 px
+CAPTION_LABELS_MAX_SCORE: dict[str, Any] = {"image_align": False, "caption_labels": True, "train.image_label_size": 64,
+                                            "train.image_label_location": "max_score"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "GridCLIP": {},
     "grid only": {"image_align": False},
@@ -105,14 +110,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                               "train.image_label_size": 64, "train.image_label_location": "max_size",
                                               **ENSEMBLE_SETTINGS},
     # its addendum 3: each name's logit is its maximum over the image's locations (multiple-instance learning)
-    "grid only + caption labels (max score) + ensemble": {"image_align": False, "caption_labels": True,
-                                                          "train.image_label_size": 64,
-                                                          "train.image_label_location": "max_score",
-                                                          **ENSEMBLE_SETTINGS},
+    "grid only + caption labels (max score) + ensemble": {**CAPTION_LABELS_MAX_SCORE, **ENSEMBLE_SETTINGS},
     # the same labels with the ensemble off (the recipe as measured in results/caption_labels/): the peers bench's
     # method grid_captions (results/peers_captions/)
-    "grid only + caption labels (max score)": {"image_align": False, "caption_labels": True,
-                                               "train.image_label_size": 64, "train.image_label_location": "max_score"},
+    "grid only + caption labels (max score)": CAPTION_LABELS_MAX_SCORE,
     "frozen trunk": {"image_align": False, "freeze_trunk": True},
     "frozen trunk + ensemble": {"image_align": False, "freeze_trunk": True, **ENSEMBLE_SETTINGS},
     # results/trunk_layer4/: only the trunk's layer4 trains (and the attention pool), so the ensemble's frozen
