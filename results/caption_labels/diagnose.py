@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from gridclip.checkpoint import load_checkpoint
-from gridclip.data.datasets import build_train_dataset
 from gridclip.data.image_labels import ImageLabelData, LabelVocabulary
 from gridclip.engine.evaluate import evaluate, evaluate_base_trained
 from gridclip.model.backbone import level_cells
@@ -20,7 +19,7 @@ from gridclip.model.image_labels import max_size_locations
 from gridclip.utils.atomic import atomic_write_json
 from gridclip.utils.threads import torch_threads
 from gridclip_lab.analysis.novel_on_base import FALSE_POSITIVE_KINDS, detection_kinds
-from gridclip_lab.study.ensemble_selection import base_ap, files_digest, kept_runs
+from gridclip_lab.study.ensemble_selection import base_scores, base_trained_config, files_digest, kept_runs
 from gridclip_lab.study.report_lines import difference, paired_comparisons
 from gridclip_lab.study.spec import StudySpec, run_config
 
@@ -31,21 +30,14 @@ MODELS = {"grid only": (Path("runs/study_grid/runs"), "grid only + ensemble"),
           # addendum 3's design, diagnosed the same way (held out)
           "caption labels (max score)": (Path("runs/study_captions_mil/runs"),
                                          "grid only + caption labels (max score) + ensemble")}
-SEEDS, ITERS, METRICS = (0, 1, 2), (400, 1600), ("AP", "APr", "APc", "APf")
+SEEDS, ITERS = (0, 1, 2), (400, 1600)
 LARGEST_OBJECT = 64  # pixels at the world's 128 px: the world draws objects of at most 48
 CAPTION_IMAGES = 1024
 
 
 def held_out_config(variant: str, seed: int, iters: int):
     spec = StudySpec(variants=(variant,), seeds=(seed,), iters=(iters,), pairs=())
-    base_ids = list(build_train_dataset(run_config(spec, WORLD, variant, seed, iters, 0).data).category_ids)
-    cfg = run_config(spec, WORLD, variant, seed, iters, len(base_ids))
-    cfg.data.val_json, cfg.data.val_images = str(HELD_OUT / "val.json"), str(HELD_OUT / "val" / "images")
-    return cfg, base_ids
-
-
-def scores(evaluation, base_ids) -> dict:
-    return {**{k: float(evaluation.metrics[k]) for k in METRICS}, "APbase": base_ap(evaluation.per_category_ap, base_ids)}
+    return base_trained_config(spec, WORLD, variant, seed, iters, val_world=HELD_OUT)
 
 
 @torch.no_grad()
@@ -94,11 +86,11 @@ for name, (folder, variant) in MODELS.items():
                     removed = {f"without {kind}": [d for d, k in zip(detections, kinds) if k != kind]
                                for kind in FALSE_POSITIVE_KINDS}
                     removed["without boxes larger than any object"] = [d for d, big in zip(detections, large) if not big]
-                    cache[key] = {"as detected": scores(evaluation, base_ids),
+                    cache[key] = {"as detected": base_scores(evaluation, base_ids),
                                   "kinds": dict(Counter(k for k in kinds if k)),
                                   "large boxes": sum(large), "detections": len(detections),
-                                  **{part: scores(evaluate(cfg.data.val_json, kept, style="lvis",
-                                                           max_dets=cfg.eval.max_dets), base_ids)
+                                  **{part: base_scores(evaluate(cfg.data.val_json, kept, style="lvis",
+                                                                max_dets=cfg.eval.max_dets), base_ids)
                                      for part, kept in removed.items()}}
                 atomic_write_json(cache_path, cache)
             entry = cache[key]

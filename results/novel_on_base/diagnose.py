@@ -13,14 +13,14 @@ from collections import Counter
 from pathlib import Path
 
 from gridclip.checkpoint import load_checkpoint
-from gridclip.data.datasets import build_train_dataset
 from gridclip.engine.evaluate import evaluate, evaluate_base_trained
 from gridclip.utils.atomic import atomic_write_json
 from gridclip.utils.threads import torch_threads
 from gridclip_lab.analysis.novel_on_base import FALSE_POSITIVE_KINDS, detection_kinds, post_processing_variant
-from gridclip_lab.study.ensemble_selection import base_ap, chosen_setting, files_digest, kept_runs, setting_id
+from gridclip_lab.study.ensemble_selection import (base_scores, base_trained_config, chosen_setting, files_digest,
+                                                   kept_runs, setting_id)
 from gridclip_lab.study.report_lines import difference, paired_comparisons
-from gridclip_lab.study.spec import StudySpec, run_config
+from gridclip_lab.study.spec import StudySpec
 
 HERE = Path(__file__).parent
 WORLD, HELD_OUT, VARIANT = Path("runs/world0"), Path("runs/world1"), "grid only + ensemble"
@@ -38,7 +38,6 @@ EVALUATIONS = {
     **{f"agnostic NMS {t:g} first, novel w {w:g}": (None, "agnostic_first", {"tau": t, "novel_weight": w})
        for t, w in ((0.5, 0), (0.7, 0), (0.5, 0.5), (0.5, 0.65))},
 }
-METRICS = ("AP", "APr", "APc", "APf")
 args = argparse.ArgumentParser()
 args.add_argument("--iters", type=int, choices=ITERS, help="evaluate this schedule's models into its cache")
 args.add_argument("--models", default="runs/study_box/runs")
@@ -52,17 +51,7 @@ def cache_path(iters: int) -> Path:
 
 def held_out_config(seed: int, iters: int):
     spec = StudySpec(variants=(VARIANT,), seeds=(seed,), iters=(iters,), pairs=())
-    cfg = run_config(spec, WORLD, VARIANT, seed, iters, 0)
-    base_ids = list(build_train_dataset(cfg.data).category_ids)
-    cfg = run_config(spec, WORLD, VARIANT, seed, iters, len(base_ids))
-    cfg.data.val_json, cfg.data.val_images = str(HELD_OUT / "val.json"), str(HELD_OUT / "val" / "images")
-    return cfg, base_ids
-
-
-def scores(evaluation, base_ids) -> dict:
-    out = {k: float(evaluation.metrics[k]) for k in METRICS}
-    out["APbase"] = base_ap(evaluation.per_category_ap, base_ids)
-    return out
+    return base_trained_config(spec, WORLD, VARIANT, seed, iters, val_world=HELD_OUT)
 
 
 def measure(iters: int) -> None:
@@ -91,7 +80,7 @@ def measure(iters: int) -> None:
                 model.nms_thresh = default_nms if nms is None else nms
                 with post_processing_variant(model, None if variant == "off" else variant, **params):
                     evaluation, detections = evaluate_base_trained(model, cfg, base_ids)
-                done[name] = scores(evaluation, base_ids)
+                done[name] = base_scores(evaluation, base_ids)
                 print(f"{iters} seed {seed} {name}: AP_r {100 * done[name]['APr']:.1f} AP {100 * done[name]['AP']:.1f}",
                       flush=True)
                 if name in ("grid only (ensemble off)", REFERENCE):
@@ -99,7 +88,7 @@ def measure(iters: int) -> None:
                     done[f"{name}: kinds"] = dict(Counter(k for k in kinds if k))
                     for kind in FALSE_POSITIVE_KINDS:
                         kept = [d for d, k in zip(detections, kinds) if k != kind]
-                        done[f"{name}: without {kind}"] = scores(
+                        done[f"{name}: without {kind}"] = base_scores(
                             evaluate(cfg.data.val_json, kept, style="lvis", max_dets=cfg.eval.max_dets), base_ids)
                 atomic_write_json(path, cache)
             model.nms_thresh = default_nms

@@ -9,20 +9,19 @@ from collections import Counter
 from pathlib import Path
 
 from gridclip.checkpoint import load_checkpoint
-from gridclip.data.datasets import build_train_dataset
 from gridclip.engine.evaluate import evaluate, evaluate_base_trained
 from gridclip.utils.atomic import atomic_write_json
 from gridclip.utils.threads import torch_threads
 from gridclip_lab.analysis.novel_on_base import FALSE_POSITIVE_KINDS, detection_kinds
-from gridclip_lab.study.ensemble_selection import (GRID_ONLY_BOX_SELECTIONS, base_ap, chosen_settings, files_digest,
-                                                   kept_runs)
+from gridclip_lab.study.ensemble_selection import (GRID_ONLY_BOX_SELECTIONS, base_scores, base_trained_config,
+                                                   chosen_settings, files_digest, kept_runs)
 from gridclip_lab.study.report_lines import difference, paired_comparisons
-from gridclip_lab.study.spec import StudySpec, run_config
+from gridclip_lab.study.spec import StudySpec
 
 HERE = Path(__file__).parent
 WORLD, HELD_OUT = Path("runs/world0"), Path("runs/world1")
 MODELS, VARIANT = Path("runs/study_probe/runs"), "grid only + region distillation (probe head) + ensemble"
-SEEDS, ITERS, METRICS = (0, 1, 2), (400, 1600), ("AP", "APr", "APc", "APf")
+SEEDS, ITERS = (0, 1, 2), (400, 1600)
 SETTINGS = {"off": {400: {"clip_ensemble": "off"}, 1600: {"clip_ensemble": "off"}},
             "frozen box ensemble": chosen_settings(GRID_ONLY_BOX_SELECTIONS),
             "distilled ensemble": chosen_settings(HERE, "probe_selection"),
@@ -31,14 +30,7 @@ SETTINGS = {"off": {400: {"clip_ensemble": "off"}, 1600: {"clip_ensemble": "off"
 
 def held_out_config(seed: int, iters: int):
     spec = StudySpec(variants=(VARIANT,), seeds=(seed,), iters=(iters,), pairs=())
-    base_ids = list(build_train_dataset(run_config(spec, WORLD, VARIANT, seed, iters, 0).data).category_ids)
-    cfg = run_config(spec, WORLD, VARIANT, seed, iters, len(base_ids))
-    cfg.data.val_json, cfg.data.val_images = str(HELD_OUT / "val.json"), str(HELD_OUT / "val" / "images")
-    return cfg, base_ids
-
-
-def scores(evaluation, base_ids) -> dict:
-    return {**{k: float(evaluation.metrics[k]) for k in METRICS}, "APbase": base_ap(evaluation.per_category_ap, base_ids)}
+    return base_trained_config(spec, WORLD, VARIANT, seed, iters, val_world=HELD_OUT)
 
 
 cache_path = MODELS.parent / "novel_errors_cache.json"
@@ -62,9 +54,9 @@ for iters in ITERS:
                         setattr(model.cfg, field, value)  # as the selection's evaluator applies a setting
                     evaluation, detections = evaluate_base_trained(model, cfg, base_ids)
                     kinds = detection_kinds(detections, ground_truth, novel)
-                    cache[entry] = {"as detected": scores(evaluation, base_ids),
+                    cache[entry] = {"as detected": base_scores(evaluation, base_ids),
                                     "kinds": dict(Counter(k for k in kinds if k)),
-                                    **{f"without {kind}": scores(evaluate(
+                                    **{f"without {kind}": base_scores(evaluate(
                                         cfg.data.val_json, [d for d, k in zip(detections, kinds) if k != kind],
                                         style="lvis", max_dets=cfg.eval.max_dets), base_ids)
                                        for kind in FALSE_POSITIVE_KINDS}}

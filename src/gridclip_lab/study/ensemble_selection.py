@@ -131,6 +131,28 @@ def base_ap(per_category_ap: dict[int, float], base_category_ids: Sequence[int])
     return sum(values) / len(values) if values else -1.0
 
 
+def base_scores(evaluation: Any, base_category_ids: Sequence[int],
+                metrics: Sequence[str] = ("AP", "APr", "APc", "APf")) -> dict[str, float]:
+    """An evaluation's ``metrics`` and the AP of the base categories (``APbase``, :func:`base_ap`)."""
+    return {**{k: float(evaluation.metrics[k]) for k in metrics},
+            "APbase": base_ap(evaluation.per_category_ap, base_category_ids)}
+
+
+def base_trained_config(spec: Any, world: str | Path, variant: str, seed: int, iters: int,
+                        val_world: str | Path | None = None) -> tuple[Any, list[int]]:
+    """The study's config of one run of ``spec`` on ``world`` and its base category ids (the training split's;
+    a closed-set variant classifies them); ``val_world``: evaluated on that world's val instead (a held-out split)."""
+    from gridclip.data.datasets import build_train_dataset
+    from gridclip_lab.study.spec import run_config
+
+    base_ids = list(build_train_dataset(run_config(spec, world, variant, seed, iters, 0).data).category_ids)
+    cfg = run_config(spec, world, variant, seed, iters, len(base_ids))
+    if val_world is not None:
+        val = Path(val_world)
+        cfg.data.val_json, cfg.data.val_images = str(val / "val.json"), str(val / "val" / "images")
+    return cfg, base_ids
+
+
 def held_out_evaluator(model_path: str | Path, cfg: Any, base_category_ids: Sequence[int],
                        log: Callable[[str], None] | None = print) -> EvaluateSetting:
     """``evaluate(setting)``: the model of ``model_path`` with ``setting`` applied to its config, scored
@@ -216,8 +238,7 @@ def run_selection(variant: str, world_dir: str | Path, held_out_dir: str | Path,
     ``clip`` / ``teacher`` / ``overrides``: as the study's (default: the shipped CLIPs, no overrides).
     ``jobs``: step 1's settings evaluated side by side in that many spawned processes (same numbers).
     ``w_novel``: step 1's novel weights (default: the rule's)."""
-    from gridclip.data.datasets import build_train_dataset
-    from gridclip_lab.study.spec import StudySpec, run_config
+    from gridclip_lab.study.spec import StudySpec
     from gridclip_lab.variants import VARIANTS, run_side_by_side, run_variant
     from gridclip_lab.world.shapes import load_world
 
@@ -236,10 +257,7 @@ def run_selection(variant: str, world_dir: str | Path, held_out_dir: str | Path,
 
     spec = StudySpec(variants=(variant,), seeds=(seed,), iters=(iters,), pairs=(), clip_model=clip,
                      teacher_model=teacher, overrides=tuple(overrides))
-    cfg = run_config(spec, world.root, variant, seed, iters, 0)
-    base_ids = list(build_train_dataset(cfg.data).category_ids)
-    cfg = run_config(spec, world.root, variant, seed, iters, len(base_ids))
-    cfg.data.val_json, cfg.data.val_images = str(held_out.root / "val.json"), str(held_out.root / "val" / "images")
+    cfg, base_ids = base_trained_config(spec, world.root, variant, seed, iters, val_world=held_out.root)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg.out_dir = str(work_dir)
@@ -318,9 +336,8 @@ def evaluate_kept_models(models: str | Path, variant: str, world: str | Path, se
     ``{iters: {name: {seed: metrics}}}``. Evaluations are remembered in ``cache_path``, keyed by the bytes of
     the model and of the val split and by the setting (not its name): a report is rendered again without
     evaluating, and a changed weight or a retrained model is evaluated afresh."""
-    from gridclip.data.datasets import build_train_dataset
     from gridclip.utils.threads import torch_threads
-    from gridclip_lab.study.spec import StudySpec, run_config
+    from gridclip_lab.study.spec import StudySpec
 
     runs = kept_runs(models)
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
@@ -331,9 +348,7 @@ def evaluate_kept_models(models: str | Path, variant: str, world: str | Path, se
             run = runs.get((variant, seed, length))
             if run is None or not (run["dir"] / "model.pt").is_file():
                 continue
-            cfg = run_config(spec, world, variant, seed, length, 0)
-            base_ids = list(build_train_dataset(cfg.data).category_ids)
-            cfg = run_config(spec, world, variant, seed, length, len(base_ids))  # the reporting world's val
+            cfg, base_ids = base_trained_config(spec, world, variant, seed, length)  # the reporting world's val
             evaluate = None
             model = files_digest(run["dir"] / "model.pt", cfg.data.val_json)
             with torch_threads(1):
