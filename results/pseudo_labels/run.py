@@ -1,0 +1,122 @@
+"""PLAN.md's study: per seed and schedule, grid only's kept model (`runs/study_grid`) with the box ensemble labels the
+novel names on world0's det_train images; a grid-only student trains on det_train + those pseudo-boxes; both are
+evaluated on world0's val and paired by seed with grid only (ensemble off) and the teacher (box ensemble). From the
+repository root: `python results/pseudo_labels/run.py [--jobs 2] [--doc docs/results.md]` (students in
+runs/pseudo_labels/, skipped when their result.json is there; writes pseudo_counts.json and report.json here)."""
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+from gridclip.config import DEFAULT_PSEUDO_SCORE
+from gridclip.engine.keep_vocab import PSEUDO_MAX_IOU
+from gridclip.utils.atomic import atomic_write_json
+from gridclip.utils.threads import torch_threads
+from gridclip_lab.study.ensemble_selection import (GRID_ONLY_BOX_SELECTIONS, base_trained_config, chosen_settings,
+                                                   evaluate_kept_models, kept_runs)
+from gridclip_lab.study.pseudo_labels import (all_names_file, select_pseudo_boxes, teacher_detections, train_student,
+                                              with_pseudo_boxes)
+from gridclip_lab.study.report_lines import console_lines, novel_goal_line
+from gridclip_lab.study.spec import StudySpec
+from gridclip_lab.study.stats import paired_differences
+from gridclip_lab.variants import run_side_by_side
+
+HERE = Path(__file__).parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--grid-runs", default="runs/study_grid/runs", help="grid only's kept models (the teachers)")
+    parser.add_argument("--out", default="runs/pseudo_labels")
+    parser.add_argument("--iters", default="400,1600")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--doc", help="also write the section pseudo-labels of this Markdown file")
+    args = parser.parse_args()
+    ITERS = tuple(int(i) for i in args.iters.split(","))
+    SEEDS = tuple(int(s) for s in args.seeds.split(","))
+    TEACHER_VARIANT, STUDENT_VARIANT = "grid only + ensemble", "grid only"
+    world, out = Path("runs/world0"), Path(args.out)
+    train = json.loads((world / "det_train.json").read_text())
+    novel_ids = [c["id"] for c in train["categories"] if c["frequency"] == "r"]
+    names = {c["id"]: c["name"] for c in train["categories"]}
+    box = chosen_settings(GRID_ONLY_BOX_SELECTIONS)
+    teachers = kept_runs(args.grid_runs)
+    out.mkdir(parents=True, exist_ok=True)
+    split = all_names_file(train, out / "all_names.txt")
+
+    # 1. the teachers' pseudo-boxes (cached per teacher in its student's folder)
+    counts_path = HERE / "pseudo_counts.json"
+    counts = json.loads(counts_path.read_text()) if counts_path.is_file() else {}
+    tasks, base_ids = [], None
+    for iters in ITERS:
+        for seed in SEEDS:
+            folder = out / f"{iters}_s{seed}"
+            pseudo_json = folder / "det_train_pseudo.json"
+            if not pseudo_json.is_file():
+                teacher = teachers[(TEACHER_VARIANT, seed, iters)]["dir"] / "model.pt"
+                print(f"[pseudo] teacher {teacher} ({iters} iterations, seed {seed})", flush=True)
+                with torch_threads(2):
+                    dets = teacher_detections(teacher, box[iters], world / "det_train.json", world / "det_train" / "images")
+                kept = select_pseudo_boxes(dets, train["annotations"], novel_ids, DEFAULT_PSEUDO_SCORE, PSEUDO_MAX_IOU)
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(pseudo_json, with_pseudo_boxes(train, kept), indent=None)
+                by_name = Counter(names[d["category_id"]] for d in kept)
+                counts[f"{iters}/{seed}"] = {"total": len(kept), "images": len({d["image_id"] for d in kept}),
+                                             "per_name": {names[i]: by_name.get(names[i], 0) for i in novel_ids}}
+                atomic_write_json(counts_path, counts)
+            print(f"[pseudo] {iters}/{seed}: {counts[f'{iters}/{seed}']['total']} pseudo-boxes", flush=True)
+            # 2. the student: grid only's study config on det_train + pseudo-boxes, every name trained
+            spec = StudySpec(variants=(STUDENT_VARIANT,), seeds=(seed,), iters=(iters,), pairs=())
+            cfg, base_ids = base_trained_config(spec, world, STUDENT_VARIANT, seed, iters)
+            cfg.data.train_json, cfg.data.base_list = str(pseudo_json), str(split)
+            cfg.out_dir = str(folder / "student")
+            if not (folder / "student" / "result.json").is_file():
+                tasks.append((cfg, base_ids))
+
+    students: dict = {}
+
+    def finished(k: int, result: dict) -> None:
+        print(f"[pseudo] student {result['iters']}/{result['seed']}: " +
+              " ".join(f"{m} {100 * v:.1f}" for m, v in result["metrics"].items()), flush=True)
+
+
+    run_side_by_side(train_student, tasks, args.jobs, finished)
+    for iters in ITERS:
+        for seed in SEEDS:
+            result = json.loads((out / f"{iters}_s{seed}" / "student" / "result.json").read_text())
+            students.setdefault(str(iters), {})[seed] = result
+
+    # 3. grid only (off) and the teacher (box ensemble) on the same val, paired by seed
+    metrics = evaluate_kept_models(args.grid_runs, TEACHER_VARIANT, world, SEEDS,
+                                   lambda iters: {"grid only, off": {"clip_ensemble": "off"}, "teacher (box ensemble)": box[iters]},
+                                   Path(args.grid_runs).parent / "pseudo_report_cache.json", ITERS)
+    STUDENT = "student on pseudo-boxes, off"
+    for iters, by_seed in students.items():
+        metrics[iters][STUDENT] = {}
+        for seed, result in by_seed.items():
+            m = dict(result["metrics"])
+            per_category = json.loads((out / f"{iters}_s{seed}" / "student" / "per_category_ap.json").read_text())
+            base = [per_category[str(i)] for i in base_ids if str(i) in per_category]
+            m["APbase"] = sum(base) / len(base)
+            metrics[iters][STUDENT][seed] = m
+    pairs = {}
+    for iters, by_name in metrics.items():
+        for x, y in ((STUDENT, "grid only, off"), (STUDENT, "teacher (box ensemble)"), ("teacher (box ensemble)", "grid only, off")):
+            for m in ("AP", "APr", "APc", "APf", "APbase"):
+                d = paired_differences({s: 100 * by_name[x][s][m] for s in SEEDS}, {s: 100 * by_name[y][s][m] for s in SEEDS})
+                pairs[f"{iters}: {x} - {y}, {m}"] = {"mean": d["mean"], "ci": d["ci"], "n": d["n"]}
+    cost = {iters: {"student_train_seconds": [students[iters][s]["train_seconds"] for s in SEEDS],
+                    "student_images_per_second": [students[iters][s]["train_images_per_second"] for s in SEEDS]}
+            for iters in students}
+    report = {"teacher": {str(k): v for k, v in box.items() if k in ITERS}, "min_score": DEFAULT_PSEUDO_SCORE,
+              "max_iou": PSEUDO_MAX_IOU, "pseudo_counts": counts, "metrics": metrics, "pairs": pairs, "cost": cost}
+    atomic_write_json(HERE / "report.json", report)
+    print("\n".join(console_lines(metrics, pairs)))
+    for iters in ITERS:
+        key = f"{iters}: {STUDENT} - grid only, off"
+        print(novel_goal_line(STUDENT, iters, pairs[f"{key}, APr"], pairs[f"{key}, AP"]))
+
+
+if __name__ == "__main__":  # spawned student workers import this file: nothing runs on import
+    main()

@@ -1,0 +1,107 @@
+"""Pseudo-boxes of names a training set has no boxes for (results/pseudo_labels/PLAN.md; the protocol "novel names
+known at training" of VL-PLM, Zhao et al. ECCV 2022): a teacher detects those names on the training images, its
+confident detections that overlap no labelled box become boxes of those names, and a student trains on the labelled
+and the pseudo-boxes with every name trained.
+
+:func:`select_pseudo_boxes` is the rule (pure: detections and annotations in, kept detections out),
+:func:`with_pseudo_boxes` writes them into a copy of the training JSON, :func:`teacher_detections` runs a trained
+model on the training images with the vocabulary of all the JSON's names, :func:`train_student` trains and
+evaluates one student as the study trains a run.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torchvision.ops import box_convert, box_iou
+
+from gridclip.utils.atomic import atomic_write_json
+
+
+def _xyxy(boxes_xywh: list[list[float]]) -> torch.Tensor:
+    return box_convert(torch.tensor(boxes_xywh, dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")
+
+
+def select_pseudo_boxes(detections: Iterable[dict], annotations: Iterable[dict], category_ids: Iterable[int],
+                        min_score: float, max_iou: float) -> list[dict]:
+    """The detections (COCO results: ``image_id``, ``category_id``, ``bbox`` xywh, ``score``) of ``category_ids``
+    scoring at least ``min_score`` whose IoU with every annotated box of their image is below ``max_iou``, in the
+    order given."""
+    wanted = set(int(c) for c in category_ids)
+    labelled: dict[int, list[list[float]]] = defaultdict(list)
+    for a in annotations:
+        labelled[int(a["image_id"])].append([float(v) for v in a["bbox"]])
+    kept = []
+    for d in detections:
+        if int(d["category_id"]) not in wanted or float(d["score"]) < min_score:
+            continue
+        boxes = labelled.get(int(d["image_id"]))
+        if boxes and float(box_iou(_xyxy([d["bbox"]]), _xyxy(boxes)).max()) >= max_iou:
+            continue
+        kept.append(d)
+    return kept
+
+
+def with_pseudo_boxes(train: dict, pseudo: Sequence[dict]) -> dict:
+    """A copy of the COCO / LVIS training JSON ``train`` with ``pseudo`` (COCO results) added as annotations: new
+    ids after the largest, ``area`` from the box, ``iscrowd`` 0, and the teacher's score as ``pseudo_score``."""
+    out = copy.deepcopy(train)
+    next_id = max((int(a["id"]) for a in out["annotations"]), default=0) + 1
+    for i, d in enumerate(pseudo):
+        x, y, w, h = (round(float(v), 2) for v in d["bbox"])
+        out["annotations"].append({"id": next_id + i, "image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
+                                   "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0,
+                                   "pseudo_score": round(float(d["score"]), 6)})
+    return out
+
+
+def teacher_detections(model_path: str | Path, setting: dict[str, Any], train_json: str | Path,
+                       train_images: str | Path, batch_size: int = 8) -> list[dict]:
+    """The detections of the model in ``model_path`` (with ``setting``'s ``model.*`` fields applied, e.g. an
+    ensemble's) on every image of the training JSON, scored against all of the JSON's names."""
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.data.datasets import build_dataset
+    from gridclip.data.transforms import eval_transforms
+    from gridclip.engine.evaluate import run_inference
+
+    model = load_checkpoint(model_path)
+    for key, value in setting.items():
+        setattr(model.cfg, key, value)
+    dataset = build_dataset("lvis", str(train_json), str(train_images), transforms=eval_transforms())
+    model.set_vocabulary(dataset.category_names)
+    return run_inference(model, dataset, batch_size=batch_size)
+
+
+def all_names_file(train: dict, path: Path) -> Path:
+    """A split file (one name per line) naming every category of ``train`` as base: the split removes nothing."""
+    path.write_text("".join(f"{c['name']}\n" for c in sorted(train["categories"], key=lambda c: c["id"])))
+    return path
+
+
+def train_student(cfg: Any, base_category_ids: list[int]) -> dict:
+    """Train and evaluate ``cfg`` into ``cfg.out_dir`` as a study run is (one torch thread, the lab's evaluator on
+    the world's val), model files removed after; the result is also written to ``<out_dir>/result.json``."""
+    from gridclip.config import save_config
+    from gridclip_lab.utils.environment import fingerprint
+    from gridclip_lab.variants import run_variant
+
+    run_dir = Path(cfg.out_dir)
+    if run_dir.exists():  # an interrupted run: from scratch
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    t0 = time.perf_counter()
+    done = run_variant(cfg, base_category_ids)
+    result = {"seed": cfg.train.seed, "iters": cfg.train.max_iters,
+              "metrics": {k: float(v) for k, v in done["metrics"].items()},
+              "train_seconds": round(done["train_seconds"], 1), "seconds": round(time.perf_counter() - t0, 1),
+              "train_images_per_second": done["summary"].get("images_per_second"), "environment": fingerprint()}
+    for path in run_dir.rglob("*.pt"):
+        path.unlink()
+    atomic_write_json(run_dir / "result.json", result)
+    return result
