@@ -5,6 +5,7 @@ repository root: `python results/pseudo_labels/run.py [--jobs 2] [--doc docs/res
 runs/pseudo_labels/, skipped when their result.json is there; writes pseudo_counts.json and report.json here)."""
 import argparse
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -84,8 +85,16 @@ def main() -> None:
     run_side_by_side(train_student, tasks, args.jobs, finished)
     for iters in ITERS:
         for seed in SEEDS:
-            result = json.loads((out / f"{iters}_s{seed}" / "student" / "result.json").read_text())
+            folder = out / f"{iters}_s{seed}"
+            result = json.loads((folder / "student" / "result.json").read_text())
             students.setdefault(str(iters), {})[seed] = result
+            # the record kept in git (runs/ is not): the student's config, result and per-name AP, and the pseudo-boxes
+            kept = HERE / "runs" / f"{iters}_s{seed}"
+            kept.mkdir(parents=True, exist_ok=True)
+            for name in ("config.yaml", "result.json", "per_category_ap.json"):
+                shutil.copyfile(folder / "student" / name, kept / name)
+            added = json.loads((folder / "det_train_pseudo.json").read_text())["annotations"]
+            atomic_write_json(kept / "pseudo_boxes.json", [a for a in added if "pseudo_score" in a])
 
     # 3. grid only (off) and the teacher (box ensemble) on the same val, paired by seed
     metrics = evaluate_kept_models(args.grid_runs, TEACHER_VARIANT, world, SEEDS,
