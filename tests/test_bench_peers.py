@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gridclip.config import config_to_dict
-from gridclip_lab.bench.peers_world import GRIDCLIP_VARIANTS, _config, report
+from gridclip_lab.bench.peers_world import GRIDCLIP_VARIANTS, _config, _pseudo_boxes, report
 from gridclip_lab.variants import ENSEMBLE_SETTINGS, VARIANTS
 
 
@@ -55,3 +55,11 @@ def test_report_pairs_by_seed_by_hand():
     assert "* grid only + frozen-CLIP ensemble − GridCLIP w/o image align (grid only), AP_r: +3.0 (no CI) (n=1" in text
     assert "| grid only + frozen-CLIP ensemble | 0,1,2 |" in text
     assert "GridCLIP − ViLD-text" not in text  # no GridCLIP runs
+
+
+def test_pseudo_box_student_trains_as_grid_only_and_needs_its_teacher(tmp_path):
+    student = _config(tmp_path / "world", tmp_path / "run", "grid_pseudo", 1, 100)
+    assert config_to_dict(student) == config_to_dict(_config(tmp_path / "world", tmp_path / "run", "grid_only", 1, 100))
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="grid_pseudo seed 1 needs grid_ensemble_box seed 1 first"):
+        _pseudo_boxes(tmp_path, tmp_path / "run", student, 1)

@@ -5,11 +5,12 @@
 
 Per seed, in order: GridCLIP (the demo's config), CLIP on cropped regions (its class-agnostic proposer is
 trained here), ViLD-text, and ViLD (text + image: the same seed's proposer, `precompute-regions`, then
-training). Every detector trains ``--iters`` iterations of batch 16 on the base boxes and is evaluated
+training). `grid_pseudo` (results/peers_pseudo/) is grid only trained on the novel pseudo-boxes of the same seed's
+`grid_ensemble_box` run, which it needs first (as ViLD its proposer). Every detector trains ``--iters`` iterations of batch 16 on the base boxes and is evaluated
 LVIS-style on the val split with all categories (AP_r = novel), as `gridclip-lab demo`.
 
 Cost (Table 2): CPU-seconds of this process (``time.process_time``, all threads) for training, and for
-ViLD also its proposer's training and the region precompute; inference as images per CPU-second and
+ViLD also its proposer's training and the region precompute (for grid_pseudo: its teacher's training and labelling pass); inference as images per CPU-second and
 per wall-second over the val split (batch 16; the machine is shared, so CPU time is the steadier one);
 parameters used at inference. Every run is stored in OUT/results.json as it finishes; a rerun skips done ones.
 """
@@ -40,12 +41,13 @@ from gridclip_lab.study.stats import paired_differences
 from gridclip_lab.variants import VARIANTS, apply_variant
 
 METHODS = ("clip_crops", "vild_text", "vild", "gridclip", "grid_only", "grid_ensemble", "grid_ensemble_box",
-           "grid_captions")
+           "grid_captions", "grid_pseudo")
 LABELS = {"clip_crops": "CLIP on cropped regions", "vild_text": "ViLD-text", "vild": "ViLD (text + image)",
           "gridclip": "GridCLIP", "grid_only": "GridCLIP w/o image align (grid only)",
           "grid_ensemble": "grid only + frozen-CLIP ensemble",
           "grid_ensemble_box": "grid only + frozen-CLIP ensemble, box candidates, centerness outside",
-          "grid_captions": "grid only + image labels from captions (max score; weakly supervised)"}
+          "grid_captions": "grid only + image labels from captions (max score; weakly supervised)",
+          "grid_pseudo": "grid only on the box ensemble's novel pseudo-boxes (novel names known at training)"}
 # GridCLIP's study variants on the bench: the keeping-CLIP's-knowledge recipe beside the peers (issue 23)
 GRIDCLIP_VARIANTS = {"gridclip": "GridCLIP", "grid_only": "grid only", "grid_ensemble": "grid only + ensemble",
                      "grid_ensemble_box": "grid only + ensemble, box candidates",
@@ -53,7 +55,8 @@ GRIDCLIP_VARIANTS = {"gridclip": "GridCLIP", "grid_only": "grid only", "grid_ens
 # paired by seed in the report: each of GridCLIP's variants against the strongest peer on novel categories
 COMPARISONS = (("grid_ensemble", "vild_text"), ("grid_ensemble", "grid_only"), ("grid_only", "vild_text"),
                ("gridclip", "vild_text"), ("grid_ensemble_box", "vild_text"), ("grid_ensemble_box", "grid_only"),
-               ("grid_ensemble_box", "grid_ensemble"), ("grid_captions", "vild_text"), ("grid_captions", "grid_only"))
+               ("grid_ensemble_box", "grid_ensemble"), ("grid_captions", "vild_text"), ("grid_captions", "grid_only"),
+               ("grid_pseudo", "vild_text"), ("grid_pseudo", "grid_only"), ("grid_pseudo", "grid_ensemble_box"))
 PAPER = {  # paper Table 1 (LVIS v1 val, mask AP for the peers) and Table 2
     "clip_crops": {"APr": 19.5, "APc": 19.7, "APf": 17.0, "AP": 18.6},
     "vild": {"APr": 16.3, "APc": 21.2, "APf": 31.6, "AP": 24.4, "params_m": 60.5, "gpu_hours": 3064, "fps": 3.3},
@@ -65,8 +68,8 @@ def _config(world: Path, run_dir: Path, method: str, seed: int, iters: int):
     cfg = demo_config(world, builtin_clip_dir(CLIP_NAME), builtin_clip_dir(TEACHER_NAME), run_dir, iters)
     cfg.train.seed = seed
     cfg.train.warmup_iters = min(cfg.train.warmup_iters, iters // 5)  # short schedules: warmup <= 20 % of the run
-    if method in GRIDCLIP_VARIANTS:
-        variant = GRIDCLIP_VARIANTS[method]
+    if method in GRIDCLIP_VARIANTS or method == "grid_pseudo":  # the pseudo-box student: grid only's config
+        variant = GRIDCLIP_VARIANTS.get(method, "grid only")
         cfg = apply_variant(cfg, variant, VARIANTS[variant], cfg.model.num_classes)
     else:
         peers = yaml.safe_load((CONFIG_DIR / "shapes_peers.yaml").read_text())["model"]
@@ -97,6 +100,31 @@ def _training_images(cfg):
     return DetectionDataset(load_train_annotations(cfg.data), transforms=eval_transforms())
 
 
+def _pseudo_boxes(out: Path, run_dir: Path, cfg, seed: int) -> dict:
+    """The teacher's novel pseudo-boxes on the training images (results/pseudo_labels/PLAN.md's rule) written as the
+    student's training JSON, every name trained; the teacher's training and labelling CPU-seconds, for the cost."""
+    from gridclip.config import DEFAULT_PSEUDO_SCORE
+    from gridclip.engine.keep_vocab import PSEUDO_MAX_IOU
+    from gridclip.utils.atomic import atomic_write_json
+    from gridclip_lab.study.pseudo_labels import all_names_file, select_pseudo_boxes, teacher_detections, with_pseudo_boxes
+
+    teacher = json.loads((out / "results.json").read_text()).get(f"grid_ensemble_box/{seed}")
+    if teacher is None:
+        raise ValueError(f"grid_pseudo seed {seed} needs grid_ensemble_box seed {seed} first (its teacher)")
+    train_json = json.loads(Path(cfg.data.train_json).read_text())
+    novel = [c["id"] for c in train_json["categories"] if c.get("frequency") == "r"]
+    cpu = time.process_time()
+    dets = teacher_detections(out / f"grid_ensemble_box_s{seed}" / "model.pt", {}, cfg.data.train_json, cfg.data.train_images)
+    kept = select_pseudo_boxes(dets, train_json["annotations"], novel, DEFAULT_PSEUDO_SCORE, PSEUDO_MAX_IOU)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "det_train_pseudo.json", with_pseudo_boxes(train_json, kept), indent=None)
+    cfg.data.train_json = str(run_dir / "det_train_pseudo.json")
+    cfg.data.base_list = str(all_names_file(train_json, run_dir / "all_names.txt"))
+    print(f"[peers] grid_pseudo/{seed}: {len(kept)} pseudo-boxes", flush=True)
+    return {"pseudo_boxes": len(kept), "proposer_cpu_s": teacher["train_cpu_s"],
+            "precompute_cpu_s": time.process_time() - cpu}
+
+
 def run_one(out: Path, world: Path, method: str, seed: int, iters: int) -> dict:
     run_dir = out / f"{method}_s{seed}"
     cfg = _config(world, run_dir, method, seed, iters)
@@ -116,6 +144,8 @@ def run_one(out: Path, world: Path, method: str, seed: int, iters: int) -> dict:
         record.update(proposer_cpu_s=proposer["train_cpu_s"], precompute_cpu_s=cost["cpu_s"],
                       precompute_wall_s=cost["wall_s"], regions=cost["regions"])
         cfg.train.region_cache = str(regions)
+    if method == "grid_pseudo":  # results/peers_pseudo/PLAN.md: the seed's grid_ensemble_box run is the teacher
+        record.update(_pseudo_boxes(out, run_dir, cfg, seed))
     wall, cpu = time.perf_counter(), time.process_time()
     summary = train(cfg, run_dir, progress=False)
     record.update(train_cpu_s=time.process_time() - cpu, train_wall_s=time.perf_counter() - wall)
