@@ -6,10 +6,12 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import pycocotools.mask as mask_utils
 
 from gridclip.data.datasets import load_train_annotations
-from gridclip_lab.study.pseudo_labels import all_names_file, select_pseudo_boxes, teacher_detections, with_pseudo_boxes
+from gridclip.engine.pseudo_labels import select_pseudo_boxes, with_pseudo_boxes
+from gridclip_lab.study.pseudo_labels import all_names_file, teacher_detections
 from helpers import make_lvis
 
 
@@ -92,3 +94,60 @@ def test_teacher_detections_use_every_name_of_the_json(tmp_path, tiny_checkpoint
     assert {d["image_id"] for d in dets} == {i["id"] for i in gt["images"]}
     assert {d["category_id"] for d in dets} <= {c["id"] for c in gt["categories"]}
     assert {31, 20} & {d["category_id"] for d in dets}  # the names without the default split's boxes are scored
+
+
+def test_pseudo_label_command_writes_the_rule_s_boxes_and_a_names_file(tmp_path, tiny_checkpoint):
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.cli import main
+    from gridclip.data.datasets import build_dataset
+    from gridclip.data.transforms import eval_transforms
+    from gridclip.engine.pseudo_labels import detections_on_every_name
+
+    gt_path, root = make_lvis(tmp_path, n_images=4, seed=5)
+    gt = json.loads(gt_path.read_text())
+    out = tmp_path / "labelled" / "train_pseudo.json"
+    model_path = tiny_checkpoint()
+    argv = ["pseudo-label", "--model", str(model_path), "--data", str(gt_path), "--images", str(root),
+            "--names", "fig, elderberry", "--out", str(out), "--min-score", "0.05", "--max-iou", "0.3"]
+    assert main(argv) == 0
+    written = json.loads(out.read_text())
+    assert written["annotations"][:len(gt["annotations"])] == gt["annotations"]
+    added = written["annotations"][len(gt["annotations"]):]
+    model = load_checkpoint(model_path).optimize_for_inference()
+    dataset = build_dataset("lvis", str(gt_path), str(root), transforms=eval_transforms())
+    expected = select_pseudo_boxes(detections_on_every_name(model, dataset), gt["annotations"], [31, 20], 0.05, 0.3)
+    assert added  # the tiny model's low threshold gives the rule something to keep
+    assert [(a["image_id"], a["category_id"], a["pseudo_score"]) for a in added] == \
+        [(d["image_id"], d["category_id"], round(d["score"], 6)) for d in expected]
+    names = out.with_name("train_pseudo.names.txt").read_text().splitlines()
+    assert names == [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+
+
+@pytest.mark.parametrize("flags, extra, message", [
+    ({"--names": "apple, kiwi"}, [], "--names: 'kiwi' is not a category of"),
+    ({"--min-score": "0"}, [], "--min-score: expected a number in (0, 1]"),
+    ({"--names": "@missing.txt"}, [], "names file not found"),
+    ({}, ["train.lr=0.1"], "only model.* settings"),
+])
+def test_pseudo_label_command_refuses_bad_input_in_one_line(tmp_path, tiny_checkpoint, capsys, flags, extra, message):
+    from gridclip.cli import main
+
+    gt_path, root = make_lvis(tmp_path, n_images=2, seed=6)
+    out = tmp_path / "out.json"
+    options = {"--model": str(tiny_checkpoint()), "--data": str(gt_path), "--images": str(root), "--names": "fig",
+               "--out": str(out), **flags}
+    assert main(["pseudo-label", *[v for kv in options.items() for v in kv], *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_pseudo_label_command_never_overwrites_its_input(tmp_path, tiny_checkpoint, capsys):
+    from gridclip.cli import main
+
+    gt_path, root = make_lvis(tmp_path, n_images=2, seed=7)
+    before = gt_path.read_bytes()
+    assert main(["pseudo-label", "--model", str(tiny_checkpoint()), "--data", str(gt_path), "--images", str(root),
+                 "--names", "fig", "--out", str(gt_path)]) == 2
+    assert "is --data itself" in capsys.readouterr().err
+    assert gt_path.read_bytes() == before

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from gridclip.config import DEFAULT_PSEUDO_SCORE
 from gridclip.engine.keep_vocab import PSEUDO_MAX_IOU
+from gridclip.engine.pseudo_labels import select_pseudo_boxes, with_pseudo_boxes
 from gridclip.utils.atomic import atomic_write_json
 from gridclip.utils.threads import torch_threads
 from gridclip_lab.study.ensemble_selection import (GRID_ONLY_BOX_SELECTIONS, base_trained_config, chosen_settings,
                                                    evaluate_kept_models, kept_runs)
-from gridclip_lab.study.pseudo_labels import (all_names_file, select_pseudo_boxes, teacher_detections, train_student,
-                                              with_pseudo_boxes)
+from gridclip_lab.study.pseudo_labels import all_names_file, teacher_detections, train_student
 from gridclip_lab.study.report_lines import (console_lines, difference_lines, evaluation_table, novel_goal_line,
                                             paired_comparisons)
 from gridclip_lab.study.spec import StudySpec

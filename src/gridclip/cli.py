@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("gridclip.commands.train", "train a detector from a YAML config (or fine-tune a model file)"),
     "eval": ("gridclip.commands.eval", "evaluate a checkpoint, or score a COCO-format results file"),
     "detect": ("gridclip.commands.detect", "detect objects in images with any vocabulary"),
+    "pseudo-label": ("gridclip.commands.pseudo_label", "add a model's boxes of names a training set has no boxes for"),
     "export": ("gridclip.commands.export", "export to ONNX, or a model folder for the Hugging Face Hub (--format hub)"),
     "serve": ("gridclip.commands.serve", "web demo (Gradio)"),
     "info": ("gridclip.commands.info", "architecture summary and inference parameter count"),

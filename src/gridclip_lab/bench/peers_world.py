@@ -106,7 +106,8 @@ def _pseudo_boxes(out: Path, run_dir: Path, cfg, seed: int) -> dict:
     from gridclip.config import DEFAULT_PSEUDO_SCORE
     from gridclip.engine.keep_vocab import PSEUDO_MAX_IOU
     from gridclip.utils.atomic import atomic_write_json
-    from gridclip_lab.study.pseudo_labels import all_names_file, select_pseudo_boxes, teacher_detections, with_pseudo_boxes
+    from gridclip.engine.pseudo_labels import select_pseudo_boxes, with_pseudo_boxes
+    from gridclip_lab.study.pseudo_labels import all_names_file, teacher_detections
 
     teacher = json.loads((out / "results.json").read_text()).get(f"grid_ensemble_box/{seed}")
     if teacher is None:

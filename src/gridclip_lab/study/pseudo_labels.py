@@ -3,61 +3,20 @@ known at training" of VL-PLM, Zhao et al. ECCV 2022): a teacher detects those na
 confident detections that overlap no labelled box become boxes of those names, and a student trains on the labelled
 and the pseudo-boxes with every name trained.
 
-:func:`select_pseudo_boxes` is the rule (pure: detections and annotations in, kept detections out),
-:func:`with_pseudo_boxes` writes them into a copy of the training JSON, :func:`teacher_detections` runs a trained
+:func:`select_pseudo_boxes` (the rule) and :func:`with_pseudo_boxes` (the copy of the training JSON) are the
+product's (:mod:`gridclip.engine.pseudo_labels`, ``gridclip pseudo-label``); :func:`teacher_detections` runs a trained
 model on the training images with the vocabulary of all the JSON's names, :func:`train_student` trains and
 evaluates one student as the study trains a run.
 """
 from __future__ import annotations
 
-import copy
 import shutil
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-import torch
-from torchvision.ops import box_convert, box_iou
-
+from gridclip.engine.pseudo_labels import detections_on_every_name
 from gridclip.utils.atomic import atomic_write_json
-
-
-def _xyxy(boxes_xywh: list[list[float]]) -> torch.Tensor:
-    return box_convert(torch.tensor(boxes_xywh, dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")
-
-
-def select_pseudo_boxes(detections: Iterable[dict], annotations: Iterable[dict], category_ids: Iterable[int],
-                        min_score: float, max_iou: float) -> list[dict]:
-    """The detections (COCO results: ``image_id``, ``category_id``, ``bbox`` xywh, ``score``) of ``category_ids``
-    scoring at least ``min_score`` whose IoU with every annotated box of their image is below ``max_iou``, in the
-    order given."""
-    wanted = set(int(c) for c in category_ids)
-    labelled: dict[int, list[list[float]]] = defaultdict(list)
-    for a in annotations:
-        labelled[int(a["image_id"])].append([float(v) for v in a["bbox"]])
-    kept = []
-    for d in detections:
-        if int(d["category_id"]) not in wanted or float(d["score"]) < min_score:
-            continue
-        boxes = labelled.get(int(d["image_id"]))
-        if boxes and float(box_iou(_xyxy([d["bbox"]]), _xyxy(boxes)).max()) >= max_iou:
-            continue
-        kept.append(d)
-    return kept
-
-
-def with_pseudo_boxes(train: dict, pseudo: Sequence[dict]) -> dict:
-    """A copy of the COCO / LVIS training JSON ``train`` with ``pseudo`` (COCO results) added as annotations: new
-    ids after the largest, ``area`` from the box, ``iscrowd`` 0, and the teacher's score as ``pseudo_score``."""
-    out = copy.deepcopy(train)
-    next_id = max((int(a["id"]) for a in out["annotations"]), default=0) + 1
-    for i, d in enumerate(pseudo):
-        x, y, w, h = (round(float(v), 2) for v in d["bbox"])
-        out["annotations"].append({"id": next_id + i, "image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
-                                   "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0,
-                                   "pseudo_score": round(float(d["score"]), 6)})
-    return out
 
 
 def teacher_detections(model_path: str | Path, setting: dict[str, Any], train_json: str | Path,
@@ -67,14 +26,12 @@ def teacher_detections(model_path: str | Path, setting: dict[str, Any], train_js
     from gridclip.checkpoint import load_checkpoint
     from gridclip.data.datasets import build_dataset
     from gridclip.data.transforms import eval_transforms
-    from gridclip.engine.evaluate import run_inference
 
     model = load_checkpoint(model_path)
     for key, value in setting.items():
         setattr(model.cfg, key, value)
     dataset = build_dataset("lvis", str(train_json), str(train_images), transforms=eval_transforms())
-    model.set_vocabulary(dataset.category_names)
-    return run_inference(model, dataset, batch_size=batch_size)
+    return detections_on_every_name(model, dataset, batch_size=batch_size)
 
 
 def all_names_file(train: dict, path: Path) -> Path:
