@@ -10,8 +10,8 @@ import pytest
 import pycocotools.mask as mask_utils
 
 from gridclip.data.datasets import load_train_annotations
-from gridclip.engine.pseudo_labels import select_pseudo_boxes, with_pseudo_boxes
-from gridclip_lab.study.pseudo_labels import all_names_file, teacher_detections
+from gridclip.engine.pseudo_labels import select_pseudo_boxes, with_pseudo_boxes, write_names_file
+from gridclip_lab.study.pseudo_labels import teacher_detections
 from helpers import make_lvis
 
 
@@ -66,7 +66,7 @@ def test_pseudo_boxes_train_as_boxes_of_their_names(tmp_path):
     assert len(ids) == len(set(ids)) == len(gt["annotations"]) + 2
     path = tmp_path / "with_pseudo.json"
     path.write_text(json.dumps(out))
-    names = all_names_file(out, tmp_path / "names.txt")
+    names = write_names_file(out, tmp_path / "names.txt")
 
     def read(base_list):
         cfg = SimpleNamespace(train_json=str(path), train_images=str(root), format="lvis", novel_list=None,

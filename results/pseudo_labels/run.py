@@ -11,12 +11,12 @@ from pathlib import Path
 
 from gridclip.config import DEFAULT_PSEUDO_SCORE
 from gridclip.engine.keep_vocab import PSEUDO_MAX_IOU
-from gridclip.engine.pseudo_labels import select_pseudo_boxes, with_pseudo_boxes
+from gridclip.engine.pseudo_labels import select_pseudo_boxes, with_pseudo_boxes, write_names_file
 from gridclip.utils.atomic import atomic_write_json
 from gridclip.utils.threads import torch_threads
 from gridclip_lab.study.ensemble_selection import (GRID_ONLY_BOX_SELECTIONS, base_trained_config, chosen_settings,
                                                    evaluate_kept_models, kept_runs)
-from gridclip_lab.study.pseudo_labels import all_names_file, teacher_detections, train_student
+from gridclip_lab.study.pseudo_labels import teacher_detections, train_student
 from gridclip_lab.study.report_lines import (console_lines, difference_lines, evaluation_table, novel_goal_line,
                                             paired_comparisons)
 from gridclip_lab.study.spec import StudySpec
@@ -44,7 +44,7 @@ def main() -> None:
     box = chosen_settings(GRID_ONLY_BOX_SELECTIONS)
     teachers = kept_runs(args.grid_runs)
     out.mkdir(parents=True, exist_ok=True)
-    split = all_names_file(train, out / "all_names.txt")
+    split = write_names_file(train, out / "all_names.txt")
 
     # 1. the teachers' pseudo-boxes (cached per teacher in its student's folder)
     counts_path = HERE / "pseudo_counts.json"

@@ -27,7 +27,7 @@ from gridclip.config import parse_overrides
 from gridclip.data.datasets import build_dataset
 from gridclip.data.transforms import eval_transforms
 from gridclip.engine.pseudo_labels import (DEFAULT_MAX_IOU, DEFAULT_MIN_SCORE, detections_on_every_name,
-                                           select_pseudo_boxes, with_pseudo_boxes)
+                                           select_pseudo_boxes, with_pseudo_boxes, write_names_file)
 from gridclip.hub import local_model_path
 from gridclip.utils.atomic import atomic_write_json
 from gridclip.utils.files import read_json
@@ -96,8 +96,7 @@ def main(argv: Sequence[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, with_pseudo_boxes(train, kept), indent=None)
     names_file = out.with_name(f"{out.stem}.names.txt")
-    names_file.write_text("".join(f"{c['name']}\n" for c in sorted(train["categories"], key=lambda c: c["id"])),
-                          encoding="utf-8")
+    write_names_file(train, names_file)
     counts = Counter(d["category_id"] for d in kept)
     print(json.dumps({"pseudo_boxes": len(kept), "images": len({d["image_id"] for d in kept}),
                       "per_name": {n: counts.get(by_name[n], 0) for n in names}}, indent=1))

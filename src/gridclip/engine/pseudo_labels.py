@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -60,6 +61,14 @@ def with_pseudo_boxes(train: dict, pseudo: Sequence[dict]) -> dict:
                                    "bbox": [x, y, w, h], "area": round(w * h, 2), "iscrowd": 0,
                                    "pseudo_score": round(float(d["score"]), 6)})
     return out
+
+
+def write_names_file(train: dict, path: Path) -> Path:
+    """A split file naming every category of the JSON ``train`` (one per line, by id): as ``data.base_list`` every
+    name trains and the split removes no box, pseudo-boxes of rare names included."""
+    path.write_text("".join(f"{c['name']}\n" for c in sorted(train["categories"], key=lambda c: c["id"])),
+                    encoding="utf-8")
+    return path
 
 
 def detections_on_every_name(model: torch.nn.Module, dataset, batch_size: int = 8, device: str = "cpu",

@@ -106,8 +106,8 @@ def _pseudo_boxes(out: Path, run_dir: Path, cfg, seed: int) -> dict:
     from gridclip.config import DEFAULT_PSEUDO_SCORE
     from gridclip.engine.keep_vocab import PSEUDO_MAX_IOU
     from gridclip.utils.atomic import atomic_write_json
-    from gridclip.engine.pseudo_labels import select_pseudo_boxes, with_pseudo_boxes
-    from gridclip_lab.study.pseudo_labels import all_names_file, teacher_detections
+    from gridclip.engine.pseudo_labels import select_pseudo_boxes, with_pseudo_boxes, write_names_file
+    from gridclip_lab.study.pseudo_labels import teacher_detections
 
     teacher = json.loads((out / "results.json").read_text()).get(f"grid_ensemble_box/{seed}")
     if teacher is None:
@@ -120,7 +120,7 @@ def _pseudo_boxes(out: Path, run_dir: Path, cfg, seed: int) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "det_train_pseudo.json", with_pseudo_boxes(train_json, kept), indent=None)
     cfg.data.train_json = str(run_dir / "det_train_pseudo.json")
-    cfg.data.base_list = str(all_names_file(train_json, run_dir / "all_names.txt"))
+    cfg.data.base_list = str(write_names_file(train_json, run_dir / "all_names.txt"))
     print(f"[peers] grid_pseudo/{seed}: {len(kept)} pseudo-boxes", flush=True)
     return {"pseudo_boxes": len(kept), "proposer_cpu_s": teacher["train_cpu_s"],
             "precompute_cpu_s": time.process_time() - cpu}

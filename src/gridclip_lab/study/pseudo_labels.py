@@ -34,12 +34,6 @@ def teacher_detections(model_path: str | Path, setting: dict[str, Any], train_js
     return detections_on_every_name(model, dataset, batch_size=batch_size)
 
 
-def all_names_file(train: dict, path: Path) -> Path:
-    """A split file (one name per line) naming every category of ``train`` as base: the split removes nothing."""
-    path.write_text("".join(f"{c['name']}\n" for c in sorted(train["categories"], key=lambda c: c["id"])))
-    return path
-
-
 def train_student(cfg: Any, base_category_ids: list[int]) -> dict:
     """Train and evaluate ``cfg`` into ``cfg.out_dir`` as a study run is (one torch thread, the lab's evaluator on
     the world's val), model files removed after; the result is also written to ``<out_dir>/result.json``."""
