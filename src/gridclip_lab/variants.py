@@ -21,13 +21,12 @@ from gridclip.utils.atomic import atomic_write_json
 # the frozen-CLIP ensemble's settings of the ensemble variants (chosen on a held-out split, see below)
 ENSEMBLE_SETTINGS: dict[str, Any] = {"clip_ensemble": "dense", "ensemble_upsample": 1.0, "ensemble_box_scale": 1.0,
                                      "ensemble_weight_novel": 0.35, "ensemble_weight_base": 0.2}
-# name -> model settings. ``teacher``: "student" aligns to the student's own CLIP image tower (frozen), any
-# other value names a CLIP (a directory or open_clip name).
-
 # grid only + the world's captions as image-level labels, each name at its highest-scoring location (results/
 # caption_labels/, addendum 3), the caption images at their own 64 px
 CAPTION_LABELS_MAX_SCORE: dict[str, Any] = {"image_align": False, "caption_labels": True, "train.image_label_size": 64,
                                             "train.image_label_location": "max_score"}
+# name -> model settings. ``teacher``: "student" aligns to the student's own CLIP image tower (frozen), any
+# other value names a CLIP (a directory or open_clip name).
 VARIANTS: dict[str, dict[str, Any]] = {
     "GridCLIP": {},
     "grid only": {"image_align": False},

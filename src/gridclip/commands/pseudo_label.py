@@ -42,9 +42,9 @@ def _names(spec: str) -> list[str]:
     return [n.strip() for n in spec.split(",") if n.strip()]
 
 
-def _fraction(flag: str, value: float, low_open: bool) -> float:
-    if not ((0.0 < value if low_open else 0.0 <= value) and value <= 1.0):
-        raise ValueError(f"{flag}: expected a number in {'(0' if low_open else '[0'}, 1], got {value}")
+def _fraction(flag: str, value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{flag}: expected a number in (0, 1], got {value}")
     return value
 
 
@@ -66,8 +66,8 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("overrides", nargs="*", help="model.clip_ensemble=... / model.ensemble_*=... (a model trained with "
                                                 "the ensemble)")
     a = p.parse_args(list(argv))
-    min_score = _fraction("--min-score", a.min_score, low_open=True)
-    max_iou = _fraction("--max-iou", a.max_iou, low_open=True)
+    min_score = _fraction("--min-score", a.min_score)
+    max_iou = _fraction("--max-iou", a.max_iou)
     out = Path(a.out)
     if out.resolve() == Path(a.data).resolve():
         raise ValueError(f"--out {out}: is --data itself; write the labelled copy to another file")

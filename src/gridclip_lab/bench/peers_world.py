@@ -5,13 +5,14 @@
 
 Per seed, in order: GridCLIP (the demo's config), CLIP on cropped regions (its class-agnostic proposer is
 trained here), ViLD-text, and ViLD (text + image: the same seed's proposer, `precompute-regions`, then
-training). `grid_pseudo` (results/peers_pseudo/) is grid only trained on the novel pseudo-boxes of the same seed's
-`grid_ensemble_box` run, which it needs first (as ViLD its proposer). Every detector trains ``--iters`` iterations of batch 16 on the base boxes and is evaluated
-LVIS-style on the val split with all categories (AP_r = novel), as `gridclip-lab demo`.
+training). `grid_pseudo` (results/peers_pseudo/) is grid only trained on the novel pseudo-boxes of the same
+seed's `grid_ensemble_box` run, which it needs first (as ViLD its proposer). Every detector trains ``--iters``
+iterations of batch 16 on the base boxes and is evaluated LVIS-style on the val split with all categories
+(AP_r = novel), as `gridclip-lab demo`.
 
 Cost (Table 2): CPU-seconds of this process (``time.process_time``, all threads) for training, and for
-ViLD also its proposer's training and the region precompute (for grid_pseudo: its teacher's training and labelling pass); inference as images per CPU-second and
-per wall-second over the val split (batch 16; the machine is shared, so CPU time is the steadier one);
+ViLD also its proposer's training and the region precompute (grid_pseudo: its teacher's training and labelling
+pass); inference as images per CPU-second and per wall-second over the val split (batch 16; the machine is shared, so CPU time is the steadier one);
 parameters used at inference. Every run is stored in OUT/results.json as it finishes; a rerun skips done ones.
 """
 from __future__ import annotations
@@ -51,7 +52,8 @@ LABELS = {"clip_crops": "CLIP on cropped regions", "vild_text": "ViLD-text", "vi
 # GridCLIP's study variants on the bench: the keeping-CLIP's-knowledge recipe beside the peers (issue 23)
 GRIDCLIP_VARIANTS = {"gridclip": "GridCLIP", "grid_only": "grid only", "grid_ensemble": "grid only + ensemble",
                      "grid_ensemble_box": "grid only + ensemble, box candidates",
-                     "grid_captions": "grid only + caption labels (max score)"}
+                     "grid_captions": "grid only + caption labels (max score)",
+                     "grid_pseudo": "grid only"}  # trained on its teacher's pseudo-boxes (run_one)
 # paired by seed in the report: each of GridCLIP's variants against the strongest peer on novel categories
 COMPARISONS = (("grid_ensemble", "vild_text"), ("grid_ensemble", "grid_only"), ("grid_only", "vild_text"),
                ("gridclip", "vild_text"), ("grid_ensemble_box", "vild_text"), ("grid_ensemble_box", "grid_only"),
@@ -68,8 +70,8 @@ def _config(world: Path, run_dir: Path, method: str, seed: int, iters: int):
     cfg = demo_config(world, builtin_clip_dir(CLIP_NAME), builtin_clip_dir(TEACHER_NAME), run_dir, iters)
     cfg.train.seed = seed
     cfg.train.warmup_iters = min(cfg.train.warmup_iters, iters // 5)  # short schedules: warmup <= 20 % of the run
-    if method in GRIDCLIP_VARIANTS or method == "grid_pseudo":  # the pseudo-box student: grid only's config
-        variant = GRIDCLIP_VARIANTS.get(method, "grid only")
+    if method in GRIDCLIP_VARIANTS:
+        variant = GRIDCLIP_VARIANTS[method]
         cfg = apply_variant(cfg, variant, VARIANTS[variant], cfg.model.num_classes)
     else:
         peers = yaml.safe_load((CONFIG_DIR / "shapes_peers.yaml").read_text())["model"]
@@ -103,10 +105,8 @@ def _training_images(cfg):
 def _pseudo_boxes(out: Path, run_dir: Path, cfg, seed: int) -> dict:
     """The teacher's novel pseudo-boxes on the training images (results/pseudo_labels/PLAN.md's rule) written as the
     student's training JSON, every name trained; the teacher's training and labelling CPU-seconds, for the cost."""
-    from gridclip.config import DEFAULT_PSEUDO_SCORE
-    from gridclip.engine.keep_vocab import PSEUDO_MAX_IOU
-    from gridclip.utils.atomic import atomic_write_json
     from gridclip.engine.pseudo_labels import select_pseudo_boxes, with_pseudo_boxes, write_names_file
+    from gridclip.utils.atomic import atomic_write_json
     from gridclip_lab.study.pseudo_labels import teacher_detections
 
     teacher = json.loads((out / "results.json").read_text()).get(f"grid_ensemble_box/{seed}")
@@ -116,7 +116,7 @@ def _pseudo_boxes(out: Path, run_dir: Path, cfg, seed: int) -> dict:
     novel = [c["id"] for c in train_json["categories"] if c.get("frequency") == "r"]
     cpu = time.process_time()
     dets = teacher_detections(out / f"grid_ensemble_box_s{seed}" / "model.pt", {}, cfg.data.train_json, cfg.data.train_images)
-    kept = select_pseudo_boxes(dets, train_json["annotations"], novel, DEFAULT_PSEUDO_SCORE, PSEUDO_MAX_IOU)
+    kept = select_pseudo_boxes(dets, train_json["annotations"], novel)  # the product's thresholds (0.5, 0.5)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "det_train_pseudo.json", with_pseudo_boxes(train_json, kept), indent=None)
     cfg.data.train_json = str(run_dir / "det_train_pseudo.json")
