@@ -138,6 +138,11 @@ class GridCLIPConfig:
     # (p_det = sqrt(p_cls p_ctr)); "outside": the ensemble replaces only the class probability,
     # score = sqrt(p_cls^(1-w) p_clip^w p_ctr), so box placement keeps its full weight.
     ensemble_centerness: Literal["inside", "outside"] = "inside"
+    # Where the frozen CLIP's C5 comes from. "frozen": its own pass on the image (only the stages after the
+    # detector's last frozen level when trainable_trunk_layers <= 2: exact). "detector_c4": its layer4 on the
+    # detector's C4 whatever the detector trained, one layer4 pass instead of a second trunk (an approximation
+    # of the frozen CLIP once layer3 or an earlier stage trains; results/ensemble_detector_c4/).
+    ensemble_trunk: Literal["frozen", "detector_c4"] = "frozen"
     # Pre/post-processing (paper: score 0.05, NMS 0.5, 300 detections).
     min_size: int = 800
     max_size: int = 1333

@@ -120,6 +120,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "layer4 only + ensemble": {"image_align": False, "trainable_trunk_layers": 1, **ENSEMBLE_SETTINGS},
     "layer4 only + ensemble, box candidates": {"image_align": False, "trainable_trunk_layers": 1, **ENSEMBLE_SETTINGS,
                                                "ensemble_candidates": "box", "ensemble_centerness": "outside"},
+    # results/ensemble_detector_c4/: every stage trains, and the box ensemble's frozen CLIP runs only its layer4, on
+    # the detector's C4 (model.ensemble_trunk=detector_c4): the cost of the layer4-only ensemble, for bench-infer
+    "grid only + ensemble, box candidates, on the detector's C4": {"image_align": False, **ENSEMBLE_SETTINGS,
+                                                                   "ensemble_candidates": "box",
+                                                                   "ensemble_centerness": "outside",
+                                                                   "ensemble_trunk": "detector_c4"},
 }
 
 
@@ -176,6 +182,8 @@ LABELS: dict[str, str] = {
                                                          "supervised), + frozen-CLIP ensemble",
     "grid only + caption labels (max score)": "grid only + image-level labels from the captions, each name at the "
                                               "location that scores it highest (weakly supervised)",
+    "grid only + ensemble, box candidates, on the detector's C4": "grid only + frozen-CLIP box ensemble whose "
+                                                                  "layer4 reads the detector's C4",
     "frozen trunk": "grid only, frozen CLIP trunk and attnpool",
     "frozen trunk + ensemble": "frozen trunk + frozen-CLIP ensemble (F-VLM)",
 }

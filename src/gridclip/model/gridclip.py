@@ -157,7 +157,8 @@ def image_projector(in_dim: int, hidden: int, out_dim: int, layers: int = 3) -> 
 
 # the settings the frozen-CLIP ensemble reads at inference (GridCLIP.set_clip_ensemble changes them)
 ENSEMBLE_KEYS = ("clip_ensemble", "ensemble_weight_base", "ensemble_weight_novel", "ensemble_upsample",
-                 "ensemble_box_scale", "ensemble_candidates", "ensemble_novel_score", "ensemble_centerness")
+                 "ensemble_box_scale", "ensemble_candidates", "ensemble_novel_score", "ensemble_centerness",
+                 "ensemble_trunk")
 
 
 DISTILLED_HEADS = ("separate", "probe")  # region_distill_head values with their own embedding conv
@@ -210,6 +211,9 @@ def _check_ensemble(cfg: GridCLIPConfig) -> None:
         if cfg.ensemble_candidates != "box":
             raise ValueError(f"model.clip_ensemble={cfg.clip_ensemble} needs model.ensemble_candidates=box "
                              f"(got {cfg.ensemble_candidates})")
+    if cfg.ensemble_trunk == "detector_c4" and cfg.ensemble_upsample != 1:
+        raise ValueError(f"model.ensemble_trunk=detector_c4 needs model.ensemble_upsample=1 (the detector's C4 is at "
+                         f"the image's scale; got {cfg.ensemble_upsample:g})")
     for field, value in (("ensemble_novel_score", "objectness"), ("ensemble_centerness", "outside")):
         if getattr(cfg, field) == value and cfg.ensemble_candidates != "box":
             raise ValueError(f"model.{field}={value} needs model.ensemble_candidates=box (got {cfg.ensemble_candidates})")
@@ -458,6 +462,7 @@ class GridCLIP(FCOS):
             raise ValueError("no vocabulary set: call model.set_vocabulary(names) first")
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         image_list, targets = self.transform(images, targets)
+        self._share_trunk_level()  # from the config as it is now (its ensemble fields may be set in place)
         features, z_global = self.backbone(image_list.tensors, image_list.image_sizes)
         anchors = self.anchor_generator(image_list, features)
         num_per_level = [f.shape[2] * f.shape[3] for f in features]
@@ -540,9 +545,11 @@ class GridCLIP(FCOS):
 
     def _share_trunk_level(self) -> None:
         """With a frozen copy (ensemble or region distillation) and the trunk frozen through layer2 or layer3, the
-        detector's C3 or C4 is the frozen CLIP's: the backbone keeps it for :meth:`frozen_c5`."""
+        detector's C3 or C4 is the frozen CLIP's: the backbone keeps it for :meth:`frozen_c5`. With
+        ``ensemble_trunk=detector_c4`` it keeps C4 whatever trained (the frozen layer4 then reads the detector's)."""
         on = _needs_frozen_clip(self.cfg) and self.frozen_clip is not None
-        self.backbone.shared_level = shared_trunk_level(self.cfg.trainable_trunk_layers) if on else None
+        level = 1 if self.cfg.ensemble_trunk == "detector_c4" else shared_trunk_level(self.cfg.trainable_trunk_layers)
+        self.backbone.shared_level = level if on else None
 
     def frozen_c5(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None,
                   upsample: float = 1.0) -> tuple[Tensor, float, GridAttentionPool]:

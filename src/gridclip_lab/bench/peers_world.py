@@ -42,23 +42,35 @@ from gridclip_lab.study.stats import paired_differences
 from gridclip_lab.variants import VARIANTS, apply_variant
 
 METHODS = ("clip_crops", "vild_text", "vild", "gridclip", "grid_only", "grid_ensemble", "grid_ensemble_box",
-           "grid_captions", "grid_pseudo")
+           "grid_captions", "grid_pseudo", "grid_captions_ensemble")
 LABELS = {"clip_crops": "CLIP on cropped regions", "vild_text": "ViLD-text", "vild": "ViLD (text + image)",
           "gridclip": "GridCLIP", "grid_only": "GridCLIP w/o image align (grid only)",
           "grid_ensemble": "grid only + frozen-CLIP ensemble",
           "grid_ensemble_box": "grid only + frozen-CLIP ensemble, box candidates, centerness outside",
           "grid_captions": "grid only + image labels from captions (max score; weakly supervised)",
-          "grid_pseudo": "grid only on the box ensemble's novel pseudo-boxes (novel names known at training)"}
+          "grid_pseudo": "grid only on the box ensemble's novel pseudo-boxes (novel names known at training)",
+          "grid_captions_ensemble": "grid only + image labels from captions + box ensemble on the detector's C4 "
+                                    "(weakly supervised)"}
 # GridCLIP's study variants on the bench: the keeping-CLIP's-knowledge recipe beside the peers (issue 23)
 GRIDCLIP_VARIANTS = {"gridclip": "GridCLIP", "grid_only": "grid only", "grid_ensemble": "grid only + ensemble",
                      "grid_ensemble_box": "grid only + ensemble, box candidates",
                      "grid_captions": "grid only + caption labels (max score)",
-                     "grid_pseudo": "grid only"}  # trained on its teacher's pseudo-boxes (run_one)
+                     "grid_pseudo": "grid only",  # trained on its teacher's pseudo-boxes (run_one)
+                     "grid_captions_ensemble": "grid only + caption labels (max score)"}  # not trained (REUSED)
+# methods that train nothing: another method's model of the same seed with these inference settings
+# (results/ensemble_detector_c4/PLAN.md: the box ensemble on the detector's C4, weights chosen on world1's val
+# for the seed-0 grid_captions model of 100 iterations, selection_100/)
+REUSED = {"grid_captions_ensemble": ("grid_captions", {
+    "clip_ensemble": "dense", "ensemble_upsample": 1.0, "ensemble_box_scale": 1.0, "ensemble_weight_novel": None,
+    "ensemble_weight_base": None, "ensemble_candidates": "box", "ensemble_centerness": "outside",
+    "ensemble_trunk": "detector_c4"})}
 # paired by seed in the report: each of GridCLIP's variants against the strongest peer on novel categories
 COMPARISONS = (("grid_ensemble", "vild_text"), ("grid_ensemble", "grid_only"), ("grid_only", "vild_text"),
                ("gridclip", "vild_text"), ("grid_ensemble_box", "vild_text"), ("grid_ensemble_box", "grid_only"),
                ("grid_ensemble_box", "grid_ensemble"), ("grid_captions", "vild_text"), ("grid_captions", "grid_only"),
-               ("grid_pseudo", "vild_text"), ("grid_pseudo", "grid_only"), ("grid_pseudo", "grid_ensemble_box"))
+               ("grid_pseudo", "vild_text"), ("grid_pseudo", "grid_only"), ("grid_pseudo", "grid_ensemble_box"),
+               ("grid_captions_ensemble", "vild_text"), ("grid_captions_ensemble", "grid_captions"),
+               ("grid_captions_ensemble", "grid_ensemble_box"))
 PAPER = {  # paper Table 1 (LVIS v1 val, mask AP for the peers) and Table 2
     "clip_crops": {"APr": 19.5, "APc": 19.7, "APf": 17.0, "AP": 18.6},
     "vild": {"APr": 16.3, "APc": 21.2, "APf": 31.6, "AP": 24.4, "params_m": 60.5, "gpu_hours": 3064, "fps": 3.3},
@@ -126,9 +138,28 @@ def _pseudo_boxes(out: Path, run_dir: Path, cfg, seed: int) -> dict:
             "precompute_cpu_s": time.process_time() - cpu}
 
 
+def _reused(out: Path, cfg, method: str, seed: int, iters: int) -> dict:
+    """A method of :data:`REUSED`: the seed's model of its source method, evaluated with its settings; its
+    training cost and parameters are the source's model's (with the settings' frozen CLIP counted)."""
+    source, settings = REUSED[method]
+    done = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    trained = done.get(f"{source}/{seed}")
+    if trained is None or trained["iters"] != iters:
+        raise ValueError(f"{method} seed {seed} needs {source} seed {seed} at {iters} iterations first (its model)")
+    model = load_checkpoint(out / f"{source}_s{seed}" / "model.pt")
+    model.set_clip_ensemble(**settings)
+    record = {"method": method, "seed": seed, "iters": iters, "source": source,
+              **{k: trained[k] for k in ("train_cpu_s", "train_wall_s", "total_train_cpu_s")},
+              "params": model.inference_parameter_count()}
+    record.update(_evaluate(model.optimize_for_inference(), cfg))
+    return record
+
+
 def run_one(out: Path, world: Path, method: str, seed: int, iters: int) -> dict:
     run_dir = out / f"{method}_s{seed}"
     cfg = _config(world, run_dir, method, seed, iters)
+    if method in REUSED:
+        return _reused(out, cfg, method, seed, iters)
     record: dict = {"method": method, "seed": seed, "iters": iters}
     if method == "vild":  # ViLD-image: the proposer (= CLIP on crops of this seed) and the precompute
         done = json.loads((out / "results.json").read_text())

@@ -35,6 +35,8 @@ def main(argv: Sequence[str]) -> int:
                    help="model.ensemble_novel_score of every setting (objectness: with --candidates box)")
     p.add_argument("--centerness", choices=("inside", "outside"), default="inside",
                    help="model.ensemble_centerness of every setting (outside: with --candidates box)")
+    p.add_argument("--trunk", choices=("frozen", "detector_c4"), default="frozen",
+                   help="model.ensemble_trunk of every setting (detector_c4: the frozen layer4 on the detector's C4)")
     p.add_argument("--geometry", nargs=3, metavar=("MODE", "UPSAMPLE", "BOX_SCALE"),
                    help="fix model.clip_ensemble / ensemble_upsample / ensemble_box_scale (only the weights are chosen)")
     p.add_argument("--w-novel", help="comma list of step 1's novel-name weights in [0, 1] "
@@ -63,7 +65,8 @@ def main(argv: Sequence[str]) -> int:
         geometry = (a.geometry[0], float(a.geometry[1]), float(a.geometry[2]))
     extra = {**({"ensemble_candidates": a.candidates} if a.candidates != "class" else {}),
              **({"ensemble_novel_score": a.novel_score} if a.novel_score != "name" else {}),
-             **({"ensemble_centerness": a.centerness} if a.centerness != "inside" else {})} or None
+             **({"ensemble_centerness": a.centerness} if a.centerness != "inside" else {}),
+             **({"ensemble_trunk": a.trunk} if a.trunk != "frozen" else {})} or None
     work = a.work_dir or f"runs/ensemble_selection/{re.sub(r'[^a-z0-9]+', '_', a.variant.lower()).strip('_')}"
     report = run_selection(a.variant, a.world, a.held_out, a.out, seed=a.seed, iters=a.iters, model=a.model,
                            work_dir=work, jobs=a.jobs, geometry=geometry, extra=extra,

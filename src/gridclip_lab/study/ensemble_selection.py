@@ -62,6 +62,7 @@ def setting_id(s: Setting) -> str:
     candidates = " box-candidates" if s.get("ensemble_candidates", "class") == "box" else ""
     candidates += " novel-objectness" if s.get("ensemble_novel_score", "name") == "objectness" else ""
     candidates += " centerness-outside" if s.get("ensemble_centerness", "inside") == "outside" else ""
+    candidates += " detector-c4" if s.get("ensemble_trunk", "frozen") == "detector_c4" else ""
     return (f"{s['clip_ensemble']} up{s['ensemble_upsample']:g} box{s['ensemble_box_scale']:g} "
             f"wn{s['ensemble_weight_novel']:g} wb{s['ensemble_weight_base']:g}{candidates}")
 
@@ -156,16 +157,16 @@ def base_trained_config(spec: Any, world: str | Path, variant: str, seed: int, i
 def held_out_evaluator(model_path: str | Path, cfg: Any, base_category_ids: Sequence[int],
                        log: Callable[[str], None] | None = print) -> EvaluateSetting:
     """``evaluate(setting)``: the model of ``model_path`` with ``setting`` applied to its config, scored
-    by the product's evaluator on ``cfg``'s val split (the held-out one). Needs a model trained with an
-    ensemble on (it holds the frozen CLIP and its logit scale)."""
+    by the product's evaluator on ``cfg``'s val split (the held-out one). A model trained with the ensemble off
+    has it switched on first (``set_clip_ensemble``: the frozen CLIP from its ``clip_model``, as `gridclip detect`
+    does), so its settings can be set in place as for a model trained with one."""
     from gridclip.checkpoint import load_checkpoint
     from gridclip.engine.evaluate import evaluate_base_trained
     from gridclip_lab.variants import METRICS
 
     model = load_checkpoint(model_path)
     if model.cfg.clip_ensemble == "off":
-        raise ValueError(f"{model_path}: trained with model.clip_ensemble=off; the selection needs a model of an "
-                         "ensemble variant (it holds the frozen CLIP)")
+        model.set_clip_ensemble(clip_ensemble="dense")
 
     def evaluate(s: Setting) -> dict[str, float]:
         for key, value in s.items():
