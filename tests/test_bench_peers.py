@@ -63,3 +63,23 @@ def test_pseudo_box_student_trains_as_grid_only_and_needs_its_teacher(tmp_path):
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(ValueError, match="grid_pseudo seed 1 needs grid_ensemble_box seed 1 first"):
         _pseudo_boxes(tmp_path, tmp_path / "run", student, 1)
+
+
+def test_a_reused_method_is_its_sources_model_with_the_held_out_selections_settings(tmp_path):
+    """grid_captions_ensemble trains nothing: the seed's grid_captions model with the C4 box ensemble at the weights
+    chosen on world1's val (results/ensemble_detector_c4/selection_100/), refused without that model."""
+    import json
+
+    from gridclip_lab.bench.peers_world import REUSED, _reused
+
+    source, settings = REUSED["grid_captions_ensemble"]
+    assert source == "grid_captions"
+    chosen = json.loads((Path(__file__).parents[1] / "results/ensemble_detector_c4/selection_100/selection.json")
+                        .read_text())["chosen"]
+    assert settings == chosen
+    cfg = _config(tmp_path / "world", tmp_path / "run", "grid_captions_ensemble", 1, 100)
+    assert config_to_dict(cfg) == config_to_dict(_config(tmp_path / "world", tmp_path / "run", "grid_captions", 1, 100))
+    (tmp_path / "results.json").write_text(json.dumps({"grid_captions/1": _record("grid_captions", 1, 0.3, 0.4)
+                                                       | {"iters": 400}}))
+    with pytest.raises(ValueError, match="grid_captions_ensemble seed 1 needs grid_captions seed 1 at 100 iterations"):
+        _reused(tmp_path, cfg, "grid_captions_ensemble", 1, 100)

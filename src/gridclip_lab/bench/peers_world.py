@@ -61,8 +61,8 @@ GRIDCLIP_VARIANTS = {"gridclip": "GridCLIP", "grid_only": "grid only", "grid_ens
 # (results/ensemble_detector_c4/PLAN.md: the box ensemble on the detector's C4, weights chosen on world1's val
 # for the seed-0 grid_captions model of 100 iterations, selection_100/)
 REUSED = {"grid_captions_ensemble": ("grid_captions", {
-    "clip_ensemble": "dense", "ensemble_upsample": 1.0, "ensemble_box_scale": 1.0, "ensemble_weight_novel": None,
-    "ensemble_weight_base": None, "ensemble_candidates": "box", "ensemble_centerness": "outside",
+    "clip_ensemble": "dense", "ensemble_upsample": 1.0, "ensemble_box_scale": 1.0, "ensemble_weight_novel": 0.2,
+    "ensemble_weight_base": 0.2, "ensemble_candidates": "box", "ensemble_centerness": "outside",
     "ensemble_trunk": "detector_c4"})}
 # paired by seed in the report: each of GridCLIP's variants against the strongest peer on novel categories
 COMPARISONS = (("grid_ensemble", "vild_text"), ("grid_ensemble", "grid_only"), ("grid_only", "vild_text"),
