@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("gridclip.commands.eval", "evaluate a checkpoint, or score a COCO-format results file"),
     "detect": ("gridclip.commands.detect", "detect objects in images with any vocabulary"),
     "pseudo-label": ("gridclip.commands.pseudo_label", "add a model's boxes of names a training set has no boxes for"),
+    "tune-ensemble": ("gridclip.commands.tune_ensemble", "choose a model's frozen-CLIP ensemble weights on a held-out split"),
     "export": ("gridclip.commands.export", "export to ONNX, or a model folder for the Hugging Face Hub (--format hub)"),
     "serve": ("gridclip.commands.serve", "web demo (Gradio)"),
     "info": ("gridclip.commands.info", "architecture summary and inference parameter count"),

@@ -26,18 +26,23 @@ from gridclip.engine.evaluate import Evaluation, evaluate, evaluate_model, forma
 from gridclip.hub import local_model_path
 
 
+def data_config(checkpoint: str, config: str | None, overrides: Sequence[str] | None) -> Config:
+    """The config whose data and eval settings a checkpoint is evaluated with: ``config`` (a YAML file), else the
+    one the trainer stored in the checkpoint, with ``overrides``; only overrides when the checkpoint has none."""
+    if config:
+        return load_config(config, overrides)
+    if isinstance(checkpoint_extra(checkpoint).get("config"), dict):
+        return config_from_dict(with_overrides(checkpoint_extra(checkpoint)["config"], overrides), Config,
+                                f"{checkpoint}:extra.config")
+    if overrides:
+        return load_config(None, overrides)
+    raise ValueError(f"{checkpoint}: holds no data config; give --config F or data.val_json=... "
+                     "data.val_images=... (and data.format=...)")
+
+
 def _evaluate_checkpoint(args: argparse.Namespace) -> tuple[Evaluation, list[dict]]:
     args.checkpoint = str(local_model_path(args.checkpoint))  # an hf-hub: name, fetched once
-    if args.config:
-        cfg = load_config(args.config, args.overrides)
-    elif isinstance(checkpoint_extra(args.checkpoint).get("config"), dict):
-        cfg = config_from_dict(with_overrides(checkpoint_extra(args.checkpoint)["config"], args.overrides), Config,
-                               f"{args.checkpoint}:extra.config")
-    elif args.overrides:
-        cfg = load_config(None, args.overrides)
-    else:
-        raise ValueError(f"{args.checkpoint}: holds no data config; give --config F or data.val_json=... "
-                         "data.val_images=... (and data.format=...)")
+    cfg = data_config(args.checkpoint, args.config, args.overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_checkpoint(args.checkpoint, device=device)
     set_model_settings(model, parse_overrides(args.overrides or []).get("model") or {})

@@ -12,8 +12,9 @@ trained model serves them all. The rule (:data:`RULE`) is fixed before any numbe
 2. with those: ``w_base`` by held-out AP of the base categories (mean per-category AP over the names
    trained with boxes);
 
-in each step the settings within :data:`TIE` of the best count as tied, and the cheapest of them wins
-(dense before roi, upsample 1 before 2, box scale 1 before 1.5), then the weight nearest F-VLM's.
+in each step the settings within :data:`gridclip.engine.ensemble_tuning.TIE` of the best count as tied, and the
+cheapest of them wins (dense before roi, upsample 1 before 2, box scale 1 before 1.5), then the weight nearest
+F-VLM's.
 The detector alone (ensemble off) and p_clip alone (both weights 1, the chosen geometry) are recorded as
 reference points.
 """
@@ -25,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from gridclip.engine.ensemble_tuning import pick
 from gridclip.utils.atomic import atomic_write_json
 
 MODES = ("dense", "roi")  # the rule's grid, cheapest first
@@ -35,7 +37,6 @@ BOX_SCALES = (1.0, 1.5)
 W_NOVEL = (0.35, 0.5, 0.65, 0.8)
 W_BASE = (0.0, 0.2, 0.35, 0.5)
 FVLM_W_BASE, FVLM_W_NOVEL = 0.35, 0.65
-TIE = 0.005  # metrics are in [0, 1]: half an AP point
 RULE = (
     "Step 1, w_base = 0.35 (F-VLM's): among clip_ensemble {dense, roi} x ensemble_upsample {1, 2} x "
     "ensemble_box_scale {1, 1.5} x w_novel {0.35, 0.5, 0.65, 0.8}, the best held-out AP_r; settings within "
@@ -72,9 +73,7 @@ def _cost(s: Setting) -> tuple:
 
 
 def _pick(candidates: list[tuple[Setting, dict]], metric: str, weight: str, preferred: float) -> Setting:
-    best = max(m[metric] for _, m in candidates)
-    tied = [(s, m) for s, m in candidates if m[metric] >= best - TIE]
-    return min(tied, key=lambda sm: (_cost(sm[0]), abs(sm[0][weight] - preferred), -sm[1][metric]))[0]
+    return pick(candidates, metric, weight, preferred, cost=_cost)
 
 
 def step1_settings(geometry: tuple[str, float, float] | None = None, extra: Setting | None = None,
