@@ -72,11 +72,10 @@ def test_a_reused_method_is_its_sources_model_with_the_held_out_selections_setti
 
     from gridclip_lab.bench.peers_world import REUSED, _reused
 
-    source, settings = REUSED["grid_captions_ensemble"]
-    assert source == "grid_captions"
-    chosen = json.loads((Path(__file__).parents[1] / "results/ensemble_detector_c4/selection_100/selection.json")
-                        .read_text())["chosen"]
-    assert settings == chosen
+    results = Path(__file__).parents[1] / "results/ensemble_detector_c4"
+    for method, source, selection in (("grid_captions_ensemble", "grid_captions", "selection_100"),
+                                      ("grid_only_ensemble_c4", "grid_only", "grid_selection_100")):
+        assert REUSED[method] == (source, json.loads((results / selection / "selection.json").read_text())["chosen"])
     cfg = _config(tmp_path / "world", tmp_path / "run", "grid_captions_ensemble", 1, 100)
     assert config_to_dict(cfg) == config_to_dict(_config(tmp_path / "world", tmp_path / "run", "grid_captions", 1, 100))
     (tmp_path / "results.json").write_text(json.dumps({"grid_captions/1": _record("grid_captions", 1, 0.3, 0.4)

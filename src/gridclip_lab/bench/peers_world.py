@@ -42,7 +42,7 @@ from gridclip_lab.study.stats import paired_differences
 from gridclip_lab.variants import VARIANTS, apply_variant
 
 METHODS = ("clip_crops", "vild_text", "vild", "gridclip", "grid_only", "grid_ensemble", "grid_ensemble_box",
-           "grid_captions", "grid_pseudo", "grid_captions_ensemble")
+           "grid_captions", "grid_pseudo", "grid_captions_ensemble", "grid_only_ensemble_c4")
 LABELS = {"clip_crops": "CLIP on cropped regions", "vild_text": "ViLD-text", "vild": "ViLD (text + image)",
           "gridclip": "GridCLIP", "grid_only": "GridCLIP w/o image align (grid only)",
           "grid_ensemble": "grid only + frozen-CLIP ensemble",
@@ -50,27 +50,31 @@ LABELS = {"clip_crops": "CLIP on cropped regions", "vild_text": "ViLD-text", "vi
           "grid_captions": "grid only + image labels from captions (max score; weakly supervised)",
           "grid_pseudo": "grid only on the box ensemble's novel pseudo-boxes (novel names known at training)",
           "grid_captions_ensemble": "grid only + image labels from captions + box ensemble on the detector's C4 "
-                                    "(weakly supervised)"}
+                                    "(weakly supervised)",
+          "grid_only_ensemble_c4": "grid only + box ensemble on the detector's C4"}
 # GridCLIP's study variants on the bench: the keeping-CLIP's-knowledge recipe beside the peers (issue 23)
 GRIDCLIP_VARIANTS = {"gridclip": "GridCLIP", "grid_only": "grid only", "grid_ensemble": "grid only + ensemble",
                      "grid_ensemble_box": "grid only + ensemble, box candidates",
                      "grid_captions": "grid only + caption labels (max score)",
                      "grid_pseudo": "grid only",  # trained on its teacher's pseudo-boxes (run_one)
-                     "grid_captions_ensemble": "grid only + caption labels (max score)"}  # not trained (REUSED)
+                     "grid_captions_ensemble": "grid only + caption labels (max score)",  # not trained (REUSED)
+                     "grid_only_ensemble_c4": "grid only"}  # not trained (REUSED)
 # methods that train nothing: another method's model of the same seed with these inference settings
 # (results/ensemble_detector_c4/PLAN.md: the box ensemble on the detector's C4, weights chosen on world1's val
-# for the seed-0 grid_captions model of 100 iterations, selection_100/)
-REUSED = {"grid_captions_ensemble": ("grid_captions", {
-    "clip_ensemble": "dense", "ensemble_upsample": 1.0, "ensemble_box_scale": 1.0, "ensemble_weight_novel": 0.2,
-    "ensemble_weight_base": 0.2, "ensemble_candidates": "box", "ensemble_centerness": "outside",
-    "ensemble_trunk": "detector_c4"})}
+# for the source's seed-0 model of 100 iterations: selection_100/ and, addendum 1, grid_selection_100/)
+C4_BOX = {"clip_ensemble": "dense", "ensemble_upsample": 1.0, "ensemble_box_scale": 1.0, "ensemble_candidates": "box",
+          "ensemble_centerness": "outside", "ensemble_trunk": "detector_c4"}
+REUSED = {"grid_captions_ensemble": ("grid_captions", {**C4_BOX, "ensemble_weight_novel": 0.2,
+                                                       "ensemble_weight_base": 0.2}),
+          "grid_only_ensemble_c4": ("grid_only", {**C4_BOX, "ensemble_weight_novel": 0.35, "ensemble_weight_base": 0.2})}
 # paired by seed in the report: each of GridCLIP's variants against the strongest peer on novel categories
 COMPARISONS = (("grid_ensemble", "vild_text"), ("grid_ensemble", "grid_only"), ("grid_only", "vild_text"),
                ("gridclip", "vild_text"), ("grid_ensemble_box", "vild_text"), ("grid_ensemble_box", "grid_only"),
                ("grid_ensemble_box", "grid_ensemble"), ("grid_captions", "vild_text"), ("grid_captions", "grid_only"),
                ("grid_pseudo", "vild_text"), ("grid_pseudo", "grid_only"), ("grid_pseudo", "grid_ensemble_box"),
                ("grid_captions_ensemble", "vild_text"), ("grid_captions_ensemble", "grid_captions"),
-               ("grid_captions_ensemble", "grid_ensemble_box"))
+               ("grid_captions_ensemble", "grid_ensemble_box"), ("grid_only_ensemble_c4", "vild_text"),
+               ("grid_only_ensemble_c4", "grid_ensemble_box"), ("grid_only_ensemble_c4", "grid_only"))
 PAPER = {  # paper Table 1 (LVIS v1 val, mask AP for the peers) and Table 2
     "clip_crops": {"APr": 19.5, "APc": 19.7, "APf": 17.0, "AP": 18.6},
     "vild": {"APr": 16.3, "APc": 21.2, "APf": 31.6, "AP": 24.4, "params_m": 60.5, "gpu_hours": 3064, "fps": 3.3},
