@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gridclip.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, save_pretrained
+from gridclip.cli import main as cli
 from gridclip.engine.evaluate import evaluate_model
 from gridclip.engine.train import Trainer
 from gridclip.model import build_model
@@ -203,6 +204,10 @@ def test_what_a_routed_model_cannot_do_is_one_line_each(runs, tiny_root, tmp_pat
         model.set_vocabulary(torch.randn(2, model.start.clip_dim))
     with pytest.raises(ValueError, match=r"^routed model: inference only"):
         model.train()(_images())
+    with pytest.raises(ValueError, match=r"routed/model\.pt: a routed fine-tuned file \(two detectors, two sets of "
+                                         r"trained names\); tune its start model"):
+        cli(["--debug", "tune-ensemble", "--checkpoint", str(runs["routed"]), "--out", str(tmp_path / "tuning")])
+    assert not (tmp_path / "tuning").exists()
     cfg = tiny_config(tiny_root, init_from=str(runs["routed"]), max_iters=2)
     cfg.train.finetune.mode = "pseudo_boxes"
     with pytest.raises(ValueError, match=r"^train\.init_from .*routed/model\.pt: a routed model \(two detectors\) "

@@ -23,6 +23,8 @@ from gridclip.commands.eval import data_config
 from gridclip.engine.ensemble_tuning import W_BASE, W_NOVEL, group_ap, overrides, tune
 from gridclip.engine.evaluate import evaluate_model
 from gridclip.hub import local_model_path
+from gridclip.model.gridclip import GridCLIP
+from gridclip.model.routed import RoutedDetector
 from gridclip.utils.atomic import atomic_write_json
 
 
@@ -61,11 +63,14 @@ def main(argv: Sequence[str]) -> int:
         raise ValueError(f"gridclip tune-ensemble: {fixed[0]}: the ensemble's settings are what it chooses; give "
                          "data.* and eval.* overrides only")
     checkpoint = str(local_model_path(args.checkpoint))
-    cfg = data_config(checkpoint, args.config, args.overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_checkpoint(checkpoint, device=device)
-    if not hasattr(model, "set_clip_ensemble") or not model.cfg.grid_align:
+    if isinstance(model, RoutedDetector):
+        raise ValueError(f"{checkpoint}: a routed fine-tuned file (two detectors, two sets of trained names); tune its "
+                         "start model and give the chosen model.* settings to the routed file")
+    if not isinstance(model, GridCLIP) or not model.cfg.grid_align:
         raise ValueError(f"{checkpoint}: the ensemble needs an open-vocabulary GridCLIP model")
+    cfg = data_config(checkpoint, args.config, args.overrides)
     trained = set(model.cfg.ensemble_trained_names)
     if not trained:
         raise ValueError(f"{checkpoint}: records no names trained with boxes (model.ensemble_trained_names); "
