@@ -11,7 +11,6 @@ off when it does not help). Writes DIR/ensemble_tuning.json and prints the ``mod
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +20,7 @@ from gridclip.checkpoint import load_checkpoint
 from gridclip.commands._model_settings import set_model_settings
 from gridclip.commands.eval import data_config
 from gridclip.engine.ensemble_tuning import W_BASE, W_NOVEL, group_ap, overrides, tune
-from gridclip.engine.evaluate import evaluate_model
+from gridclip.engine.evaluate import build_eval_dataset, evaluate_model
 from gridclip.hub import local_model_path
 from gridclip.model.gridclip import GridCLIP
 from gridclip.model.routed import RoutedDetector
@@ -75,8 +74,11 @@ def main(argv: Sequence[str]) -> int:
     if not trained:
         raise ValueError(f"{checkpoint}: records no names trained with boxes (model.ensemble_trained_names); "
                          "a model trained by this version does")
-    categories = json.loads(Path(cfg.data.val_json).read_text())["categories"]
-    names = {c["id"]: c["name"] for c in categories}
+    # the held-out categories under the names the model scores them by (ensemble_trained_names are such names),
+    # whatever the data format
+    dataset = build_eval_dataset(cfg.data)
+    model.set_vocabulary(cfg.eval.vocabulary or dataset.category_names)
+    names = dict(zip(dataset.category_ids, model.class_names))
     groups = {"AP_trained": [i for i, n in names.items() if n in trained],
               "AP_novel": [i for i, n in names.items() if n not in trained]}
 

@@ -75,7 +75,7 @@ def tune(evaluate: Callable[[Setting], Scores], *, trunk: str = "frozen", w_nove
         if s not in [c for c, _ in step2]:
             step2.append((s, run(s)))
     second = pick(step2, "AP_trained", "ensemble_weight_base", FVLM_W_BASE)
-    scores = dict(next(m for s, m in step2 if s == second))
+    scores = next(m for s, m in step2 if s == second)
     if has_novel:
         gain = scores["AP_novel"] - alone["AP_novel"] > TIE and scores["AP"] >= alone["AP"] - TIE
     else:

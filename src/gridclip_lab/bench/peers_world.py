@@ -34,6 +34,7 @@ from gridclip.data.datasets import DetectionDataset, load_train_annotations
 from gridclip.data.transforms import eval_transforms
 from gridclip.clip.loader import builtin_clip_dir
 from gridclip_lab.demo import CLIP_NAME, TEACHER_NAME, demo_config
+from gridclip.engine.ensemble_tuning import BOX_ENSEMBLE
 from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
 from gridclip.engine.train import train
 from gridclip.model import build_model
@@ -62,8 +63,7 @@ GRIDCLIP_VARIANTS = {"gridclip": "GridCLIP", "grid_only": "grid only", "grid_ens
 # methods that train nothing: another method's model of the same seed with these inference settings
 # (results/ensemble_detector_c4/PLAN.md: the box ensemble on the detector's C4, weights chosen on world1's val
 # for the source's seed-0 model of 100 iterations: selection_100/ and, addendum 1, grid_selection_100/)
-C4_BOX = {"clip_ensemble": "dense", "ensemble_upsample": 1.0, "ensemble_box_scale": 1.0, "ensemble_candidates": "box",
-          "ensemble_centerness": "outside", "ensemble_trunk": "detector_c4"}
+C4_BOX = {**BOX_ENSEMBLE, "ensemble_trunk": "detector_c4"}
 REUSED = {"grid_captions_ensemble": ("grid_captions", {**C4_BOX, "ensemble_weight_novel": 0.2,
                                                        "ensemble_weight_base": 0.2}),
           "grid_only_ensemble_c4": ("grid_only", {**C4_BOX, "ensemble_weight_novel": 0.35, "ensemble_weight_base": 0.2})}

@@ -29,7 +29,8 @@ KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("model", "ensemble_trained_names"): [],  # as config_to_dict writes the empty tuple
     ("model", "loss_on_padding"): True,  # what every run recorded before the setting existed trained with
     ("model", "ensemble_candidates"): "class", ("model", "ensemble_novel_score"): "name",
-    ("model", "ensemble_centerness"): "inside", ("model", "ensemble_trunk"): "frozen", ("model", "quality_target"): "centerness",
+    ("model", "ensemble_centerness"): "inside", ("model", "ensemble_trunk"): "frozen",
+    ("model", "quality_target"): "centerness",
     ("model", "trainable_trunk_layers"): 5, ("model", "region_distill"): 0.0, ("model", "region_distill_boxes"): 32,
     ("model", "region_distill_where"): "all", ("model", "region_distill_head"): "shared",
     ("model", "region_distill_tower"): 1.0, ("train", "image_labels"): None, ("train", "image_label_images"): None,
