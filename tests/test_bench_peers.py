@@ -37,7 +37,8 @@ def test_gridclip_variants_on_the_bench_are_the_study_variants(tmp_path, method)
 
 def _record(method: str, seed: int, apr: float, ap: float) -> dict:
     return {"method": method, "seed": seed, "iters": 100, "AP": ap, "AP50": ap, "APr": apr, "APc": ap, "APf": ap,
-            "params": 2e6, "total_train_cpu_s": 60.0, "train_cpu_s": 60.0, "infer_images": 10, "infer_cpu_s": 1.0,
+            "params": 2e6, "total_train_cpu_s": 60.0, "train_cpu_s": 60.0, "train_wall_s": 60.0, "infer_images": 10,
+            "infer_cpu_s": 1.0,
             "infer_wall_s": 1.0}
 
 
@@ -82,3 +83,59 @@ def test_a_reused_method_is_its_sources_model_with_the_held_out_selections_setti
                                                        | {"iters": 400}}))
     with pytest.raises(ValueError, match="grid_captions_ensemble seed 1 needs grid_captions seed 1 at 100 iterations"):
         _reused(tmp_path, cfg, "grid_captions_ensemble", 1, 100)
+
+
+def _world_subset(src: Path, dst: Path, images: slice) -> Path:
+    """A world folder whose val split is ``images`` of ``src``'s (the images themselves linked)."""
+    import json
+
+    gt = json.loads((src / "val.json").read_text())
+    keep = {im["id"] for im in gt["images"][images]}
+    dst.mkdir(parents=True)
+    (dst / "val.json").write_text(json.dumps(dict(gt, images=[im for im in gt["images"] if im["id"] in keep],
+                                                  annotations=[a for a in gt["annotations"] if a["image_id"] in keep])))
+    (dst / "val").symlink_to(src / "val", target_is_directory=True)
+    return dst
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_tuned_method_chooses_on_the_held_out_world_and_reports_on_the_bench_world(tmp_path, shapes_world,
+                                                                                      world_checkpoint):
+    """grid_captions_tuned trains nothing: the seed's grid_captions model with what `tune_model` chooses on the
+    held-out world's val (results/captions_tuned/PLAN.md), evaluated by the product evaluator on the bench's val;
+    refused without a held-out world or with the bench's own."""
+    import json
+
+    from gridclip.checkpoint import load_checkpoint, save_checkpoint
+    from gridclip.config import load_config
+    from gridclip.engine.ensemble_tuning import tune_model
+    from gridclip.engine.evaluate import evaluate_model
+    from gridclip_lab.bench.peers_world import TUNED, _tuned
+
+    bench = _world_subset(shapes_world.root, tmp_path / "bench", slice(0, 4))
+    held_out = _world_subset(shapes_world.root, tmp_path / "held_out", slice(4, 8))
+    model = load_checkpoint(world_checkpoint)
+    gt = json.loads((bench / "val.json").read_text())
+    model.cfg.ensemble_trained_names = tuple(c["name"] for c in gt["categories"] if c["frequency"] != "r")
+    save_checkpoint(tmp_path / "out" / "grid_captions_s1" / "model.pt", model)
+    (tmp_path / "out" / "results.json").write_text(json.dumps({"grid_captions/1": _record("grid_captions", 1, 0.3, 0.4)}))
+    cfg = _config(bench, tmp_path / "run", "grid_captions_tuned", 1, 100)
+    cfg.data.num_workers = 0
+    assert TUNED["grid_captions_tuned"] == ("grid_captions", "detector_c4")
+    for bad, message in ((None, "grid_captions_tuned needs --held-out WORLD"), (bench, "the bench's own world")):
+        with pytest.raises(ValueError, match=message):
+            _tuned(tmp_path / "out", cfg, "grid_captions_tuned", 1, 100, bad)
+    record = _tuned(tmp_path / "out", cfg, "grid_captions_tuned", 1, 100, held_out)
+
+    data = lambda world: ["data.format=lvis", f"data.val_json={world / 'val.json'}",  # noqa: E731
+                          f"data.val_images={world / 'val' / 'images'}", "data.num_workers=0"]
+    reference = load_checkpoint(tmp_path / "out" / "grid_captions_s1" / "model.pt")
+    want = tune_model(reference, load_config(None, data(held_out)), trunk="detector_c4")
+    assert record["chosen"] == want["chosen"] and record["ensemble_kept"] == want["ensemble_kept"]
+    assert record["tuning"] == json.loads(json.dumps(want["evaluations"]))
+    fresh = load_checkpoint(tmp_path / "out" / "grid_captions_s1" / "model.pt")
+    fresh.set_clip_ensemble(**want["chosen"])
+    evaluation, _ = evaluate_model(fresh.optimize_for_inference(), load_config(None, data(bench)))
+    assert record["APr"] == pytest.approx(evaluation.metrics["APr"], abs=1e-9)
+    assert record["AP"] == pytest.approx(evaluation.metrics["AP"], abs=1e-9)
+    assert record["held_out"] == "held_out" and record["train_cpu_s"] == 60.0

@@ -113,3 +113,28 @@ def test_the_command_refuses_model_settings_and_bad_weights_in_one_line(tuning_c
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and message in err
     assert not (root / "bad").exists()
+
+
+def test_tune_model_is_the_commands_choice_and_leaves_the_model_with_it(tuning_case):
+    """The Python function the lab's benches call runs what the command runs, and the model it returns detects with
+    the chosen setting (as `gridclip eval` with the printed overrides)."""
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.config import load_config
+    from gridclip.engine.ensemble_tuning import tune_model
+    from gridclip.engine.evaluate import evaluate_model
+
+    root, data, _ = tuning_case
+    assert cli(["tune-ensemble", "--checkpoint", str(root / "model.pt"), "--out", str(root / "same"), "--device",
+                "cpu", "--w-novel", "0.2,0.65", "--w-base", "0,0.35", *data]) == 0
+    command = json.loads((root / "same" / "ensemble_tuning.json").read_text())
+    model, cfg = load_checkpoint(root / "model.pt"), load_config(None, data)
+    lines = []
+    report = tune_model(model, cfg, w_novel=(0.2, 0.65), w_base=(0.0, 0.35), log=lines.append)
+    assert json.loads(json.dumps(report)) == {k: v for k, v in command.items() if k not in ("model", "held_out")}
+    assert len(lines) == len(report["evaluations"])
+    chosen = next(e["scores"] for e in report["evaluations"] if e["setting"] == report["chosen"])
+    evaluation, _ = evaluate_model(model, cfg)
+    assert evaluation.metrics["AP"] == pytest.approx(chosen["AP"], abs=1e-9)
+    model.cfg.ensemble_trained_names = ()
+    with pytest.raises(ValueError, match="records no names trained with boxes"):
+        tune_model(model, cfg)

@@ -17,10 +17,8 @@ from typing import Sequence
 import torch
 
 from gridclip.checkpoint import load_checkpoint
-from gridclip.commands._model_settings import set_model_settings
 from gridclip.commands.eval import data_config
-from gridclip.engine.ensemble_tuning import W_BASE, W_NOVEL, group_ap, overrides, tune
-from gridclip.engine.evaluate import build_eval_dataset, evaluate_model
+from gridclip.engine.ensemble_tuning import W_BASE, W_NOVEL, tune_model
 from gridclip.hub import local_model_path
 from gridclip.model.gridclip import GridCLIP
 from gridclip.model.routed import RoutedDetector
@@ -69,35 +67,15 @@ def main(argv: Sequence[str]) -> int:
                          "start model and give the chosen model.* settings to the routed file")
     if not isinstance(model, GridCLIP) or not model.cfg.grid_align:
         raise ValueError(f"{checkpoint}: the ensemble needs an open-vocabulary GridCLIP model")
-    cfg = data_config(checkpoint, args.config, args.overrides)
-    trained = set(model.cfg.ensemble_trained_names)
-    if not trained:
+    if not model.cfg.ensemble_trained_names:
         raise ValueError(f"{checkpoint}: records no names trained with boxes (model.ensemble_trained_names); "
                          "a model trained by this version does")
-    # the held-out categories under the names the model scores them by (ensemble_trained_names are such names),
-    # whatever the data format
-    dataset = build_eval_dataset(cfg.data)
-    model.set_vocabulary(cfg.eval.vocabulary or dataset.category_names)
-    names = dict(zip(dataset.category_ids, model.class_names))
-    groups = {"AP_trained": [i for i, n in names.items() if n in trained],
-              "AP_novel": [i for i, n in names.items() if n not in trained]}
-
-    def evaluate(setting: dict) -> dict:
-        set_model_settings(model, setting)
-        model.optimize_for_inference()
-        evaluation, _ = evaluate_model(model, cfg, batch_size=args.batch_size, device=device)
-        scores = {"AP": float(evaluation.metrics["AP"]),
-                  **{k: group_ap(evaluation.per_category_ap, ids) for k, ids in groups.items()}}
-        shown = " ".join(f"{k} {100 * v:.1f}" if v is not None else f"{k} -" for k, v in scores.items())
-        print(f"[tune-ensemble] {' '.join(overrides(setting))}: {shown}", flush=True)
-        return scores
-
-    report = tune(evaluate, trunk=args.trunk, w_novel=w_novel, w_base=w_base)
+    cfg = data_config(checkpoint, args.config, args.overrides)
+    report = tune_model(model, cfg, trunk=args.trunk, w_novel=w_novel, w_base=w_base, batch_size=args.batch_size,
+                        device=device, log=lambda line: print(f"[tune-ensemble] {line}", flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": Path(checkpoint).name, "held_out": Path(cfg.data.val_json).name,
-              "names_without_boxes": sorted(names[i] for i in groups["AP_novel"]), **report,
-              "overrides": overrides(report["chosen"])}
+    report = {"model": Path(checkpoint).name, "held_out": Path(cfg.data.val_json).name, **report}
     atomic_write_json(out / "ensemble_tuning.json", report)
     kept = "kept" if report["ensemble_kept"] else "off (it did not beat the model alone on the held-out split)"
     print(f"ensemble {kept}: {' '.join(report['overrides'])}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
+
 W_NOVEL = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8)
 W_BASE = (0.0, 0.2, 0.35, 0.5)
 FVLM_W_NOVEL, FVLM_W_BASE = 0.65, 0.35  # F-VLM's weights: ties go to the nearest
@@ -87,3 +89,41 @@ def tune(evaluate: Callable[[Setting], Scores], *, trunk: str = "frozen", w_nove
 def overrides(setting: Setting) -> list[str]:
     """``model.key=value`` arguments for `gridclip eval` / `detect --set` that apply ``setting``."""
     return [f"model.{k}={v:g}" if isinstance(v, float) else f"model.{k}={v}" for k, v in setting.items()]
+
+
+def tune_model(model: torch.nn.Module, cfg: Any, *, trunk: str = "frozen", w_novel: Sequence[float] = W_NOVEL,
+               w_base: Sequence[float] = W_BASE, batch_size: int | None = None, device: str | torch.device = "cpu",
+               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """:func:`tune` on a trained GridCLIP ``model`` and the held-out evaluation data of ``cfg`` (a
+    :class:`~gridclip.config.Config`; ``cfg.eval.vocabulary`` respected): the names the model was trained with boxes
+    on (``model.cfg.ensemble_trained_names``) against the others, one evaluation of the split per setting. The model
+    is left with the chosen setting. Adds ``names_without_boxes`` and ``overrides`` (``model.*`` arguments)."""
+    from gridclip.engine.evaluate import build_eval_dataset, evaluate_model
+
+    trained = set(model.cfg.ensemble_trained_names)
+    if not trained:
+        raise ValueError("the model records no names trained with boxes (model.ensemble_trained_names); a model "
+                         "trained by this version does")
+    # the held-out categories under the names the model scores them by, whatever the data format
+    dataset = build_eval_dataset(cfg.data)
+    model.set_vocabulary(cfg.eval.vocabulary or dataset.category_names)
+    names = dict(zip(dataset.category_ids, model.class_names))
+    groups = {"AP_trained": [i for i, n in names.items() if n in trained],
+              "AP_novel": [i for i, n in names.items() if n not in trained]}
+
+    def evaluate(setting: Setting) -> Scores:
+        model.set_clip_ensemble(**setting)
+        model.optimize_for_inference()
+        evaluation, _ = evaluate_model(model, cfg, batch_size=batch_size, device=device)
+        scores = {"AP": float(evaluation.metrics["AP"]),
+                  **{k: group_ap(evaluation.per_category_ap, ids) for k, ids in groups.items()}}
+        if log is not None:
+            shown = " ".join(f"{k} {100 * v:.1f}" if v is not None else f"{k} -" for k, v in scores.items())
+            log(f"{' '.join(overrides(setting))}: {shown}")
+        return scores
+
+    report = tune(evaluate, trunk=trunk, w_novel=w_novel, w_base=w_base)
+    model.set_clip_ensemble(**report["chosen"])
+    model.optimize_for_inference()
+    return {"names_without_boxes": sorted(names[i] for i in groups["AP_novel"]), **report,
+            "overrides": overrides(report["chosen"])}

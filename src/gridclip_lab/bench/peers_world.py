@@ -17,6 +17,7 @@ parameters used at inference. Every run is stored in OUT/results.json as it fini
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import statistics
@@ -34,7 +35,7 @@ from gridclip.data.datasets import DetectionDataset, load_train_annotations
 from gridclip.data.transforms import eval_transforms
 from gridclip.clip.loader import builtin_clip_dir
 from gridclip_lab.demo import CLIP_NAME, TEACHER_NAME, demo_config
-from gridclip.engine.ensemble_tuning import BOX_ENSEMBLE
+from gridclip.engine.ensemble_tuning import BOX_ENSEMBLE, tune_model
 from gridclip.engine.evaluate import build_eval_dataset, evaluate, run_inference
 from gridclip.engine.train import train
 from gridclip.model import build_model
@@ -43,7 +44,7 @@ from gridclip_lab.study.stats import paired_differences
 from gridclip_lab.variants import VARIANTS, apply_variant
 
 METHODS = ("clip_crops", "vild_text", "vild", "gridclip", "grid_only", "grid_ensemble", "grid_ensemble_box",
-           "grid_captions", "grid_pseudo", "grid_captions_ensemble", "grid_only_ensemble_c4")
+           "grid_captions", "grid_pseudo", "grid_captions_ensemble", "grid_only_ensemble_c4", "grid_captions_tuned")
 LABELS = {"clip_crops": "CLIP on cropped regions", "vild_text": "ViLD-text", "vild": "ViLD (text + image)",
           "gridclip": "GridCLIP", "grid_only": "GridCLIP w/o image align (grid only)",
           "grid_ensemble": "grid only + frozen-CLIP ensemble",
@@ -52,14 +53,17 @@ LABELS = {"clip_crops": "CLIP on cropped regions", "vild_text": "ViLD-text", "vi
           "grid_pseudo": "grid only on the box ensemble's novel pseudo-boxes (novel names known at training)",
           "grid_captions_ensemble": "grid only + image labels from captions + box ensemble on the detector's C4 "
                                     "(weakly supervised)",
-          "grid_only_ensemble_c4": "grid only + box ensemble on the detector's C4"}
+          "grid_only_ensemble_c4": "grid only + box ensemble on the detector's C4",
+          "grid_captions_tuned": "grid only + image labels from captions, C4 box ensemble as tune-ensemble chooses "
+                                 "(weakly supervised)"}
 # GridCLIP's study variants on the bench: the keeping-CLIP's-knowledge recipe beside the peers (issue 23)
 GRIDCLIP_VARIANTS = {"gridclip": "GridCLIP", "grid_only": "grid only", "grid_ensemble": "grid only + ensemble",
                      "grid_ensemble_box": "grid only + ensemble, box candidates",
                      "grid_captions": "grid only + caption labels (max score)",
                      "grid_pseudo": "grid only",  # trained on its teacher's pseudo-boxes (run_one)
                      "grid_captions_ensemble": "grid only + caption labels (max score)",  # not trained (REUSED)
-                     "grid_only_ensemble_c4": "grid only"}  # not trained (REUSED)
+                     "grid_only_ensemble_c4": "grid only",  # not trained (REUSED)
+                     "grid_captions_tuned": "grid only + caption labels (max score)"}  # not trained (TUNED)
 # methods that train nothing: another method's model of the same seed with these inference settings
 # (results/ensemble_detector_c4/PLAN.md: the box ensemble on the detector's C4, weights chosen on world1's val
 # for the source's seed-0 model of 100 iterations: selection_100/ and, addendum 1, grid_selection_100/)
@@ -67,6 +71,9 @@ C4_BOX = {**BOX_ENSEMBLE, "ensemble_trunk": "detector_c4"}
 REUSED = {"grid_captions_ensemble": ("grid_captions", {**C4_BOX, "ensemble_weight_novel": 0.2,
                                                        "ensemble_weight_base": 0.2}),
           "grid_only_ensemble_c4": ("grid_only", {**C4_BOX, "ensemble_weight_novel": 0.35, "ensemble_weight_base": 0.2})}
+# methods that train nothing and choose their inference settings per model, as a user would with `gridclip
+# tune-ensemble`: (source method, ensemble trunk), tuned on a held-out world's val (results/captions_tuned/PLAN.md)
+TUNED = {"grid_captions_tuned": ("grid_captions", "detector_c4")}
 # paired by seed in the report: each of GridCLIP's variants against the strongest peer on novel categories
 COMPARISONS = (("grid_ensemble", "vild_text"), ("grid_ensemble", "grid_only"), ("grid_only", "vild_text"),
                ("gridclip", "vild_text"), ("grid_ensemble_box", "vild_text"), ("grid_ensemble_box", "grid_only"),
@@ -74,7 +81,8 @@ COMPARISONS = (("grid_ensemble", "vild_text"), ("grid_ensemble", "grid_only"), (
                ("grid_pseudo", "vild_text"), ("grid_pseudo", "grid_only"), ("grid_pseudo", "grid_ensemble_box"),
                ("grid_captions_ensemble", "vild_text"), ("grid_captions_ensemble", "grid_captions"),
                ("grid_captions_ensemble", "grid_ensemble_box"), ("grid_only_ensemble_c4", "vild_text"),
-               ("grid_only_ensemble_c4", "grid_ensemble_box"), ("grid_only_ensemble_c4", "grid_only"))
+               ("grid_only_ensemble_c4", "grid_ensemble_box"), ("grid_only_ensemble_c4", "grid_only"),
+               ("grid_captions_tuned", "vild_text"), ("grid_captions_tuned", "grid_captions"))
 PAPER = {  # paper Table 1 (LVIS v1 val, mask AP for the peers) and Table 2
     "clip_crops": {"APr": 19.5, "APc": 19.7, "APf": 17.0, "AP": 18.6},
     "vild": {"APr": 16.3, "APc": 21.2, "APf": 31.6, "AP": 24.4, "params_m": 60.5, "gpu_hours": 3064, "fps": 3.3},
@@ -142,28 +150,56 @@ def _pseudo_boxes(out: Path, run_dir: Path, cfg, seed: int) -> dict:
             "precompute_cpu_s": time.process_time() - cpu}
 
 
-def _reused(out: Path, cfg, method: str, seed: int, iters: int) -> dict:
-    """A method of :data:`REUSED`: the seed's model of its source method, evaluated with its settings; its
-    training cost and parameters are the source's model's (with the settings' frozen CLIP counted)."""
-    source, settings = REUSED[method]
+def _source_record(out: Path, method: str, source: str, seed: int, iters: int) -> dict:
     done = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     trained = done.get(f"{source}/{seed}")
     if trained is None or trained["iters"] != iters:
         raise ValueError(f"{method} seed {seed} needs {source} seed {seed} at {iters} iterations first (its model)")
+    return {"method": method, "seed": seed, "iters": iters, "source": source,
+            **{k: trained[k] for k in ("train_cpu_s", "train_wall_s", "total_train_cpu_s")}}
+
+
+def _reused(out: Path, cfg, method: str, seed: int, iters: int) -> dict:
+    """A method of :data:`REUSED`: the seed's model of its source method, evaluated with its settings; its
+    training cost and parameters are the source's model's (with the settings' frozen CLIP counted)."""
+    source, settings = REUSED[method]
+    record = _source_record(out, method, source, seed, iters)
     model = load_checkpoint(out / f"{source}_s{seed}" / "model.pt")
     model.set_clip_ensemble(**settings)
-    record = {"method": method, "seed": seed, "iters": iters, "source": source,
-              **{k: trained[k] for k in ("train_cpu_s", "train_wall_s", "total_train_cpu_s")},
-              "params": model.inference_parameter_count()}
+    record["params"] = model.inference_parameter_count()
     record.update(_evaluate(model.optimize_for_inference(), cfg))
     return record
 
 
-def run_one(out: Path, world: Path, method: str, seed: int, iters: int) -> dict:
+def _tuned(out: Path, cfg, method: str, seed: int, iters: int, held_out: Path | None) -> dict:
+    """A method of :data:`TUNED`: the seed's model of its source method with the box ensemble's settings that
+    :func:`~gridclip.engine.ensemble_tuning.tune_model` chooses on ``held_out``'s val (off when its gate closes),
+    then evaluated on the bench world's val. The choice and the held-out scores are recorded."""
+    if held_out is None:
+        raise ValueError(f"{method} needs --held-out WORLD: a world whose val split no reported number reads")
+    held_out = Path(held_out)
+    if held_out.resolve() == Path(cfg.data.val_json).parent.resolve():
+        raise ValueError(f"--held-out {held_out}: the bench's own world; give another one (e.g. gridclip-lab "
+                         "make-world --seed 1)")
+    source, trunk = TUNED[method]
+    record = _source_record(out, method, source, seed, iters)
+    model = load_checkpoint(out / f"{source}_s{seed}" / "model.pt")
+    tuning_cfg = copy.deepcopy(cfg)
+    tuning_cfg.data.val_json, tuning_cfg.data.val_images = str(held_out / "val.json"), str(held_out / "val" / "images")
+    tuning = tune_model(model, tuning_cfg, trunk=trunk, batch_size=16)
+    record.update(held_out=held_out.name, ensemble_kept=tuning["ensemble_kept"], chosen=tuning["chosen"],
+                  tuning=tuning["evaluations"], params=model.inference_parameter_count())
+    record.update(_evaluate(model.optimize_for_inference(), cfg))
+    return record
+
+
+def run_one(out: Path, world: Path, method: str, seed: int, iters: int, held_out: Path | None = None) -> dict:
     run_dir = out / f"{method}_s{seed}"
     cfg = _config(world, run_dir, method, seed, iters)
     if method in REUSED:
         return _reused(out, cfg, method, seed, iters)
+    if method in TUNED:
+        return _tuned(out, cfg, method, seed, iters, held_out)
     record: dict = {"method": method, "seed": seed, "iters": iters}
     if method == "vild":  # ViLD-image: the proposer (= CLIP on crops of this seed) and the precompute
         done = json.loads((out / "results.json").read_text())

@@ -21,6 +21,8 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--iters", type=int, default=400)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU-seconds comparable across runs)")
+    p.add_argument("--held-out", type=Path, help="a world folder whose val split tunes the methods that choose "
+                   "their ensemble per model (grid_captions_tuned); never the bench's own world")
     p.add_argument("--report", help="write the tables (Markdown) to this file instead of training")
     p.add_argument("--speed", action="store_true", help="only the 800x1333 RN50 CPU timing (ViLD vs GridCLIP)")
     a = p.parse_args(list(argv))
@@ -47,9 +49,9 @@ def main(argv: Sequence[str]) -> int:
             if key in results:
                 continue
             print(f"[peers] {key}", flush=True)
-            results[key] = run_one(out, world, method, seed, a.iters)
+            results[key] = run_one(out, world, method, seed, a.iters, a.held_out)
             atomic_write_json(path, results)
             print(f"[peers] {key}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in results[key].items()), flush=True)
+                                                  for k, v in results[key].items() if k != "tuning"), flush=True)
     print(report(results))
     return 0
