@@ -169,7 +169,8 @@ if args.doc:
              + ", ".join(f"{s}: {'kept' if k else 'off'}" for s, k in kept_on_bench.items()) + ".", "",
              *evaluation_table(metrics, str), "", *difference_lines(pairs), ""]
     for group in ("400, fresh seeds 3-5", "1600, seeds 0-2"):
-        lines.append(novel_goal_line("R", group, pairs[f"{group}: {R} - {GRID_OFF}, APr"],
+        length, seeds = group.split(", ")
+        lines.append(novel_goal_line(f"R, {seeds}", length, pairs[f"{group}: {R} - {GRID_OFF}, APr"],
                                      pairs[f"{group}: {R} - {GRID_OFF}, AP"]))
     lines.append(f"* forgetting (R, 4000 − 1600 iterations, seeds 0-2): **{'met' if forgetting_met else 'not met'}** "
                  f"(AP_r {difference(forgetting['APr'])}, AP {difference(forgetting['AP'])})")
