@@ -17,6 +17,7 @@ from gridclip.checkpoint import load_checkpoint, save_checkpoint
 from gridclip.clip.vocabulary import Vocabulary
 from gridclip.config import load_config
 from gridclip.export import DenseGridCLIP
+from gridclip.model.gridclip import ENSEMBLE_KEYS
 from gridclip.model import CLIPTeacher
 from helpers import ensemble_test_model as _model, revive_clip_trunk as _revive, state_dicts_equal
 
@@ -403,6 +404,33 @@ def test_the_ensemble_switched_on_after_training_equals_one_trained_with_it(tiny
         trained.set_clip_ensemble(fpn_channels=8)
     with pytest.raises(ValueError, match=r"model\.ensemble_centerness=outside needs model\.ensemble_candidates=box"):
         trained.set_clip_ensemble(clip_ensemble="dense", ensemble_centerness="outside", ensemble_candidates="class")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("built_with", ["off", "dense"])
+def test_a_model_saved_after_switching_the_ensemble_loads_as_its_config_builds_it(tiny_cfg, tmp_path, built_with):
+    """Switched on, off, or on and off again after building, a model saves exactly the state a model built from
+    its current config has (the frozen copy only where that config builds one), so the file loads and detects
+    as the model did (`gridclip tune-ensemble --save`, `gridclip.save_pretrained` after `set_clip_ensemble`)."""
+    settings = dict(clip_ensemble="dense", ensemble_weight_base=0.2, ensemble_weight_novel=0.35,
+                    ensemble_candidates="box", ensemble_centerness="outside")
+    base = dataclasses.replace(tiny_cfg, detections_per_img=50, score_thresh=0.0, ensemble_trained_names=("n0",))
+    model = _model(base, **(settings if built_with == "dense" else {}))
+    vocabulary = Vocabulary(("n0", "n1", "n2"), F.normalize(torch.randn(3, model.clip_dim,
+                                                                         generator=torch.Generator().manual_seed(1)), dim=-1))
+    images = [torch.rand(3, 128, 160, generator=torch.Generator().manual_seed(6))]
+    for step in (settings, {"clip_ensemble": "off"}, settings, {"clip_ensemble": "off"}):
+        model.set_clip_ensemble(**step)
+        built = GridCLIP(model.cfg)
+        assert sorted(model.trainable_state_dict()) == sorted(built.state_dict())
+        save_checkpoint(tmp_path / "m.pt", model)
+        loaded = load_checkpoint(tmp_path / "m.pt")
+        assert all(getattr(loaded.cfg, k) == getattr(model.cfg, k) for k in ENSEMBLE_KEYS)
+        for m in (model, loaded):
+            m.set_vocabulary(vocabulary)
+            m.eval()
+        got, want = loaded(images)[0], model(images)[0]
+        assert torch.equal(got["boxes"], want["boxes"]) and torch.equal(got["scores"], want["scores"])
 
 
 @pytest.mark.parametrize("field, value, expected", [

@@ -138,3 +138,33 @@ def test_tune_model_is_the_commands_choice_and_leaves_the_model_with_it(tuning_c
     model.cfg.ensemble_trained_names = ()
     with pytest.raises(ValueError, match="records no names trained with boxes"):
         tune_model(model, cfg)
+
+
+def test_save_writes_the_model_with_the_chosen_settings(tuning_case, capsys):
+    """--save: the written model file carries the chosen settings (the product evaluator on it gives the chosen
+    setting's recorded score, without any --set); it refuses to overwrite the model it tunes."""
+    from gridclip.checkpoint import load_checkpoint
+    from gridclip.config import load_config
+    from gridclip.engine.evaluate import evaluate_model
+
+    from gridclip.checkpoint import checkpoint_extra, save_checkpoint
+
+    root, data, _ = tuning_case
+    record = {"iterations": 7, "config": {"train": {"seed": 3}}}  # a training record, carried to the tuned file
+    save_checkpoint(root / "recorded.pt", load_checkpoint(root / "model.pt"), extra=record)
+    assert cli(["tune-ensemble", "--checkpoint", str(root / "recorded.pt"), "--out", str(root / "saved"), "--device",
+                "cpu", "--w-novel", "0.2,0.65", "--w-base", "0,0.35", "--save", str(root / "saved" / "tuned.pt"),
+                *data]) == 0
+    assert checkpoint_extra(root / "saved" / "tuned.pt") == record
+    report = json.loads((root / "saved" / "ensemble_tuning.json").read_text())
+    tuned = load_checkpoint(root / "saved" / "tuned.pt")
+    assert {k: getattr(tuned.cfg, k) for k in report["chosen"]} == report["chosen"]
+    chosen = next(e["scores"] for e in report["evaluations"] if e["setting"] == report["chosen"])
+    evaluation, _ = evaluate_model(tuned.optimize_for_inference(), load_config(None, data))
+    assert evaluation.metrics["AP"] == pytest.approx(chosen["AP"], abs=1e-9)
+    capsys.readouterr()
+    rc = cli(["tune-ensemble", "--checkpoint", str(root / "model.pt"), "--out", str(root / "bad2"), "--save",
+              str(root / "model.pt"), *data])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "the model being tuned" in err
+    assert not (root / "bad2").exists()

@@ -1,6 +1,6 @@
 """``gridclip tune-ensemble``: choose a trained model's frozen-CLIP box-ensemble weights on a held-out split.
 
-    gridclip tune-ensemble --checkpoint M --out DIR [--trunk frozen|detector_c4] [--config F] [key=value ...]
+    gridclip tune-ensemble --checkpoint M --out DIR [--trunk frozen|detector_c4] [--save FILE] [--config F] [key=value ...]
 
 The held-out split is the checkpoint's evaluation data or the one given as `gridclip eval` takes it
 (``data.val_json=... data.val_images=...``): use data that none of your reported numbers come from. Every setting is
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from gridclip.checkpoint import load_checkpoint
+from gridclip.checkpoint import checkpoint_extra, load_checkpoint, save_checkpoint
 from gridclip.commands.eval import data_config
 from gridclip.engine.ensemble_tuning import W_BASE, W_NOVEL, tune_model
 from gridclip.hub import local_model_path
@@ -48,6 +48,8 @@ def main(argv: Sequence[str]) -> int:
                    help="model.ensemble_trunk of every setting (detector_c4: one layer4 pass on the detector's C4)")
     p.add_argument("--w-novel", help=f"comma list of novel-name weights (default {','.join(f'{w:g}' for w in W_NOVEL)})")
     p.add_argument("--w-base", help=f"comma list of trained-name weights (default {','.join(f'{w:g}' for w in W_BASE)})")
+    p.add_argument("--save", metavar="FILE", help="also write the model with the chosen settings to this model file "
+                   "(.pt): detect / eval / serve / gridclip.load then use them without --set")
     p.add_argument("--batch-size", type=int, help="default: the config's eval.batch_size")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -60,6 +62,8 @@ def main(argv: Sequence[str]) -> int:
         raise ValueError(f"gridclip tune-ensemble: {fixed[0]}: the ensemble's settings are what it chooses; give "
                          "data.* and eval.* overrides only")
     checkpoint = str(local_model_path(args.checkpoint))
+    if args.save and Path(args.save).resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"--save {args.save}: the model being tuned; write the tuned model to another file")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_checkpoint(checkpoint, device=device)
     if isinstance(model, RoutedDetector):
@@ -77,6 +81,9 @@ def main(argv: Sequence[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": Path(checkpoint).name, "held_out": Path(cfg.data.val_json).name, **report}
     atomic_write_json(out / "ensemble_tuning.json", report)
+    if args.save:
+        save_checkpoint(args.save, model, extra=checkpoint_extra(checkpoint))  # the training record goes along
+        print(f"wrote {args.save} (the model with these settings)")
     kept = "kept" if report["ensemble_kept"] else "off (it did not beat the model alone on the held-out split)"
     print(f"ensemble {kept}: {' '.join(report['overrides'])}")
     print(f"wrote {out / 'ensemble_tuning.json'}")

@@ -418,11 +418,27 @@ class GridCLIP(FCOS):
         return None if self._inference is None else self._inference.summary()
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The state dict of the trainable form (``state_dict()`` unless in the inference form)."""
+        """The state dict of the trainable form (``state_dict()`` unless in the inference form), holding what a
+        model built from ``self.cfg`` has: an ensemble switched on and off again after building leaves its frozen
+        CLIP in memory (switching it on again needs no reload), not in the state a file stores."""
         if self._inference is None:
-            return self.state_dict()
-        with inference.training_form(self._inference):
-            return {k: v.contiguous() for k, v in self.state_dict().items()}
+            state = self.state_dict()
+        else:
+            with inference.training_form(self._inference):
+                state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        left = self._left_by_ensemble()
+        return {k: v for k, v in state.items() if not k.startswith(left)} if left else state
+
+    def _left_by_ensemble(self) -> tuple[str, ...]:
+        """State-dict prefixes of what :meth:`set_clip_ensemble` added and ``self.cfg`` does not build (the rule of
+        ``__init__``): the frozen copy and CLIP's logit scale of an ensemble now off."""
+        own = self.cfg.freeze_trunk and self.backbone.grid_pool is not None
+        left = []
+        if self.frozen_clip is not None and not (_needs_frozen_clip(self.cfg) and not own):
+            left.append("frozen_clip.")
+        if self.cfg.clip_ensemble == "off" and "clip_logit_scale" in self._buffers:
+            left.append("clip_logit_scale")
+        return tuple(left)
 
     def train(self, mode: bool = True) -> "GridCLIP":
         if mode:
