@@ -180,7 +180,7 @@ def _tuned(out: Path, cfg, method: str, seed: int, iters: int, held_out: Path | 
     held_out = Path(held_out)
     if held_out.resolve() == Path(cfg.data.val_json).parent.resolve():
         raise ValueError(f"--held-out {held_out}: the bench's own world; give another one (e.g. gridclip-lab "
-                         "make-world --seed 1)")
+                         "make-world --out DIR --seed 1)")
     source, trunk = TUNED[method]
     record = _source_record(out, method, source, seed, iters)
     model = load_checkpoint(out / f"{source}_s{seed}" / "model.pt")
