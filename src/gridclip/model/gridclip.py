@@ -193,6 +193,12 @@ def _needs_frozen_clip(cfg: GridCLIPConfig) -> bool:
     return cfg.clip_ensemble in FROZEN_MODES or cfg.region_distill > 0
 
 
+def _builds_frozen_copy(cfg: GridCLIPConfig, has_grid_pool: bool) -> bool:
+    """Whether a model of ``cfg`` holds a frozen copy of CLIP: a frozen CLIP runs and the detector's own trunk is
+    not that CLIP (a frozen trunk with its attention pool is)."""
+    return _needs_frozen_clip(cfg) and not (cfg.freeze_trunk and has_grid_pool)
+
+
 def _check_ensemble(cfg: GridCLIPConfig) -> None:
     if not cfg.grid_align:
         raise ValueError("model.clip_ensemble needs a grid-aligned (open-vocabulary) model; grid_align is off")
@@ -279,7 +285,7 @@ class GridCLIP(FCOS):
         self.frozen_clip: FrozenCLIP | None = None
         if cfg.clip_ensemble != "off":
             _check_ensemble(cfg)
-        if _needs_frozen_clip(cfg) and not (cfg.freeze_trunk and grid_pool is not None):
+        if _builds_frozen_copy(cfg, grid_pool is not None):
             self.frozen_clip = FrozenCLIP(freeze_batch_norm_2d(copy.deepcopy(trunk)),
                                           GridAttentionPool.from_attnpool(attnpool))
         if cfg.clip_ensemble != "off":
@@ -432,9 +438,8 @@ class GridCLIP(FCOS):
     def _left_by_ensemble(self) -> tuple[str, ...]:
         """State-dict prefixes of what :meth:`set_clip_ensemble` added and ``self.cfg`` does not build (the rule of
         ``__init__``): the frozen copy and CLIP's logit scale of an ensemble now off."""
-        own = self.cfg.freeze_trunk and self.backbone.grid_pool is not None
         left = []
-        if self.frozen_clip is not None and not (_needs_frozen_clip(self.cfg) and not own):
+        if self.frozen_clip is not None and not _builds_frozen_copy(self.cfg, self.backbone.grid_pool is not None):
             left.append("frozen_clip.")
         if self.cfg.clip_ensemble == "off" and "clip_logit_scale" in self._buffers:
             left.append("clip_logit_scale")
